@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     celery_result_backend: str | None = None
     gpu_queue: str = "gpu"
     max_queue_depth: int = Field(default=1000, ge=1, description="intake pauses above this many queued tasks")
+    task_max_retries: int = Field(default=4, ge=0, le=20, description="retries for transient faults (host down)")
+    retry_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles per retry")
+    max_event_bytes: int = Field(default=256 * 1024, ge=1024, description="larger Kafka events go to the DLQ")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics + /healthz; 0 = off")
 
     # S3
     s3_endpoint_url: str | None = None

@@ -1,0 +1,91 @@
+"""Worker fixtures: real images made with Pillow, a real (small, random-init) model on disk, settings."""
+from __future__ import annotations
+
+import io
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from enrich.config import Settings
+
+
+def png_bytes(colour=(200, 30, 30), size=(40, 48), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(size=(64, 48), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_settings(tmp_path: Path | None = None, **overrides) -> Settings:
+    base = dict(allow_local_paths=True, allowed_hosts=["127.0.0.1", "localhost"], allow_private_networks=True,
+                max_image_bytes=2 * 1024 * 1024, max_image_pixels=4_000_000, fetch_timeout_s=3.0, batch_size=8)
+    if tmp_path is not None:
+        base["data_dir"] = tmp_path
+    base.update(overrides)
+    return Settings(**base)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A real model directory (small CNN, random init, fashion-mnist taxonomy) written by training/."""
+    import torch
+
+    from schemas.taxonomy import load_taxonomy
+    from training.checkpoint import save_model
+    from training.model import build_model
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model")
+    model = build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False)
+    # thresholds 0: every missing group is filled, so provenance rules are checked on real outputs
+    save_model(model, out, model_version="test-small-v1", image_size=32,
+               thresholds={"category": 0.0, "type": 0.0, "colour": 0.0})
+    return out
+
+
+@pytest.fixture(scope="session")
+def predictor(model_dir):
+    from training.inference import load_predictor
+
+    return load_predictor(model_dir, device="cpu")
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/redirect-loopback"):
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data")
+            self.end_headers()
+            return
+        if self.path.startswith("/boom"):
+            self.send_response(503)
+            self.end_headers()
+            return
+        super().do_GET()
+
+
+@pytest.fixture()
+def http_dir(tmp_path):
+    """A local HTTP server (real sockets) serving files from a temp directory: (base_url, dir)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = lambda *a, **kw: _QuietHandler(*a, directory=str(root), **kw)  # noqa: E731
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()

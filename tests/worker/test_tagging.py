@@ -1,0 +1,76 @@
+"""Provenance and threshold rules on plain arrays (no model, no database)."""
+from __future__ import annotations
+
+import numpy as np
+
+from schemas.events import ListingEvent
+from schemas.taxonomy import load_taxonomy
+from worker.tagging import combine_images, decide, threshold_for
+
+TAX = load_taxonomy("fashion-mnist")
+CATS = TAX.category_names
+COLOURS = TAX.group("colour").values
+
+
+def _event(**kw) -> ListingEvent:
+    base = dict(listing_id="l1", seller_id="s1", images=["x.png"])
+    base.update(kw)
+    return ListingEvent(**base)
+
+
+def _onehot(n: int, i: int, p: float) -> np.ndarray:
+    v = np.full(n, (1 - p) / (n - 1))
+    v[i] = p
+    return v
+
+
+def test_missing_groups_filled_with_provenance_and_type_from_category():
+    enr = decide(_event(), TAX, "m1", _onehot(10, CATS.index("Dress"), 0.9),
+                 {"colour": _onehot(8, COLOURS.index("red"), 0.8)}, {}, {}, 0.5)
+    assert enr.tags["category"].value == "Dress" and enr.tags["category"].source.value == "predicted"
+    assert enr.tags["category"].confidence == 0.9 and enr.tags["category"].model_version == "m1"
+    assert enr.tags["type"].value == "full-body" and enr.tags["type"].source.value == "predicted"
+    assert enr.tags["colour"].value == "red" and not enr.review
+
+
+def test_seller_values_kept_never_overwritten():
+    enr = decide(_event(category="Coat", attributes={"colour": "blue"}), TAX, "m1",
+                 _onehot(10, CATS.index("Dress"), 0.99), {"colour": _onehot(8, 2, 0.99)}, {}, {}, 0.5)
+    assert enr.tags["category"].value == "Coat" and enr.tags["category"].source.value == "seller"
+    assert enr.tags["type"].value == "top" and enr.tags["type"].source.value == "seller"
+    assert enr.tags["colour"].value == "blue" and enr.tags["colour"].source.value == "seller"
+    assert enr.tags["colour"].confidence is None and not enr.review
+
+
+def test_below_threshold_goes_to_review_with_candidates():
+    probs = _onehot(8, COLOURS.index("green"), 0.4)
+    enr = decide(_event(category="Coat"), TAX, "m1", _onehot(10, 0, 0.9), {"colour": probs},
+                 {"colour": 0.6}, {}, 0.5)
+    assert "colour" not in enr.tags
+    (item,) = enr.review
+    assert item.group == "colour" and item.threshold == 0.6
+    assert item.candidates[0] == ("green", 0.4) and len(item.candidates) == 3
+
+
+def test_label_threshold_beats_group_threshold_beats_default():
+    assert threshold_for("colour", "red", {"colour": 0.7}, {"colour/red": 0.2}, 0.5) == 0.2
+    assert threshold_for("colour", "blue", {"colour": 0.7}, {"colour/red": 0.2}, 0.5) == 0.7
+    assert threshold_for("fit", "slim", {"colour": 0.7}, {}, 0.5) == 0.5
+
+
+def test_uncertain_category_can_still_give_a_certain_type():
+    probs = np.zeros(10)
+    probs[CATS.index("Shirt")] = 0.45
+    probs[CATS.index("T-shirt/top")] = 0.45
+    probs[CATS.index("Bag")] = 0.10
+    enr = decide(_event(attributes={"colour": "red"}), TAX, "m1", probs, {}, {"category": 0.6}, {}, 0.5)
+    assert "category" not in enr.tags and enr.review[0].group == "category"
+    assert enr.tags["type"].value == "top" and abs(enr.tags["type"].confidence - 0.9) < 1e-6
+
+
+def test_combine_images_means_probs_and_renormalises_embedding():
+    cat = np.array([[0.8, 0.2], [0.4, 0.6]])
+    emb = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    c, g, e = combine_images(cat, {"colour": cat}, emb)
+    assert np.allclose(c, [0.6, 0.4]) and np.allclose(g["colour"], [0.6, 0.4])
+    assert np.isclose(np.linalg.norm(e), 1.0) and np.allclose(e, [0.7071068, 0.7071068])

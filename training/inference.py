@@ -1,0 +1,109 @@
+"""Stable inference interface used by the worker: load a model directory, preprocess, predict.
+
+`load_predictor(model_dir)` reads manifest.json + model.safetensors, checks them, and returns a
+`Predictor` whose `predict` gives probabilities per tag group and the L2-normalised embedding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from schemas.manifest import ModelManifest
+from schemas.taxonomy import Taxonomy
+from training.checkpoint import load_model
+from training.model import MultitaskModel
+
+
+@dataclass
+class Predictions:
+    category: np.ndarray  # (N, C) softmax probabilities, columns = manifest.taxonomy.categories
+    groups: dict[str, np.ndarray]  # group -> (N, V): softmax if exclusive, sigmoid otherwise
+    embedding: np.ndarray  # (N, D) float32, L2-normalised
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
+    return dev
+
+
+def image_to_tensor(image: Image.Image, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """The eval transform: RGB, resize to size×size (bilinear, antialiased), scale to [0,1], normalise."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def outputs_to_predictions(model: MultitaskModel, out) -> Predictions:
+    groups = {}
+    for name, logits in out.groups.items():
+        probs = logits.float().softmax(dim=1) if model.exclusive[name] else logits.float().sigmoid()
+        groups[name] = probs.cpu().numpy()
+    return Predictions(
+        category=out.category.float().softmax(dim=1).cpu().numpy(),
+        groups=groups,
+        embedding=F.normalize(out.embedding.float(), dim=1).cpu().numpy().astype(np.float32),
+    )
+
+
+class Predictor:
+    def __init__(self, model: MultitaskModel, manifest: ModelManifest, device: torch.device) -> None:
+        self.manifest = manifest
+        self.version = manifest.model_version
+        self.device = device
+        self.model = model.to(device).eval()
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return self.manifest.taxonomy
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image → normalised CHW float tensor at the manifest's image size."""
+        n = self.manifest.normalisation
+        return image_to_tensor(image, self.manifest.image_size, n.mean, n.std)
+
+    def predict(self, batch: torch.Tensor) -> Predictions:
+        """NCHW batch (stacked `preprocess` outputs) → probabilities and embeddings."""
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected an (N, 3, H, W) batch, got {tuple(batch.shape)}")
+        cuda = self.device.type == "cuda"
+        x = batch.to(self.device, non_blocking=cuda)
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+            out = self.model(x)
+        return outputs_to_predictions(self.model, out)
+
+    def predict_images(self, images: list[Image.Image]) -> Predictions:
+        return self.predict(torch.stack([self.preprocess(im) for im in images]))
+
+    def condition_masks(self) -> dict[str, np.ndarray]:
+        """Seed 001: attribute group → (D,) non-negative mask; conditioned embedding = normalize(e * mask)."""
+        with torch.no_grad():
+            masks = self.model.condition_masks().float().cpu().numpy()
+        return {g: masks[i].copy() for i, g in enumerate(self.model.group_names)}
+
+
+def load_predictor(model_dir: Path | str, device: str = "auto", taxonomy: Taxonomy | None = None) -> Predictor:
+    """Load and verify a model directory (manifest.json + weights). Raises ModelMismatchError on mismatch.
+
+    ``taxonomy``: when given, the model must have been trained for exactly this taxonomy.
+    """
+    dev = resolve_device(device)
+    model, manifest = load_model(model_dir, expected_taxonomy=taxonomy, map_location="cpu")
+    return Predictor(model, manifest, dev)

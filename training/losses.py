@@ -1,0 +1,168 @@
+"""Losses and their weights (seed 000, with seed 001's group masking and seed 002's task weights)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses, miners
+from torch import nn
+
+MISSING = -1  # target of an exclusive attribute group the sample has no label for
+
+
+def class_weights(labels: np.ndarray, num_classes: int, clip: tuple[float, float] = (0.5, 5.0),
+                  eps: float = 1.0) -> np.ndarray:
+    """Seed 000: inverse class frequency, clipped to [0.5, 5], normalised to mean 1.
+
+    Raw 1/count values are tiny, so they are first scaled to mean 1 (otherwise the clip would flatten
+    every class to 0.5), then clipped, then renormalised to mean 1. Missing labels (< 0) are ignored.
+    """
+    labels = np.asarray(labels)
+    counts = np.bincount(labels[labels >= 0], minlength=num_classes).astype(np.float64)
+    w = 1.0 / np.maximum(counts, eps)
+    w = w / w.mean()
+    w = np.clip(w, *clip)
+    return (w / w.mean()).astype(np.float32)
+
+
+def pos_weights(multi_hot: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Seed 000: BCE positive weight per label = negatives / positives."""
+    y = np.asarray(multi_hot, dtype=np.float64)
+    pos = y.sum(axis=0)
+    neg = y.shape[0] - pos
+    return (neg / (pos + eps)).astype(np.float32)
+
+
+def task_weights(label_counts: dict[str, int], c: float = 3.0) -> dict[str, float]:
+    """Seed 002's smoothed per-task weights: r_n = count_n / max count, w_n = max(r_n, r_avg / c).
+
+    Tasks (attribute groups) with few labels are lifted to r_avg / c instead of being drowned out.
+    """
+    if not label_counts:
+        return {}
+    top = max(label_counts.values())
+    if top <= 0:
+        return {k: 1.0 for k in label_counts}
+    ratios = {k: v / top for k, v in label_counts.items()}
+    floor = float(np.mean(list(ratios.values()))) / c
+    return {k: max(r, floor) for k, r in ratios.items()}
+
+
+def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax CE over one exclusive group; rows with target MISSING add nothing (seed 001).
+
+    A batch in which nobody has the group returns an exact zero that still carries a graph.
+    """
+    present = target != MISSING
+    if not bool(present.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[present].float(), target[present], weight=weight)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
+               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid BCE (seed 000's pos_weight) for a non-exclusive group, over the rows that have it."""
+    if not bool(present.any()):
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[present].float(), target[present].float(),
+                                              pos_weight=pos_weight)
+
+
+class BatchHardTriplet(nn.Module):
+    """Seed 000's triplet loss: margin 0.3, squared Euclidean distance, batch-hard mining."""
+
+    def __init__(self, margin: float = 0.3) -> None:
+        super().__init__()
+        dist = distances.LpDistance(normalize_embeddings=True, p=2, power=2)
+        self.miner = miners.BatchHardMiner(distance=dist)
+        self.loss = losses.TripletMarginLoss(margin=margin, distance=dist)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        keep = labels >= 0
+        embeddings, labels = embeddings[keep].float(), labels[keep]
+        if embeddings.shape[0] < 2 or labels.unique().numel() < 2:
+            return embeddings.sum() * 0.0
+        return self.loss(embeddings, labels, self.miner(embeddings, labels))
+
+
+def conditional_embedding(embedding: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Seed 001 (modified CSN): L2-normalise the masked embedding."""
+    return F.normalize(embedding * mask, dim=-1)
+
+
+@dataclass
+class LossWeights:
+    cls: float = 0.2  # λcls (seed 000)
+    ret: float = 1.0  # λret
+    condition: float = 0.1  # conditional-similarity triplets (seed 001), within the retrieval term
+    mask_l1: float = 5e-4  # seed 001's λ2 on the masks' L1 norm
+
+
+@dataclass
+class MultitaskLoss:
+    """total = λcls·(Lcat + Σ_g w_g·L_g) + λret·(Ltriplet + λcond·Σ_g Lcond_g)."""
+
+    category_weight: torch.Tensor | None = None  # (C,) class weights for the weighted CE
+    group_weight: dict[str, torch.Tensor] = field(default_factory=dict)  # exclusive: class weights
+    group_pos_weight: dict[str, torch.Tensor] = field(default_factory=dict)  # non-exclusive: pos_weight
+    group_task_weight: dict[str, float] = field(default_factory=dict)  # seed 002 (default 1)
+    exclusive: dict[str, bool] = field(default_factory=dict)
+    weights: LossWeights = field(default_factory=LossWeights)
+    margin: float = 0.3
+
+    def __post_init__(self) -> None:
+        self.triplet = BatchHardTriplet(self.margin)
+
+    def to(self, device: torch.device) -> "MultitaskLoss":
+        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
+        self.category_weight = move(self.category_weight)
+        self.group_weight = {k: move(v) for k, v in self.group_weight.items()}
+        self.group_pos_weight = {k: move(v) for k, v in self.group_pos_weight.items()}
+        return self
+
+    def classification(self, out, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        parts: dict[str, float] = {}
+        cat = masked_group_ce(out.category, batch["category"], self.category_weight)
+        parts["cat"] = float(cat.detach())
+        total = cat
+        for g, logits in out.groups.items():
+            if self.exclusive.get(g, True):
+                lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g))
+            else:
+                lg = masked_bce(logits, batch[f"group/{g}"], batch[f"present/{g}"], self.group_pos_weight.get(g))
+            parts[f"attr/{g}"] = float(lg.detach())
+            total = total + self.group_task_weight.get(g, 1.0) * lg
+        return total, parts
+
+    def retrieval(self, out, batch: dict, masks: torch.Tensor | None, group_names: list[str]
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+        trip = self.triplet(out.embedding, batch["item_id"])
+        parts = {"triplet": float(trip.detach())}
+        total = trip
+        if masks is not None and self.weights.condition > 0:
+            cond = out.embedding.sum() * 0.0
+            for i, g in enumerate(group_names):
+                if not self.exclusive.get(g, True):
+                    continue  # conditional triplets need one value per sample
+                cond = cond + self.triplet(conditional_embedding(out.embedding, masks[i]), batch[f"group/{g}"])
+            cond = cond + self.weights.mask_l1 * masks.abs().sum(dim=1).mean() / masks.shape[1]
+            parts["condition"] = float(cond.detach())
+            total = total + self.weights.condition * cond
+        return total, parts
+
+    def __call__(self, out, batch: dict, *, use_cls: bool, use_ret: bool, masks: torch.Tensor | None = None,
+                 group_names: list[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        total = out.embedding.sum() * 0.0
+        parts: dict[str, float] = {}
+        if use_cls:
+            lc, p = self.classification(out, batch)
+            total = total + self.weights.cls * lc
+            parts.update(p)
+        if use_ret:
+            lr, p = self.retrieval(out, batch, masks, group_names or [])
+            total = total + self.weights.ret * lr
+            parts.update(p)
+        parts["total"] = float(total.detach())
+        return total, parts

@@ -1,0 +1,87 @@
+"""The one multitask model (seed 000), imported by the worker through training.inference.
+
+backbone → pooled features ─┬─ shared MLP (feat→1024→512, BN, ReLU, Dropout 0.3) ─┬─ category head
+                            │                                                    └─ one head per attribute group
+                            └─ retrieval head (BN, ReLU, Dropout, Linear→256) → L2-normalised embedding
+Attribute groups: a softmax per mutually exclusive group (seed 001), sigmoid outputs otherwise (seed 000).
+Seed 001's conditional similarity: one learned non-negative mask per attribute group over the embedding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from schemas.taxonomy import Taxonomy
+from training.backbones import Backbone, create_backbone
+
+
+@dataclass
+class ModelOutput:
+    category: torch.Tensor  # (N, C) logits
+    groups: dict[str, torch.Tensor]  # group -> (N, V) logits
+    embedding: torch.Tensor  # (N, D) L2-normalised
+
+
+def _mlp_block(cin: int, cout: int, dropout: float) -> list[nn.Module]:
+    return [nn.Linear(cin, cout), nn.BatchNorm1d(cout), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+
+
+class MultitaskModel(nn.Module):
+    def __init__(self, backbone: Backbone, taxonomy: Taxonomy, embedding_dim: int = 256,
+                 hidden: tuple[int, int] = (1024, 512), dropout: float = 0.3) -> None:
+        super().__init__()
+        self.backbone_name = backbone.name
+        self.mean, self.std = backbone.mean, backbone.std
+        self._backbone_spec = backbone
+        self.taxonomy = taxonomy
+        self.embedding_dim = embedding_dim
+        self.group_names = taxonomy.group_names
+        self.exclusive = {g.name: g.exclusive for g in taxonomy.attribute_groups}
+
+        self.backbone = backbone.module
+        self.shared = nn.Sequential(*_mlp_block(backbone.feat_dim, hidden[0], dropout),
+                                    *_mlp_block(hidden[0], hidden[1], dropout))
+        self.category_head = nn.Linear(hidden[1], len(taxonomy.categories))
+        self.group_heads = nn.ModuleDict({g.name: nn.Linear(hidden[1], len(g.values))
+                                          for g in taxonomy.attribute_groups})
+        self.retrieval_head = nn.Sequential(nn.BatchNorm1d(backbone.feat_dim), nn.ReLU(inplace=True),
+                                            nn.Dropout(dropout), nn.Linear(backbone.feat_dim, embedding_dim))
+        # seed 001: masks start near 0.9 (their init), kept non-negative through softplus
+        n_groups = max(1, len(self.group_names))
+        init = torch.full((n_groups, embedding_dim), 0.9) + 0.1 * torch.randn(n_groups, embedding_dim)
+        self.condition_logits = nn.Parameter(torch.log(torch.expm1(init.clamp_min(0.05))))
+
+    # parameter groups the training stages freeze and unfreeze
+    def classification_parameters(self) -> list[nn.Parameter]:
+        return [*self.shared.parameters(), *self.category_head.parameters(), *self.group_heads.parameters()]
+
+    def retrieval_parameters(self) -> list[nn.Parameter]:
+        return [*self.retrieval_head.parameters(), self.condition_logits]
+
+    def freeze_backbone_layers(self, multitask: bool = True) -> list[str]:
+        return self._backbone_spec.freeze(multitask)
+
+    def condition_masks(self) -> torch.Tensor:
+        """(G, D) non-negative masks; the conditioned embedding is normalize(e * mask_g)."""
+        return F.softplus(self.condition_logits)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        feats = self.backbone(x)
+        h = self.shared(feats)
+        emb = F.normalize(self.retrieval_head(feats).float(), dim=1)
+        return ModelOutput(
+            category=self.category_head(h),
+            groups={g: head(h) for g, head in self.group_heads.items()},
+            embedding=emb,
+        )
+
+
+def build_model(backbone: str, taxonomy: Taxonomy, *, pretrained: bool = True,
+                weights_path: str | Path | None = None, embedding_dim: int = 256) -> MultitaskModel:
+    """The model for a taxonomy: head sizes come from the taxonomy file, the trunk from the registry."""
+    return MultitaskModel(create_backbone(backbone, pretrained=pretrained, weights_path=weights_path),
+                          taxonomy, embedding_dim=embedding_dim)

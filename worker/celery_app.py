@@ -1,0 +1,91 @@
+"""The Celery app: enrichment on queue "gpu" (prefetch 1, acks late), nightly reindex by beat.
+
+Broker from ENRICH_CELERY_BROKER_URL: RabbitMQ (amqp://) in production, Redis (redis://) also works.
+"""
+from __future__ import annotations
+
+from celery import Celery
+from celery.schedules import crontab
+from celery.signals import worker_process_init
+
+from enrich.config import Settings, get_settings
+
+ENRICH_TASK = "enrich.listings"
+CPU_QUEUE = "cpu"  # nightly reindex and other CPU-bound jobs; keep them off the GPU workers
+
+app = Celery("enrich", include=["worker.tasks", "worker.similar_tasks"])
+
+
+def configure(settings: Settings) -> Celery:
+    """(Re)apply settings to the app; called at import and by tests/CLI that change the broker."""
+    app.conf.update(
+        broker_url=settings.celery_broker_url,
+        result_backend=settings.celery_result_backend,
+        task_ignore_result=settings.celery_result_backend is None,
+        task_serializer="json",
+        accept_content=["json"],
+        task_default_queue=CPU_QUEUE,
+        task_routes={ENRICH_TASK: {"queue": settings.gpu_queue}},
+        # a GPU worker takes one batch at a time and acks after writing it: a crash (kill -9, OOM)
+        # puts the batch back on the queue; the task is idempotent, so a rerun changes nothing
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=600,
+        task_soft_time_limit=540,
+        broker_connection_retry_on_startup=True,
+        # Redis: redeliver an unacked batch after this long (must exceed the longest batch)
+        broker_transport_options={"visibility_timeout": 3600},
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "nightly-similar-items": {"task": "enrich.reindex", "schedule": crontab(hour=2, minute=30),
+                                      "options": {"queue": CPU_QUEUE}},
+        },
+        timezone="UTC",
+    )
+    return app
+
+
+configure(get_settings())
+
+
+@worker_process_init.connect
+def _load_model_after_fork(**_kwargs) -> None:
+    # prefork children load the model after the fork (CUDA contexts do not survive fork)
+    from worker import runtime
+
+    try:
+        runtime.enricher()
+    except Exception:  # noqa: BLE001 - the task will raise the same error with context; keep the child up
+        import logging
+
+        logging.getLogger(__name__).exception("model could not be loaded at worker start")
+
+
+def send_enrich(listing_ids: list[str], settings: Settings | None = None) -> None:
+    """Enqueue one batch of listing ids on the GPU queue (by name: the intake needs no model code)."""
+    settings = settings or get_settings()
+    app.send_task(ENRICH_TASK, args=[list(listing_ids)], queue=settings.gpu_queue)
+
+
+def queue_depth(queue: str, connection=None) -> int:
+    """Messages waiting in a broker queue (RabbitMQ and Redis alike); 0 if it does not exist yet."""
+    from kombu.exceptions import ChannelError
+
+    own = connection is None
+    conn = connection or app.connection_for_read()
+    try:
+        # a fresh channel per check: amqp closes a channel after a passive declare of a missing queue
+        channel = conn.channel()
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except ChannelError:
+            return 0
+        finally:
+            try:
+                channel.close()
+            except Exception:  # noqa: BLE001 - already closed by the broker
+                pass
+    finally:
+        if own:
+            conn.release()

@@ -1,0 +1,240 @@
+"""faiss indexes for similar items: choose by catalogue size, build, search in batches, snapshot.
+
+One index per model version: vectors of different models live in different spaces and are never
+mixed (the snapshot manifest records the model version and loading checks it).
+
+Vectors are L2-normalised, so inner product = cosine; every index uses METRIC_INNER_PRODUCT.
+Choice (faiss wiki, "Guidelines to choose an index"): exact `Flat` while a brute-force pass over the
+catalogue is cheap; beyond that `IVF{nlist},Flat` with nlist ≈ 4·√n, tuned by nprobe. Any
+index-factory string (e.g. "HNSW32,Flat", "IVF4096,SQ8") can be forced through `factory=`.
+
+A snapshot is a directory `<root>/<model_version>/<name>/` holding `index.faiss`, `ids.npy`
+(listing ids in index order, fixed-width bytes) and `manifest.json`; `<root>/<model_version>/LATEST`
+names the newest one and is replaced atomically, so a reader never loads a half-written snapshot.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FLAT_MAX = 50_000            # up to here exact search of everything is cheap enough (n² d flops)
+DEFAULT_NPROBE = 8
+DEFAULT_EF_SEARCH = 64
+TRAIN_POINTS_PER_LIST = 64   # k-means sample per IVF list: 39 is faiss's minimum, 256 its default cap
+SEARCH_BATCH = 16_384
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How an index is built and searched; stored in the snapshot manifest and version params."""
+
+    factory: str
+    nprobe: int = DEFAULT_NPROBE
+    ef_search: int = DEFAULT_EF_SEARCH
+    train_points: int | None = None  # None = all vectors (or TRAIN_POINTS_PER_LIST × nlist for IVF)
+
+
+def choose_factory(n: int, flat_max: int = FLAT_MAX) -> str:
+    """Exact for small catalogues, IVF-Flat beyond (nlist a power of two near 4·√n, ≥ 39 points per list)."""
+    if n <= flat_max:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    nlist = max(16, min(nlist, n // 39))
+    return f"IVF{nlist},Flat"
+
+
+def choose_spec(n: int, factory: str | None = None, nprobe: int | None = None,
+                ef_search: int | None = None, flat_max: int = FLAT_MAX) -> IndexSpec:
+    return IndexSpec(factory=factory or choose_factory(n, flat_max),
+                     nprobe=nprobe or DEFAULT_NPROBE, ef_search=ef_search or DEFAULT_EF_SEARCH)
+
+
+def _nlist(index) -> int | None:
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    return None if ivf is None else ivf.nlist
+
+
+def apply_search_params(index, spec: IndexSpec) -> None:
+    """Set nprobe / efSearch on whatever the factory string built."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = min(spec.nprobe, ivf.nlist)
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = spec.ef_search
+
+
+def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234):
+    """Train (when the index needs it) on a sample and add all vectors; row i of `vectors` gets id i."""
+    import faiss
+
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = vectors.shape
+    index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        nlist = _nlist(index)
+        budget = spec.train_points or (TRAIN_POINTS_PER_LIST * nlist if nlist else n)
+        if budget < n:
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=budget, replace=False))
+            sample = vectors[rows]
+        else:
+            sample = vectors
+        t0 = time.perf_counter()
+        index.train(sample)
+        log.info("trained %s on %d vectors in %.1fs", spec.factory, len(sample), time.perf_counter() - t0)
+        del sample
+    t0 = time.perf_counter()
+    index.add(vectors)
+    log.info("added %d vectors to %s in %.1fs", n, spec.factory, time.perf_counter() - t0)
+    apply_search_params(index, spec)
+    return index
+
+
+def search_batches(index, queries: np.ndarray, k: int,
+                   batch: int = SEARCH_BATCH) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (start row, scores, positions) per batch so the caller can write as it goes."""
+    for start in range(0, len(queries), batch):
+        q = np.ascontiguousarray(queries[start:start + batch], dtype=np.float32)
+        scores, positions = index.search(q, k)
+        yield start, scores, positions
+
+
+def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k (scores, positions) of each query among `vectors`, best first; -1 pads."""
+    queries = np.atleast_2d(queries).astype(np.float32, copy=False)
+    n = len(vectors)
+    if n == 0:
+        return (np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64))
+    sims = queries @ np.asarray(vectors, dtype=np.float32).T
+    kk = min(k, n)
+    part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+    part_scores = np.take_along_axis(sims, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    positions = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    scores = np.take_along_axis(part_scores, order, axis=1)
+    if kk < k:
+        positions = np.pad(positions, ((0, 0), (0, k - kk)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, k - kk)), constant_values=-np.inf)
+    return scores.astype(np.float32), positions
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshots
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(model_version: str) -> str:
+    """A directory name for a model version (no separators, no '..')."""
+    name = _SAFE.sub("_", model_version)
+    if name in ("", ".", ".."):
+        raise ValueError(f"unusable model version {model_version!r}")
+    return name
+
+
+@dataclass
+class SnapshotManifest:
+    model_version: str
+    count: int
+    dim: int
+    spec: dict
+    built_at: str
+    # When the embeddings were read: the online path searches those created after it (minus a
+    # slack for transactions still open then) exactly, on top of this index.
+    read_at: str | None
+    similar_version: int | None = None
+    timings_s: dict = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    index: object
+    ids: np.ndarray          # fixed-width bytes, index order
+    manifest: SnapshotManifest
+    path: Path | None = None
+
+
+def save_snapshot(root: Path, index, ids: np.ndarray, manifest: SnapshotManifest) -> Path:
+    """Write a snapshot into a temporary directory, rename it in place, then repoint LATEST."""
+    import faiss
+
+    base = Path(root) / safe_name(manifest.model_version)
+    base.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    name = f"{stamp}-v{manifest.similar_version}" if manifest.similar_version is not None else stamp
+    tmp = base / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        faiss.write_index(index, str(tmp / "index.faiss"))
+        np.save(tmp / "ids.npy", np.asarray(ids), allow_pickle=False)
+        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
+        final = base / name
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer = base / f".LATEST-{os.getpid()}"
+    pointer.write_text(name)
+    os.replace(pointer, base / "LATEST")
+    log.info("saved snapshot %s (%d vectors)", final, manifest.count)
+    return final
+
+
+def latest_snapshot_dir(root: Path, model_version: str) -> Path | None:
+    pointer = Path(root) / safe_name(model_version) / "LATEST"
+    try:
+        name = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    path = pointer.parent / name
+    return path if (path / "manifest.json").exists() else None
+
+
+def load_snapshot(path: Path, model_version: str | None = None, mmap: bool = False) -> Snapshot:
+    import faiss
+
+    path = Path(path)
+    manifest = SnapshotManifest(**json.loads((path / "manifest.json").read_text()))
+    if model_version is not None and manifest.model_version != model_version:
+        # never answer queries of one model with vectors of another
+        raise ValueError(f"snapshot {path} is for model {manifest.model_version!r}, not {model_version!r}")
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    index = faiss.read_index(str(path / "index.faiss"), flags)
+    apply_search_params(index, IndexSpec(**manifest.spec))
+    ids = np.load(path / "ids.npy", allow_pickle=False)
+    if index.ntotal != len(ids) or index.ntotal != manifest.count:
+        raise ValueError(f"snapshot {path} is inconsistent: {index.ntotal} vectors, {len(ids)} ids")
+    return Snapshot(index=index, ids=ids, manifest=manifest, path=path)
+
+
+def prune_snapshots(root: Path, model_version: str, keep: int = 2) -> list[Path]:
+    """Remove all but the newest `keep` snapshots of a model version (never the one LATEST names)."""
+    base = Path(root) / safe_name(model_version)
+    if not base.exists():
+        return []
+    latest = latest_snapshot_dir(root, model_version)
+    dirs = sorted((p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
+    removed = []
+    for p in dirs[keep:]:
+        if latest is not None and p.resolve() == latest.resolve():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed

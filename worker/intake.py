@@ -1,0 +1,281 @@
+"""Kafka intake: validate → upsert in Postgres → enqueue → commit offsets (in that order).
+
+At-least-once delivery with an exactly-once effect: offsets are committed only after the
+database commit and the enqueue succeeded; a crash anywhere before that replays the events,
+and the content-hash upsert turns the replay into a no-op (still-pending listings are enqueued
+again; the task skips what is already done). Invalid or oversized events go to the dead-letter
+topic with the reason in a header and the original bytes as the value, and intake carries on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psycopg
+from pydantic import ValidationError
+
+from enrich.config import Settings
+from schemas.events import CorrectionEvent, ListingEvent
+from worker import metrics
+from worker.store import record_correction, upsert_listings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str
+    detail: str
+
+
+def parse_listing(raw: bytes | None, max_bytes: int) -> ListingEvent | Rejected:
+    """Bytes from Kafka → a valid ListingEvent, or why not."""
+    return _parse(raw, max_bytes, ListingEvent)
+
+
+def parse_correction(raw: bytes | None, max_bytes: int) -> CorrectionEvent | Rejected:
+    return _parse(raw, max_bytes, CorrectionEvent)
+
+
+def _parse(raw: bytes | None, max_bytes: int, model):
+    if raw is None or len(raw) == 0:
+        return Rejected("empty", "no value (tombstone or empty message)")
+    if len(raw) > max_bytes:
+        return Rejected("oversized", f"{len(raw)} bytes > {max_bytes}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Rejected("not_json", str(exc)[:300])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+        return Rejected("invalid", errs[:500])
+
+
+def make_consumer(settings: Settings, topic: str, group: str, **overrides):
+    from kafka import KafkaConsumer
+
+    kwargs = dict(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=group,
+        enable_auto_commit=False,  # we commit after Postgres + enqueue, never before
+        auto_offset_reset="earliest",
+        max_poll_records=500,
+        # a slow Postgres write must not look like a dead consumer
+        max_poll_interval_ms=300_000,
+        client_id=f"enrich-intake-{topic}",
+    )
+    kwargs.update(overrides)
+    return KafkaConsumer(topic, **kwargs)
+
+
+def make_producer(settings: Settings):
+    from kafka import KafkaProducer
+
+    return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
+                         client_id="enrich-dlq")
+
+
+@dataclass
+class Stats:
+    consumed: int = 0
+    dlq: int = 0
+    upserted: int = 0
+    enqueued: int = 0
+    batches: int = 0
+    paused_s: float = 0.0
+    errors: int = 0
+    dlq_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Intake:
+    """One consumer-group member. `run()` loops until `stop()` (or SIGTERM via install_signal_handlers)."""
+
+    def __init__(self, settings: Settings, conn_factory: Callable[[], psycopg.Connection],
+                 enqueue: Callable[[list[str]], None], queue_depth: Callable[[], int] | None = None,
+                 consumer=None, producer=None, task_batch: int | None = None, poll_timeout_ms: int = 500) -> None:
+        self.settings = settings
+        self.conn_factory = conn_factory
+        self.enqueue = enqueue
+        self.queue_depth = queue_depth
+        self.consumer = consumer or make_consumer(settings, settings.listings_topic, settings.consumer_group)
+        self.producer = producer or make_producer(settings)
+        self.task_batch = task_batch or settings.batch_size
+        self.poll_timeout_ms = poll_timeout_ms
+        self.stats = Stats()
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection | None = None
+        self._paused = False
+
+    # ------------------------------------------------------------------------------------ control
+    def stop(self, *_args) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _db(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            self._conn = self.conn_factory()
+        return self._conn
+
+    # --------------------------------------------------------------------------------------- loop
+    def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> Stats:
+        """Consume until stopped. max_events / idle_exit_s end the loop early (benchmarks, tests)."""
+        last_data = time.monotonic()
+        try:
+            while not self.stopping:
+                if self._backpressure():
+                    continue
+                batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+                records = [r for recs in batch.values() for r in recs]
+                if not records:
+                    if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                        break
+                    continue
+                last_data = time.monotonic()
+                try:
+                    self.handle(records)
+                except Exception:  # noqa: BLE001 - replay the batch, never skip it
+                    self.stats.errors += 1
+                    log.exception("batch of %d events failed; rewinding to replay it", len(records))
+                    self._rewind(records)
+                    self._reset_db()
+                    self._stop.wait(1.0)
+                if max_events is not None and self.stats.consumed >= max_events:
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def _backpressure(self) -> bool:
+        """Pause fetching while the GPU queue is deeper than allowed (heartbeats continue)."""
+        if self.queue_depth is None:
+            return False
+        try:
+            depth = self.queue_depth()
+        except Exception:  # noqa: BLE001 - broker hiccup: treat as full and wait
+            log.warning("queue depth unknown (broker unreachable?); pausing", exc_info=True)
+            depth = self.settings.max_queue_depth + 1
+        metrics.QUEUE_DEPTH.set(depth)
+        deep = depth > self.settings.max_queue_depth
+        if deep and not self._paused:
+            self.consumer.pause(*self.consumer.assignment())
+            self._paused = True
+            metrics.INTAKE_PAUSED.set(1)
+            log.info("GPU queue depth %d > %d: intake paused", depth, self.settings.max_queue_depth)
+        elif not deep and self._paused:
+            self.consumer.resume(*self.consumer.paused())
+            self._paused = False
+            metrics.INTAKE_PAUSED.set(0)
+            log.info("GPU queue depth %d: intake resumed", depth)
+        if self._paused:
+            t0 = time.monotonic()
+            self.consumer.poll(timeout_ms=200)  # keeps group membership alive; paused partitions return nothing
+            self.stats.paused_s += time.monotonic() - t0
+            return True
+        return False
+
+    def handle(self, records) -> None:
+        """Validate, write, enqueue, then commit offsets for one polled batch."""
+        events, offsets, dlq = [], [], 0
+        for r in records:
+            self.stats.consumed += 1
+            metrics.EVENTS_CONSUMED.labels(topic=r.topic).inc()
+            parsed = parse_listing(r.value, self.settings.max_event_bytes)
+            if isinstance(parsed, Rejected):
+                self._dead_letter(r, parsed)
+                dlq += 1
+                continue
+            events.append(parsed)
+            offsets.append((r.partition, r.offset))
+        if dlq:
+            self.producer.flush(timeout=30)  # the DLQ copy must exist before the offset moves past it
+        if events:
+            conn = self._db()
+            with conn.transaction():
+                result = upsert_listings(conn, events, topic=records[0].topic, offsets=offsets)
+            self.stats.upserted += len(result.changed)
+            for i in range(0, len(result.pending), self.task_batch):
+                chunk = result.pending[i:i + self.task_batch]
+                self.enqueue(chunk)
+                self.stats.enqueued += len(chunk)
+                metrics.LISTINGS_ENQUEUED.inc(len(chunk))
+            for lid in result.deleted:
+                log.info("listing %s deleted", lid, extra={"listing_id": lid})
+        self.consumer.commit()
+        self.stats.batches += 1
+
+    def _dead_letter(self, record, why: Rejected) -> None:
+        self.stats.dlq += 1
+        self.stats.dlq_reasons[why.reason] = self.stats.dlq_reasons.get(why.reason, 0) + 1
+        metrics.EVENTS_DLQ.labels(reason=why.reason).inc()
+        headers = [("dlq_reason", why.reason.encode()), ("dlq_detail", why.detail.encode()[:1000]),
+                   ("source_topic", record.topic.encode()), ("source_partition", str(record.partition).encode()),
+                   ("source_offset", str(record.offset).encode())]
+        log.warning("event at %s[%d]@%d to DLQ: %s: %s", record.topic, record.partition, record.offset,
+                    why.reason, why.detail)
+        self.producer.send(self.settings.dlq_topic, key=record.key, value=record.value or b"", headers=headers)
+
+    def _rewind(self, records) -> None:
+        from kafka import TopicPartition
+
+        first: dict = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        for tp, off in first.items():
+            try:
+                self.consumer.seek(tp, off)
+            except Exception:  # noqa: BLE001 - partition revoked meanwhile: the new owner replays it
+                log.warning("could not rewind %s", tp)
+
+    def _reset_db(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(timeout=10)
+            self.producer.close(timeout=10)
+        except Exception:  # noqa: BLE001 - shutting down
+            log.warning("DLQ producer did not close cleanly", exc_info=True)
+        self.consumer.close(autocommit=False)
+        self._reset_db()
+        log.info("intake stopped: %s", self.stats)
+
+
+class CorrectionsIntake(Intake):
+    """Corrections topic: CorrectionEvent → corrections table + listing_tags source=corrected."""
+
+    def handle(self, records) -> None:
+        parsed = []
+        for r in records:
+            self.stats.consumed += 1
+            metrics.EVENTS_CONSUMED.labels(topic=r.topic).inc()
+            ev = parse_correction(r.value, self.settings.max_event_bytes)
+            if isinstance(ev, Rejected):
+                self._dead_letter(r, ev)
+            else:
+                parsed.append(ev)
+        self.producer.flush(timeout=30)
+        if parsed:
+            conn = self._db()
+            with conn.transaction():
+                self.stats.upserted += sum(record_correction(conn, ev) for ev in parsed)
+        self.consumer.commit()
+        self.stats.batches += 1

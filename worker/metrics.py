@@ -1,0 +1,74 @@
+"""Prometheus metrics and the health endpoint shared by intake and workers.
+
+`serve(port, checks)` starts one small HTTP server per process: /metrics (Prometheus text format)
+and /healthz (JSON, 200 when every check passes, 503 otherwise).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger(__name__)
+
+EVENTS_CONSUMED = Counter("enrich_events_consumed_total", "Kafka events read by the intake", ["topic"])
+EVENTS_DLQ = Counter("enrich_events_dlq_total", "Events sent to the dead-letter topic", ["reason"])
+LISTINGS_ENQUEUED = Counter("enrich_listings_enqueued_total", "Listing ids sent to the GPU queue")
+IMAGES_REJECTED = Counter("enrich_images_rejected_total", "Images refused or unreachable", ["reason"])
+LISTINGS_DONE = Counter("enrich_listings_total", "Listings processed by the enrichment core", ["outcome"])
+TAGS_WRITTEN = Counter("enrich_tags_written_total", "Tags written", ["source"])
+REVIEW_ITEMS = Counter("enrich_review_items_total", "Predictions below threshold sent to review", ["group"])
+BATCH_SIZE = Histogram("enrich_batch_images", "Images per model forward batch",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+MODEL_LATENCY = Histogram("enrich_model_seconds", "Model forward time per batch",
+                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+FETCH_LATENCY = Histogram("enrich_image_fetch_seconds", "Fetch + decode time per image",
+                          buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10))
+QUEUE_DEPTH = Gauge("enrich_queue_depth", "Messages waiting in the GPU queue (as seen by the intake)")
+INTAKE_PAUSED = Gauge("enrich_intake_paused", "1 while the intake stops polling for back-pressure")
+
+HealthCheck = Callable[[], None]  # raises when unhealthy
+
+
+def run_checks(checks: dict[str, HealthCheck]) -> tuple[bool, dict[str, str]]:
+    results: dict[str, str] = {}
+    ok = True
+    for name, check in checks.items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception as exc:  # noqa: BLE001 - a health check reports every failure, never raises
+            ok = False
+            results[name] = f"{type(exc).__name__}: {exc}"[:300]
+    return ok, results
+
+
+def serve(port: int, checks: dict[str, HealthCheck], host: str = "0.0.0.0") -> ThreadingHTTPServer:
+    """Start /metrics and /healthz on a daemon thread; returns the server (call .shutdown() to stop)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server API
+            if self.path.startswith("/metrics"):
+                body, status, ctype = generate_latest(), 200, CONTENT_TYPE_LATEST
+            elif self.path.startswith("/healthz"):
+                ok, results = run_checks(checks)
+                body, status, ctype = json.dumps({"ok": ok, "checks": results}).encode(), 200 if ok else 503, "application/json"
+            else:
+                body, status, ctype = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args) -> None:  # scrapes every few seconds: keep them out of the log
+            log.debug(fmt, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics and health on http://%s:%d/metrics and /healthz", host, server.server_address[1])
+    return server

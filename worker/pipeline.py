@@ -1,0 +1,186 @@
+"""The enrichment core shared by Celery tasks and batch mode.
+
+listing ids → (skip what is already done) → fetch + guard + decode images on a thread pool →
+batched forward passes → combine images per listing → fill missing tags / review queue →
+one Postgres transaction → online neighbours. Outcomes per listing: enriched, failed (permanent
+image problems, with reasons), retry (transient source problems) or skipped (already done).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import psycopg
+
+from enrich.config import Settings
+from schemas.enrichment import Enrichment
+from worker import metrics
+from worker.images import ImageError, ImageLimits, ImageRejected, ImageUnavailable, decode_image, fetch_bytes, make_s3_client
+from worker.store import ListingToEnrich, listings_to_enrich, write_enrichments
+from worker.tagging import combine_images, decide
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchOutcome:
+    enriched: list[Enrichment] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)   # listing id → reasons (permanent)
+    retry: dict[str, str] = field(default_factory=dict)    # listing id → reasons (transient)
+    skipped: list[str] = field(default_factory=list)       # already enriched for this model version
+    images: int = 0
+
+    @property
+    def enriched_ids(self) -> list[str]:
+        return [e.listing_id for e in self.enriched]
+
+
+class Enricher:
+    """Holds the model and the I/O clients of one process; `run(conn, ids)` enriches one batch."""
+
+    def __init__(self, predictor, settings: Settings, io_threads: int = 8) -> None:
+        self.predictor = predictor
+        self.settings = settings
+        self.limits = ImageLimits.from_settings(settings)
+        self._s3 = None
+        self._pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="image-io")
+
+    @property
+    def model_version(self) -> str:
+        return self.predictor.version
+
+    def _s3_client(self):
+        if self._s3 is None:
+            self._s3 = make_s3_client(self.settings)
+        return self._s3
+
+    def _load(self, uri: str):
+        """One image → preprocessed CHW tensor, or the ImageError that stopped it."""
+        t0 = time.perf_counter()
+        try:
+            s3 = self._s3_client() if uri.startswith("s3://") else None
+            data = fetch_bytes(uri, self.settings, s3_client=s3)
+            img = decode_image(data, self.limits, target_size=self.predictor.manifest.image_size, uri=uri)
+            return self.predictor.preprocess(img)
+        except ImageError as exc:
+            metrics.IMAGES_REJECTED.labels(reason=exc.reason).inc()
+            return exc
+        finally:
+            metrics.FETCH_LATENCY.observe(time.perf_counter() - t0)
+
+    def load_images(self, items: list[ListingToEnrich]) -> list[list]:
+        """Per listing, per image: tensor or ImageError (order kept)."""
+        jobs = [(i, uri) for i, item in enumerate(items) for uri in item.event.images]
+        loaded = list(self._pool.map(lambda job: self._load(job[1]), jobs))
+        per_listing: list[list] = [[] for _ in items]
+        for (i, _), result in zip(jobs, loaded):
+            per_listing[i].append(result)
+        return per_listing
+
+    def forward(self, tensors: list) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Batched forward over all images of the batch, in chunks of settings.batch_size."""
+        import torch
+
+        bs = self.settings.batch_size
+        cats, groups, embs = [], {}, []
+        for start in range(0, len(tensors), bs):
+            chunk = torch.stack(tensors[start:start + bs])
+            t0 = time.perf_counter()
+            pred = self.predictor.predict(chunk)
+            metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
+            metrics.BATCH_SIZE.observe(len(chunk))
+            cats.append(pred.category)
+            embs.append(pred.embedding)
+            for g, p in pred.groups.items():
+                groups.setdefault(g, []).append(p)
+        return (np.concatenate(cats), {g: np.concatenate(v) for g, v in groups.items()}, np.concatenate(embs))
+
+    def infer(self, items: list[ListingToEnrich], accept_partial: bool = False) -> tuple[BatchOutcome, list]:
+        """Images + model + rules, no database. Returns the outcome and rows for write_enrichments."""
+        out = BatchOutcome()
+        per_listing = self.load_images(items)
+        good: list[tuple[ListingToEnrich, list]] = []
+        for item, results in zip(items, per_listing):
+            tensors = [r for r in results if not isinstance(r, ImageError)]
+            errors = [r for r in results if isinstance(r, ImageError)]
+            transient = [e for e in errors if isinstance(e, ImageUnavailable)]
+            if transient and not accept_partial:
+                out.retry[item.listing_id] = "; ".join(str(e) for e in transient)
+                continue
+            if not tensors:
+                out.failed[item.listing_id] = "no usable image: " + "; ".join(str(e) for e in errors)
+                continue
+            for e in errors:
+                log.info("image skipped for listing %s: %s", item.listing_id, e,
+                         extra={"listing_id": item.listing_id, "reason": e.reason})
+            good.append((item, tensors))
+        rows = []
+        flat = [t for _, ts in good for t in ts]
+        out.images = len(flat)
+        if flat:
+            cat, groups, emb = self.forward(flat)
+            m = self.predictor.manifest
+            start = 0
+            for item, ts in good:
+                sl = slice(start, start + len(ts))
+                start += len(ts)
+                c, g, e = combine_images(cat[sl], {k: v[sl] for k, v in groups.items()}, emb[sl])
+                enr = decide(item.event, m.taxonomy, m.model_version, c, g, m.thresholds, m.label_thresholds,
+                             self.settings.default_threshold)
+                rows.append((item, enr, e))
+                out.enriched.append(enr)
+        return out, rows
+
+    def run(self, conn: psycopg.Connection, listing_ids: list[str], accept_partial: bool = False) -> BatchOutcome:
+        """Enrich a batch of listings: one transaction for all writes, then online neighbours."""
+        items = listings_to_enrich(conn, list(dict.fromkeys(listing_ids)), self.model_version)
+        conn.commit()  # end the read transaction: image fetching may take a while
+        todo = {i.listing_id for i in items}
+        out, rows = self.infer(items, accept_partial=accept_partial)
+        out.skipped = [i for i in dict.fromkeys(listing_ids) if i not in todo]
+        by_id = {i.listing_id: i for i in items}
+        with conn.transaction():
+            write_enrichments(conn, rows, [(by_id[i], reason) for i, reason in out.failed.items()])
+        self._after_commit(conn, out)
+        return out
+
+    def _after_commit(self, conn: psycopg.Connection, out: BatchOutcome) -> None:
+        for enr in out.enriched:
+            for tag in enr.tags.values():
+                metrics.TAGS_WRITTEN.labels(source=tag.source.value).inc()
+            for r in enr.review:
+                metrics.REVIEW_ITEMS.labels(group=r.group).inc()
+            log.debug("enriched listing %s", enr.listing_id, extra={"listing_id": enr.listing_id})
+        for lid, reason in out.failed.items():
+            log.warning("listing %s failed: %s", lid, reason, extra={"listing_id": lid})
+        for lid, reason in out.retry.items():
+            log.info("listing %s will be retried: %s", lid, reason, extra={"listing_id": lid})
+        metrics.LISTINGS_DONE.labels(outcome="enriched").inc(len(out.enriched))
+        metrics.LISTINGS_DONE.labels(outcome="failed").inc(len(out.failed))
+        metrics.LISTINGS_DONE.labels(outcome="retry").inc(len(out.retry))
+        metrics.LISTINGS_DONE.labels(outcome="skipped").inc(len(out.skipped))
+        if out.enriched:
+            write_neighbours(conn, out.enriched_ids, self.model_version)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def write_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str) -> int:
+    """Online top-K for fresh listings. Best effort: the nightly reindex fills anything missed here."""
+    try:
+        from worker.similar import write_online_neighbours
+    except ImportError:  # TODO(similar-items helper): drop this guard once worker/similar.py lands
+        return 0
+    try:
+        with conn.transaction():
+            return write_online_neighbours(conn, listing_ids, model_version)
+    except Exception:  # noqa: BLE001 - tags are committed; neighbours must not fail the batch
+        log.exception("online neighbours failed for %d listings", len(listing_ids))
+        return 0
+
+
+__all__ = ["BatchOutcome", "Enricher", "ImageRejected", "write_neighbours"]

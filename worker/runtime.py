@@ -1,0 +1,68 @@
+"""Per-process state of a worker: the model (loaded once) and the database pool.
+
+CUDA and fork don't mix, so nothing here is created at import time: a prefork child loads the
+model in `worker_process_init`, a solo worker on first use.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from enrich.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_enricher = None
+_pool = None
+
+
+def active_model_dir(settings: Settings) -> Path:
+    """ENRICH_MODEL_DIR if set, else the 'active' model in the registry table."""
+    if settings.model_dir is not None:
+        return Path(settings.model_dir)
+    from enrich.db import connection
+
+    with connection() as conn:
+        row = conn.execute("SELECT path FROM models WHERE status = 'active'").fetchone()
+    if row is None:
+        raise RuntimeError("no model: set ENRICH_MODEL_DIR or promote one (`enrich promote`)")
+    return Path(row[0])
+
+
+def enricher(settings: Settings | None = None):
+    """The process's Enricher; the model is loaded on first call only."""
+    global _enricher
+    with _lock:
+        if _enricher is None:
+            from training.inference import load_predictor
+            from worker.pipeline import Enricher
+
+            settings = settings or get_settings()
+            model_dir = active_model_dir(settings)
+            predictor = load_predictor(model_dir, device=settings.device)
+            log.info("model %s loaded from %s on %s", predictor.version, model_dir, predictor.device)
+            _enricher = Enricher(predictor, settings)
+        return _enricher
+
+
+def pool(settings: Settings | None = None):
+    global _pool
+    with _lock:
+        if _pool is None:
+            from enrich.db import make_pool
+
+            settings = settings or get_settings()
+            _pool = make_pool(size=min(settings.db_pool_size, 2))
+        return _pool
+
+
+def reset() -> None:
+    """Forget the model and pool (tests, and after a promotion in a long-lived process)."""
+    global _enricher, _pool
+    with _lock:
+        if _enricher is not None:
+            _enricher.close()
+        if _pool is not None:
+            _pool.close()
+        _enricher = _pool = None

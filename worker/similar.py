@@ -1,0 +1,490 @@
+"""Similar items: the nightly whole-catalogue recompute, online neighbours, and live queries.
+
+Where shelves read from
+-----------------------
+The view `similar_items_current (model_version, listing_id, neighbour_ids, scores, source)`
+(migrations/0002) is the one place a "similar items" shelf reads. It shows, per listing:
+  * the online row (table `similar_items_online`) when it was computed after the active nightly
+    version read its embeddings, or when the listing is not in that version (new since);
+  * otherwise the row of the active nightly version (`similar_items_active` → `similar_items`).
+`read_neighbours()` reads it and also drops neighbours deleted/sold since they were computed.
+
+Nightly (`recompute`, `enrich reindex`, Celery "enrich.reindex")
+---------------------------------------------------------------
+read all live embeddings of one model version (binary COPY → numpy) → build a faiss index chosen by
+catalogue size → save it as a snapshot (worker/index.py) → search every listing's top-(K+1) in
+batches, drop itself → encode rows in numpy and binary-COPY them into a new 'building' version →
+switch `similar_items_active` in one transaction → prune old versions and snapshots.
+Readers see the old version until the switch and the new one, whole, after it. A crash anywhere
+before the switch leaves the active version untouched; the next run marks the leftover 'building'
+version failed and deletes its rows. Only one run per model version at a time (advisory lock).
+Sharded: `prepare_shards` does the read/build/snapshot and plans id ranges, `compute_shard` (one per
+Celery worker) searches one listing-id range against the snapshot, `finish_shards` checks every
+listing was written and switches.
+
+Online (`write_online_neighbours`, called by the enrichment worker after committing embeddings)
+----------------------------------------------------------------------------------------------
+Top-K for the given listings from (a) the latest snapshot of that model version, searched with the
+faiss index, plus (b) an exact search over the "delta": live embeddings created after the snapshot
+read them (less `ONLINE_SLACK` for transactions that were still open then). A delta vector replaces
+the snapshot's one for the same listing (re-embedded); deleted/sold listings are dropped (the
+snapshot may still hold them). Results are upserted into `similar_items_online` with
+computed_at = now(). Without a snapshot the delta is the whole catalogue (exact; fine while small).
+The new listing does not yet appear in other listings' shelves until the next nightly run.
+
+Attribute-aware ("similar, but by <group>")
+-------------------------------------------
+Seed 001 (modified CSN): a per-group mask m over the embedding; conditioned similarity is the inner
+product of L2-normalise(e ⊙ m). `similar_to(..., mask=...)` takes the mask as an array (the model's
+`Predictor.condition_masks()[group]`), so this module never loads the model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import psycopg
+
+from worker import index as ix
+from worker import similar_db as sdb
+
+log = logging.getLogger(__name__)
+
+ONLINE_SLACK = timedelta(minutes=30)   # longest enrichment transaction we expect to be open
+ADVISORY_NAMESPACE = "enrich.similar"
+CATEGORY_GROUP = "category"
+TYPE_GROUP = "type"
+
+
+class ReindexBusy(RuntimeError):
+    """Another recompute of the same model version holds the lock."""
+
+
+@dataclass
+class Neighbour:
+    listing_id: str
+    score: float
+
+
+@dataclass
+class RecomputeResult:
+    model_version: str
+    version: int | None
+    count: int
+    k: int
+    factory: str
+    replaced: int | None = None
+    pruned: list[int] = field(default_factory=list)
+    snapshot: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        t = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings_s.items())
+        return (f"model {self.model_version}: version {self.version} active with top-{self.k} for "
+                f"{self.count} listings ({self.factory}); replaced {self.replaced}; pruned {self.pruned or 'none'}; {t}")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def snapshot_root(root: Path | str | None = None) -> Path:
+    if root is not None:
+        return Path(root)
+    from enrich.config import get_settings
+
+    s = get_settings()
+    return s.index_dir or (s.data_dir / "index")
+
+
+def default_k(k: int | None) -> int:
+    if k is not None:
+        return k
+    from enrich.config import get_settings
+
+    return get_settings().similar_k
+
+
+def resolve_model_version(conn: psycopg.Connection, model_version: str | None = None) -> str:
+    """The given model version, else the active model's, else the one with the most embeddings."""
+    if model_version:
+        return model_version
+    row = conn.execute("SELECT model_version FROM models WHERE status = 'active'").fetchone()
+    if row:
+        return row[0]
+    row = conn.execute(
+        "SELECT model_version FROM embeddings GROUP BY model_version ORDER BY count(*) DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        raise LookupError("no embeddings in the database: nothing to index")
+    return row[0]
+
+
+def condition(vectors: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Seed 001's conditioned embedding: L2-normalise(e ⊙ m). No mask → the vectors unchanged."""
+    if mask is None:
+        return vectors
+    mask = np.asarray(mask, dtype=np.float32).reshape(-1)
+    if vectors.shape[-1] != mask.shape[0]:
+        raise ValueError(f"mask has {mask.shape[0]} dimensions, embeddings {vectors.shape[-1]}")
+    out = vectors * mask
+    norms = np.linalg.norm(out, axis=-1, keepdims=True)
+    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _decode(ids: np.ndarray) -> list[str]:
+    return [i.decode() for i in ids]
+
+
+def _lock_key(conn: psycopg.Connection, model_version: str) -> int:
+    return conn.execute("SELECT hashtextextended(%s, 0)", (f"{ADVISORY_NAMESPACE}:{model_version}",)).fetchone()[0]
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", unit_scale=True, disable=not enabled, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# nightly
+
+def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray, index,
+                   queries: np.ndarray, query_pos: np.ndarray, self_pos: np.ndarray, k: int,
+                   bar=None, after_chunk: Callable[[int], None] | None = None) -> int:
+    """Search every query, encode its top-k in numpy and COPY it into `version` (caller's transaction).
+
+    `snap_ids` holds the index's ids followed by any query ids not in the index; `query_pos` are
+    the queries' positions in it and `self_pos` their positions in the index (-2 when absent).
+    """
+    id_buf, id_off, id_len = sdb.encode_id_fields(snap_ids)
+    kk = min(k + 1, index.ntotal)
+    written = 0
+
+    def chunks():
+        nonlocal written
+        for start, scores, pos in ix.search_batches(index, queries, kk):
+            end = start + len(pos)
+            pos, scores = sdb.drop_self(pos, scores, self_pos[start:end], kk - 1)
+            pos, scores = sdb.pack_left(pos, scores)
+            for sl in sdb.iter_id_chunks(len(pos), sdb.ENCODE_CHUNK):
+                yield sdb.encode_rows(version, query_pos[start:end][sl], pos[sl], scores[sl], id_buf, id_off, id_len)
+            written += len(pos)
+            if bar is not None:
+                bar.update(len(pos))
+            if after_chunk is not None:
+                after_chunk(written)
+
+    table = sdb.sql.Identifier("similar_items")
+    sdb.copy_neighbours(conn, table, chunks())
+    return written
+
+
+def _cleanup_stale(conn: psycopg.Connection, model_version: str) -> None:
+    stale = sdb.stale_building(conn, model_version)
+    sdb.mark_failed(conn, stale, "abandoned: a later run found it still building (crash or kill)")
+
+
+def recompute(conn: psycopg.Connection, model_version: str | None = None, *, k: int | None = None,
+              factory: str | None = None, nprobe: int | None = None, root: Path | str | None = None,
+              keep_versions: int = 1, keep_snapshots: int = 2, progress: bool = False,
+              after_chunk: Callable[[int], None] | None = None) -> RecomputeResult:
+    """Whole-catalogue top-k in one process; see the module docstring. `conn` must be autocommit."""
+    model_version = resolve_model_version(conn, model_version)
+    k = default_k(k)
+    key = _lock_key(conn, model_version)
+    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        raise ReindexBusy(f"a recompute of model {model_version!r} is already running")
+    timings: dict[str, float] = {}
+    version = None
+    try:
+        _cleanup_stale(conn, model_version)
+        t0 = time.perf_counter()
+        expected, _ = sdb.count_embeddings(conn, model_version)
+        with _bar(expected, "read", progress) as bar:
+            emb = sdb.read_embeddings(conn, model_version, expected=expected, progress=bar.update)
+        timings["read"] = time.perf_counter() - t0
+        n = len(emb)
+        log.info("read %d embeddings of %s in %.1fs", n, model_version, timings["read"])
+        if n == 0:
+            raise LookupError(f"no live embeddings for model {model_version!r}")
+        spec = ix.choose_spec(n, factory=factory, nprobe=nprobe)
+
+        t0 = time.perf_counter()
+        index = ix.build_index(emb.vectors, spec)
+        timings["build"] = time.perf_counter() - t0
+
+        version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": n}, emb.read_at)
+        t0 = time.perf_counter()
+        manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=emb.vectors.shape[1],
+                                       spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
+                                       read_at=emb.read_at, similar_version=version)
+        snap_path = ix.save_snapshot(snapshot_root(root), index, emb.ids, manifest)
+        timings["snapshot"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rows = np.arange(n, dtype=np.int64)
+        with _bar(n, "search+write", progress) as bar, conn.transaction():
+            written = _write_version(conn, version, emb.ids, index, emb.vectors, rows, rows, k, bar, after_chunk)
+        timings["search_write"] = time.perf_counter() - t0
+        del index
+
+        t0 = time.perf_counter()
+        replaced = sdb.switch_active(conn, version)
+        timings["switch"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruned = sdb.prune_versions(conn, model_version, keep_versions)
+        ix.prune_snapshots(snapshot_root(root), model_version, keep_snapshots)
+        timings["prune"] = time.perf_counter() - t0
+        log.info("similar items: version %d of %s active (%d rows)", version, model_version, written)
+        return RecomputeResult(model_version, version, n, k, spec.factory, replaced, pruned, str(snap_path), timings)
+    except BaseException as exc:
+        if version is not None and not conn.closed and not conn.broken:
+            try:
+                sdb.mark_failed(conn, [version], f"{type(exc).__name__}: {exc}")
+            except psycopg.Error:
+                log.exception("could not mark version %s failed; the next run will", version)
+        raise
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+# --- sharded variant (several Celery workers) ---------------------------------------------------
+
+def shard_bounds(ids: np.ndarray, shards: int) -> list[tuple[str | None, str | None]]:
+    """Split sorted ids into `shards` contiguous ranges [lo, hi) of about equal size (None = open end)."""
+    n = len(ids)
+    shards = max(1, min(shards, n or 1))
+    cuts = [_decode(ids[[n * i // shards]])[0] for i in range(1, shards)]
+    edges: list[str | None] = [None, *cuts, None]
+    return [(edges[i], edges[i + 1]) for i in range(shards)]
+
+
+def prepare_shards(conn: psycopg.Connection, model_version: str | None, shards: int, *, k: int | None = None,
+                   factory: str | None = None, nprobe: int | None = None,
+                   root: Path | str | None = None) -> tuple[int, list[tuple[str | None, str | None]]]:
+    """Read + build + snapshot once, open a 'building' version, and plan the id ranges."""
+    model_version = resolve_model_version(conn, model_version)
+    k = default_k(k)
+    _cleanup_stale(conn, model_version)
+    expected, _ = sdb.count_embeddings(conn, model_version)
+    emb = sdb.read_embeddings(conn, model_version, expected=expected)
+    if len(emb) == 0:
+        raise LookupError(f"no live embeddings for model {model_version!r}")
+    spec = ix.choose_spec(len(emb), factory=factory, nprobe=nprobe)
+    index = ix.build_index(emb.vectors, spec)
+    bounds = shard_bounds(emb.ids, shards)
+    version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": len(emb),
+                                                           "shards": bounds}, emb.read_at)
+    manifest = ix.SnapshotManifest(model_version=model_version, count=len(emb), dim=emb.vectors.shape[1],
+                                   spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
+                                   read_at=emb.read_at, similar_version=version)
+    path = ix.save_snapshot(snapshot_root(root), index, emb.ids, manifest)
+    sdb.update_version_params(conn, version, {"snapshot": str(path)})
+    return version, bounds
+
+
+def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: str | None) -> int:
+    """Top-k for listings in [lo, hi) against the version's snapshot; re-running replaces the range."""
+    row = conn.execute("SELECT model_version, k, status, params FROM similar_items_versions WHERE version = %s",
+                       (version,)).fetchone()
+    if row is None or row[2] != "building":
+        raise RuntimeError(f"similar-items version {version} is not building")
+    model_version, k, _, params = row
+    snap = ix.load_snapshot(Path(params["snapshot"]), model_version)
+    emb = sdb.read_embeddings(conn, model_version, lo, hi)
+    # listings embedded after the snapshot get neighbours too; they are appended to the id table
+    pos = np.searchsorted(snap.ids, emb.ids)
+    pos_c = np.minimum(pos, len(snap.ids) - 1)
+    found = snap.ids[pos_c] == emb.ids
+    self_pos = np.where(found, pos_c, -2)
+    extra = emb.ids[~found]
+    all_ids = np.concatenate([snap.ids, extra]) if len(extra) else snap.ids
+    query_pos = self_pos.copy()
+    query_pos[~found] = len(snap.ids) + np.arange(len(extra))
+    with conn.transaction():
+        clauses, args = ["version = %s"], [version]
+        if lo is not None:
+            clauses.append("listing_id >= %s")
+            args.append(lo)
+        if hi is not None:
+            clauses.append("listing_id < %s")
+            args.append(hi)
+        conn.execute("DELETE FROM similar_items WHERE " + " AND ".join(clauses), args)
+        written = _write_version(conn, version, all_ids, snap.index, emb.vectors, query_pos, self_pos, k)
+    log.info("shard [%s, %s) of version %d: %d listings", lo, hi, version, written)
+    return written
+
+
+def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1,
+                  root: Path | str | None = None, keep_snapshots: int = 2) -> RecomputeResult:
+    """Switch to a sharded version once every shard wrote its rows."""
+    row = conn.execute("SELECT model_version, k, params FROM similar_items_versions WHERE version = %s",
+                       (version,)).fetchone()
+    model_version, k, params = row
+    written = sdb.version_row_count(conn, version)
+    if written < params["count"]:
+        sdb.mark_failed(conn, [version], f"only {written} of {params['count']} listings written")
+        raise RuntimeError(f"version {version}: only {written} of {params['count']} listings written")
+    replaced = sdb.switch_active(conn, version)
+    pruned = sdb.prune_versions(conn, model_version, keep_versions)
+    ix.prune_snapshots(snapshot_root(root), model_version, keep_snapshots)
+    return RecomputeResult(model_version, version, written, k, params["spec"]["factory"], replaced, pruned,
+                           params.get("snapshot"))
+
+
+# ---------------------------------------------------------------------------------------------
+# online
+
+_SNAPSHOT_CACHE: dict[str, ix.Snapshot] = {}
+
+
+def cached_snapshot(model_version: str, root: Path | str | None = None) -> ix.Snapshot | None:
+    """The latest snapshot of a model version, loaded once per process and reloaded when LATEST moves."""
+    path = ix.latest_snapshot_dir(snapshot_root(root), model_version)
+    if path is None:
+        return None
+    snap = _SNAPSHOT_CACHE.get(model_version)
+    if snap is None or snap.path != path:
+        snap = ix.load_snapshot(path, model_version)
+        _SNAPSHOT_CACHE[model_version] = snap
+    return snap
+
+
+def _live_ids(conn: psycopg.Connection, ids: Sequence[str]) -> set[str]:
+    rows = conn.execute("SELECT listing_id FROM listings WHERE listing_id = ANY(%s) AND status <> 'deleted'",
+                        (list(ids),)).fetchall()
+    return {r[0] for r in rows}
+
+
+def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version: str, k: int,
+                root: Path | str | None = None) -> dict[str, list[Neighbour]]:
+    """Top-k per listing from the latest snapshot plus the exact delta since it (see module docstring)."""
+    queries = sdb.read_embeddings(conn, model_version, only_ids=list(listing_ids))
+    if len(queries) == 0:
+        return {}
+    snap = cached_snapshot(model_version, root)
+    candidates: list[list[tuple[str, float]]] = [[] for _ in range(len(queries))]
+    delta_after = None
+    if snap is not None and snap.manifest.read_at:
+        delta_after = (datetime.fromisoformat(snap.manifest.read_at) - ONLINE_SLACK).isoformat()
+    delta = sdb.read_embeddings(conn, model_version, created_after=delta_after) if snap is not None else \
+        sdb.read_embeddings(conn, model_version)
+    delta_ids = set(_decode(delta.ids))
+    over = 2 * k + 1  # room for self, deleted and re-embedded candidates
+    if snap is not None and snap.index.ntotal:
+        scores, pos = snap.index.search(np.ascontiguousarray(queries.vectors), min(over, snap.index.ntotal))
+        for q in range(len(queries)):
+            for s, p in zip(scores[q], pos[q]):
+                if p >= 0:
+                    cid = snap.ids[p].decode()
+                    if cid not in delta_ids:  # the delta holds this listing's current vector
+                        candidates[q].append((cid, float(s)))
+    if len(delta):
+        scores, pos = ix.exact_topk(queries.vectors, delta.vectors, over)
+        for q in range(len(queries)):
+            candidates[q].extend((delta.ids[p].decode(), float(s)) for s, p in zip(scores[q], pos[q]) if p >= 0)
+    live = _live_ids(conn, {c for cs in candidates for c, _ in cs})
+    out: dict[str, list[Neighbour]] = {}
+    for q, qid in enumerate(_decode(queries.ids)):
+        seen, best = {qid}, []
+        for cid, s in sorted(candidates[q], key=lambda t: -t[1]):
+            if cid in seen or cid not in live:
+                continue
+            seen.add(cid)
+            best.append(Neighbour(cid, s))
+            if len(best) == k:
+                break
+        out[qid] = best
+    return out
+
+
+def write_online_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str,
+                            k: int | None = None, *, root: Path | str | None = None) -> int:
+    """Compute and upsert top-k neighbours of freshly embedded listings; returns the rows written.
+
+    Listings without an embedding of `model_version`, or deleted, are skipped. Idempotent.
+    """
+    if not listing_ids:
+        return 0
+    k = default_k(k)
+    found = online_topk(conn, list(listing_ids), model_version, k, root)
+    if not found:
+        return 0
+    rows = [(model_version, lid, [n.listing_id for n in ns], [n.score for n in ns]) for lid, ns in found.items()]
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO similar_items_online (model_version, listing_id, neighbour_ids, scores)"
+            " VALUES (%s, %s, %s, %s::real[]) ON CONFLICT (model_version, listing_id) DO UPDATE"
+            " SET neighbour_ids = EXCLUDED.neighbour_ids, scores = EXCLUDED.scores, computed_at = now()",
+            rows,
+        )
+    log.info("online neighbours written for %d listing(s) of %s", len(rows), model_version)
+    return len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading and live queries
+
+def read_neighbours(conn: psycopg.Connection, listing_id: str, model_version: str | None = None,
+                    k: int | None = None) -> tuple[list[Neighbour], str | None]:
+    """What the shelf shows: stored neighbours (online or nightly) minus listings deleted since."""
+    model_version = resolve_model_version(conn, model_version)
+    rows = conn.execute(
+        "SELECT c.source, n.id, n.score FROM similar_items_current c"
+        " CROSS JOIN LATERAL unnest(c.neighbour_ids, c.scores) WITH ORDINALITY AS n(id, score, ord)"
+        " JOIN listings l ON l.listing_id = n.id AND l.status <> 'deleted'"
+        " WHERE c.model_version = %s AND c.listing_id = %s ORDER BY n.ord LIMIT %s",
+        (model_version, listing_id, k or 1000),
+    ).fetchall()
+    source = rows[0][0] if rows else None
+    return [Neighbour(r[1], float(r[2])) for r in rows], source
+
+
+def listing_tag(conn: psycopg.Connection, listing_id: str, group: str) -> str | None:
+    row = conn.execute("SELECT value FROM listing_tags WHERE listing_id = %s AND tag_group = %s",
+                       (listing_id, group)).fetchone()
+    return row[0] if row else None
+
+
+def similar_to(conn: psycopg.Connection, listing_id: str, model_version: str | None = None, k: int = 20, *,
+               mask: np.ndarray | None = None, same_category: bool = False,
+               same_type: bool = False) -> list[Neighbour]:
+    """Exact top-k of one listing over live listings of its model version, computed now.
+
+    `mask`: seed 001 condition mask of an attribute group ("similar, but by colour") — both sides
+    are conditioned as L2-normalise(e ⊙ mask). `same_category` / `same_type` keep only listings
+    whose 'category' / 'type' tag equals the query listing's.
+    """
+    model_version = resolve_model_version(conn, model_version)
+    query = sdb.read_embeddings(conn, model_version, only_ids=[listing_id])
+    if len(query) == 0:
+        raise LookupError(f"listing {listing_id!r} has no live embedding of model {model_version!r}")
+    tag_filter = None
+    for wanted, group in ((same_category, CATEGORY_GROUP), (same_type, TYPE_GROUP)):
+        if wanted:
+            value = listing_tag(conn, listing_id, group)
+            if value is None:
+                raise LookupError(f"listing {listing_id!r} has no {group!r} tag to filter on")
+            if tag_filter is not None:
+                raise ValueError("filter by one of category or type at a time")
+            tag_filter = (group, value)
+    cands = sdb.read_embeddings(conn, model_version, tag_filter=tag_filter)
+    if len(cands) == 0:
+        return []
+    q = condition(query.vectors, mask)
+    c = condition(cands.vectors, mask)
+    scores, pos = ix.exact_topk(q, c, k + 1)
+    out = []
+    for s, p in zip(scores[0], pos[0]):
+        if p < 0:
+            continue
+        cid = cands.ids[p].decode()
+        if cid != listing_id:
+            out.append(Neighbour(cid, float(s)))
+    return out[:k]

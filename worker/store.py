@@ -1,0 +1,204 @@
+"""Postgres side of the worker: idempotent listing upserts and one-transaction enrichment writes.
+
+Idempotency is by content: a listing's content hash is the sha256 of its canonical event without
+the producer's event id, so a replayed or duplicated event changes nothing, while an edit changes
+the hash, resets the listing to 'pending' and gets it re-enriched. Enrichment writes are upserts
+keyed on (listing, group) / (model_version, listing), so re-running a batch leaves the same rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+from schemas.enrichment import Enrichment, TagSource
+from schemas.events import CorrectionEvent, ListingEvent
+
+
+def content_hash(event: ListingEvent) -> str:
+    body = event.model_dump(mode="json", exclude={"event_id"})
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def event_id(event: ListingEvent, chash: str | None = None) -> str:
+    return event.event_id or f"{event.listing_id}:{(chash or content_hash(event))[:16]}"
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    changed: list[str]   # new or edited listings (content hash differs)
+    pending: list[str]   # everything that still needs enrichment (changed + unfinished earlier ones)
+    deleted: list[str]   # listings marked deleted by this batch
+
+
+def upsert_listings(conn: psycopg.Connection, events: list[ListingEvent], topic: str = "listings",
+                    offsets: list[tuple[int, int]] | None = None) -> UpsertResult:
+    """Insert or update listings in the caller's transaction. Later events for one id win.
+
+    `pending` includes unchanged listings that are still 'pending' so that a crash between the
+    database commit and the enqueue is healed by the replay that follows (at-least-once enqueue;
+    the task itself is idempotent).
+    """
+    latest: dict[str, tuple[ListingEvent, int]] = {}
+    for i, ev in enumerate(events):
+        latest[ev.listing_id] = (ev, i)  # events are keyed by listing id: partition order is edit order
+    if not latest:
+        return UpsertResult([], [], [])
+    ids, sellers, bodies, hashes, statuses = [], [], [], [], []
+    for ev, _ in latest.values():
+        ids.append(ev.listing_id)
+        sellers.append(ev.seller_id)
+        bodies.append(ev.model_dump_json())
+        hashes.append(content_hash(ev))
+        statuses.append("deleted" if ev.deleted else "pending")
+    changed = [r[0] for r in conn.execute(
+        """INSERT INTO listings (listing_id, seller_id, event, content_hash, status)
+           SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::text[], %s::text[])
+           ON CONFLICT (listing_id) DO UPDATE
+              SET seller_id = EXCLUDED.seller_id, event = EXCLUDED.event,
+                  content_hash = EXCLUDED.content_hash, status = EXCLUDED.status,
+                  error = NULL, updated_at = now()
+            WHERE listings.content_hash <> EXCLUDED.content_hash
+           RETURNING listing_id""",
+        (ids, sellers, bodies, hashes, statuses),
+    ).fetchall()]
+    pending = [r[0] for r in conn.execute(
+        "SELECT listing_id FROM listings WHERE listing_id = ANY(%s) AND status = 'pending' ORDER BY listing_id",
+        (ids,),
+    ).fetchall()]
+    deleted = [i for i, s in zip(ids, statuses) if s == "deleted" and i in set(changed)]
+    if deleted:
+        # a removed listing leaves the similar-items candidates at once; history (tags) is kept
+        conn.execute("DELETE FROM embeddings WHERE listing_id = ANY(%s)", (deleted,))
+        conn.execute("DELETE FROM review_queue WHERE listing_id = ANY(%s) AND resolved_at IS NULL", (deleted,))
+    eids = [event_id(ev, h) for (ev, _), h in zip(latest.values(), hashes)]
+    picked = [offsets[i] if offsets else (None, None) for _, i in latest.values()]
+    parts, offs = [p for p, _ in picked], [o for _, o in picked]
+    conn.execute(
+        """INSERT INTO processed_events (event_id, topic, kafka_partition, kafka_offset)
+           SELECT e, %s, p, o FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS t(e, p, o)
+           ON CONFLICT (event_id) DO NOTHING""",
+        (topic, eids, parts, offs),
+    )
+    return UpsertResult(changed=changed, pending=pending, deleted=deleted)
+
+
+@dataclass(frozen=True)
+class ListingToEnrich:
+    listing_id: str
+    content_hash: str
+    event: ListingEvent
+
+
+def listings_to_enrich(conn: psycopg.Connection, listing_ids: list[str], model_version: str) -> list[ListingToEnrich]:
+    """The listings of a task that still need work for this model version (skip = idempotent rerun)."""
+    rows = conn.execute(
+        """SELECT l.listing_id, l.content_hash, l.event FROM listings l
+            WHERE l.listing_id = ANY(%s) AND l.status <> 'deleted'
+              AND NOT (l.enriched_hash IS NOT DISTINCT FROM l.content_hash
+                       AND (l.status = 'failed'
+                            OR EXISTS (SELECT 1 FROM embeddings e
+                                        WHERE e.listing_id = l.listing_id AND e.model_version = %s)))
+            ORDER BY l.listing_id""",
+        (listing_ids, model_version),
+    ).fetchall()
+    return [ListingToEnrich(r[0], r[1], ListingEvent.model_validate(r[2])) for r in rows]
+
+
+def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnrich, Enrichment, np.ndarray]],
+                      failures: list[tuple[ListingToEnrich, str]]) -> int:
+    """Write one batch in the caller's transaction. Returns the number of listings marked enriched.
+
+    Corrected tags (set by people) survive re-enrichment; seller and predicted ones are rewritten
+    from the current event so an edit that removes a seller value lets the model fill it.
+    A listing edited again while this batch ran is left 'pending' for the newer task.
+    """
+    done = 0
+    if results:
+        ids = [item.listing_id for item, _, _ in results]
+        conn.execute("DELETE FROM listing_tags WHERE listing_id = ANY(%s) AND source <> 'corrected'", (ids,))
+        conn.execute("DELETE FROM review_queue WHERE listing_id = ANY(%s) AND resolved_at IS NULL", (ids,))
+        tag_rows, review_rows, emb_rows = [], [], []
+        for item, enr, emb in results:
+            for group, tag in enr.tags.items():
+                tag_rows.append((item.listing_id, group, tag.value, tag.source.value, tag.confidence,
+                                 tag.model_version))
+            for r in enr.review:
+                review_rows.append((item.listing_id, r.group, Jsonb([list(c) for c in r.candidates]),
+                                    r.threshold, enr.model_version))
+            vec = np.ascontiguousarray(emb, dtype="<f4")
+            emb_rows.append((item.listing_id, enr.model_version, int(vec.shape[0]), vec.tobytes()))
+        with conn.cursor() as cur:
+            cur.executemany(
+                """INSERT INTO listing_tags (listing_id, tag_group, value, source, confidence, model_version)
+                   VALUES (%s, %s, %s, %s, %s, %s)
+                   ON CONFLICT (listing_id, tag_group) DO NOTHING""",  # a corrected tag stays
+                tag_rows,
+            )
+            cur.executemany(
+                """INSERT INTO review_queue (listing_id, tag_group, candidates, threshold, model_version)
+                   VALUES (%s, %s, %s, %s, %s)
+                   ON CONFLICT (listing_id, tag_group, model_version)
+                   DO UPDATE SET candidates = EXCLUDED.candidates, threshold = EXCLUDED.threshold,
+                                 created_at = now(), resolved_at = NULL""",
+                review_rows,
+            )
+            cur.executemany(
+                """INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES (%s, %s, %s, %s)
+                   ON CONFLICT (model_version, listing_id)
+                   DO UPDATE SET dim = EXCLUDED.dim, vector = EXCLUDED.vector, created_at = now()""",
+                emb_rows,
+            )
+            cur.executemany(
+                """UPDATE listings SET status = 'enriched', enriched_hash = %s, error = NULL, updated_at = now()
+                    WHERE listing_id = %s AND content_hash = %s""",
+                [(item.content_hash, item.listing_id, item.content_hash) for item, _, _ in results],
+            )
+            done = len(results)
+    if failures:
+        conn.cursor().executemany(
+            """UPDATE listings SET status = 'failed', enriched_hash = %s, error = %s, updated_at = now()
+                WHERE listing_id = %s AND content_hash = %s""",
+            [(item.content_hash, reason[:2000], item.listing_id, item.content_hash) for item, reason in failures],
+        )
+    return done
+
+
+def record_correction(conn: psycopg.Connection, ev: CorrectionEvent) -> bool:
+    """Store a person's correction and make it the listing's current value. False if already seen."""
+    inserted = conn.execute(
+        """INSERT INTO corrections (event_id, listing_id, tag_group, old_value, new_value, corrected_by, corrected_at)
+           VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING RETURNING event_id""",
+        (ev.event_id, ev.listing_id, ev.group, ev.old_value, ev.new_value, ev.corrected_by, ev.corrected_at),
+    ).fetchone()
+    if inserted is None:
+        return False
+    # the tag only exists for a known listing (FK); the correction row is kept either way for training
+    conn.execute(
+        """INSERT INTO listing_tags (listing_id, tag_group, value, source, confidence, model_version)
+           SELECT %s, %s, %s, %s, NULL, NULL WHERE EXISTS (SELECT 1 FROM listings WHERE listing_id = %s)
+           ON CONFLICT (listing_id, tag_group) DO UPDATE
+              SET value = EXCLUDED.value, source = EXCLUDED.source, confidence = NULL,
+                  model_version = NULL, updated_at = now()""",
+        (ev.listing_id, ev.group, ev.new_value, TagSource.corrected.value, ev.listing_id),
+    )
+    conn.execute(
+        """UPDATE review_queue SET resolved_at = now()
+            WHERE listing_id = %s AND tag_group = %s AND resolved_at IS NULL""",
+        (ev.listing_id, ev.group),
+    )
+    return True
+
+
+def tags_of(conn: psycopg.Connection, listing_id: str) -> dict[str, tuple[str, str, float | None, str | None]]:
+    """group → (value, source, confidence, model_version); used by batch mode, tests and the CLI."""
+    rows = conn.execute(
+        "SELECT tag_group, value, source, confidence, model_version FROM listing_tags WHERE listing_id = %s",
+        (listing_id,),
+    ).fetchall()
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}

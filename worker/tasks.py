@@ -1,0 +1,39 @@
+"""Celery tasks of the GPU worker. Tasks take lists of listing ids (micro-batches), never images."""
+from __future__ import annotations
+
+import psycopg
+from celery.utils.log import get_task_logger
+
+from enrich.config import get_settings
+from worker import runtime
+from worker.celery_app import ENRICH_TASK, app
+
+log = get_task_logger(__name__)
+
+
+def backoff_s(retries: int, base: float) -> float:
+    """Exponential backoff: base, 2·base, 4·base… capped at 10 minutes."""
+    return min(base * (2 ** retries), 600.0)
+
+
+@app.task(name=ENRICH_TASK, bind=True, acks_late=True, ignore_result=True,
+          autoretry_for=(psycopg.OperationalError,), retry_backoff=5, retry_backoff_max=300,
+          retry_jitter=True, max_retries=get_settings().task_max_retries)
+def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
+    """Enrich a batch of listings. Safe to run twice: finished listings are skipped.
+
+    Transient image faults (host down) re-enqueue only the affected listings with backoff; on the
+    last attempt whatever images are usable are used, and a listing with none is marked failed.
+    Permanent faults (bad image) never retry. A lost database connection retries the whole batch.
+    """
+    settings = get_settings()
+    enricher = runtime.enricher(settings)
+    last_try = self.request.retries >= (self.max_retries or 0)
+    with runtime.pool(settings).connection() as conn:
+        out = enricher.run(conn, listing_ids, accept_partial=last_try)
+    log.info("batch of %d: %d enriched, %d failed, %d skipped, %d to retry (%d images)",
+             len(listing_ids), len(out.enriched), len(out.failed), len(out.skipped), len(out.retry), out.images)
+    if out.retry:
+        raise self.retry(args=(sorted(out.retry),), countdown=backoff_s(self.request.retries, settings.retry_backoff_s),
+                         max_retries=self.max_retries)
+    return {"enriched": len(out.enriched), "failed": len(out.failed), "skipped": len(out.skipped)}
