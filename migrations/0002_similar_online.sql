@@ -1,14 +1,30 @@
 -- Similar items: online neighbours of listings embedded since the last nightly version, and one view
 -- that the "similar items" shelves read. Re-runnable (IF NOT EXISTS / OR REPLACE).
 
+-- Byte-order ("C") comparison of listing ids in the neighbour table: the nightly job inserts ~1 M
+-- rows into its primary key, and locale-aware text comparison made that 3× slower (C.UTF-8 and
+-- en_US still go through strcoll). Ids are ASCII ([A-Za-z0-9._:-]), so the order is the same.
+DO $$
+BEGIN
+    IF (SELECT collation_name FROM information_schema.columns
+         WHERE table_schema = current_schema() AND table_name = 'similar_items' AND column_name = 'listing_id')
+       IS DISTINCT FROM 'C' THEN
+        ALTER TABLE similar_items ALTER COLUMN listing_id TYPE text COLLATE "C";
+    END IF;
+END
+$$;
+
 -- When the nightly job read its embeddings: online rows computed after this are fresher than it.
 ALTER TABLE similar_items_versions ADD COLUMN IF NOT EXISTS snapshot_at timestamptz;
 CREATE INDEX IF NOT EXISTS similar_items_versions_model_idx ON similar_items_versions (model_version, status);
 
+-- The online path searches embeddings created since the last snapshot exactly: find them by time.
+CREATE INDEX IF NOT EXISTS embeddings_created_idx ON embeddings (model_version, created_at);
+
 -- Top-K of a listing computed by the worker right after it embedded the listing.
 CREATE TABLE IF NOT EXISTS similar_items_online (
     model_version  text NOT NULL,
-    listing_id     text NOT NULL REFERENCES listings (listing_id) ON DELETE CASCADE,
+    listing_id     text COLLATE "C" NOT NULL REFERENCES listings (listing_id) ON DELETE CASCADE,
     neighbour_ids  text[] NOT NULL,
     scores         real[] NOT NULL,
     computed_at    timestamptz NOT NULL DEFAULT now(),

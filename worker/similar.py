@@ -20,7 +20,8 @@ before the switch leaves the active version untouched; the next run marks the le
 version failed and deletes its rows. Only one run per model version at a time (advisory lock).
 Sharded: `prepare_shards` does the read/build/snapshot and plans id ranges, `compute_shard` (one per
 Celery worker) searches one listing-id range against the snapshot, `finish_shards` checks every
-listing was written and switches.
+listing was written and switches. Shards need a snapshot directory all workers see and a Celery
+result backend (the chord). Starting any run abandons a version still building for that model.
 
 Online (`write_online_neighbours`, called by the enrichment worker after committing embeddings)
 ----------------------------------------------------------------------------------------------
@@ -29,8 +30,11 @@ faiss index, plus (b) an exact search over the "delta": live embeddings created 
 read them (less `ONLINE_SLACK` for transactions that were still open then). A delta vector replaces
 the snapshot's one for the same listing (re-embedded); deleted/sold listings are dropped (the
 snapshot may still hold them). Results are upserted into `similar_items_online` with
-computed_at = now(). Without a snapshot the delta is the whole catalogue (exact; fine while small).
+computed_at = now(). Without a snapshot the delta is the whole catalogue (exact), up to
+`ONLINE_EXACT_MAX` embeddings; beyond that online neighbours wait for `enrich reindex`.
 The new listing does not yet appear in other listings' shelves until the next nightly run.
+Each worker process keeps the snapshot memory-mapped (page cache, shared between processes) and
+reloads it when the snapshot's LATEST pointer moves.
 
 Attribute-aware ("similar, but by <group>")
 -------------------------------------------
@@ -56,6 +60,7 @@ from worker import similar_db as sdb
 log = logging.getLogger(__name__)
 
 ONLINE_SLACK = timedelta(minutes=30)   # longest enrichment transaction we expect to be open
+ONLINE_EXACT_MAX = 50_000              # most embeddings the online path searches exactly per batch
 ADVISORY_NAMESPACE = "enrich.similar"
 CATEGORY_GROUP = "category"
 TYPE_GROUP = "type"
@@ -153,34 +158,34 @@ def _bar(total: int, desc: str, enabled: bool):
 # ---------------------------------------------------------------------------------------------
 # nightly
 
-def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray, index,
-                   queries: np.ndarray, query_pos: np.ndarray, self_pos: np.ndarray, k: int,
-                   bar=None, after_chunk: Callable[[int], None] | None = None) -> int:
-    """Search every query, encode its top-k in numpy and COPY it into `version` (caller's transaction).
+def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray, batches, kk: int,
+                   query_pos: np.ndarray, self_pos: np.ndarray, bar=None,
+                   after_chunk: Callable[[int], None] | None = None) -> int:
+    """Encode search results in numpy and COPY them into `version` (in the caller's transaction).
 
-    `snap_ids` holds the index's ids followed by any query ids not in the index; `query_pos` are
-    the queries' positions in it and `self_pos` their positions in the index (-2 when absent).
+    `batches` yields (query rows, scores, positions) with `kk` columns (k + 1, or fewer for tiny
+    catalogues); the query itself is dropped. `snap_ids` holds the index's ids followed by any query
+    ids not in the index; `query_pos[row]` is a query's position in it and `self_pos[row]` its
+    position in the index (-2 when absent).
     """
     id_buf, id_off, id_len = sdb.encode_id_fields(snap_ids)
-    kk = min(k + 1, index.ntotal)
     written = 0
 
     def chunks():
         nonlocal written
-        for start, scores, pos in ix.search_batches(index, queries, kk):
-            end = start + len(pos)
-            pos, scores = sdb.drop_self(pos, scores, self_pos[start:end], kk - 1)
+        for rows, scores, pos in batches:
+            pos, scores = sdb.drop_self(pos, scores, self_pos[rows], kk - 1)
             pos, scores = sdb.pack_left(pos, scores)
+            qpos = query_pos[rows]
             for sl in sdb.iter_id_chunks(len(pos), sdb.ENCODE_CHUNK):
-                yield sdb.encode_rows(version, query_pos[start:end][sl], pos[sl], scores[sl], id_buf, id_off, id_len)
+                yield sdb.encode_rows(version, qpos[sl], pos[sl], scores[sl], id_buf, id_off, id_len)
             written += len(pos)
             if bar is not None:
                 bar.update(len(pos))
             if after_chunk is not None:
                 after_chunk(written)
 
-    table = sdb.sql.Identifier("similar_items")
-    sdb.copy_neighbours(conn, table, chunks())
+    sdb.copy_neighbours(conn, sdb.sql.Identifier("similar_items"), chunks())
     return written
 
 
@@ -215,7 +220,7 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, k: 
         spec = ix.choose_spec(n, factory=factory, nprobe=nprobe)
 
         t0 = time.perf_counter()
-        index = ix.build_index(emb.vectors, spec)
+        index, assignment = ix.build_index(emb.vectors, spec, keep_assignment=True)
         timings["build"] = time.perf_counter() - t0
 
         version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": n}, emb.read_at)
@@ -228,10 +233,12 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, k: 
 
         t0 = time.perf_counter()
         rows = np.arange(n, dtype=np.int64)
+        kk = min(k + 1, n)
+        batches = ix.search_all(index, emb.vectors, kk, assignment)
         with _bar(n, "search+write", progress) as bar, conn.transaction():
-            written = _write_version(conn, version, emb.ids, index, emb.vectors, rows, rows, k, bar, after_chunk)
+            written = _write_version(conn, version, emb.ids, batches, kk, rows, rows, bar, after_chunk)
         timings["search_write"] = time.perf_counter() - t0
-        del index
+        del index, assignment
 
         t0 = time.perf_counter()
         replaced = sdb.switch_active(conn, version)
@@ -277,7 +284,7 @@ def prepare_shards(conn: psycopg.Connection, model_version: str | None, shards: 
     if len(emb) == 0:
         raise LookupError(f"no live embeddings for model {model_version!r}")
     spec = ix.choose_spec(len(emb), factory=factory, nprobe=nprobe)
-    index = ix.build_index(emb.vectors, spec)
+    index, _ = ix.build_index(emb.vectors, spec)
     bounds = shard_bounds(emb.ids, shards)
     version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": len(emb),
                                                            "shards": bounds}, emb.read_at)
@@ -310,13 +317,15 @@ def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: st
     with conn.transaction():
         clauses, args = ["version = %s"], [version]
         if lo is not None:
-            clauses.append("listing_id >= %s")
+            clauses.append('listing_id COLLATE "C" >= %s')
             args.append(lo)
         if hi is not None:
-            clauses.append("listing_id < %s")
+            clauses.append('listing_id COLLATE "C" < %s')
             args.append(hi)
         conn.execute("DELETE FROM similar_items WHERE " + " AND ".join(clauses), args)
-        written = _write_version(conn, version, all_ids, snap.index, emb.vectors, query_pos, self_pos, k)
+        kk = min(k + 1, snap.index.ntotal)
+        batches = ix.search_all(snap.index, emb.vectors, kk)
+        written = _write_version(conn, version, all_ids, batches, kk, query_pos, self_pos)
     log.info("shard [%s, %s) of version %d: %d listings", lo, hi, version, written)
     return written
 
@@ -351,9 +360,15 @@ def cached_snapshot(model_version: str, root: Path | str | None = None) -> ix.Sn
         return None
     snap = _SNAPSHOT_CACHE.get(model_version)
     if snap is None or snap.path != path:
-        snap = ix.load_snapshot(path, model_version)
+        snap = ix.load_snapshot(path, model_version, mmap=True)
         _SNAPSHOT_CACHE[model_version] = snap
     return snap
+
+
+def _more_than(conn: psycopg.Connection, model_version: str, n: int) -> bool:
+    row = conn.execute("SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_version = %s LIMIT %s) t",
+                       (model_version, n + 1)).fetchone()
+    return row[0] > n
 
 
 def _live_ids(conn: psycopg.Connection, ids: Sequence[str]) -> set[str]:
@@ -369,12 +384,20 @@ def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version:
     if len(queries) == 0:
         return {}
     snap = cached_snapshot(model_version, root)
-    candidates: list[list[tuple[str, float]]] = [[] for _ in range(len(queries))]
     delta_after = None
     if snap is not None and snap.manifest.read_at:
         delta_after = (datetime.fromisoformat(snap.manifest.read_at) - ONLINE_SLACK).isoformat()
-    delta = sdb.read_embeddings(conn, model_version, created_after=delta_after) if snap is not None else \
-        sdb.read_embeddings(conn, model_version)
+    elif _more_than(conn, model_version, ONLINE_EXACT_MAX):
+        # e.g. a freshly promoted model while the backfill re-embeds everything: reading the whole
+        # catalogue per batch would stall the enrichment worker; `enrich reindex` fills this in
+        log.warning("no similar-items snapshot for %s and > %d embeddings: online neighbours skipped "
+                    "until the next reindex", model_version, ONLINE_EXACT_MAX)
+        return {}
+    candidates: list[list[tuple[str, float]]] = [[] for _ in range(len(queries))]
+    delta = sdb.read_embeddings(conn, model_version, created_after=delta_after)
+    if len(delta) > ONLINE_EXACT_MAX:
+        log.warning("%d embeddings of %s since the last snapshot: is the nightly reindex running?",
+                    len(delta), model_version)
     delta_ids = set(_decode(delta.ids))
     over = 2 * k + 1  # room for self, deleted and re-embedded candidates
     if snap is not None and snap.index.ntotal:

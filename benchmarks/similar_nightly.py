@@ -1,0 +1,267 @@
+"""Nightly similar-items recompute: end to end against a bare faiss run of the same index, same vectors.
+
+    nice -n 10 python benchmarks/similar_nightly.py --n 1000000          # 1 M × 256-d, top-20
+    nice -n 10 python benchmarks/similar_nightly.py --n 100000 --queries 500
+
+What it does (all on this machine, Postgres at ENRICH_TEST_PG_ADMIN_URL, default 127.0.0.1:5432):
+  1. creates a throwaway database, migrates it, writes n listings with clustered synthetic unit
+     vectors (binary COPY; not timed) and VACUUM ANALYZEs it, as a nightly job would find it;
+  2. bare faiss (child process): the same vectors from a .npy file, the same index spec → train,
+     add, search every vector's top-(k+1). No Postgres. Time and peak RSS;
+  3. end to end (child process): `worker.similar.recompute` — read from Postgres (binary COPY),
+     build, snapshot, search all, binary-COPY the new version, switch. Time and peak RSS;
+  4. recall@k of what was stored against exact search over the same vectors, on a sample of queries;
+  5. drops the database. Prints one JSON line of figures and a short table.
+Each phase runs in its own process so peak RSS is its own, not the data generator's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+ADMIN_URL = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+MODEL = "bench"
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_vectors(n: int, dim: int, path: Path, clusters: int, seed: int = 0, chunk: int = 100_000) -> None:
+    """Clustered unit vectors (Gaussian blobs around random centres) written to a .npy, chunk by chunk."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype="<f4", shape=(n, dim))
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centres[rng.integers(0, clusters, m)] + 0.6 * rng.normal(size=(m, dim)).astype(np.float32)
+        out[s:s + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    out.flush()
+    del out
+
+
+def listing_ids(n: int) -> np.ndarray:
+    return np.char.add(b"L", np.char.zfill(np.arange(n).astype("S7"), 7)).astype("S8")
+
+
+def load_db(url: str, vec_path: Path, chunk: int = 50_000) -> None:
+    """Listings via generate_series, embeddings via binary COPY of fixed-size rows built in numpy."""
+    import psycopg
+
+    vecs = np.load(vec_path, mmap_mode="r")
+    n, dim = vecs.shape
+    ids = listing_ids(n)
+    mv = MODEL.encode()
+    row = np.dtype([("nf", ">i2"), ("l1", ">i4"), ("id", "S8"), ("l2", ">i4"), ("mv", f"S{len(mv)}"),
+                    ("l3", ">i4"), ("dim", ">i4"), ("l4", ">i4"), ("vec", "<f4", (dim,))])
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash, status)"
+                     " SELECT 'L' || lpad(g::text, 7, '0'), 's', '{}'::jsonb, 'h', 'enriched'"
+                     " FROM generate_series(0, %s - 1) g", (n,))
+        with conn.cursor() as cur, cur.copy(
+            "COPY embeddings (listing_id, model_version, dim, vector) FROM STDIN (FORMAT binary)"
+        ) as copy:
+            copy.write(b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8)
+            for s in range(0, n, chunk):
+                m = min(chunk, n - s)
+                rows = np.empty(m, row)
+                rows["nf"], rows["l1"], rows["id"] = 4, 8, ids[s:s + m]
+                rows["l2"], rows["mv"], rows["l3"], rows["dim"] = len(mv), mv, 4, dim
+                rows["l4"], rows["vec"] = 4 * dim, vecs[s:s + m]
+                copy.write(rows.tobytes())
+            copy.write(b"\xff\xff")
+        conn.execute("VACUUM (ANALYZE) listings")
+        conn.execute("VACUUM (ANALYZE) embeddings")
+        conn.execute("CHECKPOINT")
+
+
+# --- child processes ------------------------------------------------------------------------------
+
+def child_bare(vec_path: str, k: int, factory: str | None, nprobe: int | None) -> dict:
+    """Plain faiss API: index_factory → train (same sample, same k-means settings) → add → search."""
+    import faiss
+
+    from worker import index as ix
+
+    vecs = np.load(vec_path)  # into memory before the clock starts, like the e2e run after its read
+    n, d = vecs.shape
+    spec = ix.choose_spec(n, factory=factory, nprobe=nprobe)
+    t0 = time.perf_counter()
+    index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.cp.niter, ivf.cp.seed = ix.KMEANS_ITERATIONS, 1234
+        budget = ix.TRAIN_POINTS_PER_LIST * ivf.nlist
+        rows = np.sort(np.random.default_rng(1234).choice(n, size=min(budget, n), replace=False))
+        index.train(vecs[rows])
+    index.add(vecs)
+    ix.apply_search_params(index, spec)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for s in range(0, n, ix.SEARCH_BATCH):
+        index.search(vecs[s:s + ix.SEARCH_BATCH], k + 1)
+    t_search = time.perf_counter() - t0
+    return {"factory": spec.factory, "nprobe": spec.nprobe, "build_s": t_build, "search_s": t_search,
+            "total_s": t_build + t_search, "peak_rss_mib": peak_rss_mib()}
+
+
+def child_algo(vec_path: str, k: int, factory: str | None, nprobe: int | None) -> dict:
+    """The e2e run's own index code (one assignment pass, queries in list order) without Postgres."""
+    from worker import index as ix
+
+    vecs = np.load(vec_path)
+    spec = ix.choose_spec(len(vecs), factory=factory, nprobe=nprobe)
+    t0 = time.perf_counter()
+    index, assignment = ix.build_index(vecs, spec, keep_assignment=True)
+    t_build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in ix.search_all(index, vecs, k + 1, assignment):
+        pass
+    t_search = time.perf_counter() - t0
+    return {"factory": spec.factory, "build_s": t_build, "search_s": t_search,
+            "total_s": t_build + t_search, "peak_rss_mib": peak_rss_mib()}
+
+
+def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | None) -> dict:
+    import logging
+
+    import psycopg
+
+    from worker import similar
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    conn = psycopg.connect(url, autocommit=True)
+    t0 = time.perf_counter()
+    result = similar.recompute(conn, MODEL, k=k, factory=factory, nprobe=nprobe, root=root, progress=False)
+    total = time.perf_counter() - t0
+    conn.close()
+    return {"factory": result.factory, "total_s": total, "phases_s": result.timings_s,
+            "count": result.count, "version": result.version, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_child(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"child {args[0]} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- recall -------------------------------------------------------------------------------------
+
+def recall_at_k(url: str, vec_path: Path, k: int, queries: int, seed: int = 7) -> float:
+    import psycopg
+
+    vecs = np.load(vec_path, mmap_mode="r")
+    n = len(vecs)
+    ids = listing_ids(n)
+    sample = np.sort(np.random.default_rng(seed).choice(n, size=min(queries, n), replace=False))
+    q = np.asarray(vecs[sample])
+    best_s = np.full((len(q), k + 1), -np.inf, np.float32)
+    best_i = np.zeros((len(q), k + 1), np.int64)
+    for s in range(0, n, 200_000):  # exact top-(k+1) over the same vectors, in chunks
+        sims = q @ np.asarray(vecs[s:s + 200_000]).T
+        cat_s = np.concatenate([best_s, sims], axis=1)
+        cat_i = np.concatenate([best_i, np.arange(s, s + sims.shape[1])[None, :].repeat(len(q), 0)], axis=1)
+        top = np.argpartition(-cat_s, k, axis=1)[:, :k + 1]
+        best_s, best_i = np.take_along_axis(cat_s, top, 1), np.take_along_axis(cat_i, top, 1)
+    with psycopg.connect(url) as conn:
+        stored = dict(conn.execute(
+            "SELECT s.listing_id, s.neighbour_ids FROM similar_items_current s"
+            " WHERE s.model_version = %s AND s.listing_id = ANY(%s)",
+            (MODEL, [ids[i].decode() for i in sample])).fetchall())
+    hits = 0
+    order = np.argsort(-best_s, axis=1)
+    for row, i in enumerate(sample):
+        exact = [j for j in best_i[row][order[row]] if j != i][:k]
+        hits += len({ids[j].decode() for j in exact} & set(stored[ids[i].decode()][:k]))
+    return hits / (len(sample) * k)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=1_000_000, help="listings (default: 1,000,000)")
+    ap.add_argument("--dim", type=int, default=256, help="embedding dimension (default: 256)")
+    ap.add_argument("--k", type=int, default=20, help="neighbours per listing (default: 20)")
+    ap.add_argument("--factory", default=None, help="faiss factory string (default: chosen by size)")
+    ap.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: worker.index default)")
+    ap.add_argument("--clusters", type=int, default=None, help="synthetic clusters (default: n // 100)")
+    ap.add_argument("--queries", type=int, default=1000, help="queries for recall (default: 1000)")
+    ap.add_argument("--workdir", type=Path, default=None, help="vectors + snapshots (default: a temp dir)")
+    args = ap.parse_args()
+
+    import psycopg
+
+    from migrations import apply_all
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="similar-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    vec_path = work / "vectors.npy"
+    name = f"enrich_bench_{uuid.uuid4().hex[:10]}"
+    url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=name)
+    admin = psycopg.connect(ADMIN_URL, autocommit=True)
+    admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(url) as conn:
+            apply_all(conn)
+        t0 = time.perf_counter()
+        make_vectors(args.n, args.dim, vec_path, args.clusters or max(10, args.n // 100))
+        load_db(url, vec_path)
+        setup_s = time.perf_counter() - t0
+        print(f"setup (generate + load + vacuum) {setup_s:.0f}s", file=sys.stderr)
+        extra = [str(args.k), args.factory or "", str(args.nprobe or 0)]
+        bare = run_child("_bare", str(vec_path), *extra)
+        print(f"bare faiss: {bare}", file=sys.stderr)
+        algo = run_child("_algo", str(vec_path), *extra)
+        print(f"same index code, no Postgres: {algo}", file=sys.stderr)
+        e2e = run_child("_e2e", url, str(work / "index"), *extra)
+        print(f"end to end: {e2e}", file=sys.stderr)
+        recall = recall_at_k(url, vec_path, args.k, args.queries)
+    finally:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    figures = {"n": args.n, "dim": args.dim, "k": args.k, "factory": e2e["factory"], "nprobe": bare["nprobe"],
+               "e2e_s": round(e2e["total_s"], 1), "bare_faiss_s": round(bare["total_s"], 1),
+               "ratio_e2e_over_bare": round(e2e["total_s"] / bare["total_s"], 3),
+               "no_pg_s": round(algo["total_s"], 1), "ratio_e2e_over_no_pg": round(e2e["total_s"] / algo["total_s"], 3),
+               "recall_at_k": round(recall, 4), "e2e_phases_s": {k: round(v, 1) for k, v in e2e["phases_s"].items()},
+               "bare_phases_s": {"build": round(bare["build_s"], 1), "search": round(bare["search_s"], 1)},
+               "e2e_peak_rss_mib": round(e2e["peak_rss_mib"]), "bare_peak_rss_mib": round(bare["peak_rss_mib"]),
+               "cpus": os.cpu_count()}
+    print(json.dumps(figures))
+    print(f"\n{args.n:,} × {args.dim}-d, top-{args.k}, {e2e['factory']} nprobe {bare['nprobe']}:\n"
+          f"  end to end {e2e['total_s']:.1f}s  (phases {figures['e2e_phases_s']})\n"
+          f"  bare faiss {bare['total_s']:.1f}s  (build {bare['build_s']:.1f}s, search {bare['search_s']:.1f}s)\n"
+          f"  same index code without Postgres {algo['total_s']:.1f}s  (build {algo['build_s']:.1f}s, "
+          f"search {algo['search_s']:.1f}s); e2e / that {figures['ratio_e2e_over_no_pg']}\n"
+          f"  ratio {figures['ratio_e2e_over_bare']}   recall@{args.k} {recall:.4f}\n"
+          f"  peak RSS end to end {e2e['peak_rss_mib']:.0f} MiB, bare {bare['peak_rss_mib']:.0f} MiB")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] in ("_bare", "_algo", "_e2e"):
+        mode, *rest = sys.argv[1:]
+        k, factory, nprobe = int(rest[-3]), rest[-2] or None, int(rest[-1]) or None
+        if mode == "_e2e":
+            out = child_e2e(rest[0], rest[1], k, factory, nprobe)
+        else:
+            out = (child_bare if mode == "_bare" else child_algo)(rest[0], k, factory, nprobe)
+        print(json.dumps(out))
+    else:
+        main()

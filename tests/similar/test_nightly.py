@@ -1,0 +1,224 @@
+"""Nightly recompute on real Postgres: correctness, atomic switch, crash safety, model isolation, shards."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from similar_helpers import add_embeddings, add_listings, clustered, exact_neighbours, unit
+from worker import index as ix
+from worker import similar
+from worker import similar_db as sdb
+
+IDS = [f"item-{i:03d}" for i in range(120)]
+
+
+def _stored(db, model_version="m1") -> dict[str, list[str]]:
+    rows = db.execute("SELECT listing_id, neighbour_ids FROM similar_items_current WHERE model_version = %s",
+                      (model_version,)).fetchall()
+    return {r[0]: r[1] for r in rows}
+
+
+def test_flat_recompute_equals_exact_search_and_excludes_self(db, root):
+    vecs = clustered(len(IDS), seed=1)
+    add_listings(db, IDS, vecs)
+    result = similar.recompute(db, "m1", k=5, root=root)
+    assert result.factory == "Flat" and result.count == len(IDS)
+    assert sdb.active_version(db, "m1") == result.version
+    assert _stored(db) == exact_neighbours(vecs, IDS, 5)
+    scores = db.execute("SELECT scores FROM similar_items WHERE listing_id = 'item-000'").fetchone()[0]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_ivf_probing_every_list_equals_exact(db, root):
+    vecs = clustered(600, seed=2)
+    ids = [f"x{i:04d}" for i in range(600)]
+    add_listings(db, ids, vecs)
+    result = similar.recompute(db, "m1", k=10, factory="IVF8,Flat", nprobe=8, root=root)
+    assert result.factory == "IVF8,Flat"
+    assert _stored(db) == exact_neighbours(vecs, ids, 10)
+
+
+def test_deleted_listings_are_not_indexed(db, root):
+    vecs = clustered(len(IDS), seed=3)
+    add_listings(db, IDS, vecs)
+    db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id IN ('item-001', 'item-002')")
+    similar.recompute(db, "m1", k=8, root=root)
+    stored = _stored(db)
+    assert "item-001" not in stored
+    assert not any({"item-001", "item-002"} & set(n) for n in stored.values())
+
+
+def test_model_versions_never_mix(db, root):
+    vecs = clustered(len(IDS), seed=4)
+    add_listings(db, IDS, vecs, "m1")
+    # model m2 embedded only half the catalogue, in another space (and dimension)
+    add_embeddings(db, IDS[:60], clustered(60, dim=16, seed=5), "m2")
+    r2 = similar.recompute(db, "m2", k=5, root=root)
+    r1 = similar.recompute(db, "m1", k=5, root=root)
+    assert r1.version != r2.version
+    assert sdb.active_version(db, "m2") == r2.version  # m1's run did not touch m2's active version
+    stored2 = _stored(db, "m2")
+    assert set(stored2) == set(IDS[:60])
+    assert all(set(n) <= set(IDS[:60]) for n in stored2.values())
+    assert _stored(db, "m1") == exact_neighbours(vecs, IDS, 5)
+    with pytest.raises(ValueError, match="is for model"):
+        ix.load_snapshot(ix.latest_snapshot_dir(root, "m1"), "m2")
+
+
+def test_readers_see_the_old_version_whole_until_the_switch(db, pg_url, root, monkeypatch):
+    import psycopg
+
+    old_vecs = clustered(len(IDS), seed=6)
+    add_listings(db, IDS, old_vecs)
+    first = similar.recompute(db, "m1", k=5, root=root)
+    old = _stored(db)
+    # the model re-embedded everything differently; the next night recomputes
+    db.execute("DELETE FROM embeddings")
+    new_vecs = clustered(len(IDS), seed=7)
+    add_embeddings(db, IDS, new_vecs)
+    new = exact_neighbours(new_vecs, IDS, 5)
+    assert new != old
+
+    monkeypatch.setattr(ix, "SEARCH_BATCH", 25)  # several chunks, so we can look mid-write
+    seen = []
+    with psycopg.connect(pg_url, autocommit=True) as reader:
+        def look(written: int) -> None:
+            seen.append(written)
+            assert _stored(reader) == old  # whole old version while the new one is being written
+            building = reader.execute("SELECT count(*) FROM similar_items_versions WHERE status = 'building'")
+            assert building.fetchone()[0] == 1
+
+        second = similar.recompute(db, "m1", k=5, root=root, after_chunk=look)
+        assert len(seen) >= 4
+        assert _stored(reader) == new  # and the new one whole after
+    assert second.replaced == first.version
+    statuses = dict(db.execute("SELECT version, status FROM similar_items_versions").fetchall())
+    assert statuses == {first.version: "retired", second.version: "ready"}
+    third = similar.recompute(db, "m1", k=5, root=root, keep_versions=1)
+    assert third.pruned == [first.version]  # only one retired version is kept for rollback
+    assert db.execute("SELECT count(*) FROM similar_items WHERE version = %s", (first.version,)).fetchone()[0] == 0
+
+
+def test_a_reader_polling_through_the_switch_always_sees_one_whole_version(db, pg_url, root, monkeypatch):
+    import threading
+
+    import psycopg
+
+    add_listings(db, IDS, clustered(len(IDS), seed=12))
+    similar.recompute(db, "m1", k=5, root=root)
+    monkeypatch.setattr(ix, "SEARCH_BATCH", 10)
+    stop, answers, errors = threading.Event(), [], []
+
+    def poll() -> None:
+        with psycopg.connect(pg_url, autocommit=True) as reader:
+            while not stop.is_set():
+                rows = reader.execute(
+                    "SELECT a.version, count(*), count(DISTINCT s.listing_id) FROM similar_items_active a"
+                    " JOIN similar_items s ON s.version = a.version WHERE a.model_version = 'm1' GROUP BY a.version"
+                ).fetchall()
+                answers.append(rows)
+                if len(rows) != 1 or rows[0][1] != len(IDS) or rows[0][2] != len(IDS):
+                    errors.append(rows)
+
+    thread = threading.Thread(target=poll)
+    thread.start()
+    try:
+        for _ in range(3):
+            similar.recompute(db, "m1", k=5, root=root, after_chunk=lambda n: time.sleep(0.005))
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors
+    assert len({rows[0][0] for rows in answers}) >= 2  # it did see the switch happen
+
+
+def test_crash_mid_recompute_keeps_the_old_version_active(db, pg_url, root):
+    vecs = clustered(len(IDS), seed=8)
+    add_listings(db, IDS, vecs)
+    first = similar.recompute(db, "m1", k=5, root=root)
+    old = _stored(db)
+    db.execute("UPDATE embeddings SET vector = %s WHERE listing_id = 'item-000'",
+               (unit(np.ones(32)).astype("<f4").tobytes(),))
+
+    # a real crash: the process kills itself (SIGKILL) after writing its first chunk
+    script = textwrap.dedent(f"""
+        import os, signal, psycopg
+        from worker import index as ix, similar
+        ix.SEARCH_BATCH = 20
+        conn = psycopg.connect({pg_url!r}, autocommit=True)
+        similar.recompute(conn, "m1", k=5, root={str(root)!r},
+                          after_chunk=lambda n: os.kill(os.getpid(), signal.SIGKILL))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert sdb.active_version(db, "m1") == first.version
+    assert _stored(db) == old
+    leftover = db.execute("SELECT version FROM similar_items_versions WHERE status = 'building'").fetchall()
+    assert len(leftover) == 1
+
+    # an error (not a kill) is cleaned up at once
+    with pytest.raises(RuntimeError, match="disk full"):
+        similar.recompute(db, "m1", k=5, root=root, after_chunk=lambda n: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert _stored(db) == old
+
+    # the next run cleans up the leftovers and switches
+    third = similar.recompute(db, "m1", k=5, root=root)
+    statuses = dict(db.execute("SELECT version, status FROM similar_items_versions").fetchall())
+    assert statuses[leftover[0][0]] == "failed" and statuses[third.version] == "ready"
+    assert db.execute("SELECT count(*) FROM similar_items WHERE version = %s", (leftover[0][0],)).fetchone()[0] == 0
+    assert _stored(db)["item-000"] != old["item-000"]
+
+
+def test_one_run_per_model_version_at_a_time(db, pg_url, root):
+    import psycopg
+
+    add_listings(db, IDS, clustered(len(IDS), seed=9))
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        key = similar._lock_key(other, "m1")
+        other.execute("SELECT pg_advisory_lock(%s)", (key,))
+        with pytest.raises(similar.ReindexBusy):
+            similar.recompute(db, "m1", k=5, root=root)
+
+
+def test_sharded_recompute_matches_single_process(db, root):
+    vecs = clustered(len(IDS), seed=10)
+    add_listings(db, IDS, vecs)
+    version, bounds = similar.prepare_shards(db, "m1", 3, k=5, root=root)
+    assert len(bounds) == 3 and bounds[0][0] is None and bounds[-1][1] is None
+    # a listing embedded after the snapshot still gets neighbours from its shard
+    add_listings(db, ["item-999"], vecs[:1] * 0.999 + 0.001)
+    written = [similar.compute_shard(db, version, lo, hi) for lo, hi in bounds]
+    assert similar.compute_shard(db, version, *bounds[1]) == written[1]  # re-running a shard is idempotent
+    result = similar.finish_shards(db, version, root=root)
+    assert result.count == len(IDS) + 1
+    stored = _stored(db)
+    expected = exact_neighbours(vecs, IDS, 5)
+    assert {k: v for k, v in stored.items() if k != "item-999"} == expected
+    assert stored["item-999"][0] == "item-000"
+
+
+def test_unfinished_shards_never_switch(db, root):
+    add_listings(db, IDS, clustered(len(IDS), seed=11))
+    first = similar.recompute(db, "m1", k=5, root=root)
+    version, bounds = similar.prepare_shards(db, "m1", 2, k=5, root=root)
+    similar.compute_shard(db, version, *bounds[0])
+    with pytest.raises(RuntimeError, match="only"):
+        similar.finish_shards(db, version, root=root)
+    assert sdb.active_version(db, "m1") == first.version
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_catalogues_smaller_than_k(db, root, n):
+    ids = [f"t{i}" for i in range(n)]
+    vecs = clustered(n, seed=13)
+    add_listings(db, ids, vecs)
+    similar.recompute(db, "m1", k=5, root=root)
+    stored = _stored(db)
+    assert stored == exact_neighbours(vecs, ids, n - 1)  # everyone else, never itself

@@ -1,0 +1,91 @@
+"""Online neighbours for freshly embedded listings: snapshot + exact delta, deleted filtered, shelf view."""
+from __future__ import annotations
+
+import numpy as np
+
+from similar_helpers import add_listings, clustered, unit
+from worker import similar
+
+IDS = [f"old-{i:03d}" for i in range(200)]
+
+
+def _near(v: np.ndarray, seed: int) -> np.ndarray:
+    return unit(v + 0.01 * np.random.default_rng(seed).normal(size=v.shape))
+
+
+def _shelf(db, lid):
+    return db.execute("SELECT source, neighbour_ids, scores FROM similar_items_current"
+                      " WHERE model_version = 'm1' AND listing_id = %s", (lid,)).fetchone()
+
+
+def test_new_listing_gets_its_near_duplicate_from_the_snapshot_and_the_delta(db, root):
+    vecs = clustered(len(IDS), seed=20, clusters=4)
+    add_listings(db, IDS, vecs)
+    similar.recompute(db, "m1", k=5, root=root, factory="IVF4,Flat", nprobe=2)
+    similar._SNAPSHOT_CACHE.clear()
+
+    # two new listings after the nightly run: a re-upload of old-007 and a near copy of the first
+    add_listings(db, ["new-a"], [_near(vecs[7], 1)])
+    add_listings(db, ["new-b"], [_near(vecs[7], 2)])
+    assert similar.write_online_neighbours(db, ["new-a", "new-b", "missing"], "m1", k=5, root=root) == 2
+
+    source, neigh, scores = _shelf(db, "new-a")
+    assert source == "online"
+    assert set(neigh[:2]) == {"old-007", "new-b"}  # from the snapshot and from the delta
+    assert scores == sorted(scores, reverse=True) and len(neigh) == 5 and "new-a" not in neigh
+    # nightly rows are still what shelves show for listings the online path did not touch
+    assert _shelf(db, "old-001")[0] == "nightly"
+
+
+def test_deleted_or_sold_listings_are_filtered_out(db, root):
+    vecs = clustered(len(IDS), seed=21)
+    add_listings(db, IDS, vecs)
+    similar.recompute(db, "m1", k=5, root=root)
+    similar._SNAPSHOT_CACHE.clear()
+    db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id = 'old-003'")  # sold after the snapshot
+    add_listings(db, ["new"], [_near(vecs[3], 3)])
+    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    _, neigh, _ = _shelf(db, "new")
+    assert "old-003" not in neigh and len(neigh) == 5
+    # shelves drop neighbours deleted after they were computed, at read time
+    db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id = %s", (neigh[0],))
+    shown, source = similar.read_neighbours(db, "new", "m1")
+    assert source == "online" and [n.listing_id for n in shown] == neigh[1:]
+
+
+def test_without_a_snapshot_the_whole_catalogue_is_searched_exactly(db, root):
+    vecs = clustered(50, seed=22)
+    ids = [f"a{i}" for i in range(50)]
+    add_listings(db, ids, vecs)
+    similar._SNAPSHOT_CACHE.clear()
+    similar.write_online_neighbours(db, ["a0"], "m1", k=3, root=root)
+    sims = vecs[1:] @ vecs[0]
+    expected = [ids[1 + i] for i in np.argsort(-sims)[:3]]
+    assert _shelf(db, "a0")[1] == expected
+
+
+def test_the_next_nightly_version_supersedes_older_online_rows(db, root):
+    vecs = clustered(len(IDS), seed=23)
+    add_listings(db, IDS, vecs)
+    similar.recompute(db, "m1", k=5, root=root)
+    similar._SNAPSHOT_CACHE.clear()
+    add_listings(db, ["new"], [_near(vecs[9], 4)])
+    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    assert _shelf(db, "new")[0] == "online"
+    similar.recompute(db, "m1", k=5, root=root)
+    assert _shelf(db, "new")[0] == "nightly"
+    assert db.execute("SELECT count(*) FROM similar_items_online").fetchone()[0] == 0
+    # the online path picked up the new snapshot (LATEST moved) rather than the cached old one
+    add_listings(db, ["newer"], [_near(vecs[9], 5)])
+    similar.write_online_neighbours(db, ["newer"], "m1", k=5, root=root)
+    assert similar._SNAPSHOT_CACHE["m1"].manifest.count == len(IDS) + 1
+    assert "new" in _shelf(db, "newer")[1][:2]
+
+
+def test_a_big_catalogue_without_snapshot_is_not_scanned_per_batch(db, root, monkeypatch):
+    monkeypatch.setattr(similar, "ONLINE_EXACT_MAX", 20)
+    add_listings(db, [f"b{i}" for i in range(30)], clustered(30, seed=24))
+    similar._SNAPSHOT_CACHE.clear()
+    assert similar.write_online_neighbours(db, ["b0"], "m1", k=3, root=root) == 0
+    similar.recompute(db, "m1", k=3, root=root)
+    assert similar.write_online_neighbours(db, ["b0"], "m1", k=3, root=root) == 1

@@ -1,0 +1,66 @@
+"""Live queries: same-category/type filters and attribute-conditioned similarity (seed 001)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from similar_helpers import add_listings, unit
+from worker import similar
+
+DIM = 16
+SHAPE = np.r_[np.ones(8), np.zeros(8)].astype(np.float32)   # first half of the embedding: shape
+COLOUR = 1 - SHAPE                                            # second half: colour
+
+
+def _item(shape: int, colour: int, rng) -> np.ndarray:
+    v = np.zeros(DIM, np.float32)
+    v[shape] = 1.0
+    v[8 + colour] = 0.6
+    return unit(v + 0.02 * rng.normal(size=DIM))
+
+
+@pytest.fixture()
+def catalogue(db):
+    """Query q: shape 0, colour 0. s: same shape, other colour. c: other shape, same colour."""
+    rng = np.random.default_rng(0)
+    items = {"q": (0, 0), "s1": (0, 3), "s2": (0, 4), "c1": (5, 0), "c2": (6, 0), "z": (7, 7)}
+    ids = list(items)
+    vecs = np.stack([_item(*items[i], rng) for i in ids])
+    tags = {"q": {"category": "Dress", "type": "full"}, "s1": {"category": "Dress", "type": "full"},
+            "s2": {"category": "Skirt", "type": "bottom"}, "c1": {"category": "Dress", "type": "full"},
+            "c2": {"category": "Tee", "type": "top"}, "z": {"category": "Tee", "type": "top"}}
+    add_listings(db, ids, vecs, tags=tags)
+    return ids
+
+
+def _ids(ns):
+    return [n.listing_id for n in ns]
+
+
+def test_conditioned_mode_ranks_differently_from_plain(db, catalogue):
+    plain = similar.similar_to(db, "q", "m1", k=5)
+    by_colour = similar.similar_to(db, "q", "m1", k=5, mask=COLOUR)
+    assert set(_ids(plain)[:2]) == {"s1", "s2"}         # overall: the shape dominates
+    assert set(_ids(by_colour)[:2]) == {"c1", "c2"}     # by colour: same colour, any shape
+    assert by_colour[0].score > 0.95 > 0.8 > plain[0].score
+    with pytest.raises(ValueError, match="dimensions"):
+        similar.similar_to(db, "q", "m1", mask=np.ones(3))
+
+
+def test_condition_is_masked_then_normalised():
+    e = unit(np.array([[3.0, 4.0, 0.0]]))
+    out = similar.condition(e, np.array([1.0, 0.0, 0.0]))
+    np.testing.assert_allclose(out, [[1.0, 0.0, 0.0]])
+    assert similar.condition(e, None) is e
+
+
+def test_same_category_and_same_type_filters(db, catalogue):
+    same_cat = similar.similar_to(db, "q", "m1", k=5, same_category=True)
+    assert _ids(same_cat) == ["s1", "c1"]
+    same_type = similar.similar_to(db, "q", "m1", k=5, same_type=True, mask=COLOUR)
+    assert _ids(same_type) == ["c1", "s1"]
+    db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id = 's1'")
+    assert _ids(similar.similar_to(db, "q", "m1", k=5, same_category=True)) == ["c1"]
+    with pytest.raises(LookupError, match="no 'category' tag"):
+        db.execute("DELETE FROM listing_tags WHERE listing_id = 'q'")
+        similar.similar_to(db, "q", "m1", same_category=True)

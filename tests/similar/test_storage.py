@@ -1,0 +1,63 @@
+"""Binary COPY in and out of Postgres, encoded/decoded in numpy."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from similar_helpers import add_listings, unit
+from worker import similar_db as sdb
+
+
+def test_read_streams_live_embeddings_of_one_model_in_id_order(db):
+    rng = np.random.default_rng(1)
+    ids = [f"L{i:04d}" for i in range(300)] + ["a:long.id-with_chars" * 5]
+    vecs = unit(rng.normal(size=(len(ids), 16)))
+    add_listings(db, ids, vecs, "m1")
+    add_listings(db, ["gone"], vecs[:1], "m1", status="deleted")
+    add_listings(db, ["other"])
+    sdb_vecs_m2 = unit(rng.normal(size=(1, 8)))
+    from similar_helpers import add_embeddings
+    add_embeddings(db, ["other"], sdb_vecs_m2, "m2")
+
+    seen = []
+    emb = sdb.read_embeddings(db, "m1", expected=10, progress=seen.append)  # capacity grows past 10
+    order = np.argsort(ids)
+    assert [i.decode() for i in emb.ids] == sorted(ids)  # deleted and other model left out
+    np.testing.assert_array_equal(emb.vectors, vecs[order])
+    assert sum(seen) == len(ids)
+    assert emb.read_at is not None
+
+    part = sdb.read_embeddings(db, "m1", "L0100", "L0200")
+    assert [i.decode() for i in part.ids] == [f"L{i:04d}" for i in range(100, 200)]
+    assert len(sdb.read_embeddings(db, "nope")) == 0
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_encoded_rows_round_trip_through_copy(db, k):
+    ids = np.array([b"a", b"bb", b"a-much-longer-listing-id:42", b"d"])
+    rng = np.random.default_rng(0)
+    pos = rng.integers(0, len(ids), size=(len(ids), k))
+    pos[1, :] = -1            # no neighbours at all: empty arrays
+    if k > 1:
+        pos[2, -1] = -1       # fewer than k
+    scores = rng.random((len(ids), k)).astype(np.float32)
+    pos, scores = sdb.pack_left(pos, scores)
+    db.execute("INSERT INTO similar_items_versions (version, model_version, k) VALUES (7, 'm', %s)", (k,))
+    buf, off, lens = sdb.encode_id_fields(ids)
+    data = sdb.encode_rows(7, np.arange(len(ids)), pos, scores, buf, off, lens)
+    sdb.copy_neighbours(db, sdb.sql.Identifier("similar_items"), [data])
+    got = {r[0]: (r[1], r[2]) for r in db.execute(
+        "SELECT listing_id, neighbour_ids, scores FROM similar_items WHERE version = 7")}
+    for i, lid in enumerate(ids):
+        valid = pos[i] >= 0
+        names, sc = got[lid.decode()]
+        assert names == [ids[j].decode() for j in pos[i][valid]]
+        np.testing.assert_allclose(sc, scores[i][valid], rtol=1e-6)
+
+
+def test_drop_self_removes_the_query_or_the_last():
+    pos = np.array([[0, 3, 4], [5, 6, 7], [2, 1, 9]])
+    scores = np.arange(9, dtype=np.float32).reshape(3, 3)
+    p, s = sdb.drop_self(pos, scores, np.array([0, 1, 1]), 2)
+    assert p.tolist() == [[3, 4], [5, 6], [2, 9]]
+    assert s.tolist() == [[1, 2], [3, 4], [6, 8]]
