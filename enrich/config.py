@@ -22,6 +22,8 @@ class Settings(BaseSettings):
     corrections_topic: str = "corrections"
     dlq_topic: str = "listings.dlq"
     consumer_group: str = "enrich-intake"
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000, description="consumer group session timeout")
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="consumer heartbeat interval")
 
     # Celery
     celery_broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
@@ -51,7 +53,13 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(default=None, description="directory with model.safetensors + manifest.json")
     default_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="used where the manifest has none")
     batch_size: int = Field(default=32, ge=1, le=1024)
+    task_listings: int = Field(default=64, ge=1, le=4096,
+                               description="listing ids per Celery task (the intake's micro-batch); several "
+                                           "forward batches per task let decoding overlap the model")
     device: str = Field(default="auto", description="auto, cpu or cuda[:n]")
+    torch_threads: int | None = Field(default=None, ge=1, le=256,
+                                      description="intra-op threads of a CPU worker; default torch's (= cores). "
+                                                  "1 is faster on a busy shared host")
 
     # Similar items
     similar_k: int = Field(default=20, ge=1, le=1000)

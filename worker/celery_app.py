@@ -43,6 +43,10 @@ def configure(settings: Settings) -> Celery:
         },
         timezone="UTC",
     )
+    # connections made under an earlier broker URL must not be reused (tests, CLI overrides)
+    app._pool = None  # noqa: SLF001 - Celery has no public "drop the pool" call
+    if "amqp" in app.__dict__:
+        app.amqp._producer_pool = None  # noqa: SLF001
     return app
 
 

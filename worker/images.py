@@ -13,6 +13,7 @@ import ipaddress
 import io
 import socket
 import ssl
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,21 @@ class _PinnedHTTPS(http.client.HTTPSConnection):
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
 
+def _read_limited(uri: str, resp: http.client.HTTPResponse, max_bytes: int, total_s: float) -> bytes:
+    """Read a body with a byte cap and a total deadline (the socket timeout alone allows slow drips)."""
+    deadline = time.monotonic() + total_s
+    buf = bytearray()
+    while True:
+        chunk = resp.read(64 * 1024)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+        if len(buf) > max_bytes:
+            raise ImageRejected(uri, "too many bytes", f"> {max_bytes}")
+        if time.monotonic() > deadline:
+            raise ImageUnavailable(uri, "http too slow", f"body not read in {total_s:.0f}s")
+
+
 def _fetch_http(uri: str, settings: Settings) -> bytes:
     url = uri
     for _ in range(MAX_REDIRECTS + 1):
@@ -233,10 +249,7 @@ def _fetch_http(uri: str, settings: Settings) -> bytes:
             length = resp.getheader("Content-Length")
             if length and length.isdigit() and int(length) > settings.max_image_bytes:
                 raise ImageRejected(uri, "too many bytes", f"{length} > {settings.max_image_bytes}")
-            data = resp.read(settings.max_image_bytes + 1)
-            if len(data) > settings.max_image_bytes:
-                raise ImageRejected(uri, "too many bytes", f"> {settings.max_image_bytes}")
-            return data
+            return _read_limited(uri, resp, settings.max_image_bytes, settings.fetch_timeout_s * 3)
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timeout, TLS
             raise ImageUnavailable(uri, "http unavailable", type(exc).__name__) from exc
         finally:

@@ -70,6 +70,8 @@ def make_consumer(settings: Settings, topic: str, group: str, **overrides):
         # a slow Postgres write must not look like a dead consumer
         max_poll_interval_ms=300_000,
         client_id=f"enrich-intake-{topic}",
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+        heartbeat_interval_ms=settings.kafka_heartbeat_interval_ms,
     )
     kwargs.update(overrides)
     return KafkaConsumer(topic, **kwargs)
@@ -106,9 +108,10 @@ class Intake:
         self.queue_depth = queue_depth
         self.consumer = consumer or make_consumer(settings, settings.listings_topic, settings.consumer_group)
         self.producer = producer or make_producer(settings)
-        self.task_batch = task_batch or settings.batch_size
+        self.task_batch = task_batch or settings.task_listings
         self.poll_timeout_ms = poll_timeout_ms
         self.stats = Stats()
+        self.dlq_topic = settings.dlq_topic
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None
         self._paused = False
@@ -133,7 +136,7 @@ class Intake:
     # --------------------------------------------------------------------------------------- loop
     def run(self, max_events: int | None = None, idle_exit_s: float | None = None) -> Stats:
         """Consume until stopped. max_events / idle_exit_s end the loop early (benchmarks, tests)."""
-        last_data = time.monotonic()
+        started = last_data = time.monotonic()
         try:
             while not self.stopping:
                 if self._backpressure():
@@ -141,7 +144,10 @@ class Intake:
                 batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
                 records = [r for recs in batch.values() for r in recs]
                 if not records:
-                    if idle_exit_s is not None and time.monotonic() - last_data > idle_exit_s:
+                    now = time.monotonic()
+                    if not self.consumer.assignment() and now - started < 60:
+                        last_data = now  # idle means "assigned and nothing to read", not "still joining"
+                    if idle_exit_s is not None and now - last_data > idle_exit_s:
                         break
                     continue
                 last_data = time.monotonic()
@@ -226,7 +232,7 @@ class Intake:
                    ("source_offset", str(record.offset).encode())]
         log.warning("event at %s[%d]@%d to DLQ: %s: %s", record.topic, record.partition, record.offset,
                     why.reason, why.detail)
-        self.producer.send(self.settings.dlq_topic, key=record.key, value=record.value or b"", headers=headers)
+        self.producer.send(self.dlq_topic, key=record.key, value=record.value or b"", headers=headers)
 
     def _rewind(self, records) -> None:
         from kafka import TopicPartition
@@ -261,6 +267,13 @@ class Intake:
 
 class CorrectionsIntake(Intake):
     """Corrections topic: CorrectionEvent → corrections table + listing_tags source=corrected."""
+
+    def __init__(self, settings: Settings, conn_factory: Callable[[], psycopg.Connection], consumer=None,
+                 producer=None, poll_timeout_ms: int = 500) -> None:
+        consumer = consumer or make_consumer(settings, settings.corrections_topic, settings.consumer_group + "-corrections")
+        super().__init__(settings, conn_factory, enqueue=lambda ids: None, consumer=consumer, producer=producer,
+                         poll_timeout_ms=poll_timeout_ms)
+        self.dlq_topic = settings.corrections_topic + ".dlq"
 
     def handle(self, records) -> None:
         parsed = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,8 @@ import psycopg
 from enrich.config import Settings
 from schemas.enrichment import Enrichment
 from worker import metrics
-from worker.images import ImageError, ImageLimits, ImageRejected, ImageUnavailable, decode_image, fetch_bytes, make_s3_client
+from worker.images import (ImageError, ImageLimits, ImageRejected, ImageUnavailable, decode_image, fetch_bytes,
+                           make_s3_client)
 from worker.store import ListingToEnrich, listings_to_enrich, write_enrichments
 from worker.tagging import combine_images, decide
 
@@ -71,39 +72,37 @@ class Enricher:
         finally:
             metrics.FETCH_LATENCY.observe(time.perf_counter() - t0)
 
-    def load_images(self, items: list[ListingToEnrich]) -> list[list]:
-        """Per listing, per image: tensor or ImageError (order kept)."""
-        jobs = [(i, uri) for i, item in enumerate(items) for uri in item.event.images]
-        loaded = list(self._pool.map(lambda job: self._load(job[1]), jobs))
-        per_listing: list[list] = [[] for _ in items]
-        for (i, _), result in zip(jobs, loaded):
-            per_listing[i].append(result)
-        return per_listing
+    def submit_images(self, items: list[ListingToEnrich]) -> list[list[Future]]:
+        """Start fetching + decoding every image of the batch on the I/O pool (order kept)."""
+        return [[self._pool.submit(self._load, uri) for uri in item.event.images] for item in items]
 
     def forward(self, tensors: list) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-        """Batched forward over all images of the batch, in chunks of settings.batch_size."""
+        """One forward pass over a list of preprocessed CHW tensors."""
         import torch
 
-        bs = self.settings.batch_size
-        cats, groups, embs = [], {}, []
-        for start in range(0, len(tensors), bs):
-            chunk = torch.stack(tensors[start:start + bs])
-            t0 = time.perf_counter()
-            pred = self.predictor.predict(chunk)
-            metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
-            metrics.BATCH_SIZE.observe(len(chunk))
-            cats.append(pred.category)
-            embs.append(pred.embedding)
-            for g, p in pred.groups.items():
-                groups.setdefault(g, []).append(p)
-        return (np.concatenate(cats), {g: np.concatenate(v) for g, v in groups.items()}, np.concatenate(embs))
+        chunk = torch.stack(tensors)
+        if getattr(self.predictor, "device", None) is not None and self.predictor.device.type == "cuda":
+            chunk = chunk.pin_memory()  # lets the host→GPU copy run asynchronously
+        t0 = time.perf_counter()
+        pred = self.predictor.predict(chunk)
+        metrics.MODEL_LATENCY.observe(time.perf_counter() - t0)
+        metrics.BATCH_SIZE.observe(len(tensors))
+        return pred.category, pred.groups, pred.embedding
 
     def infer(self, items: list[ListingToEnrich], accept_partial: bool = False) -> tuple[BatchOutcome, list]:
-        """Images + model + rules, no database. Returns the outcome and rows for write_enrichments."""
+        """Images + model + rules, no database. Returns the outcome and rows for write_enrichments.
+
+        Pipelined: all images are submitted to the I/O pool first, and each forward pass starts as
+        soon as batch_size images are ready, so decoding the next chunk overlaps the model.
+        """
         out = BatchOutcome()
-        per_listing = self.load_images(items)
-        good: list[tuple[ListingToEnrich, list]] = []
-        for item, results in zip(items, per_listing):
+        futures = self.submit_images(items)
+        bs = self.settings.batch_size
+        good: list[tuple[ListingToEnrich, int]] = []
+        waiting: list = []
+        chunks: list[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = []
+        for item, futs in zip(items, futures):
+            results = [f.result() for f in futs]
             tensors = [r for r in results if not isinstance(r, ImageError)]
             errors = [r for r in results if isinstance(r, ImageError)]
             transient = [e for e in errors if isinstance(e, ImageUnavailable)]
@@ -116,17 +115,24 @@ class Enricher:
             for e in errors:
                 log.info("image skipped for listing %s: %s", item.listing_id, e,
                          extra={"listing_id": item.listing_id, "reason": e.reason})
-            good.append((item, tensors))
+            good.append((item, len(tensors)))
+            waiting.extend(tensors)
+            while len(waiting) >= bs:
+                chunks.append(self.forward(waiting[:bs]))
+                waiting = waiting[bs:]
+        if waiting:
+            chunks.append(self.forward(waiting))
+        out.images = sum(n for _, n in good)
         rows = []
-        flat = [t for _, ts in good for t in ts]
-        out.images = len(flat)
-        if flat:
-            cat, groups, emb = self.forward(flat)
+        if chunks:
+            cat = np.concatenate([c[0] for c in chunks])
+            groups = {g: np.concatenate([c[1][g] for c in chunks]) for g in chunks[0][1]}
+            emb = np.concatenate([c[2] for c in chunks])
             m = self.predictor.manifest
             start = 0
-            for item, ts in good:
-                sl = slice(start, start + len(ts))
-                start += len(ts)
+            for item, n in good:
+                sl = slice(start, start + n)
+                start += n
                 c, g, e = combine_images(cat[sl], {k: v[sl] for k, v in groups.items()}, emb[sl])
                 enr = decide(item.event, m.taxonomy, m.model_version, c, g, m.thresholds, m.label_thresholds,
                              self.settings.default_threshold)
@@ -171,10 +177,8 @@ class Enricher:
 
 def write_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str) -> int:
     """Online top-K for fresh listings. Best effort: the nightly reindex fills anything missed here."""
-    try:
-        from worker.similar import write_online_neighbours
-    except ImportError:  # TODO(similar-items helper): drop this guard once worker/similar.py lands
-        return 0
+    from worker.similar import write_online_neighbours
+
     try:
         with conn.transaction():
             return write_online_neighbours(conn, listing_ids, model_version)

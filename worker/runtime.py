@@ -39,9 +39,16 @@ def enricher(settings: Settings | None = None):
             from worker.pipeline import Enricher
 
             settings = settings or get_settings()
+            if settings.torch_threads:
+                import torch
+
+                torch.set_num_threads(settings.torch_threads)
             model_dir = active_model_dir(settings)
             predictor = load_predictor(model_dir, device=settings.device)
-            log.info("model %s loaded from %s on %s", predictor.version, model_dir, predictor.device)
+            import torch
+
+            log.info("model %s loaded from %s on %s (torch intra-op threads: %d)", predictor.version, model_dir,
+                     predictor.device, torch.get_num_threads())
             _enricher = Enricher(predictor, settings)
         return _enricher
 

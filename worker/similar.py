@@ -54,6 +54,7 @@ from typing import Callable, Sequence
 import numpy as np
 import psycopg
 
+from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP
 from worker import index as ix
 from worker import similar_db as sdb
 
@@ -62,8 +63,6 @@ log = logging.getLogger(__name__)
 ONLINE_SLACK = timedelta(minutes=30)   # longest enrichment transaction we expect to be open
 ONLINE_EXACT_MAX = 50_000              # most embeddings the online path searches exactly per batch
 ADVISORY_NAMESPACE = "enrich.similar"
-CATEGORY_GROUP = "category"
-TYPE_GROUP = "type"
 
 
 class ReindexBusy(RuntimeError):

@@ -195,3 +195,10 @@ def test_s3_fetch(s3_endpoint):
     assert load_image("s3://imgs-test/a/b.png", settings).getpixel((0, 0)) == (9, 8, 7)
     with pytest.raises(ImageRejected, match="s3 object not readable"):
         fetch_bytes("s3://imgs-test/nope.png", settings)
+
+
+def test_http_byte_limit(http_dir):
+    base, root = http_dir
+    (root / "huge.jpg").write_bytes(b"\xff\xd8" + b"0" * 3000)
+    with pytest.raises(ImageRejected, match="too many bytes"):
+        fetch_bytes(f"{base}/huge.jpg", make_settings(max_image_bytes=2048))

@@ -74,3 +74,15 @@ def test_combine_images_means_probs_and_renormalises_embedding():
     c, g, e = combine_images(cat, {"colour": cat}, emb)
     assert np.allclose(c, [0.6, 0.4]) and np.allclose(g["colour"], [0.6, 0.4])
     assert np.isclose(np.linalg.norm(e), 1.0) and np.allclose(e, [0.7071068, 0.7071068])
+
+
+def test_json_logs_carry_listing_id():
+    import json
+    import logging
+
+    from worker.logs import JsonFormatter
+
+    record = logging.LogRecord("worker.pipeline", logging.INFO, __file__, 1, "listing %s failed", ("x1",), None)
+    record.listing_id = "x1"
+    out = json.loads(JsonFormatter().format(record))
+    assert out["listing_id"] == "x1" and out["msg"] == "listing x1 failed" and out["level"] == "INFO"

@@ -1,0 +1,82 @@
+"""Batch mode and the quickstart flow through the real CLI, on real Postgres and the embedded default."""
+from __future__ import annotations
+
+import json
+import shutil
+
+from typer.testing import CliRunner
+
+from enrich.cli import app
+from tests.worker.conftest import png_bytes
+from worker.batch import read_listings
+
+
+def test_read_listings_jsonl_folder_and_images(tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "b.jpg").write_bytes(b"whatever")
+    events, invalid = read_listings(tmp_path)
+    assert [e.listing_id for e in events] == ["a", "b"]  # one listing per image file
+    jsonl = tmp_path / "l.jsonl"
+    jsonl.write_text(json.dumps({"listing_id": "x", "seller_id": "s", "images": ["a.png"]}) + "\n{broken\n"
+                     + json.dumps({"listing_id": "y"}) + "\n")
+    events, invalid = read_listings(jsonl)
+    assert [e.listing_id for e in events] == ["x"] and events[0].images == [str(tmp_path / "a.png")]
+    assert [w for w, _ in invalid] == ["l.jsonl:2", "l.jsonl:3"]
+
+
+def test_batch_command_fills_tags_and_rerun_is_a_no_op(tmp_path, pg_url, db, model_dir, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    for i in range(5):
+        (tmp_path / f"p{i}.png").write_bytes(png_bytes((50 * i, 80, 120)))
+    lines = [{"listing_id": f"b{i}", "seller_id": "s", "images": [f"p{i}.png"]} for i in range(5)]
+    lines[0]["category"] = "Sneaker"
+    lines.append({"listing_id": "b-bad", "seller_id": "s", "images": ["missing.png"]})
+    (tmp_path / "listings.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    runner = CliRunner()
+    args = ["batch", str(tmp_path / "listings.jsonl"), "--model-dir", str(model_dir), "--database-url", pg_url]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "tags filled by the model" in result.output
+    assert "6 listings read, 5 enriched" in result.output and "1 failed" in result.output
+    assert "b-bad: no usable image: not found" in result.output
+    assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 5
+    assert db.execute("SELECT source FROM listing_tags WHERE listing_id = 'b0' AND tag_group = 'category'"
+                      ).fetchone()[0] == "seller"
+    tags_before = db.execute("SELECT * FROM listing_tags ORDER BY 1, 2").fetchall()
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0 and "0 enriched" in again.output and "6 already done" in again.output
+    assert db.execute("SELECT * FROM listing_tags ORDER BY 1, 2").fetchall() == tags_before
+
+
+def test_batch_refuses_local_paths_when_disabled(tmp_path, pg_url, db, model_dir):
+    (tmp_path / "p.png").write_bytes(png_bytes())
+    (tmp_path / "l.jsonl").write_text(json.dumps({"listing_id": "z", "seller_id": "s", "images": ["p.png"]}) + "\n")
+    result = CliRunner().invoke(app, ["batch", str(tmp_path / "l.jsonl"), "--model-dir", str(model_dir),
+                                      "--database-url", pg_url, "--no-local-paths"])
+    assert result.exit_code == 0 and "local paths disabled" in result.output
+
+
+def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, monkeypatch):
+    """Everything but training (a quickstart model already in the data folder is reused)."""
+    from rich.console import Console
+
+    from worker.quickstart import run_quickstart
+
+    monkeypatch.delenv("ENRICH_DATABASE_URL", raising=False)
+    data = tmp_path / "data"
+    shutil.copytree(model_dir, data / "models" / "quickstart-test")
+    console = Console(width=160, record=True)
+    out = run_quickstart(data, fmnist_dir, items=24, examples=2, console=console)
+    text = console.export_text()
+    assert out["enriched"] == 24 and out["failed"] == 0
+    assert out["accuracy"]["category"]["hidden"] == 16  # 1/3 of sellers gave a category
+    acc = out["accuracy"]["colour"]
+    assert acc["filled"] + acc["review"] == acc["hidden"] == 16
+    assert "accuracy of the filled tags" in text and "similar to qs-0000" in text
+    for sheet in out["sheets"]:
+        from PIL import Image
+
+        assert Image.open(sheet).size[0] > 100
+    # a second run reuses the model and the rows: nothing is enriched twice
+    again = run_quickstart(data, fmnist_dir, items=24, examples=1, console=Console(width=160, record=True))
+    assert again["enriched"] == 0 and again["model_dir"] == out["model_dir"]

@@ -1,0 +1,136 @@
+"""End to end on real parts: Kafka → intake → Celery (Redis broker, real worker) → model → Postgres."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psycopg
+import pytest
+from kafka import KafkaProducer
+
+from tests.worker.conftest import png_bytes
+from worker.store import tags_of
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _wait_for(predicate, timeout: float = 60.0) -> None:
+    """Poll until the asynchronous pipeline has caught up (not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached")
+
+
+@pytest.fixture()
+def celery_env(monkeypatch, pg_url, model_dir, kafka_bootstrap):
+    from celery.contrib.testing.worker import start_worker
+
+    from enrich.config import get_settings
+    from worker import runtime
+    from worker.celery_app import app, configure
+
+    queue = f"gpu-test-{uuid.uuid4().hex[:8]}"
+    topic = f"listings-{uuid.uuid4().hex[:8]}"
+    env = {"ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir), "ENRICH_ALLOW_LOCAL_PATHS": "true",
+           "ENRICH_CELERY_BROKER_URL": REDIS, "ENRICH_GPU_QUEUE": queue, "ENRICH_RETRY_BACKOFF_S": "0.2",
+           "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]', "ENRICH_ALLOW_PRIVATE_NETWORKS": "true",
+           "ENRICH_KAFKA_BOOTSTRAP": kafka_bootstrap, "ENRICH_LISTINGS_TOPIC": topic,
+           "ENRICH_DLQ_TOPIC": topic + ".dlq", "ENRICH_BATCH_SIZE": "4"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    runtime.reset()
+    configure(get_settings())
+    with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], shutdown_timeout=30):
+        yield get_settings()
+    runtime.reset()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    configure(get_settings())
+
+
+def test_kafka_to_rows_through_a_real_celery_worker(celery_env, pg_url, db, tmp_path):
+    from worker.celery_app import queue_depth, send_enrich
+    from worker.intake import Intake, make_consumer
+
+    settings = celery_env
+    for i in range(6):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes((40 * i, 100, 200 - 30 * i)))
+    producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    events = [dict(listing_id=f"k{i}", seller_id="s", images=[str(tmp_path / f"{i}.png")]) for i in range(6)]
+    events[0]["category"] = "Bag"
+    for ev in events + events[:3]:  # three duplicates
+        producer.send(settings.listings_topic, key=ev["listing_id"].encode(), value=json.dumps(ev).encode())
+    producer.send(settings.listings_topic, key=b"bad", value=b'{"listing_id": "bad"}')
+    producer.flush()
+    producer.close()
+
+    consumer = make_consumer(settings, settings.listings_topic, "e2e", session_timeout_ms=6000,
+                             heartbeat_interval_ms=500)
+    intake = Intake(settings, lambda: psycopg.connect(pg_url, autocommit=True), send_enrich,
+                    queue_depth=lambda: queue_depth(settings.gpu_queue), consumer=consumer, poll_timeout_ms=200)
+    stats = intake.run(max_events=10, idle_exit_s=5)
+    assert stats.consumed == 10 and stats.dlq == 1
+
+    done = lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 6  # noqa: E731
+    _wait_for(done)
+    assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 6
+    assert db.execute("SELECT count(*) FROM listing_tags").fetchone()[0] == 18  # category, type, colour each
+    assert tags_of(db, "k0")["category"] == ("Bag", "seller", None, None)
+    assert tags_of(db, "k1")["category"][1] == "predicted"
+
+
+class _FlakyHandler(BaseHTTPRequestHandler):
+    failures_left = 2
+    served = 0
+    lock = threading.Lock()
+
+    def do_GET(self) -> None:  # noqa: N802
+        with self.lock:
+            fail = type(self).failures_left > 0
+            type(self).failures_left -= 1
+        if fail:
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = png_bytes((10, 200, 10))
+        type(self).served += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_path):
+    from worker.celery_app import send_enrich
+    from worker.store import upsert_listings
+    from schemas.events import ListingEvent
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / "ok.png").write_bytes(png_bytes())
+        (tmp_path / "bad.png").write_bytes(b"not an image at all")
+        url = f"http://127.0.0.1:{server.server_address[1]}/img.png"
+        with db.transaction():
+            upsert_listings(db, [ListingEvent(listing_id="flaky", seller_id="s", images=[url]),
+                                 ListingEvent(listing_id="fine", seller_id="s", images=[str(tmp_path / "ok.png")]),
+                                 ListingEvent(listing_id="broken", seller_id="s", images=[str(tmp_path / "bad.png")])])
+        send_enrich(["flaky", "fine", "broken"])
+        status = lambda: dict(db.execute("SELECT listing_id, status FROM listings").fetchall())  # noqa: E731
+        _wait_for(lambda: status() == {"flaky": "enriched", "fine": "enriched", "broken": "failed"})
+        assert _FlakyHandler.served == 1  # two 503s, then one success: retried, not failed
+        assert "not an image" in db.execute("SELECT error FROM listings WHERE listing_id = 'broken'").fetchone()[0]
+        assert tags_of(db, "flaky")["colour"][1] == "predicted"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,110 @@
+"""kill -9 of a worker mid-batch (RabbitMQ broker, real worker processes): nothing lost, nothing twice."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from schemas.events import ListingEvent
+from tests.worker.conftest import png_bytes
+from worker.store import upsert_listings
+
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _GateHandler(BaseHTTPRequestHandler):
+    """Holds image requests until the test opens the gate, so the batch is in flight when we kill."""
+
+    arrived = threading.Event()
+    gate = threading.Event()
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).arrived.set()
+        if not type(self).gate.wait(60):
+            return
+        body = png_bytes((200, 100, 0))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _start_worker(env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--loglevel=INFO"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=log.open("a"))
+
+
+def _wait(predicate, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached")
+
+
+def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_path, monkeypatch):
+    from kombu import Connection
+
+    try:
+        Connection(AMQP, connect_timeout=3).ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"RabbitMQ not reachable at {AMQP}: {exc}")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GateHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    queue = f"gpu-crash-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir),
+           "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true",
+           "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]', "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu",
+           "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "worker.log"
+    first = _start_worker(env, log)
+    second = None
+    try:
+        (tmp_path / "local.png").write_bytes(png_bytes())
+        with db.transaction():
+            upsert_listings(db, [
+                ListingEvent(listing_id="slow", seller_id="s", images=[f"http://127.0.0.1:{server.server_address[1]}/a.png"]),
+                ListingEvent(listing_id="quick", seller_id="s", images=[str(tmp_path / "local.png")])])
+        for k in ("ENRICH_CELERY_BROKER_URL", "ENRICH_GPU_QUEUE"):
+            monkeypatch.setenv(k, env[k])
+        from enrich.config import get_settings
+        from worker.celery_app import configure, send_enrich
+
+        get_settings.cache_clear()
+        configure(get_settings())
+        send_enrich(["quick", "slow"])
+        assert _GateHandler.arrived.wait(120), log.read_text()[-3000:]
+        os.kill(first.pid, signal.SIGKILL)  # mid-batch: images being fetched, nothing written, nothing acked
+        first.wait(10)
+        assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 0
+        _GateHandler.gate.set()
+        second = _start_worker(env, log)
+        _wait(lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 2)
+        assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 2
+        assert db.execute("SELECT count(*) FROM listing_tags").fetchone()[0] == 6
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(20)
+        server.shutdown()
+        server.server_close()
+        from enrich.config import get_settings
+        from worker.celery_app import configure
+
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        configure(get_settings())

@@ -1,0 +1,146 @@
+"""Batch mode: the same enrichment core in-process, no Kafka or broker (embedded Postgres by default).
+
+Input: a JSONL file of ListingEvents (relative image paths resolve against the file's folder), or
+a folder holding *.jsonl files, or a folder of images (one listing per image, id = file name).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from pydantic import ValidationError
+
+from enrich.config import Settings
+from schemas.enrichment import Enrichment
+from schemas.events import ListingEvent
+from worker.pipeline import BatchOutcome, Enricher
+from worker.store import upsert_listings
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+@dataclass
+class BatchReport:
+    read: int = 0
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    enrichments: list[Enrichment] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0
+
+    def add(self, out: BatchOutcome) -> None:
+        self.enrichments += out.enriched
+        self.failed.update(out.failed)
+        self.failed.update({k: "unreachable: " + v for k, v in out.retry.items()})
+        self.skipped += out.skipped
+        self.images += out.images
+
+
+def _resolve_images(event: dict, base: Path) -> dict:
+    images = []
+    for uri in event.get("images") or []:
+        if isinstance(uri, str) and "://" not in uri and not Path(uri).is_absolute():
+            uri = str((base / uri).resolve())
+        images.append(uri)
+    return {**event, "images": images} if images else event
+
+
+def read_listings(source: Path) -> tuple[list[ListingEvent], list[tuple[str, str]]]:
+    """Events from a JSONL file or folder; invalid lines are reported, not fatal."""
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    events: list[ListingEvent] = []
+    invalid: list[tuple[str, str]] = []
+    if source.is_dir():
+        files = sorted(source.glob("*.jsonl"))
+        if not files:
+            for img in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                lid = "".join(c if c.isalnum() or c in "._-" else "_" for c in img.stem)[:128] or "image"
+                events.append(ListingEvent(listing_id=lid, seller_id="batch", images=[str(img.resolve())]))
+            return events, invalid
+    else:
+        files = [source]
+    for path in files:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    raw = json.loads(line)
+                    events.append(ListingEvent.model_validate(_resolve_images(raw, path.parent)))
+                except (json.JSONDecodeError, ValidationError, TypeError, AttributeError) as exc:
+                    invalid.append((f"{path.name}:{n}", str(exc).splitlines()[0][:200]))
+    return events, invalid
+
+
+def run_batch(conn: psycopg.Connection, enricher: Enricher, events: list[ListingEvent], chunk: int | None = None,
+              progress: bool = True) -> BatchReport:
+    """Upsert the events, then enrich whatever is pending among them, chunk by chunk."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0 = time.perf_counter()
+    report = BatchReport(read=len(events))
+    with conn.transaction():
+        result = upsert_listings(conn, events, topic="batch")
+    ids = list(dict.fromkeys(ev.listing_id for ev in events if not ev.deleted))
+    chunk = chunk or max(enricher.settings.batch_size, 16)
+    columns = (TextColumn("enriching"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("enrich", total=len(ids))
+        for i in range(0, len(ids), chunk):
+            part = ids[i:i + chunk]
+            # batch mode has no retry queue: use what can be fetched now, report the rest
+            report.add(enricher.run(conn, part, accept_partial=True))
+            bar.advance(task, len(part))
+    report.seconds = time.perf_counter() - t0
+    log.info("batch: %d read, %d new or changed, %d enriched, %d failed, %d already done",
+             len(events), len(result.changed), len(report.enrichments), len(report.failed), len(report.skipped))
+    return report
+
+
+def render_report(report: BatchReport, console, max_rows: int = 40) -> None:
+    """A rich table of the tags the model filled, then totals."""
+    from rich.table import Table
+
+    table = Table(title="tags filled by the model", show_lines=False)
+    for col, just in (("listing", "left"), ("group", "left"), ("value", "left"), ("confidence", "right")):
+        table.add_column(col, justify=just)
+    rows = [(e.listing_id, g, t.value, f"{t.confidence:.2f}") for e in report.enrichments
+            for g, t in e.tags.items() if t.source.value == "predicted"]
+    for row in rows[:max_rows]:
+        table.add_row(*row)
+    if len(rows) > max_rows:
+        table.caption = f"… and {len(rows) - max_rows} more"
+    console.print(table)
+    review = sum(len(e.review) for e in report.enrichments)
+    console.print(f"{report.read} listings read, {len(report.enrichments)} enriched ({report.images} images), "
+                  f"{len(rows)} tags filled, {review} sent to review, {len(report.failed)} failed, "
+                  f"{len(report.skipped)} already done, {len(report.invalid)} invalid lines "
+                  f"in {report.seconds:.1f}s")
+    for lid, why in list(report.failed.items())[:10]:
+        console.print(f"  [yellow]failed[/yellow] {lid}: {why}")
+    for where, why in report.invalid[:10]:
+        console.print(f"  [yellow]invalid[/yellow] {where}: {why}")
+
+
+def find_model_dir(settings: Settings, conn: psycopg.Connection | None = None) -> Path:
+    """ENRICH_MODEL_DIR, else the active registered model, else the newest under <data_dir>/models."""
+    if settings.model_dir is not None:
+        return Path(settings.model_dir)
+    if conn is not None:
+        row = conn.execute("SELECT path FROM models WHERE status = 'active'").fetchone()
+        if row and Path(row[0]).is_dir():
+            return Path(row[0])
+    found = sorted(settings.models_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no model found: set ENRICH_MODEL_DIR, pass --model-dir, or run `enrich train` "
+                                f"(looked in {settings.models_dir})")
+    return found[-1].parent

@@ -1,0 +1,210 @@
+"""`enrich quickstart`: the whole main job on a laptop, no services to configure.
+
+1. build a small FMNIST-shop catalogue (Fashion-MNIST test garments rendered as coloured product
+   photos, PNG files) and a listings JSONL in which sellers left some tags out (truth kept aside);
+2. train the QUICK model (or reuse the one a previous run left in the data folder);
+3. enrich the catalogue with batch mode on the embedded Postgres;
+4. report what was filled and how accurate the filled tags are against the hidden truth;
+5. compute similar items and write a PNG contact sheet for a few listings.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import psycopg
+from psycopg.types.json import Jsonb
+
+log = logging.getLogger(__name__)
+PHOTO_SIZE = 56  # 2× Fashion-MNIST, so the contact sheet shows something; the model resizes to its own size
+QUICKSTART_PREFIX = "quickstart"
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    listings: Path  # JSONL of ListingEvents
+    truth: dict[str, dict[str, str]]  # listing id → {group: true value}
+    hidden: dict[str, list[str]]  # listing id → groups the seller left out
+
+
+def build_catalogue(out_dir: Path, fmnist_dir: Path, items: int = 300, photos_per_item: int = 2,
+                    seed: int = 7) -> Catalogue:
+    """Write images/*.png, listings.jsonl and truth.json under out_dir from Fashion-MNIST *test* items."""
+    from PIL import Image
+
+    from schemas.taxonomy import load_taxonomy
+    from training.fmnist import load_fashion_mnist
+    from training.fmnist_shop import COLOUR_GROUP, build_shop
+
+    taxonomy = load_taxonomy("fashion-mnist")
+    x, y = load_fashion_mnist(fmnist_dir, "test")  # never seen by training (it uses the train split)
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(x), size=items, replace=False)
+    shop = build_shop(x[pick], y[pick], taxonomy, photos_per_item=photos_per_item, seed=seed, size=PHOTO_SIZE)
+    img_dir = out_dir / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    colours = taxonomy.group(COLOUR_GROUP).values
+    truth: dict[str, dict[str, str]] = {}
+    hidden: dict[str, list[str]] = {}
+    lines = []
+    for i in range(items):
+        lid = f"qs-{i:04d}"
+        rows = np.flatnonzero(shop.item_ids == i)
+        paths = []
+        for j, r in enumerate(rows):
+            p = img_dir / f"{lid}-{j}.png"
+            Image.fromarray(shop.images[r]).save(p)
+            paths.append(f"images/{p.name}")
+        category = taxonomy.categories[int(shop.category[rows[0]])].name
+        colour = colours[int(shop.colour[rows[0]])]
+        truth[lid] = {"category": category, "type": taxonomy.type_of(category), "colour": colour}
+        # sellers: a third give the category, a third the colour, a third nothing
+        given = ("category",) if i % 3 == 0 else ("colour",) if i % 3 == 1 else ()
+        hidden[lid] = [g for g in ("category", "type", "colour") if g not in given and not (g == "type" and "category" in given)]
+        event = {"listing_id": lid, "seller_id": f"seller-{i % 17}", "title": f"listing {i}", "images": paths}
+        if "category" in given:
+            event["category"] = category
+        if "colour" in given:
+            event["attributes"] = {"colour": colour}
+        lines.append(json.dumps(event))
+    listings = out_dir / "listings.jsonl"
+    listings.write_text("\n".join(lines) + "\n")
+    (out_dir / "truth.json").write_text(json.dumps({"truth": truth, "hidden": hidden}, indent=1))
+    return Catalogue(listings, truth, hidden)
+
+
+def find_or_train_model(models_dir: Path, fmnist_dir: Path, retrain: bool, time_budget_s: float | None) -> Path:
+    """Reuse the newest quickstart model in models_dir, else train the QUICK preset."""
+    found = sorted(models_dir.glob(f"{QUICKSTART_PREFIX}-*/manifest.json"), key=lambda p: p.stat().st_mtime)
+    if found and not retrain:
+        log.info("reusing model %s (pass --retrain to train a new one)", found[-1].parent.name)
+        return found[-1].parent
+    from training.train import QUICK, train
+
+    version = f"{QUICKSTART_PREFIX}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    cfg = replace(QUICK, out_dir=models_dir, data_dir=Path(fmnist_dir), model_version=version)
+    if time_budget_s is not None:
+        cfg = replace(cfg, time_budget_s=time_budget_s)
+    return Path(train(cfg))
+
+
+def register_if_none_active(conn: psycopg.Connection, manifest, model_dir: Path) -> bool:
+    """Make the quickstart model the active one on a database that has none (a fresh embedded one)."""
+    with conn.transaction():
+        conn.execute(
+            """INSERT INTO models (model_version, manifest, metrics, path, status)
+               VALUES (%s, %s, %s, %s, 'candidate') ON CONFLICT (model_version) DO NOTHING""",
+            (manifest.model_version, Jsonb(manifest.model_dump(mode="json")), Jsonb(manifest.metrics),
+             str(model_dir.resolve())),
+        )
+        if conn.execute("SELECT 1 FROM models WHERE status = 'active'").fetchone():
+            return False
+        conn.execute("UPDATE models SET status = 'active', promoted_at = now() WHERE model_version = %s",
+                     (manifest.model_version,))
+    return True
+
+
+def filled_accuracy(conn: psycopg.Connection, catalogue: Catalogue) -> dict[str, dict[str, float]]:
+    """Per group: how many hidden tags were filled, went to review, and accuracy of the filled ones."""
+    rows = conn.execute(
+        "SELECT listing_id, tag_group, value FROM listing_tags WHERE source = 'predicted' AND listing_id = ANY(%s)",
+        (list(catalogue.truth),),
+    ).fetchall()
+    reviewed = conn.execute(
+        "SELECT listing_id, tag_group FROM review_queue WHERE resolved_at IS NULL AND listing_id = ANY(%s)",
+        (list(catalogue.truth),),
+    ).fetchall()
+    out: dict[str, dict[str, float]] = {}
+    for group in ("category", "type", "colour"):
+        hidden = sum(group in g for g in catalogue.hidden.values())
+        filled = [(lid, v) for lid, g, v in rows if g == group]
+        correct = sum(catalogue.truth[lid][group] == v for lid, v in filled)
+        out[group] = {"hidden": hidden, "filled": len(filled), "review": sum(g == group for _, g in reviewed),
+                      "accuracy": correct / len(filled) if filled else float("nan")}
+    return out
+
+
+def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: bool = False,
+                   time_budget_s: float | None = None, examples: int = 3, console=None) -> dict:
+    """Everything above; returns the figures it printed (for tests and the README)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from enrich.config import Settings
+    from enrich.db import connect, database_url
+    from migrations import apply_all
+    from training.inference import load_predictor
+    from worker import similar
+    from worker.batch import read_listings, render_report, run_batch
+    from worker.pipeline import Enricher
+    from worker.similar_sheet import contact_sheet
+
+    console = console or Console()
+    t0 = time.perf_counter()
+    data_dir = Path(data_dir)
+    qs_dir = data_dir / "quickstart"
+    console.rule("1/5 catalogue")
+    catalogue = build_catalogue(qs_dir, fmnist_dir, items=items)
+    console.print(f"{items} FMNIST-shop listings with {sum(len(h) for h in catalogue.hidden.values())} "
+                  f"tags left out by sellers → {catalogue.listings}")
+
+    console.rule("2/5 model")
+    model_dir = find_or_train_model(data_dir / "models", fmnist_dir, retrain, time_budget_s)
+    predictor = load_predictor(model_dir, device="cpu")
+    console.print(f"model {predictor.version} ({predictor.manifest.backbone}, {predictor.manifest.image_size}px) "
+                  f"from {model_dir}")
+
+    console.rule("3/5 enrich")
+    # local image paths are the quickstart's own files: enabled for this run only
+    settings = Settings(data_dir=data_dir, allow_local_paths=True)
+    url = database_url(settings)
+    conn = connect(url, autocommit=True)
+    try:
+        apply_all(conn)
+        register_if_none_active(conn, predictor.manifest, model_dir)
+        events, invalid = read_listings(catalogue.listings)
+        enricher = Enricher(predictor, settings)
+        report = run_batch(conn, enricher, events)
+        report.invalid = invalid
+        render_report(report, console, max_rows=12)
+
+        console.rule("4/5 accuracy of the filled tags (vs. the hidden truth)")
+        acc = filled_accuracy(conn, catalogue)
+        table = Table()
+        for col in ("group", "left out", "filled", "to review", "accuracy of filled"):
+            table.add_column(col, justify="left" if col == "group" else "right")
+        for group, a in acc.items():
+            table.add_row(group, str(int(a["hidden"])), str(int(a["filled"])), str(int(a["review"])),
+                          "—" if a["accuracy"] != a["accuracy"] else f"{a['accuracy']:.1%}")
+        console.print(table)
+
+        console.rule("5/5 similar items")
+        result = similar.recompute(conn, predictor.version, k=8, root=data_dir / "index", progress=False)
+        console.print(result.summary())
+        sheets = []
+        for lid in sorted(catalogue.truth)[:examples]:
+            neighbours, _ = similar.read_neighbours(conn, lid, predictor.version, 8)
+            t = Table(title=f"similar to {lid} ({catalogue.truth[lid]['category']}, {catalogue.truth[lid]['colour']})")
+            t.add_column("listing")
+            t.add_column("score", justify="right")
+            t.add_column("true category")
+            t.add_column("true colour")
+            for n in neighbours[:5]:
+                truth = catalogue.truth.get(n.listing_id, {})
+                t.add_row(n.listing_id, f"{n.score:.3f}", truth.get("category", "?"), truth.get("colour", "?"))
+            console.print(t)
+            png = qs_dir / f"similar-{lid}.png"
+            contact_sheet(conn, lid, neighbours, png)
+            sheets.append(png)
+        console.print("contact sheets: " + ", ".join(str(p) for p in sheets))
+    finally:
+        conn.close()
+    seconds = time.perf_counter() - t0
+    console.print(f"[bold]quickstart done in {seconds:.0f}s[/bold]. Next: `enrich similar qs-0000 --png out.png`, "
+                  f"`enrich batch {catalogue.listings}`, see README for Kafka + Celery.")
+    return {"accuracy": acc, "enriched": len(report.enrichments), "failed": len(report.failed),
+            "model_dir": str(model_dir), "sheets": [str(p) for p in sheets], "seconds": seconds}
