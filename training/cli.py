@@ -1,6 +1,136 @@
-"""Training subcommands (train, evaluate, promote)."""
+"""Training subcommands: `enrich train`, `enrich evaluate`, `enrich promote`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
 import typer
+
+
+def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    parts = [int(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise typer.BadParameter("give three step counts: retrieval,classification,joint")
+    return parts[0], parts[1], parts[2]
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root `enrich` app."""
+
+    @app.command()
+    def train(
+        preset: str = typer.Option("quick", help="starting configuration: quick, quick-lite0, tiny or full "
+                                                 "(default: quick, ~4 min on 2 CPU cores)."),
+        strategy: str = typer.Option(None, help="staged (retrieval → classification → joint) or unified "
+                                                "(default: the preset's, staged)."),
+        backbone: str = typer.Option(None, help="registered backbone: small_cnn, efficientnet_lite0, resnet50 "
+                                                "(default: the preset's)."),
+        weights: Path = typer.Option(None, help="backbone weights file (safetensors or state dict) — needed for "
+                                                "a pretrained resnet50 (default: none)."),
+        image_size: int = typer.Option(None, help="square input size in pixels (default: the preset's)."),
+        steps: str = typer.Option(None, help="staged step counts 'retrieval,classification,joint' "
+                                             "(default: the preset's)."),
+        time_budget: float = typer.Option(None, help="seconds for the whole run; schedules follow whichever runs "
+                                                     "out first, steps or time (default: the preset's)."),
+        dataset: str = typer.Option(None, help="fmnist-shop or deepfashion (default: fmnist-shop)."),
+        data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory, or the DeepFashion root with "
+                                                 "category/ and inshop/ (default: /usr/share/datasets/fashion-mnist)."),
+        taxonomy: str = typer.Option(None, help="taxonomy name or JSON path (default: fashion-mnist)."),
+        out_dir: Path = typer.Option(None, help="where model directories go (default: <ENRICH_DATA_DIR>/models)."),
+        model_version: str = typer.Option(None, help="version name of the new model (default: derived + UTC time)."),
+        seed: int = typer.Option(None, help="random seed (default: 0)."),
+        device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
+        register_model: bool = typer.Option(False, "--register", help="record the new model as a candidate in "
+                                                                       "the models table (default: no)."),
+    ) -> None:
+        """Train the multitask model, evaluate it, calibrate thresholds and save it with a report."""
+        from dataclasses import replace
+
+        from enrich.config import get_settings
+        from training.train import PRESETS
+        from training.train import train as run
+
+        if preset not in PRESETS:
+            raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        overrides = {
+            "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
+            "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
+            "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
+            "device": device, "out_dir": out_dir or get_settings().models_dir,
+        }
+        cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+        if backbone == "resnet50" and weights is None:
+            typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)
+        model_dir = run(cfg)
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        if register_model:
+            from enrich.db import connection
+            from training.registry import register_candidate
+
+            with connection() as conn:
+                register_candidate(conn, model_dir)
+        typer.echo(json.dumps({"model_dir": str(model_dir), "model_version": manifest["model_version"],
+                               "metrics": manifest["metrics"]}, indent=2))
+
+    @app.command()
+    def evaluate(
+        model_dir: Path = typer.Argument(..., help="model directory (manifest.json + model.safetensors)."),
+        data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory (default: the Debian package's)."),
+        test_items: int = typer.Option(None, help="evaluate on this many test items (default: all 10 000)."),
+        seed: int = typer.Option(0, help="seed of the fixed evaluation set (default: 0, as in training)."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda[:n] (default: auto)."),
+        output: Path = typer.Option(None, help="also write the metrics as JSON to this file (default: no)."),
+    ) -> None:
+        """Measure a saved model on the fixed FMNIST-shop evaluation set."""
+        from dataclasses import replace
+
+        from training.evaluate import evaluate_model_dir
+        from training.train import TrainConfig
+
+        cfg = replace(TrainConfig(), seed=seed, test_items=test_items,
+                      **({"data_dir": data_dir} if data_dir else {}))
+        metrics = evaluate_model_dir(model_dir, cfg, device=device)
+        text = json.dumps(metrics, indent=2)
+        if output:
+            output.write_text(text)
+        typer.echo(text)
+
+    @app.command()
+    def promote(
+        model: str = typer.Argument(..., help="a model directory to register and promote, or the model_version "
+                                              "of a registered candidate."),
+        tolerance: float = typer.Option(0.0, help="allowed drop on each gate metric (default: 0, must not be worse)."),
+        reevaluate: bool = typer.Option(False, help="re-measure candidate and active model on the fixed "
+                                                    "evaluation set instead of trusting stored metrics (default: no)."),
+        database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL",
+                                         help="Postgres URL (default: the embedded Postgres under ENRICH_DATA_DIR)."),
+    ) -> None:
+        """Promote a candidate if it is not worse than the active model on the evaluation gate."""
+        from enrich.db import connection
+        from training.registry import get_model, promote as run_promote, register_candidate
+
+        with connection(database_url or None) as conn:
+            path = Path(model)
+            version = register_candidate(conn, path).model_version if path.is_dir() else model
+            metrics = None
+            if reevaluate:
+                from training.evaluate import evaluate_model_dir
+                from training.registry import active_model
+                from training.train import TrainConfig
+
+                cand = get_model(conn, version)
+                act = active_model(conn)
+                if cand is None:
+                    raise typer.BadParameter(f"model {version!r} is not registered")
+                metrics = {cand.model_version: evaluate_model_dir(cand.path, TrainConfig())}
+                if act is not None:
+                    metrics[act.model_version] = evaluate_model_dir(act.path, TrainConfig())
+            decision = run_promote(conn, version, tolerance=tolerance, metrics=metrics)
+        verdict = "promoted" if decision.promoted else "rejected"
+        typer.echo(f"{verdict} {decision.candidate} (previous active: {decision.previous or 'none'})")
+        for reason in decision.reasons:
+            typer.echo(f"  {reason}")
+        if not decision.promoted:
+            raise typer.Exit(1)

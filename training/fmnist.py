@@ -27,7 +27,7 @@ def read_idx(path: Path) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise ValueError(f"{path}: header says {dims} but holds {body.size} values")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # writable, independent of the file buffer
 
 
 def _find(directory: Path, stem: str) -> Path:

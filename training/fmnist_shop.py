@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from schemas.taxonomy import Taxonomy
 
@@ -39,33 +38,37 @@ class ShopSet:
         return ShopSet(self.images[idx], self.item_ids[idx], self.category[idx], self.colour[idx], self.is_query[idx])
 
 
-def _render(garment: np.ndarray, rgb: np.ndarray, background: float, rng: np.random.Generator,
-            augment: bool, size: int) -> np.ndarray:
-    img = Image.fromarray(garment)
-    if augment:  # a different "photo" of the same item: small shift, scale, rotation
-        angle = rng.uniform(-8, 8)
-        scale = rng.uniform(0.9, 1.08)
-        dx, dy = rng.uniform(-2, 2, size=2)
-        img = img.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy))
-        if abs(scale - 1) > 1e-3:
-            s = max(8, int(round(28 * scale)))
-            scaled = img.resize((s, s), Image.Resampling.BILINEAR)
-            canvas = Image.new("L", (28, 28))
-            off = (28 - s) // 2
-            canvas.paste(scaled, (off, off)) if s <= 28 else canvas.paste(scaled.crop((-off, -off, -off + 28, -off + 28)))
-            img = canvas
+def _geometry(garments: np.ndarray, rng: np.random.Generator, augmented: np.ndarray, size: int) -> np.ndarray:
+    """Intensity maps (B, size, size): augmented photos get a small rotation (±8°), scale (0.9–1.08) and
+    shift (±2 px) — one batched affine warp; plain photos are the garment itself."""
+    import torch
+    import torch.nn.functional as F
+
+    b = len(garments)
+    angle = np.deg2rad(rng.uniform(-8, 8, size=b)) * augmented
+    scale = np.where(augmented, rng.uniform(0.9, 1.08, size=b), 1.0)
+    shift = rng.uniform(-2, 2, size=(b, 2)) * augmented[:, None] * (2 / 28)  # pixels → normalised coords
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    theta = np.stack([np.stack([cos, -sin, -shift[:, 0]], 1), np.stack([sin, cos, -shift[:, 1]], 1)], 1)
+    x = torch.from_numpy(np.ascontiguousarray(garments)).float()[:, None] / 255.0
+    grid = F.affine_grid(torch.from_numpy(theta).float(), [b, 1, 28, 28], align_corners=False)
+    warped = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    warped = torch.where(torch.from_numpy(augmented)[:, None, None, None], warped, x)  # plain: untouched
     if size != 28:
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-    intensity = np.asarray(img, dtype=np.float32)[..., None] / 255.0
+        warped = F.interpolate(warped, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (warped[:, 0] * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def _compose(intensity: np.ndarray, rgb: np.ndarray, background: np.ndarray, light: np.ndarray,
+             noise: np.ndarray) -> np.ndarray:
+    """Vectorised tint: (B, S, S) intensities → (B, S, S, 3) uint8 photos."""
+    i = intensity.astype(np.float32)[..., None] / 255.0
     # the garment is opaque wherever it exists (dim Fashion-MNIST garments would otherwise show the
-    # background through and lose their colour); its intensity survives as shading, i.e. texture
-    alpha = np.clip(intensity * 3.0, 0.0, 1.0)
-    light = rng.uniform(0.9, 1.1) if augment else 1.0
-    # additive shading keeps texture visible on black and white garments alike
-    shade = np.clip(rgb[None, None, :] * light + (intensity - 0.6) * 100.0, 0, 255)
-    out = background * (1 - alpha) + shade * alpha
-    if augment:
-        out = out + rng.normal(0, 3.0, size=out.shape)
+    # background through and lose their colour); its intensity survives as shading, i.e. texture;
+    # additive shading keeps that texture visible on black and white garments alike
+    alpha = np.clip(i * 3.0, 0.0, 1.0)
+    shade = np.clip(rgb[:, None, None, :] * light[:, None, None, None] + (i - 0.6) * 100.0, 0, 255)
+    out = background[:, None, None, None] * (1 - alpha) + shade * alpha + noise
     return np.clip(out, 0, 255).astype(np.uint8)
 
 
@@ -91,12 +94,20 @@ def build_shop(images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, photo
     if colours is None:
         colours = rng.integers(0, len(values), size=n)
     colours = np.asarray(colours, dtype=np.int64)
-    out = np.empty((n * photos_per_item, size, size, 3), dtype=np.uint8)
-    for i in range(n):
-        for j in range(photos_per_item):
-            background = rng.uniform(95, 165)  # neutral grey: black and white garments both stand out
-            out[i * photos_per_item + j] = _render(images[i], palette[colours[i]], background, rng,
-                                                   augment=j > 0, size=size)
+    total = n * photos_per_item
+    augmented = np.tile(np.arange(photos_per_item) > 0, n)  # photo 0 of each item is the plain rendering
+    garments = np.asarray(images, dtype=np.uint8).repeat(photos_per_item, axis=0)
+    background = rng.uniform(95, 165, size=total).astype(np.float32)  # neutral grey: black and white stand out
+    light = np.where(augmented, rng.uniform(0.9, 1.1, size=total), 1.0).astype(np.float32)
+    rgb = palette[colours.repeat(photos_per_item)]
+    out = np.empty((total, size, size, 3), dtype=np.uint8)
+    for a in range(0, total, 4096):
+        b = min(total, a + 4096)
+        noise = np.zeros((b - a, size, size, 3), dtype=np.float32)
+        aug = augmented[a:b]
+        noise[aug] = rng.standard_normal((int(aug.sum()), size, size, 3), dtype=np.float32) * 3.0  # sensor noise
+        intensity = _geometry(garments[a:b], rng, augmented[a:b], size)
+        out[a:b] = _compose(intensity, rgb[a:b], background[a:b], light[a:b], noise)
     item_ids = np.repeat(np.arange(n, dtype=np.int64), photos_per_item)
     is_query = np.tile(np.arange(photos_per_item) < query_per_item, n)
     return ShopSet(images=out, item_ids=item_ids, category=np.asarray(labels, dtype=np.int64).repeat(photos_per_item),

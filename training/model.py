@@ -37,6 +37,7 @@ class MultitaskModel(nn.Module):
         self.backbone_name = backbone.name
         self.mean, self.std = backbone.mean, backbone.std
         self._backbone_spec = backbone
+        self.frozen_backbone: list[str] = []  # parameter names kept frozen in every stage (seed 000)
         self.taxonomy = taxonomy
         self.embedding_dim = embedding_dim
         self.group_names = taxonomy.group_names
@@ -63,7 +64,9 @@ class MultitaskModel(nn.Module):
         return [*self.retrieval_head.parameters(), self.condition_logits]
 
     def freeze_backbone_layers(self, multitask: bool = True) -> list[str]:
-        return self._backbone_spec.freeze(multitask)
+        # names as model.named_parameters() gives them, so the stages can keep them frozen
+        self.frozen_backbone = [f"backbone.{n}" for n in self._backbone_spec.freeze(multitask)]
+        return self.frozen_backbone
 
     def condition_masks(self) -> torch.Tensor:
         """(G, D) non-negative masks; the conditioned embedding is normalize(e * mask_g)."""

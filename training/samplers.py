@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from pytorch_metric_learning.samplers import MPerClassSampler
-from torch.utils.data import Sampler, WeightedRandomSampler
+from torch.utils.data import BatchSampler, Sampler, WeightedRandomSampler
 
 from training.losses import class_weights
 
@@ -26,7 +26,8 @@ def class_balanced_sampler(labels: np.ndarray, num_classes: int, num_samples: in
                            generator: torch.Generator | None = None) -> WeightedRandomSampler:
     """WeightedRandomSampler whose per-sample weight is its class's seed-000 weight."""
     w = class_weights(labels, num_classes)
-    per_sample = np.where(labels >= 0, w[np.clip(labels, 0, None)], w.min())
+    # unlabelled rows are never drawn for classification batches (unless nothing is labelled)
+    per_sample = np.where(labels >= 0, w[np.clip(labels, 0, None)], 0.0 if (labels >= 0).any() else 1.0)
     return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double),
                                  num_samples=num_samples or len(labels), replacement=True, generator=generator)
 
@@ -38,3 +39,62 @@ def make_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_cla
     if kind == "balanced":
         return class_balanced_sampler(labels, num_classes, length, generator)
     raise RuntimeError(f"Invalid sampler {kind!r}. Only 'm_per_item' and 'balanced' are supported.")
+
+
+class _Subset(Sampler[list[int]]):
+    """Batches of positions within `rows`, mapped back to dataset indices."""
+
+    def __init__(self, batches: BatchSampler, rows: np.ndarray) -> None:
+        self.batches, self.rows = batches, rows
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for b in self.batches:
+            yield self.rows[np.asarray(b)].tolist()
+
+
+class InterleavedBatchSampler(Sampler[list[int]]):
+    """Alternate batches from several sources, restarting any that runs out (seed 000 interleaves
+    classification batches and retrieval batches when they come from different datasets)."""
+
+    def __init__(self, sources: list[Sampler[list[int]]]) -> None:
+        if not sources:
+            raise ValueError("need at least one batch source")
+        self.sources = sources
+
+    def __len__(self) -> int:
+        return len(self.sources) * max(len(s) for s in self.sources)
+
+    def __iter__(self):
+        its = [iter(s) for s in self.sources]
+        for i in range(len(self)):
+            k = i % len(self.sources)
+            try:
+                yield next(its[k])
+            except StopIteration:
+                its[k] = iter(self.sources[k])
+                yield next(its[k])
+
+
+def make_batch_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
+                       m: int = 4, generator: torch.Generator | None = None) -> Sampler[list[int]]:
+    """Batches for a stage. Triplet batches need item ids; where only some rows have them (DeepFashion
+    Category & Attribute + In-shop), retrieval batches from those rows alternate with class-balanced
+    batches from the rows that have a category."""
+    if kind != "m_per_item" or (item_ids >= 0).all():
+        return BatchSampler(make_sampler(kind, labels=labels, item_ids=item_ids, num_classes=num_classes,
+                                         batch_size=batch_size, m=m, generator=generator),
+                            batch_size, drop_last=True)
+    ret_rows = np.flatnonzero(item_ids >= 0)
+    cls_rows = np.flatnonzero(labels >= 0)
+    sources: list[Sampler[list[int]]] = []
+    if len(ret_rows):
+        sources.append(_Subset(BatchSampler(m_per_item_sampler(item_ids[ret_rows], batch_size, m), batch_size,
+                                            drop_last=True), ret_rows))
+    if len(cls_rows):
+        sources.append(_Subset(BatchSampler(class_balanced_sampler(labels[cls_rows], num_classes,
+                                                                   generator=generator), batch_size,
+                                            drop_last=True), cls_rows))
+    return InterleavedBatchSampler(sources)

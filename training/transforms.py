@@ -9,16 +9,28 @@ from torchvision.transforms import v2
 from training.inference import image_to_tensor
 
 
+AUGMENTATIONS = ("seed", "light", "none")
+
+
 def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], colour_jitter: bool = True,
-                    scale: tuple[float, float] = (0.7, 1.0), erasing: float = 0.5) -> v2.Compose:
-    """Flip, ±10° rotation, colour jitter (off when colour is a predicted attribute), random resized
-    crop, random erasing, then the backbone's normalisation."""
-    steps: list = [
-        v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=scale, ratio=(0.85, 1.18), antialias=True),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomRotation(10),
-    ]
+                    scale: tuple[float, float] = (0.7, 1.0), erasing: float = 0.5, level: str = "seed") -> v2.Compose:
+    """``seed``: flip, ±10° rotation, colour jitter (off when colour is a predicted attribute), random
+    resized crop, random erasing (seed 000). ``light``: flip and a mild crop only — converges faster in
+    a minutes-long CPU budget. ``none``: the eval transform. Then the backbone's normalisation."""
+    if level not in AUGMENTATIONS:
+        raise RuntimeError(f"Invalid augmentation {level!r}. Only {', '.join(AUGMENTATIONS)} are supported.")
+    steps: list = [v2.ToImage()]
+    if level == "none":
+        steps.append(v2.Resize((size, size), antialias=True))
+    elif level == "light":
+        steps += [v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
+                  v2.RandomHorizontalFlip(0.5)]
+        colour_jitter, erasing = False, 0.0
+    else:
+        steps += [v2.RandomResizedCrop(size, scale=scale, ratio=(0.85, 1.18), antialias=True),
+                  v2.RandomHorizontalFlip(0.5), v2.RandomRotation(10)]
+    if level == "none":
+        colour_jitter, erasing = False, 0.0
     if colour_jitter:
         steps.append(v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.1))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]

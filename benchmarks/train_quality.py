@@ -1,0 +1,112 @@
+"""Training quality runs: the QUICK preset, the long staged run, staged vs unified (seed 000's table).
+
+    python benchmarks/train_quality.py quick                    # ≥ 90 % FMNIST top-1 in ≤ ~4 min?
+    python benchmarks/train_quality.py compare --budget 900     # staged vs unified, same time budget
+    nice -n 10 python benchmarks/train_quality.py full          # long staged run (hours on 2 cores)
+
+Prints each run's wall time, the CPU seconds this process used (on a shared machine wall time
+swings with other load; CPU seconds do not), the machine (cores, load average) and the test metrics
+on the fixed FMNIST-shop evaluation set; writes the same as JSON under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KEYS = [("test_plain/top1", "FMNIST top-1"), ("test/top1", "shop top-1"), ("test/macro_f1", "macro-F1"),
+        ("test/weighted_f1", "W-F1"), ("test/attr/exact_match", "colour EM"), ("test/attr/hamming", "Hamming"),
+        ("test/recall@1", "R@1"), ("test/recall@5", "R@5"), ("test/map@r", "mAP@R")]
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    c = resource.getrusage(resource.RUSAGE_CHILDREN)  # DataLoader workers
+    return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
+
+
+def machine() -> dict:
+    model = ""
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "loadavg_at_end": os.getloadavg()}
+
+
+def run(name: str, cfg) -> dict:
+    from training.train import train
+
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    load0 = os.getloadavg()
+    model_dir = train(cfg)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    metrics = json.loads((model_dir / "manifest.json").read_text())["metrics"]
+    return {"name": name, "model_dir": str(model_dir), "wall_s": wall, "cpu_s": cpu, "loadavg_at_start": load0,
+            "strategy": cfg.strategy, "backbone": cfg.backbone, "image_size": cfg.image_size,
+            "time_budget_s": cfg.time_budget_s, "metrics": metrics}
+
+
+def table(results: list[dict]) -> str:
+    head = "| run | wall s | CPU s | " + " | ".join(label for _, label in KEYS) + " |"
+    sep = "|" + "---|" * (3 + len(KEYS))
+    rows = [f"| {r['name']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+            + " | ".join(f"{r['metrics'][k]:.4f}" if k in r["metrics"] else "–" for k, _ in KEYS) + " |"
+            for r in results]
+    return "\n".join([head, sep, *rows])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["quick", "quick-lite0", "compare", "full"], help="which run")
+    p.add_argument("--budget", type=float, default=None, help="time budget per run in seconds "
+                   "(default: the preset's; compare: 900)")
+    p.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                   help="Fashion-MNIST idx directory (default: Debian's)")
+    p.add_argument("--out", type=Path, default=ROOT / ".enrich" / "bench", help="results and models "
+                   "(default: .enrich/bench)")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from training.train import FULL, QUICK, QUICK_LITE0
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = {"out_dir": args.out / "models", "data_dir": args.data_dir, "progress": False}
+    results = []
+    if args.what in ("quick", "quick-lite0"):
+        cfg = replace(QUICK if args.what == "quick" else QUICK_LITE0, **base)
+        if args.budget:
+            cfg = replace(cfg, time_budget_s=args.budget)
+        results.append(run(args.what, cfg))
+    elif args.what == "compare":
+        budget = args.budget or 900.0
+        # the same data, backbone and budget; only the strategy differs
+        common = replace(QUICK, **base, time_budget_s=budget, val_items=2000, stage_steps=(2000, 8000, 4000),
+                         unified_steps=14000)
+        for strategy in ("staged", "unified"):
+            results.append(run(strategy, replace(common, strategy=strategy)))
+    else:
+        cfg = replace(FULL, **base)
+        if args.budget:
+            cfg = replace(cfg, time_budget_s=args.budget)
+        results.append(run("full", cfg))
+    doc = {"command": " ".join(sys.argv), "machine": machine(), "results": results}
+    out = args.out / f"train_{args.what}_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
+    out.write_text(json.dumps(doc, indent=2))
+    print(json.dumps(doc["machine"]))
+    print(table(results))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from schemas.taxonomy import load_taxonomy
+from training.checkpoint import ModelMismatchError, load_model, save_model
+from training.inference import Predictions, load_predictor
+from training.model import build_model
+
+
+def _images(n=4, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_round_trip_gives_identical_outputs(tmp_path, mixed_taxonomy):
+    torch.manual_seed(0)
+    model = build_model("small_cnn", mixed_taxonomy, pretrained=False, embedding_dim=32).eval()
+    manifest = save_model(model, tmp_path, model_version="m1", image_size=32, thresholds={"category": 0.4},
+                          metrics={"test/top1": 0.5})
+    assert manifest.weights_sha256 and manifest.taxonomy_sha256 == mixed_taxonomy.sha256()
+    pred = load_predictor(tmp_path, device="cpu")
+    assert pred.version == "m1" and pred.manifest.thresholds == {"category": 0.4}
+    x = torch.stack([pred.preprocess(im) for im in _images()])
+    assert x.shape == (4, 3, 32, 32)
+    out = pred.predict(x)
+    with torch.inference_mode():
+        ref = model(x)
+    np.testing.assert_allclose(out.category, ref.category.softmax(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.groups["style"], ref.groups["style"].sigmoid().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.embedding, ref.embedding.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_predictions_shapes_and_probabilities(tiny_model_dir, fmnist_taxonomy):
+    pred = load_predictor(tiny_model_dir, device="cpu", taxonomy=fmnist_taxonomy)
+    out = pred.predict(torch.stack([pred.preprocess(im.convert("L")) for im in _images(3)]))
+    assert isinstance(out, Predictions)
+    assert out.category.shape == (3, 10) and out.groups["colour"].shape == (3, 8)
+    np.testing.assert_allclose(out.category.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out.groups["colour"].sum(1), 1.0, rtol=1e-5)  # exclusive: softmax
+    assert out.embedding.dtype == np.float32 and out.embedding.shape == (3, 256)
+    np.testing.assert_allclose(np.linalg.norm(out.embedding, axis=1), 1.0, rtol=1e-5)
+    masks = pred.condition_masks()
+    assert set(masks) == {"colour"} and masks["colour"].shape == (256,) and (masks["colour"] >= 0).all()
+    # the tiny run calibrated thresholds for every group and recorded where it came from
+    m = pred.manifest
+    assert {"category", "colour"} <= set(m.thresholds) and m.data_fingerprint and m.metrics
+
+
+def test_tampered_weights_are_refused(tmp_path, mixed_taxonomy):
+    model = build_model("small_cnn", mixed_taxonomy, pretrained=False, embedding_dim=32)
+    save_model(model, tmp_path, model_version="m1", image_size=32)
+    w = tmp_path / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(ModelMismatchError, match="sha256 differs"):
+        load_predictor(tmp_path, device="cpu")
+
+
+def test_wrong_taxonomy_is_refused(tmp_path, mixed_taxonomy):
+    model = build_model("small_cnn", mixed_taxonomy, pretrained=False, embedding_dim=32)
+    save_model(model, tmp_path, model_version="m1", image_size=32)
+    with pytest.raises(ModelMismatchError, match="trained for taxonomy 'mixed'"):
+        load_predictor(tmp_path, device="cpu", taxonomy=load_taxonomy("fashion-mnist"))
+
+
+def test_edited_manifest_taxonomy_is_refused(tmp_path, mixed_taxonomy):
+    model = build_model("small_cnn", mixed_taxonomy, pretrained=False, embedding_dim=32)
+    save_model(model, tmp_path, model_version="m1", image_size=32)
+    path = tmp_path / "manifest.json"
+    doc = json.loads(path.read_text())
+    doc["taxonomy"]["categories"][0]["name"] = "hoodie"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ModelMismatchError, match="taxonomy_sha256"):
+        load_model(tmp_path)
+
+
+def test_unknown_backbone_and_shape_mismatch_are_refused(tmp_path, mixed_taxonomy, fmnist_taxonomy):
+    model = build_model("small_cnn", mixed_taxonomy, pretrained=False, embedding_dim=32)
+    save_model(model, tmp_path, model_version="m1", image_size=32)
+    path = tmp_path / "manifest.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "backbone": "vit_huge"}))
+    with pytest.raises(ModelMismatchError, match="unknown backbone 'vit_huge'"):
+        load_model(tmp_path)
+    # weights of a different embedding size than the manifest says
+    path.write_text(json.dumps({**doc, "embedding_dim": 64}))
+    with pytest.raises(ModelMismatchError, match="do not fit"):
+        load_model(tmp_path)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        load_predictor(tmp_path)

@@ -1,0 +1,45 @@
+"""`enrich train / evaluate / promote` through the real CLI app."""
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.integration
+
+
+def test_promote_cli_gates_on_metrics(db, pg_url, tiny_model_dir, tmp_path):
+    from enrich.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["promote", str(tiny_model_dir), "--database-url", pg_url])
+    assert res.exit_code == 0, res.output
+    assert "promoted tiny-test" in res.output
+    # a copy with worse stored metrics is registered and rejected; the active model stays
+    worse = tmp_path / "worse"
+    shutil.copytree(tiny_model_dir, worse)
+    manifest = json.loads((worse / "manifest.json").read_text())
+    manifest["model_version"] = "tiny-worse"
+    manifest["metrics"]["test/top1"] -= 0.05  # same evaluation set (eval/* unchanged), worse top-1
+    (worse / "manifest.json").write_text(json.dumps(manifest))
+    res = runner.invoke(app, ["promote", str(worse), "--database-url", pg_url])
+    assert res.exit_code == 1 and "rejected tiny-worse" in res.output and "test/top1" in res.output
+    assert db.execute("SELECT model_version FROM models WHERE status = 'active'").fetchall() == [("tiny-test",)]
+
+
+def test_evaluate_cli_reports_metrics(tiny_model_dir, fmnist_dir, tmp_path):
+    from enrich.cli import app
+
+    out = tmp_path / "m.json"
+    res = CliRunner().invoke(app, ["evaluate", str(tiny_model_dir), "--data-dir", str(fmnist_dir),
+                                   "--test-items", "200", "--device", "cpu", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(out.read_text())
+    assert 0.0 <= metrics["test/top1"] <= 1.0 and "test/recall@1" in metrics and "test_plain/top1" in metrics
+
+
+def test_train_cli_rejects_unknown_preset():
+    from enrich.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--preset", "huge"])
+    assert res.exit_code != 0 and "unknown preset" in res.output

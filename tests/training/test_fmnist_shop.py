@@ -1,0 +1,45 @@
+import colorsys
+
+import numpy as np
+
+from training.fmnist import load_fashion_mnist
+from training.fmnist_shop import COLOUR_RGB, build_shop
+
+
+def _hue(rgb):
+    return colorsys.rgb_to_hsv(*(np.asarray(rgb) / 255.0))[0]
+
+
+def test_shop_photos_items_and_split(fmnist_dir, fmnist_taxonomy):
+    x, y = load_fashion_mnist(fmnist_dir, "test")
+    shop = build_shop(x[:50], y[:50], fmnist_taxonomy, photos_per_item=3, seed=1)
+    assert shop.images.shape == (150, 28, 28, 3) and shop.images.dtype == np.uint8
+    assert shop.item_ids.tolist() == np.repeat(np.arange(50), 3).tolist()
+    assert shop.category.tolist() == np.repeat(y[:50], 3).tolist()
+    # each item: one query, the rest gallery; every photo of an item has the item's colour
+    assert shop.is_query.reshape(50, 3).sum(axis=1).tolist() == [1] * 50
+    assert (shop.colour.reshape(50, 3) == shop.colour[::3, None]).all()
+    assert len(np.unique(shop.colour)) >= 5
+    # photos of one item differ (augmented), but not the item identity
+    assert not np.array_equal(shop.images[1], shop.images[2])
+
+
+def test_tint_is_on_the_garment(fmnist_dir, fmnist_taxonomy):
+    x, y = load_fashion_mnist(fmnist_dir, "test")
+    values = fmnist_taxonomy.group("colour").values
+    red = values.index("red")
+    shop = build_shop(x[:5], y[:5], fmnist_taxonomy, photos_per_item=1, colours=np.full(5, red))
+    for img, src in zip(shop.images, x[:5]):
+        garment = img[src > 200].astype(float).mean(axis=0)
+        background = img[src == 0].astype(float)
+        assert garment[0] > garment[1] + 80 and garment[0] > garment[2] + 80  # red
+        # the background stays neutral grey
+        assert np.abs(background[:, 0] - background[:, 1]).mean() < 6
+
+
+def test_same_seed_same_shop(fmnist_dir, fmnist_taxonomy):
+    x, y = load_fashion_mnist(fmnist_dir, "test")
+    a = build_shop(x[:10], y[:10], fmnist_taxonomy, photos_per_item=2, seed=3)
+    b = build_shop(x[:10], y[:10], fmnist_taxonomy, photos_per_item=2, seed=3)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert set(fmnist_taxonomy.group("colour").values) <= set(COLOUR_RGB)

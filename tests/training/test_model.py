@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.backbones import build_lite0_classifier, create_backbone, list_backbones
+from training.model import build_model
+
+
+def test_registry_lists_backbones_and_rejects_unknown():
+    assert {"resnet50", "efficientnet_lite0", "small_cnn"} <= set(list_backbones())
+    with pytest.raises(RuntimeError, match="Unknown backbone 'vgg'"):
+        create_backbone("vgg")
+
+
+def test_head_sizes_follow_the_taxonomy(mixed_taxonomy):
+    model = build_model("small_cnn", mixed_taxonomy, pretrained=False, embedding_dim=64).eval()
+    out = model(torch.randn(5, 3, 32, 32))
+    assert out.category.shape == (5, 3)
+    assert {g: t.shape for g, t in out.groups.items()} == {"colour": (5, 2), "sleeve": (5, 3), "style": (5, 4)}
+    assert out.embedding.shape == (5, 64)
+    torch.testing.assert_close(out.embedding.norm(dim=1), torch.ones(5))
+    masks = model.condition_masks()
+    assert masks.shape == (3, 64) and bool((masks >= 0).all())
+
+
+def test_shared_mlp_is_the_seed_shape(fmnist_taxonomy):
+    model = build_model("small_cnn", fmnist_taxonomy, pretrained=False)
+    linear = [m for m in model.shared if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linear] == [(192, 1024), (1024, 512)]
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.shared)
+
+
+def test_resnet50_freezes_seed_layers(fmnist_taxonomy):
+    model = build_model("resnet50", fmnist_taxonomy, pretrained=False)
+    frozen = model.freeze_backbone_layers(multitask=True)
+    assert any(n.startswith("backbone.net.layer2.") for n in frozen)
+    assert any(n.startswith("backbone.net.conv1.") for n in frozen)
+    # every training stage keeps them frozen
+    from training.train import TrainConfig, _set_trainable
+
+    for spec in TrainConfig().stages():
+        _set_trainable(model, spec, set(model.frozen_backbone))
+        assert not any(p.requires_grad for n, p in model.named_parameters() if n in set(frozen))
+    trainable = {n for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith(("net.layer3.", "net.layer4.")) for n in trainable)
+    out = model.eval()(torch.randn(2, 3, 64, 64))
+    assert out.category.shape == (2, 10) and out.embedding.shape == (2, 256)
+
+
+def test_resnet50_loads_weights_from_a_file(tmp_path, fmnist_taxonomy):
+    import torchvision
+
+    ref = torchvision.models.resnet50(weights=None)
+    torch.save(ref.state_dict(), tmp_path / "r50.pth")
+    bb = create_backbone("resnet50", weights_path=tmp_path / "r50.pth")
+    torch.testing.assert_close(bb.module.net.conv1.weight, ref.conv1.weight)
+    torch.save({"not": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a torchvision ResNet-50"):
+        create_backbone("resnet50", weights_path=tmp_path / "bad.pth")
+
+
+def test_lite0_weights_are_real_imagenet_weights():
+    """A real photo of a cat (skimage's chelsea) must land in ImageNet's cat classes (281-285)."""
+    from skimage import data
+
+    net = build_lite0_classifier(pretrained=True).eval()
+    img = Image.fromarray(data.chelsea()).convert("RGB").resize((224, 224))
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
+    with torch.inference_mode():
+        top5 = net(x[None]).topk(5).indices[0].tolist()
+    assert top5[0] in range(281, 286), top5
