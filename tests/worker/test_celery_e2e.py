@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -11,20 +10,10 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
-from tests.worker.conftest import png_bytes
+from tests.worker.conftest import png_bytes, wait_until
 from worker.store import tags_of
 
 REDIS = "redis://127.0.0.1:6379/0"
-
-
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    """Poll until the asynchronous pipeline has caught up (not a speed assertion)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture()
@@ -79,7 +68,7 @@ def test_kafka_to_rows_through_a_real_celery_worker(celery_env, pg_url, db, tmp_
     assert stats.consumed == 10 and stats.dlq == 1
 
     done = lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 6  # noqa: E731
-    _wait_for(done)
+    wait_until(done)
     assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 6
     assert db.execute("SELECT count(*) FROM listing_tags").fetchone()[0] == 18  # category, type, colour each
     assert tags_of(db, "k0")["category"] == ("Bag", "seller", None, None)
@@ -127,7 +116,7 @@ def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_p
                                  ListingEvent(listing_id="broken", seller_id="s", images=[str(tmp_path / "bad.png")])])
         send_enrich(["flaky", "fine", "broken"])
         status = lambda: dict(db.execute("SELECT listing_id, status FROM listings").fetchall())  # noqa: E731
-        _wait_for(lambda: status() == {"flaky": "enriched", "fine": "enriched", "broken": "failed"})
+        wait_until(lambda: status() == {"flaky": "enriched", "fine": "enriched", "broken": "failed"})
         assert _FlakyHandler.served == 1  # two 503s, then one success: retried, not failed
         assert "not an image" in db.execute("SELECT error FROM listings WHERE listing_id = 'broken'").fetchone()[0]
         assert tags_of(db, "flaky")["colour"][1] == "predicted"

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import png_bytes
+from tests.worker.conftest import png_bytes, wait_until
 from worker.store import upsert_listings
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -44,15 +43,6 @@ class _GateHandler(BaseHTTPRequestHandler):
 def _start_worker(env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--loglevel=INFO"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=log.open("a"))
-
-
-def _wait(predicate, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not reached")
 
 
 def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_path, monkeypatch):
@@ -92,7 +82,7 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
         assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 0
         _GateHandler.gate.set()
         second = _start_worker(env, log)
-        _wait(lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 2)
+        wait_until(lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 2)
         assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 2
         assert db.execute("SELECT count(*) FROM listing_tags").fetchone()[0] == 6
     finally:
