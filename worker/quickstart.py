@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
-from psycopg.types.json import Jsonb
 
 log = logging.getLogger(__name__)
 PHOTO_SIZE = 56  # 2× Fashion-MNIST, so the contact sheet shows something; the model resizes to its own size
@@ -92,22 +91,6 @@ def find_or_train_model(models_dir: Path, fmnist_dir: Path, retrain: bool, time_
     return Path(train(cfg))
 
 
-def register_if_none_active(conn: psycopg.Connection, manifest, model_dir: Path) -> bool:
-    """Make the quickstart model the active one on a database that has none (a fresh embedded one)."""
-    with conn.transaction():
-        conn.execute(
-            """INSERT INTO models (model_version, manifest, metrics, path, status)
-               VALUES (%s, %s, %s, %s, 'candidate') ON CONFLICT (model_version) DO NOTHING""",
-            (manifest.model_version, Jsonb(manifest.model_dump(mode="json")), Jsonb(manifest.metrics),
-             str(model_dir.resolve())),
-        )
-        if conn.execute("SELECT 1 FROM models WHERE status = 'active'").fetchone():
-            return False
-        conn.execute("UPDATE models SET status = 'active', promoted_at = now() WHERE model_version = %s",
-                     (manifest.model_version,))
-    return True
-
-
 def filled_accuracy(conn: psycopg.Connection, catalogue: Catalogue) -> dict[str, dict[str, float]]:
     """Per group: how many hidden tags were filled, went to review, and accuracy of the filled ones."""
     rows = conn.execute(
@@ -138,6 +121,7 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
     from enrich.db import connect, database_url
     from migrations import apply_all
     from training.inference import load_predictor
+    from training.registry import promote, register_candidate
     from worker import similar
     from worker.batch import read_listings, render_report, run_batch
     from worker.pipeline import Enricher
@@ -165,7 +149,11 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
     conn = connect(url, autocommit=True)
     try:
         apply_all(conn)
-        register_if_none_active(conn, predictor.manifest, model_dir)
+        # the training registry's gate decides: a fresh database gets this model as its first active one
+        register_candidate(conn, model_dir)
+        decision = promote(conn, predictor.version)
+        console.print(f"registry: {decision.candidate} " + ("is the active model" if decision.promoted else
+                      f"not promoted over {decision.previous}: {'; '.join(decision.reasons)}"))
         events, invalid = read_listings(catalogue.listings)
         enricher = Enricher(predictor, settings)
         report = run_batch(conn, enricher, events)

@@ -73,6 +73,7 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
     acc = out["accuracy"]["colour"]
     assert acc["filled"] + acc["review"] == acc["hidden"] == 16
     assert "accuracy of the filled tags" in text and "similar to qs-0000" in text
+    assert "is the active model" in text  # registered and promoted through the training registry
     for sheet in out["sheets"]:
         from PIL import Image
 
