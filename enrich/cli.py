@@ -26,7 +26,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     # third-party chatter drowns what our own logs say
-    for noisy in ("kafka", "botocore", "urllib3", "PIL", "matplotlib"):
+    for noisy in ("kafka", "botocore", "urllib3", "PIL", "matplotlib", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
