@@ -136,9 +136,11 @@ def find_model_dir(settings: Settings, conn: psycopg.Connection | None = None) -
     if settings.model_dir is not None:
         return Path(settings.model_dir)
     if conn is not None:
-        row = conn.execute("SELECT path FROM models WHERE status = 'active'").fetchone()
-        if row and Path(row[0]).is_dir():
-            return Path(row[0])
+        from training.registry import active_model
+
+        row = active_model(conn)
+        if row and Path(row.path).is_dir():
+            return Path(row.path)
     found = sorted(settings.models_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise FileNotFoundError(f"no model found: set ENRICH_MODEL_DIR, pass --model-dir, or run `enrich train` "

@@ -22,12 +22,13 @@ def active_model_dir(settings: Settings) -> Path:
     if settings.model_dir is not None:
         return Path(settings.model_dir)
     from enrich.db import connection
+    from training.registry import active_model
 
     with connection() as conn:
-        row = conn.execute("SELECT path FROM models WHERE status = 'active'").fetchone()
+        row = active_model(conn)
     if row is None:
         raise RuntimeError("no model: set ENRICH_MODEL_DIR or promote one (`enrich promote`)")
-    return Path(row[0])
+    return Path(row.path)
 
 
 def enricher(settings: Settings | None = None):

@@ -51,10 +51,11 @@ def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None
     """The model's seed-001 mask for `group` (loads the model once; CPU is enough)."""
     from enrich.config import get_settings
     from training.inference import load_predictor
+    from training.registry import get_model
 
     if model_dir is None:
-        row = conn.execute("SELECT path FROM models WHERE model_version = %s", (model_version,)).fetchone()
-        model_dir = Path(row[0]) if row else get_settings().model_dir
+        row = get_model(conn, model_version)
+        model_dir = Path(row.path) if row else get_settings().model_dir
     if model_dir is None:
         raise LookupError(f"no model directory known for {model_version!r}; pass --model-dir")
     masks = load_predictor(model_dir, device="cpu").condition_masks()

@@ -24,6 +24,15 @@ def wait_until(predicate, timeout: float = 90.0) -> None:
     raise AssertionError("condition not reached")
 
 
+def send_png(handler, colour) -> None:
+    """Answer an http.server request with a small PNG of one colour."""
+    body = png_bytes(colour)
+    handler.send_response(200)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def png_bytes(colour=(200, 30, 30), size=(40, 48), mode="RGB") -> bytes:
     buf = io.BytesIO()
     Image.new(mode, size, colour).save(buf, format="PNG")

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
-from tests.worker.conftest import png_bytes, wait_until
+from tests.worker.conftest import png_bytes, send_png, wait_until
 from worker.store import tags_of
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -88,12 +88,8 @@ class _FlakyHandler(BaseHTTPRequestHandler):
             self.send_response(503)
             self.end_headers()
             return
-        body = png_bytes((10, 200, 10))
         type(self).served += 1
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_png(self, (10, 200, 10))
 
     def log_message(self, *args) -> None:
         pass

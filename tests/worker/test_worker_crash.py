@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import png_bytes, wait_until
+from tests.worker.conftest import png_bytes, send_png, wait_until
 from worker.store import upsert_listings
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -30,11 +30,7 @@ class _GateHandler(BaseHTTPRequestHandler):
         type(self).arrived.set()
         if not type(self).gate.wait(60):
             return
-        body = png_bytes((200, 100, 0))
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_png(self, (200, 100, 0))
 
     def log_message(self, *args) -> None:
         pass
