@@ -3,6 +3,8 @@
     python benchmarks/train_quality.py quick                    # ≥ 90 % FMNIST top-1 in ≤ ~4 min?
     python benchmarks/train_quality.py compare --budget 900     # staged vs unified, same time budget
     nice -n 10 python benchmarks/train_quality.py full          # long staged run (hours on 2 cores)
+    python benchmarks/train_quality.py full-gpu                 # the quality run on one GPU (~6 min)
+    python benchmarks/train_quality.py compare --base full-gpu --budget 150   # seed 000's table on a GPU
 
 Prints each run's wall time, the CPU seconds this process used (on a shared machine wall time
 swings with other load; CPU seconds do not), the machine (cores, load average) and the test metrics
@@ -41,8 +43,11 @@ def machine() -> dict:
         model = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "loadavg_at_end": os.getloadavg()}
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cores": os.cpu_count(), "cpu": model, "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version(), "loadavg_at_end": os.getloadavg()}
 
 
 def run(name: str, cfg) -> dict:
@@ -69,7 +74,14 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["quick", "quick-lite0", "compare", "full"], help="which run")
+    p.add_argument("what", choices=["quick", "quick-lite0", "compare", "full", "full-gpu"], help="which run")
+    p.add_argument("--base", choices=["quick", "full-gpu"], default="quick",
+                   help="compare: the preset both strategies start from (default: quick)")
+    p.add_argument("--strategies", default="staged,unified", help="compare: which strategies (default: both)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle cores)")
+    p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the preset's)")
+    p.add_argument("--items", type=int, default=None,
+                   help="smoke test: this many train/val/test items instead of all (figures then mean nothing)")
     p.add_argument("--budget", type=float, default=None, help="time budget per run in seconds "
                    "(default: the preset's; compare: 900)")
     p.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
@@ -78,10 +90,14 @@ def main() -> None:
                    "(default: .enrich/bench)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from training.train import FULL, QUICK, QUICK_LITE0
+    from training.train import FULL, FULL_GPU, QUICK, QUICK_LITE0
 
     args.out.mkdir(parents=True, exist_ok=True)
-    base = {"out_dir": args.out / "models", "data_dir": args.data_dir, "progress": False}
+    base = {"out_dir": args.out / "models", "data_dir": args.data_dir, "progress": False, "threads": args.threads}
+    if args.device:
+        base["device"] = args.device
+    if args.items:
+        base.update(train_items=args.items, val_items=max(100, args.items // 4), test_items=args.items)
     results = []
     if args.what in ("quick", "quick-lite0"):
         cfg = replace(QUICK if args.what == "quick" else QUICK_LITE0, **base)
@@ -91,12 +107,15 @@ def main() -> None:
     elif args.what == "compare":
         budget = args.budget or 900.0
         # the same data, backbone and budget; only the strategy differs
-        common = replace(QUICK, **base, time_budget_s=budget, val_items=2000, stage_steps=(2000, 8000, 4000),
-                         unified_steps=14000)
-        for strategy in ("staged", "unified"):
+        if args.base == "quick":
+            common = replace(QUICK, **base, time_budget_s=budget, val_items=2000, stage_steps=(2000, 8000, 4000),
+                             unified_steps=14000)
+        else:
+            common = replace(FULL_GPU, **base, time_budget_s=budget, unified_steps=sum(FULL_GPU.stage_steps))
+        for strategy in args.strategies.split(","):
             results.append(run(strategy, replace(common, strategy=strategy)))
     else:
-        cfg = replace(FULL, **base)
+        cfg = replace(FULL if args.what == "full" else FULL_GPU, **base)
         if args.budget:
             cfg = replace(cfg, time_budget_s=args.budget)
         results.append(run("full", cfg))

@@ -205,3 +205,20 @@ def small_cnn(pretrained: bool = True, weights_path: Path | None = None) -> Back
     if weights_path is not None:
         net.load_state_dict(load_state_file(weights_path))
     return Backbone(name="small_cnn", module=net, feat_dim=192, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@register_backbone
+def resnet18_lowres(pretrained: bool = True, weights_path: Path | None = None) -> Backbone:
+    """torchvision ResNet-18 adapted to 28–32 px inputs, from scratch: a 3×3 stride-1 stem and no max
+    pool (the usual CIFAR change), so layer4 still sees 4×4 maps. The long-run (GPU) trunk for
+    Fashion-MNIST-sized garments; ImageNet weights don't fit its stem, so there are none."""
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    if weights_path is not None:
+        net.load_state_dict({k: v for k, v in load_state_file(weights_path).items() if not k.startswith("fc.")},
+                            strict=False)
+    return Backbone(name="resnet18_lowres", module=_TorchvisionResNetTrunk(net), feat_dim=512,
+                    mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

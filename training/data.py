@@ -73,3 +73,34 @@ class TorchImages(Dataset):
             if g in self.data.present:
                 item[f"present/{g}"] = bool(self.data.present[g][i])
         return item
+
+
+class TensorBatches:
+    """An in-memory uint8 set held as tensors on the training device: a batch is an index gather
+    plus :class:`training.transforms.BatchAugment` — no per-image Python, no DataLoader workers.
+    Yields the same dict as a DataLoader over :class:`TorchImages` would."""
+
+    def __init__(self, data: LabelledImages, augment: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device) -> None:
+        if data.images.dtype != np.uint8:
+            raise ValueError("TensorBatches needs in-memory uint8 images (use TorchImages for file paths)")
+        self.augment, self.device = augment, device
+        self.images = torch.from_numpy(np.ascontiguousarray(data.images)).to(device)
+        self.labels = {"category": torch.from_numpy(data.category).to(device),
+                       "item_id": torch.from_numpy(data.item_ids).to(device)}
+        for g, arr in data.groups.items():
+            self.labels[f"group/{g}"] = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
+            if g in data.present:
+                self.labels[f"present/{g}"] = torch.from_numpy(data.present[g]).to(device)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
+        out = {k: v[idx] for k, v in self.labels.items()}
+        out["image"] = self.augment(self.images[idx])
+        return out
+
+    def iterate(self, batch_sampler):
+        """Endless batches from a (re-iterable) batch sampler."""
+        while True:
+            for indices in batch_sampler:
+                yield self.batch(indices)

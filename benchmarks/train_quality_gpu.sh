@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The training quality runs on one lent GPU, in one go (device time is scarce):
+#   1. a 512-item smoke run (fails fast, before the long runs start),
+#   2. the full staged run (FULL_GPU preset) and, beside it on the same GPU, seed 000's staged-vs-unified
+#      comparison (both strategies from the same preset with the same smaller budget),
+#   3. the logs, result JSON and the full run's report copied flat into $OUT.
+# Usage: OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/train_quality_gpu.sh
+set -u
+OUT=${OUT:-/tmp/gpu-quality}
+DATA=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
+FULL_BUDGET=${FULL_BUDGET:-400}
+CMP_BUDGET=${CMP_BUDGET:-150}
+WORK=${WORK:-/tmp/gpu-quality-work}
+PY=${PYTHON:-python3}
+EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS}"  # dry runs elsewhere: DEVICE=cpu ITEMS=512
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" "$WORK"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+t0=$(date +%s)
+if ! $PY benchmarks/train_quality.py full-gpu --items 512 --budget 8 ${DEVICE:+--device $DEVICE} --data-dir "$DATA" --out "$WORK/smoke" \
+    >"$OUT/smoke.log" 2>&1; then
+  tail -40 "$OUT/smoke.log"; echo "smoke run failed"; exit 1
+fi
+echo "smoke ok after $(( $(date +%s) - t0 )) s"
+$PY benchmarks/train_quality.py full-gpu --budget "$FULL_BUDGET" --threads 6 $EXTRA --data-dir "$DATA" \
+  --out "$WORK/full" >"$OUT/full.log" 2>&1 &
+full=$!
+for s in staged unified; do
+  $PY benchmarks/train_quality.py compare --base full-gpu --strategies $s --budget "$CMP_BUDGET" --threads 4 $EXTRA \
+    --data-dir "$DATA" --out "$WORK/cmp_$s" >"$OUT/cmp_$s.log" 2>&1 &
+done
+wait
+rc=0; wait $full || rc=$?
+echo "all runs done after $(( $(date +%s) - t0 )) s (full run rc=$rc)"
+for f in full cmp_staged cmp_unified; do echo "== $f"; grep -E "^\||stage .* done|budget|Error|error" "$OUT/$f.log" | tail -12; done
+$PY - "$WORK" "$OUT" <<'PY'
+import json, shutil, sys
+from pathlib import Path
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+docs = [json.loads(p.read_text()) for p in sorted(work.glob("*/train_*.json")) if "smoke" not in str(p)]
+(out / "results.json").write_text(json.dumps(docs, indent=1))
+full = [r for d in docs for r in d["results"] if r["name"] == "full"]
+if full:
+    report = Path(full[0]["model_dir"]) / "report"
+    for name in ("summary.md", "loss.png", "recall_at_k.png"):
+        if (report / name).exists():
+            shutil.copy(report / name, out / f"full_{name}")
+PY
+ls -la "$OUT"
