@@ -9,7 +9,7 @@ set -u
 OUT=${OUT:-/tmp/gpu-quality}
 DATA=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
 FULL_BUDGET=${FULL_BUDGET:-400}
-CMP_BUDGET=${CMP_BUDGET:-150}
+CMP_BUDGET=${CMP_BUDGET:-150}  # 0: no comparison, the GPU to the full run alone
 WORK=${WORK:-/tmp/gpu-quality-work}
 PY=${PYTHON:-python3}
 EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS}"  # dry runs elsewhere: DEVICE=cpu ITEMS=512
@@ -17,7 +17,7 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 t0=$(date +%s)
-if ! $PY benchmarks/train_quality.py full-gpu --items 512 --budget 8 ${DEVICE:+--device $DEVICE} --data-dir "$DATA" --out "$WORK/smoke" \
+if ! $PY benchmarks/train_quality.py full-gpu --items 512 --budget 4 ${DEVICE:+--device $DEVICE} --data-dir "$DATA" --out "$WORK/smoke" \
     >"$OUT/smoke.log" 2>&1; then
   tail -40 "$OUT/smoke.log"; echo "smoke run failed"; exit 1
 fi
@@ -25,14 +25,14 @@ echo "smoke ok after $(( $(date +%s) - t0 )) s"
 $PY benchmarks/train_quality.py full-gpu --budget "$FULL_BUDGET" --threads 6 $EXTRA --data-dir "$DATA" \
   --out "$WORK/full" >"$OUT/full.log" 2>&1 &
 full=$!
-for s in staged unified; do
+for s in $([ "$CMP_BUDGET" != 0 ] && echo staged unified); do
   $PY benchmarks/train_quality.py compare --base full-gpu --strategies $s --budget "$CMP_BUDGET" --threads 4 $EXTRA \
     --data-dir "$DATA" --out "$WORK/cmp_$s" >"$OUT/cmp_$s.log" 2>&1 &
 done
-wait
 rc=0; wait $full || rc=$?
+wait
 echo "all runs done after $(( $(date +%s) - t0 )) s (full run rc=$rc)"
-for f in full cmp_staged cmp_unified; do echo "== $f"; grep -E "^\||stage .* done|budget|Error|error" "$OUT/$f.log" | tail -12; done
+for f in full $([ "$CMP_BUDGET" != 0 ] && echo cmp_staged cmp_unified); do echo "== $f"; grep -E "^\||stage .* done|budget|Error|error" "$OUT/$f.log" | tail -12; done
 $PY - "$WORK" "$OUT" <<'PY'
 import json, shutil, sys
 from pathlib import Path

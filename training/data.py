@@ -94,13 +94,15 @@ class TensorBatches:
                 self.labels[f"present/{g}"] = torch.from_numpy(data.present[g]).to(device)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64), device=self.device)
+        idx = torch.as_tensor(indices, dtype=torch.int64, device=self.device)
         out = {k: v[idx] for k, v in self.labels.items()}
         out["image"] = self.augment(self.images[idx])
         return out
 
     def iterate(self, batch_sampler):
-        """Endless batches from a (re-iterable) batch sampler."""
+        """Endless batches from a (re-iterable) batch sampler of equal-sized batches. Each pass goes to
+        the device as one index tensor, so a step never copies (and waits) on its own."""
         while True:
-            for indices in batch_sampler:
+            passes = torch.as_tensor(np.asarray(list(batch_sampler), dtype=np.int64), device=self.device)
+            for indices in passes:
                 yield self.batch(indices)

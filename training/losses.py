@@ -53,21 +53,23 @@ def task_weights(label_counts: dict[str, int], c: float = 3.0) -> dict[str, floa
 def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax CE over one exclusive group; rows with target MISSING add nothing (seed 001).
 
-    A batch in which nobody has the group returns an exact zero that still carries a graph.
+    The weighted mean over the rows that have the group, computed with masks rather than boolean
+    indexing so that a training step never waits for the GPU. A batch in which nobody has the group
+    gives an exact zero that still carries a graph.
     """
-    present = target != MISSING
-    if not bool(present.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[present].float(), target[present], weight=weight)
+    present = (target != MISSING).float()
+    safe = target.clamp(min=0)
+    nll = F.cross_entropy(logits.float(), safe, reduction="none")
+    w = present if weight is None else weight[safe] * present
+    return (nll * w).sum() / w.sum().clamp_min(1e-12)
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
                pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sigmoid BCE (seed 000's pos_weight) for a non-exclusive group, over the rows that have it."""
-    if not bool(present.any()):
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[present].float(), target[present].float(),
-                                              pos_weight=pos_weight)
+    """Sigmoid BCE (seed 000's pos_weight) for a non-exclusive group, the mean over the rows that have it."""
+    per = F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=pos_weight, reduction="none")
+    rows = present.float()[:, None]
+    return (per * rows).sum() / (rows.sum() * per.shape[1]).clamp_min(1e-12)
 
 
 class BatchHardTriplet(nn.Module):
@@ -102,7 +104,10 @@ class LossWeights:
 
 @dataclass
 class MultitaskLoss:
-    """total = λcls·(Lcat + Σ_g w_g·L_g) + λret·(Ltriplet + λcond·Σ_g Lcond_g)."""
+    """total = λcls·(Lcat + Σ_g w_g·L_g) + λret·(Ltriplet + λcond·Σ_g Lcond_g).
+
+    Calling it returns the total and its parts as detached 0-d tensors: reading them (float) waits for
+    the GPU, so the trainer reads them in bulk every few steps, not every step."""
 
     category_weight: torch.Tensor | None = None  # (C,) class weights for the weighted CE
     group_weight: dict[str, torch.Tensor] = field(default_factory=dict)  # exclusive: class weights
@@ -122,24 +127,24 @@ class MultitaskLoss:
         self.group_pos_weight = {k: move(v) for k, v in self.group_pos_weight.items()}
         return self
 
-    def classification(self, out, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        parts: dict[str, float] = {}
+    def classification(self, out, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts: dict[str, torch.Tensor] = {}
         cat = masked_group_ce(out.category, batch["category"], self.category_weight)
-        parts["cat"] = float(cat.detach())
+        parts["cat"] = cat.detach()
         total = cat
         for g, logits in out.groups.items():
             if self.exclusive.get(g, True):
                 lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g))
             else:
                 lg = masked_bce(logits, batch[f"group/{g}"], batch[f"present/{g}"], self.group_pos_weight.get(g))
-            parts[f"attr/{g}"] = float(lg.detach())
+            parts[f"attr/{g}"] = lg.detach()
             total = total + self.group_task_weight.get(g, 1.0) * lg
         return total, parts
 
     def retrieval(self, out, batch: dict, masks: torch.Tensor | None, group_names: list[str]
-                  ) -> tuple[torch.Tensor, dict[str, float]]:
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         trip = self.triplet(out.embedding, batch["item_id"])
-        parts = {"triplet": float(trip.detach())}
+        parts = {"triplet": trip.detach()}
         total = trip
         if masks is not None and self.weights.condition > 0:
             cond = out.embedding.sum() * 0.0
@@ -148,14 +153,14 @@ class MultitaskLoss:
                     continue  # conditional triplets need one value per sample
                 cond = cond + self.triplet(conditional_embedding(out.embedding, masks[i]), batch[f"group/{g}"])
             cond = cond + self.weights.mask_l1 * masks.abs().sum(dim=1).mean() / masks.shape[1]
-            parts["condition"] = float(cond.detach())
+            parts["condition"] = cond.detach()
             total = total + self.weights.condition * cond
         return total, parts
 
     def __call__(self, out, batch: dict, *, use_cls: bool, use_ret: bool, masks: torch.Tensor | None = None,
-                 group_names: list[str] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 group_names: list[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = out.embedding.sum() * 0.0
-        parts: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
         if use_cls:
             lc, p = self.classification(out, batch)
             total = total + self.weights.cls * lc
@@ -164,5 +169,5 @@ class MultitaskLoss:
             lr, p = self.retrieval(out, batch, masks, group_names or [])
             total = total + self.weights.ret * lr
             parts.update(p)
-        parts["total"] = float(total.detach())
+        parts["total"] = total.detach()
         return total, parts

@@ -110,6 +110,7 @@ def test_multitask_loss_combines_with_lambdas(mixed_taxonomy):
     crit = MultitaskLoss(exclusive={"colour": True, "sleeve": True, "style": False},
                          weights=LossWeights(cls=0.2, ret=1.0, condition=0.0))
     total, parts = crit(out, batch, use_cls=True, use_ret=True)
+    parts = {k: float(v) for k, v in parts.items()}  # detached 0-d tensors: read when logged
     cls = parts["cat"] + parts["attr/colour"] + parts["attr/sleeve"] + parts["attr/style"]
     assert parts["attr/sleeve"] == 0.0  # nobody has a sleeve label
     assert total.item() == pytest.approx(0.2 * cls + 1.0 * parts["triplet"], rel=1e-5)

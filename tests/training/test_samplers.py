@@ -63,3 +63,16 @@ def test_interleaved_batches_for_partly_identified_data():
             assert (items[b] >= 0).all() and set(Counter(items[b].tolist()).values()) == {4}
         else:  # classification batch: only rows with a category
             assert (labels[b] >= 0).all()
+
+
+def test_m_per_item_photos_are_distinct_and_items_with_few_photos_cycle():
+    items = np.array([0] * 6 + [1] * 2 + [2] * 4 + [3] * 4)  # item 1 has fewer photos than m
+    sampler = m_per_item_sampler(items, batch_size=8, m=4, length=64)
+    idx = np.array(list(iter(sampler))).reshape(-1, 4)  # one row per (item, pass) draw
+    for row in idx:
+        assert len(set(items[row])) == 1
+        item = items[row[0]]
+        assert len(set(row.tolist())) == min(4, int((items == item).sum()))
+    # over many passes every photo of the 6-photo item is drawn
+    drawn = {i for _ in range(20) for i in iter(sampler) if items[i] == 0}
+    assert drawn == set(range(6))
