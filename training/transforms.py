@@ -1,8 +1,11 @@
 """Augmentation (seed 000) and the eval transform, on uint8 HWC arrays → normalised CHW tensors."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -76,10 +79,6 @@ class BatchAugment:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, H, W, 3) uint8 → (B, 3, size, size) float32, normalised."""
-        import math
-
-        import torch.nn.functional as F
-
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         b, dev = x.shape[0], x.device
         if self.level == "none":

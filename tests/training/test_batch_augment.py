@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from training.data import LabelledImages, TensorBatches
-from training.evaluate import _array_batches
+from training.inference import image_to_tensor
 from training.losses import MISSING
 from training.transforms import BatchAugment
 
@@ -15,10 +16,10 @@ def _photos(n: int = 6, size: int = 28, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
-def test_level_none_is_exactly_the_eval_preprocessing():
+def test_level_none_is_exactly_the_predictors_preprocessing():
     imgs = _photos()
     got = BatchAugment(28, *HALF, level="none")(torch.from_numpy(imgs))
-    want = next(_array_batches(imgs, 28, *HALF, batch_size=len(imgs)))
+    want = torch.stack([image_to_tensor(Image.fromarray(im), 28, *HALF) for im in imgs])
     assert torch.equal(got, want)
 
 
@@ -81,7 +82,7 @@ def test_tensor_batches_gather_rows_with_their_labels():
     assert b["category"].tolist() == [1, 2, 2]
     assert b["item_id"].tolist() == [3, 1, 1]
     assert b["group/colour"].tolist() == [2, 2, 2]
-    assert torch.equal(b["image"][0], next(_array_batches(data.images[7:8], 28, *HALF, batch_size=1))[0])
+    assert torch.equal(b["image"][0], image_to_tensor(Image.fromarray(data.images[7]), 28, *HALF))
     # endless: more batches than one pass of the sampler holds
     batches = list(zip(range(5), tb.iterate([[0, 1], [2, 3]])))
     assert [b["category"].tolist() for _, b in batches] == [[0, 1], [2, 0], [0, 1], [2, 0], [0, 1]]

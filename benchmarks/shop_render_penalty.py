@@ -1,0 +1,75 @@
+"""How much does the FMNIST-shop rendering (colour tint over a grey background) cost the category task?
+
+Trains the small CNN with a linear category head, classification only, for the same steps on (a) the
+Fashion-MNIST images themselves (grey, as RGB) and (b) their FMNIST-shop renders, and prints the test
+top-1 of each and the ratio. Isolates the data from the multitask recipe.
+
+    python benchmarks/shop_render_penalty.py --steps 5000     # ~6 min on 2 cores
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from schemas.taxonomy import load_taxonomy  # noqa: E402
+from training.backbones import create_backbone  # noqa: E402
+from training.fmnist import load_fashion_mnist  # noqa: E402
+from training.fmnist_shop import build_shop  # noqa: E402
+from training.transforms import BatchAugment  # noqa: E402
+
+HALF = ((0.5,) * 3, (0.5,) * 3)
+
+
+def train_and_test(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                   steps: int, batch: int = 64, lr: float = 2e-3) -> float:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(create_backbone("small_cnn", pretrained=False).module, torch.nn.Linear(192, 10))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4, foreach=True)
+    aug = BatchAugment(28, *HALF, level="light", generator=torch.Generator().manual_seed(0))
+    x, y, g = torch.from_numpy(train_x), torch.from_numpy(train_y), torch.Generator().manual_seed(0)
+    for step in range(steps):
+        for pg in opt.param_groups:  # cosine to 1e-5, as the trainer does
+            pg["lr"] = 1e-5 + (lr - 1e-5) * 0.5 * (1 + np.cos(np.pi * step / steps))
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        loss = F.cross_entropy(net(aug(x[idx])), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    plain = BatchAugment(28, *HALF, level="none")
+    with torch.no_grad():
+        pred = np.concatenate([net(plain(torch.from_numpy(test_x[i:i + 1000]))).argmax(1).numpy()
+                               for i in range(0, len(test_x), 1000)])
+    return float((pred == test_y).mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5000, help="training steps of batch 64 per run (default: 5000)")
+    p.add_argument("--items", type=int, default=25000, help="Fashion-MNIST train images used (default: 25000)")
+    p.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    args = p.parse_args()
+    x, y = load_fashion_mnist(args.data_dir, "train")
+    xt, yt = load_fashion_mnist(args.data_dir, "test")
+    x, y = x[:args.items], y[:args.items]
+    tax = load_taxonomy("fashion-mnist")
+    shop, shop_test = build_shop(x, y, tax, photos_per_item=1, seed=0), build_shop(xt, yt, tax, photos_per_item=1, seed=2)
+    grey = lambda a: np.repeat(a[..., None], 3, axis=-1)  # noqa: E731
+    results = {}
+    for name, (tx, ex) in {"grey": (grey(x), grey(xt)), "shop": (shop.images, shop_test.images)}.items():
+        t0 = time.perf_counter()
+        results[name] = train_and_test(tx, y, ex, yt, args.steps)
+        print(f"{name}: test top-1 {results[name]:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"shop ÷ grey = {results['shop'] / results['grey']:.4f} ({args.steps} steps, {args.items} items)")
+
+
+if __name__ == "__main__":
+    main()
