@@ -16,6 +16,23 @@ def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
     return parts[0], parts[1], parts[2]
 
 
+def _correction_rows(cfg):
+    """Corrected listings as training rows: labels from Postgres, photos through the worker's fetcher."""
+    from enrich.config import get_settings
+    from enrich.db import connection
+    from schemas.taxonomy import load_taxonomy
+    from training.corrections import corrections_to_images
+    from training.registry import correction_labels
+    from worker.images import load_image
+
+    settings = get_settings()
+    taxonomy = load_taxonomy(cfg.taxonomy)
+    with connection() as conn:
+        labels = correction_labels(conn, taxonomy)
+    typer.echo(f"{len(labels)} corrected label(s) in the database", err=True)
+    return corrections_to_images(labels, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root `enrich` app."""
 
@@ -43,8 +60,14 @@ def register(app: typer.Typer) -> None:
         model_version: str = typer.Option(None, help="version name of the new model (default: derived + UTC time)."),
         seed: int = typer.Option(None, help="random seed (default: 0)."),
         device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
+        workers: int = typer.Option(None, help="DataLoader processes decoding image files (DeepFashion; "
+                                               "in-memory sets augment on the device instead; default: the preset's)."),
         register_model: bool = typer.Option(False, "--register", help="record the new model as a candidate in "
                                                                        "the models table (default: no)."),
+        with_corrections: bool = typer.Option(False, "--with-corrections", help="add the listings people "
+                                              "corrected (latest label per group, from Postgres; photos fetched "
+                                              "under the worker's allow-list and limits) to the training split "
+                                              "(default: no)."),
     ) -> None:
         """Train the multitask model, evaluate it, calibrate thresholds and save it with a report."""
         from dataclasses import replace
@@ -59,12 +82,13 @@ def register(app: typer.Typer) -> None:
             "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
-            "device": device, "out_dir": out_dir or get_settings().models_dir,
+            "device": device, "workers": workers, "out_dir": out_dir or get_settings().models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
         if backbone == "resnet50" and weights is None:
             typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)
-        model_dir = run(cfg)
+        extra = _correction_rows(cfg) if with_corrections else None
+        model_dir = run(cfg, extra)
         manifest = json.loads((model_dir / "manifest.json").read_text())
         if register_model:
             from enrich.db import connection

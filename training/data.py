@@ -30,6 +30,19 @@ class LabelledImages:
                               {k: v[idx] for k, v in self.groups.items()},
                               {k: v[idx] for k, v in self.present.items()})
 
+    def concat(self, other: "LabelledImages") -> "LabelledImages":
+        """Rows of both (the same groups; in-memory photos must have the same size)."""
+        if set(self.groups) != set(other.groups) or set(self.present) != set(other.present):
+            raise ValueError("cannot concatenate image sets with different attribute groups")
+        if self.images.dtype != other.images.dtype or self.images.shape[1:] != other.images.shape[1:]:
+            raise ValueError(f"cannot concatenate photos of {self.images.shape[1:]} ({self.images.dtype}) "
+                             f"with {other.images.shape[1:]} ({other.images.dtype})")
+        return LabelledImages(np.concatenate([self.images, other.images]),
+                              np.concatenate([self.category, other.category]),
+                              np.concatenate([self.item_ids, other.item_ids]),
+                              {k: np.concatenate([v, other.groups[k]]) for k, v in self.groups.items()},
+                              {k: np.concatenate([v, other.present[k]]) for k, v in self.present.items()})
+
     def fingerprint(self) -> str:
         """A cheap content hash: the same data gives the same string (recorded in the manifest)."""
         import hashlib

@@ -85,6 +85,7 @@ class TrainConfig:
     time_budget_s: float | None = None  # training budget (data preparation excluded); stages share it by steps
     loss_weights: LossWeights = field(default_factory=LossWeights)
     seed_002_task_weights: bool = False  # per-group weights from label counts (noisy seller labels)
+    correction_repeats: int = 4  # human-corrected rows count this many times (the cleanest labels we have)
     # Fixed per-group loss factors. Colour is learnt from raw pixel statistics within a few steps and
     # its gradients swamp the category's: with weight 1 the category loss stayed at chance (2.3) for
     # 60 steps while colour converged; with 0.1 category learns as fast as alone (measured, small CNN).
@@ -149,7 +150,7 @@ FULL = TrainConfig(
 FULL_GPU = replace(
     FULL, backbone="resnet18_lowres", batch_size=512, stage_steps=(10000, 55000, 35000), augment="seed",
     lr_retrieval=1e-3, lr_classification=2e-3, lr_joint=5e-4, eval_every=2500, patience=1000,
-    time_budget_s=400.0, device="cuda", workers=0,
+    time_budget_s=400.0, device="cuda", workers=8,  # workers: decoding DeepFashion files only
 )
 PRESETS = {"quick": QUICK, "quick-lite0": QUICK_LITE0, "tiny": TINY, "full": FULL, "full-gpu": FULL_GPU}
 
@@ -405,17 +406,33 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     return best_metrics
 
 
-def train(config: TrainConfig) -> Path:
+def train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Path:
     """Train, evaluate, calibrate and save. Returns the model directory (model.safetensors,
-    manifest.json, report/)."""
+    manifest.json, report/). ``extra_train``: more labelled rows for the training split only, e.g.
+    human corrections (``training.corrections``); validation and test stay the fixed sets."""
     threads = torch.get_num_threads()
     try:
-        return _train(config)
+        return _train(config, extra_train)
     finally:
         torch.set_num_threads(threads)  # the caller's process (e.g. the quickstart) keeps its setting
 
 
-def _train(config: TrainConfig) -> Path:
+def add_training_rows(train: LabelledImages, extra: LabelledImages, repeats: int) -> LabelledImages:
+    """``extra`` appended ``repeats`` times, its photos resized to the training photos' size."""
+    if train.images.dtype != np.uint8:
+        raise RuntimeError("extra training rows (corrections) can only join in-memory datasets (fmnist-shop) "
+                           "so far; this dataset reads image files")
+    size = train.images.shape[1:3]
+    images = extra.images
+    if len(images) and images.shape[1:3] != size:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    extra = replace(extra, images=images)
+    return train.concat(extra.subset(np.tile(np.arange(len(extra)), max(1, repeats))))
+
+
+def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Path:
     cfg = config
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads or auto_threads(cfg.workers))
@@ -425,6 +442,11 @@ def _train(config: TrainConfig) -> Path:
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     taxonomy = load_taxonomy(cfg.taxonomy)
     data = prepare_data(cfg, taxonomy)
+    n_extra = len(extra_train) if extra_train is not None else 0
+    if n_extra:
+        data.train = add_training_rows(data.train, extra_train, cfg.correction_repeats)
+        log.info("training set: %d extra row(s) ×%d added (%d in all)", n_extra, cfg.correction_repeats,
+                 len(data.train))
     model = build_model(cfg.backbone, taxonomy, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         embedding_dim=cfg.embedding_dim)
     model.freeze_backbone_layers(multitask=True)
@@ -472,7 +494,8 @@ def _train(config: TrainConfig) -> Path:
                strategy=cfg.strategy)
     from training.report import write_report
 
-    write_report(out_dir / "report", taxonomy=taxonomy, config={**config_dict(cfg), "model_version": version},
+    write_report(out_dir / "report", taxonomy=taxonomy,
+                 config={**config_dict(cfg), "model_version": version, "extra_training_rows": n_extra},
                  metrics=metrics,
                  stage_metrics=stage_metrics, history=history, test=test)
     log.info("model %s saved to %s (%.1fs): %s", version, out_dir, time.perf_counter() - t_start,
