@@ -30,6 +30,13 @@ class LabelledImages:
                               {k: v[idx] for k, v in self.groups.items()},
                               {k: v[idx] for k, v in self.present.items()})
 
+    def labelled(self) -> np.ndarray:
+        """(N,) bool: rows with a category or any attribute label."""
+        has = self.category >= 0
+        for g, arr in self.groups.items():
+            has = has | (self.present[g] if g in self.present else arr >= 0)
+        return has
+
     def concat(self, other: "LabelledImages") -> "LabelledImages":
         """Rows of both (the same groups; in-memory photos must have the same size)."""
         if set(self.groups) != set(other.groups) or set(self.present) != set(other.present):

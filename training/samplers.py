@@ -50,22 +50,28 @@ def m_per_item_sampler(item_ids: np.ndarray, batch_size: int, m: int = 4,
 
 
 def class_balanced_sampler(labels: np.ndarray, num_classes: int, num_samples: int | None = None,
-                           generator: torch.Generator | None = None) -> WeightedRandomSampler:
-    """WeightedRandomSampler whose per-sample weight is its class's seed-000 weight."""
+                           generator: torch.Generator | None = None,
+                           labelled: np.ndarray | None = None) -> WeightedRandomSampler:
+    """WeightedRandomSampler whose per-sample weight is its class's seed-000 weight. ``labelled`` marks
+    rows with some label: those without a category (an attribute-only correction) weigh 1, the mean."""
     w = class_weights(labels, num_classes)
+    other = 0.0 if labelled is None else np.where(labelled, 1.0, 0.0)
     # unlabelled rows are never drawn for classification batches (unless nothing is labelled)
-    per_sample = np.where(labels >= 0, w[np.clip(labels, 0, None)], 0.0 if (labels >= 0).any() else 1.0)
+    per_sample = np.where(labels >= 0, w[np.clip(labels, 0, None)], other)
+    if not per_sample.any():
+        per_sample = np.ones(len(labels))
     return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double),
                                  num_samples=num_samples or len(labels), replacement=True, generator=generator)
 
 
 def make_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
-                 m: int = 4, length: int | None = None, generator: torch.Generator | None = None) -> Sampler:
+                 m: int = 4, length: int | None = None, generator: torch.Generator | None = None,
+                 labelled: np.ndarray | None = None) -> Sampler:
     if kind == "m_per_item":
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
         return m_per_item_sampler(item_ids, batch_size, m, length, seed)
     if kind == "balanced":
-        return class_balanced_sampler(labels, num_classes, length, generator)
+        return class_balanced_sampler(labels, num_classes, length, generator, labelled)
     raise RuntimeError(f"Invalid sampler {kind!r}. Only 'm_per_item' and 'balanced' are supported.")
 
 
@@ -107,22 +113,25 @@ class InterleavedBatchSampler(Sampler[list[int]]):
 
 
 def make_batch_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
-                       m: int = 4, generator: torch.Generator | None = None) -> Sampler[list[int]]:
+                       m: int = 4, generator: torch.Generator | None = None,
+                       labelled: np.ndarray | None = None) -> Sampler[list[int]]:
     """Batches for a stage. Triplet batches need item ids; where only some rows have them (DeepFashion
-    Category & Attribute + In-shop), retrieval batches from those rows alternate with class-balanced
-    batches from the rows that have a category."""
+    Category & Attribute + In-shop, human corrections), retrieval batches from those rows alternate with
+    class-balanced batches from the rows that have a label (``labelled``, default: a category)."""
     if kind != "m_per_item" or (item_ids >= 0).all():
         return BatchSampler(make_sampler(kind, labels=labels, item_ids=item_ids, num_classes=num_classes,
-                                         batch_size=batch_size, m=m, generator=generator),
+                                         batch_size=batch_size, m=m, generator=generator, labelled=labelled),
                             batch_size, drop_last=True)
     ret_rows = np.flatnonzero(item_ids >= 0)
-    cls_rows = np.flatnonzero(labels >= 0)
+    cls_rows = np.flatnonzero(labels >= 0 if labelled is None else labelled)
     sources: list[Sampler[list[int]]] = []
     if len(ret_rows):
         sources.append(_Subset(BatchSampler(m_per_item_sampler(item_ids[ret_rows], batch_size, m), batch_size,
                                             drop_last=True), ret_rows))
     if len(cls_rows):
         sources.append(_Subset(BatchSampler(class_balanced_sampler(labels[cls_rows], num_classes,
-                                                                   generator=generator), batch_size,
+                                                                   generator=generator,
+                                                                   labelled=np.ones(len(cls_rows), bool)),
+                                            batch_size,
                                             drop_last=True), cls_rows))
     return InterleavedBatchSampler(sources)

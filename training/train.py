@@ -328,7 +328,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
     batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,
                                  num_classes=len(data.taxonomy.categories), batch_size=cfg.batch_size,
-                                 m=cfg.m_per_item, generator=generator)
+                                 m=cfg.m_per_item, generator=generator, labelled=data.train.labelled())
     if data.loader is None and data.train.images.dtype == np.uint8:  # in memory: augment whole batches
         aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + len(history))
         augment = BatchAugment(cfg.image_size, model.mean, model.std, colour_jitter=colour_jitter,

@@ -76,3 +76,23 @@ def test_m_per_item_photos_are_distinct_and_items_with_few_photos_cycle():
     # over many passes every photo of the 6-photo item is drawn
     drawn = {i for _ in range(20) for i in iter(sampler) if items[i] == 0}
     assert drawn == set(range(6))
+
+
+def test_balanced_sampler_draws_attribute_only_rows_when_marked_labelled():
+    labels = np.array([0, 1, -1, -1])  # rows 2 and 3 have no category; row 2 has an attribute label
+    labelled = np.array([True, True, True, False])
+    drawn = set(iter(class_balanced_sampler(labels, 2, num_samples=2000, generator=torch.Generator().manual_seed(0),
+                                            labelled=labelled)))
+    assert drawn == {0, 1, 2}
+    drawn = set(iter(class_balanced_sampler(labels, 2, num_samples=2000, generator=torch.Generator().manual_seed(0))))
+    assert drawn == {0, 1}
+
+
+def test_labelled_rows_count_any_label():
+    from training.data import LabelledImages
+
+    data = LabelledImages(np.zeros((4, 2, 2, 3), np.uint8), category=np.array([3, -1, -1, -1]),
+                          item_ids=np.zeros(4, np.int64),
+                          groups={"colour": np.array([-1, 2, -1, -1]), "style": np.zeros((4, 2), np.float32)},
+                          present={"style": np.array([False, False, True, False])})
+    assert data.labelled().tolist() == [True, True, True, False]
