@@ -50,7 +50,8 @@ def task_weights(label_counts: dict[str, int], c: float = 3.0) -> dict[str, floa
     return {k: max(r, floor) for k, r in ratios.items()}
 
 
-def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
     """Softmax CE over one exclusive group; rows with target MISSING add nothing (seed 001).
 
     The weighted mean over the rows that have the group, computed with masks rather than boolean
@@ -59,7 +60,7 @@ def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Te
     """
     present = (target != MISSING).float()
     safe = target.clamp(min=0)
-    nll = F.cross_entropy(logits.float(), safe, reduction="none")
+    nll = F.cross_entropy(logits.float(), safe, reduction="none", label_smoothing=label_smoothing)
     w = present if weight is None else weight[safe] * present
     return (nll * w).sum() / w.sum().clamp_min(1e-12)
 
@@ -116,6 +117,7 @@ class MultitaskLoss:
     exclusive: dict[str, bool] = field(default_factory=dict)
     weights: LossWeights = field(default_factory=LossWeights)
     margin: float = 0.3
+    label_smoothing: float = 0.0  # softmax targets (category, exclusive groups); 0: the seed's plain CE
 
     def __post_init__(self) -> None:
         self.triplet = BatchHardTriplet(self.margin)
@@ -129,12 +131,13 @@ class MultitaskLoss:
 
     def classification(self, out, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
-        cat = masked_group_ce(out.category, batch["category"], self.category_weight)
+        ls = self.label_smoothing
+        cat = masked_group_ce(out.category, batch["category"], self.category_weight, ls)
         parts["cat"] = cat.detach()
         total = cat
         for g, logits in out.groups.items():
             if self.exclusive.get(g, True):
-                lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g))
+                lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g), ls)
             else:
                 lg = masked_bce(logits, batch[f"group/{g}"], batch[f"present/{g}"], self.group_pos_weight.get(g))
             parts[f"attr/{g}"] = lg.detach()

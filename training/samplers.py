@@ -114,20 +114,22 @@ class InterleavedBatchSampler(Sampler[list[int]]):
 
 def make_batch_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
                        m: int = 4, generator: torch.Generator | None = None,
-                       labelled: np.ndarray | None = None) -> Sampler[list[int]]:
+                       labelled: np.ndarray | None = None, classification: bool = True) -> Sampler[list[int]]:
     """Batches for a stage. Triplet batches need item ids; where only some rows have them (DeepFashion
     Category & Attribute + In-shop, human corrections), retrieval batches from those rows alternate with
-    class-balanced batches from the rows that have a label (``labelled``, default: a category)."""
+    class-balanced batches from the rows that have a label (``labelled``, default: a category) — unless
+    the stage trains no classification (``classification=False``), where such batches would add nothing."""
     if kind != "m_per_item" or (item_ids >= 0).all():
         return BatchSampler(make_sampler(kind, labels=labels, item_ids=item_ids, num_classes=num_classes,
                                          batch_size=batch_size, m=m, generator=generator, labelled=labelled),
                             batch_size, drop_last=True)
     ret_rows = np.flatnonzero(item_ids >= 0)
-    cls_rows = np.flatnonzero(labels >= 0 if labelled is None else labelled)
+    cls_rows = np.flatnonzero(labels >= 0 if labelled is None else labelled) if classification else ret_rows[:0]
     sources: list[Sampler[list[int]]] = []
     if len(ret_rows):
-        sources.append(_Subset(BatchSampler(m_per_item_sampler(item_ids[ret_rows], batch_size, m), batch_size,
-                                            drop_last=True), ret_rows))
+        ret = make_sampler(kind, labels=labels[ret_rows], item_ids=item_ids[ret_rows], num_classes=num_classes,
+                           batch_size=batch_size, m=m, generator=generator)
+        sources.append(_Subset(BatchSampler(ret, batch_size, drop_last=True), ret_rows))
     if len(cls_rows):
         sources.append(_Subset(BatchSampler(class_balanced_sampler(labels[cls_rows], num_classes,
                                                                    generator=generator,

@@ -91,7 +91,8 @@ class TrainConfig:
     # 60 steps while colour converged; with 0.1 category learns as fast as alone (measured, small CNN).
     group_loss_weights: dict[str, float] = field(default_factory=lambda: {"colour": 0.1})
     colour_jitter: bool | None = None  # None: off when the taxonomy predicts colour
-    augment: str = "seed"  # seed (seed 000's full set), light, none
+    augment: str = "seed"  # seed (seed 000's full set), shift, light, none (training.transforms)
+    label_smoothing: float = 0.0  # on the softmax heads; 0 is seed 000's plain weighted CE
     seed: int = 0
     threads: int | None = None  # None: the cores other processes leave idle (load average), at least 1
     workers: int = 0
@@ -263,7 +264,7 @@ def build_criterion(train: LabelledImages, taxonomy: Taxonomy, cfg: TrainConfig)
         group_weight=group_w, group_pos_weight={k: v for k, v in group_pw.items() if v is not None},
         group_task_weight={g: (task_weights(counts).get(g, 1.0) if cfg.seed_002_task_weights else 1.0)
                            * cfg.group_loss_weights.get(g, 1.0) for g in counts},
-        exclusive=exclusive, weights=cfg.loss_weights,
+        exclusive=exclusive, weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
     )
 
 
@@ -328,7 +329,8 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
     batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,
                                  num_classes=len(data.taxonomy.categories), batch_size=cfg.batch_size,
-                                 m=cfg.m_per_item, generator=generator, labelled=data.train.labelled())
+                                 m=cfg.m_per_item, generator=generator, labelled=data.train.labelled(),
+                                 classification=spec.use_cls)
     if data.loader is None and data.train.images.dtype == np.uint8:  # in memory: augment whole batches
         aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + len(history))
         augment = BatchAugment(cfg.image_size, model.mean, model.std, colour_jitter=colour_jitter,

@@ -23,7 +23,7 @@ def test_level_none_is_exactly_the_predictors_preprocessing():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("level", ["none", "light", "seed"])
+@pytest.mark.parametrize("level", ["none", "light", "shift", "seed"])
 def test_shapes_and_resizing(level):
     out = BatchAugment(32, *HALF, level=level)(torch.from_numpy(_photos(size=28)))
     assert out.shape == (6, 3, 32, 32) and out.dtype == torch.float32
@@ -52,6 +52,27 @@ def test_geometry_without_jitter_keeps_a_garments_colour():
     jittered = BatchAugment(28, *HALF, level="seed", colour_jitter=True, erasing=0.0,
                             generator=torch.Generator().manual_seed(0))(torch.from_numpy(red))
     assert (jittered - want.view(1, 3, 1, 1)).abs().amax(dim=(1, 2, 3)).min() > 0.01  # every photo changed
+
+
+def test_shift_moves_a_garment_without_resizing_it():
+    # a 10×6 white block on black: "shift" keeps its size (area) and moves it at most 10 % of the side;
+    # the seed's resized crop zooms it
+    block = np.zeros((64, 28, 28, 3), np.uint8)
+    block[:, 9:19, 11:17] = 255
+    def areas_and_centres(level):
+        out = BatchAugment(28, *HALF, level=level, colour_jitter=False, erasing=0.0,
+                           generator=torch.Generator().manual_seed(0))(torch.from_numpy(block))
+        mass = (out[:, 0] + 1) / 2  # back to 0..1
+        ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+        area = mass.sum(dim=(1, 2))
+        cy, cx = (mass * ys).sum(dim=(1, 2)) / area, (mass * xs).sum(dim=(1, 2)) / area
+        return area, cy, cx
+    area, cy, cx = areas_and_centres("shift")
+    assert torch.allclose(area, torch.full_like(area, 60.0), atol=0.5)
+    assert float((cy - 13.5).abs().max()) <= 2.8 + 1e-3 and float((cx - 13.5).abs().max()) <= 2.8 + 1e-3
+    assert float((cy - 13.5).abs().max()) > 1.0  # it does move
+    zoomed, _, _ = areas_and_centres("seed")
+    assert float(zoomed.max()) > 66.0  # crops of 70–100 % of the photo enlarge the garment
 
 
 def test_random_erasing_blanks_one_rectangle_of_2_to_15_percent():

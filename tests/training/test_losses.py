@@ -65,6 +65,17 @@ def test_weighted_ce_matches_hand_computation():
     assert masked_group_ce(logits, target, w).item() == pytest.approx(sum(nll) / 2, rel=1e-5)
 
 
+def test_label_smoothing_matches_hand_computation_and_keeps_masking():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    target = torch.tensor([0, MISSING])
+    ls, k = 0.1, 3
+    logp = torch.log_softmax(logits[0], 0).tolist()
+    # smoothed target: 1 - ls + ls/k on the label, ls/k on every other class; the MISSING row adds nothing
+    want = -((1 - ls + ls / k) * logp[0] + ls / k * (logp[1] + logp[2]))
+    assert masked_group_ce(logits, target, label_smoothing=ls).item() == pytest.approx(want, rel=1e-5)
+    assert masked_group_ce(logits, target).item() == pytest.approx(-logp[0], rel=1e-5)
+
+
 def test_masked_bce_with_pos_weight():
     logits = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])

@@ -63,6 +63,10 @@ def test_interleaved_batches_for_partly_identified_data():
             assert (items[b] >= 0).all() and set(Counter(items[b].tolist()).values()) == {4}
         else:  # classification batch: only rows with a category
             assert (labels[b] >= 0).all()
+    # a retrieval-only stage draws retrieval batches only: the others would add no loss
+    only = list(iter(make_batch_sampler("m_per_item", labels=labels, item_ids=items, num_classes=4, batch_size=8,
+                                        m=4, classification=False)))
+    assert only and all((items[b] >= 0).all() for b in only)
 
 
 def test_m_per_item_photos_are_distinct_and_items_with_few_photos_cycle():
