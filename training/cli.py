@@ -58,6 +58,11 @@ def register(app: typer.Typer) -> None:
         taxonomy: str = typer.Option(None, help="taxonomy name or JSON path (default: fashion-mnist)."),
         out_dir: Path = typer.Option(None, help="where model directories go (default: <ENRICH_DATA_DIR>/models)."),
         model_version: str = typer.Option(None, help="version name of the new model (default: derived + UTC time)."),
+        augment: str = typer.Option(None, help="seed (seed 000's crop, flip, rotation, jitter, erasing), shift "
+                                               "(translation instead of crop and rotation), light or none "
+                                               "(default: the preset's)."),
+        label_smoothing: float = typer.Option(None, help="label smoothing of the softmax heads (default: the "
+                                                         "preset's; 0 is seed 000's plain CE)."),
         seed: int = typer.Option(None, help="random seed (default: 0)."),
         device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
         workers: int = typer.Option(None, help="DataLoader processes decoding image files (DeepFashion; "
@@ -76,12 +81,17 @@ def register(app: typer.Typer) -> None:
         from training.train import PRESETS
         from training.train import train as run
 
+        from training.transforms import AUGMENTATIONS
+
         if preset not in PRESETS:
             raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        if augment is not None and augment not in AUGMENTATIONS:
+            raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
         overrides = {
             "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
+            "augment": augment, "label_smoothing": label_smoothing,
             "device": device, "workers": workers, "out_dir": out_dir or get_settings().models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

@@ -43,3 +43,11 @@ def test_train_cli_rejects_unknown_preset():
 
     res = CliRunner().invoke(app, ["train", "--preset", "huge"])
     assert res.exit_code != 0 and "unknown preset" in res.output
+
+
+def test_train_cli_rejects_unknown_augmentation_before_any_work(tmp_path):
+    from enrich.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--augment", "heavy", "--out-dir", str(tmp_path)])
+    assert res.exit_code != 0 and "unknown augmentation 'heavy'" in res.output
+    assert not any(tmp_path.iterdir())  # nothing trained or written
