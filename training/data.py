@@ -61,8 +61,9 @@ class LabelledImages:
         if self.images.dtype == np.uint8:
             step = max(1, len(self.images) // 512)
             h.update(np.ascontiguousarray(self.images[::step]).tobytes())
-        else:
-            h.update("\n".join(map(str, self.images)).encode())
+        else:  # file references, and in-memory photos among them (corrections)
+            for ref in self.images:
+                h.update(ref.tobytes() if isinstance(ref, np.ndarray) else str(ref).encode())
         return h.hexdigest()[:16]
 
 

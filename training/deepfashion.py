@@ -176,8 +176,12 @@ def inshop_labels(rec: InShopRecords, taxonomy: Taxonomy, root: Path, item_offse
                            groups, present), rec.partition)
 
 
-def load_cropped(ref: tuple[str, tuple[int, int, int, int] | None], max_pixels: int = 40_000_000) -> np.ndarray:
-    """Open an image, crop it to its bounding box (clamped to the image), return RGB uint8."""
+def load_cropped(ref: tuple[str, tuple[int, int, int, int] | None] | np.ndarray,
+                 max_pixels: int = 40_000_000) -> np.ndarray:
+    """Open an image, crop it to its bounding box (clamped to the image), return RGB uint8. A photo
+    already in memory (a human correction added to the training split) is returned as it is."""
+    if isinstance(ref, np.ndarray):
+        return ref
     path, box = ref
     with Image.open(path) as im:
         if im.width * im.height > max_pixels:

@@ -425,18 +425,22 @@ def train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pat
 
 
 def add_training_rows(train: LabelledImages, extra: LabelledImages, repeats: int) -> LabelledImages:
-    """``extra`` appended ``repeats`` times, its photos resized to the training photos' size."""
+    """``extra`` appended ``repeats`` times. In-memory sets: its photos resized to the training photos'
+    size. Sets of image files (DeepFashion): its photos join as in-memory photos among the file
+    references, which the dataset's loader passes through (``training.deepfashion.load_cropped``)."""
+    rows = np.tile(np.arange(len(extra)), max(1, repeats))
     if train.images.dtype != np.uint8:
-        raise RuntimeError("extra training rows (corrections) can only join in-memory datasets (fmnist-shop) "
-                           "so far; this dataset reads image files")
+        refs = np.empty(len(extra), dtype=object)
+        for i, photo in enumerate(extra.images):  # one (H, W, 3) array per row, not a 4-d object array
+            refs[i] = photo
+        return train.concat(replace(extra, images=refs).subset(rows))
     size = train.images.shape[1:3]
     images = extra.images
     if len(images) and images.shape[1:3] != size:
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
         x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
         images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    extra = replace(extra, images=images)
-    return train.concat(extra.subset(np.tile(np.arange(len(extra)), max(1, repeats))))
+    return train.concat(replace(extra, images=images).subset(rows))
 
 
 def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Path:

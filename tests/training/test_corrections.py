@@ -64,11 +64,21 @@ def test_added_rows_are_resized_and_repeated():
     assert (merged.category == 7).sum() == 6
 
 
-def test_added_rows_refuse_file_based_datasets():
-    files = LabelledImages(np.array(["x.jpg"], dtype=object), np.zeros(1, np.int64), np.zeros(1, np.int64),
-                           {"colour": np.zeros(1, np.int64)})
-    with pytest.raises(RuntimeError, match="in-memory"):
-        add_training_rows(files, _rows(1, 28), repeats=1)
+def test_added_rows_join_file_based_datasets_as_photos_the_loader_passes_through(tmp_path):
+    from training.deepfashion import load_cropped
+
+    Image.new("RGB", (30, 20), (0, 200, 0)).save(tmp_path / "x.jpg")
+    refs = np.empty(1, dtype=object)
+    refs[0] = (str(tmp_path / "x.jpg"), None)
+    files = LabelledImages(refs, np.zeros(1, np.int64), np.zeros(1, np.int64), {"colour": np.zeros(1, np.int64)})
+    extra = _rows(2, 40, category=7)
+    extra.images[1] = 255
+    merged = add_training_rows(files, extra, repeats=2)
+    assert len(merged) == 5 and merged.images.dtype == object
+    assert merged.category.tolist() == [0, 7, 7, 7, 7]
+    assert load_cropped(merged.images[0]).shape == (20, 30, 3)  # the file, decoded
+    assert load_cropped(merged.images[2]).shape == (40, 40, 3) and int(load_cropped(merged.images[2]).min()) == 255
+    assert merged.fingerprint() != add_training_rows(files, _rows(2, 40, category=7), repeats=2).fingerprint()
 
 
 @pytest.mark.integration

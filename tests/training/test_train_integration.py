@@ -66,3 +66,28 @@ def test_deepfashion_fixture_trains_end_to_end(tmp_path):
     stages = {h["stage"] for h in report["history"] if "total" in h}
     assert stages == {"1-retrieval", "2-classification", "3-joint"}
     assert "test/recall@1" in report["test"]  # In-shop query vs gallery was evaluated
+
+
+def test_deepfashion_trains_with_corrections_added(tmp_path):
+    """Human corrections (in-memory photos) join a file-based DeepFashion training split."""
+    from pathlib import Path
+
+    from schemas.taxonomy import load_taxonomy
+    from training.data import LabelledImages
+    from training.losses import MISSING
+
+    tax = load_taxonomy("deepfashion")
+    n = 3
+    extra = LabelledImages(np.full((n, 32, 32, 3), 180, np.uint8), np.array([0, 1, MISSING]),
+                           np.full(n, MISSING, np.int64),
+                           {g.name: (np.full(n, MISSING, np.int64) if g.exclusive
+                                     else np.zeros((n, len(g.values)), np.float32)) for g in tax.attribute_groups},
+                           {g.name: np.zeros(n, bool) for g in tax.attribute_groups if not g.exclusive})
+    root = Path(__file__).parent / "fixtures" / "deepfashion"
+    cfg = replace(TINY, dataset="deepfashion", data_dir=root, taxonomy="deepfashion", backbone="small_cnn",
+                  pretrained=False, image_size=32, stage_steps=(2, 2, 2), batch_size=2, m_per_item=2,
+                  out_dir=tmp_path, model_version="df-corr", correction_repeats=2)
+    out = train(cfg, extra_train=extra)
+    report = json.loads((out / "report" / "metrics.json").read_text())
+    assert report["config"]["extra_training_rows"] == n
+    assert {h["stage"] for h in report["history"] if "total" in h} == {"1-retrieval", "2-classification", "3-joint"}
