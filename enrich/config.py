@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(default=4, ge=0, le=20, description="retries for transient faults (host down)")
     retry_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles per retry")
     max_event_bytes: int = Field(default=256 * 1024, ge=1024, description="larger Kafka events go to the DLQ")
+    pending_sweep_after_s: float = Field(default=1800.0, gt=0, description="re-enqueue listings still pending "
+                                         "this long after their last change (lost task, retries spent)")
+    pending_sweep_every_s: float = Field(default=600.0, gt=0, description="how often beat runs that sweep")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics + /healthz; 0 = off")
 
     # S3

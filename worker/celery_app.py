@@ -11,6 +11,7 @@ from celery.signals import worker_process_init
 from enrich.config import Settings, get_settings
 
 ENRICH_TASK = "enrich.listings"
+SWEEP_TASK = "enrich.sweep_pending"
 CPU_QUEUE = "cpu"  # nightly reindex and other CPU-bound jobs; keep them off the GPU workers
 
 app = Celery("enrich", include=["worker.tasks", "worker.similar_tasks"])
@@ -40,6 +41,9 @@ def configure(settings: Settings) -> Celery:
         beat_schedule={
             "nightly-similar-items": {"task": "enrich.reindex", "schedule": crontab(hour=2, minute=30),
                                       "options": {"queue": CPU_QUEUE}},
+            # listings whose enrichment task was lost are enqueued again (tasks are idempotent)
+            "sweep-pending": {"task": SWEEP_TASK, "schedule": settings.pending_sweep_every_s,
+                              "options": {"queue": CPU_QUEUE}},
         },
         timezone="UTC",
     )

@@ -1,4 +1,4 @@
-"""Worker subcommands: quickstart, batch, consume, corrections, worker, health.
+"""Worker subcommands: quickstart, batch, consume, corrections, worker, sweep, health.
 
 Heavy imports (torch, celery, kafka) stay inside the commands so `enrich --help` stays fast.
 """
@@ -195,6 +195,22 @@ def _health_checks(settings, url: str, broker: bool, model: bool) -> dict:
     return checks
 
 
+def sweep(
+    older_than: float = typer.Option(None, help="seconds a listing must have been pending since its last change "
+                                                "(default: ENRICH_PENDING_SWEEP_AFTER_S, 1800)."),
+    database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
+) -> None:
+    """Enqueue again the listings left pending (a lost task, retries spent); beat runs this every 10 min."""
+    from enrich.db import connect
+    from enrich.db import database_url as resolve
+    from worker.tasks import sweep_pending
+
+    settings = _settings()
+    with connect(database_url or resolve(settings), autocommit=True) as conn:
+        n = sweep_pending(conn, settings, older_than)
+    typer.echo(f"{n} pending listing(s) enqueued again on queue {settings.gpu_queue!r}")
+
+
 def health(
     database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
     broker: bool = typer.Option(True, "--broker/--no-broker", help="Also check the Celery broker (default: on)."),
@@ -217,4 +233,5 @@ def register(app: typer.Typer) -> None:
     app.command("consume")(consume)
     app.command("corrections")(corrections)
     app.command("worker")(worker)
+    app.command("sweep")(sweep)
     app.command("health")(health)

@@ -88,6 +88,17 @@ def upsert_listings(conn: psycopg.Connection, events: list[ListingEvent], topic:
     return UpsertResult(changed=changed, pending=pending, deleted=deleted)
 
 
+def stale_pending(conn: psycopg.Connection, older_than_s: float, limit: int = 10_000) -> list[str]:
+    """Listings still 'pending' ``older_than_s`` after their last change, oldest first: their task was
+    lost (a broker that dropped it) or gave up (retries spent on a database outage)."""
+    return [r[0] for r in conn.execute(
+        """SELECT listing_id FROM listings
+            WHERE status = 'pending' AND updated_at < now() - make_interval(secs => %s)
+            ORDER BY updated_at, listing_id LIMIT %s""",
+        (older_than_s, limit),
+    ).fetchall()]
+
+
 @dataclass(frozen=True)
 class ListingToEnrich:
     listing_id: str

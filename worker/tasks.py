@@ -6,7 +6,7 @@ from celery.utils.log import get_task_logger
 
 from enrich.config import get_settings
 from worker import runtime
-from worker.celery_app import ENRICH_TASK, app
+from worker.celery_app import ENRICH_TASK, SWEEP_TASK, app, send_enrich
 
 log = get_task_logger(__name__)
 
@@ -37,3 +37,24 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
         raise self.retry(args=(sorted(out.retry),), countdown=backoff_s(self.request.retries, settings.retry_backoff_s),
                          max_retries=self.max_retries)
     return {"enriched": len(out.enriched), "failed": len(out.failed), "skipped": len(out.skipped)}
+
+
+def sweep_pending(conn: psycopg.Connection, settings, older_than_s: float | None = None) -> int:
+    """Enqueue again, in task-sized chunks, the listings left pending too long. Returns how many."""
+    from worker.store import stale_pending
+
+    ids = stale_pending(conn, settings.pending_sweep_after_s if older_than_s is None else older_than_s)
+    for i in range(0, len(ids), settings.task_listings):
+        send_enrich(ids[i:i + settings.task_listings], settings)
+    if ids:
+        log.warning("%d listing(s) pending for over %.0fs enqueued again (oldest: %s)", len(ids),
+                    settings.pending_sweep_after_s if older_than_s is None else older_than_s, ids[0])
+    return len(ids)
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)
+def sweep_pending_task() -> int:
+    """Beat, queue "cpu": a lost task must not leave a listing pending forever."""
+    settings = get_settings()
+    with runtime.pool(settings).connection() as conn:
+        return sweep_pending(conn, settings)

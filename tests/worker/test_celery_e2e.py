@@ -119,3 +119,36 @@ def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_p
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_sweep_enqueues_listings_whose_task_was_lost(celery_env, db, pg_url, tmp_path):
+    """A listing written but never enqueued (the broker dropped its task) is picked up by `enrich sweep`;
+    one that changed recently is left to its own task."""
+    from typer.testing import CliRunner
+
+    from enrich.cli import app as cli
+    from schemas.events import ListingEvent
+    from worker.store import stale_pending, upsert_listings
+
+    (tmp_path / "a.png").write_bytes(png_bytes((200, 20, 20)))
+    with db.transaction():
+        upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="s", images=[str(tmp_path / "a.png")])
+                             for lid in ("lost", "fresh")])
+        db.execute("UPDATE listings SET updated_at = now() - interval '2 hours' WHERE listing_id = 'lost'")
+    assert stale_pending(db, 1800) == ["lost"]
+    res = CliRunner().invoke(cli, ["sweep", "--database-url", pg_url])
+    assert res.exit_code == 0, res.output
+    assert "1 pending listing(s) enqueued again" in res.output
+    status = lambda: dict(db.execute("SELECT listing_id, status FROM listings").fetchall())  # noqa: E731
+    wait_until(lambda: status()["lost"] == "enriched")
+    assert status()["fresh"] == "pending" and stale_pending(db, 1800) == []
+
+
+def test_beat_runs_the_sweep_on_the_cpu_queue():
+    from worker.celery_app import CPU_QUEUE, SWEEP_TASK, app
+
+    import worker.tasks  # noqa: F401 - registers the tasks
+
+    entry = app.conf.beat_schedule["sweep-pending"]
+    assert entry["task"] == SWEEP_TASK and SWEEP_TASK in app.tasks
+    assert entry["options"]["queue"] == CPU_QUEUE and entry["schedule"] == 600.0
