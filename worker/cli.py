@@ -150,14 +150,19 @@ def worker(
                               "process; run it in exactly one process (default: off)."),
 ) -> None:
     """Celery worker for enrichment batches (acks late, prefetch 1, model loaded once per process)."""
+    settings = _settings(metrics_port=metrics_port)
+    pool = "solo" if concurrency == 1 else "prefork"
+    if pool == "prefork" and settings.metrics_port:
+        # the children count: prometheus_client's multiprocess mode, which it picks when first imported
+        import tempfile
+
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="enrich-prometheus-")
     from worker import metrics, runtime
     from worker.celery_app import app, configure
 
     _json_logs(json_logs)
-    settings = _settings(metrics_port=metrics_port)
     configure(settings)
     queue_list = queues or settings.gpu_queue
-    pool = "solo" if concurrency == 1 else "prefork"
     if pool == "solo" and settings.gpu_queue in queue_list.split(","):
         runtime.enricher(settings)  # solo: no fork, load now so the first batch does not wait
     if settings.metrics_port:

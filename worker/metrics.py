@@ -1,17 +1,20 @@
 """Prometheus metrics and the health endpoint shared by intake and workers.
 
 `serve(port, checks)` starts one small HTTP server per process: /metrics (Prometheus text format)
-and /healthz (JSON, 200 when every check passes, 503 otherwise).
+and /healthz (JSON, 200 when every check passes, 503 otherwise). A prefork Celery worker counts in
+its child processes: with PROMETHEUS_MULTIPROC_DIR set before prometheus_client is first imported
+(`enrich worker -c N` does that), they write their values to files that /metrics sums.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,14 @@ QUEUE_DEPTH = Gauge("enrich_queue_depth", "Messages waiting in the GPU queue (as
 INTAKE_PAUSED = Gauge("enrich_intake_paused", "1 while the intake stops polling for back-pressure")
 
 HealthCheck = Callable[[], None]  # raises when unhealthy
+def _registry():
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # every process's files, summed per series
+    return registry
 
 
 def run_checks(checks: dict[str, HealthCheck]) -> tuple[bool, dict[str, str]]:
@@ -50,10 +61,12 @@ def run_checks(checks: dict[str, HealthCheck]) -> tuple[bool, dict[str, str]]:
 def serve(port: int, checks: dict[str, HealthCheck], host: str = "0.0.0.0") -> ThreadingHTTPServer:
     """Start /metrics and /healthz on a daemon thread; returns the server (call .shutdown() to stop)."""
 
+    registry = _registry()
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server API
             if self.path.startswith("/metrics"):
-                body, status, ctype = generate_latest(), 200, CONTENT_TYPE_LATEST
+                body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
             elif self.path.startswith("/healthz"):
                 ok, results = run_checks(checks)
                 body, status, ctype = json.dumps({"ok": ok, "checks": results}).encode(), 200 if ok else 503, "application/json"
