@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--strategies", default="staged,unified", help="compare: which strategies (default: both)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle cores)")
     p.add_argument("--device", default=None, help="cpu, cuda, auto (default: the preset's)")
+    p.add_argument("--backbone", default=None, help="registered backbone, e.g. wrn16_8 (default: the preset's)")
     p.add_argument("--items", type=int, default=None,
                    help="smoke test: this many train/val/test items instead of all (figures then mean nothing)")
     p.add_argument("--budget", type=float, default=None, help="time budget per run in seconds "
@@ -96,6 +97,8 @@ def main() -> None:
     base = {"out_dir": args.out / "models", "data_dir": args.data_dir, "progress": False, "threads": args.threads}
     if args.device:
         base["device"] = args.device
+    if args.backbone:
+        base["backbone"] = args.backbone
     if args.items:
         base.update(train_items=args.items, val_items=max(100, args.items // 4), test_items=args.items)
     results = []

@@ -12,12 +12,14 @@ FULL_BUDGET=${FULL_BUDGET:-400}
 CMP_BUDGET=${CMP_BUDGET:-150}  # 0: no comparison, the GPU to the full run alone
 WORK=${WORK:-/tmp/gpu-quality-work}
 PY=${PYTHON:-python3}
-EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS}"  # dry runs elsewhere: DEVICE=cpu ITEMS=512
+# dry runs elsewhere: DEVICE=cpu ITEMS=512; BACKBONE=wrn16_8 (or wrn28_10) instead of the preset's ResNet-18
+EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS} ${BACKBONE:+--backbone $BACKBONE}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 t0=$(date +%s)
-if ! $PY benchmarks/train_quality.py full-gpu --items 512 --budget 4 ${DEVICE:+--device $DEVICE} --data-dir "$DATA" --out "$WORK/smoke" \
+if ! $PY benchmarks/train_quality.py full-gpu --items 512 --budget 4 ${DEVICE:+--device $DEVICE} ${BACKBONE:+--backbone $BACKBONE} \
+    --data-dir "$DATA" --out "$WORK/smoke" \
     >"$OUT/smoke.log" 2>&1; then
   tail -40 "$OUT/smoke.log"; echo "smoke run failed"; exit 1
 fi

@@ -222,3 +222,60 @@ def resnet18_lowres(pretrained: bool = True, weights_path: Path | None = None) -
                             strict=False)
     return Backbone(name="resnet18_lowres", module=_TorchvisionResNetTrunk(net), feat_dim=512,
                     mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+class _WideBlock(nn.Module):
+    """Pre-activation basic block of a wide ResNet (BN-ReLU-conv twice, 1×1 projection when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(o)
+        return skip + self.conv2(torch.relu(self.bn2(self.conv1(o))))
+
+
+class _WideResNet(nn.Module):
+    """WRN-depth-k for 28–32 px inputs (Zagoruyko & Komodakis 2016): three groups of (depth-4)/6 blocks,
+    widths 16k/32k/64k, strides 1/2/2, then BN-ReLU and global average pooling."""
+
+    def __init__(self, depth: int, k: int) -> None:
+        super().__init__()
+        n = (depth - 4) // 6
+        widths = (16 * k, 32 * k, 64 * k)
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, 1, 1, bias=False)]
+        cin = 16
+        for i, w in enumerate(widths):
+            for j in range(n):
+                layers.append(_WideBlock(cin, w, 2 if i > 0 and j == 0 else 1))
+                cin = w
+        layers += [nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.feat_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _wide(name: str, depth: int, k: int, weights_path: Path | None) -> Backbone:
+    net = _WideResNet(depth, k)
+    if weights_path is not None:
+        net.load_state_dict(load_state_file(weights_path))
+    return Backbone(name=name, module=net, feat_dim=net.feat_dim, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+@register_backbone
+def wrn16_8(pretrained: bool = True, weights_path: Path | None = None) -> Backbone:
+    """WRN-16-8 (11 M parameters) from scratch: a GPU candidate beyond ResNet-18 for 28 px garments."""
+    return _wide("wrn16_8", 16, 8, weights_path)
+
+
+@register_backbone
+def wrn28_10(pretrained: bool = True, weights_path: Path | None = None) -> Backbone:
+    """WRN-28-10 (36 M parameters) from scratch: the Fashion-MNIST benchmark's best published family
+    (96.3 % with random erasing, 200 epochs); about 9× ResNet-18's compute at 28 px."""
+    return _wide("wrn28_10", 28, 10, weights_path)

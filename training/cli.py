@@ -43,8 +43,8 @@ def register(app: typer.Typer) -> None:
                                                  "ResNet-18 at 28 px, ~7 min on one GPU)."),
         strategy: str = typer.Option(None, help="staged (retrieval → classification → joint) or unified "
                                                 "(default: the preset's, staged)."),
-        backbone: str = typer.Option(None, help="registered backbone: small_cnn, resnet18_lowres, efficientnet_lite0, resnet50 "
-                                                "(default: the preset's)."),
+        backbone: str = typer.Option(None, help="registered backbone: small_cnn, resnet18_lowres, wrn16_8, wrn28_10, "
+                                                "efficientnet_lite0, resnet50 (default: the preset's)."),
         weights: Path = typer.Option(None, help="backbone weights file (safetensors or state dict) — needed for "
                                                 "a pretrained resnet50 (default: none)."),
         image_size: int = typer.Option(None, help="square input size in pixels (default: the preset's)."),

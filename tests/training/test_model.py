@@ -70,3 +70,12 @@ def test_lite0_weights_are_real_imagenet_weights():
     with torch.inference_mode():
         top5 = net(x[None]).topk(5).indices[0].tolist()
     assert top5[0] in range(281, 286), top5
+
+
+@pytest.mark.parametrize("name,params_m", [("wrn16_8", 11.0), ("wrn28_10", 36.5)])
+def test_wide_resnets_pool_28px_garments_to_their_width(name, params_m):
+    bb = create_backbone(name, pretrained=False)
+    feats = bb.module.eval()(torch.zeros(2, 3, 28, 28))
+    assert feats.shape == (2, bb.feat_dim) and bb.feat_dim == {"wrn16_8": 512, "wrn28_10": 640}[name]
+    n = sum(p.numel() for p in bb.module.parameters()) / 1e6
+    assert abs(n - params_m) / params_m < 0.05  # the published sizes: the architecture is the paper's
