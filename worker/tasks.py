@@ -43,12 +43,12 @@ def sweep_pending(conn: psycopg.Connection, settings, older_than_s: float | None
     """Enqueue again, in task-sized chunks, the listings left pending too long. Returns how many."""
     from worker.store import stale_pending
 
-    ids = stale_pending(conn, settings.pending_sweep_after_s if older_than_s is None else older_than_s)
+    after = settings.pending_sweep_after_s if older_than_s is None else older_than_s
+    ids = stale_pending(conn, after)
     for i in range(0, len(ids), settings.task_listings):
         send_enrich(ids[i:i + settings.task_listings], settings)
     if ids:
-        log.warning("%d listing(s) pending for over %.0fs enqueued again (oldest: %s)", len(ids),
-                    settings.pending_sweep_after_s if older_than_s is None else older_than_s, ids[0])
+        log.warning("%d listing(s) pending for over %.0fs enqueued again (oldest: %s)", len(ids), after, ids[0])
     return len(ids)
 
 
