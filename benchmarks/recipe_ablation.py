@@ -13,8 +13,13 @@ seed 000's 1e-4.
     python benchmarks/recipe_ablation.py --variants seed,shift --steps 2000
     python benchmarks/recipe_ablation.py --stage retrieval       # ~4 min
 
+Joint (``--stage joint``). Stage 3 trades category accuracy for retrieval: the full preset's stages 1–2
+run once (all 55 000 items), then each variant's stage 3 starts from those weights (``init_from``).
+
+    python benchmarks/recipe_ablation.py --stage joint           # ~30 min
+
 Prints per variant the test metric (classification: Fashion-MNIST top-1 on the plain renderings, all
-10 000; retrieval: FMNIST-shop R@1) and its difference to the stage's baseline (the first variant
+10 000; retrieval: FMNIST-shop R@1; joint: both) and its difference to the stage's baseline (the first variant
 listed for it); writes the table as JSON under --out.
 """
 from __future__ import annotations
@@ -41,7 +46,15 @@ CLASSIFICATION = {
     "none": {"augment": "none"},
 }
 RETRIEVAL = {"lr1e-3": {"lr_retrieval": 1e-3}, "lr1e-4": {"lr_retrieval": 1e-4}}
-STAGES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL}
+JOINT = {"cls0.2": {"loss_weights": {"cls": 0.2}}, "cls0.2+lr2e-4": {"loss_weights": {"cls": 0.2}, "lr_joint": 2e-4},
+         "cls1": {"loss_weights": {"cls": 1.0}}}  # λcls: seed 000's 0.2, or 1.0
+STAGES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL, "joint": JOINT}
+
+
+def _overrides(variant: dict) -> dict:
+    from training.losses import LossWeights
+
+    return {k: (LossWeights(**v) if k == "loss_weights" else v) for k, v in variant.items()}
 
 
 def main() -> None:
@@ -49,10 +62,11 @@ def main() -> None:
     p.add_argument("--stage", choices=sorted(STAGES), default="classification")
     p.add_argument("--variants", help="comma-separated (default: all of the stage's): "
                    + "; ".join(f"{k}: {', '.join(v)}" for k, v in STAGES.items()))
-    p.add_argument("--steps", type=int, help="steps per run (default: classification 5000, retrieval 600)")
+    p.add_argument("--steps", type=int, help="steps per run (default: classification 5000, retrieval 600, "
+                   "joint: the full preset's stage 3)")
     p.add_argument("--items", type=int, help="Fashion-MNIST train items (default: classification 8000, "
-                   "retrieval 20000)")
-    p.add_argument("--batch", type=int, help="batch size (default: classification 128, retrieval 512)")
+                   "retrieval 20000, joint all)")
+    p.add_argument("--batch", type=int, help="batch size (default: classification 128, retrieval 512, joint 64)")
     p.add_argument("--seed", type=int, default=0, help="data split, sampling and test renders (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle cores)")
     p.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
@@ -66,27 +80,38 @@ def main() -> None:
     unknown = sorted(set(names) - set(variants))
     if unknown:
         p.error(f"unknown {args.stage} variants {unknown}; known: {', '.join(variants)}")
-    retrieval = args.stage == "retrieval"
-    steps = args.steps or (600 if retrieval else 5000)
-    items = args.items or (20000 if retrieval else 8000)
-    batch = args.batch or (512 if retrieval else 128)
-    metric, label = ("test/recall@1", "R@1") if retrieval else ("test_plain/top1", "FMNIST top-1")
-    base = replace(FULL, stage_steps=(steps, 0, 0) if retrieval else (0, steps, 0), train_items=items,
-                   photos_per_item=4, m_per_item=4, val_items=1000, test_items=2000 if retrieval else None,
-                   test_photos_per_item=2, batch_size=batch, eval_every=0, time_budget_s=None, threads=args.threads,
-                   data_dir=args.data_dir, out_dir=args.out, progress=False, workers=0, seed=args.seed)
+    common = dict(time_budget_s=None, threads=args.threads, data_dir=args.data_dir, out_dir=args.out, progress=False,
+                  workers=0, seed=args.seed)
+    metrics = {"FMNIST top-1": "test_plain/top1", "R@1": "test/recall@1"}
+    if args.stage == "joint":  # the full preset's stages 1–2 once; each variant's stage 3 starts there
+        steps, items, batch = args.steps or FULL.stage_steps[2], args.items, args.batch or FULL.batch_size
+        base = replace(FULL, train_items=items, batch_size=batch, **common)
+        start = train(replace(base, stage_steps=(*FULL.stage_steps[:2], 0), model_version="ablation-joint-start"))
+        base = replace(base, stage_steps=(0, 0, steps), init_from=start)
+    else:
+        retrieval = args.stage == "retrieval"
+        steps = args.steps or (600 if retrieval else 5000)
+        items = args.items or (20000 if retrieval else 8000)
+        batch = args.batch or (512 if retrieval else 128)
+        metrics = {"R@1": metrics["R@1"]} if retrieval else {"FMNIST top-1": metrics["FMNIST top-1"]}
+        base = replace(FULL, stage_steps=(steps, 0, 0) if retrieval else (0, steps, 0), train_items=items,
+                       photos_per_item=4, m_per_item=4, val_items=1000, test_items=2000 if retrieval else None,
+                       test_photos_per_item=2, batch_size=batch, eval_every=0, **common)
     rows = []
     for name in names:
         t0 = time.perf_counter()
-        model_dir = train(replace(base, model_version=f"ablation-{args.stage}-{name}", **variants[name]))
+        model_dir = train(replace(base, model_version=f"ablation-{args.stage}-{name}", **_overrides(variants[name])))
         m = json.loads((model_dir / "manifest.json").read_text())["metrics"]
-        rows.append({"variant": name, **variants[name], label: m[metric], "wall_s": time.perf_counter() - t0})
-        print(f"{name:10s} {label} {m[metric]:.4f}  {rows[-1]['wall_s']:.0f}s", flush=True)
-    ref = next((r[label] for r in rows if r["variant"] == next(iter(variants))), rows[0][label])
-    print(f"\n{args.stage} only, small_cnn, {items} items × 4 photos, {steps} steps of {batch}, seed {args.seed}")
-    print(f"{'variant':10s} {label:>12s} {'vs base':>8s}")
+        rows.append({"variant": name, **variants[name], **{label: m[key] for label, key in metrics.items()},
+                     "wall_s": time.perf_counter() - t0})
+        print(name, "  ".join(f"{label} {rows[-1][label]:.4f}" for label in metrics), f"{rows[-1]['wall_s']:.0f}s",
+              flush=True)
+    first = next((r for r in rows if r["variant"] == next(iter(variants))), rows[0])
+    print(f"\n{args.stage}, small_cnn, {items or 'all'} items × 4 photos, {steps} steps of {batch}, seed {args.seed}")
+    print(f"{'variant':14s}" + "".join(f"{label:>14s} {'vs base':>8s}" for label in metrics))
     for r in rows:
-        print(f"{r['variant']:10s} {r[label]:12.4f} {100 * (r[label] - ref):+7.2f}pt")
+        print(f"{r['variant']:14s}" + "".join(f"{r[label]:14.4f} {100 * (r[label] - first[label]):+7.2f}pt"
+                                              for label in metrics))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.stage}-seed{args.seed}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                         "rows": rows}, indent=2))

@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
                                                 "efficientnet_lite0, resnet50 (default: the preset's)."),
         weights: Path = typer.Option(None, help="backbone weights file (safetensors or state dict) — needed for "
                                                 "a pretrained resnet50 (default: none)."),
+        init_from: Path = typer.Option(None, help="start from a saved model directory's weights (same backbone and "
+                                                  "taxonomy), e.g. the active model (default: fresh weights)."),
         image_size: int = typer.Option(None, help="square input size in pixels (default: the preset's)."),
         steps: str = typer.Option(None, help="staged step counts 'retrieval,classification,joint' "
                                              "(default: the preset's)."),
@@ -89,6 +91,7 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
         overrides = {
             "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
+            "init_from": init_from,
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
             "augment": augment, "label_smoothing": label_smoothing,

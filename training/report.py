@@ -35,7 +35,8 @@ def plot_losses(history: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (moving average)")
     ax.set_title("Loss per stage")
-    ax.legend()
+    if offset:  # no training steps (e.g. a warm start evaluated as it is): an empty plot, no legend
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -63,6 +63,7 @@ class TrainConfig:
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
     weights_path: Path | None = None
+    init_from: Path | None = None  # a saved model directory to start from (all weights), e.g. the active model
     image_size: int = 48
     embedding_dim: int = 256
     strategy: str = "staged"
@@ -145,11 +146,14 @@ TINY = TrainConfig(
 # seeds): translation instead of the seed's resized crop, label smoothing 0.1 and weight decay 0.05 gave
 # +1.0 to +1.2 points of top-1 over seed 000's augmentation with plain CE. Retrieval at seed 000's
 # 1e-4: at 1e-3 batch-hard triplets from scratch stall at the margin (R@1 0.14 vs 0.31 after 600 steps
-# of 512; the first GPU run's stage 1 ended at 0.07).
+# of 512; the first GPU run's stage 1 ended at 0.07). Joint stage with λcls 1.0, not the seed's 0.2
+# (which "prioritises retrieval"): from the same stage-2 weights, FMNIST top-1 0.886 → 0.899 at the same
+# R@1 (0.697 → 0.694); our targets need both (recipe_ablation.py --stage joint).
 FULL = TrainConfig(
     backbone="small_cnn", pretrained=False, image_size=28, strategy="staged", stage_steps=(4000, 24000, 12000),
     lr_retrieval=1e-4, lr_classification=2e-3, lr_joint=5e-4, photos_per_item=4, m_per_item=4, val_items=5000,
     eval_every=2000, patience=6, workers=1, augment="shift", label_smoothing=0.1, weight_decay=0.05,
+    loss_weights=LossWeights(cls=1.0),
 )
 # FULL_GPU: the quality run on one GPU — a CIFAR-style ResNet-18 at 28 px, FULL's regularised recipe
 # with augmentation on the device (BatchAugment), batch 512, minutes instead of hours. Steps are upper
@@ -462,6 +466,14 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pa
                  len(data.train))
     model = build_model(cfg.backbone, taxonomy, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         embedding_dim=cfg.embedding_dim)
+    if cfg.init_from is not None:  # warm start: same backbone and taxonomy (the manifest is checked)
+        from training.checkpoint import load_model
+
+        start, manifest = load_model(cfg.init_from, expected_taxonomy=taxonomy)
+        if manifest.backbone != cfg.backbone:
+            raise RuntimeError(f"cannot start a {cfg.backbone} model from {cfg.init_from} ({manifest.backbone})")
+        model.load_state_dict(start.state_dict())
+        log.info("starting from the weights of %s (%s)", manifest.model_version, cfg.init_from)
     model.freeze_backbone_layers(multitask=True)
     model = model.to(device).to(memory_format=torch.channels_last)
     criterion = build_criterion(data.train, taxonomy, cfg).to(device)

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from training.train import TINY, train
 
@@ -91,3 +92,18 @@ def test_deepfashion_trains_with_corrections_added(tmp_path):
     report = json.loads((out / "report" / "metrics.json").read_text())
     assert report["config"]["extra_training_rows"] == n
     assert {h["stage"] for h in report["history"] if "total" in h} == {"1-retrieval", "2-classification", "3-joint"}
+
+
+def test_init_from_starts_with_a_saved_models_weights(tmp_path, fmnist_dir):
+    from safetensors.torch import load_file
+
+    base = replace(TINY, out_dir=tmp_path, data_dir=fmnist_dir, backbone="small_cnn", pretrained=False, image_size=28)
+    first = train(replace(base, model_version="first"))
+    # no training steps at all: the saved weights must be exactly the ones it started from
+    again = train(replace(base, model_version="again", init_from=first, stage_steps=(0, 0, 0)))
+    a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    fresh = train(replace(base, model_version="fresh", stage_steps=(0, 0, 0)))
+    assert not torch.equal(load_file(str(fresh / "model.safetensors"))["category_head.weight"], a["category_head.weight"])
+    with pytest.raises(RuntimeError, match="cannot start a efficientnet_lite0 model"):
+        train(replace(base, backbone="efficientnet_lite0", model_version="x", init_from=first))
