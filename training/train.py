@@ -147,8 +147,8 @@ TINY = TrainConfig(
 # +1.0 to +1.2 points of top-1 over seed 000's augmentation with plain CE. Retrieval at seed 000's
 # 1e-4: at 1e-3 batch-hard triplets from scratch stall at the margin (R@1 0.14 vs 0.31 after 600 steps
 # of 512; the first GPU run's stage 1 ended at 0.07). Joint stage with λcls 1.0, not the seed's 0.2
-# (which "prioritises retrieval"): from the same stage-2 weights, FMNIST top-1 0.886 → 0.899 at the same
-# R@1 (0.697 → 0.694); our targets need both (recipe_ablation.py --stage joint).
+# (which "prioritises retrieval"): from the same stage-2 weights, FMNIST top-1 0.8865 → 0.902 for R@1
+# 0.697 → 0.682 (recipe_ablation.py --stage joint) — the right trade while top-1 is the target we miss.
 FULL = TrainConfig(
     backbone="small_cnn", pretrained=False, image_size=28, strategy="staged", stage_steps=(4000, 24000, 12000),
     lr_retrieval=1e-4, lr_classification=2e-3, lr_joint=5e-4, photos_per_item=4, m_per_item=4, val_items=5000,
