@@ -88,15 +88,23 @@ def upsert_listings(conn: psycopg.Connection, events: list[ListingEvent], topic:
     return UpsertResult(changed=changed, pending=pending, deleted=deleted)
 
 
-def stale_pending(conn: psycopg.Connection, older_than_s: float, limit: int = 10_000) -> list[str]:
+def claim_stale_pending(conn: psycopg.Connection, older_than_s: float, limit: int = 10_000) -> list[str]:
     """Listings still 'pending' ``older_than_s`` after their last change, oldest first: their task was
-    lost (a broker that dropped it) or gave up (retries spent on a database outage)."""
-    return [r[0] for r in conn.execute(
-        """SELECT listing_id FROM listings
-            WHERE status = 'pending' AND updated_at < now() - make_interval(secs => %s)
-            ORDER BY updated_at, listing_id LIMIT %s""",
+    lost (a broker that dropped it) or gave up (retries spent on a database outage). Claiming them
+    sets their updated_at to now, so the next sweep leaves them to this one's task for another
+    ``older_than_s`` instead of queueing a duplicate every run under a long backlog; SKIP LOCKED
+    lets two sweeps run at once without claiming the same rows."""
+    rows = conn.execute(
+        """WITH stale AS (
+               SELECT listing_id, updated_at FROM listings
+                WHERE status = 'pending' AND updated_at < now() - make_interval(secs => %s)
+                ORDER BY updated_at, listing_id LIMIT %s FOR UPDATE SKIP LOCKED)
+           UPDATE listings l SET updated_at = now() FROM stale
+            WHERE l.listing_id = stale.listing_id
+        RETURNING l.listing_id, stale.updated_at""",
         (older_than_s, limit),
-    ).fetchall()]
+    ).fetchall()
+    return [lid for lid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
 
 
 @dataclass(frozen=True)

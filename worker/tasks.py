@@ -41,12 +41,13 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
 
 def sweep_pending(conn: psycopg.Connection, settings, older_than_s: float | None = None) -> int:
     """Enqueue again, in task-sized chunks, the listings left pending too long. Returns how many."""
-    from worker.store import stale_pending
+    from worker.store import claim_stale_pending
 
     after = settings.pending_sweep_after_s if older_than_s is None else older_than_s
-    ids = stale_pending(conn, after)
-    for i in range(0, len(ids), settings.task_listings):
-        send_enrich(ids[i:i + settings.task_listings], settings)
+    with conn.transaction():  # a failed send leaves the rows unclaimed for the next sweep
+        ids = claim_stale_pending(conn, after)
+        for i in range(0, len(ids), settings.task_listings):
+            send_enrich(ids[i:i + settings.task_listings], settings)
     if ids:
         log.warning("%d listing(s) pending for over %.0fs enqueued again (oldest: %s)", len(ids), after, ids[0])
     return len(ids)

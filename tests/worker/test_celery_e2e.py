@@ -128,20 +128,24 @@ def test_sweep_enqueues_listings_whose_task_was_lost(celery_env, db, pg_url, tmp
 
     from enrich.cli import app as cli
     from schemas.events import ListingEvent
-    from worker.store import stale_pending, upsert_listings
+    from worker.store import upsert_listings
+
+    def stale(after_s):
+        return [r[0] for r in db.execute("SELECT listing_id FROM listings WHERE status = 'pending' AND "
+                                         "updated_at < now() - make_interval(secs => %s)", (after_s,))]
 
     (tmp_path / "a.png").write_bytes(png_bytes((200, 20, 20)))
     with db.transaction():
         upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="s", images=[str(tmp_path / "a.png")])
                              for lid in ("lost", "fresh")])
         db.execute("UPDATE listings SET updated_at = now() - interval '2 hours' WHERE listing_id = 'lost'")
-    assert stale_pending(db, 1800) == ["lost"]
+    assert stale(1800) == ["lost"]
     res = CliRunner().invoke(cli, ["sweep", "--database-url", pg_url])
     assert res.exit_code == 0, res.output
     assert "1 pending listing(s) enqueued again" in res.output
     status = lambda: dict(db.execute("SELECT listing_id, status FROM listings").fetchall())  # noqa: E731
     wait_until(lambda: status()["lost"] == "enriched")
-    assert status()["fresh"] == "pending" and stale_pending(db, 1800) == []
+    assert status()["fresh"] == "pending" and stale(1800) == []
 
 
 def test_beat_runs_the_sweep_on_the_cpu_queue():

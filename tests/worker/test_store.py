@@ -115,3 +115,24 @@ def test_correction_becomes_current_value_and_survives_reenrichment(db):
         write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
     assert tags_of(db, "l1")["category"][1] == "corrected"
     assert _count(db, "corrections") == 1
+
+
+def test_a_swept_listing_is_not_queued_again_until_it_is_stale_again(db):
+    """Under a backlog longer than the sweep interval, a claimed listing waits for its task rather than
+    collecting a duplicate per sweep; oldest first."""
+    from schemas.events import ListingEvent
+    from worker.store import claim_stale_pending, upsert_listings
+
+    with db.transaction():
+        upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="s", images=["https://example.com/a.jpg"])
+                             for lid in ("b-old", "a-older", "fresh")])
+        db.execute("UPDATE listings SET updated_at = now() - interval '2 hours' WHERE listing_id = 'b-old'")
+        db.execute("UPDATE listings SET updated_at = now() - interval '3 hours' WHERE listing_id = 'a-older'")
+    with db.transaction():
+        assert claim_stale_pending(db, 1800) == ["a-older", "b-old"]
+    with db.transaction():
+        assert claim_stale_pending(db, 1800) == []  # claimed: not again within the threshold
+    with db.transaction():
+        # past a (here zero) threshold they come back, ordered by their last change (the claim for two)
+        assert claim_stale_pending(db, 0) == ["fresh", "a-older", "b-old"]
+
