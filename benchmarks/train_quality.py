@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 KEYS = [("test_plain/top1", "FMNIST top-1"), ("test/top1", "shop top-1"), ("test/macro_f1", "macro-F1"),
         ("test/weighted_f1", "W-F1"), ("test/attr/exact_match", "colour EM"), ("test/attr/hamming", "Hamming"),
-        ("test/recall@1", "R@1"), ("test/recall@5", "R@5"), ("test/map@r", "mAP@R")]
+        ("test/recall@1", "R@1"), ("test/recall@5", "R@5"), ("test/map@r", "mAP@R"),
+        ("no_flip/top1", "top-1 w/o flip"), ("no_flip/recall@1", "R@1 w/o flip")]  # flip_tta models only
 
 
 def _cpu_seconds() -> float:
@@ -57,7 +58,14 @@ def run(name: str, cfg) -> dict:
     load0 = os.getloadavg()
     model_dir = train(cfg)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-    metrics = json.loads((model_dir / "manifest.json").read_text())["metrics"]
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    metrics = manifest["metrics"]
+    if manifest.get("flip_tta"):  # the same weights and test set without the mirror image: what the flip adds
+        from training.evaluate import evaluate_model_dir
+
+        plain = evaluate_model_dir(model_dir, cfg, device=cfg.device, progress=False, flip_tta=False)
+        metrics["no_flip/top1"] = plain["test_plain/top1"]
+        metrics["no_flip/recall@1"] = plain["test/recall@1"]
     return {"name": name, "model_dir": str(model_dir), "wall_s": wall, "cpu_s": cpu, "loadavg_at_start": load0,
             "strategy": cfg.strategy, "backbone": cfg.backbone, "image_size": cfg.image_size,
             "time_budget_s": cfg.time_budget_s, "metrics": metrics}

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The training quality runs on one lent GPU, in one go (device time is scarce):
 #   1. a 512-item smoke run (fails fast, before the long runs start),
-#   2. the full staged run (FULL_GPU preset) and, beside it on the same GPU, seed 000's staged-vs-unified
-#      comparison (both strategies from the same preset with the same smaller budget),
-#   3. the logs, result JSON and the full run's report copied flat into $OUT.
+#   2. the full staged run (FULL_GPU preset) — one per backbone in BACKBONES, side by side — and, beside
+#      them on the same GPU, seed 000's staged-vs-unified comparison (both strategies from the same
+#      preset with the same smaller budget),
+#   3. the logs, result JSON and the full runs' reports copied flat into $OUT.
 # Usage: OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/train_quality_gpu.sh
+#        BACKBONES="resnet18_lowres wrn16_8" CMP_BUDGET=0 ...   # two trunks in one device slot
 set -u
 OUT=${OUT:-/tmp/gpu-quality}
 DATA=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
@@ -12,40 +14,46 @@ FULL_BUDGET=${FULL_BUDGET:-400}
 CMP_BUDGET=${CMP_BUDGET:-150}  # 0: no comparison, the GPU to the full run alone
 WORK=${WORK:-/tmp/gpu-quality-work}
 PY=${PYTHON:-python3}
-# dry runs elsewhere: DEVICE=cpu ITEMS=512; BACKBONE=wrn16_8 (or wrn28_10) instead of the preset's ResNet-18
-EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS} ${BACKBONE:+--backbone $BACKBONE}"
+# dry runs elsewhere: DEVICE=cpu ITEMS=512; BACKBONES: the full runs' trunks (default: the preset's ResNet-18;
+# also wrn16_8, wrn28_10); the comparison uses the first
+BACKBONES=${BACKBONES:-${BACKBONE:-resnet18_lowres}}
+FIRST=${BACKBONES%% *}
+EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 t0=$(date +%s)
-if ! $PY benchmarks/train_quality.py full-gpu --items 512 --budget 4 ${DEVICE:+--device $DEVICE} ${BACKBONE:+--backbone $BACKBONE} \
-    --data-dir "$DATA" --out "$WORK/smoke" \
-    >"$OUT/smoke.log" 2>&1; then
-  tail -40 "$OUT/smoke.log"; echo "smoke run failed"; exit 1
-fi
+for b in $BACKBONES; do
+  if ! $PY benchmarks/train_quality.py full-gpu --items 512 --budget 4 ${DEVICE:+--device $DEVICE} --backbone "$b" \
+      --data-dir "$DATA" --out "$WORK/smoke_$b" >"$OUT/smoke_$b.log" 2>&1; then
+    tail -40 "$OUT/smoke_$b.log"; echo "smoke run ($b) failed"; exit 1
+  fi
+done
 echo "smoke ok after $(( $(date +%s) - t0 )) s"
-$PY benchmarks/train_quality.py full-gpu --budget "$FULL_BUDGET" --threads 6 $EXTRA --data-dir "$DATA" \
-  --out "$WORK/full" >"$OUT/full.log" 2>&1 &
-full=$!
+runs=""
+for b in $BACKBONES; do
+  $PY benchmarks/train_quality.py full-gpu --budget "$FULL_BUDGET" --threads 6 $EXTRA --backbone "$b" \
+    --data-dir "$DATA" --out "$WORK/full_$b" >"$OUT/full_$b.log" 2>&1 &
+  runs="$runs full_$b"
+done
 for s in $([ "$CMP_BUDGET" != 0 ] && echo staged unified); do
   $PY benchmarks/train_quality.py compare --base full-gpu --strategies $s --budget "$CMP_BUDGET" --threads 4 $EXTRA \
-    --data-dir "$DATA" --out "$WORK/cmp_$s" >"$OUT/cmp_$s.log" 2>&1 &
+    --backbone "$FIRST" --data-dir "$DATA" --out "$WORK/cmp_$s" >"$OUT/cmp_$s.log" 2>&1 &
+  runs="$runs cmp_$s"
 done
-rc=0; wait $full || rc=$?
-wait
-echo "all runs done after $(( $(date +%s) - t0 )) s (full run rc=$rc)"
-for f in full $([ "$CMP_BUDGET" != 0 ] && echo cmp_staged cmp_unified); do echo "== $f"; grep -E "^\||stage .* done|budget|Error|error" "$OUT/$f.log" | tail -12; done
+rc=0; for job in $(jobs -p); do wait "$job" || rc=$?; done
+echo "all runs done after $(( $(date +%s) - t0 )) s (rc=$rc)"
+for f in $runs; do echo "== $f"; grep -E "^\||stage .* done|budget|Error|error" "$OUT/$f.log" | tail -12; done
 $PY - "$WORK" "$OUT" <<'PY'
 import json, shutil, sys
 from pathlib import Path
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 docs = [json.loads(p.read_text()) for p in sorted(work.glob("*/train_*.json")) if "smoke" not in str(p)]
 (out / "results.json").write_text(json.dumps(docs, indent=1))
-full = [r for d in docs for r in d["results"] if r["name"] == "full"]
-if full:
-    report = Path(full[0]["model_dir"]) / "report"
+for r in (r for d in docs for r in d["results"] if r["name"] == "full"):
+    report = Path(r["model_dir"]) / "report"
     for name in ("summary.md", "loss.png", "recall_at_k.png"):
         if (report / name).exists():
-            shutil.copy(report / name, out / f"full_{name}")
+            shutil.copy(report / name, out / f"full_{r['backbone']}_{name}")
 PY
 ls -la "$OUT"

@@ -33,6 +33,7 @@ class ModelManifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     data_fingerprint: str = ""
     strategy: str = "staged"
+    flip_tta: bool = False  # predictions average each photo with its mirror image (2× the compute)
     git_commit: str = ""
     weights_file: str = "model.safetensors"
     weights_sha256: str = ""

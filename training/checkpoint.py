@@ -63,6 +63,7 @@ def save_model(model: MultitaskModel, out_dir: Path, *, model_version: str, imag
         metrics={k: float(v) for k, v in (metrics or {}).items()},
         data_fingerprint=data_fingerprint,
         strategy=strategy,
+        flip_tta=model.flip_tta,
         git_commit=git_commit(),
         weights_file=weights.name,
         weights_sha256=file_sha256(weights),
@@ -123,6 +124,7 @@ def load_model(model_dir: Path | str, expected_taxonomy: Taxonomy | None = None,
             f"weights do not fit the {manifest.backbone} model for taxonomy {manifest.taxonomy.name!r}: "
             f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}")
     model.load_state_dict(state)
+    model.flip_tta = manifest.flip_tta
     model.eval()
     return model, manifest
 

@@ -65,6 +65,9 @@ def register(app: typer.Typer) -> None:
                                                "(default: the preset's)."),
         label_smoothing: float = typer.Option(None, help="label smoothing of the softmax heads (default: the "
                                                          "preset's; 0 is seed 000's plain CE)."),
+        flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="the saved model predicts on each "
+                                      "photo and its mirror image, averaged: 2× the compute per photo (default: "
+                                      "the preset's)."),
         seed: int = typer.Option(None, help="random seed (default: 0)."),
         device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
         workers: int = typer.Option(None, help="DataLoader processes decoding image files (DeepFashion; "
@@ -94,7 +97,7 @@ def register(app: typer.Typer) -> None:
             "init_from": init_from,
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
-            "augment": augment, "label_smoothing": label_smoothing,
+            "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
             "device": device, "workers": workers, "out_dir": out_dir or get_settings().models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
@@ -119,6 +122,8 @@ def register(app: typer.Typer) -> None:
         test_items: int = typer.Option(None, help="evaluate on this many test items (default: all 10 000)."),
         seed: int = typer.Option(0, help="seed of the fixed evaluation set (default: 0, as in training)."),
         device: str = typer.Option("auto", help="auto, cpu or cuda[:n] (default: auto)."),
+        flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="average each photo with its mirror "
+                                      "image, or not (default: as the model was saved)."),
         output: Path = typer.Option(None, help="also write the metrics as JSON to this file (default: no)."),
     ) -> None:
         """Measure a saved model on the fixed FMNIST-shop evaluation set."""
@@ -129,7 +134,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = replace(TrainConfig(), seed=seed, test_items=test_items,
                       **({"data_dir": data_dir} if data_dir else {}))
-        metrics = evaluate_model_dir(model_dir, cfg, device=device)
+        metrics = evaluate_model_dir(model_dir, cfg, device=device, flip_tta=flip_tta)
         text = json.dumps(metrics, indent=2)
         if output:
             output.write_text(text)

@@ -50,7 +50,7 @@ def predict_dataset(model: MultitaskModel, data: LabelledImages, image_size: int
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
         for x in tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False):
             x = x.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
-            parts.append(outputs_to_predictions(model, model(x)))
+            parts.append(outputs_to_predictions(model, model.infer(x)))
     model.train(was_training)
     return Predictions(
         category=np.concatenate([p.category for p in parts]),
@@ -130,9 +130,11 @@ def calibrate(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
     return thresholds, label_thresholds
 
 
-def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = True) -> dict[str, float]:
+def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = True,
+                       flip_tta: bool | None = None) -> dict[str, float]:
     """Measure a saved model on the fixed evaluation set of ``cfg`` (a TrainConfig), with the model's
-    own calibrated thresholds. Returns metrics keyed like the manifest's ("test/…")."""
+    own calibrated thresholds. Returns metrics keyed like the manifest's ("test/…"). ``flip_tta``:
+    override the manifest's test-time flip (None: as saved)."""
     import math
 
     from training.checkpoint import load_model
@@ -143,6 +145,8 @@ def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = Tr
     dev = resolve_device(device)
     model, manifest = load_model(model_dir)
     model = model.to(dev)
+    if flip_tta is not None:
+        model.flip_tta = flip_tta
     if cfg.dataset == "fmnist-shop":
         split, plain = fmnist_shop_test(cfg, manifest.taxonomy)
         loader = None

@@ -86,7 +86,7 @@ class Predictor:
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-            out = self.model(x)
+            out = self.model.infer(x)
         return outputs_to_predictions(self.model, out)
 
     def predict_images(self, images: list[Image.Image]) -> Predictions:

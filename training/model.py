@@ -55,6 +55,8 @@ class MultitaskModel(nn.Module):
         n_groups = max(1, len(self.group_names))
         init = torch.full((n_groups, embedding_dim), 0.9) + 0.1 * torch.randn(n_groups, embedding_dim)
         self.condition_logits = nn.Parameter(torch.log(torch.expm1(init.clamp_min(0.05))))
+        # prediction (not training) averages each photo with its mirror image; saved in the manifest
+        self.flip_tta = False
 
     # parameter groups the training stages freeze and unfreeze
     def classification_parameters(self) -> list[nn.Parameter]:
@@ -81,6 +83,20 @@ class MultitaskModel(nn.Module):
             groups={g: head(h) for g, head in self.group_heads.items()},
             embedding=emb,
         )
+
+    def infer(self, x: torch.Tensor) -> ModelOutput:
+        """The forward pass for prediction: with ``flip_tta`` the photo and its mirror image go through
+        as one batch, their logits are averaged and the embeddings' sum re-normalised."""
+        if not self.flip_tta:
+            return self(x)
+        out = self(torch.cat([x, x.flip(3)]))
+        n = len(x)
+
+        def mean(t: torch.Tensor) -> torch.Tensor:
+            return (t[:n] + t[n:]) / 2
+
+        return ModelOutput(category=mean(out.category), groups={g: mean(t) for g, t in out.groups.items()},
+                           embedding=F.normalize(mean(out.embedding), dim=1))
 
 
 def build_model(backbone: str, taxonomy: Taxonomy, *, pretrained: bool = True,

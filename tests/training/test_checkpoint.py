@@ -7,7 +7,7 @@ from PIL import Image
 
 from schemas.taxonomy import load_taxonomy
 from training.checkpoint import ModelMismatchError, load_model, save_model
-from training.inference import Predictions, load_predictor
+from training.inference import Predictions, image_to_tensor, load_predictor
 from training.model import build_model
 
 
@@ -96,3 +96,32 @@ def test_unknown_backbone_and_shape_mismatch_are_refused(tmp_path, mixed_taxonom
 def test_missing_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         load_predictor(tmp_path)
+
+
+def test_flip_tta_is_saved_and_averages_each_photo_with_its_mirror(tmp_path, mixed_taxonomy):
+    torch.manual_seed(0)
+    model = build_model("small_cnn", mixed_taxonomy, pretrained=False, embedding_dim=32)
+    x = torch.stack([image_to_tensor(im, 32, model.mean, model.std) for im in _images()])
+    with torch.no_grad():  # BatchNorm statistics of real inputs, so outputs depend on the photo
+        for _ in range(20):
+            model(torch.cat([x, x.flip(3)]))
+    model.eval()
+    model.flip_tta = True
+    assert save_model(model, tmp_path, model_version="m1", image_size=32).flip_tta
+    pred = load_predictor(tmp_path, device="cpu")
+    assert pred.manifest.flip_tta and pred.model.flip_tta
+    x = torch.stack([pred.preprocess(im) for im in _images()])
+    out = pred.predict(x)
+    with torch.inference_mode():
+        a, b = model(x), model(x.flip(3))
+    mean_logits = (a.category + b.category) / 2
+    np.testing.assert_allclose(out.category, mean_logits.softmax(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.groups["colour"], ((a.groups["colour"] + b.groups["colour"]) / 2).softmax(1).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    emb = torch.nn.functional.normalize(a.embedding + b.embedding, dim=1).numpy()
+    np.testing.assert_allclose(out.embedding, emb, rtol=1e-5, atol=1e-6)
+    # a photo and its mirror image now get the same tags and the same embedding
+    mirrored = pred.predict(x.flip(3))
+    np.testing.assert_allclose(mirrored.category, out.category, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mirrored.embedding, out.embedding, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out.category, a.category.softmax(1).numpy(), atol=1e-4)  # it is not the plain pass

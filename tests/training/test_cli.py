@@ -51,3 +51,12 @@ def test_train_cli_rejects_unknown_augmentation_before_any_work(tmp_path):
     res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--augment", "heavy", "--out-dir", str(tmp_path)])
     assert res.exit_code != 0 and "unknown augmentation 'heavy'" in res.output
     assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+def test_flip_tta_is_refused_for_a_model_trained_without_flips(tmp_path):
+    from enrich.cli import app
+
+    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--augment", "none", "--flip-tta",
+                                   "--out-dir", str(tmp_path)])
+    assert res.exit_code != 0 and "flip_tta needs a model trained with flips" in str(res.exception)
+    assert not any(tmp_path.iterdir())
