@@ -45,8 +45,6 @@ CLASSIFICATION = {
     "shift+ls": {"augment": "shift", "label_smoothing": 0.1},
     "shift+wd": {"augment": "shift", "weight_decay": 0.05},
     "shift+ls+wd": {"augment": "shift", "label_smoothing": 0.1, "weight_decay": 0.05},
-    "shift+ls+wd+mixup": {"augment": "shift", "label_smoothing": 0.1, "weight_decay": 0.05, "mix": "mixup"},
-    "shift+ls+wd+cutmix": {"augment": "shift", "label_smoothing": 0.1, "weight_decay": 0.05, "mix": "cutmix"},
     "none": {"augment": "none"},
 }
 RETRIEVAL = {"lr1e-3": {"lr_retrieval": 1e-3}, "lr1e-4": {"lr_retrieval": 1e-4}}

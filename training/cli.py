@@ -65,8 +65,6 @@ def register(app: typer.Typer) -> None:
                                                "(default: the preset's)."),
         label_smoothing: float = typer.Option(None, help="label smoothing of the softmax heads (default: the "
                                                          "preset's; 0 is seed 000's plain CE)."),
-        mix: str = typer.Option(None, help="none, mixup or cutmix in the classification stage (default: the "
-                                           "preset's)."),
         flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="the saved model predicts on each "
                                       "photo and its mirror image, averaged: 2× the compute per photo (default: "
                                       "the preset's)."),
@@ -85,7 +83,7 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         from enrich.config import get_settings
-        from training.train import MIXES, PRESETS
+        from training.train import PRESETS
         from training.train import train as run
 
         from training.transforms import AUGMENTATIONS
@@ -94,14 +92,12 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         if augment is not None and augment not in AUGMENTATIONS:
             raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
-        if mix is not None and mix not in MIXES:
-            raise typer.BadParameter(f"unknown mix {mix!r}; choose from {', '.join(MIXES)}")
         overrides = {
             "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
             "init_from": init_from,
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
-            "augment": augment, "label_smoothing": label_smoothing, "mix": mix, "flip_tta": flip_tta,
+            "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
             "device": device, "workers": workers, "out_dir": out_dir or get_settings().models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

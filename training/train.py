@@ -38,7 +38,6 @@ from training.transforms import AUGMENTATIONS, BatchAugment, train_transform
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("staged", "unified")
-MIXES = {"none": None, "mixup": 0.2, "cutmix": 1.0}  # -> Beta(α, α) of the mixing weight (the papers' CIFAR α)
 
 
 @dataclass
@@ -95,7 +94,6 @@ class TrainConfig:
     colour_jitter: bool | None = None  # None: off when the taxonomy predicts colour
     augment: str = "seed"  # seed (seed 000's full set), shift, light, none (training.transforms)
     label_smoothing: float = 0.0  # on the softmax heads; 0 is seed 000's plain weighted CE
-    mix: str = "none"  # mixup or cutmix in classification-only stages (MIXES)
     flip_tta: bool = False  # the saved model predicts on each photo and its mirror image (not in validations)
     seed: int = 0
     threads: int | None = None  # None: the cores other processes leave idle (load average), at least 1
@@ -305,26 +303,6 @@ def _set_modes(model: MultitaskModel, spec: StageSpec) -> None:
         model.retrieval_head.eval()
 
 
-def mix_batch(x: torch.Tensor, batch: dict, mode: str, rng: np.random.Generator
-              ) -> tuple[torch.Tensor, dict, float]:
-    """Mixup or CutMix: each photo mixed with another of the batch. Returns the mixed photos, the other
-    photos' labels and the weight of each photo's own labels (CutMix: the area it keeps)."""
-    alpha = MIXES[mode]
-    lam = float(rng.beta(alpha, alpha))
-    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
-    other = {k: (v[perm] if torch.is_tensor(v) else v) for k, v in batch.items()}
-    if mode == "mixup":
-        return lam * x + (1 - lam) * x[perm], other, lam
-    h, w = x.shape[2:]
-    cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
-    cy, cx = int(rng.integers(h)), int(rng.integers(w))
-    y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
-    x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
-    x = x.clone()
-    x[:, :, y1:y2, x1:x2] = x[perm, :, y1:y2, x1:x2]
-    return x, other, 1 - (y2 - y1) * (x2 - x1) / (h * w)
-
-
 def _batches(loader: DataLoader):
     while True:
         yield from loader
@@ -373,8 +351,6 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
         dl = DataLoader(TorchImages(data.train, transform, loader=data.loader), batch_sampler=batches,
                         num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0)
         it = _batches(dl)
-    mixing = cfg.mix != "none" and spec.use_cls and not spec.use_ret  # triplets need whole photos
-    mix_rng = np.random.default_rng(cfg.seed + len(history))
     best_score, best_state, best_metrics, bad_evals = -math.inf, None, {}, 0
     t0 = time.perf_counter()
     bar = tqdm(total=spec.steps, desc=f"stage {spec.name}", disable=not cfg.progress)
@@ -403,15 +379,11 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
         batch = next(it)
         x = batch["image"].to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
         batch = {k: (v.to(device, non_blocking=cuda) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if mixing:
-            x, other, lam = mix_batch(x, batch, cfg.mix, mix_rng)
         with torch.autocast("cuda", dtype=amp_dtype, enabled=cuda):
             out = model(x)
         loss, parts = criterion(out, batch, use_cls=spec.use_cls, use_ret=spec.use_ret,
                                 masks=model.condition_masks() if spec.use_ret else None,
                                 group_names=model.group_names)
-        if mixing:  # the logged parts stay those of the photos' own labels
-            loss = lam * loss + (1 - lam) * criterion(out, other, use_cls=True, use_ret=False)[0]
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -481,8 +453,6 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pa
     cfg = config
     if cfg.augment not in AUGMENTATIONS:  # before minutes of data preparation, not after
         raise RuntimeError(f"Invalid augmentation {cfg.augment!r}. Only {', '.join(AUGMENTATIONS)} are supported.")
-    if cfg.mix not in MIXES:
-        raise RuntimeError(f"Invalid mix {cfg.mix!r}. Only {', '.join(MIXES)} are supported.")
     if cfg.flip_tta and cfg.augment == "none":  # measured: the quick model loses 0.5 pt with it
         raise RuntimeError("flip_tta needs a model trained with flips; augmentation 'none' has none")
     t_start = time.perf_counter()
