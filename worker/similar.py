@@ -32,7 +32,10 @@ the snapshot's one for the same listing (re-embedded); deleted/sold listings are
 snapshot may still hold them). Results are upserted into `similar_items_online` with
 computed_at = now(). Without a snapshot the delta is the whole catalogue (exact), up to
 `ONLINE_EXACT_MAX` embeddings; beyond that online neighbours wait for `enrich reindex`.
-The new listing does not yet appear in other listings' shelves until the next nightly run.
+The new listing also joins the shelves of its own neighbours where it ranks in their top K (their
+current row, nightly or online, merged and upserted as an online row), so fresh inventory shows on
+similar-item shelves within seconds, not the next night. Writers of online rows take advisory locks
+on the rows' listings (in one order) first, so two workers merging into one shelf don't lose an update.
 Each worker process keeps the snapshot memory-mapped (page cache, shared between processes) and
 reloads it when the snapshot's LATEST pointer moves.
 
@@ -63,6 +66,7 @@ log = logging.getLogger(__name__)
 ONLINE_SLACK = timedelta(minutes=30)   # longest enrichment transaction we expect to be open
 ONLINE_EXACT_MAX = 50_000              # most embeddings the online path searches exactly per batch
 ADVISORY_NAMESPACE = "enrich.similar"
+SHELF_LOCK_BUCKETS = 4096              # advisory locks on online rows: listing ids hashed into buckets
 
 
 class ReindexBusy(RuntimeError):
@@ -426,27 +430,71 @@ def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version:
     return out
 
 
+def _lock_shelves(cur: psycopg.Cursor, model_version: str, listing_ids) -> None:
+    """Serialise read-merge-writes of these listings' online rows across workers (until commit);
+    buckets are taken in one order, so two writers never wait on each other in a cycle."""
+    cur.execute(
+        "SELECT pg_advisory_xact_lock(hashtext(%s), b) FROM"
+        " (SELECT DISTINCT hashtext(x) & %s AS b FROM unnest(%s::text[]) x ORDER BY b) buckets",
+        (f"{ADVISORY_NAMESPACE}.shelf:{model_version}", SHELF_LOCK_BUCKETS - 1, sorted(set(listing_ids))),
+    )
+
+
+def incoming_neighbours(found: dict[str, list[Neighbour]]) -> dict[str, list[Neighbour]]:
+    """Neighbour → the fresh listings that found it: candidates for that neighbour's own shelf
+    (similarity is symmetric). Fresh listings' own rows are already complete."""
+    incoming: dict[str, list[Neighbour]] = {}
+    for lid, neighbours in found.items():
+        for n in neighbours:
+            if n.listing_id not in found:
+                incoming.setdefault(n.listing_id, []).append(Neighbour(lid, n.score))
+    return incoming
+
+
+def merge_shelf(ids: Sequence[str], scores: Sequence[float], incoming: list[Neighbour], k: int
+                ) -> list[tuple[str, float]] | None:
+    """A shelf with the incoming listings ranked in, at most max(k, its length) long; None when
+    nothing changes (none ranks high enough, or they are there already: replays write nothing)."""
+    merged = dict(zip(ids, scores))
+    for n in incoming:
+        merged[n.listing_id] = max(n.score, merged.get(n.listing_id, -np.inf))
+    top = sorted(merged.items(), key=lambda t: (-t[1], t[0]))[:max(k, len(ids))]
+    return None if [c for c, _ in top] == list(ids) else top
+
+
 def write_online_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str,
                             k: int | None = None, *, root: Path | str | None = None) -> int:
-    """Compute and upsert top-k neighbours of freshly embedded listings; returns the rows written.
+    """Compute and upsert top-k neighbours of freshly embedded listings, and rank them into their
+    neighbours' shelves; returns the rows written for the fresh listings.
 
     Listings without an embedding of `model_version`, or deleted, are skipped. Idempotent.
     """
     if not listing_ids:
         return 0
     k = default_k(k)
-    found = online_topk(conn, list(listing_ids), model_version, k, root)
+    found = online_topk(conn, list(listing_ids), model_version, k, root)  # the search: before any lock
     if not found:
         return 0
+    incoming = incoming_neighbours(found)
+    upsert = ("INSERT INTO similar_items_online (model_version, listing_id, neighbour_ids, scores)"
+              " VALUES (%s, %s, %s, %s::real[]) ON CONFLICT (model_version, listing_id) DO UPDATE"
+              " SET neighbour_ids = EXCLUDED.neighbour_ids, scores = EXCLUDED.scores, computed_at = now()")
     rows = [(model_version, lid, [n.listing_id for n in ns], [n.score for n in ns]) for lid, ns in found.items()]
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO similar_items_online (model_version, listing_id, neighbour_ids, scores)"
-            " VALUES (%s, %s, %s, %s::real[]) ON CONFLICT (model_version, listing_id) DO UPDATE"
-            " SET neighbour_ids = EXCLUDED.neighbour_ids, scores = EXCLUDED.scores, computed_at = now()",
-            rows,
-        )
-    log.info("online neighbours written for %d listing(s) of %s", len(rows), model_version)
+        _lock_shelves(cur, model_version, [*found, *incoming])
+        cur.executemany(upsert, rows)
+        joined = []
+        if incoming:  # their shelves as readers see them now (nightly or online), read under the locks
+            for lid, ids, scores in cur.execute(
+                    "SELECT listing_id, neighbour_ids, scores FROM similar_items_current"
+                    " WHERE model_version = %s AND listing_id = ANY(%s)", (model_version, list(incoming))).fetchall():
+                top = merge_shelf(ids, scores, incoming[lid], k)
+                if top is not None:
+                    joined.append((model_version, lid, [c for c, _ in top], [s for _, s in top]))
+            if joined:
+                cur.executemany(upsert, joined)
+    log.info("online neighbours written for %d listing(s) of %s; they joined %d other shelves",
+             len(rows), model_version, len(joined))
     return len(rows)
 
 

@@ -89,3 +89,70 @@ def test_a_big_catalogue_without_snapshot_is_not_scanned_per_batch(db, root, mon
     assert similar.write_online_neighbours(db, ["b0"], "m1", k=3, root=root) == 0
     similar.recompute(db, "m1", k=3, root=root)
     assert similar.write_online_neighbours(db, ["b0"], "m1", k=3, root=root) == 1
+
+
+def test_a_new_listing_joins_the_shelves_of_its_neighbours_once(db, root):
+    vecs = clustered(len(IDS), seed=25)
+    add_listings(db, IDS, vecs)
+    similar.recompute(db, "m1", k=5, root=root)
+    similar._SNAPSHOT_CACHE.clear()
+    nightly = _shelf(db, "old-007")
+    assert nightly[0] == "nightly"
+    far = next(i for i in IDS if float(vecs[int(i[-3:])] @ vecs[7]) < 0)  # nowhere near the new listing
+
+    add_listings(db, ["new"], [_near(vecs[7], 6)])  # a near copy of old-007, after the nightly run
+    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    source, neigh, scores = _shelf(db, "old-007")
+    assert source == "online" and neigh == ["new", *nightly[1][:4]]  # ranked in first, the last one out
+    assert scores == sorted(scores, reverse=True)
+    assert _shelf(db, far)[0] == "nightly"  # shelves it does not rank in are left alone
+    joined = db.execute("SELECT listing_id, computed_at FROM similar_items_online WHERE listing_id <> 'new'"
+                        " ORDER BY listing_id").fetchall()
+    assert ("old-007" in {r[0] for r in joined}) and all("new" in _shelf(db, r[0])[1] for r in joined)
+
+    # a replay (retried task, re-enqueued listing) writes nothing into those shelves again
+    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    assert db.execute("SELECT listing_id, computed_at FROM similar_items_online WHERE listing_id <> 'new'"
+                      " ORDER BY listing_id").fetchall() == joined
+    assert _shelf(db, "old-007")[1].count("new") == 1
+
+
+def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root):
+    """While one writer holds a shelf's lock, another waits for it instead of merging into a copy that
+    is about to change; the shelf ends with both new listings. (Real writers take all their locks in
+    one ordered statement; taking more after waiting, as a test could, would deadlock.)"""
+    import threading
+
+    import psycopg
+
+    vecs = clustered(len(IDS), seed=26)
+    add_listings(db, IDS, vecs)
+    similar.recompute(db, "m1", k=5, root=root)
+    similar._SNAPSHOT_CACHE.clear()
+    add_listings(db, ["new-a", "new-b"], [_near(vecs[7], 7), _near(vecs[7], 8)])
+    with psycopg.connect(pg_url, autocommit=True) as first, psycopg.connect(pg_url, autocommit=True) as second:
+        pid = second.info.backend_pid
+        with first.transaction(), first.cursor() as cur:
+            similar._lock_shelves(cur, "m1", ["old-007"])  # as a writer mid-merge holds it
+            done = threading.Thread(target=similar.write_online_neighbours, args=(second, ["new-b"], "m1"),
+                                    kwargs={"k": 5, "root": root})
+            done.start()
+            for _ in range(600):  # until the second writer waits on the advisory lock
+                row = db.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+                if row and row[0] == "advisory":
+                    break
+                done.join(0.05)
+            assert row and row[0] == "advisory" and done.is_alive()
+        done.join(30)  # the first writer committed: the second goes on
+        assert not done.is_alive()
+        similar.write_online_neighbours(first, ["new-a"], "m1", k=5, root=root)
+    assert {"new-a", "new-b"} <= set(_shelf(db, "old-007")[1][:2])
+
+
+def test_merge_shelf_ranks_incoming_listings_in_and_reports_no_change():
+    shelf, scores = ["a", "b", "c"], [0.9, 0.8, 0.7]
+    top = similar.merge_shelf(shelf, scores, [similar.Neighbour("x", 0.85)], k=3)
+    assert top == [("a", 0.9), ("x", 0.85), ("b", 0.8)]
+    assert similar.merge_shelf(shelf, scores, [similar.Neighbour("y", 0.1)], k=3) is None  # does not rank
+    assert similar.merge_shelf(shelf, scores, [similar.Neighbour("b", 0.8)], k=3) is None  # already there
+    assert [c for c, _ in similar.merge_shelf(["a"], [0.9], [similar.Neighbour("z", 0.2)], k=3)] == ["a", "z"]
