@@ -397,11 +397,15 @@ def switch_active(conn: psycopg.Connection, version: int) -> int | None:
             " WHERE model_version = %s AND status = 'ready' AND version <> %s",
             (model_version, version),
         )
-        # online rows computed before this version's data was read are superseded by it
+        # online rows computed before this version's data was read are superseded by it (the view
+        # already ignores them; this is cleanup). SKIP LOCKED: a row a worker is rewriting right now
+        # will be newer than the snapshot, and waiting for it could deadlock the switch with that worker
         conn.execute(
-            "DELETE FROM similar_items_online o USING similar_items s, similar_items_versions v"
-            " WHERE v.version = %s AND s.version = v.version AND s.listing_id = o.listing_id"
-            " AND o.model_version = v.model_version AND o.computed_at <= v.snapshot_at",
+            "DELETE FROM similar_items_online d WHERE (d.model_version, d.listing_id) IN ("
+            " SELECT o.model_version, o.listing_id FROM similar_items_online o"
+            " JOIN similar_items_versions v ON v.version = %s AND o.model_version = v.model_version"
+            " JOIN similar_items s ON s.version = v.version AND s.listing_id = o.listing_id"
+            " WHERE o.computed_at <= v.snapshot_at FOR UPDATE OF o SKIP LOCKED)",
             (version,),
         )
     return old[0] if old else None

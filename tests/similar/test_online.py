@@ -156,3 +156,29 @@ def test_merge_shelf_ranks_incoming_listings_in_and_reports_no_change():
     assert similar.merge_shelf(shelf, scores, [similar.Neighbour("y", 0.1)], k=3) is None  # does not rank
     assert similar.merge_shelf(shelf, scores, [similar.Neighbour("b", 0.8)], k=3) is None  # already there
     assert [c for c, _ in similar.merge_shelf(["a"], [0.9], [similar.Neighbour("z", 0.2)], k=3)] == ["a", "z"]
+
+
+def test_the_nightly_switch_does_not_wait_for_a_shelf_a_worker_is_writing(db, pg_url, root):
+    """The switch's cleanup skips online rows locked by an open writer instead of waiting (which could
+    deadlock the two); the view shows the new nightly row all the same."""
+    import psycopg
+
+    vecs = clustered(len(IDS), seed=27)
+    add_listings(db, IDS, vecs)
+    similar.recompute(db, "m1", k=5, root=root)
+    similar._SNAPSHOT_CACHE.clear()
+    add_listings(db, ["new"], [_near(vecs[7], 9)])
+    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    assert _shelf(db, "old-007")[0] == "online"
+    with psycopg.connect(pg_url) as writer:
+        writer.execute("SET lock_timeout = '60s'")
+        writer.execute("SELECT 1 FROM similar_items_online WHERE listing_id = 'old-007' FOR UPDATE")
+        db.execute("SET lock_timeout = '5s'")  # waiting on the writer would fail the recompute here
+        try:
+            similar.recompute(db, "m1", k=5, root=root)
+        finally:
+            db.execute("RESET lock_timeout")
+        writer.rollback()
+    assert _shelf(db, "old-007")[0] == "nightly" and _shelf(db, "new")[0] == "nightly"
+    left = [r[0] for r in db.execute("SELECT listing_id FROM similar_items_online")]
+    assert left == ["old-007"]  # skipped, not deleted: superseded all the same, gone after the next run
