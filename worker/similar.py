@@ -453,13 +453,12 @@ def incoming_neighbours(found: dict[str, list[Neighbour]]) -> dict[str, list[Nei
 
 def merge_shelf(ids: Sequence[str], scores: Sequence[float], incoming: list[Neighbour], k: int
                 ) -> list[tuple[str, float]] | None:
-    """A shelf with the incoming listings ranked in, at most max(k, its length) long; None when
-    nothing changes (none ranks high enough, or they are there already: replays write nothing)."""
+    """A shelf with the incoming listings ranked in, at most max(k, its length) long; None when no
+    new one ranks high enough (those already on the shelf stay as they are: replays write nothing)."""
     merged = dict(zip(ids, scores))
-    for n in incoming:
-        merged[n.listing_id] = max(n.score, merged.get(n.listing_id, -np.inf))
-    top = sorted(merged.items(), key=lambda t: (-t[1], t[0]))[:max(k, len(ids))]
-    return None if [c for c, _ in top] == list(ids) else top
+    new = {n.listing_id: n.score for n in incoming if n.listing_id not in merged}
+    top = sorted({**merged, **new}.items(), key=lambda t: (-t[1], t[0]))[:max(k, len(ids))]
+    return top if any(c in new for c, _ in top) else None
 
 
 def write_online_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str,
