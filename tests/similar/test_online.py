@@ -18,6 +18,15 @@ def _shelf(db, lid):
                       " WHERE model_version = 'm1' AND listing_id = %s", (lid,)).fetchone()
 
 
+def _catalogue_after_nightly(db, root, seed: int) -> np.ndarray:
+    """IDS with clustered vectors, one nightly run (k=5) done, the online path's snapshot cache empty."""
+    vecs = clustered(len(IDS), seed=seed)
+    add_listings(db, IDS, vecs)
+    similar.recompute(db, "m1", k=5, root=root)
+    similar._SNAPSHOT_CACHE.clear()
+    return vecs
+
+
 def test_new_listing_gets_its_near_duplicate_from_the_snapshot_and_the_delta(db, root):
     vecs = clustered(len(IDS), seed=20, clusters=4)
     add_listings(db, IDS, vecs)
@@ -38,10 +47,7 @@ def test_new_listing_gets_its_near_duplicate_from_the_snapshot_and_the_delta(db,
 
 
 def test_deleted_or_sold_listings_are_filtered_out(db, root):
-    vecs = clustered(len(IDS), seed=21)
-    add_listings(db, IDS, vecs)
-    similar.recompute(db, "m1", k=5, root=root)
-    similar._SNAPSHOT_CACHE.clear()
+    vecs = _catalogue_after_nightly(db, root, seed=21)
     db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id = 'old-003'")  # sold after the snapshot
     add_listings(db, ["new"], [_near(vecs[3], 3)])
     similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
@@ -65,10 +71,7 @@ def test_without_a_snapshot_the_whole_catalogue_is_searched_exactly(db, root):
 
 
 def test_the_next_nightly_version_supersedes_older_online_rows(db, root):
-    vecs = clustered(len(IDS), seed=23)
-    add_listings(db, IDS, vecs)
-    similar.recompute(db, "m1", k=5, root=root)
-    similar._SNAPSHOT_CACHE.clear()
+    vecs = _catalogue_after_nightly(db, root, seed=23)
     add_listings(db, ["new"], [_near(vecs[9], 4)])
     similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
     assert _shelf(db, "new")[0] == "online"
@@ -92,10 +95,7 @@ def test_a_big_catalogue_without_snapshot_is_not_scanned_per_batch(db, root, mon
 
 
 def test_a_new_listing_joins_the_shelves_of_its_neighbours_once(db, root):
-    vecs = clustered(len(IDS), seed=25)
-    add_listings(db, IDS, vecs)
-    similar.recompute(db, "m1", k=5, root=root)
-    similar._SNAPSHOT_CACHE.clear()
+    vecs = _catalogue_after_nightly(db, root, seed=25)
     nightly = _shelf(db, "old-007")
     assert nightly[0] == "nightly"
     far = next(i for i in IDS if float(vecs[int(i[-3:])] @ vecs[7]) < 0)  # nowhere near the new listing
@@ -125,10 +125,7 @@ def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root):
 
     import psycopg
 
-    vecs = clustered(len(IDS), seed=26)
-    add_listings(db, IDS, vecs)
-    similar.recompute(db, "m1", k=5, root=root)
-    similar._SNAPSHOT_CACHE.clear()
+    vecs = _catalogue_after_nightly(db, root, seed=26)
     add_listings(db, ["new-a", "new-b"], [_near(vecs[7], 7), _near(vecs[7], 8)])
     with psycopg.connect(pg_url, autocommit=True) as first, psycopg.connect(pg_url, autocommit=True) as second:
         pid = second.info.backend_pid
@@ -163,10 +160,7 @@ def test_the_nightly_switch_does_not_wait_for_a_shelf_a_worker_is_writing(db, pg
     deadlock the two); the view shows the new nightly row all the same."""
     import psycopg
 
-    vecs = clustered(len(IDS), seed=27)
-    add_listings(db, IDS, vecs)
-    similar.recompute(db, "m1", k=5, root=root)
-    similar._SNAPSHOT_CACHE.clear()
+    vecs = _catalogue_after_nightly(db, root, seed=27)
     add_listings(db, ["new"], [_near(vecs[7], 9)])
     similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
     assert _shelf(db, "old-007")[0] == "online"
