@@ -83,7 +83,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown {args.stage} variants {unknown}; known: {', '.join(variants)}")
     common = dict(time_budget_s=None, threads=args.threads, data_dir=args.data_dir, out_dir=args.out, progress=False,
-                  workers=0, seed=args.seed, flip_tta=False)  # training choices only: no test-time flip
+                  workers=0, seed=args.seed, flip_tta=False,  # training choices only: no test-time flip
+                  amp=False)  # fp32, as the README's ablation figures were measured
     metrics = {"FMNIST top-1": "test_plain/top1", "R@1": "test/recall@1"}
     if args.stage == "joint":  # the full preset's stages 1–2 once; each variant's stage 3 starts there
         steps, items, batch = args.steps or FULL.stage_steps[2], args.items, args.batch or FULL.batch_size

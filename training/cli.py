@@ -68,6 +68,9 @@ def register(app: typer.Typer) -> None:
         flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="the saved model predicts on each "
                                       "photo and its mirror image, averaged: 2× the compute per photo (default: "
                                       "the preset's)."),
+        amp: bool = typer.Option(None, "--amp/--no-amp", help="mixed-precision training: bf16/fp16 on CUDA, bf16 "
+                                 "on CPUs that compute it natively (AVX512-BF16, AMX); weights stay fp32 "
+                                 "(default: on)."),
         seed: int = typer.Option(None, help="random seed (default: 0)."),
         device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
         workers: int = typer.Option(None, help="DataLoader processes decoding image files (DeepFashion; "
@@ -98,7 +101,7 @@ def register(app: typer.Typer) -> None:
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
             "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
-            "device": device, "workers": workers, "out_dir": out_dir or get_settings().models_dir,
+            "amp": amp, "device": device, "workers": workers, "out_dir": out_dir or get_settings().models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
         if backbone == "resnet50" and weights is None:

@@ -95,6 +95,7 @@ class TrainConfig:
     augment: str = "seed"  # seed (seed 000's full set), shift, light, none (training.transforms)
     label_smoothing: float = 0.0  # on the softmax heads; 0 is seed 000's plain weighted CE
     flip_tta: bool = False  # the saved model predicts on each photo and its mirror image (not in validations)
+    amp: bool = True  # mixed precision: on CUDA, and on CPUs with native bf16 (training only; weights stay fp32)
     seed: int = 0
     threads: int | None = None  # None: the cores other processes leave idle (load average), at least 1
     workers: int = 0
@@ -127,9 +128,10 @@ class TrainConfig:
 # (not 64): the seed's MLP heads cost a fixed ~11 ms per CPU step, so bigger batches see more images in
 # the budget (1960 vs 1500 img/s). Nearly all of the budget goes to classification. No augmentation on
 # top of the shop photos' own variation: in under 4 passes it only slows fitting (90.4 % vs 88.9 % with
-# the light crop + flip, measured here).
+# the light crop + flip, measured here). 4800 classification steps: what bf16 autocast (``amp``) fits in
+# the time 3500 fp32 steps took; on a CPU without native bf16 the time budget ends it earlier.
 QUICK = TrainConfig(
-    backbone="small_cnn", pretrained=False, image_size=28, strategy="staged", stage_steps=(60, 3500, 300),
+    backbone="small_cnn", pretrained=False, image_size=28, strategy="staged", stage_steps=(60, 4800, 300),
     lr_retrieval=1e-3, lr_classification=3e-3, lr_joint=2e-4, batch_size=128, train_items=None, val_items=1000,
     test_items=None, test_photos_per_item=2, photos_per_item=2, m_per_item=2, time_budget_s=265.0,
     patience=100, augment="none",
@@ -206,6 +208,21 @@ def auto_threads(workers: int = 0) -> int:
     idle = _idle_cores()
     free = cores if idle is None else round(idle)
     return max(1, min(cores, free - (1 if workers and cores > 2 else 0)))
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The mixed-precision type for training on ``device``, or None for plain fp32. CUDA: bf16 where
+    the GPU has it (fp16's loss scaler reads a flag back from the GPU every step), else fp16. CPU:
+    bf16 only where the CPU computes it natively (AVX512-BF16 / AMX; emulated elsewhere, so slower):
+    the small CNN's step 54 → 38 ms on this 2-core EPYC (benchmarks/train_step.py)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu":
+        try:
+            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+        except (AttributeError, RuntimeError):  # a torch build without oneDNN
+            return None
+    return None
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -332,8 +349,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     params = _set_trainable(model, spec, set(model.frozen_backbone))
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=cfg.weight_decay, foreach=True)  # CPU too
     cuda = device.type == "cuda"
-    # bf16 where the GPU has it: fp16's loss scaler reads a flag back from the GPU every step
-    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    amp_dtype = autocast_dtype(device) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
     colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
     batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,
@@ -379,7 +395,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
         batch = next(it)
         x = batch["image"].to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
         batch = {k: (v.to(device, non_blocking=cuda) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.autocast("cuda", dtype=amp_dtype, enabled=cuda):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = model(x)
         loss, parts = criterion(out, batch, use_cls=spec.use_cls, use_ret=spec.use_ret,
                                 masks=model.condition_masks() if spec.use_ret else None,

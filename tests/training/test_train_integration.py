@@ -11,11 +11,16 @@ from training.train import TINY, train
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_training_loss_falls(tmp_path, fmnist_dir):
+@pytest.mark.parametrize("amp", [True, False], ids=["amp", "fp32"])  # amp: bf16 where this CPU has it
+def test_tiny_training_loss_falls(tmp_path, fmnist_dir, amp):
+    from safetensors.torch import load_file
+
     cfg = replace(TINY, out_dir=tmp_path, data_dir=fmnist_dir, model_version="it", backbone="small_cnn",
                   pretrained=False, image_size=28, stage_steps=(0, 40, 0), batch_size=32, train_items=2000,
-                  lr_classification=2e-3, augment="light")
+                  lr_classification=2e-3, augment="light", amp=amp)
     out = train(cfg)
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}  # what the worker loads
     report = json.loads((out / "report" / "metrics.json").read_text())
     losses = [h["total"] for h in report["history"] if "total" in h]
     assert len(losses) == 40
