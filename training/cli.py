@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def train(
         preset: str = typer.Option("quick", help="starting configuration: quick, quick-lite0, tiny, full or "
-                                                 "full-gpu (default: quick, ~4.5 min on 2 CPU cores; full-gpu: "
+                                                 "full-gpu (default: quick, ~4 min on 2 CPU cores; full-gpu: "
                                                  "ResNet-18 at 28 px, ~7 min on one GPU)."),
         strategy: str = typer.Option(None, help="staged (retrieval → classification → joint) or unified "
                                                 "(default: the preset's, staged)."),
