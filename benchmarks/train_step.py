@@ -55,11 +55,11 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=40, help="timed steps per configuration")
     args = p.parse_args()
-    from training.train import autocast_dtype
+    from training.inference import mixed_precision_dtype
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    dtype = autocast_dtype(device)
+    dtype = mixed_precision_dtype(device, training=True)
     print(f"device {device}, {args.threads} threads, batch {args.batch_size} × {args.image_size} px, "
           f"mixed precision: {dtype or 'none (fp32 only: this machine has no native bf16)'}")
     print(f"{'backbone':<18}{'fp32 ms':>10}{'amp ms':>10}{'fp32/amp':>10}")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from schemas.taxonomy import Taxonomy
 from training.calibration import calibrate_exclusive, calibrate_multilabel
 from training.data import LabelledImages, TorchImages
-from training.inference import Predictions, outputs_to_predictions
+from training.inference import Predictions, mixed_precision_dtype, outputs_to_predictions
 from training.metrics import (confusion_matrix, f1_scores, multilabel_metrics, per_attribute_f1,
                               per_class_f1, retrieval_metrics, topk_accuracy)
 from training.model import MultitaskModel
@@ -36,7 +36,9 @@ def _array_batches(images: np.ndarray, size: int, mean, std, batch_size: int):
 
 
 def predict_dataset(model: MultitaskModel, data: LabelledImages, image_size: int, device: torch.device,
-                    batch_size: int = 256, progress: bool = False, loader=None) -> Predictions:
+                    batch_size: int = 256, progress: bool = False, loader=None,
+                    mixed_precision: bool = True) -> Predictions:
+    """Predictions for every row, in the worker's numerics (the Predictor's autocast rule)."""
     if loader is None and data.images.dtype == np.uint8:
         batches = _array_batches(data.images, image_size, model.mean, model.std, batch_size)
     else:
@@ -47,7 +49,8 @@ def predict_dataset(model: MultitaskModel, data: LabelledImages, image_size: int
     parts: list[Predictions] = []
     cuda = device.type == "cuda"
     total = (len(data) + batch_size - 1) // batch_size
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+    amp_dtype = mixed_precision_dtype(device) if mixed_precision else None
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for x in tqdm(batches, total=total, desc="evaluate", disable=not progress, leave=False):
             x = x.to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
             parts.append(outputs_to_predictions(model, model.infer(x)))

@@ -29,7 +29,7 @@ from training.data import LabelledImages, TensorBatches, TorchImages, from_shop
 from training.evaluate import EvalResult, calibrate, compute_metrics, predict_dataset
 from training.fmnist import load_fashion_mnist
 from training.fmnist_shop import COLOUR_GROUP, build_shop
-from training.inference import resolve_device
+from training.inference import mixed_precision_dtype, resolve_device
 from training.losses import LossWeights, MultitaskLoss, class_weights, pos_weights, task_weights
 from training.model import MultitaskModel, build_model
 from training.samplers import make_batch_sampler
@@ -210,21 +210,6 @@ def auto_threads(workers: int = 0) -> int:
     return max(1, min(cores, free - (1 if workers and cores > 2 else 0)))
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The mixed-precision type for training on ``device``, or None for plain fp32. CUDA: bf16 where
-    the GPU has it (fp16's loss scaler reads a flag back from the GPU every step), else fp16. CPU:
-    bf16 only where the CPU computes it natively (AVX512-BF16 / AMX; emulated elsewhere, so slower):
-    the small CNN's step 54 → 38 ms on this 2-core EPYC (benchmarks/train_step.py)."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        try:
-            return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-        except (AttributeError, RuntimeError):  # a torch build without oneDNN
-            return None
-    return None
-
-
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed)
@@ -349,7 +334,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     params = _set_trainable(model, spec, set(model.frozen_backbone))
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=cfg.weight_decay, foreach=True)  # CPU too
     cuda = device.type == "cuda"
-    amp_dtype = autocast_dtype(device) if cfg.amp else None
+    amp_dtype = mixed_precision_dtype(device, training=True) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
     colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
     batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,

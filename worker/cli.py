@@ -87,7 +87,7 @@ def batch(
         except FileNotFoundError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)
-        predictor = load_predictor(mdir, device=settings.device)
+        predictor = load_predictor(mdir, device=settings.device, mixed_precision=settings.mixed_precision)
         console.print(f"model {predictor.version} from {mdir}; {len(events)} listings from {source}")
         report = run_batch(conn, Enricher(predictor, settings), events)
         report.invalid = invalid

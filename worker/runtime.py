@@ -45,7 +45,8 @@ def enricher(settings: Settings | None = None):
 
                 torch.set_num_threads(settings.torch_threads)
             model_dir = active_model_dir(settings)
-            predictor = load_predictor(model_dir, device=settings.device)
+            predictor = load_predictor(model_dir, device=settings.device,
+                                       mixed_precision=settings.mixed_precision)
             import torch
 
             log.info("model %s loaded from %s on %s (torch intra-op threads: %d)", predictor.version, model_dir,

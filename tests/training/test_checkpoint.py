@@ -22,7 +22,7 @@ def test_round_trip_gives_identical_outputs(tmp_path, mixed_taxonomy):
     manifest = save_model(model, tmp_path, model_version="m1", image_size=32, thresholds={"category": 0.4},
                           metrics={"test/top1": 0.5})
     assert manifest.weights_sha256 and manifest.taxonomy_sha256 == mixed_taxonomy.sha256()
-    pred = load_predictor(tmp_path, device="cpu")
+    pred = load_predictor(tmp_path, device="cpu", mixed_precision=False)  # fp32: bit-for-bit the saved model
     assert pred.version == "m1" and pred.manifest.thresholds == {"category": 0.4}
     x = torch.stack([pred.preprocess(im) for im in _images()])
     assert x.shape == (4, 3, 32, 32)
@@ -48,6 +48,26 @@ def test_predictions_shapes_and_probabilities(tiny_model_dir, fmnist_taxonomy):
     # the tiny run calibrated thresholds for every group and recorded where it came from
     m = pred.manifest
     assert {"category", "colour"} <= set(m.thresholds) and m.data_fingerprint and m.metrics
+
+
+def test_mixed_precision_predictions_match_fp32(tiny_model_dir, fmnist_dir):
+    """The worker predicts under bf16 autocast where the CPU has it: same tags, near-identical scores
+    and embeddings as fp32 on real garments (and exactly fp32 where the CPU has no native bf16)."""
+    from training.fmnist import load_fashion_mnist
+    from training.inference import mixed_precision_dtype
+
+    x, _ = load_fashion_mnist(fmnist_dir, "test")
+    fp32 = load_predictor(tiny_model_dir, device="cpu", mixed_precision=False)
+    amp = load_predictor(tiny_model_dir, device="cpu")
+    assert fp32.amp_dtype is None and amp.amp_dtype == mixed_precision_dtype(torch.device("cpu"))
+    batch = torch.stack([fp32.preprocess(Image.fromarray(im).convert("RGB")) for im in x[:64]])
+    a, b = fp32.predict(batch), amp.predict(batch)
+    assert (a.category.argmax(1) == b.category.argmax(1)).mean() >= 0.95
+    assert np.abs(a.category - b.category).max() < 0.05
+    assert np.abs(a.groups["colour"] - b.groups["colour"]).max() < 0.05  # (grey photos: colour is a near tie)
+    assert b.embedding.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(b.embedding, axis=1), 1.0, rtol=1e-5)
+    assert (a.embedding * b.embedding).sum(1).min() > 0.99  # cosine similarity
 
 
 def test_tampered_weights_are_refused(tmp_path, mixed_taxonomy):
@@ -108,7 +128,7 @@ def test_flip_tta_is_saved_and_averages_each_photo_with_its_mirror(tmp_path, mix
     model.eval()
     model.flip_tta = True
     assert save_model(model, tmp_path, model_version="m1", image_size=32).flip_tta
-    pred = load_predictor(tmp_path, device="cpu")
+    pred = load_predictor(tmp_path, device="cpu", mixed_precision=False)
     assert pred.manifest.flip_tta and pred.model.flip_tta
     x = torch.stack([pred.preprocess(im) for im in _images()])
     out = pred.predict(x)
