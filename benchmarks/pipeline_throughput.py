@@ -90,9 +90,11 @@ def raw_forward(model_dir: Path, batch_size: int, seconds: float = 8.0) -> tuple
     """(img/s wall clock, img per CPU-second) of batched forward passes on ready tensors."""
     import torch
 
+    from enrich.config import Settings
     from training.inference import load_predictor
 
-    pred = load_predictor(model_dir, device="cpu")
+    # the worker's numerics (ENRICH_MIXED_PRECISION), so the ratio compares like with like
+    pred = load_predictor(model_dir, device="cpu", mixed_precision=Settings().mixed_precision)
     s = pred.manifest.image_size
     x = torch.randn(batch_size, 3, s, s)
     pred.predict(x)  # warm-up
@@ -280,10 +282,13 @@ def main() -> None:
         raw_before, raw = raw, max(raw, raw_after)
         raw_cpu = max(raw_cpu, raw_cpu_after)
 
+        from enrich.config import Settings
+
         print()
         print(f"machine: {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; model {args.backbone} {args.image_size}px; "
               f"JPEG {args.photo_size}px; batch {args.batch_size}; "
-              f"{args.task_listings} listings per task")
+              f"{args.task_listings} listings per task; mixed precision "
+              f"{'on' if Settings().mixed_precision else 'off (ENRICH_MIXED_PRECISION=false)'}")
         print(f"raw batched forward          {raw:8.1f} img/s   (before {raw_before:.1f}, after {raw_after:.1f}; max used)")
         print(f"end-to-end (Kafka→rows)      {e2e:8.1f} events/s   ratio {e2e / raw:.3f}  (target ≥ 0.9; wall clock, "
               f"noisy on a shared machine)")
