@@ -40,9 +40,10 @@ def mixed_precision_dtype(device: torch.device, training: bool = False) -> torch
 
     CUDA: fp16 for prediction; for training bf16 where the GPU has it (fp16's loss scaler reads a flag
     back from the GPU every step). CPU: bf16 only where the CPU computes it natively (AVX512-BF16,
-    AMX; emulated elsewhere, so slower). On this 2-core EPYC (benchmarks/train_step.py,
-    benchmarks/pipeline_throughput.py): the small CNN's training step 1.43× faster, prediction
-    1.35–1.6× with the same test metrics (FMNIST top-1 equal, R@1 −0.05 pt)."""
+    AMX; emulated elsewhere, so slower). On this 2-core EPYC: the small CNN's training step 1.43×
+    faster (benchmarks/train_step.py), its prediction 1.35–1.6× with the same test metrics (FMNIST
+    top-1 equal, R@1 −0.05 pt); lite0 at 224 px 1.9× img/s, 1.8× end-to-end events/s
+    (benchmarks/pipeline_throughput.py)."""
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if training else torch.float16
     if device.type == "cpu":

@@ -95,7 +95,7 @@ class TrainConfig:
     augment: str = "seed"  # seed (seed 000's full set), shift, light, none (training.transforms)
     label_smoothing: float = 0.0  # on the softmax heads; 0 is seed 000's plain weighted CE
     flip_tta: bool = False  # the saved model predicts on each photo and its mirror image (not in validations)
-    amp: bool = True  # mixed precision: on CUDA, and on CPUs with native bf16 (training only; weights stay fp32)
+    amp: bool = True  # mixed-precision training steps: CUDA, CPUs with native bf16; weights stay fp32 (evaluation predicts as the worker does)
     seed: int = 0
     threads: int | None = None  # None: the cores other processes leave idle (load average), at least 1
     workers: int = 0

@@ -49,8 +49,8 @@ def enricher(settings: Settings | None = None):
                                        mixed_precision=settings.mixed_precision)
             import torch
 
-            log.info("model %s loaded from %s on %s (torch intra-op threads: %d)", predictor.version, model_dir,
-                     predictor.device, torch.get_num_threads())
+            log.info("model %s loaded from %s on %s, %s (torch intra-op threads: %d)", predictor.version, model_dir,
+                     predictor.device, predictor.amp_dtype or "fp32", torch.get_num_threads())
             _enricher = Enricher(predictor, settings)
         return _enricher
 
