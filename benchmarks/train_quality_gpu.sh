@@ -5,6 +5,7 @@
 #      them on the same GPU, seed 000's staged-vs-unified comparison (both strategies from the same
 #      preset with the same smaller budget),
 #   3. the logs, result JSON and the full runs' reports copied flat into $OUT.
+# On a lent machine without this project's packages or data: scripts/gpu_bundle.sh first (its header has the call).
 # Usage: OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/train_quality_gpu.sh
 #        BACKBONES="resnet18_lowres wrn16_8" CMP_BUDGET=0 ...   # two trunks in one device slot
 set -u
