@@ -3,7 +3,8 @@
     python benchmarks/train_step.py [--backbones small_cnn,resnet18_lowres] [--batch-size 128] [--threads 2]
 
 The baseline is the same step in fp32 in the same run; the ratio is what `TrainConfig.amp` buys on
-this machine (bf16 autocast on a CPU with native bf16 — AVX512-BF16 or AMX —, bf16/fp16 on CUDA).
+this machine (bf16 autocast on a CPU with native bf16 — AVX512-BF16 or AMX —, bf16/fp16 on CUDA);
+the last column says whether training uses it for that backbone (not on a CPU for depthwise convs).
 Median of timed steps after warm-up, channels_last as in training. Prints one row per backbone.
 """
 from __future__ import annotations
@@ -55,6 +56,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=40, help="timed steps per configuration")
     args = p.parse_args()
+    from training.backbones import create_backbone
     from training.inference import mixed_precision_dtype
 
     torch.set_num_threads(args.threads)
@@ -62,11 +64,12 @@ def main() -> None:
     dtype = mixed_precision_dtype(device, training=True)
     print(f"device {device}, {args.threads} threads, batch {args.batch_size} × {args.image_size} px, "
           f"mixed precision: {dtype or 'none (fp32 only: this machine has no native bf16)'}")
-    print(f"{'backbone':<18}{'fp32 ms':>10}{'amp ms':>10}{'fp32/amp':>10}")
+    print(f"{'backbone':<18}{'fp32 ms':>10}{'amp ms':>10}{'fp32/amp':>10}  training uses amp")
     for name in args.backbones.split(","):
         fp32 = step_ms(name, None, args.batch_size, args.image_size, device, args.steps)
         amp = step_ms(name, dtype, args.batch_size, args.image_size, device, args.steps) if dtype else fp32
-        print(f"{name:<18}{fp32:>10.1f}{amp:>10.1f}{fp32 / amp:>9.2f}×")
+        used = mixed_precision_dtype(device, training=True, model=create_backbone(name, pretrained=False).module)
+        print(f"{name:<18}{fp32:>10.1f}{amp:>10.1f}{fp32 / amp:>9.2f}×  {'yes' if used else 'no'}")
 
 
 if __name__ == "__main__":

@@ -35,17 +35,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     return dev
 
 
-def mixed_precision_dtype(device: torch.device, training: bool = False) -> torch.dtype | None:
-    """The autocast type for ``device``, or None for plain fp32 (weights stay fp32 either way).
+def mixed_precision_dtype(device: torch.device, training: bool = False,
+                          model: torch.nn.Module | None = None) -> torch.dtype | None:
+    """The autocast type for ``device`` (and, for training, ``model``), or None for plain fp32 (weights
+    stay fp32 either way).
 
     CUDA: fp16 for prediction; for training bf16 where the GPU has it (fp16's loss scaler reads a flag
     back from the GPU every step). CPU: bf16 only where the CPU computes it natively (AVX512-BF16,
     AMX; emulated elsewhere, so slower). On this 2-core EPYC: the small CNN's training step 1.43×
     faster (benchmarks/train_step.py), its prediction 1.35–1.6× with the same test metrics (FMNIST
     top-1 equal, R@1 −0.05 pt); lite0 at 224 px 1.9× img/s, 1.8× end-to-end events/s
-    (benchmarks/pipeline_throughput.py)."""
+    (benchmarks/pipeline_throughput.py). Except training on the CPU a model with grouped (depthwise)
+    convolutions: oneDNN's bf16 backward for them is slower than fp32 (lite0 step 0.55× at 48 px,
+    0.90× at 224 px), though its forward pass is 2× faster."""
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if training else torch.float16
+    if training and model is not None and any(
+            isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules()):
+        return None
     if device.type == "cpu":
         try:
             return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None

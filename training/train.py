@@ -334,7 +334,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     params = _set_trainable(model, spec, set(model.frozen_backbone))
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=cfg.weight_decay, foreach=True)  # CPU too
     cuda = device.type == "cuda"
-    amp_dtype = mixed_precision_dtype(device, training=True) if cfg.amp else None
+    amp_dtype = mixed_precision_dtype(device, training=True, model=model) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
     colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
     batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,

@@ -79,3 +79,19 @@ def test_wide_resnets_pool_28px_garments_to_their_width(name, params_m):
     assert feats.shape == (2, bb.feat_dim) and bb.feat_dim == {"wrn16_8": 512, "wrn28_10": 640}[name]
     n = sum(p.numel() for p in bb.module.parameters()) / 1e6
     assert abs(n - params_m) / params_m < 0.05  # the published sizes: the architecture is the paper's
+
+
+def test_cpu_training_skips_bf16_for_depthwise_convolutions(monkeypatch):
+    """bf16 training on the CPU only where it is faster: not for grouped (depthwise) convolutions, whose
+    oneDNN bf16 backward is slower than fp32; prediction keeps bf16 for every model."""
+    from training.inference import mixed_precision_dtype
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # as on this EPYC
+    cpu = torch.device("cpu")
+    lite0 = create_backbone("efficientnet_lite0", pretrained=False).module
+    small = create_backbone("small_cnn", pretrained=False).module
+    assert mixed_precision_dtype(cpu, training=True, model=small) == torch.bfloat16
+    assert mixed_precision_dtype(cpu, training=True, model=lite0) is None
+    assert mixed_precision_dtype(cpu, model=lite0) == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # e.g. an AVX2-only CPU
+    assert mixed_precision_dtype(cpu, training=True, model=small) is None and mixed_precision_dtype(cpu) is None
