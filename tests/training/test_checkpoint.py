@@ -50,24 +50,33 @@ def test_predictions_shapes_and_probabilities(tiny_model_dir, fmnist_taxonomy):
     assert {"category", "colour"} <= set(m.thresholds) and m.data_fingerprint and m.metrics
 
 
-def test_mixed_precision_predictions_match_fp32(tiny_model_dir, fmnist_dir):
-    """The worker predicts under bf16 autocast where the CPU has it: same tags, near-identical scores
-    and embeddings as fp32 on real garments (and exactly fp32 where the CPU has no native bf16)."""
+def test_mixed_precision_predictions_match_fp32(tmp_path, fmnist_dir):
+    """The worker predicts under bf16 autocast where the CPU has it: the same tags, near-identical scores
+    and embeddings as fp32 on real garments, from a model trained enough to have opinions (a small CNN,
+    60 steps); exactly fp32 where the CPU has no native bf16."""
+    from dataclasses import replace
+
     from training.fmnist import load_fashion_mnist
     from training.inference import mixed_precision_dtype
+    from training.train import TINY, train
 
+    model_dir = train(replace(TINY, out_dir=tmp_path, data_dir=fmnist_dir, model_version="small", backbone="small_cnn",
+                              pretrained=False, image_size=28, stage_steps=(0, 60, 0), batch_size=64,
+                              train_items=2000, lr_classification=2e-3, augment="none"))
     x, _ = load_fashion_mnist(fmnist_dir, "test")
-    fp32 = load_predictor(tiny_model_dir, device="cpu", mixed_precision=False)
-    amp = load_predictor(tiny_model_dir, device="cpu")
+    fp32 = load_predictor(model_dir, device="cpu", mixed_precision=False)
+    amp = load_predictor(model_dir, device="cpu")
     assert fp32.amp_dtype is None and amp.amp_dtype == mixed_precision_dtype(torch.device("cpu"))
-    batch = torch.stack([fp32.preprocess(Image.fromarray(im).convert("RGB")) for im in x[:64]])
+    batch = torch.stack([fp32.preprocess(Image.fromarray(im).convert("RGB")) for im in x[:200]])
     a, b = fp32.predict(batch), amp.predict(batch)
-    assert (a.category.argmax(1) == b.category.argmax(1)).mean() >= 0.95
     assert np.abs(a.category - b.category).max() < 0.05
-    assert np.abs(a.groups["colour"] - b.groups["colour"]).max() < 0.05  # (grey photos: colour is a near tie)
+    top2 = np.sort(a.category, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 0.05  # near ties may go either way
+    assert clear.sum() >= 100 and (a.category.argmax(1) == b.category.argmax(1))[clear].all()
+    assert np.abs(a.groups["colour"] - b.groups["colour"]).max() < 0.05
     assert b.embedding.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(b.embedding, axis=1), 1.0, rtol=1e-5)
-    assert (a.embedding * b.embedding).sum(1).min() > 0.99  # cosine similarity
+    assert (a.embedding * b.embedding).sum(1).min() > 0.999  # cosine similarity
 
 
 def test_tampered_weights_are_refused(tmp_path, mixed_taxonomy):
