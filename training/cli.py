@@ -127,6 +127,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu or cuda[:n] (default: auto)."),
         flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="average each photo with its mirror "
                                       "image, or not (default: as the model was saved)."),
+        mixed_precision: bool = typer.Option(True, "--mixed-precision/--fp32", help="predict as the worker does "
+                                             "with ENRICH_MIXED_PRECISION on (bf16 on CPUs that have it, fp16 on "
+                                             "CUDA), or in fp32 — to check a model loses nothing (default: mixed)."),
         output: Path = typer.Option(None, help="also write the metrics as JSON to this file (default: no)."),
     ) -> None:
         """Measure a saved model on the fixed FMNIST-shop evaluation set."""
@@ -137,7 +140,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = replace(TrainConfig(), seed=seed, test_items=test_items,
                       **({"data_dir": data_dir} if data_dir else {}))
-        metrics = evaluate_model_dir(model_dir, cfg, device=device, flip_tta=flip_tta)
+        metrics = evaluate_model_dir(model_dir, cfg, device=device, flip_tta=flip_tta,
+                                     mixed_precision=mixed_precision)
         text = json.dumps(metrics, indent=2)
         if output:
             output.write_text(text)

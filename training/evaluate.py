@@ -134,10 +134,11 @@ def calibrate(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
 
 
 def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = True,
-                       flip_tta: bool | None = None) -> dict[str, float]:
+                       flip_tta: bool | None = None, mixed_precision: bool = True) -> dict[str, float]:
     """Measure a saved model on the fixed evaluation set of ``cfg`` (a TrainConfig), with the model's
     own calibrated thresholds. Returns metrics keyed like the manifest's ("test/…"). ``flip_tta``:
-    override the manifest's test-time flip (None: as saved)."""
+    override the manifest's test-time flip (None: as saved). ``mixed_precision``: as the worker's
+    ENRICH_MIXED_PRECISION (False: fp32)."""
     import math
 
     from training.checkpoint import load_model
@@ -156,7 +157,8 @@ def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = Tr
     else:
         data = prepare_data(cfg, manifest.taxonomy)
         split, plain, loader = data.test, None, data.loader
-    preds = predict_dataset(model, split.data, manifest.image_size, dev, progress=progress, loader=loader)
+    preds = predict_dataset(model, split.data, manifest.image_size, dev, progress=progress, loader=loader,
+                            mixed_precision=mixed_precision)
     res = compute_metrics(manifest.taxonomy, preds, split.data, manifest.label_thresholds, query_mask=split.query)
     out = {f"test/{k}": v for k, v in res.metrics.items() if not math.isnan(v)}
     if plain is not None:

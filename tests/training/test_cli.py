@@ -36,6 +36,11 @@ def test_evaluate_cli_reports_metrics(tiny_model_dir, fmnist_dir, tmp_path):
     assert res.exit_code == 0, res.output
     metrics = json.loads(out.read_text())
     assert 0.0 <= metrics["test/top1"] <= 1.0 and "test/recall@1" in metrics and "test_plain/top1" in metrics
+    fp32 = tmp_path / "fp32.json"
+    res = CliRunner().invoke(app, ["evaluate", str(tiny_model_dir), "--data-dir", str(fmnist_dir),
+                                   "--test-items", "200", "--device", "cpu", "--fp32", "--output", str(fp32)])
+    assert res.exit_code == 0, res.output
+    assert abs(json.loads(fp32.read_text())["test/top1"] - metrics["test/top1"]) <= 0.05  # 600 photos
 
 
 def test_train_cli_rejects_unknown_preset():
