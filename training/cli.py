@@ -69,8 +69,8 @@ def register(app: typer.Typer) -> None:
                                       "photo and its mirror image, averaged: 2× the compute per photo (default: "
                                       "the preset's)."),
         amp: bool = typer.Option(None, "--amp/--no-amp", help="mixed-precision training: bf16/fp16 on CUDA, bf16 "
-                                 "on CPUs that compute it natively (AVX512-BF16, AMX); weights stay fp32 "
-                                 "(default: on)."),
+                                 "on CPUs that compute it natively (AVX512-BF16, AMX) except for depthwise "
+                                 "convolutions (slower there); weights stay fp32 (default: on)."),
         seed: int = typer.Option(None, help="random seed (default: 0)."),
         device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
         workers: int = typer.Option(None, help="DataLoader processes decoding image files (DeepFashion; "
