@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     # Similar items
     similar_k: int = Field(default=20, ge=1, le=1000)
     index_dir: Path | None = Field(default=None, description="faiss snapshots; default <data_dir>/index")
+    index_uri: str | None = Field(default=None, description="s3://bucket/prefix: the nightly job publishes its "
+                                                            "snapshots there and workers on other machines follow "
+                                                            "them; empty = local index_dir only")
+    index_sync_s: float = Field(default=60.0, ge=0, description="how often a worker checks ENRICH_INDEX_URI for a "
+                                                                 "newer snapshot")
 
     @property
     def models_dir(self) -> Path:

@@ -246,11 +246,17 @@ def save_snapshot(root: Path, index, ids: np.ndarray, manifest: SnapshotManifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    point_latest(root, manifest.model_version, name)
+    log.info("saved snapshot %s (%d vectors)", final, manifest.count)
+    return final
+
+
+def point_latest(root: Path, model_version: str, name: str) -> None:
+    """Atomically make `<root>/<model_version>/<name>` the snapshot LATEST names."""
+    base = Path(root) / safe_name(model_version)
     pointer = base / f".LATEST-{os.getpid()}"
     pointer.write_text(name)
     os.replace(pointer, base / "LATEST")
-    log.info("saved snapshot %s (%d vectors)", final, manifest.count)
-    return final
 
 
 def latest_snapshot_dir(root: Path, model_version: str) -> Path | None:

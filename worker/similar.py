@@ -20,8 +20,8 @@ before the switch leaves the active version untouched; the next run marks the le
 version failed and deletes its rows. Only one run per model version at a time (advisory lock).
 Sharded: `prepare_shards` does the read/build/snapshot and plans id ranges, `compute_shard` (one per
 Celery worker) searches one listing-id range against the snapshot, `finish_shards` checks every
-listing was written and switches. Shards need a snapshot directory all workers see and a Celery
-result backend (the chord). Starting any run abandons a version still building for that model.
+listing was written and switches. Shards need the snapshot (ENRICH_INDEX_URI, or a directory all
+workers see) and a Celery result backend (the chord). Starting any run abandons a version still building for that model.
 
 Online (`write_online_neighbours`, called by the enrichment worker after committing embeddings)
 ----------------------------------------------------------------------------------------------
@@ -37,7 +37,9 @@ current row, nightly or online, merged and upserted as an online row), so fresh 
 similar-item shelves within seconds, not the next night. Writers of online rows take advisory locks
 on the rows' listings (in one order) first, so two workers merging into one shelf don't lose an update.
 Each worker process keeps the snapshot memory-mapped (page cache, shared between processes) and
-reloads it when the snapshot's LATEST pointer moves.
+reloads it when the snapshot's LATEST pointer moves. With ENRICH_INDEX_URI set, the nightly job also
+publishes each snapshot to S3 and workers on other machines download the newest one
+(worker/index_store.py), checking at most every ENRICH_INDEX_SYNC_S.
 
 Attribute-aware ("similar, but by <group>")
 -------------------------------------------
@@ -48,6 +50,7 @@ product of L2-normalise(e ⊙ m). `similar_to(..., mask=...)` takes the mask as 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -59,6 +62,7 @@ import psycopg
 
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP
 from worker import index as ix
+from worker import index_store
 from worker import similar_db as sdb
 
 log = logging.getLogger(__name__)
@@ -107,6 +111,20 @@ def snapshot_root(root: Path | str | None = None) -> Path:
 
     s = get_settings()
     return s.index_dir or (s.data_dir / "index")
+
+
+def _publish(path: Path, model_version: str) -> None:
+    """Publish a fresh snapshot where workers on other machines follow it (ENRICH_INDEX_URI), if set."""
+    store = index_store.store_from_settings()
+    if store is not None:
+        store.publish(path, model_version)
+
+
+def _prune_snapshots(root: Path | str | None, model_version: str, keep: int) -> None:
+    ix.prune_snapshots(snapshot_root(root), model_version, keep)
+    store = index_store.store_from_settings()
+    if store is not None:
+        store.prune(model_version, keep)
 
 
 def default_k(k: int | None) -> int:
@@ -232,6 +250,7 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, k: 
                                        spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
                                        read_at=emb.read_at, similar_version=version)
         snap_path = ix.save_snapshot(snapshot_root(root), index, emb.ids, manifest)
+        _publish(snap_path, model_version)
         timings["snapshot"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -248,7 +267,7 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, k: 
         timings["switch"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         pruned = sdb.prune_versions(conn, model_version, keep_versions)
-        ix.prune_snapshots(snapshot_root(root), model_version, keep_snapshots)
+        _prune_snapshots(root, model_version, keep_snapshots)
         timings["prune"] = time.perf_counter() - t0
         log.info("similar items: version %d of %s active (%d rows)", version, model_version, written)
         return RecomputeResult(model_version, version, n, k, spec.factory, replaced, pruned, str(snap_path), timings)
@@ -295,18 +314,24 @@ def prepare_shards(conn: psycopg.Connection, model_version: str | None, shards: 
                                    spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
                                    read_at=emb.read_at, similar_version=version)
     path = ix.save_snapshot(snapshot_root(root), index, emb.ids, manifest)
+    _publish(path, model_version)  # shards on other machines download it by name
     sdb.update_version_params(conn, version, {"snapshot": str(path)})
     return version, bounds
 
 
-def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: str | None) -> int:
+def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: str | None,
+                  root: Path | str | None = None) -> int:
     """Top-k for listings in [lo, hi) against the version's snapshot; re-running replaces the range."""
     row = conn.execute("SELECT model_version, k, status, params FROM similar_items_versions WHERE version = %s",
                        (version,)).fetchone()
     if row is None or row[2] != "building":
         raise RuntimeError(f"similar-items version {version} is not building")
     model_version, k, _, params = row
-    snap = ix.load_snapshot(Path(params["snapshot"]), model_version)
+    path = Path(params["snapshot"])
+    store = index_store.store_from_settings()
+    if not (path / "manifest.json").exists() and store is not None:  # written on another machine
+        path = store.fetch(snapshot_root(root), model_version, path.name)
+    snap = ix.load_snapshot(path, model_version)
     emb = sdb.read_embeddings(conn, model_version, lo, hi)
     # listings embedded after the snapshot get neighbours too; they are appended to the id table
     pos = np.searchsorted(snap.ids, emb.ids)
@@ -345,7 +370,7 @@ def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1
         raise RuntimeError(f"version {version}: only {written} of {params['count']} listings written")
     replaced = sdb.switch_active(conn, version)
     pruned = sdb.prune_versions(conn, model_version, keep_versions)
-    ix.prune_snapshots(snapshot_root(root), model_version, keep_snapshots)
+    _prune_snapshots(root, model_version, keep_snapshots)
     return RecomputeResult(model_version, version, written, k, params["spec"]["factory"], replaced, pruned,
                            params.get("snapshot"))
 
@@ -354,11 +379,31 @@ def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1
 # online
 
 _SNAPSHOT_CACHE: dict[str, ix.Snapshot] = {}
+_LAST_PULL: dict[str, float] = {}  # model version → time.monotonic() of the last look at the published LATEST
+
+
+def _follow_published(root: Path, model_version: str) -> None:
+    """Download the published snapshot when it is newer (at most every ENRICH_INDEX_SYNC_S)."""
+    from enrich.config import get_settings
+
+    store = index_store.store_from_settings()
+    now = time.monotonic()
+    if store is None or now - _LAST_PULL.get(model_version, -math.inf) < get_settings().index_sync_s:
+        return
+    _LAST_PULL[model_version] = now
+    try:
+        store.pull_latest(root, model_version)
+    except Exception:  # noqa: BLE001 - best effort: keep answering from the snapshot we have
+        log.warning("could not check %s for a newer snapshot of %s; using the local one", store.uri, model_version,
+                    exc_info=True)
 
 
 def cached_snapshot(model_version: str, root: Path | str | None = None) -> ix.Snapshot | None:
-    """The latest snapshot of a model version, loaded once per process and reloaded when LATEST moves."""
-    path = ix.latest_snapshot_dir(snapshot_root(root), model_version)
+    """The latest snapshot of a model version, loaded once per process and reloaded when LATEST moves
+    (locally, or where ENRICH_INDEX_URI publishes it)."""
+    root = snapshot_root(root)
+    _follow_published(root, model_version)
+    path = ix.latest_snapshot_dir(root, model_version)
     if path is None:
         return None
     snap = _SNAPSHOT_CACHE.get(model_version)

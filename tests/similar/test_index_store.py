@@ -1,0 +1,107 @@
+"""Snapshots published through a real S3 API (moto_server): workers on other machines follow them."""
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+
+from similar_helpers import add_listings, clustered, exact_neighbours, unit
+from worker import index as ix
+from worker import similar
+from worker.index_store import store_from_settings
+
+IDS = [f"old-{i:03d}" for i in range(200)]
+
+
+@pytest.fixture()
+def store(monkeypatch, s3_endpoint):
+    """ENRICH_INDEX_URI on a fresh bucket, checked on every call (sync interval 0)."""
+    from enrich.config import get_settings
+
+    bucket = f"index-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    for k, v in {"ENRICH_INDEX_URI": f"s3://{bucket}/similar", "ENRICH_S3_ENDPOINT_URL": s3_endpoint,
+                 "ENRICH_INDEX_SYNC_S": "0"}.items():
+        monkeypatch.setenv(k, v)
+    get_settings.cache_clear()
+    similar._SNAPSHOT_CACHE.clear()
+    similar._LAST_PULL.clear()
+    yield store_from_settings()
+    monkeypatch.undo()
+    get_settings.cache_clear()
+    similar._SNAPSHOT_CACHE.clear()
+    similar._LAST_PULL.clear()
+
+
+def _published(store) -> list[str]:
+    keys = store.client.list_objects_v2(Bucket=store.bucket, Prefix=store.prefix + "/m1/").get("Contents", [])
+    return sorted({k["Key"].split("/")[2] for k in keys} - {"LATEST"})
+
+
+def test_a_worker_on_another_machine_follows_the_published_snapshot(db, tmp_path, store):
+    nightly, worker = tmp_path / "nightly", tmp_path / "worker"  # two machines' index directories
+    vecs = clustered(len(IDS), seed=30, clusters=4)
+    add_listings(db, IDS, vecs)
+    first = similar.recompute(db, "m1", k=5, root=nightly)
+    assert _published(store) == [Path(first.snapshot).name]
+
+    add_listings(db, ["new"], [unit(vecs[7] + 0.01)])
+    assert similar.write_online_neighbours(db, ["new"], "m1", k=5, root=worker) == 1
+    snap = similar.cached_snapshot("m1", worker)
+    assert snap.path.parent.parent == worker and snap.manifest.similar_version == first.version
+    assert np.array_equal(snap.ids, ix.load_snapshot(first.snapshot).ids)
+    neighbours = db.execute("SELECT neighbour_ids FROM similar_items_online WHERE listing_id = 'new'").fetchone()[0]
+    assert neighbours[0] == "old-007"
+
+    # three more nights, the worker looking after the 2nd and the 4th: it moves to the newest;
+    # S3 and both disks keep the newest two snapshots they have seen
+    nights = [similar.recompute(db, "m1", k=5, root=nightly)]
+    assert similar.cached_snapshot("m1", worker).manifest.similar_version == nights[0].version
+    nights += [similar.recompute(db, "m1", k=5, root=nightly) for _ in range(2)]
+    assert similar.cached_snapshot("m1", worker).manifest.similar_version == nights[2].version
+    names = sorted(p.name for p in (nightly / "m1").iterdir() if not p.name.startswith(".") and p.is_dir())
+    assert _published(store) == names == [Path(n.snapshot).name for n in nights[1:]]
+    assert sorted(p.name for p in (worker / "m1").iterdir() if p.is_dir()) == [Path(n.snapshot).name
+                                                                              for n in (nights[0], nights[2])]
+
+
+def test_half_published_snapshot_is_ignored_and_an_outage_keeps_the_local_one(db, tmp_path, store, monkeypatch,
+                                                                             caplog):
+    from enrich.config import get_settings
+
+    nightly, worker = tmp_path / "nightly", tmp_path / "worker"
+    add_listings(db, IDS, clustered(len(IDS), seed=31))
+    first = similar.recompute(db, "m1", k=5, root=nightly)
+    assert similar.cached_snapshot("m1", worker).manifest.similar_version == first.version
+
+    # a publisher that died after the files but before LATEST: nobody follows it
+    later = nightly / "m1" / "29991231T000000000000Z-v999"
+    shutil.copytree(first.snapshot, later)
+    for f in ("index.faiss", "ids.npy", "manifest.json"):
+        store.client.upload_file(str(later / f), store.bucket, f"{store.prefix}/m1/{later.name}/{f}")
+    assert similar.cached_snapshot("m1", worker).path.name == Path(first.snapshot).name
+
+    # S3 unreachable: the worker keeps answering from its copy and says why it did not refresh
+    monkeypatch.setenv("ENRICH_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    get_settings.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="worker.similar"):
+        assert similar.cached_snapshot("m1", worker).manifest.similar_version == first.version
+    assert "could not check" in caplog.text
+
+
+def test_shards_on_other_machines_download_the_snapshot_by_name(db, tmp_path, store):
+    vecs = clustered(len(IDS), seed=32)
+    add_listings(db, IDS, vecs)
+    version, bounds = similar.prepare_shards(db, "m1", 2, k=5, root=tmp_path / "planner")
+    shutil.rmtree(tmp_path / "planner")  # the planner's disk is on another machine
+    written = [similar.compute_shard(db, version, lo, hi, root=tmp_path / f"shard{i}")
+               for i, (lo, hi) in enumerate(bounds)]
+    assert sum(written) == len(IDS) and all((tmp_path / f"shard{i}" / "m1").is_dir() for i in range(2))
+    similar.finish_shards(db, version, root=tmp_path / "planner")
+    rows = db.execute("SELECT listing_id, neighbour_ids FROM similar_items WHERE version = %s", (version,)).fetchall()
+    assert {lid: list(n) for lid, n in rows} == exact_neighbours(vecs, IDS, 5)
