@@ -2,6 +2,8 @@
 
     nice -n 10 python benchmarks/similar_nightly.py --n 1000000          # 1 M × 256-d, top-20
     nice -n 10 python benchmarks/similar_nightly.py --n 100000 --queries 500
+    ENRICH_S3_ENDPOINT_URL=http://127.0.0.1:9000 python benchmarks/similar_nightly.py --n 1000000 \
+        --index-uri s3://enrich-index/bench     # also publish to S3 and time a worker downloading it
 
 What it does (all on this machine, Postgres at ENRICH_TEST_PG_ADMIN_URL, default 127.0.0.1:5432):
   1. creates a throwaway database, migrates it, writes n listings with clustered synthetic unit
@@ -10,6 +12,8 @@ What it does (all on this machine, Postgres at ENRICH_TEST_PG_ADMIN_URL, default
      add, search every vector's top-(k+1). No Postgres. Time and peak RSS;
   3. end to end (child process): `worker.similar.recompute` — read from Postgres (binary COPY),
      build, snapshot, search all, binary-COPY the new version, switch. Time and peak RSS;
+  3b. with --index-uri: the run also publishes its snapshot to S3, and a child playing a worker on
+     another machine downloads it (pull_latest) and maps it; times against writing and mapping it locally;
   4. recall@k of what was stored against exact search over the same vectors, on a sample of queries;
   5. drops the database. Prints one JSON line of figures and a short table.
 Each phase runs in its own process so peak RSS is its own, not the data generator's.
@@ -149,8 +153,25 @@ def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | No
     result = similar.recompute(conn, MODEL, k=k, factory=factory, nprobe=nprobe, root=root, progress=False)
     total = time.perf_counter() - t0
     conn.close()
-    return {"factory": result.factory, "total_s": total, "phases_s": result.timings_s,
+    return {"factory": result.factory, "total_s": total, "phases_s": result.timings_s, "snapshot": result.snapshot,
             "count": result.count, "version": result.version, "peak_rss_mib": peak_rss_mib()}
+
+
+def child_pull(root: str, nightly_snapshot: str) -> dict:
+    """A worker on another machine: download the published snapshot and map it, vs. mapping the local one."""
+    from worker import index as ix
+    from worker.index_store import store_from_settings
+
+    t0 = time.perf_counter()
+    ix.load_snapshot(Path(nightly_snapshot), MODEL, mmap=True)
+    local_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    path = store_from_settings().pull_latest(Path(root), MODEL)
+    pull_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ix.load_snapshot(path, MODEL, mmap=True)
+    mib = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+    return {"pull_s": pull_s, "load_s": time.perf_counter() - t0, "local_load_s": local_s, "mib": mib}
 
 
 def run_child(*args: str) -> dict:
@@ -202,7 +223,12 @@ def main() -> None:
     ap.add_argument("--clusters", type=int, default=None, help="synthetic clusters (default: n // 100)")
     ap.add_argument("--queries", type=int, default=1000, help="queries for recall (default: 1000)")
     ap.add_argument("--workdir", type=Path, default=None, help="vectors + snapshots (default: a temp dir)")
+    ap.add_argument("--index-uri", default=None,
+                    help="s3://bucket/prefix: also publish the snapshot (ENRICH_INDEX_URI; endpoint from "
+                         "ENRICH_S3_ENDPOINT_URL) and time a worker downloading it (default: local only)")
     args = ap.parse_args()
+    if args.index_uri:
+        os.environ["ENRICH_INDEX_URI"] = args.index_uri  # the children read it
 
     import psycopg
 
@@ -230,6 +256,7 @@ def main() -> None:
         print(f"same index code, no Postgres: {algo}", file=sys.stderr)
         e2e = run_child("_e2e", url, str(work / "index"), *extra)
         print(f"end to end: {e2e}", file=sys.stderr)
+        pull = run_child("_pull", str(work / "worker-index"), e2e["snapshot"]) if args.index_uri else None
         recall = recall_at_k(url, vec_path, args.k, args.queries)
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -252,10 +279,18 @@ def main() -> None:
           f"search {algo['search_s']:.1f}s); e2e / that {figures['ratio_e2e_over_no_pg']}\n"
           f"  ratio {figures['ratio_e2e_over_bare']}   recall@{args.k} {recall:.4f}\n"
           f"  peak RSS end to end {e2e['peak_rss_mib']:.0f} MiB, bare {bare['peak_rss_mib']:.0f} MiB")
+    if pull:
+        write_s = e2e["phases_s"]["snapshot"]
+        print(f"  snapshot {pull['mib']:.0f} MiB: written locally {write_s:.1f}s, published "
+              f"{e2e['phases_s']['publish']:.1f}s ({e2e['phases_s']['publish'] / write_s:.1f}× the local write); "
+              f"a worker elsewhere downloads it in {pull['pull_s']:.1f}s and maps it in {pull['load_s']:.2f}s "
+              f"(the local copy: {pull['local_load_s']:.2f}s)")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] in ("_bare", "_algo", "_e2e"):
+    if len(sys.argv) > 1 and sys.argv[1] == "_pull":
+        print(json.dumps(child_pull(*sys.argv[2:])))
+    elif len(sys.argv) > 1 and sys.argv[1] in ("_bare", "_algo", "_e2e"):
         mode, *rest = sys.argv[1:]
         k, factory, nprobe = int(rest[-3]), rest[-2] or None, int(rest[-1]) or None
         if mode == "_e2e":

@@ -65,6 +65,11 @@ class SnapshotStore:
             for f in FILES:
                 self.client.download_file(self.bucket, self._key(model_version, name, f), str(tmp / f))
             os.replace(tmp, final)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if (final / "manifest.json").exists():  # another worker process on this machine was quicker
+                return final
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

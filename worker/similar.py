@@ -21,7 +21,8 @@ version failed and deletes its rows. Only one run per model version at a time (a
 Sharded: `prepare_shards` does the read/build/snapshot and plans id ranges, `compute_shard` (one per
 Celery worker) searches one listing-id range against the snapshot, `finish_shards` checks every
 listing was written and switches. Shards need the snapshot (ENRICH_INDEX_URI, or a directory all
-workers see) and a Celery result backend (the chord). Starting any run abandons a version still building for that model.
+workers see) and a Celery result backend (the chord). Starting any run abandons a version still
+building for that model.
 
 Online (`write_online_neighbours`, called by the enrichment worker after committing embeddings)
 ----------------------------------------------------------------------------------------------
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -113,11 +115,12 @@ def snapshot_root(root: Path | str | None = None) -> Path:
     return s.index_dir or (s.data_dir / "index")
 
 
-def _publish(path: Path, model_version: str) -> None:
+def _publish(path: Path, model_version: str) -> bool:
     """Publish a fresh snapshot where workers on other machines follow it (ENRICH_INDEX_URI), if set."""
     store = index_store.store_from_settings()
     if store is not None:
         store.publish(path, model_version)
+    return store is not None
 
 
 def _prune_snapshots(root: Path | str | None, model_version: str, keep: int) -> None:
@@ -250,8 +253,10 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, k: 
                                        spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
                                        read_at=emb.read_at, similar_version=version)
         snap_path = ix.save_snapshot(snapshot_root(root), index, emb.ids, manifest)
-        _publish(snap_path, model_version)
         timings["snapshot"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if _publish(snap_path, model_version):
+            timings["publish"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         rows = np.arange(n, dtype=np.int64)
@@ -380,22 +385,39 @@ def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1
 
 _SNAPSHOT_CACHE: dict[str, ix.Snapshot] = {}
 _LAST_PULL: dict[str, float] = {}  # model version → time.monotonic() of the last look at the published LATEST
+_PULLING: dict[str, threading.Thread] = {}
 
 
-def _follow_published(root: Path, model_version: str) -> None:
-    """Download the published snapshot when it is newer (at most every ENRICH_INDEX_SYNC_S)."""
-    from enrich.config import get_settings
-
-    store = index_store.store_from_settings()
-    now = time.monotonic()
-    if store is None or now - _LAST_PULL.get(model_version, -math.inf) < get_settings().index_sync_s:
-        return
-    _LAST_PULL[model_version] = now
+def _pull(store: index_store.SnapshotStore, root: Path, model_version: str) -> None:
     try:
         store.pull_latest(root, model_version)
     except Exception:  # noqa: BLE001 - best effort: keep answering from the snapshot we have
         log.warning("could not check %s for a newer snapshot of %s; using the local one", store.uri, model_version,
                     exc_info=True)
+
+
+def _follow_published(root: Path, model_version: str) -> None:
+    """Download the published snapshot when it is newer (looking at most every ENRICH_INDEX_SYNC_S).
+
+    In a background thread while a local snapshot exists (a download of a large index must not hold
+    up the task that happened to look), in this one when there is none yet (nothing to answer from).
+    """
+    from enrich.config import get_settings
+
+    settings, now = get_settings(), time.monotonic()
+    if not settings.index_uri or now - _LAST_PULL.get(model_version, -math.inf) < settings.index_sync_s:
+        return  # called per batch: decide before making an S3 client
+    running = _PULLING.get(model_version)
+    if running is not None and running.is_alive():
+        return
+    _LAST_PULL[model_version] = now
+    store = index_store.store_from_settings(settings)
+    if ix.latest_snapshot_dir(root, model_version) is None:
+        _pull(store, root, model_version)
+        return
+    _PULLING[model_version] = threading.Thread(target=_pull, args=(store, root, model_version), daemon=True,
+                                               name=f"index-pull-{model_version}")
+    _PULLING[model_version].start()
 
 
 def cached_snapshot(model_version: str, root: Path | str | None = None) -> ix.Snapshot | None:

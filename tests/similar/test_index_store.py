@@ -32,10 +32,17 @@ def store(monkeypatch, s3_endpoint):
     similar._SNAPSHOT_CACHE.clear()
     similar._LAST_PULL.clear()
     yield store_from_settings()
+    _pulled()
     monkeypatch.undo()
     get_settings.cache_clear()
     similar._SNAPSHOT_CACHE.clear()
     similar._LAST_PULL.clear()
+
+
+def _pulled() -> None:
+    """Wait for the background download a worker starts once it has a snapshot to answer from."""
+    for t in list(similar._PULLING.values()):
+        t.join(30)
 
 
 def _published(store) -> list[str]:
@@ -61,8 +68,12 @@ def test_a_worker_on_another_machine_follows_the_published_snapshot(db, tmp_path
     # three more nights, the worker looking after the 2nd and the 4th: it moves to the newest;
     # S3 and both disks keep the newest two snapshots they have seen
     nights = [similar.recompute(db, "m1", k=5, root=nightly)]
+    similar.cached_snapshot("m1", worker)  # answers from the snapshot it has, downloads the new one beside
+    _pulled()
     assert similar.cached_snapshot("m1", worker).manifest.similar_version == nights[0].version
     nights += [similar.recompute(db, "m1", k=5, root=nightly) for _ in range(2)]
+    similar.cached_snapshot("m1", worker)
+    _pulled()
     assert similar.cached_snapshot("m1", worker).manifest.similar_version == nights[2].version
     names = sorted(p.name for p in (nightly / "m1").iterdir() if not p.name.startswith(".") and p.is_dir())
     assert _published(store) == names == [Path(n.snapshot).name for n in nights[1:]]
@@ -84,14 +95,19 @@ def test_half_published_snapshot_is_ignored_and_an_outage_keeps_the_local_one(db
     shutil.copytree(first.snapshot, later)
     for f in ("index.faiss", "ids.npy", "manifest.json"):
         store.client.upload_file(str(later / f), store.bucket, f"{store.prefix}/m1/{later.name}/{f}")
+    similar.cached_snapshot("m1", worker)
+    _pulled()
     assert similar.cached_snapshot("m1", worker).path.name == Path(first.snapshot).name
+    _pulled()
 
     # S3 unreachable: the worker keeps answering from its copy and says why it did not refresh
     monkeypatch.setenv("ENRICH_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     get_settings.cache_clear()
     with caplog.at_level(logging.WARNING, logger="worker.similar"):
         assert similar.cached_snapshot("m1", worker).manifest.similar_version == first.version
+        _pulled()
     assert "could not check" in caplog.text
+    assert similar.cached_snapshot("m1", worker).manifest.similar_version == first.version
 
 
 def test_shards_on_other_machines_download_the_snapshot_by_name(db, tmp_path, store):
