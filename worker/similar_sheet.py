@@ -11,7 +11,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import psycopg
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 log = logging.getLogger(__name__)
 TILE = 160
@@ -58,7 +58,7 @@ def contact_sheet(conn: psycopg.Connection, listing_id: str, neighbours, out: Pa
             draw.rectangle([x + 4, y + 4, x + TILE - 4, y + TILE - 4], fill=(200, 200, 200))
             draw.text((x + 12, y + TILE // 2 - 6), "no image", fill=(90, 90, 90))
         else:
-            img.thumbnail((TILE - 8, TILE - 8))
+            img = ImageOps.contain(img, (TILE - 8, TILE - 8))  # up as well as down: 28–64 px photos fill the tile
             sheet.paste(img, (x + (TILE - img.width) // 2, y + (TILE - img.height) // 2))
             shown += 1
         caption = "query" if score is None else f"{score:.3f}"

@@ -55,6 +55,7 @@ def test_reindex_then_similar_with_contact_sheet(db, env, tmp_path):
     with Image.open(sheet) as img:
         assert img.format == "PNG"
         assert img.convert("RGB").getpixel((80, 80)) == (0, 100, 200)  # the query's own photo, first tile
+        assert img.convert("RGB").getpixel((80, 10)) == (0, 100, 200)  # a 40×60 photo enlarged to the tile
     shown = 4 - int("cli-01" in expected)
     assert f"({shown} of 4 images found)" in out.output
 
