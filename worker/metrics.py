@@ -32,6 +32,9 @@ MODEL_LATENCY = Histogram("enrich_model_seconds", "Model forward time per batch"
 FETCH_LATENCY = Histogram("enrich_image_fetch_seconds", "Fetch + decode time per image",
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10))
 QUEUE_DEPTH = Gauge("enrich_queue_depth", "Messages waiting in the GPU queue (as seen by the intake)")
+SNAPSHOT_BUILT = Gauge("enrich_similar_snapshot_built_timestamp_seconds",
+                       "When the similar-items snapshot this worker searches was built (alert when it gets old: "
+                       "the nightly job or its S3 publishing stopped)", ["model_version"], multiprocess_mode="max")
 INTAKE_PAUSED = Gauge("enrich_intake_paused", "1 while the intake stops polling for back-pressure")
 
 HealthCheck = Callable[[], None]  # raises when unhealthy

@@ -430,8 +430,12 @@ def cached_snapshot(model_version: str, root: Path | str | None = None) -> ix.Sn
         return None
     snap = _SNAPSHOT_CACHE.get(model_version)
     if snap is None or snap.path != path:
+        from worker import metrics
+
         snap = ix.load_snapshot(path, model_version, mmap=True)
         _SNAPSHOT_CACHE[model_version] = snap
+        metrics.SNAPSHOT_BUILT.labels(model_version=model_version).set(
+            datetime.fromisoformat(snap.manifest.built_at).timestamp())
     return snap
 
 

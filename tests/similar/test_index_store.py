@@ -4,11 +4,13 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from similar_helpers import add_listings, clustered, exact_neighbours, unit
 from worker import index as ix
@@ -74,7 +76,10 @@ def test_a_worker_on_another_machine_follows_the_published_snapshot(db, tmp_path
     nights += [similar.recompute(db, "m1", k=5, root=nightly) for _ in range(2)]
     similar.cached_snapshot("m1", worker)
     _pulled()
-    assert similar.cached_snapshot("m1", worker).manifest.similar_version == nights[2].version
+    snap = similar.cached_snapshot("m1", worker)
+    assert snap.manifest.similar_version == nights[2].version
+    built = REGISTRY.get_sample_value("enrich_similar_snapshot_built_timestamp_seconds", {"model_version": "m1"})
+    assert built == datetime.fromisoformat(snap.manifest.built_at).timestamp()  # what an age alert reads
     names = sorted(p.name for p in (nightly / "m1").iterdir() if not p.name.startswith(".") and p.is_dir())
     assert _published(store) == names == [Path(n.snapshot).name for n in nights[1:]]
     assert sorted(p.name for p in (worker / "m1").iterdir() if p.is_dir()) == [Path(n.snapshot).name
