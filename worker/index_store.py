@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 FILES = ("index.faiss", "ids.npy", "manifest.json")  # manifest last: it marks a local copy complete
 
 
+class PublishError(RuntimeError):
+    """A snapshot could not be published (no such bucket, no access, S3 down)."""
+
+
 class SnapshotStore:
     def __init__(self, uri: str, client) -> None:
         parts = urlsplit(uri)
@@ -36,10 +40,18 @@ class SnapshotStore:
 
     def publish(self, path: Path, model_version: str) -> str:
         """Upload a local snapshot directory, then point LATEST at it. Returns its name."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError
+
         path = Path(path)
-        for f in FILES:
-            self.client.upload_file(str(path / f), self.bucket, self._key(model_version, path.name, f))
-        self.client.put_object(Bucket=self.bucket, Key=self._key(model_version, "LATEST"), Body=path.name.encode())
+        try:
+            for f in FILES:
+                self.client.upload_file(str(path / f), self.bucket, self._key(model_version, path.name, f))
+            self.client.put_object(Bucket=self.bucket, Key=self._key(model_version, "LATEST"),
+                                   Body=path.name.encode())
+        except (S3UploadFailedError, BotoCoreError, ClientError) as exc:
+            raise PublishError(f"could not publish snapshot {path.name} to {self.uri} "
+                               f"(ENRICH_INDEX_URI): {exc}") from exc
         log.info("published snapshot %s of %s to %s", path.name, model_version, self.uri)
         return path.name
 

@@ -30,6 +30,7 @@ def reindex(
     from rich.console import Console
 
     from worker import similar
+    from worker.index_store import PublishError
 
     console = Console(stderr=True)
     conn = _connect(database_url)
@@ -38,6 +39,9 @@ def reindex(
                                    keep_versions=keep, progress=True)
     except similar.ReindexBusy as exc:
         console.print(f"[yellow]{exc}[/yellow]")
+        raise typer.Exit(1)
+    except PublishError as exc:
+        console.print(f"[red]error:[/red] {exc}; the active similar items are unchanged")
         raise typer.Exit(1)
     except LookupError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -126,3 +126,17 @@ def test_shards_on_other_machines_download_the_snapshot_by_name(db, tmp_path, st
     similar.finish_shards(db, version, root=tmp_path / "planner")
     rows = db.execute("SELECT listing_id, neighbour_ids FROM similar_items WHERE version = %s", (version,)).fetchall()
     assert {lid: list(n) for lid, n in rows} == exact_neighbours(vecs, IDS, 5)
+
+
+def test_a_failed_publish_fails_the_run_and_keeps_the_active_version(db, tmp_path, store, monkeypatch):
+    from enrich.config import get_settings
+    from worker import similar_db as sdb
+    from worker.index_store import PublishError
+
+    add_listings(db, IDS, clustered(len(IDS), seed=33))
+    first = similar.recompute(db, "m1", k=5, root=tmp_path)
+    monkeypatch.setenv("ENRICH_INDEX_URI", f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/similar")
+    get_settings.cache_clear()
+    with pytest.raises(PublishError, match="no-such-bucket"):
+        similar.recompute(db, "m1", k=5, root=tmp_path)
+    assert sdb.active_version(db, "m1") == first.version
