@@ -24,11 +24,12 @@ def step_ms(backbone: str, dtype: torch.dtype | None, batch_size: int, image_siz
             steps: int) -> float:
     from schemas.taxonomy import load_taxonomy
     from training.model import build_model
+    from training.train import adamw
 
     torch.manual_seed(0)
     tax = load_taxonomy("fashion-mnist")
     model = build_model(backbone, tax, pretrained=False).to(device).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    opt = adamw(model.parameters(), lr=1e-3)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, len(tax.categories), (batch_size,), device=device)
     times = []

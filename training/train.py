@@ -287,6 +287,12 @@ def _lr_at(spec: StageSpec, frac: float) -> float:
     return eta_min + (spec.lr - eta_min) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def adamw(params, lr: float, weight_decay: float = 1e-4) -> torch.optim.AdamW:
+    """The training optimizer. fused: one kernel over all parameters, on the CPU too (2-core Xeon:
+    small CNN 4.3–6.3 → 1.3 ms per step, ResNet-18 63–67 → 13 ms, against foreach)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def _set_trainable(model: MultitaskModel, spec: StageSpec, frozen_backbone: set[str]) -> list[torch.nn.Parameter]:
     for name, p in model.named_parameters():
         p.requires_grad_(name not in frozen_backbone)
@@ -332,7 +338,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
               cfg: TrainConfig, device: torch.device, generator: torch.Generator, budget_s: float | None,
               history: list[dict]) -> dict[str, float]:
     params = _set_trainable(model, spec, set(model.frozen_backbone))
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=cfg.weight_decay, foreach=True)  # CPU too
+    opt = adamw(params, spec.lr, cfg.weight_decay)
     cuda = device.type == "cuda"
     amp_dtype = mixed_precision_dtype(device, training=True, model=model) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
