@@ -10,9 +10,11 @@ volume every worker mounts; on separate machines the workers would never see one
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -70,22 +72,26 @@ class SnapshotStore:
         final = base / name
         if (final / "manifest.json").exists():
             return final
-        tmp = base / f".download-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            for f in FILES:
-                self.client.download_file(self.bucket, self._key(model_version, name, f), str(tmp / f))
-            os.replace(tmp, final)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if (final / "manifest.json").exists():  # another worker process on this machine was quicker
+        base.mkdir(parents=True, exist_ok=True)
+        with open(base / ".download.lock", "w") as lock:
+            # one download per machine: the other worker processes (prefork) wait here, then find it
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if (final / "manifest.json").exists():
                 return final
-            raise
-        except BaseException:
+            t0 = time.perf_counter()
+            tmp = base / f".download-{name}-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        log.info("downloaded snapshot %s of %s from %s", name, model_version, self.uri)
+            tmp.mkdir()
+            try:
+                for f in FILES:
+                    self.client.download_file(self.bucket, self._key(model_version, name, f), str(tmp / f))
+                os.replace(tmp, final)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        mib = sum(f.stat().st_size for f in final.iterdir()) / 2**20
+        log.info("downloaded snapshot %s of %s from %s (%.0f MiB in %.1fs)", name, model_version, self.uri, mib,
+                 time.perf_counter() - t0)
         return final
 
     def pull_latest(self, root: Path, model_version: str, keep: int = 2) -> Path | None:

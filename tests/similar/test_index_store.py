@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 
@@ -140,3 +141,20 @@ def test_a_failed_publish_fails_the_run_and_keeps_the_active_version(db, tmp_pat
     with pytest.raises(PublishError, match="no-such-bucket"):
         similar.recompute(db, "m1", k=5, root=tmp_path)
     assert sdb.active_version(db, "m1") == first.version
+
+
+def test_worker_processes_on_one_machine_download_a_snapshot_once(db, tmp_path, store):
+    add_listings(db, IDS, clustered(len(IDS), seed=34))
+    name = Path(similar.recompute(db, "m1", k=5, root=tmp_path / "nightly").snapshot).name
+    calls = []
+    real = store.client.download_file
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    store.client.download_file = counted
+    with ThreadPoolExecutor(4) as pool:  # separate lock-file opens conflict as separate processes' do
+        paths = list(pool.map(lambda _: store.fetch(tmp_path / "worker", "m1", name), range(4)))
+    assert len(set(paths)) == 1 and (paths[0] / "manifest.json").exists()
+    assert len(calls) == 3  # index, ids, manifest: once
