@@ -333,9 +333,10 @@ def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: st
         raise RuntimeError(f"similar-items version {version} is not building")
     model_version, k, _, params = row
     path = Path(params["snapshot"])
-    store = index_store.store_from_settings()
-    if not (path / "manifest.json").exists() and store is not None:  # written on another machine
-        path = store.fetch(snapshot_root(root), model_version, path.name)
+    if not (path / "manifest.json").exists():  # written on another machine: fetch it if it was published
+        store = index_store.store_from_settings()
+        if store is not None:
+            path = store.fetch(snapshot_root(root), model_version, path.name)
     snap = ix.load_snapshot(path, model_version)
     emb = sdb.read_embeddings(conn, model_version, lo, hi)
     # listings embedded after the snapshot get neighbours too; they are appended to the id table
