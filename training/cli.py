@@ -39,8 +39,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def train(
         preset: str = typer.Option("quick", help="starting configuration: quick, quick-lite0, tiny, full, "
-                                                 "full-lite0 or full-gpu (default: quick, ~4 min on 2 CPU cores; full-gpu: "
-                                                 "ResNet-18 at 28 px, ~7 min on one GPU)."),
+                                                 "full-lite0, full-gpu or full-gpu-lite0 (default: quick, ~4 min "
+                                                 "on 2 CPU cores; full-gpu: ResNet-18 at 28 px, ~7 min on one GPU)."),
         strategy: str = typer.Option(None, help="staged (retrieval → classification → joint) or unified "
                                                 "(default: the preset's, staged)."),
         backbone: str = typer.Option(None, help="registered backbone: small_cnn, resnet18_lowres, wrn16_8, wrn28_10, "
