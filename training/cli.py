@@ -68,6 +68,9 @@ def register(app: typer.Typer) -> None:
         flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="the saved model predicts on each "
                                       "photo and its mirror image, averaged: 2× the compute per photo (default: "
                                       "the preset's)."),
+        grey_photos: bool = typer.Option(None, "--grey-photos/--no-grey-photos", help="fmnist-shop: also train on "
+                                         "each item's Fashion-MNIST image as published (grey, colour unknown), "
+                                         "the images published Fashion-MNIST figures use (default: the preset's)."),
         amp: bool = typer.Option(None, "--amp/--no-amp", help="mixed-precision training: bf16/fp16 on CUDA, bf16 "
                                  "on CPUs that compute it natively (AVX512-BF16, AMX) except for depthwise "
                                  "convolutions (slower there); weights stay fp32 (default: on)."),
@@ -101,7 +104,8 @@ def register(app: typer.Typer) -> None:
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
             "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
-            "amp": amp, "device": device, "workers": workers, "out_dir": out_dir or get_settings().models_dir,
+            "grey_photos": grey_photos, "amp": amp, "device": device, "workers": workers,
+            "out_dir": out_dir or get_settings().models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
         if backbone == "resnet50" and weights is None:

@@ -133,6 +133,17 @@ def calibrate(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
     return thresholds, label_thresholds
 
 
+def fashion_mnist_metrics(model: MultitaskModel, preds: Predictions, test, plain: np.ndarray,
+                          grey: LabelledImages, image_size: int, device: torch.device,
+                          mixed_precision: bool = True) -> dict[str, float]:
+    """Category top-k of the FMNIST-shop test's plain renderings (``test_plain/``, from ``preds``) and of
+    the same test images as published, grey (``test_grey/``: what published Fashion-MNIST figures use)."""
+    grey_preds = predict_dataset(model, grey, image_size, device, mixed_precision=mixed_precision)
+    out = {f"test_plain/{k}": v for k, v in topk_accuracy(preds.category[plain], test.data.category[plain]).items()}
+    out.update({f"test_grey/{k}": v for k, v in topk_accuracy(grey_preds.category, grey.category).items()})
+    return out
+
+
 def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = True,
                        flip_tta: bool | None = None, mixed_precision: bool = True) -> dict[str, float]:
     """Measure a saved model on the fixed evaluation set of ``cfg`` (a TrainConfig), with the model's
@@ -143,7 +154,6 @@ def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = Tr
 
     from training.checkpoint import load_model
     from training.inference import resolve_device
-    from training.metrics import topk_accuracy
     from training.train import fmnist_shop_test, prepare_data
 
     dev = resolve_device(device)
@@ -152,18 +162,17 @@ def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = Tr
     if flip_tta is not None:
         model.flip_tta = flip_tta
     if cfg.dataset == "fmnist-shop":
-        split, plain = fmnist_shop_test(cfg, manifest.taxonomy)
+        split, plain, grey = fmnist_shop_test(cfg, manifest.taxonomy)
         loader = None
     else:
         data = prepare_data(cfg, manifest.taxonomy)
-        split, plain, loader = data.test, None, data.loader
+        split, plain, grey, loader = data.test, None, None, data.loader
     preds = predict_dataset(model, split.data, manifest.image_size, dev, progress=progress, loader=loader,
                             mixed_precision=mixed_precision)
     res = compute_metrics(manifest.taxonomy, preds, split.data, manifest.label_thresholds, query_mask=split.query)
     out = {f"test/{k}": v for k, v in res.metrics.items() if not math.isnan(v)}
     if plain is not None:
-        out.update({f"test_plain/{k}": v for k, v in
-                    topk_accuracy(preds.category[plain], split.data.category[plain]).items()})
+        out.update(fashion_mnist_metrics(model, preds, split, plain, grey, manifest.image_size, dev, mixed_precision))
     out.update({"eval/seed": float(cfg.seed), "eval/test_rows": float(len(split.data)),
                 "eval/test_photos_per_item": float(cfg.test_photos_per_item)})
     return out

@@ -43,3 +43,16 @@ def test_same_seed_same_shop(fmnist_dir, fmnist_taxonomy):
     b = build_shop(x[:10], y[:10], fmnist_taxonomy, photos_per_item=2, seed=3)
     np.testing.assert_array_equal(a.images, b.images)
     assert set(fmnist_taxonomy.group("colour").values) <= set(COLOUR_RGB)
+
+
+def test_grey_photos_are_the_published_images(fmnist_dir, fmnist_taxonomy):
+    from training.fmnist_shop import grey_photos
+    from training.losses import MISSING
+
+    x, y = load_fashion_mnist(fmnist_dir, "test")
+    grey = grey_photos(x[:20], y[:20])
+    assert grey.images.shape == (20, 28, 28, 3)
+    assert all(np.array_equal(grey.images[..., c], x[:20]) for c in range(3))  # untouched, untinted
+    assert grey.category.tolist() == y[:20].tolist()
+    # category only: colour unknown (no loss), not a shop photo (no triplets, no query)
+    assert (grey.colour == MISSING).all() and (grey.item_ids == MISSING).all() and not grey.is_query.any()
