@@ -71,6 +71,8 @@ def register(app: typer.Typer) -> None:
         grey_photos: bool = typer.Option(None, "--grey-photos/--no-grey-photos", help="fmnist-shop: also train on "
                                          "each item's Fashion-MNIST image as published (grey, colour unknown), "
                                          "the images published Fashion-MNIST figures use (default: the preset's)."),
+        grey_repeats: int = typer.Option(None, min=1, help="fmnist-shop: the grey photos count this many times "
+                                         "(their share of classification batches; default: the preset's)."),
         amp: bool = typer.Option(None, "--amp/--no-amp", help="mixed-precision training: bf16/fp16 on CUDA, bf16 "
                                  "on CPUs that compute it natively (AVX512-BF16, AMX) except for depthwise "
                                  "convolutions (slower there); weights stay fp32 (default: on)."),
@@ -104,7 +106,7 @@ def register(app: typer.Typer) -> None:
             "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
             "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
-            "grey_photos": grey_photos, "amp": amp, "device": device, "workers": workers,
+            "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
             "out_dir": out_dir or get_settings().models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})

@@ -56,3 +56,23 @@ def test_grey_photos_are_the_published_images(fmnist_dir, fmnist_taxonomy):
     assert grey.category.tolist() == y[:20].tolist()
     # category only: colour unknown (no loss), not a shop photo (no triplets, no query)
     assert (grey.colour == MISSING).all() and (grey.item_ids == MISSING).all() and not grey.is_query.any()
+
+
+def test_grey_repeats_raise_the_grey_share_only(fmnist_dir, fmnist_taxonomy):
+    from training.losses import MISSING
+    from training.train import TrainConfig, prepare_fmnist_shop
+
+    def grey_rows(repeats: int):
+        cfg = TrainConfig(data_dir=fmnist_dir, train_items=30, val_items=10, test_items=10, photos_per_item=2,
+                          grey_photos=True, grey_repeats=repeats)
+        train = prepare_fmnist_shop(cfg, fmnist_taxonomy).train
+        return train, train.item_ids == MISSING
+
+    once, grey1 = grey_rows(1)
+    thrice, grey3 = grey_rows(3)
+    assert grey1.sum() == 30 and grey3.sum() == 90  # 30 items: one grey photo each, counted 1× / 3×
+    # the shop photos are the same; the grey photo of each item appears three times, labels kept
+    assert np.array_equal(once.images[~grey1], thrice.images[~grey3])
+    g1, g3 = once.subset(np.flatnonzero(grey1)), thrice.subset(np.flatnonzero(grey3))
+    assert np.array_equal(np.tile(g1.images, (3, 1, 1, 1)), g3.images)
+    assert np.tile(g1.category, 3).tolist() == g3.category.tolist()
