@@ -17,6 +17,7 @@ Joint (``--stage joint``). Stage 3 trades category accuracy for retrieval: the f
 run once (all 55 000 items), then each variant's stage 3 starts from those weights (``init_from``).
 
     python benchmarks/recipe_ablation.py --stage joint           # ~30 min
+    python benchmarks/recipe_ablation.py --stage joint --grey-photos --variants cls1,cls1+warmup0.1,cls1+lr2e-4
 
 Prints per variant the test metric (classification: Fashion-MNIST top-1 on the plain renderings, all
 10 000; retrieval: FMNIST-shop R@1; joint: both) and its difference to the stage's baseline (the first variant
@@ -49,7 +50,13 @@ CLASSIFICATION = {
 }
 RETRIEVAL = {"lr1e-3": {"lr_retrieval": 1e-3}, "lr1e-4": {"lr_retrieval": 1e-4}}
 JOINT = {"cls0.2": {"loss_weights": {"cls": 0.2}}, "cls0.2+lr2e-4": {"loss_weights": {"cls": 0.2}, "lr_joint": 2e-4},
-         "cls1": {"loss_weights": {"cls": 1.0}}}  # λcls: seed 000's 0.2, or 1.0
+         "cls1": {"loss_weights": {"cls": 1.0}},  # λcls: seed 000's 0.2, or 1.0
+         # the joint stage's first steps cost top-1 (fresh AdamW on tuned weights): a warm-up, or a lower lr
+         "cls1+warmup0.1": {"loss_weights": {"cls": 1.0}, "joint_warmup": 0.1},
+         "cls1+lr2e-4": {"loss_weights": {"cls": 1.0}, "lr_joint": 2e-4},
+         # or the backbone at a fraction of the heads' lr, so retrieval adapts to stage 2's features
+         "cls1+trunk0.3": {"loss_weights": {"cls": 1.0}, "joint_trunk_lr": 0.3},
+         "cls1+trunk0.1": {"loss_weights": {"cls": 1.0}, "joint_trunk_lr": 0.1}}
 STAGES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL, "joint": JOINT}
 
 
@@ -71,6 +78,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="batch size (default: classification 128, retrieval 512, joint 64)")
     p.add_argument("--seed", type=int, default=0, help="data split, sampling and test renders (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle cores)")
+    p.add_argument("--grey-photos", action="store_true", help="train on the grey Fashion-MNIST images too, "
+                   "as the presets now do (default: renders only, as the first measurements)")
+    p.add_argument("--joint-start", type=Path, help="joint: a saved stage 1–2 model to start every variant from "
+                   "(default: train one; it is saved under --out as ablation-joint-start)")
     p.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     p.add_argument("--out", type=Path, default=ROOT / ".enrich" / "bench" / "ablation")
     args = p.parse_args()
@@ -85,12 +96,15 @@ def main() -> None:
     common = dict(time_budget_s=None, threads=args.threads, data_dir=args.data_dir, out_dir=args.out, progress=False,
                   workers=0, seed=args.seed, flip_tta=False,  # training choices only: no test-time flip
                   amp=False,  # fp32, as the README's ablation figures were measured
-                  grey_photos=False)  # renders only, as then
+                  grey_photos=args.grey_photos)  # renders only, as then, unless asked
     metrics = {"renders top-1": "test_plain/top1", "R@1": "test/recall@1"}
+    if args.grey_photos:
+        metrics["FMNIST top-1"] = "test_grey/top1"
     if args.stage == "joint":  # the full preset's stages 1–2 once; each variant's stage 3 starts there
         steps, items, batch = args.steps or FULL.stage_steps[2], args.items, args.batch or FULL.batch_size
         base = replace(FULL, train_items=items, batch_size=batch, **common)
-        start = train(replace(base, stage_steps=(*FULL.stage_steps[:2], 0), model_version="ablation-joint-start"))
+        start = args.joint_start or train(replace(base, stage_steps=(*FULL.stage_steps[:2], 0),
+                                                  model_version="ablation-joint-start"))
         base = replace(base, stage_steps=(0, 0, steps), init_from=start)
     else:
         retrieval = args.stage == "retrieval"

@@ -96,6 +96,8 @@ def main() -> None:
                    help="also train on each item's grey Fashion-MNIST image (default: the preset's)")
     p.add_argument("--grey-repeats", type=int, default=None,
                    help="the grey photos count this many times in training (default: the preset's)")
+    p.add_argument("--joint-warmup", type=float, default=None,
+                   help="fraction of the joint stage with a linear lr warm-up (default: the preset's)")
     p.add_argument("--items", type=int, default=None,
                    help="smoke test: this many train/val/test items instead of all (figures then mean nothing)")
     p.add_argument("--budget", type=float, default=None, help="time budget per run in seconds "
@@ -118,6 +120,8 @@ def main() -> None:
         base["grey_photos"] = args.grey_photos
     if args.grey_repeats is not None:
         base["grey_repeats"] = args.grey_repeats
+    if args.joint_warmup is not None:
+        base["joint_warmup"] = args.joint_warmup
     if args.items:
         base.update(train_items=args.items, val_items=max(100, args.items // 4), test_items=args.items)
     results = []

@@ -108,3 +108,22 @@ def test_presets_build_their_model_at_their_image_size(name, fmnist_taxonomy):
         out = model(torch.zeros(2, 3, cfg.image_size, cfg.image_size))
     assert out.category.shape == (2, len(fmnist_taxonomy.categories))
     assert out.embedding.shape == (2, cfg.embedding_dim)
+
+
+def test_joint_warmup_ramps_only_the_joint_stage_lr():
+    import math
+
+    from training.train import TrainConfig, _lr_at
+
+    cfg = TrainConfig(joint_warmup=0.1, lr_joint=3e-4)
+    stages = {s.name: s for s in cfg.stages()}
+    joint = stages["3-joint"]
+    cosine = lambda f: 1e-5 + (3e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi * f))  # noqa: E731
+    assert _lr_at(joint, 0.0) == 0.0
+    assert _lr_at(joint, 0.05) == pytest.approx(0.5 * cosine(0.05))
+    assert _lr_at(joint, 0.1) == pytest.approx(cosine(0.1))  # then the plain schedule
+    assert _lr_at(joint, 0.6) == pytest.approx(cosine(0.6))
+    # the other stages start at their full lr, as without warm-up
+    assert _lr_at(stages["2-classification"], 0.0) == pytest.approx(cfg.lr_classification)
+    assert _lr_at(stages["1-retrieval"], 0.0) == cfg.lr_retrieval
+    assert _lr_at(TrainConfig().stages()[2], 0.0) == pytest.approx(TrainConfig().lr_joint)

@@ -44,14 +44,15 @@ def test_grey_photos_teach_the_published_images(tmp_path, fmnist_dir):
 
 
 def test_staged_stages_train_the_right_parts(tmp_path, fmnist_dir):
-    """Stage 1 must not move the classification heads; stage 2 must not move the retrieval head."""
+    """Stage 1 must not move the classification heads; stage 2 must not move the retrieval head; the joint
+    stage moves the backbone at ``joint_trunk_lr`` times the heads' rate (0 here: not at all)."""
     import torch
 
     from schemas.taxonomy import load_taxonomy
     from training.model import build_model
     from training.train import build_criterion, prepare_data, run_stage, seed_everything
 
-    cfg = replace(TINY, data_dir=fmnist_dir, backbone="small_cnn", pretrained=False, image_size=28)
+    cfg = replace(TINY, data_dir=fmnist_dir, backbone="small_cnn", pretrained=False, image_size=28, joint_trunk_lr=0.0)
     tax = load_taxonomy(cfg.taxonomy)
     data = prepare_data(cfg, tax)
     model = build_model("small_cnn", tax, pretrained=False)
@@ -66,6 +67,14 @@ def test_staged_stages_train_the_right_parts(tmp_path, fmnist_dir):
     run_stage(model, stages["2-classification"], data, crit, cfg, torch.device("cpu"), seed_everything(0), None, [])
     after = model.state_dict()
     assert torch.equal(before["retrieval_head.3.weight"], after["retrieval_head.3.weight"])
+    assert not torch.equal(before["category_head.weight"], after["category_head.weight"])
+    trunk = [k for k, _ in model.backbone.named_parameters()]
+    assert any(not torch.equal(before[f"backbone.{k}"], after[f"backbone.{k}"]) for k in trunk)  # stage 2 moved it
+    before = {k: v.clone() for k, v in after.items()}
+    run_stage(model, stages["3-joint"], data, crit, cfg, torch.device("cpu"), seed_everything(0), None, [])
+    after = model.state_dict()
+    assert all(torch.equal(before[f"backbone.{k}"], after[f"backbone.{k}"]) for k in trunk)
+    assert not torch.equal(before["retrieval_head.3.weight"], after["retrieval_head.3.weight"])
     assert not torch.equal(before["category_head.weight"], after["category_head.weight"])
 
 
