@@ -98,6 +98,8 @@ def main() -> None:
                    help="the grey photos count this many times in training (default: the preset's)")
     p.add_argument("--joint-warmup", type=float, default=None,
                    help="fraction of the joint stage with a linear lr warm-up (default: the preset's)")
+    p.add_argument("--joint-trunk-lr", type=float, default=None,
+                   help="the joint stage's backbone lr ÷ its heads' (default: the preset's)")
     p.add_argument("--items", type=int, default=None,
                    help="smoke test: this many train/val/test items instead of all (figures then mean nothing)")
     p.add_argument("--budget", type=float, default=None, help="time budget per run in seconds "
@@ -122,6 +124,8 @@ def main() -> None:
         base["grey_repeats"] = args.grey_repeats
     if args.joint_warmup is not None:
         base["joint_warmup"] = args.joint_warmup
+    if args.joint_trunk_lr is not None:
+        base["joint_trunk_lr"] = args.joint_trunk_lr
     if args.items:
         base.update(train_items=args.items, val_items=max(100, args.items // 4), test_items=args.items)
     results = []

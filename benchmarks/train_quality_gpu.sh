@@ -9,6 +9,7 @@
 # Usage: OUT=/tmp/gpu FMNIST_DIR=/usr/share/datasets/fashion-mnist bash benchmarks/train_quality_gpu.sh
 #        BACKBONES="resnet18_lowres wrn16_8" CMP_BUDGET=0 ...   # two trunks of FULL_GPU in one device slot
 #        RUNS="full-gpu:wrn16_8 full-gpu-lite0" CMP_BUDGET=0 ...  # any presets (lite0: bundle timm, see gpu_bundle.sh)
+#        TRAIN_ARGS="--joint-trunk-lr 0.3" ...  # more train_quality.py options for the full runs and the comparison
 set -u
 OUT=${OUT:-/tmp/gpu-quality}
 DATA=${FMNIST_DIR:-/usr/share/datasets/fashion-mnist}
@@ -21,7 +22,7 @@ PY=${PYTHON:-python3}
 BACKBONES=${BACKBONES:-${BACKBONE:-resnet18_lowres}}
 FIRST=${BACKBONES%% *}
 RUNS=${RUNS:-$(for b in $BACKBONES; do printf 'full-gpu:%s ' "$b"; done)}
-EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS}"
+EXTRA="${DEVICE:+--device $DEVICE} ${ITEMS:+--items $ITEMS} ${TRAIN_ARGS:-}"
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -75,12 +75,10 @@ class TrainConfig:
     lr_classification: float = 1e-3  # seed 000: classification AdamW 1e-3, cosine
     lr_joint: float = 3e-4
     lr_unified: float = 1e-3
-    # fraction of the joint stage with a linear lr warm-up: its fresh AdamW (zero moments) takes full-size
-    # steps on weights that stage 2 has already tuned (FULL_LITE0: renders top-1 0.930 → 0.919 in its first 2k)
-    joint_warmup: float = 0.0
-    # the joint stage's backbone lr relative to its heads': below 1 the retrieval head adapts to features that
-    # stage 2 tuned for the categories more than it reshapes them
-    joint_trunk_lr: float = 1.0
+    # The joint stage costs top-1 (FULL_LITE0: renders 0.930 → 0.919 in its first 2k steps). Two knobs for it,
+    # off in every preset: measured (recipe_ablation.py --stage joint) they trade R@1 for top-1, no free win.
+    joint_warmup: float = 0.0  # fraction of the joint stage with a linear lr warm-up (its AdamW starts fresh)
+    joint_trunk_lr: float = 1.0  # the joint stage's backbone lr ÷ its heads'
     weight_decay: float = 1e-4
     batch_size: int = 64
     m_per_item: int = 4
