@@ -17,7 +17,7 @@ Joint (``--stage joint``). Stage 3 trades category accuracy for retrieval: the f
 run once (all 55 000 items), then each variant's stage 3 starts from those weights (``init_from``).
 
     python benchmarks/recipe_ablation.py --stage joint           # ~30 min
-    python benchmarks/recipe_ablation.py --stage joint --grey-photos --variants cls1,cls1+warmup0.1,cls1+lr2e-4
+    python benchmarks/recipe_ablation.py --stage joint --grey-photos --variants cls1,cls1+trunk0.3  # ~75 min
 
 Prints per variant the test metric (classification: Fashion-MNIST top-1 on the plain renderings, all
 10 000; retrieval: FMNIST-shop R@1; joint: both) and its difference to the stage's baseline (the first variant
