@@ -54,7 +54,6 @@ class StageSpec:
     select_on: str = "macro_f1"  # validation metric for early stopping / best checkpoint
     warmup: float = 0.0  # fraction of the stage over which the lr rises linearly from 0 to its schedule
     trunk_lr_scale: float = 1.0  # the backbone's lr relative to the heads'
-    keep_bn_stats: bool = False  # BatchNorm normalises with batch statistics but keeps its running ones
 
 
 @dataclass
@@ -80,9 +79,6 @@ class TrainConfig:
     # off in every preset: measured (recipe_ablation.py --stage joint) they trade R@1 for top-1, no free win.
     joint_warmup: float = 0.0  # fraction of the joint stage with a linear lr warm-up (its AdamW starts fresh)
     joint_trunk_lr: float = 1.0  # the joint stage's backbone lr ÷ its heads'
-    # keep stage 2's BatchNorm running statistics (backbone, shared MLP) through stage 3: half its batches are
-    # triplet batches of renders only (grey photos have no item id), which would pull them from the grey images
-    joint_keep_bn_stats: bool = False
     weight_decay: float = 1e-4
     batch_size: int = 64
     m_per_item: int = 4
@@ -128,7 +124,7 @@ class TrainConfig:
                 # one model must both tag and retrieve: keep the joint stage's weights that do both best
                 StageSpec("3-joint", j, self.lr_joint, use_cls=True, use_ret=True, sampler="m_per_item",
                           select_on="macro_f1+recall@1", warmup=self.joint_warmup,
-                          trunk_lr_scale=self.joint_trunk_lr, keep_bn_stats=self.joint_keep_bn_stats),
+                          trunk_lr_scale=self.joint_trunk_lr),
             ]
             return [s for s in specs if s.steps > 0]
         if self.strategy == "unified":
@@ -387,13 +383,6 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     groups = [{"params": [p for p in params if id(p) in trunk], "lr_scale": spec.trunk_lr_scale},
               {"params": [p for p in params if id(p) not in trunk], "lr_scale": 1.0}]
     opt = adamw([g for g in groups if g["params"]], spec.lr, cfg.weight_decay)
-    # the classification path's BatchNorms (the retrieval head's follow the backbone stage 2 changed)
-    own = {id(m) for m in model.retrieval_head.modules()}
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in own]
-    momenta = [m.momentum for m in bns]
-    if spec.keep_bn_stats:  # momentum 0: running = 1·running + 0·batch
-        for m in bns:
-            m.momentum = 0.0
     cuda = device.type == "cuda"
     amp_dtype = mixed_precision_dtype(device, training=True, model=model) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
@@ -471,8 +460,6 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
                     break
     read_losses()
     bar.close()
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
     if not validated_now:  # stopped by the time budget: judge the final weights too
         score, metrics = _validate_into(model, spec, data, cfg, device, history, done)
         if score > best_score or best_state is None:
