@@ -56,9 +56,7 @@ JOINT = {"cls0.2": {"loss_weights": {"cls": 0.2}}, "cls0.2+lr2e-4": {"loss_weigh
          "cls1+lr2e-4": {"loss_weights": {"cls": 1.0}, "lr_joint": 2e-4},
          # or the backbone at a fraction of the heads' lr, so retrieval adapts to stage 2's features
          "cls1+trunk0.3": {"loss_weights": {"cls": 1.0}, "joint_trunk_lr": 0.3},
-         "cls1+trunk0.1": {"loss_weights": {"cls": 1.0}, "joint_trunk_lr": 0.1},
-         # or BatchNorm statistics that lag behind the alternating triplet / class-balanced batches
-         "cls1+bnrecal": {"loss_weights": {"cls": 1.0}, "bn_recalibrate_batches": 200}}
+         "cls1+trunk0.1": {"loss_weights": {"cls": 1.0}, "joint_trunk_lr": 0.1}}
 STAGES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL, "joint": JOINT}
 
 

@@ -79,7 +79,6 @@ class TrainConfig:
     # off in every preset: measured (recipe_ablation.py --stage joint) they trade R@1 for top-1, no free win.
     joint_warmup: float = 0.0  # fraction of the joint stage with a linear lr warm-up (its AdamW starts fresh)
     joint_trunk_lr: float = 1.0  # the joint stage's backbone lr ÷ its heads'
-    bn_recalibrate_batches: int = 0  # >0: after the last stage, BatchNorm statistics re-estimated on this many batches
     weight_decay: float = 1e-4
     batch_size: int = 64
     m_per_item: int = 4
@@ -353,42 +352,9 @@ def _set_modes(model: MultitaskModel, spec: StageSpec) -> None:
         model.retrieval_head.eval()
 
 
-def _endless(loader: DataLoader):
+def _batches(loader: DataLoader):
     while True:
         yield from loader
-
-
-def training_batches(model: MultitaskModel, data: PreparedData, cfg: TrainConfig, device: torch.device,
-                     generator: torch.Generator, sampler: str, classification: bool, aug_seed: int):
-    """Endless augmented training batches (dicts with "image" and the labels) drawn by ``sampler``."""
-    cuda = device.type == "cuda"
-    colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
-    batches = make_batch_sampler(sampler, labels=data.train.category, item_ids=data.train.item_ids,
-                                 num_classes=len(data.taxonomy.categories), batch_size=cfg.batch_size,
-                                 m=cfg.m_per_item, generator=generator, labelled=data.train.labelled(),
-                                 classification=classification)
-    if data.loader is None and data.train.images.dtype == np.uint8:  # in memory: augment whole batches
-        aug_gen = torch.Generator(device=device).manual_seed(aug_seed)
-        augment = BatchAugment(cfg.image_size, model.mean, model.std, colour_jitter=colour_jitter,
-                               level=cfg.augment, generator=aug_gen)
-        return TensorBatches(data.train, augment, device).iterate(batches)
-    # image files: decode and augment per image in DataLoader workers
-    transform = train_transform(cfg.image_size, model.mean, model.std, colour_jitter=colour_jitter, level=cfg.augment)
-    dl = DataLoader(TorchImages(data.train, transform, loader=data.loader), batch_sampler=batches,
-                    num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0)
-    return _endless(dl)
-
-
-def recalibrate_batchnorm(model: MultitaskModel, data: PreparedData, cfg: TrainConfig, device: torch.device,
-                          generator: torch.Generator, n_batches: int) -> None:
-    """Every BatchNorm's running statistics re-estimated as a plain average over ``n_batches``
-    class-balanced training batches; weights untouched. Why: the joint stage alternates triplet batches
-    (shop renders only) with class-balanced ones (grey photos included), and its running statistics are
-    a recency-weighted mix of the two that no single test distribution matches."""
-    it = training_batches(model, data, cfg, device, generator, "balanced", classification=True,
-                          aug_seed=cfg.seed + 10_000)
-    images = (next(it)["image"].to(device).contiguous(memory_format=torch.channels_last) for _ in range(n_batches))
-    torch.optim.swa_utils.update_bn(images, model)
 
 
 def validate(model: MultitaskModel, split: Split, cfg: TrainConfig, taxonomy: Taxonomy, device: torch.device,
@@ -420,8 +386,22 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     cuda = device.type == "cuda"
     amp_dtype = mixed_precision_dtype(device, training=True, model=model) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
-    it = training_batches(model, data, cfg, device, generator, spec.sampler, classification=spec.use_cls,
-                          aug_seed=cfg.seed + len(history))
+    colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
+    batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,
+                                 num_classes=len(data.taxonomy.categories), batch_size=cfg.batch_size,
+                                 m=cfg.m_per_item, generator=generator, labelled=data.train.labelled(),
+                                 classification=spec.use_cls)
+    if data.loader is None and data.train.images.dtype == np.uint8:  # in memory: augment whole batches
+        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + len(history))
+        augment = BatchAugment(cfg.image_size, model.mean, model.std, colour_jitter=colour_jitter,
+                               level=cfg.augment, generator=aug_gen)
+        it = TensorBatches(data.train, augment, device).iterate(batches)
+    else:  # image files: decode and augment per image in DataLoader workers
+        transform = train_transform(cfg.image_size, model.mean, model.std, colour_jitter=colour_jitter,
+                                    level=cfg.augment)
+        dl = DataLoader(TorchImages(data.train, transform, loader=data.loader), batch_sampler=batches,
+                        num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0)
+        it = _batches(dl)
     best_score, best_state, best_metrics, bad_evals = -math.inf, None, {}, 0
     t0 = time.perf_counter()
     bar = tqdm(total=spec.steps, desc=f"stage {spec.name}", disable=not cfg.progress)
@@ -565,9 +545,6 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pa
         stage_metrics[spec.name] = run_stage(model, spec, data, criterion, cfg, device, generator, budget, history)
         total_steps -= spec.steps
         spent = time.perf_counter() - t_train
-    if cfg.bn_recalibrate_batches:
-        recalibrate_batchnorm(model, data, cfg, device, generator, cfg.bn_recalibrate_batches)
-        log.info("BatchNorm statistics re-estimated on %d class-balanced batches", cfg.bn_recalibrate_batches)
     train_s = time.perf_counter() - t_train
     prepare_s = t_train - t_start
 
