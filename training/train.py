@@ -191,6 +191,8 @@ FULL_GPU = replace(
 # Measured (7500 s budget, 2 cores): renders top-1 0.921, colour EM 1.000, R@1 0.819 (small-CNN FULL: 0.901);
 # with grey_photos (6600 s, a slower 2-core Xeon): FMNIST top-1 0.933, renders 0.926, colour 1.000, R@1 0.713;
 # with grey_repeats=3 (6000 s, the same Xeon): FMNIST top-1 0.938, renders 0.923, colour 1.000, R@1 0.667.
+# On a 2-core Zen 5 EPYC (5700 s; 2.4× the classification steps): FMNIST top-1 0.9415, renders 0.929, R@1 0.733 —
+# stage-2 validation only +0.3 pt for 2.4× the steps: this model at 64 px has plateaued on a CPU budget.
 FULL_LITE0 = replace(FULL, backbone="efficientnet_lite0", pretrained=True, image_size=64, lr_classification=1e-3,
                      lr_joint=3e-4)
 # FULL_GPU_LITE0: the pretrained route on one GPU, at 96 px (compute is cheap there; larger inputs suit
