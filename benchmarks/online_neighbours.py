@@ -40,7 +40,7 @@ def main() -> None:
     import psycopg
 
     from migrations import apply_all
-    from worker import similar
+    from similar import shelves as similar
 
     work = Path(tempfile.mkdtemp(prefix="online-bench-"))
     name = f"enrich_bench_{uuid.uuid4().hex[:10]}"

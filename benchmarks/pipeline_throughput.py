@@ -57,8 +57,8 @@ def _wait_port(port: int, timeout: float = 15) -> None:
 
 def make_model(out: Path, image_size: int, backbone: str) -> Path:
     from schemas.taxonomy import load_taxonomy
-    from training.checkpoint import save_model
-    from training.model import build_model
+    from model.checkpoint import save_model
+    from model.network import build_model
 
     model = build_model(backbone, load_taxonomy("fashion-mnist"), pretrained=backbone != "small_cnn")
     save_model(model, out, model_version=f"bench-{backbone}-{image_size}", image_size=image_size,
@@ -90,8 +90,8 @@ def raw_forward(model_dir: Path, batch_size: int, seconds: float = 8.0) -> tuple
     """(img/s wall clock, img per CPU-second) of batched forward passes on ready tensors."""
     import torch
 
-    from enrich.config import Settings
-    from training.inference import load_predictor
+    from core.config import Settings
+    from model.inference import load_predictor
 
     # the worker's numerics (ENRICH_MIXED_PRECISION), so the ratio compares like with like
     pred = load_predictor(model_dir, device="cpu", mixed_precision=Settings().mixed_precision)
@@ -225,10 +225,10 @@ def main() -> None:
         for k, v in env.items():
             if k.startswith("ENRICH_"):
                 os.environ[k] = v
-        from enrich.config import get_settings
+        from core.config import get_settings
 
         get_settings.cache_clear()
-        from worker.celery_app import configure, send_enrich
+        from core.celery_app import configure, send_enrich
 
         configure(get_settings())
         worker = subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--loglevel=WARNING"], env=env,
@@ -282,7 +282,7 @@ def main() -> None:
         raw_before, raw = raw, max(raw, raw_after)
         raw_cpu = max(raw_cpu, raw_cpu_after)
 
-        from enrich.config import Settings
+        from core.config import Settings
 
         print()
         print(f"machine: {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; model {args.backbone} {args.image_size}px; "

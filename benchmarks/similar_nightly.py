@@ -10,7 +10,7 @@ What it does (all on this machine, Postgres at ENRICH_TEST_PG_ADMIN_URL, default
      vectors (binary COPY; not timed) and VACUUM ANALYZEs it, as a nightly job would find it;
   2. bare faiss (child process): the same vectors from a .npy file, the same index spec → train,
      add, search every vector's top-(k+1). No Postgres. Time and peak RSS;
-  3. end to end (child process): `worker.similar.recompute` — read from Postgres (binary COPY),
+  3. end to end (child process): `similar.shelves.recompute` — read from Postgres (binary COPY),
      build, snapshot, search all, binary-COPY the new version, switch. Time and peak RSS;
   3b. with --index-uri: the run also publishes its snapshot to S3, and a child playing a worker on
      another machine downloads it (pull_latest) and maps it; times against writing and mapping it locally;
@@ -99,7 +99,7 @@ def child_bare(vec_path: str, k: int, factory: str | None, nprobe: int | None) -
     """Plain faiss API: index_factory → train (same sample, same k-means settings) → add → search."""
     import faiss
 
-    from worker import index as ix
+    from similar import index as ix
 
     vecs = np.load(vec_path)  # into memory before the clock starts, like the e2e run after its read
     n, d = vecs.shape
@@ -125,7 +125,7 @@ def child_bare(vec_path: str, k: int, factory: str | None, nprobe: int | None) -
 
 def child_algo(vec_path: str, k: int, factory: str | None, nprobe: int | None) -> dict:
     """The e2e run's own index code (one assignment pass, queries in list order) without Postgres."""
-    from worker import index as ix
+    from similar import index as ix
 
     vecs = np.load(vec_path)
     spec = ix.choose_spec(len(vecs), factory=factory, nprobe=nprobe)
@@ -145,7 +145,7 @@ def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | No
 
     import psycopg
 
-    from worker import similar
+    from similar import shelves as similar
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     conn = psycopg.connect(url, autocommit=True)
@@ -159,8 +159,8 @@ def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | No
 
 def child_pull(root: str, nightly_snapshot: str) -> dict:
     """A worker on another machine: download the published snapshot and map it, vs. mapping the local one."""
-    from worker import index as ix
-    from worker.index_store import store_from_settings
+    from similar import index as ix
+    from similar.snapshots import store_from_settings
 
     t0 = time.perf_counter()
     ix.load_snapshot(Path(nightly_snapshot), MODEL, mmap=True)
@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=256, help="embedding dimension (default: 256)")
     ap.add_argument("--k", type=int, default=20, help="neighbours per listing (default: 20)")
     ap.add_argument("--factory", default=None, help="faiss factory string (default: chosen by size)")
-    ap.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: worker.index default)")
+    ap.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: similar.index default)")
     ap.add_argument("--clusters", type=int, default=None, help="synthetic clusters (default: n // 100)")
     ap.add_argument("--queries", type=int, default=1000, help="queries for recall (default: 1000)")
     ap.add_argument("--workdir", type=Path, default=None, help="vectors + snapshots (default: a temp dir)")

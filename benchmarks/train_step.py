@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def step_ms(backbone: str, dtype: torch.dtype | None, batch_size: int, image_size: int, device: torch.device,
             steps: int) -> float:
     from schemas.taxonomy import load_taxonomy
-    from training.model import build_model
+    from model.network import build_model
     from training.train import adamw
 
     torch.manual_seed(0)
@@ -57,8 +57,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=40, help="timed steps per configuration")
     args = p.parse_args()
-    from training.backbones import create_backbone
-    from training.inference import mixed_precision_dtype
+    from model.backbones import create_backbone
+    from model.inference import mixed_precision_dtype
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,1 +1,1 @@
-"""Application shell shared by worker/ and training/: settings, database access, the `enrich` CLI."""
+"""The application: the `enrich` CLI root and the quickstart."""

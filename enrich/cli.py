@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from enrich.db import DatabaseUnavailable
+from core.db import DatabaseUnavailable
 
 app = typer.Typer(
     name="enrich",
@@ -36,7 +36,7 @@ def migrate(
                                      help="Postgres URL (default: the embedded Postgres under ENRICH_DATA_DIR)."),
 ) -> None:
     """Apply pending database migrations (safe to run again; forward-only)."""
-    from enrich.db import connect, database_url as resolve
+    from core.db import connect, database_url as resolve
     from migrations import apply_all
 
     conn = connect(database_url or resolve())
@@ -51,7 +51,7 @@ def _register_subcommands() -> None:
     # Each package owns its commands; importing is cheap because heavy imports happen inside commands.
     from training import cli as training_cli
     from worker import cli as worker_cli
-    from worker import similar_cli
+    from similar import cli as similar_cli
 
     training_cli.register(app)
     worker_cli.register(app)

@@ -1,1 +1,1 @@
-"""Training: the one model definition (imported by the worker), data, losses, stages, evaluation."""
+"""Training: data readers, losses, samplers, stages, evaluation, the `train`/`evaluate`/`promote` commands."""

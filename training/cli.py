@@ -18,12 +18,12 @@ def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
 
 def _correction_rows(cfg):
     """Corrected listings as training rows: labels from Postgres, photos through the worker's fetcher."""
-    from enrich.config import get_settings
-    from enrich.db import connection
+    from core.config import get_settings
+    from core.db import connection
     from schemas.taxonomy import load_taxonomy
     from training.corrections import corrections_to_images
-    from training.registry import correction_labels
-    from worker.images import load_image
+    from model.registry import correction_labels
+    from core.images import load_image
 
     settings = get_settings()
     taxonomy = load_taxonomy(cfg.taxonomy)
@@ -90,7 +90,7 @@ def register(app: typer.Typer) -> None:
         """Train the multitask model, evaluate it, calibrate thresholds and save it with a report."""
         from dataclasses import replace
 
-        from enrich.config import get_settings
+        from core.config import get_settings
         from training.train import PRESETS
         from training.train import train as run
 
@@ -116,8 +116,8 @@ def register(app: typer.Typer) -> None:
         model_dir = run(cfg, extra)
         manifest = json.loads((model_dir / "manifest.json").read_text())
         if register_model:
-            from enrich.db import connection
-            from training.registry import register_candidate
+            from core.db import connection
+            from model.registry import register_candidate
 
             with connection() as conn:
                 register_candidate(conn, model_dir)
@@ -164,8 +164,8 @@ def register(app: typer.Typer) -> None:
                                          help="Postgres URL (default: the embedded Postgres under ENRICH_DATA_DIR)."),
     ) -> None:
         """Promote a candidate if it is not worse than the active model on the evaluation gate."""
-        from enrich.db import connection
-        from training.registry import get_model, promote as run_promote, register_candidate
+        from core.db import connection
+        from model.registry import get_model, promote as run_promote, register_candidate
 
         with connection(database_url or None) as conn:
             path = Path(model)
@@ -173,7 +173,7 @@ def register(app: typer.Typer) -> None:
             metrics = None
             if reevaluate:
                 from training.evaluate import evaluate_model_dir
-                from training.registry import active_model
+                from model.registry import active_model
                 from training.train import TrainConfig
 
                 cand = get_model(conn, version)

@@ -1,6 +1,6 @@
 """Human corrections as training rows: the corrected labels of a listing on its first photo that loads.
 
-Pure data in, data out: the caller passes the labels (``training.registry.correction_labels``) and a
+Pure data in, data out: the caller passes the labels (``model.registry.correction_labels``) and a
 ``load`` function for image URIs (the CLI passes the worker's guarded fetcher, so training obeys the same
 allow-list and limits as enrichment). Groups a listing has no correction for stay MISSING (seed 001's
 masks: they add no loss); listings have no retrieval identity here (item id MISSING).

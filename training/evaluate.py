@@ -11,10 +11,10 @@ from tqdm import tqdm
 from schemas.taxonomy import Taxonomy
 from training.calibration import calibrate_exclusive, calibrate_multilabel
 from training.data import LabelledImages, TorchImages
-from training.inference import Predictions, mixed_precision_dtype, outputs_to_predictions
+from model.inference import Predictions, mixed_precision_dtype, outputs_to_predictions
 from training.metrics import (confusion_matrix, f1_scores, multilabel_metrics, per_attribute_f1,
                               per_class_f1, retrieval_metrics, topk_accuracy)
-from training.model import MultitaskModel
+from model.network import MultitaskModel
 from training.transforms import BatchAugment, EvalTransform
 
 
@@ -152,8 +152,8 @@ def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = Tr
     ENRICH_MIXED_PRECISION (False: fp32)."""
     import math
 
-    from training.checkpoint import load_model
-    from training.inference import resolve_device
+    from model.checkpoint import load_model
+    from model.inference import resolve_device
     from training.train import fmnist_shop_test, prepare_data
 
     dev = resolve_device(device)

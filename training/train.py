@@ -24,14 +24,14 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from schemas.taxonomy import Taxonomy, load_taxonomy
-from training.checkpoint import save_model
+from model.checkpoint import save_model
 from training.data import LabelledImages, TensorBatches, TorchImages, from_shop
 from training.evaluate import EvalResult, calibrate, compute_metrics, fashion_mnist_metrics, predict_dataset
 from training.fmnist import load_fashion_mnist
 from training.fmnist_shop import COLOUR_GROUP, build_shop, grey_photos
-from training.inference import mixed_precision_dtype, resolve_device
+from model.inference import mixed_precision_dtype, resolve_device
 from training.losses import LossWeights, MultitaskLoss, class_weights, pos_weights, task_weights
-from training.model import MultitaskModel, build_model
+from model.network import MultitaskModel, build_model
 from training.samplers import make_batch_sampler
 from training.transforms import AUGMENTATIONS, BatchAugment, train_transform
 
@@ -524,7 +524,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pa
     model = build_model(cfg.backbone, taxonomy, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         embedding_dim=cfg.embedding_dim)
     if cfg.init_from is not None:  # warm start: same backbone and taxonomy (the manifest is checked)
-        from training.checkpoint import load_model
+        from model.checkpoint import load_model
 
         start, manifest = load_model(cfg.init_from, expected_taxonomy=taxonomy)
         if manifest.backbone != cfg.backbone:

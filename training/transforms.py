@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from training.inference import image_to_tensor
+from model.inference import image_to_tensor
 
 
 AUGMENTATIONS = ("seed", "shift", "light", "none")

@@ -1,1 +1,1 @@
-"""Worker: Kafka intake, Celery tasks, image fetching, batched inference, Postgres store, similar items."""
+"""Enrichment worker: Kafka intake, Celery tasks, the batched enrichment pipeline, the Postgres store."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 from pydantic import ValidationError
 
-from enrich.config import Settings
+from core.config import Settings
 from schemas.enrichment import Enrichment
 from schemas.events import ListingEvent
 from worker.pipeline import BatchOutcome, Enricher
@@ -136,7 +136,7 @@ def find_model_dir(settings: Settings, conn: psycopg.Connection | None = None) -
     if settings.model_dir is not None:
         return Path(settings.model_dir)
     if conn is not None:
-        from training.registry import active_model
+        from model.registry import active_model
 
         row = active_model(conn)
         if row and Path(row.path).is_dir():

@@ -16,7 +16,7 @@ _FMNIST_DEFAULT = Path(os.environ.get("ENRICH_FMNIST_DIR", "/usr/share/datasets/
 
 
 def _settings(**overrides):
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     clean = {k: v for k, v in overrides.items() if v is not None}
     return get_settings().model_copy(update=clean)
@@ -24,7 +24,7 @@ def _settings(**overrides):
 
 def _json_logs(enabled: bool) -> None:
     if enabled:
-        from worker.logs import use_json_logs
+        from core.logs import use_json_logs
 
         use_json_logs()
 
@@ -39,7 +39,7 @@ def quickstart(
     time_budget: float = typer.Option(None, "--time-budget", min=10, help="Training seconds (default: the QUICK preset's)."),
 ) -> None:
     """Build a demo catalogue, train the quick model, fill missing tags, show accuracy and similar items."""
-    from worker.quickstart import run_quickstart
+    from enrich.quickstart import run_quickstart
 
     settings = _settings(data_dir=data_dir)
     if not any(Path(fmnist_dir).glob("*idx*")):
@@ -66,9 +66,9 @@ def batch(
     """Enrich listings from files in-process (same core as the workers), and print the filled tags."""
     from rich.console import Console
 
-    from enrich.db import connect, database_url as resolve
+    from core.db import connect, database_url as resolve
     from migrations import apply_all
-    from training.inference import load_predictor
+    from model.inference import load_predictor
     from worker.batch import find_model_dir, read_listings, render_report, run_batch
     from worker.pipeline import Enricher
 
@@ -102,9 +102,9 @@ def consume(
     json_logs: bool = typer.Option(False, "--json-logs", help="One JSON object per log line (default: plain text)."),
 ) -> None:
     """Kafka intake: validate listing events, upsert them, enqueue enrichment (SIGTERM stops cleanly)."""
-    from enrich.db import connect, database_url
-    from worker import metrics
-    from worker.celery_app import queue_depth, send_enrich
+    from core.db import connect, database_url
+    from core import metrics
+    from core.celery_app import queue_depth, send_enrich
     from worker.intake import Intake
 
     _json_logs(json_logs)
@@ -125,7 +125,7 @@ def corrections(
     json_logs: bool = typer.Option(False, "--json-logs", help="One JSON object per log line (default: plain text)."),
 ) -> None:
     """Kafka intake for human corrections: store them and make them the listings' current tags."""
-    from enrich.db import connect, database_url
+    from core.db import connect, database_url
     from worker.intake import CorrectionsIntake
 
     _json_logs(json_logs)
@@ -157,8 +157,9 @@ def worker(
         import tempfile
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="enrich-prometheus-")
-    from worker import metrics, runtime
-    from worker.celery_app import app, configure
+    from core import metrics
+    from worker import runtime
+    from core.celery_app import app, configure
 
     _json_logs(json_logs)
     configure(settings)
@@ -166,7 +167,7 @@ def worker(
     if pool == "solo" and settings.gpu_queue in queue_list.split(","):
         runtime.enricher(settings)  # solo: no fork, load now so the first batch does not wait
     if settings.metrics_port:
-        from enrich.db import database_url
+        from core.db import database_url
 
         metrics.serve(settings.metrics_port, _health_checks(settings, database_url(settings), broker=True, model=True))
     app.worker_main(["worker", f"--queues={queue_list}", f"--concurrency={concurrency}", f"--pool={pool}",
@@ -175,13 +176,13 @@ def worker(
 
 
 def _health_checks(settings, url: str, broker: bool, model: bool) -> dict:
-    from enrich.db import connect
+    from core.db import connect
 
     def database() -> None:
         connect(url).close()
 
     def celery_broker() -> None:
-        from worker.celery_app import app
+        from core.celery_app import app
 
         with app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
@@ -206,8 +207,8 @@ def sweep(
     database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
 ) -> None:
     """Enqueue again the listings left pending (a lost task, retries spent); beat runs this every 10 min."""
-    from enrich.db import connect
-    from enrich.db import database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
     from worker.tasks import sweep_pending
 
     settings = _settings()
@@ -221,8 +222,8 @@ def health(
     broker: bool = typer.Option(True, "--broker/--no-broker", help="Also check the Celery broker (default: on)."),
 ) -> None:
     """Check that Postgres (and the Celery broker) answer; exit 0 when healthy, 1 otherwise."""
-    from enrich.db import database_url as resolve
-    from worker.metrics import run_checks
+    from core.db import database_url as resolve
+    from core.metrics import run_checks
 
     settings = _settings()
     ok, results = run_checks(_health_checks(settings, database_url or resolve(settings), broker=broker, model=False))

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import psycopg
 from pydantic import ValidationError
 
-from enrich.config import Settings
+from core.config import Settings
 from schemas.events import CorrectionEvent, ListingEvent
-from worker import metrics
+from core import metrics
 from worker.store import record_correction, upsert_listings
 
 log = logging.getLogger(__name__)

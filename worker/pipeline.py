@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import psycopg
 
-from enrich.config import Settings
+from core.config import Settings
 from schemas.enrichment import Enrichment
-from worker import metrics
-from worker.images import (ImageError, ImageLimits, ImageRejected, ImageUnavailable, decode_image, fetch_bytes,
-                           make_s3_client)
+from core import metrics
+from core.images import ImageError, ImageLimits, ImageRejected, ImageUnavailable, decode_image, fetch_bytes
+from core.s3 import make_s3_client
 from worker.store import ListingToEnrich, listings_to_enrich, write_enrichments
 from worker.tagging import combine_images, decide
 
@@ -177,7 +177,7 @@ class Enricher:
 
 def write_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str) -> int:
     """Online top-K for fresh listings. Best effort: the nightly reindex fills anything missed here."""
-    from worker.similar import write_online_neighbours
+    from similar.shelves import write_online_neighbours
 
     try:
         with conn.transaction():

@@ -9,7 +9,7 @@ import logging
 import threading
 from pathlib import Path
 
-from enrich.config import Settings, get_settings
+from core.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -21,8 +21,8 @@ def active_model_dir(settings: Settings) -> Path:
     """ENRICH_MODEL_DIR if set, else the 'active' model in the registry table."""
     if settings.model_dir is not None:
         return Path(settings.model_dir)
-    from enrich.db import connection
-    from training.registry import active_model
+    from core.db import connection
+    from model.registry import active_model
 
     with connection() as conn:
         row = active_model(conn)
@@ -36,7 +36,7 @@ def enricher(settings: Settings | None = None):
     global _enricher
     with _lock:
         if _enricher is None:
-            from training.inference import load_predictor
+            from model.inference import load_predictor
             from worker.pipeline import Enricher
 
             settings = settings or get_settings()
@@ -59,7 +59,7 @@ def pool(settings: Settings | None = None):
     global _pool
     with _lock:
         if _pool is None:
-            from enrich.db import make_pool
+            from core.db import make_pool
 
             settings = settings or get_settings()
             _pool = make_pool(size=min(settings.db_pool_size, 2))

@@ -2,13 +2,24 @@
 from __future__ import annotations
 
 import psycopg
+from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
+from celery.utils.time import get_exponential_backoff_interval
 
-from enrich.config import get_settings
+from core.celery_app import ENRICH_TASK, SWEEP_TASK, app, send_enrich
+from core.config import get_settings
 from worker import runtime
-from worker.celery_app import ENRICH_TASK, SWEEP_TASK, app, send_enrich
 
 log = get_task_logger(__name__)
+
+
+@worker_process_init.connect
+def _load_model_after_fork(**_kwargs) -> None:
+    # prefork children load the model after the fork (CUDA contexts do not survive fork)
+    try:
+        runtime.enricher(get_settings())
+    except Exception:  # noqa: BLE001 - the task will raise the same error with context; keep the child up
+        log.exception("model could not be loaded at worker start")
 
 
 def backoff_s(retries: int, base: float) -> float:
@@ -16,9 +27,7 @@ def backoff_s(retries: int, base: float) -> float:
     return min(base * (2 ** retries), 600.0)
 
 
-@app.task(name=ENRICH_TASK, bind=True, acks_late=True, ignore_result=True,
-          autoretry_for=(psycopg.OperationalError,), retry_backoff=5, retry_backoff_max=300,
-          retry_jitter=True, max_retries=get_settings().task_max_retries)
+@app.task(name=ENRICH_TASK, bind=True, acks_late=True, ignore_result=True)
 def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
     """Enrich a batch of listings. Safe to run twice: finished listings are skipped.
 
@@ -28,14 +37,18 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
     """
     settings = get_settings()
     enricher = runtime.enricher(settings)
-    last_try = self.request.retries >= (self.max_retries or 0)
-    with runtime.pool(settings).connection() as conn:
-        out = enricher.run(conn, listing_ids, accept_partial=last_try)
+    last_try = self.request.retries >= settings.task_max_retries
+    try:
+        with runtime.pool(settings).connection() as conn:
+            out = enricher.run(conn, listing_ids, accept_partial=last_try)
+    except psycopg.OperationalError as exc:
+        delay = get_exponential_backoff_interval(5, self.request.retries, 300, full_jitter=True)
+        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries)
     log.info("batch of %d: %d enriched, %d failed, %d skipped, %d to retry (%d images)",
              len(listing_ids), len(out.enriched), len(out.failed), len(out.skipped), len(out.retry), out.images)
     if out.retry:
         raise self.retry(args=(sorted(out.retry),), countdown=backoff_s(self.request.retries, settings.retry_backoff_s),
-                         max_retries=self.max_retries)
+                         max_retries=settings.task_max_retries)
     return {"enriched": len(out.enriched), "failed": len(out.failed), "skipped": len(out.skipped)}
 
 

@@ -9,8 +9,8 @@ from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from enrich.cli import app
-from enrich.config import Settings
-from enrich.db import DatabaseUnavailable, connect, database_url
+from core.config import Settings
+from core.db import DatabaseUnavailable, connect, database_url
 
 
 def test_settings_read_prefixed_environment(monkeypatch):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from similar_helpers import clustered
-from worker import index as ix
+from similar import index as ix
 
 
 def test_index_is_chosen_by_catalogue_size():

@@ -14,9 +14,9 @@ import pytest
 from prometheus_client import REGISTRY
 
 from similar_helpers import add_listings, clustered, exact_neighbours, unit
-from worker import index as ix
-from worker import similar
-from worker.index_store import store_from_settings
+from similar import index as ix
+from similar import shelves as similar
+from similar.snapshots import store_from_settings
 
 IDS = [f"old-{i:03d}" for i in range(200)]
 
@@ -24,7 +24,7 @@ IDS = [f"old-{i:03d}" for i in range(200)]
 @pytest.fixture()
 def store(monkeypatch, s3_endpoint):
     """ENRICH_INDEX_URI on a fresh bucket, checked on every call (sync interval 0)."""
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     bucket = f"index-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -89,7 +89,7 @@ def test_a_worker_on_another_machine_follows_the_published_snapshot(db, tmp_path
 
 def test_half_published_snapshot_is_ignored_and_an_outage_keeps_the_local_one(db, tmp_path, store, monkeypatch,
                                                                              caplog):
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     nightly, worker = tmp_path / "nightly", tmp_path / "worker"
     add_listings(db, IDS, clustered(len(IDS), seed=31))
@@ -109,7 +109,7 @@ def test_half_published_snapshot_is_ignored_and_an_outage_keeps_the_local_one(db
     # S3 unreachable: the worker keeps answering from its copy and says why it did not refresh
     monkeypatch.setenv("ENRICH_S3_ENDPOINT_URL", "http://127.0.0.1:9")
     get_settings.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="worker.similar"):
+    with caplog.at_level(logging.WARNING, logger="similar.shelves"):
         assert similar.cached_snapshot("m1", worker).manifest.similar_version == first.version
         _pulled()
     assert "could not check" in caplog.text
@@ -130,9 +130,9 @@ def test_shards_on_other_machines_download_the_snapshot_by_name(db, tmp_path, st
 
 
 def test_a_failed_publish_fails_the_run_and_keeps_the_active_version(db, tmp_path, store, monkeypatch):
-    from enrich.config import get_settings
-    from worker import similar_db as sdb
-    from worker.index_store import PublishError
+    from core.config import get_settings
+    from similar import store as sdb
+    from similar.snapshots import PublishError
 
     add_listings(db, IDS, clustered(len(IDS), seed=33))
     first = similar.recompute(db, "m1", k=5, root=tmp_path)

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from similar_helpers import add_embeddings, add_listings, clustered, exact_neighbours, unit
-from worker import index as ix
-from worker import similar
-from worker import similar_db as sdb
+from similar import index as ix
+from similar import shelves as similar
+from similar import store as sdb
 
 IDS = [f"item-{i:03d}" for i in range(120)]
 
@@ -150,7 +150,7 @@ def test_crash_mid_recompute_keeps_the_old_version_active(db, pg_url, root):
     # a real crash: the process kills itself (SIGKILL) after writing its first chunk
     script = textwrap.dedent(f"""
         import os, signal, psycopg
-        from worker import index as ix, similar
+        from similar import index as ix, shelves as similar
         ix.SEARCH_BATCH = 20
         conn = psycopg.connect({pg_url!r}, autocommit=True)
         similar.recompute(conn, "m1", k=5, root={str(root)!r},

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from similar_helpers import add_listings, clustered, unit
-from worker import similar
+from similar import shelves as similar
 
 IDS = [f"old-{i:03d}" for i in range(200)]
 

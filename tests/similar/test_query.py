@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from similar_helpers import add_listings, unit
-from worker import similar
+from similar import shelves as similar
 
 DIM = 16
 SHAPE = np.r_[np.ones(8), np.zeros(8)].astype(np.float32)   # first half of the embedding: shape

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from similar_helpers import add_listings, unit
-from worker import similar_db as sdb
+from similar import store as sdb
 
 
 def test_read_streams_live_embeddings_of_one_model_in_id_order(db):

@@ -9,7 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from similar_helpers import add_listings, clustered, exact_neighbours
-from worker import similar_db as sdb
+from similar import store as sdb
 
 REDIS = "redis://127.0.0.1:6379/0"
 IDS = [f"cli-{i:02d}" for i in range(40)]
@@ -17,7 +17,7 @@ IDS = [f"cli-{i:02d}" for i in range(40)]
 
 @pytest.fixture()
 def env(monkeypatch, pg_url, root):
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("ENRICH_DATABASE_URL", pg_url)
     monkeypatch.setenv("ENRICH_INDEX_DIR", str(root))
@@ -75,8 +75,8 @@ def test_reindex_without_embeddings_says_so(db, env):
 def test_nightly_task_shards_over_a_real_worker(db, env, monkeypatch):
     from celery.contrib.testing.worker import start_worker
 
-    from enrich.config import get_settings
-    from worker.celery_app import app, configure
+    from core.config import get_settings
+    from core.celery_app import app, configure
 
     vecs = clustered(len(IDS), seed=31)
     add_listings(db, IDS, vecs)
@@ -114,10 +114,10 @@ def test_similar_by_attribute_uses_the_models_condition_mask(db, env, tmp_path):
 
     from enrich.cli import app
     from schemas.taxonomy import load_taxonomy
-    from training.checkpoint import save_model
-    from training.inference import load_predictor
-    from training.model import build_model
-    from worker import similar
+    from model.checkpoint import save_model
+    from model.inference import load_predictor
+    from model.network import build_model
+    from similar import shelves as similar
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from training.data import LabelledImages, TensorBatches
-from training.inference import image_to_tensor
+from model.inference import image_to_tensor
 from training.losses import MISSING
 from training.transforms import BatchAugment
 

@@ -6,9 +6,9 @@ import torch
 from PIL import Image
 
 from schemas.taxonomy import load_taxonomy
-from training.checkpoint import ModelMismatchError, load_model, save_model
-from training.inference import Predictions, image_to_tensor, load_predictor
-from training.model import build_model
+from model.checkpoint import ModelMismatchError, load_model, save_model
+from model.inference import Predictions, image_to_tensor, load_predictor
+from model.network import build_model
 
 
 def _images(n=4, size=(40, 30)):
@@ -57,7 +57,7 @@ def test_mixed_precision_predictions_match_fp32(tmp_path, fmnist_dir):
     from dataclasses import replace
 
     from training.fmnist import load_fashion_mnist
-    from training.inference import mixed_precision_dtype
+    from model.inference import mixed_precision_dtype
     from training.train import TINY, train
 
     model_dir = train(replace(TINY, out_dir=tmp_path, data_dir=fmnist_dir, model_version="small", backbone="small_cnn",

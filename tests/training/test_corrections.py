@@ -15,7 +15,7 @@ from training.train import add_training_rows
 
 
 @dataclass
-class Label:  # the fields of training.registry.CorrectionLabel that matter here
+class Label:  # the fields of model.registry.CorrectionLabel that matter here
     listing_id: str
     group: str
     value: str
@@ -84,7 +84,7 @@ def test_added_rows_join_file_based_datasets_as_photos_the_loader_passes_through
 @pytest.mark.integration
 def test_train_cli_with_corrections_from_postgres(db, pg_url, fmnist_dir, tiny_model_dir, tmp_path, monkeypatch):
     from enrich.cli import app
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     photo = tmp_path / "coat.png"
     _photo((215, 30, 35), size=64).save(photo)

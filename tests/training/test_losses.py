@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from training.losses import (MISSING, BatchHardTriplet, LossWeights, MultitaskLoss, class_weights, masked_bce,
                              masked_group_ce, pos_weights, task_weights)
-from training.model import ModelOutput
+from model.network import ModelOutput
 
 
 def test_class_weights_inverse_frequency_clipped_mean_one():

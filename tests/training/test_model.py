@@ -3,8 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.backbones import build_lite0_classifier, create_backbone, list_backbones
-from training.model import build_model
+from model.backbones import build_lite0_classifier, create_backbone, list_backbones
+from model.network import build_model
 from training.train import PRESETS
 
 
@@ -85,7 +85,7 @@ def test_wide_resnets_pool_28px_garments_to_their_width(name, params_m):
 def test_cpu_training_skips_bf16_for_depthwise_convolutions(monkeypatch):
     """bf16 training on the CPU only where it is faster: not for grouped (depthwise) convolutions, whose
     oneDNN bf16 backward is slower than fp32; prediction keeps bf16 for every model."""
-    from training.inference import mixed_precision_dtype
+    from model.inference import mixed_precision_dtype
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # as on this EPYC
     cpu = torch.device("cpu")

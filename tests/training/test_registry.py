@@ -5,9 +5,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from schemas.taxonomy import load_taxonomy
-from training.model import build_model
-from training.checkpoint import save_model
-from training.registry import active_model, compare, correction_labels, get_model, promote, register_candidate
+from model.network import build_model
+from model.checkpoint import save_model
+from model.registry import active_model, compare, correction_labels, get_model, promote, register_candidate
 
 pytestmark = pytest.mark.integration
 

@@ -49,7 +49,7 @@ def test_staged_stages_train_the_right_parts(tmp_path, fmnist_dir):
     import torch
 
     from schemas.taxonomy import load_taxonomy
-    from training.model import build_model
+    from model.network import build_model
     from training.train import build_criterion, prepare_data, run_stage, seed_everything
 
     cfg = replace(TINY, data_dir=fmnist_dir, backbone="small_cnn", pretrained=False, image_size=28, joint_trunk_lr=0.0)
@@ -82,7 +82,7 @@ def test_deepfashion_fixture_trains_end_to_end(tmp_path):
     """The DeepFashion path (Category & Attribute + In-shop, real file formats, real JPEGs) runs every stage."""
     from pathlib import Path
 
-    from training.inference import load_predictor
+    from model.inference import load_predictor
 
     root = Path(__file__).parent / "fixtures" / "deepfashion"
     cfg = replace(TINY, dataset="deepfashion", data_dir=root, taxonomy="deepfashion", backbone="small_cnn",

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from enrich.config import Settings
+from core.config import Settings
 
 
 def wait_until(predicate, timeout: float = 90.0) -> None:
@@ -61,8 +61,8 @@ def model_dir(tmp_path_factory) -> Path:
     import torch
 
     from schemas.taxonomy import load_taxonomy
-    from training.checkpoint import save_model
-    from training.model import build_model
+    from model.checkpoint import save_model
+    from model.network import build_model
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("model")
@@ -75,7 +75,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def predictor(model_dir):
-    from training.inference import load_predictor
+    from model.inference import load_predictor
 
     return load_predictor(model_dir, device="cpu")
 

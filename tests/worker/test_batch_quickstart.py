@@ -60,7 +60,7 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
     """Everything but training (a quickstart model already in the data folder is reused)."""
     from rich.console import Console
 
-    from worker.quickstart import run_quickstart
+    from enrich.quickstart import run_quickstart
 
     monkeypatch.delenv("ENRICH_DATABASE_URL", raising=False)
     data = tmp_path / "data"

@@ -20,9 +20,9 @@ REDIS = "redis://127.0.0.1:6379/0"
 def celery_env(monkeypatch, pg_url, model_dir, kafka_bootstrap):
     from celery.contrib.testing.worker import start_worker
 
-    from enrich.config import get_settings
+    from core.config import get_settings
     from worker import runtime
-    from worker.celery_app import app, configure
+    from core.celery_app import app, configure
 
     queue = f"gpu-test-{uuid.uuid4().hex[:8]}"
     topic = f"listings-{uuid.uuid4().hex[:8]}"
@@ -45,7 +45,7 @@ def celery_env(monkeypatch, pg_url, model_dir, kafka_bootstrap):
 
 
 def test_kafka_to_rows_through_a_real_celery_worker(celery_env, pg_url, db, tmp_path):
-    from worker.celery_app import queue_depth, send_enrich
+    from core.celery_app import queue_depth, send_enrich
     from worker.intake import Intake, make_consumer
 
     settings = celery_env
@@ -96,7 +96,7 @@ class _FlakyHandler(BaseHTTPRequestHandler):
 
 
 def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_path):
-    from worker.celery_app import send_enrich
+    from core.celery_app import send_enrich
     from worker.store import upsert_listings
     from schemas.events import ListingEvent
 
@@ -149,7 +149,7 @@ def test_sweep_enqueues_listings_whose_task_was_lost(celery_env, db, pg_url, tmp
 
 
 def test_beat_runs_the_sweep_on_the_cpu_queue():
-    from worker.celery_app import CPU_QUEUE, SWEEP_TASK, app
+    from core.celery_app import CPU_QUEUE, SWEEP_TASK, app
 
     import worker.tasks  # noqa: F401 - registers the tasks
 

@@ -74,11 +74,11 @@ def test_health_command(pg_url, monkeypatch):
     from typer.testing import CliRunner
 
     from enrich.cli import app
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     monkeypatch.setenv("ENRICH_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
     get_settings.cache_clear()
-    from worker.celery_app import configure
+    from core.celery_app import configure
 
     try:
         configure(get_settings())

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from tests.worker.conftest import jpeg_bytes, make_settings, png_bytes
-from worker.images import (ImageLimits, ImageRejected, ImageUnavailable, check_address, decode_image,
+from core.images import (ImageLimits, ImageRejected, ImageUnavailable, check_address, decode_image,
                            fetch_bytes, host_allowed, load_image)
 
 LIMITS = ImageLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000)

@@ -123,7 +123,7 @@ def test_below_threshold_goes_to_review_not_tags(db, model_dir, images, tmp_path
     import json
     import shutil
 
-    from training.inference import load_predictor
+    from model.inference import load_predictor
 
     strict = tmp_path / "strict-model"
     shutil.copytree(model_dir, strict)

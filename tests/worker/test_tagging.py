@@ -80,7 +80,7 @@ def test_json_logs_carry_listing_id():
     import json
     import logging
 
-    from worker.logs import JsonFormatter
+    from core.logs import JsonFormatter
 
     record = logging.LogRecord("worker.pipeline", logging.INFO, __file__, 1, "listing %s failed", ("x1",), None)
     record.listing_id = "x1"

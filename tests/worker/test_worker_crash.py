@@ -66,8 +66,8 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
                 ListingEvent(listing_id="quick", seller_id="s", images=[str(tmp_path / "local.png")])])
         for k in ("ENRICH_CELERY_BROKER_URL", "ENRICH_GPU_QUEUE"):
             monkeypatch.setenv(k, env[k])
-        from enrich.config import get_settings
-        from worker.celery_app import configure, send_enrich
+        from core.config import get_settings
+        from core.celery_app import configure, send_enrich
 
         get_settings.cache_clear()
         configure(get_settings())
@@ -88,8 +88,8 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
                 proc.wait(20)
         server.shutdown()
         server.server_close()
-        from enrich.config import get_settings
-        from worker.celery_app import configure
+        from core.config import get_settings
+        from core.celery_app import configure
 
         monkeypatch.undo()
         get_settings.cache_clear()

@@ -59,8 +59,8 @@ def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path
                                  for i in ids])
         for k in ("ENRICH_CELERY_BROKER_URL", "ENRICH_GPU_QUEUE"):
             monkeypatch.setenv(k, env[k])
-        from enrich.config import get_settings
-        from worker.celery_app import configure, send_enrich
+        from core.config import get_settings
+        from core.celery_app import configure, send_enrich
 
         get_settings.cache_clear()
         configure(get_settings())
@@ -73,8 +73,8 @@ def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path
         if proc.poll() is None:
             proc.terminate()
             proc.wait(30)
-        from enrich.config import get_settings
-        from worker.celery_app import configure
+        from core.config import get_settings
+        from core.celery_app import configure
 
         monkeypatch.undo()
         get_settings.cache_clear()

@@ -15,8 +15,8 @@ from PIL import Image
 
 from schemas.manifest import ModelManifest
 from schemas.taxonomy import Taxonomy
-from training.checkpoint import load_model
-from training.model import MultitaskModel
+from model.checkpoint import load_model
+from model.network import MultitaskModel
 
 
 @dataclass

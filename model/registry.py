@@ -17,7 +17,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
-from training.checkpoint import read_manifest
+from model.checkpoint import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The one multitask model (seed 000), imported by the worker through training.inference.
+"""The one multitask model (seed 000), imported by the worker through model.inference.
 
 backbone → pooled features ─┬─ shared MLP (feat→1024→512, BN, ReLU, Dropout 0.3) ─┬─ category head
                             │                                                    └─ one head per attribute group
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.taxonomy import Taxonomy
-from training.backbones import Backbone, create_backbone
+from model.backbones import Backbone, create_backbone
 
 
 @dataclass

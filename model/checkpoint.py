@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from schemas.manifest import MANIFEST_VERSION, ModelManifest, Normalisation
 from schemas.taxonomy import Taxonomy
-from training.backbones import list_backbones
-from training.model import MultitaskModel, build_model
+from model.backbones import list_backbones
+from model.network import MultitaskModel, build_model
 
 MANIFEST_FILE = "manifest.json"
 

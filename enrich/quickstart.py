@@ -117,15 +117,15 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
     from rich.console import Console
     from rich.table import Table
 
-    from enrich.config import Settings
-    from enrich.db import connect, database_url
+    from core.config import Settings
+    from core.db import connect, database_url
     from migrations import apply_all
-    from training.inference import load_predictor
-    from training.registry import promote, register_candidate
-    from worker import similar
+    from model.inference import load_predictor
+    from model.registry import promote, register_candidate
+    from similar import shelves as similar
     from worker.batch import read_listings, render_report, run_batch
     from worker.pipeline import Enricher
-    from worker.similar_sheet import contact_sheet
+    from similar.sheet import contact_sheet
 
     console = console or Console()
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ LABEL = 34
 
 
 def _local_image(uri: str, max_bytes: int, max_pixels: int) -> Image.Image | None:
-    from worker.images import ImageError, ImageLimits, decode_image
+    from core.images import ImageError, ImageLimits, decode_image
 
     scheme = urlsplit(uri).scheme.lower()
     if scheme not in ("", "file"):
@@ -42,7 +42,7 @@ def _first_image_uri(conn: psycopg.Connection, listing_id: str) -> str | None:
 
 def contact_sheet(conn: psycopg.Connection, listing_id: str, neighbours, out: Path, columns: int = 6) -> int:
     """Write the sheet; returns how many tiles had a real image."""
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     settings = get_settings()
     items = [(listing_id, None)] + [(n.listing_id, n.score) for n in neighbours]

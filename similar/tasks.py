@@ -1,4 +1,4 @@
-"""Celery tasks for the nightly similar-items recompute (thin wrappers over worker.similar).
+"""Celery tasks for the nightly similar-items recompute (thin wrappers over similar.shelves).
 
 "enrich.reindex"        nightly (beat, queue "cpu"): shards <= 1 → the whole recompute in this
                         worker; shards > 1 → read/build/snapshot here, then a chord of
@@ -14,9 +14,9 @@ from __future__ import annotations
 from celery import chord
 from celery.utils.log import get_task_logger
 
-from enrich.db import connect
-from worker import similar
-from worker.celery_app import app
+from core.db import connect
+from similar import shelves as similar
+from core.celery_app import app
 
 log = get_task_logger(__name__)
 

@@ -21,7 +21,8 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from enrich.config import Settings
+from core.config import Settings
+from core.s3 import make_s3_client
 
 # WebP, PNG and JPEG cover seller photos; GIF/TIFF/BMP/PSD etc. are refused (animation, odd codecs,
 # a larger decoder attack surface for no benefit).
@@ -93,20 +94,6 @@ def _fetch_local(uri: str, settings: Settings) -> bytes:
         raise ImageRejected(uri, "not found") from exc
     except PermissionError as exc:
         raise ImageRejected(uri, "permission denied") from exc
-
-
-def make_s3_client(settings: Settings):
-    import boto3
-    from botocore.config import Config
-
-    kwargs = {}
-    if settings.aws_access_key_id and settings.aws_secret_access_key:
-        kwargs = {"aws_access_key_id": settings.aws_access_key_id.get_secret_value(),
-                  "aws_secret_access_key": settings.aws_secret_access_key.get_secret_value()}
-    cfg = Config(connect_timeout=settings.fetch_timeout_s, read_timeout=settings.fetch_timeout_s,
-                 retries={"max_attempts": 2, "mode": "standard"})
-    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-                        config=cfg, **kwargs)
 
 
 def _fetch_s3(uri: str, settings: Settings, client) -> bytes:

@@ -63,9 +63,9 @@ import numpy as np
 import psycopg
 
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP
-from worker import index as ix
-from worker import index_store
-from worker import similar_db as sdb
+from similar import index as ix
+from similar import snapshots as index_store
+from similar import store as sdb
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class RecomputeResult:
 def snapshot_root(root: Path | str | None = None) -> Path:
     if root is not None:
         return Path(root)
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     s = get_settings()
     return s.index_dir or (s.data_dir / "index")
@@ -133,7 +133,7 @@ def _prune_snapshots(root: Path | str | None, model_version: str, keep: int) -> 
 def default_k(k: int | None) -> int:
     if k is not None:
         return k
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     return get_settings().similar_k
 
@@ -403,7 +403,7 @@ def _follow_published(root: Path, model_version: str) -> None:
     In a background thread while a local snapshot exists (a download of a large index must not hold
     up the task that happened to look), in this one when there is none yet (nothing to answer from).
     """
-    from enrich.config import get_settings
+    from core.config import get_settings
 
     settings, now = get_settings(), time.monotonic()
     if not settings.index_uri or now - _LAST_PULL.get(model_version, -math.inf) < settings.index_sync_s:
@@ -431,7 +431,7 @@ def cached_snapshot(model_version: str, root: Path | str | None = None) -> ix.Sn
         return None
     snap = _SNAPSHOT_CACHE.get(model_version)
     if snap is None or snap.path != path:
-        from worker import metrics
+        from core import metrics
 
         snap = ix.load_snapshot(path, model_version, mmap=True)
         _SNAPSHOT_CACHE[model_version] = snap

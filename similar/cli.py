@@ -9,7 +9,7 @@ _DB_HELP = "Postgres URL (default: ENRICH_DATABASE_URL, else the embedded Postgr
 
 
 def _connect(database_url: str | None):
-    from enrich.db import connect, database_url as resolve
+    from core.db import connect, database_url as resolve
 
     return connect(database_url or resolve(), autocommit=True)
 
@@ -29,8 +29,8 @@ def reindex(
     """Recompute top-K similar items for the whole catalogue and switch to them atomically."""
     from rich.console import Console
 
-    from worker import similar
-    from worker.index_store import PublishError
+    from similar import shelves as similar
+    from similar.snapshots import PublishError
 
     console = Console(stderr=True)
     conn = _connect(database_url)
@@ -53,9 +53,9 @@ def reindex(
 
 def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None):
     """The model's seed-001 mask for `group` (loads the model once; CPU is enough)."""
-    from enrich.config import get_settings
-    from training.inference import load_predictor
-    from training.registry import get_model
+    from core.config import get_settings
+    from model.inference import load_predictor
+    from model.registry import get_model
 
     if model_dir is None:
         row = get_model(conn, model_version)
@@ -84,7 +84,7 @@ def similar_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from worker import similar
+    from similar import shelves as similar
 
     console = Console()
     conn = _connect(database_url)
@@ -108,7 +108,7 @@ def similar_cmd(
             table.add_row(str(i), n.listing_id, f"{n.score:.4f}", similar.listing_tag(conn, n.listing_id, "category") or "")
         console.print(table)
         if png is not None:
-            from worker.similar_sheet import contact_sheet
+            from similar.sheet import contact_sheet
 
             shown = contact_sheet(conn, listing_id, neighbours, png)
             console.print(f"contact sheet: {png} ({shown} of {len(neighbours) + 1} images found)")

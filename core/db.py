@@ -15,7 +15,7 @@ from typing import Iterator
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from enrich.config import Settings, get_settings
+from core.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -6,19 +6,18 @@ from __future__ import annotations
 
 from celery import Celery
 from celery.schedules import crontab
-from celery.signals import worker_process_init
 
-from enrich.config import Settings, get_settings
+from core.config import Settings
 
 ENRICH_TASK = "enrich.listings"
 SWEEP_TASK = "enrich.sweep_pending"
 CPU_QUEUE = "cpu"  # nightly reindex and other CPU-bound jobs; keep them off the GPU workers
 
-app = Celery("enrich", include=["worker.tasks", "worker.similar_tasks"])
+app = Celery("enrich", include=["worker.tasks", "similar.tasks"])
 
 
 def configure(settings: Settings) -> Celery:
-    """(Re)apply settings to the app; called at import and by tests/CLI that change the broker."""
+    """Apply settings to the app; called at process start (CLI commands, worker) and by tests."""
     app.conf.update(
         broker_url=settings.celery_broker_url,
         result_backend=settings.celery_result_backend,
@@ -54,25 +53,9 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
-configure(get_settings())
 
-
-@worker_process_init.connect
-def _load_model_after_fork(**_kwargs) -> None:
-    # prefork children load the model after the fork (CUDA contexts do not survive fork)
-    from worker import runtime
-
-    try:
-        runtime.enricher()
-    except Exception:  # noqa: BLE001 - the task will raise the same error with context; keep the child up
-        import logging
-
-        logging.getLogger(__name__).exception("model could not be loaded at worker start")
-
-
-def send_enrich(listing_ids: list[str], settings: Settings | None = None) -> None:
+def send_enrich(listing_ids: list[str], settings: Settings) -> None:
     """Enqueue one batch of listing ids on the GPU queue (by name: the intake needs no model code)."""
-    settings = settings or get_settings()
     app.send_task(ENRICH_TASK, args=[list(listing_ids)], queue=settings.gpu_queue)
 
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from worker import index as ix
+from similar import index as ix
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,8 @@ class SnapshotStore:
 
 def store_from_settings(settings=None) -> SnapshotStore | None:
     """The configured store (ENRICH_INDEX_URI), or None for local snapshots only."""
-    from enrich.config import get_settings
-    from worker.images import make_s3_client
+    from core.config import get_settings
+    from core.s3 import make_s3_client
 
     settings = settings or get_settings()
     if not settings.index_uri:

@@ -1,0 +1,1 @@
+"""Shared base: settings, database, image fetching and guards, S3, metrics, logs, the Celery app."""

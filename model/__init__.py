@@ -1,0 +1,1 @@
+"""The model as serving needs it: backbones, network, checkpoint, inference, registry."""

@@ -1,0 +1,1 @@
+"""Similar items: faiss index, snapshots, nightly and online shelves, queries, tasks, CLI."""
