@@ -39,8 +39,12 @@ def main() -> None:
 
     import psycopg
 
+    from core.config import get_settings
     from migrations import apply_all
-    from similar import shelves as similar
+    from similar.nightly import recompute
+    from similar.online import online_topk, write_online_neighbours
+
+    settings = get_settings()
 
     work = Path(tempfile.mkdtemp(prefix="online-bench-"))
     name = f"enrich_bench_{uuid.uuid4().hex[:10]}"
@@ -57,7 +61,7 @@ def main() -> None:
             # still open at snapshot time) puts all of it in the exactly-searched delta
             conn.execute("UPDATE embeddings SET created_at = now() - interval '1 day'")
             t0 = time.perf_counter()
-            similar.recompute(conn, MODEL, k=args.k, root=work / "index")
+            recompute(conn, MODEL, settings=settings, k=args.k, root=work / "index")
             print(f"catalogue {args.n:,} × {args.dim}-d loaded, nightly recompute {time.perf_counter() - t0:.0f}s",
                   file=sys.stderr)
             vecs = np.load(work / "vectors.npy", mmap_mode="r")
@@ -72,11 +76,11 @@ def main() -> None:
                     cur.executemany("INSERT INTO embeddings (listing_id, model_version, dim, vector)"
                                     " VALUES (%s, %s, %s, %s)", [(i, MODEL, args.dim, v.tobytes()) for i, v in zip(ids, near)])
                 t0 = time.perf_counter()
-                similar.online_topk(conn, ids, MODEL, args.k, work / "index")
+                online_topk(conn, ids, MODEL, args.k, work / "index", settings=settings)
                 t1 = time.perf_counter()
                 since = conn.execute("SELECT clock_timestamp()").fetchone()[0]
                 t2 = time.perf_counter()
-                similar.write_online_neighbours(conn, ids, MODEL, args.k, root=work / "index")
+                write_online_neighbours(conn, ids, MODEL, args.k, settings=settings, root=work / "index")
                 t3 = time.perf_counter()
                 search_s.append(t1 - t0)
                 write_s.append(t3 - t2)

@@ -225,20 +225,19 @@ def main() -> None:
         for k, v in env.items():
             if k.startswith("ENRICH_"):
                 os.environ[k] = v
+        from core.celery_app import configure, send_enrich
         from core.config import get_settings
 
-        get_settings.cache_clear()
-        from core.celery_app import configure, send_enrich
-
-        configure(get_settings())
+        settings = get_settings()
+        configure(settings)
         worker = subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--loglevel=WARNING"], env=env,
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "w"))
 
         from worker.intake import Intake, make_consumer
 
-        settings = get_settings()
         consumer = make_consumer(settings, topic, "bench", session_timeout_ms=6000, heartbeat_interval_ms=500)
-        intake = Intake(settings, lambda: psycopg.connect(pg_url, autocommit=True), send_enrich, consumer=consumer,
+        intake = Intake(settings, lambda: psycopg.connect(pg_url, autocommit=True), lambda ids: send_enrich(ids, settings),
+                        consumer=consumer,
                         poll_timeout_ms=100)
         t = threading.Thread(target=intake.run, daemon=True)
         t.start()

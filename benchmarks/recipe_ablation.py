@@ -86,7 +86,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / ".enrich" / "bench" / "ablation")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from training.train import FULL, train
+    from training.config import FULL
+    from training.train import train
 
     variants = STAGES[args.stage]
     names = [v for v in (args.variants or ",".join(variants)).split(",") if v]

@@ -10,7 +10,7 @@ What it does (all on this machine, Postgres at ENRICH_TEST_PG_ADMIN_URL, default
      vectors (binary COPY; not timed) and VACUUM ANALYZEs it, as a nightly job would find it;
   2. bare faiss (child process): the same vectors from a .npy file, the same index spec → train,
      add, search every vector's top-(k+1). No Postgres. Time and peak RSS;
-  3. end to end (child process): `similar.shelves.recompute` — read from Postgres (binary COPY),
+  3. end to end (child process): `similar.nightly.recompute` — read from Postgres (binary COPY),
      build, snapshot, search all, binary-COPY the new version, switch. Time and peak RSS;
   3b. with --index-uri: the run also publishes its snapshot to S3, and a child playing a worker on
      another machine downloads it (pull_latest) and maps it; times against writing and mapping it locally;
@@ -145,12 +145,14 @@ def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | No
 
     import psycopg
 
-    from similar import shelves as similar
+    from core.config import get_settings
+    from similar.nightly import recompute
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     conn = psycopg.connect(url, autocommit=True)
     t0 = time.perf_counter()
-    result = similar.recompute(conn, MODEL, k=k, factory=factory, nprobe=nprobe, root=root, progress=False)
+    result = recompute(conn, MODEL, settings=get_settings(), k=k, factory=factory, nprobe=nprobe, root=root,
+                       progress=False)
     total = time.perf_counter() - t0
     conn.close()
     return {"factory": result.factory, "total_s": total, "phases_s": result.timings_s, "snapshot": result.snapshot,
@@ -159,6 +161,7 @@ def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | No
 
 def child_pull(root: str, nightly_snapshot: str) -> dict:
     """A worker on another machine: download the published snapshot and map it, vs. mapping the local one."""
+    from core.config import get_settings
     from similar import index as ix
     from similar.snapshots import store_from_settings
 
@@ -166,7 +169,7 @@ def child_pull(root: str, nightly_snapshot: str) -> dict:
     ix.load_snapshot(Path(nightly_snapshot), MODEL, mmap=True)
     local_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    path = store_from_settings().pull_latest(Path(root), MODEL)
+    path = store_from_settings(get_settings()).pull_latest(Path(root), MODEL)
     pull_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     ix.load_snapshot(path, MODEL, mmap=True)

@@ -110,7 +110,7 @@ def main() -> None:
                    "(default: .enrich/bench)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from training.train import FULL_GPU, PRESETS, QUICK
+    from training.config import FULL_GPU, PRESETS, QUICK
 
     args.out.mkdir(parents=True, exist_ok=True)
     base = {"out_dir": args.out / "models", "data_dir": args.data_dir, "progress": False, "threads": args.threads}

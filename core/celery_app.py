@@ -46,12 +46,27 @@ def configure(settings: Settings) -> Celery:
         },
         timezone="UTC",
     )
+    app.conf.enrich_settings = settings
     # connections made under an earlier broker URL must not be reused (tests, CLI overrides)
     app._pool = None  # noqa: SLF001 - Celery has no public "drop the pool" call
     if "amqp" in app.__dict__:
         app.amqp._producer_pool = None  # noqa: SLF001
     return app
 
+
+
+def task_settings() -> Settings:
+    """The Settings this worker process was started with (`configure`); read by task bodies.
+
+    A worker started by `celery -A core.celery_app` rather than `enrich worker` reads the environment once.
+    """
+    settings = app.conf.get("enrich_settings")
+    if settings is None:
+        from core.config import get_settings
+
+        settings = get_settings()
+        configure(settings)
+    return settings
 
 
 def send_enrich(listing_ids: list[str], settings: Settings) -> None:

@@ -1,4 +1,8 @@
-"""Settings from the environment (prefix ENRICH_) via pydantic-settings; secrets only from there."""
+"""Settings from the environment (prefix ENRICH_) via pydantic-settings; secrets only from there.
+
+`python -m core.config` prints the configuration table of the README (`settings_table()`); the README's copy
+sits between `<!-- settings-table:start -->` and `<!-- settings-table:end -->` and a test keeps the two equal.
+"""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -12,70 +16,109 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ENRICH_", env_file=None, extra="ignore")
 
     # Storage. Empty database_url → embedded Postgres under data_dir (no services to configure).
-    database_url: SecretStr | None = Field(default=None, description="postgresql://… ; empty = embedded")
-    data_dir: Path = Field(default=Path(".enrich"), description="embedded Postgres, models, reports")
-    db_pool_size: int = Field(default=4, ge=1, le=64)
+    database_url: SecretStr | None = Field(default=None, description="`postgresql://user:pass@host:5432/db` (secret). "
+                                                                     "Empty: an embedded PostgreSQL under "
+                                                                     "`<data dir>/pg`")
+    data_dir: Path = Field(default=Path(".enrich"), description="local state: embedded Postgres, models, reports, "
+                                                                "index snapshots, quickstart output")
+    db_pool_size: int = Field(default=4, ge=1, le=64, description="Postgres connections per process pool")
 
     # Kafka
-    kafka_bootstrap: str = "127.0.0.1:9092"
-    listings_topic: str = "listings"
-    corrections_topic: str = "corrections"
-    dlq_topic: str = "listings.dlq"
-    consumer_group: str = "enrich-intake"
-    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000, description="consumer group session timeout")
-    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="consumer heartbeat interval")
+    kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="Kafka bootstrap servers (`host:port,…`)")
+    listings_topic: str = Field(default="listings", description="topic of new and changed listings "
+                                                                "(`enrich consume`)")
+    corrections_topic: str = Field(default="corrections", description="topic of human tag corrections "
+                                                                      "(`enrich corrections`; its dead letters go "
+                                                                      "to `<topic>.dlq`)")
+    dlq_topic: str = Field(default="listings.dlq", description="dead-letter topic for listing events that fail "
+                                                               "validation (with the reason and the raw bytes)")
+    consumer_group: str = Field(default="enrich-intake", description="Kafka consumer group of the intake "
+                                                                     "(corrections use `<group>-corrections`)")
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=1000, description="consumer group session timeout "
+                                                                               "(ms)")
+    kafka_heartbeat_interval_ms: int = Field(default=3_000, ge=100, description="consumer heartbeat interval (ms)")
 
     # Celery
-    celery_broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
-    celery_result_backend: str | None = None
-    gpu_queue: str = "gpu"
-    max_queue_depth: int = Field(default=1000, ge=1, description="intake pauses above this many queued tasks")
-    task_max_retries: int = Field(default=4, ge=0, le=20, description="retries for transient faults (host down)")
-    retry_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles per retry")
-    max_event_bytes: int = Field(default=256 * 1024, ge=1024, description="larger Kafka events go to the DLQ")
-    pending_sweep_after_s: float = Field(default=1800.0, gt=0, description="re-enqueue listings still pending "
-                                         "this long after their last change (lost task, retries spent)")
-    pending_sweep_every_s: float = Field(default=600.0, gt=0, description="how often beat runs that sweep")
-    metrics_port: int = Field(default=0, ge=0, le=65535, description="Prometheus /metrics + /healthz; 0 = off")
+    celery_broker_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672//",
+                                   description="Celery broker: RabbitMQ (`amqp://…`) or Redis (`redis://…`)")
+    celery_result_backend: str | None = Field(default=None, description="Celery result backend. Empty: task "
+                                                                        "results are not stored (none are needed)")
+    gpu_queue: str = Field(default="gpu", description="Celery queue of enrichment tasks (`enrich worker -Q gpu`)")
+    max_queue_depth: int = Field(default=1000, ge=1, description="the intake pauses while more than this many "
+                                                                 "tasks wait in the queue")
+    task_max_retries: int = Field(default=4, ge=0, le=20, description="retries of a task after a transient fault "
+                                                                      "(image host down, database connection lost)")
+    retry_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay after an image host "
+                                                              "was down (s); doubles per retry, at most 10 min")
+    max_event_bytes: int = Field(default=256 * 1024, ge=1024, description="larger Kafka events go to the "
+                                                                          "dead-letter topic (bytes)")
+    pending_sweep_after_s: float = Field(default=1800.0, gt=0, description="`enrich sweep` enqueues again the "
+                                         "listings still pending this long after their last change (a lost task, "
+                                         "retries spent); a swept listing then waits as long again (s)")
+    pending_sweep_every_s: float = Field(default=600.0, gt=0, description="how often beat runs that sweep (s)")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="port of Prometheus `/metrics` and "
+                                                                     "`/healthz` for `consume` and `worker`; "
+                                                                     "0: off")
 
     # S3
-    s3_endpoint_url: str | None = None
-    s3_region: str = "us-east-1"
-    aws_access_key_id: SecretStr | None = None
-    aws_secret_access_key: SecretStr | None = None
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, Ceph, …). "
+                                                                  "Empty: AWS S3")
+    s3_region: str = Field(default="us-east-1", description="S3 region")
+    aws_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id (secret). Empty: "
+                                                                          "boto3's own chain (`AWS_ACCESS_KEY_ID` "
+                                                                          "in the environment, `~/.aws`, an "
+                                                                          "instance or pod role)")
+    aws_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key (secret); used only "
+                                                                              "with the key id above. Empty: "
+                                                                              "boto3's own chain "
+                                                                              "(`AWS_SECRET_ACCESS_KEY`, …)")
 
     # Images
-    allowed_hosts: list[str] = Field(default_factory=list, description="http(s) hosts images may come from")
-    allow_private_networks: bool = Field(default=False, description="allow loopback/private/link-local hosts")
+    allowed_hosts: list[str] = Field(default_factory=list, description="JSON list of the http(s) hosts listing "
+                                                                       "images may come from, e.g. "
+                                                                       "`[\"img.example.com\"]` (`s3://` URIs "
+                                                                       "need no entry)")
+    allow_private_networks: bool = Field(default=False, description="allow image hosts on loopback, private or "
+                                                                    "link-local addresses")
     allow_local_paths: bool = Field(default=False, description="allow plain file paths as image URIs")
-    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(default=40_000_000, ge=1024)
-    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="larger image downloads are "
+                                                                                "refused (bytes; 20 MiB)")
+    max_image_pixels: int = Field(default=40_000_000, ge=1024, description="larger images are refused before "
+                                                                           "decoding (pixels; 40 MP)")
+    fetch_timeout_s: float = Field(default=10.0, gt=0, description="connect/read timeout of an image or S3 "
+                                                                   "request (s)")
 
     # Model and thresholds
-    model_dir: Path | None = Field(default=None, description="directory with model.safetensors + manifest.json")
-    default_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="used where the manifest has none")
-    batch_size: int = Field(default=32, ge=1, le=1024)
+    model_dir: Path | None = Field(default=None, description="directory with `model.safetensors` + "
+                                                             "`manifest.json`. Empty: the model the registry marks "
+                                                             "active (`enrich promote`)")
+    default_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="confidence below which a tag goes "
+                                                                              "to review instead of being filled, "
+                                                                              "where the manifest has no threshold")
+    batch_size: int = Field(default=32, ge=1, le=1024, description="images per forward pass")
     task_listings: int = Field(default=64, ge=1, le=4096,
                                description="listing ids per Celery task (the intake's micro-batch); several "
                                            "forward batches per task let decoding overlap the model")
-    device: str = Field(default="auto", description="auto, cpu or cuda[:n]")
+    device: str = Field(default="auto", description="`auto` (a GPU if there is one), `cpu` or `cuda[:n]`")
     mixed_precision: bool = Field(default=True, description="predict under autocast where the device computes it "
                                                             "natively: fp16 on CUDA, bf16 on CPUs with AVX512-BF16 "
-                                                            "or AMX (lite0 at 224 px on 2 cores: 2.0–2.7× img/s; same "
-                                                            "test metrics); off: fp32")
+                                                            "or AMX; `false`: fp32 (`enrich evaluate MODEL --fp32` "
+                                                            "measures a model both ways)")
     torch_threads: int | None = Field(default=None, ge=1, le=256,
-                                      description="intra-op threads of a CPU worker; default torch's (= cores). "
-                                                  "1 is faster on a busy shared host")
+                                      description="intra-op threads of a CPU worker. Empty: torch's default (one "
+                                                  "per core); 1 suits a busy shared host")
 
     # Similar items
-    similar_k: int = Field(default=20, ge=1, le=1000)
-    index_dir: Path | None = Field(default=None, description="faiss snapshots; default <data_dir>/index")
-    index_uri: str | None = Field(default=None, description="s3://bucket/prefix: the nightly job publishes its "
+    similar_k: int = Field(default=20, ge=1, le=1000, description="neighbours kept per listing")
+    index_dir: Path | None = Field(default=None, description="where faiss snapshots are written (nightly) and read "
+                                                             "(workers' online neighbours). Empty: "
+                                                             "`<data dir>/index`")
+    index_uri: str | None = Field(default=None, description="`s3://bucket/prefix`: the nightly job publishes its "
                                                             "snapshots there and workers on other machines follow "
-                                                            "them; empty = local index_dir only")
+                                                            "them. Empty: only the local index directory (one "
+                                                            "machine or a shared volume)")
     index_sync_s: float = Field(default=60.0, ge=0, description="how often a worker checks ENRICH_INDEX_URI for a "
-                                                                 "newer snapshot")
+                                                                 "newer snapshot (s)")
 
     @property
     def models_dir(self) -> Path:
@@ -85,3 +128,31 @@ class Settings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+def _default_text(field) -> str:
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "*(empty)*"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float):
+        return f"`{value:g}`"
+    if isinstance(value, (list, dict)):
+        import json
+
+        return f"`{json.dumps(value)}`"
+    return f"`{value}`"
+
+
+def settings_table() -> str:
+    """The README's configuration table (Markdown), one row per setting in `Settings`, in declaration order."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        meaning = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{Settings.model_config['env_prefix']}{name.upper()}` | {_default_text(field)} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_table(), end="")

@@ -15,7 +15,7 @@ from typing import Iterator
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from core.config import Settings, get_settings
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def _embedded_url(data_dir: Path) -> str:
     return server.get_uri()
 
 
-def database_url(settings: Settings | None = None) -> str:
-    settings = settings or get_settings()
+def database_url(settings: Settings) -> str:
     if settings.database_url is not None and settings.database_url.get_secret_value():
         return settings.database_url.get_secret_value()
     return _embedded_url(settings.data_dir)
@@ -58,8 +57,7 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
-    url = url or database_url()
+def connect(url: str, **kwargs) -> psycopg.Connection:
     try:
         return psycopg.connect(url, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as exc:
@@ -70,7 +68,7 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
 
 
 @contextmanager
-def connection(url: str | None = None) -> Iterator[psycopg.Connection]:
+def connection(url: str) -> Iterator[psycopg.Connection]:
     """A connection that commits on success and rolls back on error, then closes."""
     conn = connect(url)
     try:
@@ -80,10 +78,9 @@ def connection(url: str | None = None) -> Iterator[psycopg.Connection]:
         conn.close()
 
 
-def make_pool(url: str | None = None, size: int | None = None) -> ConnectionPool:
+def make_pool(settings: Settings, size: int | None = None) -> ConnectionPool:
     """One pool per worker process: opened explicitly and checked at start."""
-    settings = get_settings()
-    url = url or database_url(settings)
+    url = database_url(settings)
     connect(url).close()  # fail with one clear line before the pool starts retrying in the background
     pool = ConnectionPool(url, min_size=1, max_size=size or settings.db_pool_size, open=False,
                           kwargs={"connect_timeout": 10})

@@ -1,13 +1,20 @@
-"""`enrich`: one command-line entry point. Subcommands are registered by the packages that own them."""
+"""`enrich`: one command-line entry point. Subcommands are registered by the packages that own them;
+the application's own (quickstart, migrate) live here.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from core.db import DatabaseUnavailable
+from core.options import DatabaseUrl
+
+_FMNIST_DEFAULT = Path(os.environ.get("ENRICH_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 app = typer.Typer(
     name="enrich",
@@ -30,16 +37,40 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _settings(**overrides):
+    from core.config import get_settings
+
+    return get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
+
+
 @app.command()
-def migrate(
-    database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL",
-                                     help="Postgres URL (default: the embedded Postgres under ENRICH_DATA_DIR)."),
+def quickstart(
+    data_dir: Path = typer.Option(None, "--data-dir", help="Where catalogue, model, index and embedded Postgres go "
+                                  "(default: ENRICH_DATA_DIR, .enrich)."),
+    fmnist_dir: Path = typer.Option(_FMNIST_DEFAULT, "--fmnist-dir", envvar="ENRICH_FMNIST_DIR",
+                                    help="Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist)."),
+    items: int = typer.Option(300, "--items", min=10, max=10000, help="Listings in the demo catalogue (default: 300)."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train a new quick model even if one exists (default: reuse)."),
+    time_budget: float = typer.Option(None, "--time-budget", min=10, help="Training seconds (default: the QUICK preset's)."),
 ) -> None:
+    """Build a demo catalogue, train the quick model, fill missing tags, show accuracy and similar items."""
+    from enrich.quickstart import run_quickstart
+
+    settings = _settings(data_dir=data_dir)
+    if not any(Path(fmnist_dir).glob("*idx*")):
+        typer.echo(f"Fashion-MNIST not found in {fmnist_dir}: `apt-get install dataset-fashion-mnist` "
+                   f"or pass --fmnist-dir", err=True)
+        raise typer.Exit(2)
+    run_quickstart(settings.data_dir, fmnist_dir, items=items, retrain=retrain, time_budget_s=time_budget)
+
+
+@app.command()
+def migrate(database_url: DatabaseUrl = None) -> None:
     """Apply pending database migrations (safe to run again; forward-only)."""
     from core.db import connect, database_url as resolve
     from migrations import apply_all
 
-    conn = connect(database_url or resolve())
+    conn = connect(database_url or resolve(_settings()))
     try:
         names = apply_all(conn)
     finally:

@@ -82,7 +82,8 @@ def find_or_train_model(models_dir: Path, fmnist_dir: Path, retrain: bool, time_
     if found and not retrain:
         log.info("reusing model %s (pass --retrain to train a new one)", found[-1].parent.name)
         return found[-1].parent
-    from training.train import QUICK, train
+    from training.config import QUICK
+    from training.train import train
 
     version = f"{QUICKSTART_PREFIX}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     cfg = replace(QUICK, out_dir=models_dir, data_dir=Path(fmnist_dir), model_version=version)
@@ -119,13 +120,15 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
 
     from core.config import Settings
     from core.db import connect, database_url
+    from core.images import ImageLimits
     from migrations import apply_all
     from model.inference import load_predictor
     from model.registry import promote, register_candidate
-    from similar import shelves as similar
+    from similar.nightly import recompute
+    from similar.query import read_neighbours
+    from similar.sheet import contact_sheet
     from worker.batch import read_listings, render_report, run_batch
     from worker.pipeline import Enricher
-    from similar.sheet import contact_sheet
 
     console = console or Console()
     t0 = time.perf_counter()
@@ -171,11 +174,11 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
         console.print(table)
 
         console.rule("5/5 similar items")
-        result = similar.recompute(conn, predictor.version, k=8, root=data_dir / "index", progress=False)
+        result = recompute(conn, predictor.version, settings=settings, k=8, root=data_dir / "index", progress=False)
         console.print(result.summary())
         sheets = []
         for lid in sorted(catalogue.truth)[:examples]:
-            neighbours, _ = similar.read_neighbours(conn, lid, predictor.version, 8)
+            neighbours, _ = read_neighbours(conn, lid, predictor.version, 8)
             t = Table(title=f"similar to {lid} ({catalogue.truth[lid]['category']}, {catalogue.truth[lid]['colour']})")
             t.add_column("listing")
             t.add_column("score", justify="right")
@@ -186,7 +189,7 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
                 t.add_row(n.listing_id, f"{n.score:.3f}", truth.get("category", "?"), truth.get("colour", "?"))
             console.print(t)
             png = qs_dir / f"similar-{lid}.png"
-            contact_sheet(conn, lid, neighbours, png)
+            contact_sheet(conn, lid, neighbours, png, limits=ImageLimits.from_settings(settings))
             sheets.append(png)
         console.print("contact sheets: " + ", ".join(str(p) for p in sheets))
     finally:

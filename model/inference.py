@@ -42,12 +42,10 @@ def mixed_precision_dtype(device: torch.device, training: bool = False,
 
     CUDA: fp16 for prediction; for training bf16 where the GPU has it (fp16's loss scaler reads a flag
     back from the GPU every step). CPU: bf16 only where the CPU computes it natively (AVX512-BF16,
-    AMX; emulated elsewhere, so slower). On this 2-core EPYC: the small CNN's training step 1.43×
-    faster (benchmarks/train_step.py), its prediction 1.35–1.6× with the same test metrics (FMNIST
-    top-1 equal, R@1 −0.05 pt); lite0 at 224 px 1.9× img/s, 1.8× end-to-end events/s
-    (benchmarks/pipeline_throughput.py). Except training on the CPU a model with grouped (depthwise)
-    convolutions: oneDNN's bf16 backward for them is slower than fp32 (lite0 step 0.55× at 48 px,
-    0.90× at 224 px), though its forward pass is 2× faster."""
+    AMX; emulated elsewhere, so slower): there it makes training steps and prediction faster with the
+    same test metrics (benchmarks/train_step.py, benchmarks/pipeline_throughput.py). Except training on
+    the CPU a model with grouped (depthwise) convolutions: oneDNN's bf16 backward for them is slower
+    than fp32, though its forward pass is faster."""
     if device.type == "cuda":
         return (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if training else torch.float16
     if training and model is not None and any(
@@ -92,7 +90,7 @@ class Predictor:
         self.version = manifest.model_version
         self.device = device
         self.amp_dtype = mixed_precision_dtype(device) if mixed_precision else None
-        # channels_last on CPU too: oneDNN's convolutions run 1.5× faster in it (lite0 at 224 px, measured)
+        # channels_last on CPU too: oneDNN's convolutions run faster in it
         self.model = model.to(device).eval().to(memory_format=torch.channels_last)
 
     @property

@@ -16,7 +16,6 @@ from pathlib import Path
 import psycopg
 from psycopg.rows import dict_row
 
-from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
 from model.checkpoint import read_manifest
 
 log = logging.getLogger(__name__)
@@ -85,6 +84,32 @@ def active_model(conn: psycopg.Connection) -> ModelRow | None:
     return _row(r) if r else None
 
 
+def model_dir_for(conn: psycopg.Connection | None, override: Path | str | None = None, *,
+                  version: str | None = None, newest_under: Path | None = None) -> Path:
+    """Where a model's files are, the one answer for every command and worker.
+
+    `override` (ENRICH_MODEL_DIR, --model-dir) wins unless a `version` is asked for; then the registry's
+    row for `version` (default: the active model); then `override` again; then, if given, the newest
+    model directory under `newest_under`. Raises FileNotFoundError when none is known.
+    """
+    if override is not None and version is None:
+        return Path(override)
+    if conn is not None:
+        row = get_model(conn, version) if version else active_model(conn)
+        if row is not None and Path(row.path).is_dir():
+            return Path(row.path)
+    if override is not None:
+        return Path(override)
+    if newest_under is not None:
+        found = sorted(Path(newest_under).glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1].parent
+    where = f"model {version!r}" if version else "an active model"
+    raise FileNotFoundError(f"no model found: {where} is not registered here; set ENRICH_MODEL_DIR, pass "
+                            f"--model-dir, or run `enrich train --register` and `enrich promote`"
+                            + (f" (also looked in {newest_under})" if newest_under else ""))
+
+
 def compare(candidate: dict[str, float], active: dict[str, float], gate: dict[str, bool] | None = None,
             tolerance: float = 0.0) -> tuple[bool, list[str]]:
     """Not worse on every gate metric both have (within tolerance). Returns (ok, reasons)."""
@@ -143,42 +168,3 @@ def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] 
                      (model_version,))
     log.info("promoted %s (previous: %s)", model_version, act.model_version if act else None)
     return Decision(True, model_version, act.model_version if act else None)
-
-
-@dataclass
-class CorrectionLabel:
-    listing_id: str
-    group: str  # 'category' or an attribute group
-    value: str
-    index: int | None  # value's index in the taxonomy (None without a taxonomy)
-    images: list[str]  # the listing's image URIs (empty if the listing is unknown)
-    corrected_at: datetime
-
-
-def correction_labels(conn: psycopg.Connection, taxonomy: Taxonomy | None = None) -> list[CorrectionLabel]:
-    """The latest human correction per (listing, group), as extra training labels.
-
-    With a taxonomy, labels for unknown groups or values are dropped (logged) and indices filled in.
-    """
-    with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT DISTINCT ON (c.listing_id, c.tag_group) c.listing_id, c.tag_group, c.new_value,"
-            " c.corrected_at, COALESCE(l.event -> 'images', '[]'::jsonb) AS images"
-            " FROM corrections c LEFT JOIN listings l ON l.listing_id = c.listing_id"
-            " ORDER BY c.listing_id, c.tag_group, c.corrected_at DESC, c.received_at DESC")
-        rows = cur.fetchall()
-    out, dropped = [], 0
-    for r in rows:
-        idx = None
-        if taxonomy is not None:
-            values = taxonomy.category_names if r["tag_group"] == CATEGORY_GROUP else (
-                taxonomy.group(r["tag_group"]).values if r["tag_group"] in taxonomy.group_names else None)
-            if values is None or r["new_value"] not in values:
-                dropped += 1
-                continue
-            idx = values.index(r["new_value"])
-        out.append(CorrectionLabel(r["listing_id"], r["tag_group"], r["new_value"], idx, list(r["images"]),
-                                   r["corrected_at"]))
-    if dropped:
-        log.info("dropped %d correction(s) outside taxonomy %s", dropped, taxonomy.name if taxonomy else "")
-    return out

@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-_DB_HELP = "Postgres URL (default: ENRICH_DATABASE_URL, else the embedded Postgres under ENRICH_DATA_DIR)."
+from core.options import DatabaseUrl
+
+if TYPE_CHECKING:
+    from core.config import Settings
 
 
-def _connect(database_url: str | None):
+def _connect(database_url: str | None, settings: Settings):
     from core.db import connect, database_url as resolve
 
-    return connect(database_url or resolve(), autocommit=True)
+    return connect(database_url or resolve(settings), autocommit=True)
 
 
 def reindex(
@@ -24,20 +28,22 @@ def reindex(
     nprobe: int = typer.Option(None, "--nprobe", min=1, help="IVF lists searched per query (default: 4)."),
     index_dir: Path = typer.Option(None, "--index-dir", help="Snapshot directory (default: ENRICH_INDEX_DIR or <data dir>/index)."),
     keep: int = typer.Option(1, "--keep", min=0, help="Retired versions kept for rollback (default: 1)."),
-    database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
+    database_url: DatabaseUrl = None,
 ) -> None:
     """Recompute top-K similar items for the whole catalogue and switch to them atomically."""
     from rich.console import Console
 
-    from similar import shelves as similar
+    from core.config import get_settings
+    from similar.nightly import ReindexBusy, recompute
     from similar.snapshots import PublishError
 
     console = Console(stderr=True)
-    conn = _connect(database_url)
+    settings = get_settings()
+    conn = _connect(database_url, settings)
     try:
-        result = similar.recompute(conn, model_version, k=k, factory=factory, nprobe=nprobe, root=index_dir,
-                                   keep_versions=keep, progress=True)
-    except similar.ReindexBusy as exc:
+        result = recompute(conn, model_version, settings=settings, k=k, factory=factory, nprobe=nprobe,
+                           root=index_dir, keep_versions=keep, progress=True)
+    except ReindexBusy as exc:
         console.print(f"[yellow]{exc}[/yellow]")
         raise typer.Exit(1)
     except PublishError as exc:
@@ -51,17 +57,16 @@ def reindex(
     console.print(result.summary())
 
 
-def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None):
+def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None, settings: Settings):
     """The model's seed-001 mask for `group` (loads the model once; CPU is enough)."""
-    from core.config import get_settings
     from model.inference import load_predictor
-    from model.registry import get_model
+    from model.registry import model_dir_for
 
-    if model_dir is None:
-        row = get_model(conn, model_version)
-        model_dir = Path(row.path) if row else get_settings().model_dir
-    if model_dir is None:
-        raise LookupError(f"no model directory known for {model_version!r}; pass --model-dir")
+    if model_dir is None:  # --model-dir wins; else the registry's directory of this version
+        try:
+            model_dir = model_dir_for(conn, settings.model_dir, version=model_version)
+        except FileNotFoundError as exc:
+            raise LookupError(str(exc)) from exc
     masks = load_predictor(model_dir, device="cpu").condition_masks()
     if group not in masks:
         raise LookupError(f"model has no attribute group {group!r}; groups: {', '.join(sorted(masks))}")
@@ -78,39 +83,43 @@ def similar_cmd(
     live: bool = typer.Option(False, "--live", help="Compute now by exact search instead of reading the stored shelf."),
     model_dir: Path = typer.Option(None, "--model-dir", help="Model directory for --by (default: from the models registry)."),
     png: Path = typer.Option(None, "--png", help="Also write a contact sheet (query + neighbours) to this PNG."),
-    database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
+    database_url: DatabaseUrl = None,
 ) -> None:
     """Print a listing's neighbours with scores (stored shelf by default; live with --by/--same-*/--live)."""
     from rich.console import Console
     from rich.table import Table
 
-    from similar import shelves as similar
+    from core.config import get_settings
+    from similar.common import resolve_model_version
+    from similar.query import listing_tag, read_neighbours, similar_to
 
     console = Console()
-    conn = _connect(database_url)
+    settings = get_settings()
+    conn = _connect(database_url, settings)
     try:
-        mv = similar.resolve_model_version(conn, model_version)
+        mv = resolve_model_version(conn, model_version)
         if by or same_category or same_type or live:
-            mask = _condition_mask(conn, mv, by, model_dir) if by else None
-            neighbours = similar.similar_to(conn, listing_id, mv, k, mask=mask,
-                                            same_category=same_category, same_type=same_type)
+            mask = _condition_mask(conn, mv, by, model_dir, settings) if by else None
+            neighbours = similar_to(conn, listing_id, mv, k, mask=mask, same_category=same_category,
+                                    same_type=same_type)
             source = "live" + (f", by {by}" if by else "")
         else:
-            neighbours, source = similar.read_neighbours(conn, listing_id, mv, k)
+            neighbours, source = read_neighbours(conn, listing_id, mv, k)
             if not neighbours:
-                neighbours, source = similar.similar_to(conn, listing_id, mv, k), "live (nothing stored yet)"
+                neighbours, source = similar_to(conn, listing_id, mv, k), "live (nothing stored yet)"
         table = Table(title=f"similar to {listing_id} — model {mv} ({source})")
         table.add_column("#", justify="right")
         table.add_column("listing")
         table.add_column("score", justify="right")
         table.add_column("category")
         for i, n in enumerate(neighbours, 1):
-            table.add_row(str(i), n.listing_id, f"{n.score:.4f}", similar.listing_tag(conn, n.listing_id, "category") or "")
+            table.add_row(str(i), n.listing_id, f"{n.score:.4f}", listing_tag(conn, n.listing_id, "category") or "")
         console.print(table)
         if png is not None:
+            from core.images import ImageLimits
             from similar.sheet import contact_sheet
 
-            shown = contact_sheet(conn, listing_id, neighbours, png)
+            shown = contact_sheet(conn, listing_id, neighbours, png, limits=ImageLimits.from_settings(settings))
             console.print(f"contact sheet: {png} ({shown} of {len(neighbours) + 1} images found)")
     except LookupError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import time
@@ -28,10 +27,12 @@ from typing import Iterator
 
 import numpy as np
 
+from core.files import replaced_dir, write_text_atomic
+
 log = logging.getLogger(__name__)
 
 FLAT_MAX = 50_000            # up to here exact search of everything is cheap enough (n² d flops)
-DEFAULT_NPROBE = 4           # recall@20 ≥ 0.99 on clustered 1 M × 256 (benchmarks/similar_nightly.py)
+DEFAULT_NPROBE = 4           # IVF lists searched per query: recall against time (benchmarks/similar_nightly.py)
 DEFAULT_EF_SEARCH = 64
 TRAIN_POINTS_PER_LIST = 40   # k-means sample per IVF list: 39 is faiss's minimum, 256 its default cap
 KMEANS_ITERATIONS = 10      # coarse centroids need not be converged for IVF recall (faiss default 25)
@@ -171,9 +172,9 @@ def search_all(index, vectors: np.ndarray, k: int, assignment: tuple[np.ndarray,
     """Top-k of every row of `vectors` (the indexed vectors themselves): yields (rows, scores, positions).
 
     With an IVF assignment from `build_index`, queries go in order of their nearest list, so
-    consecutive queries probe mostly the same lists and those stay in cache (2× faster than index
-    order at 1 M × 256, 3-4× at 100 k, on this machine, where a random-order scan is memory-bound),
-    and the coarse quantizer is not run a second time. Same results as `index.search` with the same nprobe.
+    consecutive queries probe mostly the same lists and those stay in cache (a scan in index order
+    is memory-bound), and the coarse quantizer is not run a second time. Same results as
+    `index.search` with the same nprobe.
     """
     import faiss
 
@@ -235,17 +236,11 @@ def save_snapshot(root: Path, index, ids: np.ndarray, manifest: SnapshotManifest
     base.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"{stamp}-v{manifest.similar_version}" if manifest.similar_version is not None else stamp
-    tmp = base / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    final = base / name
+    with replaced_dir(final) as tmp:
         faiss.write_index(index, str(tmp / "index.faiss"))
         np.save(tmp / "ids.npy", np.asarray(ids), allow_pickle=False)
         (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
-        final = base / name
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     point_latest(root, manifest.model_version, name)
     log.info("saved snapshot %s (%d vectors)", final, manifest.count)
     return final
@@ -253,10 +248,7 @@ def save_snapshot(root: Path, index, ids: np.ndarray, manifest: SnapshotManifest
 
 def point_latest(root: Path, model_version: str, name: str) -> None:
     """Atomically make `<root>/<model_version>/<name>` the snapshot LATEST names."""
-    base = Path(root) / safe_name(model_version)
-    pointer = base / f".LATEST-{os.getpid()}"
-    pointer.write_text(name)
-    os.replace(pointer, base / "LATEST")
+    write_text_atomic(Path(root) / safe_name(model_version) / "LATEST", name)
 
 
 def latest_snapshot_dir(root: Path, model_version: str) -> Path | None:

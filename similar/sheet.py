@@ -13,23 +13,23 @@ from urllib.parse import urlsplit
 import psycopg
 from PIL import Image, ImageDraw, ImageOps
 
+from core.images import ImageError, ImageLimits, decode_image
+
 log = logging.getLogger(__name__)
 TILE = 160
 LABEL = 34
 
 
-def _local_image(uri: str, max_bytes: int, max_pixels: int) -> Image.Image | None:
-    from core.images import ImageError, ImageLimits, decode_image
-
+def _local_image(uri: str, limits: ImageLimits) -> Image.Image | None:
     scheme = urlsplit(uri).scheme.lower()
     if scheme not in ("", "file"):
         return None
     path = Path(urlsplit(uri).path if scheme == "file" else uri)
     try:
-        if not path.is_file() or path.stat().st_size > max_bytes:
+        if not path.is_file() or path.stat().st_size > limits.max_bytes:
             return None
         data = path.read_bytes()
-        return decode_image(data, ImageLimits(max_bytes=max_bytes, max_pixels=max_pixels), TILE, uri)
+        return decode_image(data, limits, TILE, uri)
     except (OSError, ImageError) as exc:
         log.info("contact sheet: no image for %s (%s)", uri, exc)
         return None
@@ -40,11 +40,9 @@ def _first_image_uri(conn: psycopg.Connection, listing_id: str) -> str | None:
     return row[0] if row else None
 
 
-def contact_sheet(conn: psycopg.Connection, listing_id: str, neighbours, out: Path, columns: int = 6) -> int:
-    """Write the sheet; returns how many tiles had a real image."""
-    from core.config import get_settings
-
-    settings = get_settings()
+def contact_sheet(conn: psycopg.Connection, listing_id: str, neighbours, out: Path, *, limits: ImageLimits,
+                  columns: int = 6) -> int:
+    """Write the sheet; returns how many tiles had a real image. `limits`: ImageLimits.from_settings(settings)."""
     items = [(listing_id, None)] + [(n.listing_id, n.score) for n in neighbours]
     rows = (len(items) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + LABEL)), "white")
@@ -53,7 +51,7 @@ def contact_sheet(conn: psycopg.Connection, listing_id: str, neighbours, out: Pa
     for i, (lid, score) in enumerate(items):
         x, y = (i % columns) * TILE, (i // columns) * (TILE + LABEL)
         uri = _first_image_uri(conn, lid)
-        img = _local_image(uri, settings.max_image_bytes, settings.max_image_pixels) if uri else None
+        img = _local_image(uri, limits) if uri else None
         if img is None:
             draw.rectangle([x + 4, y + 4, x + TILE - 4, y + TILE - 4], fill=(200, 200, 200))
             draw.text((x + 12, y + TILE // 2 - 6), "no image", fill=(90, 90, 90))

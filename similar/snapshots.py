@@ -1,6 +1,6 @@
 """Similar-items snapshots shared through S3, so workers on other machines search the nightly index.
 
-The nightly job writes its snapshot locally (worker/index.py) and, with ENRICH_INDEX_URI set
+The nightly job writes its snapshot locally (similar/index.py) and, with ENRICH_INDEX_URI set
 (s3://bucket/prefix), publishes it: `<prefix>/<model_version>/<name>/{index.faiss, ids.npy,
 manifest.json}`, then `<prefix>/<model_version>/LATEST` holding the name. LATEST is written last,
 so a reader that follows it never finds half a snapshot. Each worker downloads the snapshot LATEST
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from core.config import Settings
+from core.files import replaced_dir
 from similar import index as ix
 
 log = logging.getLogger(__name__)
@@ -79,16 +79,9 @@ class SnapshotStore:
             if (final / "manifest.json").exists():
                 return final
             t0 = time.perf_counter()
-            tmp = base / f".download-{name}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            try:
+            with replaced_dir(final) as tmp:  # readers never see a half-downloaded snapshot
                 for f in FILES:
                     self.client.download_file(self.bucket, self._key(model_version, name, f), str(tmp / f))
-                os.replace(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
         mib = sum(f.stat().st_size for f in final.iterdir()) / 2**20
         log.info("downloaded snapshot %s of %s from %s (%.0f MiB in %.1fs)", name, model_version, self.uri, mib,
                  time.perf_counter() - t0)
@@ -123,12 +116,10 @@ class SnapshotStore:
         return old
 
 
-def store_from_settings(settings=None) -> SnapshotStore | None:
+def store_from_settings(settings: Settings) -> SnapshotStore | None:
     """The configured store (ENRICH_INDEX_URI), or None for local snapshots only."""
-    from core.config import get_settings
     from core.s3 import make_s3_client
 
-    settings = settings or get_settings()
     if not settings.index_uri:
         return None
     return SnapshotStore(settings.index_uri, make_s3_client(settings))

@@ -3,7 +3,7 @@
 Reads use one binary `COPY (SELECT ...) TO STDOUT`: rows arrive in chunks and are decoded into a
 preallocated float32 array (little-endian bytes straight into numpy); no per-row Python lists of
 floats. Writes build PostgreSQL's binary COPY format for whole chunks of rows with numpy
-(`encode_rows`), so 1 M rows × 20 neighbours take seconds, not the ~25 s of per-row `write_row`.
+(`encode_rows`) rather than calling `write_row` per row.
 
 Versions (tables in migrations/0001 and 0002):
   similar_items_versions  building → ready → retired   (or failed)

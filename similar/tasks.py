@@ -1,4 +1,4 @@
-"""Celery tasks for the nightly similar-items recompute (thin wrappers over similar.shelves).
+"""Celery tasks for the nightly similar-items recompute (thin wrappers over similar.nightly).
 
 "enrich.reindex"        nightly (beat, queue "cpu"): shards <= 1 → the whole recompute in this
                         worker; shards > 1 → read/build/snapshot here, then a chord of
@@ -11,36 +11,41 @@ Tasks pass ids and bounds, never vectors.
 """
 from __future__ import annotations
 
+import psycopg
 from celery import chord
 from celery.utils.log import get_task_logger
 
-from core.db import connect
-from similar import shelves as similar
-from core.celery_app import app
+from core.celery_app import app, task_settings
+from core.config import Settings
+from core.db import connect, database_url
+from similar import nightly
 
 log = get_task_logger(__name__)
 
 
-def _conn():
-    return connect(autocommit=True)
+def _conn(settings: Settings) -> psycopg.Connection:
+    return connect(database_url(settings), autocommit=True)
 
 
 @app.task(name="enrich.reindex", ignore_result=True, time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
 def reindex(model_version: str | None = None, k: int | None = None, shards: int = 1,
             factory: str | None = None, nprobe: int | None = None) -> dict | None:
-    conn = _conn()
+    settings = task_settings()
+    conn = _conn(settings)
     try:
         if shards <= 1:
-            try:
-                result = similar.recompute(conn, model_version, k=k, factory=factory, nprobe=nprobe)
-            except similar.ReindexBusy as exc:
-                log.warning("%s; skipping this run", exc)
-                return None
-            log.info(result.summary())
-            return {"version": result.version, "count": result.count}
-        version, bounds = similar.prepare_shards(conn, model_version, shards, k=k, factory=factory, nprobe=nprobe)
+            result = nightly.recompute(conn, model_version, settings=settings, k=k, factory=factory, nprobe=nprobe)
+        else:
+            version, bounds = nightly.prepare_shards(conn, model_version, shards, settings=settings, k=k,
+                                                     factory=factory, nprobe=nprobe)
+    except nightly.ReindexBusy as exc:
+        log.warning("%s; skipping this run", exc)
+        return None
     finally:
         conn.close()
+    if shards <= 1:
+        log.info(result.summary())
+        return {"version": result.version, "count": result.count}
     log.info("similar-items version %d: dispatching %d shards", version, len(bounds))
     chord(reindex_shard.s(version, lo, hi) for lo, hi in bounds)(reindex_finish.si(version))
     return {"version": version, "shards": len(bounds)}
@@ -48,18 +53,20 @@ def reindex(model_version: str | None = None, k: int | None = None, shards: int 
 
 @app.task(name="enrich.reindex_shard", time_limit=3600, soft_time_limit=3540)
 def reindex_shard(version: int, lo: str | None, hi: str | None) -> int:
-    conn = _conn()
+    settings = task_settings()
+    conn = _conn(settings)
     try:
-        return similar.compute_shard(conn, version, lo, hi)
+        return nightly.compute_shard(conn, version, lo, hi, settings=settings)
     finally:
         conn.close()
 
 
 @app.task(name="enrich.reindex_finish", ignore_result=True)
 def reindex_finish(version: int) -> dict:
-    conn = _conn()
+    settings = task_settings()
+    conn = _conn(settings)
     try:
-        result = similar.finish_shards(conn, version)
+        result = nightly.finish_shards(conn, version, settings=settings)
     finally:
         conn.close()
     log.info(result.summary())

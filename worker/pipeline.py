@@ -169,19 +169,20 @@ class Enricher:
         metrics.LISTINGS_DONE.labels(outcome="retry").inc(len(out.retry))
         metrics.LISTINGS_DONE.labels(outcome="skipped").inc(len(out.skipped))
         if out.enriched:
-            write_neighbours(conn, out.enriched_ids, self.model_version)
+            write_neighbours(conn, out.enriched_ids, self.model_version, self.settings)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def write_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str) -> int:
+def write_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str,
+                     settings: Settings) -> int:
     """Online top-K for fresh listings. Best effort: the nightly reindex fills anything missed here."""
-    from similar.shelves import write_online_neighbours
+    from similar.online import write_online_neighbours
 
     try:
         with conn.transaction():
-            return write_online_neighbours(conn, listing_ids, model_version)
+            return write_online_neighbours(conn, listing_ids, model_version, settings=settings)
     except Exception:  # noqa: BLE001 - tags are committed; neighbours must not fail the batch
         log.exception("online neighbours failed for %d listings", len(listing_ids))
         return 0

@@ -9,7 +9,7 @@ import logging
 import threading
 from pathlib import Path
 
-from core.config import Settings, get_settings
+from core.config import Settings
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -21,17 +21,14 @@ def active_model_dir(settings: Settings) -> Path:
     """ENRICH_MODEL_DIR if set, else the 'active' model in the registry table."""
     if settings.model_dir is not None:
         return Path(settings.model_dir)
-    from core.db import connection
-    from model.registry import active_model
+    from core.db import connection, database_url
+    from model.registry import model_dir_for
 
-    with connection() as conn:
-        row = active_model(conn)
-    if row is None:
-        raise RuntimeError("no model: set ENRICH_MODEL_DIR or promote one (`enrich promote`)")
-    return Path(row.path)
+    with connection(database_url(settings)) as conn:
+        return model_dir_for(conn)
 
 
-def enricher(settings: Settings | None = None):
+def enricher(settings: Settings):
     """The process's Enricher; the model is loaded on first call only."""
     global _enricher
     with _lock:
@@ -39,7 +36,6 @@ def enricher(settings: Settings | None = None):
             from model.inference import load_predictor
             from worker.pipeline import Enricher
 
-            settings = settings or get_settings()
             if settings.torch_threads:
                 import torch
 
@@ -55,14 +51,13 @@ def enricher(settings: Settings | None = None):
         return _enricher
 
 
-def pool(settings: Settings | None = None):
+def pool(settings: Settings):
     global _pool
     with _lock:
         if _pool is None:
             from core.db import make_pool
 
-            settings = settings or get_settings()
-            _pool = make_pool(size=min(settings.db_pool_size, 2))
+            _pool = make_pool(settings, size=min(settings.db_pool_size, 2))
         return _pool
 
 

@@ -6,8 +6,7 @@ from celery.signals import worker_process_init
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from core.celery_app import ENRICH_TASK, SWEEP_TASK, app, send_enrich
-from core.config import get_settings
+from core.celery_app import ENRICH_TASK, SWEEP_TASK, app, send_enrich, task_settings
 from worker import runtime
 
 log = get_task_logger(__name__)
@@ -17,7 +16,7 @@ log = get_task_logger(__name__)
 def _load_model_after_fork(**_kwargs) -> None:
     # prefork children load the model after the fork (CUDA contexts do not survive fork)
     try:
-        runtime.enricher(get_settings())
+        runtime.enricher(task_settings())
     except Exception:  # noqa: BLE001 - the task will raise the same error with context; keep the child up
         log.exception("model could not be loaded at worker start")
 
@@ -35,7 +34,7 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
     last attempt whatever images are usable are used, and a listing with none is marked failed.
     Permanent faults (bad image) never retry. A lost database connection retries the whole batch.
     """
-    settings = get_settings()
+    settings = task_settings()
     enricher = runtime.enricher(settings)
     last_try = self.request.retries >= settings.task_max_retries
     try:
@@ -69,6 +68,6 @@ def sweep_pending(conn: psycopg.Connection, settings, older_than_s: float | None
 @app.task(name=SWEEP_TASK, ignore_result=True)
 def sweep_pending_task() -> int:
     """Beat, queue "cpu": a lost task must not leave a listing pending forever."""
-    settings = get_settings()
+    settings = task_settings()
     with runtime.pool(settings).connection() as conn:
         return sweep_pending(conn, settings)

@@ -53,6 +53,7 @@ def test_migrate_command_on_service_postgres(empty_db_url):
     assert "up to date" in again.output
 
 
+@pytest.mark.integration  # embedded Postgres: a real server process
 def test_migrate_on_embedded_default(tmp_path):
     env = {"ENRICH_DATA_DIR": str(tmp_path / "data"), "PATH": "/usr/bin:/bin"}
     cmd = [sys.executable, "-m", "enrich.cli", "migrate"]

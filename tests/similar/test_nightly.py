@@ -13,7 +13,7 @@ import pytest
 
 from similar_helpers import add_embeddings, add_listings, clustered, exact_neighbours, unit
 from similar import index as ix
-from similar import shelves as similar
+from similar import nightly
 from similar import store as sdb
 
 IDS = [f"item-{i:03d}" for i in range(120)]
@@ -25,10 +25,10 @@ def _stored(db, model_version="m1") -> dict[str, list[str]]:
     return {r[0]: r[1] for r in rows}
 
 
-def test_flat_recompute_equals_exact_search_and_excludes_self(db, root):
+def test_flat_recompute_equals_exact_search_and_excludes_self(db, root, settings):
     vecs = clustered(len(IDS), seed=1)
     add_listings(db, IDS, vecs)
-    result = similar.recompute(db, "m1", k=5, root=root)
+    result = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     assert result.factory == "Flat" and result.count == len(IDS)
     assert sdb.active_version(db, "m1") == result.version
     assert _stored(db) == exact_neighbours(vecs, IDS, 5)
@@ -36,32 +36,32 @@ def test_flat_recompute_equals_exact_search_and_excludes_self(db, root):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_ivf_probing_every_list_equals_exact(db, root):
+def test_ivf_probing_every_list_equals_exact(db, root, settings):
     vecs = clustered(600, seed=2)
     ids = [f"x{i:04d}" for i in range(600)]
     add_listings(db, ids, vecs)
-    result = similar.recompute(db, "m1", k=10, factory="IVF8,Flat", nprobe=8, root=root)
+    result = nightly.recompute(db, "m1", k=10, factory="IVF8,Flat", nprobe=8, root=root, settings=settings)
     assert result.factory == "IVF8,Flat"
     assert _stored(db) == exact_neighbours(vecs, ids, 10)
 
 
-def test_deleted_listings_are_not_indexed(db, root):
+def test_deleted_listings_are_not_indexed(db, root, settings):
     vecs = clustered(len(IDS), seed=3)
     add_listings(db, IDS, vecs)
     db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id IN ('item-001', 'item-002')")
-    similar.recompute(db, "m1", k=8, root=root)
+    nightly.recompute(db, "m1", k=8, root=root, settings=settings)
     stored = _stored(db)
     assert "item-001" not in stored
     assert not any({"item-001", "item-002"} & set(n) for n in stored.values())
 
 
-def test_model_versions_never_mix(db, root):
+def test_model_versions_never_mix(db, root, settings):
     vecs = clustered(len(IDS), seed=4)
     add_listings(db, IDS, vecs, "m1")
     # model m2 embedded only half the catalogue, in another space (and dimension)
     add_embeddings(db, IDS[:60], clustered(60, dim=16, seed=5), "m2")
-    r2 = similar.recompute(db, "m2", k=5, root=root)
-    r1 = similar.recompute(db, "m1", k=5, root=root)
+    r2 = nightly.recompute(db, "m2", k=5, root=root, settings=settings)
+    r1 = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     assert r1.version != r2.version
     assert sdb.active_version(db, "m2") == r2.version  # m1's run did not touch m2's active version
     stored2 = _stored(db, "m2")
@@ -72,12 +72,12 @@ def test_model_versions_never_mix(db, root):
         ix.load_snapshot(ix.latest_snapshot_dir(root, "m1"), "m2")
 
 
-def test_readers_see_the_old_version_whole_until_the_switch(db, pg_url, root, monkeypatch):
+def test_readers_see_the_old_version_whole_until_the_switch(db, pg_url, root, monkeypatch, settings):
     import psycopg
 
     old_vecs = clustered(len(IDS), seed=6)
     add_listings(db, IDS, old_vecs)
-    first = similar.recompute(db, "m1", k=5, root=root)
+    first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     old = _stored(db)
     # the model re-embedded everything differently; the next night recomputes
     db.execute("DELETE FROM embeddings")
@@ -95,24 +95,25 @@ def test_readers_see_the_old_version_whole_until_the_switch(db, pg_url, root, mo
             building = reader.execute("SELECT count(*) FROM similar_items_versions WHERE status = 'building'")
             assert building.fetchone()[0] == 1
 
-        second = similar.recompute(db, "m1", k=5, root=root, after_chunk=look)
+        second = nightly.recompute(db, "m1", k=5, root=root, after_chunk=look, settings=settings)
         assert len(seen) >= 4
         assert _stored(reader) == new  # and the new one whole after
     assert second.replaced == first.version
     statuses = dict(db.execute("SELECT version, status FROM similar_items_versions").fetchall())
     assert statuses == {first.version: "retired", second.version: "ready"}
-    third = similar.recompute(db, "m1", k=5, root=root, keep_versions=1)
+    third = nightly.recompute(db, "m1", k=5, root=root, keep_versions=1, settings=settings)
     assert third.pruned == [first.version]  # only one retired version is kept for rollback
     assert db.execute("SELECT count(*) FROM similar_items WHERE version = %s", (first.version,)).fetchone()[0] == 0
 
 
-def test_a_reader_polling_through_the_switch_always_sees_one_whole_version(db, pg_url, root, monkeypatch):
+def test_a_reader_polling_through_the_switch_always_sees_one_whole_version(db, pg_url, root, monkeypatch,
+                                                                           settings):
     import threading
 
     import psycopg
 
     add_listings(db, IDS, clustered(len(IDS), seed=12))
-    similar.recompute(db, "m1", k=5, root=root)
+    nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     monkeypatch.setattr(ix, "SEARCH_BATCH", 10)
     stop, answers, errors = threading.Event(), [], []
 
@@ -131,7 +132,8 @@ def test_a_reader_polling_through_the_switch_always_sees_one_whole_version(db, p
     thread.start()
     try:
         for _ in range(3):
-            similar.recompute(db, "m1", k=5, root=root, after_chunk=lambda n: time.sleep(0.005))
+            nightly.recompute(db, "m1", k=5, root=root, after_chunk=lambda n: time.sleep(0.005),
+                              settings=settings)
     finally:
         stop.set()
         thread.join()
@@ -139,10 +141,10 @@ def test_a_reader_polling_through_the_switch_always_sees_one_whole_version(db, p
     assert len({rows[0][0] for rows in answers}) >= 2  # it did see the switch happen
 
 
-def test_crash_mid_recompute_keeps_the_old_version_active(db, pg_url, root):
+def test_crash_mid_recompute_keeps_the_old_version_active(db, pg_url, root, settings):
     vecs = clustered(len(IDS), seed=8)
     add_listings(db, IDS, vecs)
-    first = similar.recompute(db, "m1", k=5, root=root)
+    first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     old = _stored(db)
     db.execute("UPDATE embeddings SET vector = %s WHERE listing_id = 'item-000'",
                (unit(np.ones(32)).astype("<f4").tobytes(),))
@@ -150,10 +152,11 @@ def test_crash_mid_recompute_keeps_the_old_version_active(db, pg_url, root):
     # a real crash: the process kills itself (SIGKILL) after writing its first chunk
     script = textwrap.dedent(f"""
         import os, signal, psycopg
-        from similar import index as ix, shelves as similar
+        from core.config import Settings
+        from similar import index as ix, nightly
         ix.SEARCH_BATCH = 20
         conn = psycopg.connect({pg_url!r}, autocommit=True)
-        similar.recompute(conn, "m1", k=5, root={str(root)!r},
+        nightly.recompute(conn, "m1", k=5, root={str(root)!r}, settings=Settings(),
                           after_chunk=lambda n: os.kill(os.getpid(), signal.SIGKILL))
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[2], timeout=120)
@@ -165,38 +168,60 @@ def test_crash_mid_recompute_keeps_the_old_version_active(db, pg_url, root):
 
     # an error (not a kill) is cleaned up at once
     with pytest.raises(RuntimeError, match="disk full"):
-        similar.recompute(db, "m1", k=5, root=root, after_chunk=lambda n: (_ for _ in ()).throw(RuntimeError("disk full")))
+        nightly.recompute(db, "m1", k=5, root=root, settings=settings,
+                          after_chunk=lambda n: (_ for _ in ()).throw(RuntimeError("disk full")))
     assert _stored(db) == old
 
     # the next run cleans up the leftovers and switches
-    third = similar.recompute(db, "m1", k=5, root=root)
+    third = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     statuses = dict(db.execute("SELECT version, status FROM similar_items_versions").fetchall())
     assert statuses[leftover[0][0]] == "failed" and statuses[third.version] == "ready"
     assert db.execute("SELECT count(*) FROM similar_items WHERE version = %s", (leftover[0][0],)).fetchone()[0] == 0
     assert _stored(db)["item-000"] != old["item-000"]
 
 
-def test_one_run_per_model_version_at_a_time(db, pg_url, root):
+def test_one_run_per_model_version_at_a_time(db, pg_url, root, settings):
     import psycopg
 
     add_listings(db, IDS, clustered(len(IDS), seed=9))
     with psycopg.connect(pg_url, autocommit=True) as other:
-        key = similar._lock_key(other, "m1")
+        key = nightly._lock_key(other, "m1")
         other.execute("SELECT pg_advisory_lock(%s)", (key,))
-        with pytest.raises(similar.ReindexBusy):
-            similar.recompute(db, "m1", k=5, root=root)
+        with pytest.raises(nightly.ReindexBusy):
+            nightly.recompute(db, "m1", k=5, root=root, settings=settings)
 
 
-def test_sharded_recompute_matches_single_process(db, root):
+def test_sharded_runs_take_the_same_lock(db, pg_url, root, settings):
+    import psycopg
+
+    add_listings(db, IDS, clustered(len(IDS), seed=9))
+    first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        key = nightly._lock_key(other, "m1")
+        other.execute("SELECT pg_advisory_lock(%s)", (key,))
+        with pytest.raises(nightly.ReindexBusy):
+            nightly.prepare_shards(db, "m1", 2, k=5, root=root, settings=settings)
+        other.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    # nothing was opened or abandoned while the other run held the lock
+    statuses = dict(db.execute("SELECT version, status FROM similar_items_versions").fetchall())
+    assert statuses == {first.version: "ready"}
+    # and the lock is released after preparing, so the shards' run (or the next night) is not blocked
+    nightly.prepare_shards(db, "m1", 2, k=5, root=root, settings=settings)
+    with psycopg.connect(pg_url, autocommit=True) as other:
+        assert other.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+
+
+def test_sharded_recompute_matches_single_process(db, root, settings):
     vecs = clustered(len(IDS), seed=10)
     add_listings(db, IDS, vecs)
-    version, bounds = similar.prepare_shards(db, "m1", 3, k=5, root=root)
+    version, bounds = nightly.prepare_shards(db, "m1", 3, k=5, root=root, settings=settings)
     assert len(bounds) == 3 and bounds[0][0] is None and bounds[-1][1] is None
     # a listing embedded after the snapshot still gets neighbours from its shard
     add_listings(db, ["item-999"], vecs[:1] * 0.999 + 0.001)
-    written = [similar.compute_shard(db, version, lo, hi) for lo, hi in bounds]
-    assert similar.compute_shard(db, version, *bounds[1]) == written[1]  # re-running a shard is idempotent
-    result = similar.finish_shards(db, version, root=root)
+    written = [nightly.compute_shard(db, version, lo, hi, settings=settings) for lo, hi in bounds]
+    # re-running a shard is idempotent
+    assert nightly.compute_shard(db, version, *bounds[1], settings=settings) == written[1]
+    result = nightly.finish_shards(db, version, root=root, settings=settings)
     assert result.count == len(IDS) + 1
     stored = _stored(db)
     expected = exact_neighbours(vecs, IDS, 5)
@@ -204,21 +229,21 @@ def test_sharded_recompute_matches_single_process(db, root):
     assert stored["item-999"][0] == "item-000"
 
 
-def test_unfinished_shards_never_switch(db, root):
+def test_unfinished_shards_never_switch(db, root, settings):
     add_listings(db, IDS, clustered(len(IDS), seed=11))
-    first = similar.recompute(db, "m1", k=5, root=root)
-    version, bounds = similar.prepare_shards(db, "m1", 2, k=5, root=root)
-    similar.compute_shard(db, version, *bounds[0])
+    first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    version, bounds = nightly.prepare_shards(db, "m1", 2, k=5, root=root, settings=settings)
+    nightly.compute_shard(db, version, *bounds[0], settings=settings)
     with pytest.raises(RuntimeError, match="only"):
-        similar.finish_shards(db, version, root=root)
+        nightly.finish_shards(db, version, root=root, settings=settings)
     assert sdb.active_version(db, "m1") == first.version
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
-def test_catalogues_smaller_than_k(db, root, n):
+def test_catalogues_smaller_than_k(db, root, n, settings):
     ids = [f"t{i}" for i in range(n)]
     vecs = clustered(n, seed=13)
     add_listings(db, ids, vecs)
-    similar.recompute(db, "m1", k=5, root=root)
+    nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     stored = _stored(db)
     assert stored == exact_neighbours(vecs, ids, n - 1)  # everyone else, never itself

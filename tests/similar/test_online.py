@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 
 from similar_helpers import add_listings, clustered, unit
-from similar import shelves as similar
+from similar import nightly, online, query
+from similar.common import Neighbour
 
 IDS = [f"old-{i:03d}" for i in range(200)]
 
@@ -18,25 +19,26 @@ def _shelf(db, lid):
                       " WHERE model_version = 'm1' AND listing_id = %s", (lid,)).fetchone()
 
 
-def _catalogue_after_nightly(db, root, seed: int) -> np.ndarray:
+def _catalogue_after_nightly(db, root, settings, seed: int) -> np.ndarray:
     """IDS with clustered vectors, one nightly run (k=5) done, the online path's snapshot cache empty."""
     vecs = clustered(len(IDS), seed=seed)
     add_listings(db, IDS, vecs)
-    similar.recompute(db, "m1", k=5, root=root)
-    similar._SNAPSHOT_CACHE.clear()
+    nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    online._SNAPSHOT_CACHE.clear()
     return vecs
 
 
-def test_new_listing_gets_its_near_duplicate_from_the_snapshot_and_the_delta(db, root):
+def test_new_listing_gets_its_near_duplicate_from_the_snapshot_and_the_delta(db, root, settings):
     vecs = clustered(len(IDS), seed=20, clusters=4)
     add_listings(db, IDS, vecs)
-    similar.recompute(db, "m1", k=5, root=root, factory="IVF4,Flat", nprobe=2)
-    similar._SNAPSHOT_CACHE.clear()
+    nightly.recompute(db, "m1", k=5, root=root, factory="IVF4,Flat", nprobe=2, settings=settings)
+    online._SNAPSHOT_CACHE.clear()
 
     # two new listings after the nightly run: a re-upload of old-007 and a near copy of the first
     add_listings(db, ["new-a"], [_near(vecs[7], 1)])
     add_listings(db, ["new-b"], [_near(vecs[7], 2)])
-    assert similar.write_online_neighbours(db, ["new-a", "new-b", "missing"], "m1", k=5, root=root) == 2
+    assert online.write_online_neighbours(db, ["new-a", "new-b", "missing"], "m1", k=5, root=root,
+                                          settings=settings) == 2
 
     source, neigh, scores = _shelf(db, "new-a")
     assert source == "online"
@@ -46,62 +48,62 @@ def test_new_listing_gets_its_near_duplicate_from_the_snapshot_and_the_delta(db,
     assert _shelf(db, "old-001")[0] == "nightly"
 
 
-def test_deleted_or_sold_listings_are_filtered_out(db, root):
-    vecs = _catalogue_after_nightly(db, root, seed=21)
+def test_deleted_or_sold_listings_are_filtered_out(db, root, settings):
+    vecs = _catalogue_after_nightly(db, root, settings, seed=21)
     db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id = 'old-003'")  # sold after the snapshot
     add_listings(db, ["new"], [_near(vecs[3], 3)])
-    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    online.write_online_neighbours(db, ["new"], "m1", k=5, root=root, settings=settings)
     _, neigh, _ = _shelf(db, "new")
     assert "old-003" not in neigh and len(neigh) == 5
     # shelves drop neighbours deleted after they were computed, at read time
     db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id = %s", (neigh[0],))
-    shown, source = similar.read_neighbours(db, "new", "m1")
+    shown, source = query.read_neighbours(db, "new", "m1")
     assert source == "online" and [n.listing_id for n in shown] == neigh[1:]
 
 
-def test_without_a_snapshot_the_whole_catalogue_is_searched_exactly(db, root):
+def test_without_a_snapshot_the_whole_catalogue_is_searched_exactly(db, root, settings):
     vecs = clustered(50, seed=22)
     ids = [f"a{i}" for i in range(50)]
     add_listings(db, ids, vecs)
-    similar._SNAPSHOT_CACHE.clear()
-    similar.write_online_neighbours(db, ["a0"], "m1", k=3, root=root)
+    online._SNAPSHOT_CACHE.clear()
+    online.write_online_neighbours(db, ["a0"], "m1", k=3, root=root, settings=settings)
     sims = vecs[1:] @ vecs[0]
     expected = [ids[1 + i] for i in np.argsort(-sims)[:3]]
     assert _shelf(db, "a0")[1] == expected
 
 
-def test_the_next_nightly_version_supersedes_older_online_rows(db, root):
-    vecs = _catalogue_after_nightly(db, root, seed=23)
+def test_the_next_nightly_version_supersedes_older_online_rows(db, root, settings):
+    vecs = _catalogue_after_nightly(db, root, settings, seed=23)
     add_listings(db, ["new"], [_near(vecs[9], 4)])
-    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    online.write_online_neighbours(db, ["new"], "m1", k=5, root=root, settings=settings)
     assert _shelf(db, "new")[0] == "online"
-    similar.recompute(db, "m1", k=5, root=root)
+    nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     assert _shelf(db, "new")[0] == "nightly"
     assert db.execute("SELECT count(*) FROM similar_items_online").fetchone()[0] == 0
     # the online path picked up the new snapshot (LATEST moved) rather than the cached old one
     add_listings(db, ["newer"], [_near(vecs[9], 5)])
-    similar.write_online_neighbours(db, ["newer"], "m1", k=5, root=root)
-    assert similar._SNAPSHOT_CACHE["m1"].manifest.count == len(IDS) + 1
+    online.write_online_neighbours(db, ["newer"], "m1", k=5, root=root, settings=settings)
+    assert online._SNAPSHOT_CACHE["m1"].manifest.count == len(IDS) + 1
     assert "new" in _shelf(db, "newer")[1][:2]
 
 
-def test_a_big_catalogue_without_snapshot_is_not_scanned_per_batch(db, root, monkeypatch):
-    monkeypatch.setattr(similar, "ONLINE_EXACT_MAX", 20)
+def test_a_big_catalogue_without_snapshot_is_not_scanned_per_batch(db, root, monkeypatch, settings):
+    monkeypatch.setattr(online, "ONLINE_EXACT_MAX", 20)
     add_listings(db, [f"b{i}" for i in range(30)], clustered(30, seed=24))
-    similar._SNAPSHOT_CACHE.clear()
-    assert similar.write_online_neighbours(db, ["b0"], "m1", k=3, root=root) == 0
-    similar.recompute(db, "m1", k=3, root=root)
-    assert similar.write_online_neighbours(db, ["b0"], "m1", k=3, root=root) == 1
+    online._SNAPSHOT_CACHE.clear()
+    assert online.write_online_neighbours(db, ["b0"], "m1", k=3, root=root, settings=settings) == 0
+    nightly.recompute(db, "m1", k=3, root=root, settings=settings)
+    assert online.write_online_neighbours(db, ["b0"], "m1", k=3, root=root, settings=settings) == 1
 
 
-def test_a_new_listing_joins_the_shelves_of_its_neighbours_once(db, root):
-    vecs = _catalogue_after_nightly(db, root, seed=25)
+def test_a_new_listing_joins_the_shelves_of_its_neighbours_once(db, root, settings):
+    vecs = _catalogue_after_nightly(db, root, settings, seed=25)
     nightly = _shelf(db, "old-007")
     assert nightly[0] == "nightly"
     far = next(i for i in IDS if float(vecs[int(i[-3:])] @ vecs[7]) < 0)  # nowhere near the new listing
 
     add_listings(db, ["new"], [_near(vecs[7], 6)])  # a near copy of old-007, after the nightly run
-    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    online.write_online_neighbours(db, ["new"], "m1", k=5, root=root, settings=settings)
     source, neigh, scores = _shelf(db, "old-007")
     assert source == "online" and neigh == ["new", *nightly[1][:4]]  # ranked in first, the last one out
     assert scores == sorted(scores, reverse=True)
@@ -111,13 +113,13 @@ def test_a_new_listing_joins_the_shelves_of_its_neighbours_once(db, root):
     assert ("old-007" in {r[0] for r in joined}) and all("new" in _shelf(db, r[0])[1] for r in joined)
 
     # a replay (retried task, re-enqueued listing) writes nothing into those shelves again
-    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    online.write_online_neighbours(db, ["new"], "m1", k=5, root=root, settings=settings)
     assert db.execute("SELECT listing_id, computed_at FROM similar_items_online WHERE listing_id <> 'new'"
                       " ORDER BY listing_id").fetchall() == joined
     assert _shelf(db, "old-007")[1].count("new") == 1
 
 
-def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root):
+def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root, settings):
     """While one writer holds a shelf's lock, another waits for it instead of merging into a copy that
     is about to change; the shelf ends with both new listings. (Real writers take all their locks in
     one ordered statement; taking more after waiting, as a test could, would deadlock.)"""
@@ -125,14 +127,14 @@ def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root):
 
     import psycopg
 
-    vecs = _catalogue_after_nightly(db, root, seed=26)
+    vecs = _catalogue_after_nightly(db, root, settings, seed=26)
     add_listings(db, ["new-a", "new-b"], [_near(vecs[7], 7), _near(vecs[7], 8)])
     with psycopg.connect(pg_url, autocommit=True) as first, psycopg.connect(pg_url, autocommit=True) as second:
         pid = second.info.backend_pid
         with first.transaction(), first.cursor() as cur:
-            similar._lock_shelves(cur, "m1", ["old-007"])  # as a writer mid-merge holds it
-            done = threading.Thread(target=similar.write_online_neighbours, args=(second, ["new-b"], "m1"),
-                                    kwargs={"k": 5, "root": root})
+            online._lock_shelves(cur, "m1", ["old-007"])  # as a writer mid-merge holds it
+            done = threading.Thread(target=online.write_online_neighbours, args=(second, ["new-b"], "m1"),
+                                    kwargs={"k": 5, "root": root, "settings": settings})
             done.start()
             for _ in range(600):  # until the second writer waits on the advisory lock
                 row = db.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
@@ -142,34 +144,34 @@ def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root):
             assert row and row[0] == "advisory" and done.is_alive()
         done.join(30)  # the first writer committed: the second goes on
         assert not done.is_alive()
-        similar.write_online_neighbours(first, ["new-a"], "m1", k=5, root=root)
+        online.write_online_neighbours(first, ["new-a"], "m1", k=5, root=root, settings=settings)
     assert {"new-a", "new-b"} <= set(_shelf(db, "old-007")[1][:2])
 
 
 def test_merge_shelf_ranks_incoming_listings_in_and_reports_no_change():
     shelf, scores = ["a", "b", "c"], [0.9, 0.8, 0.7]
-    top = similar.merge_shelf(shelf, scores, [similar.Neighbour("x", 0.85)], k=3)
+    top = online.merge_shelf(shelf, scores, [Neighbour("x", 0.85)], k=3)
     assert top == [("a", 0.9), ("x", 0.85), ("b", 0.8)]
-    assert similar.merge_shelf(shelf, scores, [similar.Neighbour("y", 0.1)], k=3) is None  # does not rank
-    assert similar.merge_shelf(shelf, scores, [similar.Neighbour("b", 0.8)], k=3) is None  # already there
-    assert [c for c, _ in similar.merge_shelf(["a"], [0.9], [similar.Neighbour("z", 0.2)], k=3)] == ["a", "z"]
+    assert online.merge_shelf(shelf, scores, [Neighbour("y", 0.1)], k=3) is None  # does not rank
+    assert online.merge_shelf(shelf, scores, [Neighbour("b", 0.8)], k=3) is None  # already there
+    assert [c for c, _ in online.merge_shelf(["a"], [0.9], [Neighbour("z", 0.2)], k=3)] == ["a", "z"]
 
 
-def test_the_nightly_switch_does_not_wait_for_a_shelf_a_worker_is_writing(db, pg_url, root):
+def test_the_nightly_switch_does_not_wait_for_a_shelf_a_worker_is_writing(db, pg_url, root, settings):
     """The switch's cleanup skips online rows locked by an open writer instead of waiting (which could
     deadlock the two); the view shows the new nightly row all the same."""
     import psycopg
 
-    vecs = _catalogue_after_nightly(db, root, seed=27)
+    vecs = _catalogue_after_nightly(db, root, settings, seed=27)
     add_listings(db, ["new"], [_near(vecs[7], 9)])
-    similar.write_online_neighbours(db, ["new"], "m1", k=5, root=root)
+    online.write_online_neighbours(db, ["new"], "m1", k=5, root=root, settings=settings)
     assert _shelf(db, "old-007")[0] == "online"
     with psycopg.connect(pg_url) as writer:
         writer.execute("SET lock_timeout = '60s'")
         writer.execute("SELECT 1 FROM similar_items_online WHERE listing_id = 'old-007' FOR UPDATE")
         db.execute("SET lock_timeout = '5s'")  # waiting on the writer would fail the recompute here
         try:
-            similar.recompute(db, "m1", k=5, root=root)
+            nightly.recompute(db, "m1", k=5, root=root, settings=settings)
         finally:
             db.execute("RESET lock_timeout")
         writer.rollback()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from similar_helpers import add_listings, unit
-from similar import shelves as similar
+from similar import query
 
 DIM = 16
 SHAPE = np.r_[np.ones(8), np.zeros(8)].astype(np.float32)   # first half of the embedding: shape
@@ -38,29 +38,29 @@ def _ids(ns):
 
 
 def test_conditioned_mode_ranks_differently_from_plain(db, catalogue):
-    plain = similar.similar_to(db, "q", "m1", k=5)
-    by_colour = similar.similar_to(db, "q", "m1", k=5, mask=COLOUR)
+    plain = query.similar_to(db, "q", "m1", k=5)
+    by_colour = query.similar_to(db, "q", "m1", k=5, mask=COLOUR)
     assert set(_ids(plain)[:2]) == {"s1", "s2"}         # overall: the shape dominates
     assert set(_ids(by_colour)[:2]) == {"c1", "c2"}     # by colour: same colour, any shape
     assert by_colour[0].score > 0.95 > 0.8 > plain[0].score
     with pytest.raises(ValueError, match="dimensions"):
-        similar.similar_to(db, "q", "m1", mask=np.ones(3))
+        query.similar_to(db, "q", "m1", mask=np.ones(3))
 
 
 def test_condition_is_masked_then_normalised():
     e = unit(np.array([[3.0, 4.0, 0.0]]))
-    out = similar.condition(e, np.array([1.0, 0.0, 0.0]))
+    out = query.condition(e, np.array([1.0, 0.0, 0.0]))
     np.testing.assert_allclose(out, [[1.0, 0.0, 0.0]])
-    assert similar.condition(e, None) is e
+    assert query.condition(e, None) is e
 
 
 def test_same_category_and_same_type_filters(db, catalogue):
-    same_cat = similar.similar_to(db, "q", "m1", k=5, same_category=True)
+    same_cat = query.similar_to(db, "q", "m1", k=5, same_category=True)
     assert _ids(same_cat) == ["s1", "c1"]
-    same_type = similar.similar_to(db, "q", "m1", k=5, same_type=True, mask=COLOUR)
+    same_type = query.similar_to(db, "q", "m1", k=5, same_type=True, mask=COLOUR)
     assert _ids(same_type) == ["c1", "s1"]
     db.execute("UPDATE listings SET status = 'deleted' WHERE listing_id = 's1'")
-    assert _ids(similar.similar_to(db, "q", "m1", k=5, same_category=True)) == ["c1"]
+    assert _ids(query.similar_to(db, "q", "m1", k=5, same_category=True)) == ["c1"]
     with pytest.raises(LookupError, match="no 'category' tag"):
         db.execute("DELETE FROM listing_tags WHERE listing_id = 'q'")
-        similar.similar_to(db, "q", "m1", same_category=True)
+        query.similar_to(db, "q", "m1", same_category=True)

@@ -117,7 +117,7 @@ def test_similar_by_attribute_uses_the_models_condition_mask(db, env, tmp_path):
     from model.checkpoint import save_model
     from model.inference import load_predictor
     from model.network import build_model
-    from similar import shelves as similar
+    from similar import query
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
@@ -126,7 +126,7 @@ def test_similar_by_attribute_uses_the_models_condition_mask(db, env, tmp_path):
     mask = load_predictor(model_dir, device="cpu").condition_masks()["colour"]
     vecs = clustered(len(IDS), dim=mask.shape[0], seed=32)
     add_listings(db, IDS, vecs, model_version="sim-test-v1")
-    expected = similar.similar_to(db, "cli-00", "sim-test-v1", 3, mask=mask)
+    expected = query.similar_to(db, "cli-00", "sim-test-v1", 3, mask=mask)
 
     out = CliRunner().invoke(app, ["similar", "cli-00", "-m", "sim-test-v1", "--by", "colour", "--k", "3",
                                    "--model-dir", str(model_dir)])

@@ -58,7 +58,8 @@ def test_mixed_precision_predictions_match_fp32(tmp_path, fmnist_dir):
 
     from training.fmnist import load_fashion_mnist
     from model.inference import mixed_precision_dtype
-    from training.train import TINY, train
+    from training.config import TINY
+    from training.train import train
 
     model_dir = train(replace(TINY, out_dir=tmp_path, data_dir=fmnist_dir, model_version="small", backbone="small_cnn",
                               pretrained=False, image_size=28, stage_steps=(0, 60, 0), batch_size=64,

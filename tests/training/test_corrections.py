@@ -8,14 +8,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from training.corrections import corrections_to_images
+from training.corrections import correction_labels, corrections_to_images
 from training.data import LabelledImages
 from training.losses import MISSING
-from training.train import add_training_rows
+from training.prepare import add_training_rows
 
 
 @dataclass
-class Label:  # the fields of model.registry.CorrectionLabel that matter here
+class Label:  # the fields of training.corrections.CorrectionLabel that matter here
     listing_id: str
     group: str
     value: str
@@ -81,6 +81,29 @@ def test_added_rows_join_file_based_datasets_as_photos_the_loader_passes_through
     assert merged.fingerprint() != add_training_rows(files, _rows(2, 40, category=7), repeats=2).fingerprint()
 
 
+def _insert_correction(db, listing_id, images, group="category", value="Coat"):
+    db.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash) VALUES (%s, 's', %s::jsonb, 'h')",
+               (listing_id, json.dumps({"images": images})))
+    db.execute("INSERT INTO corrections (event_id, listing_id, tag_group, new_value, corrected_by, corrected_at)"
+               " VALUES (%s, %s, %s, %s, 'reviewer', now())", (f"e-{listing_id}", listing_id, group, value))
+
+
+@pytest.mark.integration
+def test_corrected_photos_load_under_the_settings_passed_in(db, fmnist_taxonomy, tmp_path):
+    from core.config import Settings
+    from core.images import load_image
+
+    photo = tmp_path / "coat.png"
+    _photo((215, 30, 35), size=64).save(photo)
+    _insert_correction(db, "fixed-1", [str(photo)])
+    labels = correction_labels(db, fmnist_taxonomy)
+    allowed = Settings(allow_local_paths=True)
+    rows = corrections_to_images(labels, fmnist_taxonomy, lambda uri: load_image(uri, allowed), size=28)
+    assert len(rows) == 1 and rows.category.tolist() == [4]
+    refused = Settings(allow_local_paths=False)  # the worker's default: no plain file paths
+    assert len(corrections_to_images(labels, fmnist_taxonomy, lambda uri: load_image(uri, refused), size=28)) == 0
+
+
 @pytest.mark.integration
 def test_train_cli_with_corrections_from_postgres(db, pg_url, fmnist_dir, tiny_model_dir, tmp_path, monkeypatch):
     from enrich.cli import app
@@ -89,10 +112,8 @@ def test_train_cli_with_corrections_from_postgres(db, pg_url, fmnist_dir, tiny_m
     photo = tmp_path / "coat.png"
     _photo((215, 30, 35), size=64).save(photo)
     for lid, images in (("fixed-1", [str(photo)]), ("fixed-2", [str(tmp_path / "missing.png")])):
-        db.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash) VALUES (%s, 's', %s::jsonb, 'h')",
-                   (lid, json.dumps({"images": images})))
-        db.execute("INSERT INTO corrections (event_id, listing_id, tag_group, new_value, corrected_by, corrected_at)"
-                   " VALUES (%s, %s, 'category', 'Coat', 'reviewer', now())", (f"e-{lid}", lid))
+        _insert_correction(db, lid, images)
+    # the command reads its settings from the environment, as a process start does
     monkeypatch.setenv("ENRICH_DATABASE_URL", pg_url)
     monkeypatch.setenv("ENRICH_ALLOW_LOCAL_PATHS", "true")
     get_settings.cache_clear()

@@ -60,7 +60,8 @@ def test_grey_photos_are_the_published_images(fmnist_dir, fmnist_taxonomy):
 
 def test_grey_repeats_raise_the_grey_share_only(fmnist_dir, fmnist_taxonomy):
     from training.losses import MISSING
-    from training.train import TrainConfig, prepare_fmnist_shop
+    from training.config import TrainConfig
+    from training.prepare import prepare_fmnist_shop
 
     def grey_rows(repeats: int):
         cfg = TrainConfig(data_dir=fmnist_dir, train_items=30, val_items=10, test_items=10, photos_per_item=2,

@@ -5,7 +5,7 @@ from PIL import Image
 
 from model.backbones import build_lite0_classifier, create_backbone, list_backbones
 from model.network import build_model
-from training.train import PRESETS
+from training.config import PRESETS
 
 
 def test_registry_lists_backbones_and_rejects_unknown():
@@ -38,7 +38,8 @@ def test_resnet50_freezes_seed_layers(fmnist_taxonomy):
     assert any(n.startswith("backbone.net.layer2.") for n in frozen)
     assert any(n.startswith("backbone.net.conv1.") for n in frozen)
     # every training stage keeps them frozen
-    from training.train import TrainConfig, _set_trainable
+    from training.config import TrainConfig
+    from training.train import _set_trainable
 
     for spec in TrainConfig().stages():
         _set_trainable(model, spec, set(model.frozen_backbone))
@@ -113,7 +114,8 @@ def test_presets_build_their_model_at_their_image_size(name, fmnist_taxonomy):
 def test_joint_warmup_ramps_only_the_joint_stage_lr():
     import math
 
-    from training.train import TrainConfig, _lr_at
+    from training.config import TrainConfig
+    from training.train import _lr_at
 
     cfg = TrainConfig(joint_warmup=0.1, lr_joint=3e-4)
     stages = {s.name: s for s in cfg.stages()}

@@ -7,7 +7,8 @@ import pytest
 from schemas.taxonomy import load_taxonomy
 from model.network import build_model
 from model.checkpoint import save_model
-from model.registry import active_model, compare, correction_labels, get_model, promote, register_candidate
+from model.registry import active_model, compare, get_model, promote, register_candidate
+from training.corrections import correction_labels
 
 pytestmark = pytest.mark.integration
 

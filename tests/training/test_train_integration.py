@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.train import TINY, train
+from training.config import TINY
+from training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +51,8 @@ def test_staged_stages_train_the_right_parts(tmp_path, fmnist_dir):
 
     from schemas.taxonomy import load_taxonomy
     from model.network import build_model
-    from training.train import build_criterion, prepare_data, run_stage, seed_everything
+    from training.prepare import prepare_data
+    from training.train import build_criterion, run_stage, seed_everything
 
     cfg = replace(TINY, data_dir=fmnist_dir, backbone="small_cnn", pretrained=False, image_size=28, joint_trunk_lr=0.0)
     tax = load_taxonomy(cfg.taxonomy)

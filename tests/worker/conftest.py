@@ -55,6 +55,19 @@ def make_settings(tmp_path: Path | None = None, **overrides) -> Settings:
     return Settings(**base)
 
 
+@pytest.fixture()
+def use_celery():
+    """Configure the Celery app with a test's Settings (as a process start would); reset it afterwards."""
+    from core.celery_app import configure
+
+    def use(settings: Settings) -> Settings:
+        configure(settings)
+        return settings
+
+    yield use
+    configure(Settings())
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A real model directory (small CNN, random init, fashion-mnist taxonomy) written by training/."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from typer.testing import CliRunner
 
 from enrich.cli import app
@@ -56,6 +57,7 @@ def test_batch_refuses_local_paths_when_disabled(tmp_path, pg_url, db, model_dir
     assert result.exit_code == 0 and "local paths disabled" in result.output
 
 
+@pytest.mark.integration  # embedded Postgres: a real server process
 def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, monkeypatch):
     """Everything but training (a quickstart model already in the data folder is reused)."""
     from rich.console import Console

@@ -17,12 +17,14 @@ REDIS = "redis://127.0.0.1:6379/0"
 
 
 @pytest.fixture()
-def celery_env(monkeypatch, pg_url, model_dir, kafka_bootstrap):
+def celery_env(use_celery, monkeypatch, pg_url, model_dir, kafka_bootstrap):
+    """A real worker in this process; the environment is set too, because tests here also run CLI commands
+    (`enrich sweep`) in this process, which read their settings from it as a process start does."""
     from celery.contrib.testing.worker import start_worker
 
-    from core.config import get_settings
+    from core.celery_app import app
+    from core.config import Settings
     from worker import runtime
-    from core.celery_app import app, configure
 
     queue = f"gpu-test-{uuid.uuid4().hex[:8]}"
     topic = f"listings-{uuid.uuid4().hex[:8]}"
@@ -33,15 +35,12 @@ def celery_env(monkeypatch, pg_url, model_dir, kafka_bootstrap):
            "ENRICH_DLQ_TOPIC": topic + ".dlq", "ENRICH_BATCH_SIZE": "4"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    get_settings.cache_clear()
+    settings = Settings()
     runtime.reset()
-    configure(get_settings())
+    use_celery(settings)
     with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], shutdown_timeout=30):
-        yield get_settings()
+        yield settings
     runtime.reset()
-    monkeypatch.undo()
-    get_settings.cache_clear()
-    configure(get_settings())
 
 
 def test_kafka_to_rows_through_a_real_celery_worker(celery_env, pg_url, db, tmp_path):
@@ -62,7 +61,7 @@ def test_kafka_to_rows_through_a_real_celery_worker(celery_env, pg_url, db, tmp_
 
     consumer = make_consumer(settings, settings.listings_topic, "e2e", session_timeout_ms=6000,
                              heartbeat_interval_ms=500)
-    intake = Intake(settings, lambda: psycopg.connect(pg_url, autocommit=True), send_enrich,
+    intake = Intake(settings, lambda: psycopg.connect(pg_url, autocommit=True), lambda ids: send_enrich(ids, settings),
                     queue_depth=lambda: queue_depth(settings.gpu_queue), consumer=consumer, poll_timeout_ms=200)
     stats = intake.run(max_events=10, idle_exit_s=5)
     assert stats.consumed == 10 and stats.dlq == 1
@@ -110,7 +109,7 @@ def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_p
             upsert_listings(db, [ListingEvent(listing_id="flaky", seller_id="s", images=[url]),
                                  ListingEvent(listing_id="fine", seller_id="s", images=[str(tmp_path / "ok.png")]),
                                  ListingEvent(listing_id="broken", seller_id="s", images=[str(tmp_path / "bad.png")])])
-        send_enrich(["flaky", "fine", "broken"])
+        send_enrich(["flaky", "fine", "broken"], celery_env)
         status = lambda: dict(db.execute("SELECT listing_id, status FROM listings").fetchall())  # noqa: E731
         wait_until(lambda: status() == {"flaky": "enriched", "fine": "enriched", "broken": "failed"})
         assert _FlakyHandler.served == 1  # two 503s, then one success: retried, not failed
@@ -148,8 +147,11 @@ def test_sweep_enqueues_listings_whose_task_was_lost(celery_env, db, pg_url, tmp
     assert status()["fresh"] == "pending" and stale(1800) == []
 
 
-def test_beat_runs_the_sweep_on_the_cpu_queue():
+def test_beat_runs_the_sweep_on_the_cpu_queue(use_celery):
     from core.celery_app import CPU_QUEUE, SWEEP_TASK, app
+    from core.config import Settings
+
+    use_celery(Settings())
 
     import worker.tasks  # noqa: F401 - registers the tasks
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,10 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 
+from tests.net import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, str]:
@@ -33,7 +29,7 @@ def _get(url: str) -> tuple[int, str]:
 
 def test_consume_serves_metrics_and_stops_on_sigterm(kafka_bootstrap, pg_url, db, tmp_path):
     topic = f"listings-{uuid.uuid4().hex[:8]}"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_KAFKA_BOOTSTRAP": kafka_bootstrap,
            "ENRICH_LISTINGS_TOPIC": topic, "ENRICH_DLQ_TOPIC": topic + ".dlq",
            "ENRICH_CELERY_BROKER_URL": "redis://127.0.0.1:6379/0", "ENRICH_GPU_QUEUE": f"gpu-{uuid.uuid4().hex[:6]}",
@@ -70,24 +66,15 @@ def test_consume_serves_metrics_and_stops_on_sigterm(kafka_bootstrap, pg_url, db
             proc.wait(10)
 
 
-def test_health_command(pg_url, monkeypatch):
+def test_health_command(pg_url, use_celery):
     from typer.testing import CliRunner
 
     from enrich.cli import app
-    from core.config import get_settings
 
-    monkeypatch.setenv("ENRICH_CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
-    get_settings.cache_clear()
-    from core.celery_app import configure
-
-    try:
-        configure(get_settings())
-        ok = CliRunner().invoke(app, ["health", "--database-url", pg_url])
-        assert ok.exit_code == 0 and "database: ok" in ok.output and "broker: ok" in ok.output
-        bad = CliRunner().invoke(app, ["health", "--no-broker", "--database-url",
-                                       "postgresql://postgres@127.0.0.1:1/none"])
-        assert bad.exit_code == 1 and "database: DatabaseUnavailable" in bad.output
-    finally:
-        monkeypatch.undo()
-        get_settings.cache_clear()
-        configure(get_settings())
+    # the command reads its settings from the environment, as a process start does
+    env = {"ENRICH_CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
+    ok = CliRunner().invoke(app, ["health", "--database-url", pg_url], env=env)
+    assert ok.exit_code == 0 and "database: ok" in ok.output and "broker: ok" in ok.output
+    bad = CliRunner().invoke(app, ["health", "--no-broker", "--database-url",
+                                   "postgresql://postgres@127.0.0.1:1/none"], env=env)
+    assert bad.exit_code == 1 and "database: DatabaseUnavailable" in bad.output

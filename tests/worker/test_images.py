@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.net import free_port
 from tests.worker.conftest import jpeg_bytes, make_settings, png_bytes
 from core.images import (ImageLimits, ImageRejected, ImageUnavailable, check_address, decode_image,
                            fetch_bytes, host_allowed, load_image)
@@ -178,9 +179,7 @@ def test_http_errors_split_into_permanent_and_transient(http_dir):
         fetch_bytes(f"{base}/missing.png", make_settings())
     with pytest.raises(ImageUnavailable):
         fetch_bytes(f"{base}/boom", make_settings())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     with pytest.raises(ImageUnavailable):
         fetch_bytes(f"http://127.0.0.1:{dead}/a.png", make_settings())
 

@@ -41,7 +41,7 @@ def _start_worker(env: dict, log: Path) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=log.open("a"))
 
 
-def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_path, monkeypatch):
+def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_path, use_celery):
     from kombu import Connection
 
     try:
@@ -64,14 +64,11 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
             upsert_listings(db, [
                 ListingEvent(listing_id="slow", seller_id="s", images=[f"http://127.0.0.1:{server.server_address[1]}/a.png"]),
                 ListingEvent(listing_id="quick", seller_id="s", images=[str(tmp_path / "local.png")])])
-        for k in ("ENRICH_CELERY_BROKER_URL", "ENRICH_GPU_QUEUE"):
-            monkeypatch.setenv(k, env[k])
-        from core.config import get_settings
-        from core.celery_app import configure, send_enrich
+        from core.celery_app import send_enrich
+        from core.config import Settings
 
-        get_settings.cache_clear()
-        configure(get_settings())
-        send_enrich(["quick", "slow"])
+        settings = use_celery(Settings(celery_broker_url=AMQP, gpu_queue=queue))
+        send_enrich(["quick", "slow"], settings)
         assert _GateHandler.arrived.wait(120), log.read_text()[-3000:]
         os.kill(first.pid, signal.SIGKILL)  # mid-batch: images being fetched, nothing written, nothing acked
         first.wait(10)
@@ -88,9 +85,3 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
                 proc.wait(20)
         server.shutdown()
         server.server_close()
-        from core.config import get_settings
-        from core.celery_app import configure
-
-        monkeypatch.undo()
-        get_settings.cache_clear()
-        configure(get_settings())

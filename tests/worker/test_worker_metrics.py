@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -12,17 +11,13 @@ import uuid
 import pytest
 
 from schemas.events import ListingEvent
+from tests.net import free_port
 from tests.worker.conftest import png_bytes, wait_until
 from tests.worker.test_worker_crash import AMQP, ROOT
 from worker.store import upsert_listings
 
 pytestmark = pytest.mark.integration
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _scrape(port: int) -> str | None:
@@ -38,9 +33,9 @@ def _enriched(text: str | None) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path, monkeypatch):
+def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path, use_celery):
     queue = f"gpu-metrics-{uuid.uuid4().hex[:6]}"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir),
            "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true",
            "ENRICH_DEVICE": "cpu", "ENRICH_TORCH_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -57,15 +52,12 @@ def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path
         with db.transaction():
             upsert_listings(db, [ListingEvent(listing_id=i, seller_id="s", images=[str(tmp_path / "a.png")])
                                  for i in ids])
-        for k in ("ENRICH_CELERY_BROKER_URL", "ENRICH_GPU_QUEUE"):
-            monkeypatch.setenv(k, env[k])
-        from core.config import get_settings
-        from core.celery_app import configure, send_enrich
+        from core.celery_app import send_enrich
+        from core.config import Settings
 
-        get_settings.cache_clear()
-        configure(get_settings())
+        settings = use_celery(Settings(celery_broker_url=AMQP, gpu_queue=queue))
         for i in ids:  # one task each: both children get work
-            send_enrich([i])
+            send_enrich([i], settings)
         wait_until(lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 3)
         # the parent process enriched nothing itself: these counts come from the children's files
         wait_until(lambda: _enriched(_scrape(port)) == 3.0)
@@ -73,9 +65,3 @@ def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path
         if proc.poll() is None:
             proc.terminate()
             proc.wait(30)
-        from core.config import get_settings
-        from core.celery_app import configure
-
-        monkeypatch.undo()
-        get_settings.cache_clear()
-        configure(get_settings())

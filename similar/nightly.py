@@ -1,0 +1,317 @@
+"""Nightly whole-catalogue recompute of similar items (`enrich reindex`, Celery "enrich.reindex").
+
+One path opens every new version (`_read_build_snapshot`): take the model version's advisory lock
+(a concurrent run gets ReindexBusy), mark a version still 'building' from an earlier run failed, read
+all live embeddings of the model version (binary COPY → numpy), build a faiss index chosen by
+catalogue size, open a new 'building' version, save the index as a snapshot (similar/index.py) and
+publish it (similar/snapshots.py, with ENRICH_INDEX_URI).
+
+In one process (`recompute`), with the lock still held: search every listing's top-(K+1) in
+batches, drop itself, encode rows in numpy and binary-COPY them into the new version → switch
+`similar_items_active` in one transaction → prune old versions and snapshots.
+Sharded (`prepare_shards` → `compute_shard` × N → `finish_shards`): `prepare_shards` opens the
+version and plans listing-id ranges, then releases the lock; each `compute_shard` (one per Celery
+worker) searches one range against the snapshot; `finish_shards` checks every listing was written
+and switches. Shards need the snapshot (ENRICH_INDEX_URI, or a directory all workers see) and a
+Celery result backend (the chord).
+
+Readers see the old version until the switch and the new one, whole, after it. A crash anywhere
+before the switch leaves the active version untouched; the next run marks the leftover 'building'
+version failed and deletes its rows (so starting any run abandons a version still building for
+that model, sharded or not).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import psycopg
+
+from core.config import Settings
+from similar import index as ix
+from similar import store as sdb
+from similar.common import ADVISORY_NAMESPACE, decode_ids, resolve_model_version, snapshot_root
+from similar.snapshots import store_from_settings
+
+log = logging.getLogger(__name__)
+
+
+class ReindexBusy(RuntimeError):
+    """Another recompute of the same model version holds the lock."""
+
+
+@dataclass
+class RecomputeResult:
+    model_version: str
+    version: int | None
+    count: int
+    k: int
+    factory: str
+    replaced: int | None = None
+    pruned: list[int] = field(default_factory=list)
+    snapshot: str | None = None
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        t = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings_s.items())
+        return (f"model {self.model_version}: version {self.version} active with top-{self.k} for "
+                f"{self.count} listings ({self.factory}); replaced {self.replaced}; pruned {self.pruned or 'none'}; {t}")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def _lock_key(conn: psycopg.Connection, model_version: str) -> int:
+    return conn.execute("SELECT hashtextextended(%s, 0)", (f"{ADVISORY_NAMESPACE}:{model_version}",)).fetchone()[0]
+
+
+@contextmanager
+def _reindex_lock(conn: psycopg.Connection, model_version: str) -> Iterator[None]:
+    """One run per model version at a time: a second would abandon the first one's building version."""
+    key = _lock_key(conn, model_version)
+    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        raise ReindexBusy(f"a recompute of model {model_version!r} is already running")
+    try:
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", unit_scale=True, disable=not enabled, leave=False)
+
+
+def _prune_snapshots(settings: Settings, root: Path | str | None, model_version: str, keep: int) -> None:
+    ix.prune_snapshots(snapshot_root(settings, root), model_version, keep)
+    store = store_from_settings(settings)
+    if store is not None:
+        store.prune(model_version, keep)
+
+
+def _mark_failed(conn: psycopg.Connection, version: int, exc: BaseException) -> None:
+    if conn.closed or conn.broken:
+        return  # the next run marks it failed
+    try:
+        sdb.mark_failed(conn, [version], f"{type(exc).__name__}: {exc}")
+    except psycopg.Error:
+        log.exception("could not mark version %s failed; the next run will", version)
+
+
+def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray, batches, kk: int,
+                   query_pos: np.ndarray, self_pos: np.ndarray, bar=None,
+                   after_chunk: Callable[[int], None] | None = None) -> int:
+    """Encode search results in numpy and COPY them into `version` (in the caller's transaction).
+
+    `batches` yields (query rows, scores, positions) with `kk` columns (k + 1, or fewer for tiny
+    catalogues); the query itself is dropped. `snap_ids` holds the index's ids followed by any query
+    ids not in the index; `query_pos[row]` is a query's position in it and `self_pos[row]` its
+    position in the index (-2 when absent).
+    """
+    id_buf, id_off, id_len = sdb.encode_id_fields(snap_ids)
+    written = 0
+
+    def chunks():
+        nonlocal written
+        for rows, scores, pos in batches:
+            pos, scores = sdb.drop_self(pos, scores, self_pos[rows], kk - 1)
+            pos, scores = sdb.pack_left(pos, scores)
+            qpos = query_pos[rows]
+            for sl in sdb.iter_id_chunks(len(pos), sdb.ENCODE_CHUNK):
+                yield sdb.encode_rows(version, qpos[sl], pos[sl], scores[sl], id_buf, id_off, id_len)
+            written += len(pos)
+            if bar is not None:
+                bar.update(len(pos))
+            if after_chunk is not None:
+                after_chunk(written)
+
+    sdb.copy_neighbours(conn, sdb.sql.Identifier("similar_items"), chunks())
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared start of every run: read → build → snapshot
+
+@dataclass
+class _Built:
+    model_version: str
+    k: int
+    version: int
+    emb: sdb.Embeddings
+    spec: ix.IndexSpec
+    index: object
+    assignment: tuple[np.ndarray, np.ndarray] | None
+    snapshot: Path
+    timings_s: dict[str, float]
+
+
+@contextmanager
+def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_version: str | None, *,
+                         k: int | None, factory: str | None, nprobe: int | None, root: Path | str | None,
+                         keep_assignment: bool = False, progress: bool = False) -> Iterator[_Built]:
+    """Open a new 'building' version with its snapshot saved and published; see the module docstring.
+
+    The model version's lock is held until the `with` block ends. An error inside the block (or
+    while saving the snapshot) marks the version failed; the active version stays as it was.
+    """
+    model_version = resolve_model_version(conn, model_version)
+    k = settings.similar_k if k is None else k
+    with _reindex_lock(conn, model_version):
+        sdb.mark_failed(conn, sdb.stale_building(conn, model_version),
+                        "abandoned: a later run found it still building (crash or kill)")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        expected, _ = sdb.count_embeddings(conn, model_version)
+        with _bar(expected, "read", progress) as bar:
+            emb = sdb.read_embeddings(conn, model_version, expected=expected, progress=bar.update)
+        timings["read"] = time.perf_counter() - t0
+        n = len(emb)
+        log.info("read %d embeddings of %s in %.1fs", n, model_version, timings["read"])
+        if n == 0:
+            raise LookupError(f"no live embeddings for model {model_version!r}")
+        spec = ix.choose_spec(n, factory=factory, nprobe=nprobe)
+
+        t0 = time.perf_counter()
+        index, assignment = ix.build_index(emb.vectors, spec, keep_assignment=keep_assignment)
+        timings["build"] = time.perf_counter() - t0
+
+        version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": n}, emb.read_at)
+        try:
+            t0 = time.perf_counter()
+            manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=emb.vectors.shape[1],
+                                           spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
+                                           read_at=emb.read_at, similar_version=version)
+            path = ix.save_snapshot(snapshot_root(settings, root), index, emb.ids, manifest)
+            timings["snapshot"] = time.perf_counter() - t0
+            store = store_from_settings(settings)
+            if store is not None:  # workers (and shards) on other machines download it by name
+                t0 = time.perf_counter()
+                store.publish(path, model_version)
+                timings["publish"] = time.perf_counter() - t0
+            sdb.update_version_params(conn, version, {"snapshot": str(path)})
+            built = _Built(model_version, k, version, emb, spec, index, assignment, path, timings)
+            del emb, index, assignment  # the caller may drop the index (and its memory) early
+            yield built
+        except BaseException as exc:
+            _mark_failed(conn, version, exc)
+            raise
+
+
+# ---------------------------------------------------------------------------------------------
+# one process
+
+def recompute(conn: psycopg.Connection, model_version: str | None = None, *, settings: Settings,
+              k: int | None = None, factory: str | None = None, nprobe: int | None = None,
+              root: Path | str | None = None, keep_versions: int = 1, keep_snapshots: int = 2,
+              progress: bool = False, after_chunk: Callable[[int], None] | None = None) -> RecomputeResult:
+    """Whole-catalogue top-k in one process; see the module docstring. `conn` must be autocommit."""
+    with _read_build_snapshot(conn, settings, model_version, k=k, factory=factory, nprobe=nprobe, root=root,
+                              keep_assignment=True, progress=progress) as built:
+        model_version, version, n, timings = built.model_version, built.version, len(built.emb), built.timings_s
+        t0 = time.perf_counter()
+        rows = np.arange(n, dtype=np.int64)
+        kk = min(built.k + 1, n)
+        batches = ix.search_all(built.index, built.emb.vectors, kk, built.assignment)
+        with _bar(n, "search+write", progress) as bar, conn.transaction():
+            written = _write_version(conn, version, built.emb.ids, batches, kk, rows, rows, bar, after_chunk)
+        timings["search_write"] = time.perf_counter() - t0
+        built.index = built.assignment = None  # free them before the switch and prune
+
+        t0 = time.perf_counter()
+        replaced = sdb.switch_active(conn, version)
+        timings["switch"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pruned = sdb.prune_versions(conn, model_version, keep_versions)
+        _prune_snapshots(settings, root, model_version, keep_snapshots)
+        timings["prune"] = time.perf_counter() - t0
+        log.info("similar items: version %d of %s active (%d rows)", version, model_version, written)
+        return RecomputeResult(model_version, version, n, built.k, built.spec.factory, replaced, pruned,
+                               str(built.snapshot), timings)
+
+
+# ---------------------------------------------------------------------------------------------
+# sharded (several Celery workers)
+
+def shard_bounds(ids: np.ndarray, shards: int) -> list[tuple[str | None, str | None]]:
+    """Split sorted ids into `shards` contiguous ranges [lo, hi) of about equal size (None = open end)."""
+    n = len(ids)
+    shards = max(1, min(shards, n or 1))
+    cuts = [decode_ids(ids[[n * i // shards]])[0] for i in range(1, shards)]
+    edges: list[str | None] = [None, *cuts, None]
+    return [(edges[i], edges[i + 1]) for i in range(shards)]
+
+
+def prepare_shards(conn: psycopg.Connection, model_version: str | None, shards: int, *, settings: Settings,
+                   k: int | None = None, factory: str | None = None, nprobe: int | None = None,
+                   root: Path | str | None = None) -> tuple[int, list[tuple[str | None, str | None]]]:
+    """Open a 'building' version (read + build + snapshot once) and plan its listing-id ranges."""
+    with _read_build_snapshot(conn, settings, model_version, k=k, factory=factory, nprobe=nprobe,
+                              root=root) as built:
+        bounds = shard_bounds(built.emb.ids, shards)
+        sdb.update_version_params(conn, built.version, {"shards": bounds})
+        return built.version, bounds
+
+
+def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: str | None,
+                  root: Path | str | None = None, *, settings: Settings) -> int:
+    """Top-k for listings in [lo, hi) against the version's snapshot; re-running replaces the range."""
+    row = conn.execute("SELECT model_version, k, status, params FROM similar_items_versions WHERE version = %s",
+                       (version,)).fetchone()
+    if row is None or row[2] != "building":
+        raise RuntimeError(f"similar-items version {version} is not building")
+    model_version, k, _, params = row
+    path = Path(params["snapshot"])
+    if not (path / "manifest.json").exists():  # written on another machine: fetch it if it was published
+        store = store_from_settings(settings)
+        if store is not None:
+            path = store.fetch(snapshot_root(settings, root), model_version, path.name)
+    snap = ix.load_snapshot(path, model_version)
+    emb = sdb.read_embeddings(conn, model_version, lo, hi)
+    # listings embedded after the snapshot get neighbours too; they are appended to the id table
+    pos = np.searchsorted(snap.ids, emb.ids)
+    pos_c = np.minimum(pos, len(snap.ids) - 1)
+    found = snap.ids[pos_c] == emb.ids
+    self_pos = np.where(found, pos_c, -2)
+    extra = emb.ids[~found]
+    all_ids = np.concatenate([snap.ids, extra]) if len(extra) else snap.ids
+    query_pos = self_pos.copy()
+    query_pos[~found] = len(snap.ids) + np.arange(len(extra))
+    with conn.transaction():
+        clauses, args = ["version = %s"], [version]
+        if lo is not None:
+            clauses.append('listing_id COLLATE "C" >= %s')
+            args.append(lo)
+        if hi is not None:
+            clauses.append('listing_id COLLATE "C" < %s')
+            args.append(hi)
+        conn.execute("DELETE FROM similar_items WHERE " + " AND ".join(clauses), args)
+        kk = min(k + 1, snap.index.ntotal)
+        batches = ix.search_all(snap.index, emb.vectors, kk)
+        written = _write_version(conn, version, all_ids, batches, kk, query_pos, self_pos)
+    log.info("shard [%s, %s) of version %d: %d listings", lo, hi, version, written)
+    return written
+
+
+def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1,
+                  root: Path | str | None = None, keep_snapshots: int = 2, *, settings: Settings) -> RecomputeResult:
+    """Switch to a sharded version once every shard wrote its rows."""
+    row = conn.execute("SELECT model_version, k, params FROM similar_items_versions WHERE version = %s",
+                       (version,)).fetchone()
+    model_version, k, params = row
+    written = sdb.version_row_count(conn, version)
+    if written < params["count"]:
+        sdb.mark_failed(conn, [version], f"only {written} of {params['count']} listings written")
+        raise RuntimeError(f"version {version}: only {written} of {params['count']} listings written")
+    replaced = sdb.switch_active(conn, version)
+    pruned = sdb.prune_versions(conn, model_version, keep_versions)
+    _prune_snapshots(settings, root, model_version, keep_snapshots)
+    return RecomputeResult(model_version, version, written, k, params["spec"]["factory"], replaced, pruned,
+                           params.get("snapshot"))

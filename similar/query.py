@@ -1,0 +1,97 @@
+"""Reading shelves and live similar-items queries.
+
+Where shelves read from
+-----------------------
+The view `similar_items_current (model_version, listing_id, neighbour_ids, scores, source)`
+(migrations/0002) is the one place a "similar items" shelf reads. It shows, per listing:
+  * the online row (table `similar_items_online`) when it was computed after the active nightly
+    version read its embeddings, or when the listing is not in that version (new since);
+  * otherwise the row of the active nightly version (`similar_items_active` → `similar_items`).
+`read_neighbours()` reads it and also drops neighbours deleted/sold since they were computed.
+
+Attribute-aware ("similar, but by <group>")
+-------------------------------------------
+Seed 001 (modified CSN): a per-group mask m over the embedding; conditioned similarity is the inner
+product of L2-normalise(e ⊙ m). `similar_to(..., mask=...)` takes the mask as an array (the model's
+`Predictor.condition_masks()[group]`), so this module never loads the model.
+"""
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+
+from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP
+from similar import index as ix
+from similar import store as sdb
+from similar.common import Neighbour, resolve_model_version
+
+
+def condition(vectors: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Seed 001's conditioned embedding: L2-normalise(e ⊙ m). No mask → the vectors unchanged."""
+    if mask is None:
+        return vectors
+    mask = np.asarray(mask, dtype=np.float32).reshape(-1)
+    if vectors.shape[-1] != mask.shape[0]:
+        raise ValueError(f"mask has {mask.shape[0]} dimensions, embeddings {vectors.shape[-1]}")
+    out = vectors * mask
+    norms = np.linalg.norm(out, axis=-1, keepdims=True)
+    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def read_neighbours(conn: psycopg.Connection, listing_id: str, model_version: str | None = None,
+                    k: int | None = None) -> tuple[list[Neighbour], str | None]:
+    """What the shelf shows: stored neighbours (online or nightly) minus listings deleted since."""
+    model_version = resolve_model_version(conn, model_version)
+    rows = conn.execute(
+        "SELECT c.source, n.id, n.score FROM similar_items_current c"
+        " CROSS JOIN LATERAL unnest(c.neighbour_ids, c.scores) WITH ORDINALITY AS n(id, score, ord)"
+        " JOIN listings l ON l.listing_id = n.id AND l.status <> 'deleted'"
+        " WHERE c.model_version = %s AND c.listing_id = %s ORDER BY n.ord LIMIT %s",
+        (model_version, listing_id, k or 1000),
+    ).fetchall()
+    source = rows[0][0] if rows else None
+    return [Neighbour(r[1], float(r[2])) for r in rows], source
+
+
+def listing_tag(conn: psycopg.Connection, listing_id: str, group: str) -> str | None:
+    row = conn.execute("SELECT value FROM listing_tags WHERE listing_id = %s AND tag_group = %s",
+                       (listing_id, group)).fetchone()
+    return row[0] if row else None
+
+
+def similar_to(conn: psycopg.Connection, listing_id: str, model_version: str | None = None, k: int = 20, *,
+               mask: np.ndarray | None = None, same_category: bool = False,
+               same_type: bool = False) -> list[Neighbour]:
+    """Exact top-k of one listing over live listings of its model version, computed now.
+
+    `mask`: seed 001 condition mask of an attribute group ("similar, but by colour") — both sides
+    are conditioned as L2-normalise(e ⊙ mask). `same_category` / `same_type` keep only listings
+    whose 'category' / 'type' tag equals the query listing's.
+    """
+    model_version = resolve_model_version(conn, model_version)
+    query = sdb.read_embeddings(conn, model_version, only_ids=[listing_id])
+    if len(query) == 0:
+        raise LookupError(f"listing {listing_id!r} has no live embedding of model {model_version!r}")
+    tag_filter = None
+    for wanted, group in ((same_category, CATEGORY_GROUP), (same_type, TYPE_GROUP)):
+        if wanted:
+            value = listing_tag(conn, listing_id, group)
+            if value is None:
+                raise LookupError(f"listing {listing_id!r} has no {group!r} tag to filter on")
+            if tag_filter is not None:
+                raise ValueError("filter by one of category or type at a time")
+            tag_filter = (group, value)
+    cands = sdb.read_embeddings(conn, model_version, tag_filter=tag_filter)
+    if len(cands) == 0:
+        return []
+    q = condition(query.vectors, mask)
+    c = condition(cands.vectors, mask)
+    scores, pos = ix.exact_topk(q, c, k + 1)
+    out = []
+    for s, p in zip(scores[0], pos[0]):
+        if p < 0:
+            continue
+        cid = cands.ids[p].decode()
+        if cid != listing_id:
+            out.append(Neighbour(cid, float(s)))
+    return out[:k]

@@ -1,0 +1,84 @@
+"""Dataset preparation for a training run: the train/validation/test splits of FMNIST-shop or DeepFashion,
+the fixed evaluation set every model is measured on, and extra training rows (grey photos, corrections)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from schemas.taxonomy import Taxonomy
+from training.config import TrainConfig
+from training.data import LabelledImages, PreparedData, Split, from_shop
+from training.deepfashion import prepare_deepfashion
+from training.fmnist import load_fashion_mnist
+from training.fmnist_shop import COLOUR_GROUP, build_shop, grey_photos
+
+log = logging.getLogger(__name__)
+
+
+def fmnist_shop_test(cfg: TrainConfig, taxonomy: Taxonomy) -> tuple[Split, np.ndarray, LabelledImages]:
+    """The fixed evaluation set: Fashion-MNIST test items as shop photos (depends only on seed, test_items
+    and test_photos_per_item, so every model is measured on the same photos). Also returns the rows
+    that are the plain rendering of each test image, and the same test images as published (grey)."""
+    xt, yt = load_fashion_mnist(cfg.data_dir, "test")
+    idx = (np.arange(len(xt)) if cfg.test_items is None
+           else np.random.default_rng(cfg.seed + 2).permutation(len(xt))[:cfg.test_items])
+    test = build_shop(xt[idx], yt[idx], taxonomy, photos_per_item=cfg.test_photos_per_item, seed=cfg.seed + 2)
+    grey = from_shop(grey_photos(xt[idx], yt[idx]), taxonomy)
+    return Split(from_shop(test, taxonomy), test.is_query), test.is_query.copy(), grey
+
+
+def prepare_fmnist_shop(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
+    """Train/val items from Fashion-MNIST train (disjoint), test items from Fashion-MNIST test."""
+    if COLOUR_GROUP not in taxonomy.group_names:
+        raise ValueError(f"fmnist-shop needs a {COLOUR_GROUP!r} attribute group in taxonomy {taxonomy.name!r}")
+    x, y = load_fashion_mnist(cfg.data_dir, "train")
+    order = np.random.default_rng(cfg.seed).permutation(len(x))
+    val_idx = order[:cfg.val_items]
+    train_idx = order[cfg.val_items:]
+    if cfg.train_items is not None:
+        train_idx = train_idx[:cfg.train_items]
+    t0 = time.perf_counter()
+    train = from_shop(build_shop(x[train_idx], y[train_idx], taxonomy, photos_per_item=cfg.photos_per_item,
+                                 seed=cfg.seed), taxonomy)
+    if cfg.grey_photos:
+        train = add_training_rows(train, from_shop(grey_photos(x[train_idx], y[train_idx]), taxonomy),
+                                  cfg.grey_repeats)
+    val = build_shop(x[val_idx], y[val_idx], taxonomy, photos_per_item=2, seed=cfg.seed + 1)
+    test, plain, grey = fmnist_shop_test(cfg, taxonomy)
+    log.info("FMNIST-shop built in %.1fs: %d train photos (%d items%s), %d val, %d test",
+             time.perf_counter() - t0, len(train), len(train_idx),
+             f", +1 grey photo each ×{cfg.grey_repeats}" if cfg.grey_photos else "",
+             len(val), len(test.data))
+    return PreparedData(taxonomy, train, Split(from_shop(val, taxonomy), val.is_query), test, plain_test=plain,
+                        grey_test=grey)
+
+
+def prepare_data(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
+    if cfg.dataset == "fmnist-shop":
+        return prepare_fmnist_shop(cfg, taxonomy)
+    if cfg.dataset == "deepfashion":
+        return prepare_deepfashion(cfg, taxonomy)
+    raise RuntimeError(f"Invalid dataset {cfg.dataset!r}. Only 'fmnist-shop' and 'deepfashion' are supported.")
+
+
+def add_training_rows(train: LabelledImages, extra: LabelledImages, repeats: int) -> LabelledImages:
+    """``extra`` appended ``repeats`` times. In-memory sets: its photos resized to the training photos'
+    size. Sets of image files (DeepFashion): its photos join as in-memory photos among the file
+    references, which the dataset's loader passes through (``training.deepfashion.load_cropped``)."""
+    rows = np.tile(np.arange(len(extra)), max(1, repeats))
+    if train.images.dtype != np.uint8:
+        refs = np.empty(len(extra), dtype=object)
+        for i, photo in enumerate(extra.images):  # one (H, W, 3) array per row, not a 4-d object array
+            refs[i] = photo
+        return train.concat(replace(extra, images=refs).subset(rows))
+    size = train.images.shape[1:3]
+    images = extra.images
+    if len(images) and images.shape[1:3] != size:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", antialias=True, align_corners=False)
+        images = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return train.concat(replace(extra, images=images).subset(rows))
