@@ -7,14 +7,19 @@ RUN apt-get update && apt-get install -y --no-install-recommends libjpeg62-turbo
 WORKDIR /app
 # Dependencies first so code edits don't re-download torch.
 COPY pyproject.toml README.md ./
-RUN pip install "torch>=2.4" "torchvision>=0.19" && mkdir -p enrich schemas training worker migrations \
-    && touch enrich/__init__.py schemas/__init__.py training/__init__.py worker/__init__.py migrations/__init__.py \
+ARG PACKAGES="schemas migrations core model training worker similar enrich"
+RUN pip install "torch>=2.4" "torchvision>=0.19" \
+    && for p in $PACKAGES; do mkdir -p "$p" && touch "$p/__init__.py"; done \
     && pip install . && pip uninstall -y catalogue-enrich
-COPY enrich enrich
+# the layers, bottom to top
 COPY schemas schemas
+COPY migrations migrations
+COPY core core
+COPY model model
 COPY training training
 COPY worker worker
-COPY migrations migrations
+COPY similar similar
+COPY enrich enrich
 RUN pip install --no-deps . && useradd --create-home --uid 10001 enrich
 USER enrich
 ENV ENRICH_DATA_DIR=/home/enrich/data

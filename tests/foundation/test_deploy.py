@@ -34,3 +34,16 @@ def test_deploy_command_is_accepted_by_the_cli(args):
     # click rejects unknown commands and options while parsing, before --help is honoured
     result = CliRunner().invoke(app, [*args, "--help"] if "--help" not in args else args)
     assert result.exit_code == 0, result.output
+
+
+def test_image_carries_every_package():
+    """The Dockerfile copies and pre-installs each top-level package the code is made of."""
+    import tomllib
+
+    root = DEPLOY.parent
+    packages = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["importlinter"]["root_packages"]
+    dockerfile = (root / "Dockerfile").read_text()
+    prebuilt = dockerfile.split('ARG PACKAGES="', 1)[1].split('"', 1)[0].split()
+    assert sorted(prebuilt) == sorted(packages)
+    for package in packages:
+        assert f"COPY {package} {package}" in dockerfile, package
