@@ -49,6 +49,9 @@ def configure(settings: Settings) -> Celery:
     app.conf.enrich_settings = settings
     # connections made under an earlier broker URL must not be reused (tests, CLI overrides)
     app._pool = None  # noqa: SLF001 - Celery has no public "drop the pool" call
+    # nor a result backend made under an earlier one (cached on the app, or per thread)
+    app._backend_cache = None  # noqa: SLF001
+    app._local.__dict__.pop("backend", None)  # noqa: SLF001
     if "amqp" in app.__dict__:
         app.amqp._producer_pool = None  # noqa: SLF001
     return app

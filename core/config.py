@@ -5,7 +5,6 @@ sits between `<!-- settings-table:start -->` and `<!-- settings-table:end -->` a
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -125,9 +124,14 @@ class Settings(BaseSettings):
         return self.data_dir / "models"
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()
+def get_settings(**overrides) -> Settings:
+    """Read the environment now, then apply a command's options (None = not given).
+
+    Only the edges call this (a CLI command, a process start); library code receives the Settings it
+    needs, so a test builds one instead of patching a global.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return Settings().model_copy(update=given) if given else Settings()
 
 
 def _default_text(field) -> str:

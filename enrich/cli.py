@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from core.db import DatabaseUnavailable
+from core.config import get_settings
 from core.options import DatabaseUrl
 
 _FMNIST_DEFAULT = Path(os.environ.get("ENRICH_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -37,12 +38,6 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _settings(**overrides):
-    from core.config import get_settings
-
-    return get_settings().model_copy(update={k: v for k, v in overrides.items() if v is not None})
-
-
 @app.command()
 def quickstart(
     data_dir: Path = typer.Option(None, "--data-dir", help="Where catalogue, model, index and embedded Postgres go "
@@ -56,7 +51,7 @@ def quickstart(
     """Build a demo catalogue, train the quick model, fill missing tags, show accuracy and similar items."""
     from enrich.quickstart import run_quickstart
 
-    settings = _settings(data_dir=data_dir)
+    settings = get_settings(data_dir=data_dir)
     if not any(Path(fmnist_dir).glob("*idx*")):
         typer.echo(f"Fashion-MNIST not found in {fmnist_dir}: `apt-get install dataset-fashion-mnist` "
                    f"or pass --fmnist-dir", err=True)
@@ -70,7 +65,7 @@ def migrate(database_url: DatabaseUrl = None) -> None:
     from core.db import connect, database_url as resolve
     from migrations import apply_all
 
-    conn = connect(database_url or resolve(_settings()))
+    conn = connect(database_url or resolve(get_settings()))
     try:
         names = apply_all(conn)
     finally:

@@ -10,16 +10,10 @@ from pathlib import Path
 
 import typer
 
+from core.config import get_settings
 from core.options import DatabaseUrl
 
 log = logging.getLogger(__name__)
-
-
-def _settings(**overrides):
-    from core.config import get_settings
-
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    return get_settings().model_copy(update=clean)
 
 
 def _json_logs(enabled: bool) -> None:
@@ -54,7 +48,7 @@ def batch(
     from worker.pipeline import Enricher
 
     console = Console()
-    settings = _settings(allow_local_paths=local_paths, batch_size=batch_size, device=device)
+    settings = get_settings(allow_local_paths=local_paths, batch_size=batch_size, device=device)
     try:
         events, invalid = read_listings(source)
     except FileNotFoundError as exc:
@@ -89,7 +83,7 @@ def consume(
     from worker.intake import Intake
 
     _json_logs(json_logs)
-    settings = _settings(metrics_port=metrics_port)
+    settings = get_settings(metrics_port=metrics_port)
     configure(settings)
     url = database_url(settings)
     connect(url).close()  # one clear error line if Postgres is down
@@ -111,7 +105,7 @@ def corrections(
     from worker.intake import CorrectionsIntake
 
     _json_logs(json_logs)
-    settings = _settings()
+    settings = get_settings()
     url = database_url(settings)
     connect(url).close()
     intake = CorrectionsIntake(settings, lambda: connect(url, autocommit=True))
@@ -132,7 +126,7 @@ def worker(
                               "process; run it in exactly one process (default: off)."),
 ) -> None:
     """Celery worker for enrichment batches (acks late, prefetch 1, model loaded once per process)."""
-    settings = _settings(metrics_port=metrics_port)
+    settings = get_settings(metrics_port=metrics_port)
     pool = "solo" if concurrency == 1 else "prefork"
     if pool == "prefork" and settings.metrics_port:
         # the children count: prometheus_client's multiprocess mode, which it picks when first imported
@@ -194,7 +188,7 @@ def sweep(
     from core.celery_app import configure
     from worker.tasks import sweep_pending
 
-    settings = _settings()
+    settings = get_settings()
     configure(settings)
     with connect(database_url or resolve(settings), autocommit=True) as conn:
         n = sweep_pending(conn, settings, older_than)
@@ -210,7 +204,7 @@ def health(
     from core.celery_app import configure
     from core.metrics import run_checks
 
-    settings = _settings()
+    settings = get_settings()
     configure(settings)
     ok, results = run_checks(_health_checks(settings, database_url or resolve(settings), broker=broker, model=False))
     for name, result in results.items():

@@ -17,15 +17,13 @@ IDS = [f"cli-{i:02d}" for i in range(40)]
 
 @pytest.fixture()
 def env(monkeypatch, pg_url, root):
+    """The commands and tasks here read their settings from the environment, as a process start does."""
     from core.config import get_settings
 
     monkeypatch.setenv("ENRICH_DATABASE_URL", pg_url)
     monkeypatch.setenv("ENRICH_INDEX_DIR", str(root))
     monkeypatch.setenv("COLUMNS", "200")  # rich would wrap the lines we look for
-    get_settings.cache_clear()
-    yield get_settings()
-    monkeypatch.undo()
-    get_settings.cache_clear()
+    return get_settings()
 
 
 def test_reindex_then_similar_with_contact_sheet(db, env, tmp_path):
@@ -75,23 +73,21 @@ def test_reindex_without_embeddings_says_so(db, env):
 def test_nightly_task_shards_over_a_real_worker(db, env, monkeypatch):
     from celery.contrib.testing.worker import start_worker
 
-    from core.config import get_settings
     from core.celery_app import app, configure
+    from core.config import Settings, get_settings
 
     vecs = clustered(len(IDS), seed=31)
     add_listings(db, IDS, vecs)
     queue = f"cpu-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("ENRICH_CELERY_BROKER_URL", REDIS)
     monkeypatch.setenv("ENRICH_CELERY_RESULT_BACKEND", REDIS)  # a chord needs a result backend
-    get_settings.cache_clear()
     configure(get_settings())
     app.conf.task_default_queue = queue  # shards go where this test's worker listens
     try:
         _run_sharded(app, start_worker, queue, db)
     finally:
         monkeypatch.undo()
-        get_settings.cache_clear()
-        configure(get_settings())
+        configure(Settings())
     version = sdb.active_version(db, "m1")
     params = db.execute("SELECT params FROM similar_items_versions WHERE version = %s", (version,)).fetchone()[0]
     assert len(params["shards"]) == 3

@@ -107,7 +107,6 @@ def test_corrected_photos_load_under_the_settings_passed_in(db, fmnist_taxonomy,
 @pytest.mark.integration
 def test_train_cli_with_corrections_from_postgres(db, pg_url, fmnist_dir, tiny_model_dir, tmp_path, monkeypatch):
     from enrich.cli import app
-    from core.config import get_settings
 
     photo = tmp_path / "coat.png"
     _photo((215, 30, 35), size=64).save(photo)
@@ -116,13 +115,9 @@ def test_train_cli_with_corrections_from_postgres(db, pg_url, fmnist_dir, tiny_m
     # the command reads its settings from the environment, as a process start does
     monkeypatch.setenv("ENRICH_DATABASE_URL", pg_url)
     monkeypatch.setenv("ENRICH_ALLOW_LOCAL_PATHS", "true")
-    get_settings.cache_clear()
-    try:
-        res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--with-corrections", "--device", "cpu",
-                                       "--data-dir", str(fmnist_dir), "--out-dir", str(tmp_path / "models"),
-                                       "--model-version", "with-corrections"])
-    finally:
-        get_settings.cache_clear()
+    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--with-corrections", "--device", "cpu",
+                                   "--data-dir", str(fmnist_dir), "--out-dir", str(tmp_path / "models"),
+                                   "--model-version", "with-corrections"])
     assert res.exit_code == 0, res.output
     assert "2 corrected label(s)" in res.output
     model_dir = tmp_path / "models" / "with-corrections"
