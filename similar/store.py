@@ -354,11 +354,16 @@ def update_version_params(conn: psycopg.Connection, version: int, params: dict) 
 
 
 def mark_failed(conn: psycopg.Connection, versions: list[int], reason: str) -> None:
-    """A version that will never be switched to: mark it failed and drop its rows."""
+    """A version that will never be switched to: mark it failed and drop its rows.
+
+    Only versions still 'building' are touched: an error after the switch (say, while pruning) must not
+    empty the shelves that now serve.
+    """
     if not versions:
         return
     with conn.transaction():
-        conn.execute("DELETE FROM similar_items WHERE version = ANY(%s)", (versions,))
+        conn.execute("DELETE FROM similar_items WHERE version IN (SELECT version FROM similar_items_versions"
+                     " WHERE version = ANY(%s) AND status = 'building')", (versions,))
         conn.execute(
             "UPDATE similar_items_versions SET status = 'failed', finished_at = now(),"
             " params = params || jsonb_build_object('error', %s::text)"

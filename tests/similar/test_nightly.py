@@ -180,6 +180,16 @@ def test_crash_mid_recompute_keeps_the_old_version_active(db, pg_url, root, sett
     assert _stored(db)["item-000"] != old["item-000"]
 
 
+def test_a_late_failure_never_empties_the_version_that_serves(db, root, settings):
+    vecs = clustered(len(IDS), seed=12)
+    add_listings(db, IDS, vecs)
+    served = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    before = _stored(db)
+    sdb.mark_failed(db, [served.version], "error while pruning")  # what a failure after the switch calls
+    assert sdb.active_version(db, "m1") == served.version
+    assert _stored(db) == before
+
+
 def test_one_run_per_model_version_at_a_time(db, pg_url, root, settings):
     import psycopg
 
