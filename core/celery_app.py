@@ -57,7 +57,6 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
-
 def task_settings() -> Settings:
     """The Settings this worker process was started with (`configure`); read by task bodies.
 
