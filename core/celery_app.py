@@ -11,9 +11,13 @@ from core.config import Settings
 
 ENRICH_TASK = "enrich.listings"
 SWEEP_TASK = "enrich.sweep_pending"
+BACKFILL_TASK = "enrich.backfill"
+RETRAIN_TASK = "enrich.retrain"
 CPU_QUEUE = "cpu"  # nightly reindex and other CPU-bound jobs; keep them off the GPU workers
+BACKFILL_QUEUE = "backfill"  # re-embedding the catalogue after a promotion: GPU workers, after live traffic
+TRAIN_QUEUE = "train"  # retraining jobs: one GPU worker of their own
 
-app = Celery("enrich", include=["worker.tasks", "similar.tasks"])
+app = Celery("enrich", include=["worker.tasks", "worker.backfill", "similar.tasks", "training.tasks"])
 
 
 def configure(settings: Settings) -> Celery:
@@ -25,7 +29,8 @@ def configure(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_default_queue=CPU_QUEUE,
-        task_routes={ENRICH_TASK: {"queue": settings.gpu_queue}},
+        task_routes={ENRICH_TASK: {"queue": settings.gpu_queue}, BACKFILL_TASK: {"queue": BACKFILL_QUEUE},
+                     RETRAIN_TASK: {"queue": TRAIN_QUEUE}},
         # a GPU worker takes one batch at a time and acks after writing it: a crash (kill -9, OOM)
         # puts the batch back on the queue; the task is idempotent, so a rerun changes nothing
         task_acks_late=True,
@@ -74,6 +79,11 @@ def task_settings() -> Settings:
 def send_enrich(listing_ids: list[str], settings: Settings) -> None:
     """Enqueue one batch of listing ids on the GPU queue (by name: the intake needs no model code)."""
     app.send_task(ENRICH_TASK, args=[list(listing_ids)], queue=settings.gpu_queue)
+
+
+def send_backfill(model_version: str) -> None:
+    """Start re-embedding the catalogue under a newly active model (by name: the registry needs no worker code)."""
+    app.send_task(BACKFILL_TASK, args=[model_version], queue=BACKFILL_QUEUE)
 
 
 def queue_depth(queue: str, connection=None) -> int:

@@ -88,9 +88,21 @@ class Settings(BaseSettings):
                                                                    "request (s)")
 
     # Model and thresholds
-    model_dir: Path | None = Field(default=None, description="directory with `model.safetensors` + "
-                                                             "`manifest.json`. Empty: the model the registry marks "
-                                                             "active (`enrich promote`)")
+    model_dir: Path | None = Field(default=None, description="developer override: serve this directory "
+                                                             "(`model.safetensors` + `manifest.json`) and ignore the "
+                                                             "registry. Empty: the model the registry marks active, "
+                                                             "followed as it changes")
+    model_uri: str | None = Field(default=None, description="`s3://bucket/prefix` where registered models' files "
+                                                            "are stored by version and sha256. Empty: "
+                                                            "`<data dir>/model-store` (one machine or a shared "
+                                                            "volume)")
+    model_check_s: float = Field(default=10.0, ge=0, description="how often a worker asks the registry which model "
+                                                                 "is active, at most (s); a new one is loaded in the "
+                                                                 "background and served from the next batch")
+    keep_model_versions: int = Field(default=2, ge=1, le=20, description="model versions whose embeddings and "
+                                                                         "shelves are kept, the active one "
+                                                                         "included, so a rollback switches back "
+                                                                         "at once")
     default_threshold: float = Field(default=0.5, ge=0.0, le=1.0, description="confidence below which a tag goes "
                                                                               "to review instead of being filled, "
                                                                               "where the manifest has no threshold")
@@ -118,6 +130,29 @@ class Settings(BaseSettings):
                                                             "machine or a shared volume)")
     index_sync_s: float = Field(default=60.0, ge=0, description="how often a worker checks ENRICH_INDEX_URI for a "
                                                                  "newer snapshot (s)")
+
+    # Model lifecycle: backfill after a promotion, retraining jobs, shadow evaluation
+    backfill_pause_s: float = Field(default=5.0, ge=0, description="the catalogue backfill waits this long while "
+                                                                   "live enrichment tasks are queued, so live "
+                                                                   "traffic keeps priority (s)")
+    retrain_cron: str | None = Field(default=None, description="when beat starts a retraining job, as a crontab "
+                                                               "line (`minute hour day month weekday`, e.g. "
+                                                               "`0 3 * * 0`). Empty: only `enrich retrain`")
+    retrain_min_corrections: int = Field(default=50, ge=0, description="a scheduled retraining job is skipped "
+                                                                       "(with the reason logged) when fewer "
+                                                                       "corrections arrived since the last one")
+    retrain_preset: str = Field(default="quick", description="training preset of retraining jobs (`enrich train "
+                                                             "--help` lists them)")
+    retrain_dataset: str = Field(default="fmnist-shop", description="dataset retraining jobs train on: "
+                                                                    "`fmnist-shop` or `deepfashion` (plus the "
+                                                                    "corrections)")
+    retrain_data_dir: Path | None = Field(default=None, description="the dataset's files for retraining jobs. "
+                                                                    "Empty: the preset's default")
+    auto_promote: bool = Field(default=False, description="a retraining job promotes its model when it passes the "
+                                                          "gate; `false`: it waits for an admin (`enrich promote`)")
+    shadow_share: float = Field(default=0.1, ge=0.0, le=1.0, description="share of live listings a shadow "
+                                                                         "candidate also predicts (stored apart, "
+                                                                         "never as tags)")
 
     @property
     def models_dir(self) -> Path:

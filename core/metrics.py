@@ -35,6 +35,8 @@ QUEUE_DEPTH = Gauge("enrich_queue_depth", "Messages waiting in the GPU queue (as
 SNAPSHOT_BUILT = Gauge("enrich_similar_snapshot_built_timestamp_seconds",
                        "When the similar-items snapshot this worker searches was built (alert when it gets old: "
                        "the nightly job or its S3 publishing stopped)", ["model_version"], multiprocess_mode="max")
+MODEL_SERVED = Gauge("enrich_model_served", "1 for the model version this worker serves (0 once replaced)",
+                     ["model_version"], multiprocess_mode="max")
 INTAKE_PAUSED = Gauge("enrich_intake_paused", "1 while the intake stops polling for back-pressure")
 
 HealthCheck = Callable[[], None]  # raises when unhealthy

@@ -1,9 +1,11 @@
-"""Model registry in Postgres (table `models`): candidates, the evaluation gate, atomic promotion.
+"""Model registry in Postgres (table `models`): immutable versions, an "active" alias that moves.
 
 A candidate is promoted only if it is not worse than the active model on the gate metrics, which are
 measured on the same fixed evaluation set (the manifest records them). Promotion retires the previous
 active row and activates the candidate in one transaction; the partial unique index
-`models_one_active` guarantees at most one active row even under concurrent promotions.
+`models_one_active` guarantees at most one active row even under concurrent promotions. A version
+that was active before can be made active again without the gate (`rollback`). Every move is kept in
+`model_events` with who and why.
 """
 from __future__ import annotations
 
@@ -36,6 +38,16 @@ class ModelRow:
     metrics: dict[str, float]
     created_at: datetime
     promoted_at: datetime | None
+    artifact_uri: str | None = None
+    sha256: str | None = None
+    was_active: bool = False
+    registered_by: str | None = None
+    reason: str | None = None
+    data_fingerprint: str | None = None
+
+
+_COLUMNS = ("model_version, path, status, metrics, created_at, promoted_at, artifact_uri, sha256, was_active,"
+            " registered_by, reason, manifest->>'data_fingerprint' AS data_fingerprint")
 
 
 @dataclass
@@ -48,54 +60,103 @@ class Decision:
 
 def _row(r: dict) -> ModelRow:
     return ModelRow(r["model_version"], r["path"], r["status"], dict(r["metrics"] or {}), r["created_at"],
-                    r["promoted_at"])
+                    r["promoted_at"], r["artifact_uri"], r["sha256"], r["was_active"], r["registered_by"],
+                    r["reason"], r["data_fingerprint"])
 
 
-def register_candidate(conn: psycopg.Connection, model_dir: Path | str) -> ModelRow:
-    """Insert the model directory's manifest as a candidate (idempotent on model_version)."""
+def _event(conn: psycopg.Connection, model_version: str, action: str, actor: str, reason: str,
+           previous: str | None = None, details: dict | None = None) -> None:
+    conn.execute("INSERT INTO model_events (model_version, action, previous, actor, reason, details)"
+                 " VALUES (%s, %s, %s, %s, %s, %s::jsonb)",
+                 (model_version, action, previous, actor, reason, json.dumps(details or {})))
+
+
+def register_candidate(conn: psycopg.Connection, model_dir: Path | str, store=None, *, actor: str = "cli",
+                       reason: str = "") -> ModelRow:
+    """Insert the model directory's manifest as a candidate (idempotent on model_version).
+
+    With an ArtifactStore the files are stored by version and sha256 first, and the row points there.
+    """
     model_dir = Path(model_dir).resolve()
     manifest = read_manifest(model_dir)
+    uri = sha = None
+    if store is not None:
+        uri, sha = store.put(model_dir)
+    path = uri if uri is not None and not uri.startswith("s3://") else str(model_dir)
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
-            "INSERT INTO models (model_version, manifest, metrics, path, status)"
-            " VALUES (%s, %s::jsonb, %s::jsonb, %s, 'candidate')"
-            " ON CONFLICT (model_version) DO UPDATE SET path = EXCLUDED.path"
-            " RETURNING model_version, path, status, metrics, created_at, promoted_at",
-            (manifest.model_version, manifest.model_dump_json(), json.dumps(manifest.metrics), str(model_dir)),
+            "INSERT INTO models (model_version, manifest, metrics, path, status, artifact_uri, sha256,"
+            " registered_by, reason) VALUES (%s, %s::jsonb, %s::jsonb, %s, 'candidate', %s, %s, %s, %s)"
+            " ON CONFLICT (model_version) DO UPDATE SET path = EXCLUDED.path,"
+            " artifact_uri = coalesce(EXCLUDED.artifact_uri, models.artifact_uri),"
+            " sha256 = coalesce(EXCLUDED.sha256, models.sha256)"
+            f" RETURNING {_COLUMNS}",
+            (manifest.model_version, manifest.model_dump_json(), json.dumps(manifest.metrics), path, uri, sha,
+             actor, reason),
         )
         row = _row(cur.fetchone())
+        _event(conn, row.model_version, "register", actor, reason, details={"artifact_uri": uri})
     log.info("registered %s (%s) from %s", row.model_version, row.status, model_dir)
     return row
 
 
 def get_model(conn: psycopg.Connection, model_version: str) -> ModelRow | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT model_version, path, status, metrics, created_at, promoted_at FROM models"
-                    " WHERE model_version = %s", (model_version,))
+        cur.execute(f"SELECT {_COLUMNS} FROM models WHERE model_version = %s", (model_version,))
         r = cur.fetchone()
     return _row(r) if r else None
 
 
 def active_model(conn: psycopg.Connection) -> ModelRow | None:
     with conn.cursor(row_factory=dict_row) as cur:
-        cur.execute("SELECT model_version, path, status, metrics, created_at, promoted_at FROM models"
-                    " WHERE status = 'active'")
+        cur.execute(f"SELECT {_COLUMNS} FROM models WHERE status = 'active'")
         r = cur.fetchone()
     return _row(r) if r else None
 
 
+def active_version(conn: psycopg.Connection) -> str | None:
+    """The cheap check a worker makes before a task."""
+    r = conn.execute("SELECT model_version FROM models WHERE status = 'active'").fetchone()
+    return r[0] if r else None
+
+
+def list_models(conn: psycopg.Connection) -> list[ModelRow]:
+    """Every registered version, newest first."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM models ORDER BY created_at DESC, model_version")
+        return [_row(r) for r in cur.fetchall()]
+
+
+def history(conn: psycopg.Connection, limit: int = 50) -> list[dict]:
+    """The latest moves of the alias: version, action, previous, actor, reason, at."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT model_version, action, previous, actor, reason, details, at FROM model_events"
+                    " ORDER BY id DESC LIMIT %s", (limit,))
+        return cur.fetchall()
+
+
+def local_dir(row: ModelRow, store=None) -> Path:
+    """A directory holding the row's files: fetched from the artifact store and verified when it has one."""
+    if row.artifact_uri and store is not None:
+        return store.fetch(row.artifact_uri, row.sha256)
+    return Path(row.path)
+
+
 def model_dir_for(conn: psycopg.Connection | None, override: Path | str | None = None, *,
-                  version: str | None = None, newest_under: Path | None = None) -> Path:
+                  version: str | None = None, newest_under: Path | None = None, store=None) -> Path:
     """Where a model's files are, the one answer for every command and worker.
 
     `override` (ENRICH_MODEL_DIR, --model-dir) wins unless a `version` is asked for; then the registry's
-    row for `version` (default: the active model); then `override` again; then, if given, the newest
-    model directory under `newest_under`. Raises FileNotFoundError when none is known.
+    row for `version` (default: the active model), fetched from `store` and verified when it has an
+    artifact; then `override` again; then, if given, the newest model directory under `newest_under`.
+    Raises FileNotFoundError when none is known.
     """
     if override is not None and version is None:
         return Path(override)
     if conn is not None:
         row = get_model(conn, version) if version else active_model(conn)
+        if row is not None and row.artifact_uri and store is not None:
+            return local_dir(row, store)
         if row is not None and Path(row.path).is_dir():
             return Path(row.path)
     if override is not None:
@@ -134,7 +195,8 @@ def compare(candidate: dict[str, float], active: dict[str, float], gate: dict[st
 
 
 def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] | None = None,
-            tolerance: float = 0.0, metrics: dict[str, dict[str, float]] | None = None) -> Decision:
+            tolerance: float = 0.0, metrics: dict[str, dict[str, float]] | None = None, *, actor: str = "cli",
+            reason: str = "") -> Decision:
     """Promote the candidate if it is not worse than the active model; reject it otherwise.
 
     ``metrics``: optional fresh measurements {model_version: metrics} on the fixed evaluation set; by
@@ -142,17 +204,7 @@ def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] 
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        with conn.cursor(row_factory=dict_row) as cur:
-            cur.execute("SELECT model_version, path, status, metrics, created_at, promoted_at FROM models"
-                        " WHERE model_version = %s FOR UPDATE", (model_version,))
-            r = cur.fetchone()
-            if r is None:
-                raise LookupError(f"model {model_version!r} is not registered")
-            cand = _row(r)
-            cur.execute("SELECT model_version, path, status, metrics, created_at, promoted_at FROM models"
-                        " WHERE status = 'active' FOR UPDATE")
-            a = cur.fetchone()
-            act = _row(a) if a else None
+        cand, act = _lock_rows(conn, model_version)
         if cand.status == "active":
             return Decision(True, model_version, model_version, ["already active"])
         if act is not None:
@@ -161,10 +213,55 @@ def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] 
             ok, reasons = compare(cm, am, gate, tolerance)
             if not ok:
                 conn.execute("UPDATE models SET status = 'rejected' WHERE model_version = %s", (model_version,))
+                _event(conn, model_version, "reject", actor, reason, act.model_version, {"reasons": reasons})
                 log.info("rejected %s against %s: %s", model_version, act.model_version, "; ".join(reasons))
                 return Decision(False, model_version, act.model_version, reasons)
-            conn.execute("UPDATE models SET status = 'retired' WHERE model_version = %s", (act.model_version,))
-        conn.execute("UPDATE models SET status = 'active', promoted_at = now() WHERE model_version = %s",
-                     (model_version,))
-    log.info("promoted %s (previous: %s)", model_version, act.model_version if act else None)
+        _activate(conn, cand, act)
+        _event(conn, model_version, "promote", actor, reason, act.model_version if act else None)
+    log.info("promoted %s (previous: %s) by %s", model_version, act.model_version if act else None, actor)
     return Decision(True, model_version, act.model_version if act else None)
+
+
+def rollback(conn: psycopg.Connection, model_version: str | None = None, *, actor: str = "cli",
+             reason: str = "") -> Decision:
+    """Make a version that was active before active again, without the gate.
+
+    Default: the version the current one replaced. Refused for a version that was never active.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        if model_version is None:
+            r = conn.execute("SELECT previous FROM model_events WHERE action IN ('promote', 'rollback')"
+                             " AND model_version = (SELECT model_version FROM models WHERE status = 'active')"
+                             " ORDER BY id DESC LIMIT 1").fetchone()
+            if r is None or r[0] is None:
+                raise LookupError("nothing to roll back to: the active model replaced none")
+            model_version = r[0]
+        target, act = _lock_rows(conn, model_version)
+        if target.status == "active":
+            return Decision(True, model_version, model_version, ["already active"])
+        if not target.was_active:
+            raise PermissionError(f"{model_version} was never active: promote it through the gate instead")
+        _activate(conn, target, act)
+        _event(conn, model_version, "rollback", actor, reason, act.model_version if act else None)
+    log.info("rolled back to %s (from %s) by %s: %s", model_version, act.model_version if act else None, actor,
+             reason)
+    return Decision(True, model_version, act.model_version if act else None)
+
+
+def _lock_rows(conn: psycopg.Connection, model_version: str) -> tuple[ModelRow, ModelRow | None]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {_COLUMNS} FROM models WHERE model_version = %s FOR UPDATE", (model_version,))
+        r = cur.fetchone()
+        if r is None:
+            raise LookupError(f"model {model_version!r} is not registered")
+        cur.execute(f"SELECT {_COLUMNS} FROM models WHERE status = 'active' FOR UPDATE")
+        a = cur.fetchone()
+    return _row(r), (_row(a) if a else None)
+
+
+def _activate(conn: psycopg.Connection, target: ModelRow, current: ModelRow | None) -> None:
+    if current is not None:
+        conn.execute("UPDATE models SET status = 'retired' WHERE model_version = %s", (current.model_version,))
+    conn.execute("UPDATE models SET status = 'active', was_active = true, promoted_at = now()"
+                 " WHERE model_version = %s", (target.model_version,))

@@ -1,0 +1,94 @@
+"""Model registry commands: `enrich models` (versions, history), `enrich rollback`."""
+from __future__ import annotations
+
+import getpass
+
+import typer
+
+from core.config import get_settings
+from core.options import DatabaseUrl
+
+models_app = typer.Typer(help="Registered model versions: status, metrics, training data, who and why.",
+                         invoke_without_command=True, no_args_is_help=False)
+_BY_HELP = "Who asks (recorded with the change; default: the login name)."
+
+
+def _connect(database_url: str | None):
+    from core.db import connect, database_url as resolve
+
+    return connect(database_url or resolve(get_settings()), autocommit=True)
+
+
+def _fmt(metrics: dict, keys=("test/top1", "test/recall@1", "test/attr/exact_match")) -> str:
+    return "  ".join(f"{k.split('/', 1)[1]} {metrics[k]:.4f}" for k in keys if k in metrics)
+
+
+@models_app.callback()
+def models(ctx: typer.Context, database_url: DatabaseUrl = None,
+           events: int = typer.Option(10, "--events", min=0, help="Latest alias moves to show (default: 10).")) -> None:
+    """List model versions (newest first) with status, gate metrics, data fingerprint, who and why."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from model.registry import history, list_models
+
+    conn = _connect(database_url)
+    try:
+        rows, moves = list_models(conn), history(conn, events)
+    finally:
+        conn.close()
+    console = Console()
+    table = Table(title="models")
+    for col in ("version", "status", "metrics", "data", "registered by", "created"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.model_version, r.status + (" (was active)" if r.was_active and r.status != "active" else ""),
+                      _fmt(r.metrics), (r.data_fingerprint or "")[:12], f"{r.registered_by or ''} {r.reason or ''}".strip(),
+                      f"{r.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+    if moves:
+        hist = Table(title="alias moves")
+        for col in ("at", "action", "version", "previous", "by", "why"):
+            hist.add_column(col)
+        for m in moves:
+            hist.add_row(f"{m['at']:%Y-%m-%d %H:%M:%S}", m["action"], m["model_version"], m["previous"] or "",
+                         m["actor"], m["reason"])
+        console.print(hist)
+
+
+def rollback(
+    version: str = typer.Argument(None, help="Version to make active again (default: the one the active model "
+                                             "replaced). It must have been active before."),
+    reason: str = typer.Option(..., "--reason", help="Why (recorded)."),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+    backfill: bool = typer.Option(True, "--backfill/--no-backfill",
+                                  help="Enqueue the catalogue backfill for the version (default: on; it finds "
+                                       "little to do when the version's embeddings were kept)."),
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Make an earlier model version active again, without a new gate; workers follow within seconds."""
+    from model.registry import rollback as run_rollback
+
+    conn = _connect(database_url)
+    try:
+        decision = run_rollback(conn, version, actor=by or getpass.getuser(), reason=reason)
+    except (LookupError, PermissionError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    finally:
+        conn.close()
+    typer.echo(f"{decision.candidate} is active again (was {decision.previous})")
+    if backfill and decision.previous != decision.candidate:
+        from core.celery_app import configure, send_backfill
+
+        configure(get_settings())
+        send_backfill(decision.candidate)
+        typer.echo(f"backfill of {decision.candidate} enqueued")
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the root `enrich` app."""
+    app.add_typer(models_app, name="models")
+    app.command("rollback")(rollback)
