@@ -123,6 +123,7 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
     from core.images import ImageLimits
     from migrations import apply_all
     from model.inference import load_predictor
+    from model.artifacts import store_from_settings
     from model.registry import promote, register_candidate
     from similar.nightly import recompute
     from similar.query import read_neighbours
@@ -153,8 +154,9 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
     try:
         apply_all(conn)
         # the training registry's gate decides: a fresh database gets this model as its first active one
-        register_candidate(conn, model_dir)
-        decision = promote(conn, predictor.version)
+        register_candidate(conn, model_dir, store_from_settings(settings), actor="quickstart",
+                           reason="the quickstart's demo model")
+        decision = promote(conn, predictor.version, actor="quickstart", reason="the quickstart's demo model")
         console.print(f"registry: {decision.candidate} " + ("is the active model" if decision.promoted else
                       f"not promoted over {decision.previous}: {'; '.join(decision.reasons)}"))
         events, invalid = read_listings(catalogue.listings)

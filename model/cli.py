@@ -58,6 +58,61 @@ def models(ctx: typer.Context, database_url: DatabaseUrl = None,
         console.print(hist)
 
 
+@models_app.command("shadow")
+def shadow(
+    version: str = typer.Argument(None, help="Candidate the workers also run on a share of live listings "
+                                             "(ENRICH_SHADOW_SHARE); omit with --off."),
+    off: bool = typer.Option(False, "--off", help="Stop the shadow run (its figures are kept)."),
+    reason: str = typer.Option("", "--reason", help="Why (recorded)."),
+    by: str = typer.Option(None, "--by", help=_BY_HELP),
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Run a candidate in shadow: workers store its predictions apart, never as tags."""
+    from model.registry import set_shadow
+
+    if (version is None) == (not off):
+        typer.echo("error: give a VERSION, or --off", err=True)
+        raise typer.Exit(2)
+    conn = _connect(database_url)
+    try:
+        set_shadow(conn, None if off else version, actor=by or getpass.getuser(), reason=reason)
+    except (LookupError, PermissionError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    finally:
+        conn.close()
+    typer.echo("no shadow model" if off else f"{version} runs in shadow; workers pick it up within "
+               f"ENRICH_MODEL_CHECK_S")
+
+
+@models_app.command("compare")
+def compare_cmd(candidate: str = typer.Argument(..., help="The shadow candidate."),
+                database_url: DatabaseUrl = None) -> None:
+    """Shadow figures: agreement with the active model per group, accuracy on corrections made since."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from model.shadow import shadow_report
+
+    conn = _connect(database_url)
+    try:
+        r = shadow_report(conn, candidate)
+    finally:
+        conn.close()
+    console = Console()
+    table = Table(title=f"{candidate} in shadow: {r.listings} listings")
+    for col in ("group", "predictions", "agrees with the active model"):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for group, (n, agree) in r.agreement.items():
+        table.add_row(group, str(n), f"{agree:.1%}")
+    console.print(table)
+    if r.corrections:
+        console.print(f"on {r.corrections} corrections made since: candidate right {r.candidate_accuracy:.1%}, "
+                      f"active model right {r.active_accuracy:.1%}")
+    else:
+        console.print("no corrections since the shadow predictions yet")
+
+
 def rollback(
     version: str = typer.Argument(None, help="Version to make active again (default: the one the active model "
                                              "replaced). It must have been active before."),

@@ -19,6 +19,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from model.checkpoint import read_manifest
+from model.shadow import shadow_gate, shadow_report
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,30 @@ def active_version(conn: psycopg.Connection) -> str | None:
     return r[0] if r else None
 
 
+def shadow_version(conn: psycopg.Connection) -> str | None:
+    """The candidate workers also run, apart, on a share of live listings (at most one)."""
+    r = conn.execute("SELECT model_version FROM models WHERE status = 'shadow'").fetchone()
+    return r[0] if r else None
+
+
+def set_shadow(conn: psycopg.Connection, model_version: str | None, *, actor: str, reason: str = "") -> None:
+    """Make a candidate the shadow (None: no shadow). Any earlier shadow goes back to being a candidate."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        for (old,) in conn.execute("SELECT model_version FROM models WHERE status = 'shadow'").fetchall():
+            conn.execute("UPDATE models SET status = 'candidate' WHERE model_version = %s", (old,))
+            _event(conn, old, "unshadow", actor, reason)
+        if model_version is None:
+            return
+        row = get_model(conn, model_version)
+        if row is None:
+            raise LookupError(f"model {model_version!r} is not registered")
+        if row.status not in ("candidate", "rejected"):
+            raise PermissionError(f"{model_version} is {row.status}: only a candidate runs in shadow")
+        conn.execute("UPDATE models SET status = 'shadow' WHERE model_version = %s", (model_version,))
+        _event(conn, model_version, "shadow", actor, reason)
+
+
 def list_models(conn: psycopg.Connection) -> list[ModelRow]:
     """Every registered version, newest first."""
     with conn.cursor(row_factory=dict_row) as cur:
@@ -196,11 +221,13 @@ def compare(candidate: dict[str, float], active: dict[str, float], gate: dict[st
 
 def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] | None = None,
             tolerance: float = 0.0, metrics: dict[str, dict[str, float]] | None = None, *, actor: str = "cli",
-            reason: str = "") -> Decision:
+            reason: str = "", shadow_min_corrections: int | None = None) -> Decision:
     """Promote the candidate if it is not worse than the active model; reject it otherwise.
 
     ``metrics``: optional fresh measurements {model_version: metrics} on the fixed evaluation set; by
-    default the metrics stored at registration are compared. Runs in one transaction.
+    default the metrics stored at registration are compared. ``shadow_min_corrections``: also require the
+    shadow figures (model/shadow.py) — that many fresh corrections, and the candidate right at least as
+    often as the active model. Runs in one transaction.
     """
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
@@ -211,6 +238,8 @@ def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] 
             cm = (metrics or {}).get(cand.model_version, cand.metrics)
             am = (metrics or {}).get(act.model_version, act.metrics)
             ok, reasons = compare(cm, am, gate, tolerance)
+            if ok and shadow_min_corrections is not None:
+                ok, reasons = shadow_gate(shadow_report(conn, model_version), shadow_min_corrections)
             if not ok:
                 conn.execute("UPDATE models SET status = 'rejected' WHERE model_version = %s", (model_version,))
                 _event(conn, model_version, "reject", actor, reason, act.model_version, {"reasons": reasons})

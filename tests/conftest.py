@@ -82,7 +82,8 @@ def db(pg_url: str):
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(
             "TRUNCATE listings, listing_tags, embeddings, similar_items, similar_items_active,"
-            " similar_items_versions, review_queue, corrections, models, processed_events CASCADE"
+            " similar_items_versions, review_queue, corrections, models, processed_events, model_events,"
+            " training_jobs, backfills, shadow_predictions CASCADE"
         )
         yield conn
 

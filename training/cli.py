@@ -126,9 +126,12 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
         model_dir: Path = typer.Argument(..., help="model directory (manifest.json + model.safetensors)."),
-        data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory (default: the Debian package's)."),
-        test_items: int = typer.Option(None, help="evaluate on this many test items (default: all 10 000)."),
-        seed: int = typer.Option(0, help="seed of the fixed evaluation set (default: 0, as in training)."),
+        data_dir: Path = typer.Option(None, help="the dataset's directory: Fashion-MNIST idx files, or the DeepFashion "
+                                                 "root with category/ and inshop/ (default: as the model was trained)."),
+        test_items: int = typer.Option(None, help="FMNIST-shop: evaluate on this many test items, 0 for all 10 000 "
+                                                  "(default: as the model was trained)."),
+        seed: int = typer.Option(None, help="FMNIST-shop: seed of the fixed evaluation set (default: as the model "
+                                            "was trained)."),
         device: str = typer.Option("auto", help="auto, cpu or cuda[:n] (default: auto)."),
         flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="average each photo with its mirror "
                                       "image, or not (default: as the model was saved)."),
@@ -137,17 +140,23 @@ def register(app: typer.Typer) -> None:
                                              "CUDA), or in fp32 — to check a model loses nothing (default: mixed)."),
         output: Path = typer.Option(None, help="also write the metrics as JSON to this file (default: no)."),
     ) -> None:
-        """Measure a saved model on the fixed FMNIST-shop evaluation set."""
+        """Measure a saved model on the fixed evaluation set of the dataset it was trained for."""
         from dataclasses import replace
 
-        from training.config import TrainConfig
-        from training.evaluate import evaluate_model_dir
+        from training.evaluate import EvalSetError, evaluate_model, evaluation_config
 
-        cfg = replace(TrainConfig(), seed=seed, test_items=test_items,
-                      **({"data_dir": data_dir} if data_dir else {}))
-        metrics = evaluate_model_dir(model_dir, cfg, device=device, flip_tta=flip_tta,
-                                     mixed_precision=mixed_precision)
-        text = json.dumps(metrics, indent=2)
+        try:
+            cfg = evaluation_config(model_dir, data_dir=data_dir, seed=seed, test_items=test_items or None)
+            if test_items == 0:
+                cfg = replace(cfg, test_items=None)
+            result = evaluate_model(model_dir, cfg, device=device, flip_tta=flip_tta,
+                                    mixed_precision=mixed_precision)
+        except EvalSetError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        typer.echo(f"{result.model_version}: {result.dataset}, taxonomy {result.taxonomy}, "
+                   f"evaluation set {result.eval_set}", err=True)
+        text = json.dumps(result.metrics, indent=2)
         if output:
             output.write_text(text)
         typer.echo(text)
@@ -172,16 +181,23 @@ def register(app: typer.Typer) -> None:
             metrics = None
             if reevaluate:
                 from model.registry import active_model
-                from training.config import TrainConfig
-                from training.evaluate import evaluate_model_dir
+                from training.evaluate import EvalSetError, reevaluate_for_gate
 
                 cand = get_model(conn, version)
                 act = active_model(conn)
                 if cand is None:
                     raise typer.BadParameter(f"model {version!r} is not registered")
-                metrics = {cand.model_version: evaluate_model_dir(cand.path, TrainConfig())}
-                if act is not None:
-                    metrics[act.model_version] = evaluate_model_dir(act.path, TrainConfig())
+                if act is not None and act.model_version == cand.model_version:
+                    act = None
+                try:  # both on the candidate's dataset's fixed set; refused if trained for different ones
+                    cand_eval, act_eval = reevaluate_for_gate(cand.path, act.path if act is not None else None)
+                except EvalSetError as exc:
+                    typer.echo(f"refused {version}: {exc}")
+                    raise typer.Exit(1) from exc
+                typer.echo(f"measured on evaluation set {cand_eval.eval_set}", err=True)
+                metrics = {cand.model_version: cand_eval.metrics}
+                if act is not None and act_eval is not None:
+                    metrics[act.model_version] = act_eval.metrics
             decision = run_promote(conn, version, tolerance=tolerance, metrics=metrics)
         verdict = "promoted" if decision.promoted else "rejected"
         typer.echo(f"{verdict} {decision.candidate} (previous active: {decision.previous or 'none'})")

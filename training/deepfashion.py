@@ -9,6 +9,8 @@ Files (as distributed, first line a count, second line the column names, then wh
                          Eval/list_eval_partition.txt  (image, train/val/test)
   In-shop:               Eval/list_eval_partition.txt  (image, item_id, train/query/gallery)
                          Anno/list_bbox_inshop.txt     (image, clothes_type, pose_type, x_1 y_1 x_2 y_2), optional
+In-shop has no validation partition: a seeded tenth of its train items is held out for it
+(``inshop_partition``); query/gallery stays the test set.
 Labels are mapped onto a taxonomy by name; a group an image has no (or an ambiguous) value for is
 MISSING, so it adds no loss (seed 001).
 """
@@ -205,19 +207,85 @@ def concat(a: LabelledImages, b: LabelledImages) -> LabelledImages:
     )
 
 
+# In-shop publishes train and query/gallery partitions only. Validation (early stopping, best weights,
+# threshold calibration) takes this share of the *train* items, never a test (query/gallery) item, so
+# the published query/gallery stays the untouched test set.
+INSHOP_VAL_FRACTION = 0.1
+
+
+def inshop_val_items(item_ids: list[str], partition: np.ndarray, seed: int,
+                     fraction: float = INSHOP_VAL_FRACTION) -> set[str]:
+    """The train-partition items held out for validation: a seeded draw of whole items (all their photos
+    go together), ``fraction`` of them, at least one and never all (training keeps one item at least)."""
+    train_items = sorted({k for k, p in zip(item_ids, partition) if p == "train"})
+    n = len(train_items)
+    if n < 2:
+        return set()
+    k = min(n - 1, max(1, int(round(fraction * n))))
+    order = np.random.default_rng(seed).permutation(n)[:k]
+    return {train_items[i] for i in order}
+
+
+def inshop_partition(rec: InShopRecords, seed: int, fraction: float = INSHOP_VAL_FRACTION) -> np.ndarray:
+    """The In-shop partition with validation: ``val_query`` (each held-out item's first photo) and
+    ``val_gallery`` (its other photos) carved from ``train``; ``query`` and ``gallery`` (the test) as
+    published."""
+    held = inshop_val_items(rec.item_ids, rec.partition, seed, fraction)
+    part = rec.partition.astype(object).copy()
+    seen: set[str] = set()
+    for i, (item, p) in enumerate(zip(rec.item_ids, rec.partition)):
+        if p == "train" and item in held:
+            part[i] = "val_gallery" if item in seen else "val_query"
+            seen.add(item)
+    return part.astype(str)
+
+
+def _category_attribute(cfg: TrainConfig, taxonomy: Taxonomy
+                               ) -> tuple[LabelledImages, np.ndarray]:
+    ca_root = Path(cfg.data_dir) / "category"
+    return category_attribute_labels(read_category_attribute(ca_root), taxonomy, ca_root)
+
+
+def _inshop(cfg: TrainConfig, taxonomy: Taxonomy) -> tuple[LabelledImages, np.ndarray] | None:
+    root = Path(cfg.data_dir) / "inshop"
+    if not root.is_dir():
+        return None
+    rec = read_inshop(root)
+    shop, _ = inshop_labels(rec, taxonomy, root)
+    return shop, inshop_partition(rec, cfg.seed)
+
+
+def _test_split(ca: LabelledImages, part: np.ndarray, inshop: tuple[LabelledImages, np.ndarray] | None) -> Split:
+    """Category & Attribute test partition + In-shop query/gallery (retrieval): the fixed test set."""
+    test = ca.subset(np.flatnonzero(part == "test"))
+    test_q = np.zeros(len(test), bool)
+    if inshop is not None:
+        shop, spart = inshop
+        qg = np.flatnonzero(np.isin(spart, ("query", "gallery")))
+        test, test_q = concat(test, shop.subset(qg)), np.r_[test_q, spart[qg] == "query"]
+    return Split(test, test_q)
+
+
+def deepfashion_test(cfg: TrainConfig, taxonomy: Taxonomy) -> Split:
+    """The fixed DeepFashion evaluation set alone (no training rows built): what every model trained for
+    DeepFashion is measured on; depends on the annotation files and the taxonomy only."""
+    ca, part = _category_attribute(cfg, taxonomy)
+    return _test_split(ca, part, _inshop(cfg, taxonomy))
+
+
 def prepare_deepfashion(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
-    """cfg.data_dir holds `category/` (Category & Attribute) and optionally `inshop/` (In-shop)."""
-    root = Path(cfg.data_dir)
-    ca_root = root / "category"
-    ca, part = category_attribute_labels(read_category_attribute(ca_root), taxonomy, ca_root)
-    train, val, test = (ca.subset(np.flatnonzero(part == p)) for p in ("train", "val", "test"))
-    val_q, test_q = np.zeros(len(val), bool), np.zeros(len(test), bool)
-    if (root / "inshop").is_dir():
-        shop, spart = inshop_labels(read_inshop(root / "inshop"), taxonomy, root / "inshop")
+    """cfg.data_dir holds `category/` (Category & Attribute) and optionally `inshop/` (In-shop).
+
+    train: C&A train + In-shop train items not held out; val: C&A val + the held-out In-shop train
+    items (``inshop_partition``); test: C&A test + In-shop query/gallery. Validation never sees a test
+    item, and In-shop's train and query/gallery items are disjoint as published."""
+    ca, part = _category_attribute(cfg, taxonomy)
+    train, val = (ca.subset(np.flatnonzero(part == p)) for p in ("train", "val"))
+    val_q = np.zeros(len(val), bool)
+    inshop = _inshop(cfg, taxonomy)
+    if inshop is not None:
+        shop, spart = inshop
         train = concat(train, shop.subset(np.flatnonzero(spart == "train")))
-        # In-shop has no val split: its query/gallery is the retrieval evaluation for both
-        qg = shop.subset(np.flatnonzero(spart != "train"))
-        is_q = spart[spart != "train"] == "query"
-        val, test = concat(val, qg), concat(test, qg)
-        val_q, test_q = np.r_[val_q, is_q], np.r_[test_q, is_q]
-    return PreparedData(taxonomy, train, Split(val, val_q), Split(test, test_q), loader=load_cropped)
+        held = np.flatnonzero(np.isin(spart, ("val_query", "val_gallery")))
+        val, val_q = concat(val, shop.subset(held)), np.r_[val_q, spart[held] == "val_query"]
+    return PreparedData(taxonomy, train, Split(val, val_q), _test_split(ca, part, inshop), loader=load_cropped)

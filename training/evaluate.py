@@ -1,24 +1,29 @@
 """Evaluation of a model on a labelled image set: predictions, metrics, calibrated thresholds."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model.checkpoint import load_model
+from model.checkpoint import load_model, read_manifest
 from model.inference import Predictions, mixed_precision_dtype, outputs_to_predictions, resolve_device
 from model.network import MultitaskModel
-from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
+from schemas.manifest import ModelManifest
+from schemas.taxonomy import CATEGORY_GROUP, Taxonomy, load_taxonomy
 from training.calibration import calibrate_exclusive, calibrate_multilabel
 from training.config import TrainConfig
 from training.data import LabelledImages, Split, TorchImages
 from training.metrics import (confusion_matrix, f1_scores, multilabel_metrics, per_attribute_f1,
                               per_class_f1, retrieval_metrics, topk_accuracy)
-from training.prepare import fmnist_shop_test, prepare_data
+from training.prepare import DATASETS, EvaluationSet, evaluation_set
 from training.transforms import BatchAugment, EvalTransform
 
 
@@ -146,29 +151,268 @@ def fashion_mnist_metrics(model: MultitaskModel, preds: Predictions, test: Split
     return out
 
 
-def evaluate_model_dir(model_dir, cfg: TrainConfig, device: str = "auto", progress: bool = True,
-                       flip_tta: bool | None = None, mixed_precision: bool = True) -> dict[str, float]:
-    """Measure a saved model on the fixed evaluation set of ``cfg`` (a TrainConfig), with the model's
-    own calibrated thresholds. Returns metrics keyed like the manifest's ("test/…"). ``flip_tta``:
-    override the manifest's test-time flip (None: as saved). ``mixed_precision``: as the worker's
-    ENRICH_MIXED_PRECISION (False: fp32)."""
-    dev = resolve_device(device)
+# ---------------------------------------------------------------------------------------------------
+# Evaluation sets: which fixed rows a model's numbers were measured on.
+
+EVAL_SPLIT = "test"
+
+
+class EvalSetError(ValueError):
+    """Two models cannot be compared (different datasets, taxonomies or evaluation sets), or a model's
+    evaluation set cannot be built."""
+
+
+def split_fingerprint(split: Split, data_dir: Path | str | None = None) -> str:
+    """sha256 of a split's rows in order: every label, the query mask, and the photos themselves
+    (in-memory sets: all pixels; file references: the path relative to ``data_dir`` and the crop box, so
+    the same files at another mount point give the same fingerprint)."""
+    d = split.data
+    h = hashlib.sha256()
+    h.update(f"rows={len(d)}".encode())
+    h.update(np.ascontiguousarray(split.query, dtype=bool).tobytes())
+    for name, arr in (("category", d.category), ("item_ids", d.item_ids),
+                      *((f"group/{k}", d.groups[k]) for k in sorted(d.groups)),
+                      *((f"present/{k}", d.present[k]) for k in sorted(d.present))):
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{name}:{arr.dtype.str}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    if d.images.dtype == np.uint8:
+        h.update(f"pixels:{d.images.shape}".encode())
+        h.update(np.ascontiguousarray(d.images).tobytes())
+    else:
+        for ref in d.images:
+            if isinstance(ref, np.ndarray):  # an in-memory photo among file references
+                h.update(ref.tobytes())
+                continue
+            path, box = ref
+            rel = os.path.relpath(path, data_dir) if data_dir is not None else str(path)
+            h.update(f"{Path(rel).as_posix()}|{box}\n".encode())
+    return h.hexdigest()
+
+
+def eval_set_id(source: TrainConfig | ModelManifest | Path | str, taxonomy: Taxonomy | None = None,
+                test: Split | None = None) -> str:
+    """A stable identifier of a fixed evaluation set: ``"<dataset>:<taxonomy name>:test:<digest>"``, the
+    digest being the first 16 hex of sha256(taxonomy sha256, dataset, split, the test rows' fingerprint).
+    Same rows, labels and taxonomy: same id; anything else: another id.
+
+    ``source``: a TrainConfig (with ``taxonomy``, default ``load_taxonomy(cfg.taxonomy)``, and ``test``, the
+    split already built — e.g. ``prepare_data(cfg, taxonomy).test`` in training — else it is built here);
+    a ModelManifest (the id it records; raises LookupError if it records none); or a model directory (the
+    id its manifest records, else its evaluation set is rebuilt from its training config and hashed)."""
+    if isinstance(source, ModelManifest):
+        stored = str(getattr(source, "eval_set", "") or "")
+        if not stored:
+            raise LookupError(f"the manifest of {source.model_version} records no evaluation set id; "
+                              "measure the model directory (enrich evaluate)")
+        return stored
+    if isinstance(source, (str, Path)):
+        manifest = read_manifest(source)
+        stored = str(getattr(manifest, "eval_set", "") or "")
+        if stored:
+            return stored
+        cfg = evaluation_config(source, manifest=manifest)
+        return eval_set_id(cfg, manifest.taxonomy)
+    cfg = source
+    taxonomy = taxonomy if taxonomy is not None else load_taxonomy(cfg.taxonomy)
+    if test is None:
+        test = evaluation_set(cfg, taxonomy).split
+    h = hashlib.sha256()
+    h.update(f"{taxonomy.sha256()}|{cfg.dataset}|{EVAL_SPLIT}|".encode())
+    h.update(split_fingerprint(test, cfg.data_dir).encode())
+    return f"{cfg.dataset}:{taxonomy.name}:{EVAL_SPLIT}:{h.hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class EvalSetParts:
+    dataset: str
+    taxonomy: str
+    split: str
+    digest: str
+
+
+def parse_eval_set_id(text: str) -> EvalSetParts:
+    dataset, sep, rest = (text or "").partition(":")
+    parts = rest.rsplit(":", 2)
+    if not sep or len(parts) != 3 or not all((dataset, *parts)):
+        raise ValueError(f"not an evaluation set id: {text!r} (expected dataset:taxonomy:split:digest)")
+    return EvalSetParts(dataset, *parts)
+
+
+def same_eval_set(a_id: str | None, b_id: str | None) -> bool:
+    """True only when both ids are known and identical: numbers measured on them may be compared."""
+    return bool(a_id) and bool(b_id) and a_id == b_id
+
+
+def eval_set_mismatch(a_id: str | None, b_id: str | None, a_name: str = "candidate",
+                      b_name: str = "active model") -> str | None:
+    """Why numbers measured on ``a_id`` and ``b_id`` must not be compared (None: they may be)."""
+    if same_eval_set(a_id, b_id):
+        return None
+    if not a_id or not b_id:
+        missing = [n for n, i in ((a_name, a_id), (b_name, b_id)) if not i]
+        return (f"no evaluation set recorded for the {' and the '.join(missing)}; re-measure both on the "
+                "same set (enrich promote --reevaluate)")
+    try:
+        a, b = parse_eval_set_id(a_id), parse_eval_set_id(b_id)
+    except ValueError:
+        return f"measured on different evaluation sets ({a_id} vs {b_id})"
+    if a.dataset != b.dataset:
+        what = f"different datasets ({a_name}: {a.dataset}, {b_name}: {b.dataset})"
+    elif a.taxonomy != b.taxonomy:
+        what = f"different taxonomies ({a_name}: {a.taxonomy}, {b_name}: {b.taxonomy})"
+    else:
+        what = f"different rows or taxonomy versions of {a.dataset} ({a_id} vs {b_id})"
+    return f"measured on {what}; the gate compares numbers measured on one evaluation set only"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which dataset a saved model was trained for, and its evaluation configuration.
+
+# the bundled taxonomies and the dataset each was made for (a model recording no dataset)
+_TAXONOMY_DATASET = {"fashion-mnist": "fmnist-shop", "deepfashion": "deepfashion"}
+# the training-config fields that decide the fixed evaluation set
+_EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item")
+
+
+def training_config(model_dir: Path | str) -> dict | None:
+    """The configuration a model was trained with, as its training report recorded it (None: no report)."""
+    path = Path(model_dir) / "report" / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        cfg = json.loads(path.read_text()).get("config")
+    except (ValueError, AttributeError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def model_dataset(model_dir: Path | str, manifest: ModelManifest | None = None) -> str | None:
+    """The dataset a saved model was trained for: its manifest's ``dataset`` where it records one, else its
+    training report's, else the dataset its (bundled) taxonomy was made for; None when none says."""
+    manifest = manifest or read_manifest(model_dir)
+    recorded = str(getattr(manifest, "dataset", "") or "")
+    if recorded:
+        return recorded
+    trained = training_config(model_dir) or {}
+    if trained.get("dataset"):
+        return str(trained["dataset"])
+    return _TAXONOMY_DATASET.get(manifest.taxonomy.name)
+
+
+def evaluation_config(model_dir: Path | str, base: TrainConfig | None = None, *,
+                      manifest: ModelManifest | None = None, **overrides) -> TrainConfig:
+    """The configuration of a saved model's fixed evaluation set: its dataset, and (unless ``base`` gives
+    them) the data directory, seed, test_items and test_photos_per_item it was trained with. ``overrides``
+    (None values ignored) win. Raises EvalSetError when the dataset is unknown or has no reader, or when
+    ``base`` names another dataset than the model was trained for."""
+    manifest = manifest or read_manifest(model_dir)
+    dataset = model_dataset(model_dir, manifest)
+    if dataset is None and base is None:
+        raise EvalSetError(
+            f"model {manifest.model_version} was trained for taxonomy {manifest.taxonomy.name!r} and records no "
+            "dataset (no 'dataset' in its manifest, no report/metrics.json config): its evaluation set would "
+            "be the taxonomy's own labelled set, for which there is no reader yet (a catalogue reader is "
+            f"missing; readers: {', '.join(DATASETS)})")
+    if base is not None and dataset is not None and base.dataset != dataset:
+        raise EvalSetError(f"model {manifest.model_version} was trained for {dataset!r}; cannot measure it on "
+                           f"{base.dataset!r}")
+    if base is not None:
+        cfg = base
+    else:
+        trained = training_config(model_dir) or {}
+        fields = {k: trained[k] for k in _EVAL_FIELDS if k in trained and k != "data_dir"}
+        if trained.get("data_dir"):
+            fields["data_dir"] = Path(trained["data_dir"])
+        cfg = replace(TrainConfig(), **fields)
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if dataset is not None:
+        cfg = replace(cfg, dataset=dataset)
+    if cfg.dataset not in DATASETS:
+        raise EvalSetError(
+            f"model {manifest.model_version} was trained for dataset {cfg.dataset!r} (taxonomy "
+            f"{manifest.taxonomy.name!r}): there is no reader for that labelled set yet (a catalogue reader "
+            f"is missing; readers: {', '.join(DATASETS)})")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring saved models.
+
+@dataclass
+class ModelEvaluation:
+    model_version: str
+    dataset: str
+    taxonomy: str
+    eval_set: str  # eval_set_id of the rows measured
+    metrics: dict[str, float]  # keyed like the manifest's ("test/…", "eval/…")
+
+
+def _measure(model_dir, cfg: TrainConfig, ev: EvaluationSet, eval_set: str, dev, progress: bool,
+             flip_tta: bool | None, mixed_precision: bool) -> ModelEvaluation:
     model, manifest = load_model(model_dir)
     model = model.to(dev)
     if flip_tta is not None:
         model.flip_tta = flip_tta
-    if cfg.dataset == "fmnist-shop":
-        split, plain, grey = fmnist_shop_test(cfg, manifest.taxonomy)
-        loader = None
-    else:
-        data = prepare_data(cfg, manifest.taxonomy)
-        split, plain, grey, loader = data.test, None, None, data.loader
-    preds = predict_dataset(model, split.data, manifest.image_size, dev, progress=progress, loader=loader,
+    split = ev.split
+    preds = predict_dataset(model, split.data, manifest.image_size, dev, progress=progress, loader=ev.loader,
                             mixed_precision=mixed_precision)
     res = compute_metrics(manifest.taxonomy, preds, split.data, manifest.label_thresholds, query_mask=split.query)
     out = {f"test/{k}": v for k, v in res.metrics.items() if not math.isnan(v)}
-    if plain is not None:
-        out.update(fashion_mnist_metrics(model, preds, split, plain, grey, manifest.image_size, dev, mixed_precision))
+    if ev.plain is not None:
+        out.update(fashion_mnist_metrics(model, preds, split, ev.plain, ev.grey, manifest.image_size, dev,
+                                         mixed_precision))
+    # as training records them (training.train): the registry's gate compares eval/* too
     out.update({"eval/seed": float(cfg.seed), "eval/test_rows": float(len(split.data)),
                 "eval/test_photos_per_item": float(cfg.test_photos_per_item)})
-    return out
+    return ModelEvaluation(manifest.model_version, cfg.dataset, manifest.taxonomy.name, eval_set, out)
+
+
+def evaluate_model(model_dir, cfg: TrainConfig | None = None, device: str = "auto", progress: bool = True,
+                   flip_tta: bool | None = None, mixed_precision: bool = True) -> ModelEvaluation:
+    """Measure a saved model on the fixed evaluation set of the dataset it was trained for (FMNIST-shop,
+    or DeepFashion: Category & Attribute test + In-shop query/gallery), with its own calibrated
+    thresholds. ``cfg``: the evaluation set's configuration (default: the model's, ``evaluation_config``);
+    its dataset must be the model's. ``flip_tta``: override the manifest's test-time flip (None: as
+    saved). ``mixed_precision``: as the worker's ENRICH_MIXED_PRECISION (False: fp32)."""
+    manifest = read_manifest(model_dir)
+    cfg = evaluation_config(model_dir, cfg, manifest=manifest)
+    ev = evaluation_set(cfg, manifest.taxonomy)
+    eval_set = eval_set_id(cfg, manifest.taxonomy, ev.split)
+    return _measure(model_dir, cfg, ev, eval_set, resolve_device(device), progress, flip_tta, mixed_precision)
+
+
+def evaluate_model_dir(model_dir, cfg: TrainConfig | None = None, device: str = "auto", progress: bool = True,
+                       flip_tta: bool | None = None, mixed_precision: bool = True) -> dict[str, float]:
+    """``evaluate_model``'s metrics only (keyed like the manifest's: "test/…")."""
+    return evaluate_model(model_dir, cfg, device=device, progress=progress, flip_tta=flip_tta,
+                          mixed_precision=mixed_precision).metrics
+
+
+def reevaluate_for_gate(candidate_dir, active_dir=None, device: str = "auto", progress: bool = False
+                        ) -> tuple[ModelEvaluation, ModelEvaluation | None]:
+    """Measure the candidate and the active model on one set: the candidate's dataset's fixed evaluation
+    set (its training configuration). Raises EvalSetError, measuring nothing, when the two were trained
+    for different datasets or taxonomies (their numbers would not say which is better)."""
+    cand_manifest = read_manifest(candidate_dir)
+    cfg = evaluation_config(candidate_dir, manifest=cand_manifest)
+    if active_dir is not None:
+        act_manifest = read_manifest(active_dir)
+        act_dataset = model_dataset(active_dir, act_manifest)
+        if act_dataset is not None and act_dataset != cfg.dataset:
+            raise EvalSetError(
+                f"cannot compare {cand_manifest.model_version} with the active {act_manifest.model_version}: "
+                f"trained for different datasets ({cfg.dataset} vs {act_dataset})")
+        if act_manifest.taxonomy_sha256 != cand_manifest.taxonomy_sha256:
+            raise EvalSetError(
+                f"cannot compare {cand_manifest.model_version} with the active {act_manifest.model_version}: "
+                f"trained for different taxonomies ({cand_manifest.taxonomy.name} v{cand_manifest.taxonomy.version} "
+                f"vs {act_manifest.taxonomy.name} v{act_manifest.taxonomy.version})")
+    ev = evaluation_set(cfg, cand_manifest.taxonomy)
+    eval_set = eval_set_id(cfg, cand_manifest.taxonomy, ev.split)
+    dev = resolve_device(device)
+    cand = _measure(candidate_dir, cfg, ev, eval_set, dev, progress, None, True)
+    act = None
+    if active_dir is not None:
+        act = _measure(active_dir, cfg, ev, eval_set, dev, progress, None, True)
+    return cand, act

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -12,11 +12,44 @@ import torch
 from schemas.taxonomy import Taxonomy
 from training.config import TrainConfig
 from training.data import LabelledImages, PreparedData, Split, from_shop
-from training.deepfashion import prepare_deepfashion
+from training.deepfashion import deepfashion_test, load_cropped, prepare_deepfashion
 from training.fmnist import load_fashion_mnist
 from training.fmnist_shop import COLOUR_GROUP, build_shop, grey_photos
 
 log = logging.getLogger(__name__)
+
+DATASETS = ("fmnist-shop", "deepfashion")  # the labelled sets this package has readers for
+
+
+class NoReaderError(RuntimeError):
+    """The dataset (e.g. a custom taxonomy's own labelled catalogue) has no reader here."""
+
+
+def _no_reader(dataset: str) -> NoReaderError:
+    return NoReaderError(
+        f"Invalid dataset {dataset!r}: no reader for it. Only 'fmnist-shop' and 'deepfashion' are "
+        "supported; a custom taxonomy's own labelled set needs a catalogue reader, which training.prepare "
+        "does not have yet.")
+
+
+@dataclass
+class EvaluationSet:
+    """The fixed test split of a dataset, and what measuring on it needs."""
+    split: Split
+    loader: object = None  # image loader for file references (DeepFashion)
+    plain: np.ndarray | None = None  # FMNIST-shop: rows that are the plain rendering of each test image
+    grey: LabelledImages | None = None  # FMNIST-shop: the test images as published
+
+
+def evaluation_set(cfg: TrainConfig, taxonomy: Taxonomy) -> EvaluationSet:
+    """The fixed evaluation set of ``cfg.dataset`` without building any training rows: the rows
+    ``prepare_data(cfg, taxonomy).test`` has."""
+    if cfg.dataset == "fmnist-shop":
+        split, plain, grey = fmnist_shop_test(cfg, taxonomy)
+        return EvaluationSet(split, None, plain, grey)
+    if cfg.dataset == "deepfashion":
+        return EvaluationSet(deepfashion_test(cfg, taxonomy), load_cropped)
+    raise _no_reader(cfg.dataset)
 
 
 def fmnist_shop_test(cfg: TrainConfig, taxonomy: Taxonomy) -> tuple[Split, np.ndarray, LabelledImages]:
@@ -62,7 +95,7 @@ def prepare_data(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
         return prepare_fmnist_shop(cfg, taxonomy)
     if cfg.dataset == "deepfashion":
         return prepare_deepfashion(cfg, taxonomy)
-    raise RuntimeError(f"Invalid dataset {cfg.dataset!r}. Only 'fmnist-shop' and 'deepfashion' are supported.")
+    raise _no_reader(cfg.dataset)
 
 
 def add_training_rows(train: LabelledImages, extra: LabelledImages, repeats: int) -> LabelledImages:

@@ -145,7 +145,8 @@ def worker(
     if settings.metrics_port:
         from core.db import database_url
 
-        metrics.serve(settings.metrics_port, _health_checks(settings, database_url(settings), broker=True, model=True))
+        metrics.serve(settings.metrics_port, _health_checks(settings, database_url(settings), broker=True,
+                                                      model=settings.gpu_queue in queue_list.split(",")))
     app.worker_main(["worker", f"--queues={queue_list}", f"--concurrency={concurrency}", f"--pool={pool}",
                      f"--loglevel={loglevel}", "--prefetch-multiplier=1", "--without-gossip", "--without-mingle"]
                     + (["--beat"] if beat else []))
@@ -166,7 +167,7 @@ def _health_checks(settings, url: str, broker: bool, model: bool) -> dict:
     def model_loaded() -> None:
         from worker import runtime
 
-        if runtime._enricher is None:  # noqa: SLF001 - read-only peek: loaded lazily by the first task
+        if not runtime.is_loaded():  # loaded lazily by the first task
             raise RuntimeError("model not loaded yet")
 
     checks = {"database": database}

@@ -20,10 +20,64 @@ from core.config import Settings
 
 log = logging.getLogger(__name__)
 _lock = threading.RLock()  # enricher() reaches pool() while holding it
-_enricher = None
 _pool = None
-_loading: threading.Thread | None = None
-_ready = None  # an Enricher loaded in the background, waiting for the next task
+
+
+class _Slot:
+    """One served model (the active one, or a shadow candidate): current, and the next one loading."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.enricher = None
+        self.ready = None  # loaded in the background, waiting for the next task
+        self.loading: threading.Thread | None = None
+        self.wanted: str | None = None
+
+    def swap_in_ready(self) -> None:
+        if self.ready is None:
+            return
+        old, self.enricher, self.ready = self.enricher, self.ready, None
+        if old is not None:
+            old.close()
+        log.info("now serving %s model %s", self.name, self.enricher.model_version)
+
+    def load_in_background(self, settings: Settings, version: str) -> None:
+        self.wanted = version
+
+        def run() -> None:
+            try:
+                with pool(settings).connection() as conn:
+                    model_dir = _registered_dir(settings, conn, version)
+                loaded = _load(settings, model_dir)
+                with _lock:
+                    self.ready = loaded
+            except Exception:  # noqa: BLE001 - keep serving the current model; the next check tries again
+                log.exception("could not load %s model %s; still serving the current one", self.name, version)
+                self.wanted = None
+
+        self.loading = threading.Thread(target=run, name=f"load-{self.name}-{version}", daemon=True)
+        self.loading.start()
+        log.info("%s model is now %s: loading it in the background", self.name, version)
+
+    def follow(self, settings: Settings, version: str | None) -> None:
+        current = self.enricher.model_version if self.enricher is not None else None
+        if version is None:
+            if self.enricher is not None:
+                self.enricher.close()
+            self.enricher = self.ready = self.wanted = None
+        elif version != current and version != self.wanted and not (self.loading and self.loading.is_alive()):
+            self.load_in_background(settings, version)
+
+    def close(self) -> None:
+        if self.loading is not None:
+            self.loading.join(60)
+        for e in (self.enricher, self.ready):
+            if e is not None:
+                e.close()
+
+
+_active = _Slot("active")
+_shadow = _Slot("shadow")
 _checked_at = 0.0
 
 
@@ -41,7 +95,7 @@ def _load(settings: Settings, model_dir: Path):
     return Enricher(predictor, settings)
 
 
-def _active_dir(settings: Settings, conn, version: str | None = None) -> Path:
+def _registered_dir(settings: Settings, conn, version: str | None = None) -> Path:
     from model.artifacts import store_from_settings
     from model.registry import model_dir_for
 
@@ -53,73 +107,65 @@ def active_model_dir(settings: Settings) -> Path:
     if settings.model_dir is not None:
         return Path(settings.model_dir)
     with pool(settings).connection() as conn:
-        return _active_dir(settings, conn)
+        return _registered_dir(settings, conn)
 
 
-def _serve(new) -> None:
-    global _enricher
-    old, _enricher = _enricher, new
-    if old is not None:
-        metrics.MODEL_SERVED.labels(model_version=old.model_version).set(0)
-        old.close()
-    metrics.MODEL_SERVED.labels(model_version=new.model_version).set(1)
-
-
-def _load_in_background(settings: Settings, version: str) -> None:
-    def run() -> None:
-        global _ready
-        try:
-            with pool(settings).connection() as conn:
-                model_dir = _active_dir(settings, conn, version)
-            loaded = _load(settings, model_dir)
-            with _lock:
-                _ready = loaded
-        except Exception:  # noqa: BLE001 - keep serving the current model; the next check tries again
-            log.exception("could not load model %s; still serving the current one", version)
-
-    global _loading
-    _loading = threading.Thread(target=run, name=f"load-{version}", daemon=True)
-    _loading.start()
-    log.info("active model is now %s: loading it in the background", version)
+def _mark_served(before: str | None) -> None:
+    now = _active.enricher.model_version
+    if before is not None and before != now:
+        metrics.MODEL_SERVED.labels(model_version=before).set(0)
+    metrics.MODEL_SERVED.labels(model_version=now).set(1)
 
 
 def _follow(settings: Settings) -> None:
-    """Swap in a model loaded in the background; start loading when the registry names a new one."""
-    global _ready, _checked_at
-    if _ready is not None:
-        _serve(_ready)
-        log.info("now serving model %s", _ready.model_version)
-        _ready = None
+    """Swap in models loaded in the background; start loading when the registry names new ones."""
+    global _checked_at
+    before = _active.enricher.model_version
+    _active.swap_in_ready()
+    _shadow.swap_in_ready()
+    _mark_served(before)
     now = time.monotonic()
-    if now - _checked_at < settings.model_check_s or (_loading is not None and _loading.is_alive()):
+    if now - _checked_at < settings.model_check_s:
         return
     _checked_at = now
-    from model.registry import active_version
+    from model.registry import active_version, shadow_version
 
     try:
         with pool(settings).connection() as conn:
-            version = active_version(conn)
+            active, shadow = active_version(conn), shadow_version(conn)
     except Exception:  # noqa: BLE001 - a registry hiccup must not stop the worker; check again later
         log.warning("could not read the active model version", exc_info=True)
         return
-    if version is not None and version != _enricher.model_version:
-        _load_in_background(settings, version)
+    if active is not None:
+        _active.follow(settings, active)
+    _shadow.follow(settings, shadow)
 
 
 def enricher(settings: Settings):
     """The Enricher the next batch runs on: loaded on first call, then following the active model."""
-    global _enricher, _checked_at
+    global _checked_at
     with _lock:
-        if _enricher is None:
+        if _active.enricher is None:
             if settings.torch_threads:
                 import torch
 
                 torch.set_num_threads(settings.torch_threads)
-            _serve(_load(settings, active_model_dir(settings)))
-            _checked_at = time.monotonic()
-        elif settings.model_dir is None:
+            _active.enricher = _load(settings, active_model_dir(settings))
+            _mark_served(None)
+            _checked_at = 0.0 if settings.model_dir is None else time.monotonic()
+        if settings.model_dir is None:
             _follow(settings)
-        return _enricher
+        return _active.enricher
+
+
+def shadow_enricher():
+    """The shadow candidate's Enricher, when the registry names one and it is loaded; else None."""
+    with _lock:
+        return _shadow.enricher
+
+
+def is_loaded() -> bool:
+    return _active.enricher is not None
 
 
 def pool(settings: Settings):
@@ -133,15 +179,12 @@ def pool(settings: Settings):
 
 
 def reset() -> None:
-    """Forget the model and pool (tests)."""
-    global _enricher, _pool, _ready, _loading, _checked_at
+    """Forget the models and the pool (tests)."""
+    global _active, _shadow, _pool, _checked_at
     with _lock:
-        if _loading is not None:
-            _loading.join(60)
-        for e in (_enricher, _ready):
-            if e is not None:
-                e.close()
+        _active.close()
+        _shadow.close()
         if _pool is not None:
             _pool.close()
-        _enricher = _pool = _ready = _loading = None
+        _active, _shadow, _pool = _Slot("active"), _Slot("shadow"), None
         _checked_at = 0.0

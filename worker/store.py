@@ -129,6 +129,13 @@ def listings_to_enrich(conn: psycopg.Connection, listing_ids: list[str], model_v
     return [ListingToEnrich(r[0], r[1], ListingEvent.model_validate(r[2])) for r in rows]
 
 
+def listings_by_id(conn: psycopg.Connection, listing_ids: list[str]) -> list[ListingToEnrich]:
+    """The live listings among these ids, as they are now (shadow predictions, re-runs)."""
+    rows = conn.execute("SELECT listing_id, content_hash, event FROM listings WHERE listing_id = ANY(%s)"
+                        " AND status <> 'deleted' ORDER BY listing_id", (listing_ids,)).fetchall()
+    return [ListingToEnrich(r[0], r[1], ListingEvent.model_validate(r[2])) for r in rows]
+
+
 def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnrich, Enrichment, np.ndarray]],
                       failures: list[tuple[ListingToEnrich, str]]) -> int:
     """Write one batch in the caller's transaction. Returns the number of listings marked enriched.

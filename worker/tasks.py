@@ -8,6 +8,7 @@ from celery.utils.time import get_exponential_backoff_interval
 
 from core.celery_app import ENRICH_TASK, SWEEP_TASK, app, send_enrich, task_settings
 from worker import runtime
+from worker.shadow import run_shadow
 
 log = get_task_logger(__name__)
 
@@ -40,6 +41,9 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
     try:
         with runtime.pool(settings).connection() as conn:
             out = enricher.run(conn, listing_ids, accept_partial=last_try)
+            shadow = runtime.shadow_enricher()
+            if shadow is not None and out.enriched:
+                _shadow(conn, shadow, out.enriched, settings.shadow_share)
     except psycopg.OperationalError as exc:
         delay = get_exponential_backoff_interval(5, self.request.retries, 300, full_jitter=True)
         raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries)
@@ -49,6 +53,13 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
         raise self.retry(args=(sorted(out.retry),), countdown=backoff_s(self.request.retries, settings.retry_backoff_s),
                          max_retries=settings.task_max_retries)
     return {"enriched": len(out.enriched), "failed": len(out.failed), "skipped": len(out.skipped)}
+
+
+def _shadow(conn, shadow, enriched, share: float) -> None:
+    try:
+        run_shadow(conn, shadow, enriched, share)
+    except Exception:  # noqa: BLE001 - the batch is written; a shadow failure must not fail or retry it
+        log.exception("shadow model %s failed on this batch", shadow.model_version)
 
 
 def sweep_pending(conn: psycopg.Connection, settings, older_than_s: float | None = None) -> int:

@@ -68,22 +68,32 @@ def use_celery():
     configure(Settings())
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    """A real model directory (small CNN, random init, fashion-mnist taxonomy) written by training/."""
+def save_small_model(out: Path, version: str, seed: int) -> Path:
+    """A real model directory (small CNN, random init, fashion-mnist taxonomy) written by the model package."""
     import torch
 
-    from schemas.taxonomy import load_taxonomy
     from model.checkpoint import save_model
     from model.network import build_model
+    from schemas.taxonomy import load_taxonomy
 
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("model")
+    torch.manual_seed(seed)
     model = build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False)
-    # thresholds 0: every missing group is filled, so provenance rules are checked on real outputs
-    save_model(model, out, model_version="test-small-v1", image_size=32,
-               thresholds={"category": 0.0, "type": 0.0, "colour": 0.0})
+    # thresholds 0: every missing group is filled, so provenance rules are checked on real outputs; each
+    # later seed scores higher, so the registry's gate lets it replace an earlier one
+    save_model(model, out, model_version=version, image_size=32,
+               thresholds={"category": 0.0, "type": 0.0, "colour": 0.0}, metrics={"test/top1": 0.1 * (seed + 1)})
     return out
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    return save_small_model(tmp_path_factory.mktemp("model"), "test-small-v1", seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_dir_v2(tmp_path_factory) -> Path:
+    """A second version of the same architecture (other weights), for promotions."""
+    return save_small_model(tmp_path_factory.mktemp("model-v2"), "test-small-v2", seed=1)
 
 
 @pytest.fixture(scope="session")
