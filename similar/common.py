@@ -19,13 +19,61 @@ class Neighbour:
     score: float
 
 
+# The model whose shelves readers see: the active model once it has an active similar-items version,
+# else the most recently active model that has one (the previous model keeps serving, whole, while
+# the catalogue is re-embedded under a new one and until the new version's reindex switches).
+# `promoted_at` is set by every promotion and rollback, so "most recently active" is its order.
+SHELF_MODEL_SQL = (
+    "SELECT m.model_version FROM models m"
+    " JOIN similar_items_active a ON a.model_version = m.model_version"
+    " WHERE m.status = 'active' OR m.was_active"
+    " ORDER BY (m.status = 'active') DESC, m.promoted_at DESC NULLS LAST, m.model_version LIMIT 1"
+)
+ACTIVE_MODEL_SQL = "SELECT model_version FROM models WHERE status = 'active'"
+
+
+def shelf_model_version(conn: psycopg.Connection) -> str | None:
+    """The model whose similar-items version shelves serve (see SHELF_MODEL_SQL); None when no model
+    that was ever active has one."""
+    row = conn.execute(SHELF_MODEL_SQL).fetchone()
+    return row[0] if row else None
+
+
 def resolve_model_version(conn: psycopg.Connection, model_version: str | None = None) -> str:
-    """The given model version, else the active model's, else the one with the most embeddings."""
+    """What readers use: the given model version, else the shelf model (`shelf_model_version`), else the
+    active model's (no shelves yet: online rows only), else the one with the most embeddings."""
     if model_version:
         return model_version
-    row = conn.execute("SELECT model_version FROM models WHERE status = 'active'").fetchone()
-    if row:
+    row = conn.execute(f"SELECT coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))").fetchone()
+    if row[0] is not None:
         return row[0]
+    return _most_embedded(conn)
+
+
+def reindex_model_version(conn: psycopg.Connection, model_version: str | None = None) -> str:
+    """Which model the nightly reindex builds shelves for (the given one, if any).
+
+    The active model, unless the catalogue is still being re-embedded under it (its backfill is not
+    'done') while another model's shelves serve: then the serving model's shelves are refreshed, and
+    the active model's are built by the reindex the backfill enqueues when it finishes. The active
+    model is also chosen when it already serves (a rollback to kept shelves) or when nothing else
+    could (the first model), so a half-embedded catalogue never replaces whole shelves.
+    """
+    if model_version:
+        return model_version
+    row = conn.execute(
+        f"SELECT ({ACTIVE_MODEL_SQL}), ({SHELF_MODEL_SQL}),"
+        " (SELECT b.status FROM backfills b JOIN models m USING (model_version) WHERE m.status = 'active')"
+    ).fetchone()
+    active, shelf, backfill = row
+    if active is not None and (shelf is None or shelf == active or backfill in (None, "done")):
+        return active
+    if shelf is not None:
+        return shelf
+    return _most_embedded(conn)
+
+
+def _most_embedded(conn: psycopg.Connection) -> str:
     row = conn.execute(
         "SELECT model_version FROM embeddings GROUP BY model_version ORDER BY count(*) DESC LIMIT 1"
     ).fetchone()

@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -34,6 +35,11 @@ from training.samplers import make_batch_sampler
 from training.transforms import AUGMENTATIONS, BatchAugment, train_transform
 
 log = logging.getLogger(__name__)
+
+# ``train(..., progress=)`` receives dicts like {"stage": "2-classification", "step": 120, "of": 4800}
+# (stages "prepare", each training stage — with "budget_s" at its start when time decides —, "test",
+# "save"); it is called at most once every 20 steps.
+ProgressFn = Callable[[dict], None]
 
 
 def _idle_cores(window_s: float = 0.5) -> float | None:
@@ -147,7 +153,7 @@ def _validate_into(model: MultitaskModel, spec: StageSpec, data: PreparedData, c
 
 def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criterion: MultitaskLoss,
               cfg: TrainConfig, device: torch.device, generator: torch.Generator, budget_s: float | None,
-              history: list[dict]) -> dict[str, float]:
+              history: list[dict], progress: ProgressFn | None = None) -> dict[str, float]:
     params = _set_trainable(model, spec, set(model.frozen_backbone))
     trunk = {id(p) for p in model.backbone.parameters()}
     groups = [{"params": [p for p in params if id(p) in trunk], "lr_scale": spec.trunk_lr_scale},
@@ -215,6 +221,8 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
         bar.update(1)
         if step % 20 == 0:
             read_losses()
+            if progress is not None:
+                progress({"stage": spec.name, "step": step, "of": spec.steps})
         validated_now = False
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == spec.steps:
             read_losses()
@@ -240,19 +248,23 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     return best_metrics
 
 
-def train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Path:
+def train(config: TrainConfig, extra_train: LabelledImages | None = None,
+          progress: ProgressFn | None = None) -> Path:
     """Train, evaluate, calibrate and save. Returns the model directory (model.safetensors,
     manifest.json, report/). ``extra_train``: more labelled rows for the training split only, e.g.
-    human corrections (``training.corrections``); validation and test stay the fixed sets."""
+    human corrections (``training.corrections``); validation and test stay the fixed sets.
+    ``progress``: called with where the run is (``ProgressFn``), e.g. to show a retraining job's progress."""
     threads = torch.get_num_threads()
     try:
-        return _train(config, extra_train)
+        return _train(config, extra_train, progress)
     finally:
         torch.set_num_threads(threads)  # the caller's process (e.g. the quickstart) keeps its setting
 
 
-def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Path:
+def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
+           progress: ProgressFn | None = None) -> Path:
     cfg = config
+    report = progress or (lambda _: None)
     if cfg.augment not in AUGMENTATIONS:  # before minutes of data preparation, not after
         raise RuntimeError(f"Invalid augmentation {cfg.augment!r}. Only {', '.join(AUGMENTATIONS)} are supported.")
     if cfg.flip_tta and cfg.augment == "none":  # test-time flips only pay for a model trained with them
@@ -264,6 +276,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pa
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     taxonomy = load_taxonomy(cfg.taxonomy)
+    report({"stage": "prepare"})
     data = prepare_data(cfg, taxonomy)
     n_extra = len(extra_train) if extra_train is not None else 0
     if n_extra:
@@ -291,13 +304,17 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pa
         budget = None
         if cfg.time_budget_s is not None:
             budget = max(1.0, (cfg.time_budget_s - spent) * spec.steps / max(1, total_steps))
-        stage_metrics[spec.name] = run_stage(model, spec, data, criterion, cfg, device, generator, budget, history)
+        report({"stage": spec.name, "step": 0, "of": spec.steps,
+                **({"budget_s": round(budget, 1)} if budget is not None else {})})
+        stage_metrics[spec.name] = run_stage(model, spec, data, criterion, cfg, device, generator, budget, history,
+                                             progress)
         total_steps -= spec.steps
         spent = time.perf_counter() - t_train
     train_s = time.perf_counter() - t_train
     prepare_s = t_train - t_start
 
     model.flip_tta = cfg.flip_tta
+    report({"stage": "test"})
     # calibrate on validation, then measure on test with those thresholds
     val_preds = predict_dataset(model, data.val.data, cfg.image_size, device, loader=data.loader)
     thresholds, label_thresholds = calibrate(taxonomy, val_preds, data.val.data)
@@ -316,6 +333,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None) -> Pa
     metrics["eval/test_photos_per_item"] = float(cfg.test_photos_per_item)
     version = cfg.model_version or f"{cfg.taxonomy}-{cfg.backbone}-{cfg.strategy}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
     out_dir = Path(cfg.out_dir) / version
+    report({"stage": "save"})
     save_model(model, out_dir, model_version=version, image_size=cfg.image_size, thresholds=thresholds,
                label_thresholds=label_thresholds, metrics=metrics, data_fingerprint=data.train.fingerprint(),
                strategy=cfg.strategy)
