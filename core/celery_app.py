@@ -48,6 +48,10 @@ def configure(settings: Settings) -> Celery:
             # listings whose enrichment task was lost are enqueued again (tasks are idempotent)
             "sweep-pending": {"task": SWEEP_TASK, "schedule": settings.pending_sweep_every_s,
                               "options": {"queue": CPU_QUEUE}},
+            # periodic retraining job (training.tasks; it skips, saying why, when too few corrections came)
+            **({"scheduled-retrain": {"task": "enrich.retrain_scheduled",
+                                      "schedule": crontab.from_string(settings.retrain_cron),
+                                      "options": {"queue": TRAIN_QUEUE}}} if settings.retrain_cron else {}),
         },
         timezone="UTC",
     )

@@ -38,6 +38,14 @@ SNAPSHOT_BUILT = Gauge("enrich_similar_snapshot_built_timestamp_seconds",
 MODEL_SERVED = Gauge("enrich_model_served", "1 for the model version this worker serves (0 once replaced)",
                      ["model_version"], multiprocess_mode="max")
 INTAKE_PAUSED = Gauge("enrich_intake_paused", "1 while the intake stops polling for back-pressure")
+# catalogue backfill after a promotion (worker/backfill.py); progress is also in the `backfills` table
+BACKFILL_REMAINING = Gauge("enrich_backfill_remaining", "Listings the catalogue backfill has yet to re-embed under a "
+                           "model version (0 once done or cancelled)", ["model_version"],
+                           multiprocess_mode="mostrecent")
+BACKFILL_LISTINGS = Counter("enrich_backfill_listings_total", "Listings the catalogue backfill processed",
+                            ["outcome"])
+BACKFILL_PAUSES = Counter("enrich_backfill_pauses_total", "Times the backfill stepped aside: live enrichment "
+                          "queued, or this worker still loading the new model", ["reason"])
 
 HealthCheck = Callable[[], None]  # raises when unhealthy
 def _registry():

@@ -42,7 +42,7 @@ def git_commit(repo_dir: Path | None = None) -> str:
 def save_model(model: MultitaskModel, out_dir: Path, *, model_version: str, image_size: int,
                thresholds: dict[str, float] | None = None, label_thresholds: dict[str, float] | None = None,
                metrics: dict[str, float] | None = None, data_fingerprint: str = "",
-               strategy: str = "staged") -> ModelManifest:
+               strategy: str = "staged", dataset: str = "", eval_set: str = "") -> ModelManifest:
     """Write model.safetensors and manifest.json into out_dir; return the manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,6 +62,8 @@ def save_model(model: MultitaskModel, out_dir: Path, *, model_version: str, imag
         label_thresholds=label_thresholds or {},
         metrics={k: float(v) for k, v in (metrics or {}).items()},
         data_fingerprint=data_fingerprint,
+        dataset=dataset,
+        eval_set=eval_set,
         strategy=strategy,
         flip_tta=model.flip_tta,
         git_commit=git_commit(),

@@ -235,6 +235,11 @@ def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] 
         if cand.status == "active":
             return Decision(True, model_version, model_version, ["already active"])
         if act is not None:
+            if metrics is None:  # stored figures: comparable only when measured on the same fixed set
+                apart = _different_eval_sets(conn, cand.model_version, act.model_version)
+                if apart:
+                    log.info("refused %s against %s: %s", model_version, act.model_version, apart)
+                    return Decision(False, model_version, act.model_version, [apart])
             cm = (metrics or {}).get(cand.model_version, cand.metrics)
             am = (metrics or {}).get(act.model_version, act.metrics)
             ok, reasons = compare(cm, am, gate, tolerance)
@@ -249,6 +254,17 @@ def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] 
         _event(conn, model_version, "promote", actor, reason, act.model_version if act else None)
     log.info("promoted %s (previous: %s) by %s", model_version, act.model_version if act else None, actor)
     return Decision(True, model_version, act.model_version if act else None)
+
+
+def _different_eval_sets(conn: psycopg.Connection, a: str, b: str) -> str | None:
+    """Why two models' stored metrics cannot be compared, or None. Models that record no set (older
+    manifests) fall back to compare()'s eval/* check."""
+    sets = dict(conn.execute("SELECT model_version, manifest->>'eval_set' FROM models WHERE model_version = ANY(%s)",
+                             ([a, b],)).fetchall())
+    if sets.get(a) and sets.get(b) and sets[a] != sets[b]:
+        return (f"measured on different evaluation sets ({sets[a]} vs {sets[b]}); re-measure both on one with "
+                "`enrich promote --reevaluate`")
+    return None
 
 
 def rollback(conn: psycopg.Connection, model_version: str | None = None, *, actor: str = "cli",

@@ -32,6 +32,8 @@ class ModelManifest(BaseModel):
     label_thresholds: dict[str, float] = Field(default_factory=dict)
     metrics: dict[str, float] = Field(default_factory=dict)
     data_fingerprint: str = ""
+    dataset: str = ""  # what it was trained for: fmnist-shop, deepfashion, …
+    eval_set: str = ""  # the fixed evaluation set its metrics were measured on (training/evaluate.py eval_set_id)
     strategy: str = "staged"
     flip_tta: bool = False  # predictions average each photo with its mirror image (2× the compute)
     git_commit: str = ""

@@ -53,11 +53,11 @@ def resolve_model_version(conn: psycopg.Connection, model_version: str | None = 
 def reindex_model_version(conn: psycopg.Connection, model_version: str | None = None) -> str:
     """Which model the nightly reindex builds shelves for (the given one, if any).
 
-    The active model, unless the catalogue is still being re-embedded under it (its backfill is not
-    'done') while another model's shelves serve: then the serving model's shelves are refreshed, and
-    the active model's are built by the reindex the backfill enqueues when it finishes. The active
-    model is also chosen when it already serves (a rollback to kept shelves) or when nothing else
-    could (the first model), so a half-embedded catalogue never replaces whole shelves.
+    The active model once its catalogue backfill is 'done', when it already serves (a rollback to kept
+    shelves) or when no other model's shelves could serve (the first model). Otherwise (backfill
+    running, cancelled or not started yet while an earlier model's shelves serve) the serving model's
+    shelves are refreshed instead, and the active model's are built by the reindex its backfill
+    enqueues when it finishes: a half-embedded catalogue never replaces whole shelves.
     """
     if model_version:
         return model_version
@@ -66,7 +66,7 @@ def reindex_model_version(conn: psycopg.Connection, model_version: str | None = 
         " (SELECT b.status FROM backfills b JOIN models m USING (model_version) WHERE m.status = 'active')"
     ).fetchone()
     active, shelf, backfill = row
-    if active is not None and (shelf is None or shelf == active or backfill in (None, "done")):
+    if active is not None and (shelf is None or shelf == active or backfill == "done"):
         return active
     if shelf is not None:
         return shelf

@@ -15,6 +15,10 @@ worker) searches one range against the snapshot; `finish_shards` checks every li
 and switches. Shards need the snapshot (ENRICH_INDEX_URI, or a directory all workers see) and a
 Celery result backend (the chord).
 
+Which model: the one asked for, else `common.reindex_model_version`: the active model once the
+catalogue backfill under it is done (or when it already serves, or nothing else could), otherwise the
+model whose shelves serve now, so a half re-embedded catalogue never replaces whole shelves.
+
 Readers see the old version until the switch and the new one, whole, after it. A crash anywhere
 before the switch leaves the active version untouched; the next run marks the leftover 'building'
 version failed and deletes its rows (so starting any run abandons a version still building for
@@ -23,6 +27,7 @@ that model, sharded or not).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -36,7 +41,7 @@ import psycopg
 from core.config import Settings
 from similar import index as ix
 from similar import store as sdb
-from similar.common import ADVISORY_NAMESPACE, decode_ids, resolve_model_version, snapshot_root
+from similar.common import ADVISORY_NAMESPACE, decode_ids, reindex_model_version, snapshot_root
 from similar.snapshots import store_from_settings
 
 log = logging.getLogger(__name__)
@@ -162,7 +167,7 @@ def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_ver
     The model version's lock is held until the `with` block ends. An error inside the block (or
     while saving the snapshot) marks the version failed; the active version stays as it was.
     """
-    model_version = resolve_model_version(conn, model_version)
+    model_version = reindex_model_version(conn, model_version)
     k = settings.similar_k if k is None else k
     with _reindex_lock(conn, model_version):
         sdb.mark_failed(conn, sdb.stale_building(conn, model_version),
@@ -315,3 +320,34 @@ def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1
     _prune_snapshots(settings, root, model_version, keep_snapshots)
     return RecomputeResult(model_version, version, written, k, params["spec"]["factory"], replaced, pruned,
                            params.get("snapshot"))
+
+
+# ---------------------------------------------------------------------------------------------
+# old model versions
+
+def prune_models(conn: psycopg.Connection, *, settings: Settings, keep: int | None = None,
+                 root: Path | str | None = None) -> list[str]:
+    """Delete what models beyond the last `keep` (ENRICH_KEEP_MODEL_VERSIONS) that were active still hold:
+    embeddings, online rows, similar-items versions and local snapshots (`store.prunable_model_versions`).
+
+    Never the active model, nor the one whose shelves serve now. A version being reindexed right now is
+    left for the next call. `conn` must be autocommit. Returns the pruned versions.
+    """
+    keep = settings.keep_model_versions if keep is None else keep
+    pruned = []
+    for model_version in sdb.prunable_model_versions(conn, keep):
+        try:
+            with _reindex_lock(conn, model_version):
+                if not sdb.prune_model_version(conn, model_version, keep):
+                    continue
+        except ReindexBusy:
+            log.info("model %s is being reindexed; pruning it later", model_version)
+            continue
+        pruned.append(model_version)
+        shutil.rmtree(snapshot_root(settings, root) / ix.safe_name(model_version), ignore_errors=True)
+        store = store_from_settings(settings)
+        if store is not None:  # published snapshots too (the one LATEST names stays, as store.prune does)
+            store.prune(model_version, 0)
+    if pruned:
+        log.info("pruned model versions %s (keeping the last %d that were active)", pruned, keep)
+    return pruned

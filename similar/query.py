@@ -9,6 +9,15 @@ The view `similar_items_current (model_version, listing_id, neighbour_ids, score
   * otherwise the row of the active nightly version (`similar_items_active` → `similar_items`).
 `read_neighbours()` reads it and also drops neighbours deleted/sold since they were computed.
 
+Which model's shelves
+---------------------
+Readers use the shelf model (`common.shelf_model_version`): the active model once its own nightly
+version is active, else the most recently active model that has one. After a promotion the previous
+model's shelves keep serving, whole, while the backfill re-embeds the catalogue; the reindex it
+enqueues when done switches `similar_items_active` for the new model and readers follow in that
+commit. A rollback to a model whose shelves were kept (ENRICH_KEEP_MODEL_VERSIONS) switches back at
+once.
+
 Attribute-aware ("similar, but by <group>")
 -------------------------------------------
 Seed 001 (modified CSN): a per-group mask m over the embedding; conditioned similarity is the inner
@@ -23,7 +32,7 @@ import psycopg
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP
 from similar import index as ix
 from similar import store as sdb
-from similar.common import Neighbour, resolve_model_version
+from similar.common import ACTIVE_MODEL_SQL, SHELF_MODEL_SQL, Neighbour, resolve_model_version
 
 
 def condition(vectors: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -40,17 +49,30 @@ def condition(vectors: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 def read_neighbours(conn: psycopg.Connection, listing_id: str, model_version: str | None = None,
                     k: int | None = None) -> tuple[list[Neighbour], str | None]:
-    """What the shelf shows: stored neighbours (online or nightly) minus listings deleted since."""
-    model_version = resolve_model_version(conn, model_version)
-    rows = conn.execute(
+    """What the shelf shows: stored neighbours (online or nightly) minus listings deleted since.
+
+    Without `model_version`, the shelf model (`common.shelf_model_version`) is chosen in the same
+    statement that reads its rows: one snapshot, so a switch to a new model's shelves (or the pruning
+    of an old model) between two statements can never show an empty or half shelf.
+    """
+    if model_version is None:
+        rows = _read_shelf(conn, f"coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))", [], listing_id, k)
+        if not rows and conn.execute(f"SELECT coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL})) IS NULL").fetchone()[0]:
+            rows = _read_shelf(conn, "%s", [resolve_model_version(conn)], listing_id, k)  # no registry
+    else:
+        rows = _read_shelf(conn, "%s", [model_version], listing_id, k)
+    source = rows[0][0] if rows else None
+    return [Neighbour(r[1], float(r[2])) for r in rows], source
+
+
+def _read_shelf(conn: psycopg.Connection, which: str, params: list, listing_id: str, k: int | None) -> list[tuple]:
+    return conn.execute(
         "SELECT c.source, n.id, n.score FROM similar_items_current c"
         " CROSS JOIN LATERAL unnest(c.neighbour_ids, c.scores) WITH ORDINALITY AS n(id, score, ord)"
         " JOIN listings l ON l.listing_id = n.id AND l.status <> 'deleted'"
-        " WHERE c.model_version = %s AND c.listing_id = %s ORDER BY n.ord LIMIT %s",
-        (model_version, listing_id, k or 1000),
+        f" WHERE c.model_version = ({which}) AND c.listing_id = %s ORDER BY n.ord LIMIT %s",
+        (*params, listing_id, k or 1000),
     ).fetchall()
-    source = rows[0][0] if rows else None
-    return [Neighbour(r[1], float(r[2])) for r in rows], source
 
 
 def listing_tag(conn: psycopg.Connection, listing_id: str, group: str) -> str | None:

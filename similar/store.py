@@ -432,6 +432,60 @@ def prune_versions(conn: psycopg.Connection, model_version: str, keep_retired: i
     return doomed
 
 
+def kept_model_versions(conn: psycopg.Connection, keep: int) -> set[str]:
+    """Model versions whose embeddings, online rows and shelves are kept: the last `keep` that were
+    active (the active one first), and the model whose shelves serve now, whatever its age."""
+    from similar.common import SHELF_MODEL_SQL
+
+    rows = conn.execute(
+        "SELECT model_version FROM models WHERE status = 'active' OR was_active"
+        " ORDER BY (status = 'active') DESC, promoted_at DESC NULLS LAST, model_version LIMIT %s", (keep,),
+    ).fetchall()
+    kept = {r[0] for r in rows}
+    shelf = conn.execute(SHELF_MODEL_SQL).fetchone()
+    if shelf is not None:
+        kept.add(shelf[0])
+    return kept
+
+
+def prunable_model_versions(conn: psycopg.Connection, keep: int) -> list[str]:
+    """Models that were active, are not kept (`kept_model_versions`) and still hold rows, oldest first.
+
+    Only models that were once active are ever pruned: candidates, shadows and versions the registry does
+    not know (ENRICH_MODEL_DIR, hand-run reindexes) keep their rows.
+    """
+    rows = conn.execute(
+        "SELECT m.model_version FROM models m WHERE m.was_active AND m.status <> 'active'"
+        " AND (EXISTS (SELECT 1 FROM embeddings e WHERE e.model_version = m.model_version)"
+        "   OR EXISTS (SELECT 1 FROM similar_items_versions v WHERE v.model_version = m.model_version)"
+        "   OR EXISTS (SELECT 1 FROM similar_items_online o WHERE o.model_version = m.model_version))"
+        " ORDER BY m.promoted_at NULLS FIRST, m.model_version",
+    ).fetchall()
+    kept = kept_model_versions(conn, keep)
+    return [r[0] for r in rows if r[0] not in kept]
+
+
+def prune_model_version(conn: psycopg.Connection, model_version: str, keep: int) -> bool:
+    """Delete one old model's embeddings, online rows and similar-items versions in one transaction.
+
+    The model's registry row is locked and the rule checked again inside it, so a rollback to this
+    version that commits first keeps its rows (and one that comes after finds them gone and needs a
+    backfill). Returns False when the version turned out to be kept.
+    """
+    with conn.transaction():
+        row = conn.execute("SELECT status FROM models WHERE model_version = %s FOR UPDATE",
+                           (model_version,)).fetchone()
+        if row is None or row[0] == "active" or model_version in kept_model_versions(conn, keep):
+            return False
+        conn.execute("DELETE FROM similar_items_active WHERE model_version = %s", (model_version,))
+        # similar_items rows go with their versions (ON DELETE CASCADE)
+        conn.execute("DELETE FROM similar_items_versions WHERE model_version = %s", (model_version,))
+        conn.execute("DELETE FROM similar_items_online WHERE model_version = %s", (model_version,))
+        n = conn.execute("DELETE FROM embeddings WHERE model_version = %s", (model_version,)).rowcount
+    log.info("pruned model %s: %d embeddings, its online rows and similar-items versions", model_version, n)
+    return True
+
+
 def active_version(conn: psycopg.Connection, model_version: str) -> int | None:
     row = conn.execute("SELECT version FROM similar_items_active WHERE model_version = %s",
                        (model_version,)).fetchone()

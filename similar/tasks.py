@@ -7,7 +7,9 @@
 "enrich.reindex_shard"  top-K for one id range into the building version; re-running it replaces the
                         range, so acks_late redelivery is safe.
 "enrich.reindex_finish" checks every listing was written, switches atomically, prunes.
-Tasks pass ids and bounds, never vectors.
+Tasks pass ids and bounds, never vectors. After a switch, models beyond ENRICH_KEEP_MODEL_VERSIONS
+that were active lose their embeddings and shelves (`nightly.prune_models`; never the active model nor
+the one serving). The catalogue backfill enqueues "enrich.reindex" for its model when it finishes.
 """
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ def _conn(settings: Settings) -> psycopg.Connection:
     return connect(database_url(settings), autocommit=True)
 
 
+def _prune_models(conn: psycopg.Connection, settings: Settings) -> None:
+    try:
+        nightly.prune_models(conn, settings=settings)
+    except Exception:  # noqa: BLE001 - the new version serves; pruning is tried again after the next switch
+        log.exception("pruning old model versions failed")
+
+
 @app.task(name="enrich.reindex", ignore_result=True, time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
 def reindex(model_version: str | None = None, k: int | None = None, shards: int = 1,
             factory: str | None = None, nprobe: int | None = None) -> dict | None:
@@ -35,6 +44,7 @@ def reindex(model_version: str | None = None, k: int | None = None, shards: int 
     try:
         if shards <= 1:
             result = nightly.recompute(conn, model_version, settings=settings, k=k, factory=factory, nprobe=nprobe)
+            _prune_models(conn, settings)
         else:
             version, bounds = nightly.prepare_shards(conn, model_version, shards, settings=settings, k=k,
                                                      factory=factory, nprobe=nprobe)
@@ -67,6 +77,7 @@ def reindex_finish(version: int) -> dict:
     conn = _conn(settings)
     try:
         result = nightly.finish_shards(conn, version, settings=settings)
+        _prune_models(conn, settings)
     finally:
         conn.close()
     log.info(result.summary())

@@ -34,6 +34,7 @@ def _correction_rows(cfg, settings):
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root `enrich` app."""
+    app.command()(retrain)
 
     @app.command()
     def train(
@@ -205,3 +206,52 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  {reason}")
         if not decision.promoted:
             raise typer.Exit(1)
+
+
+def retrain(
+    reason: str = typer.Option(..., "--reason", help="Why (recorded with the job and the model it registers)."),
+    by: str = typer.Option(None, "--by", help="Who asks (recorded; default: the login name)."),
+    preset: str = typer.Option(None, "--preset", help="training preset, as `enrich train --preset` (default: "
+                                                      "ENRICH_RETRAIN_PRESET, quick)."),
+    fresh: bool = typer.Option(False, "--fresh", help="train from fresh weights (default: start from the active "
+                                                      "model's where its backbone and taxonomy fit the preset)."),
+    wait: bool = typer.Option(False, "--wait", help="show the job's progress until it ends; exit 1 if it fails "
+                                                    "(default: return once it is queued)."),
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Enqueue a retraining job on the train queue: train with the corrections, evaluate, register, gate, then
+    promote (ENRICH_AUTO_PROMOTE) or wait for an admin; one job runs at a time."""
+    import getpass
+    import time
+
+    from core.celery_app import TRAIN_QUEUE, configure
+    from core.config import get_settings
+    from core.db import connect, database_url as resolve
+    from training.config import PRESETS
+    from training.jobs import FINISHED, describe, get_job, request_retrain
+
+    if preset is not None and preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
+    settings = get_settings()
+    configure(settings)
+    params = {"preset": preset or settings.retrain_preset, **({"warm_start": False} if fresh else {})}
+    conn = connect(database_url or resolve(settings), autocommit=True)
+    try:
+        job_id = request_retrain(conn, requested_by=by or getpass.getuser(), reason=reason, params=params)
+        typer.echo(f"training job #{job_id} queued on {TRAIN_QUEUE!r} (`enrich worker -Q {TRAIN_QUEUE}` runs it)")
+        if not wait:
+            return
+        shown = None
+        while True:
+            job = get_job(conn, job_id)
+            line = describe(job)
+            if line != shown:
+                typer.echo(line)
+                shown = line
+            if job["status"] in FINISHED:
+                break
+            time.sleep(1.0)
+    finally:
+        conn.close()
+    if job["status"] == "failed":
+        raise typer.Exit(1)

@@ -26,7 +26,8 @@ from model.network import MultitaskModel, build_model
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training.config import TINY, StageSpec, TrainConfig, config_dict
 from training.data import LabelledImages, PreparedData, Split, TensorBatches, TorchImages
-from training.evaluate import EvalResult, calibrate, compute_metrics, fashion_mnist_metrics, predict_dataset
+from training.evaluate import (EvalResult, calibrate, compute_metrics, eval_set_id, fashion_mnist_metrics,
+                               predict_dataset)
 from training.fmnist_shop import COLOUR_GROUP
 from training.losses import MultitaskLoss, class_weights, pos_weights, task_weights
 from training.prepare import add_training_rows, prepare_data
@@ -336,7 +337,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     report({"stage": "save"})
     save_model(model, out_dir, model_version=version, image_size=cfg.image_size, thresholds=thresholds,
                label_thresholds=label_thresholds, metrics=metrics, data_fingerprint=data.train.fingerprint(),
-               strategy=cfg.strategy)
+               strategy=cfg.strategy, dataset=cfg.dataset, eval_set=eval_set_id(cfg, taxonomy, data.test))
     write_report(out_dir / "report", taxonomy=taxonomy,
                  config={**config_dict(cfg), "model_version": version, "extra_training_rows": n_extra},
                  metrics=metrics,

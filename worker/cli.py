@@ -1,4 +1,4 @@
-"""Worker subcommands: batch, consume, corrections, worker, sweep, health.
+"""Worker subcommands: batch, consume, corrections, worker, sweep, backfill, health.
 
 Heavy imports (torch, celery, kafka) stay inside the commands so `enrich --help` stays fast.
 """
@@ -196,6 +196,107 @@ def sweep(
     typer.echo(f"{n} pending listing(s) enqueued again on queue {settings.gpu_queue!r}")
 
 
+_STALE_S = 15 * 60  # a running backfill whose row has not moved this long lost its chain (chunks ≤ 10 min)
+
+
+def backfill(
+    version: str = typer.Argument(None, help="Model version to re-embed the catalogue under (default: the "
+                                             "active model; only the active model is backfilled)."),
+    wait: bool = typer.Option(False, "--wait", help="Show a progress bar until the backfill is done (exit 0) or "
+                                                    "cancelled (exit 1)."),
+    status_only: bool = typer.Option(False, "--status", help="Only show the backfills, enqueue nothing."),
+    force: bool = typer.Option(False, "--force", help="Enqueue even while a backfill of the version is running "
+                                                      "(default: only when none is, or it stopped moving)."),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="Seconds between progress reads (default: 1)."),
+    timeout: float = typer.Option(0.0, "--timeout", min=0.0, help="With --wait: give up after this many "
+                                                                  "seconds, exit 1 (default: 0 = never)."),
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Re-embed and re-tag the catalogue under the active model (promote and rollback start it); show progress."""
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.celery_app import BACKFILL_QUEUE, configure, send_backfill
+    from core.db import connect
+    from core.db import database_url as resolve
+    from model.registry import active_version
+    from worker.backfill import all_progress, progress
+
+    console = Console()
+    settings = get_settings()
+    conn = connect(database_url or resolve(settings), autocommit=True)
+    try:
+        active = active_version(conn)
+        version = version or active
+        if status_only and not wait:
+            table = Table(title="backfills")
+            for col in ("version", "status", "done", "total", "started", "updated", "finished"):
+                table.add_column(col, justify="right" if col in ("done", "total") else "left")
+            for p in all_progress(conn):
+                table.add_row(p.model_version + (" (active)" if p.model_version == active else ""), p.status,
+                              str(p.done), str(p.total), f"{p.started_at:%Y-%m-%d %H:%M:%S}",
+                              f"{p.updated_at:%Y-%m-%d %H:%M:%S}",
+                              f"{p.finished_at:%Y-%m-%d %H:%M:%S}" if p.finished_at else "")
+            console.print(table)
+            return
+        if version is None:
+            console.print("[red]error:[/red] no active model: promote one first (`enrich promote`)")
+            raise typer.Exit(2)
+        if version != active and not status_only:
+            console.print(f"[red]error:[/red] {version} is not the active model ({active or 'none'}): only the "
+                          "active model is backfilled (`enrich rollback` makes an earlier one active again)")
+            raise typer.Exit(2)
+        if not status_only:
+            p = progress(conn, version)
+            age = None if p is None else time.time() - p.updated_at.timestamp()
+            if p is not None and p.status == "running" and age < _STALE_S and not force:
+                console.print(f"backfill of {version} is running ({p.done}/{p.total}, updated {age:.0f}s ago); "
+                              "--force enqueues it again")
+            else:
+                configure(settings)
+                send_backfill(version)
+                console.print(f"backfill of {version} enqueued on queue {BACKFILL_QUEUE!r}"
+                              + (" (it had stopped moving)" if p is not None and p.status == "running" else ""))
+        if wait:
+            raise typer.Exit(_wait_for_backfill(conn, version, console, interval, timeout))
+        p = progress(conn, version)
+        if p is not None:
+            console.print(f"{version}: {p.status}, {p.done}/{p.total} listings")
+    finally:
+        conn.close()
+
+
+def _wait_for_backfill(conn, version: str, console, interval: float, timeout: float) -> int:
+    """A progress bar over the backfills row until it is done (0) or cancelled / timed out (1)."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from worker.backfill import progress
+
+    deadline = time.monotonic() + timeout if timeout else None
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("listings"),
+               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"backfill {version}", total=None, status="waiting for a worker on the backfill queue")
+        while True:
+            p = progress(conn, version)
+            if p is not None:
+                bar.update(task, total=max(p.total, 1), completed=min(p.done, p.total) if p.total else 1,
+                           status=p.status)
+                if p.status != "running":
+                    break
+            if deadline is not None and time.monotonic() > deadline:
+                bar.update(task, status="timed out")
+                return 1
+            time.sleep(interval)
+    console.print(f"backfill of {version} {p.status}: {p.done}/{p.total} listings")
+    return 0 if p.status == "done" else 1
+
+
 def health(
     database_url: DatabaseUrl = None,
     broker: bool = typer.Option(True, "--broker/--no-broker", help="Also check the Celery broker (default: on)."),
@@ -220,4 +321,5 @@ def register(app: typer.Typer) -> None:
     app.command("corrections")(corrections)
     app.command("worker")(worker)
     app.command("sweep")(sweep)
+    app.command("backfill")(backfill)
     app.command("health")(health)

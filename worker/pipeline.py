@@ -140,8 +140,10 @@ class Enricher:
                 out.enriched.append(enr)
         return out, rows
 
-    def run(self, conn: psycopg.Connection, listing_ids: list[str], accept_partial: bool = False) -> BatchOutcome:
-        """Enrich a batch of listings: one transaction for all writes, then online neighbours."""
+    def run(self, conn: psycopg.Connection, listing_ids: list[str], accept_partial: bool = False,
+            neighbours: bool = True) -> BatchOutcome:
+        """Enrich a batch of listings: one transaction for all writes, then online neighbours (unless
+        `neighbours` is False: the catalogue backfill, whose model gets whole shelves from the reindex)."""
         items = listings_to_enrich(conn, list(dict.fromkeys(listing_ids)), self.model_version)
         conn.commit()  # end the read transaction: image fetching may take a while
         todo = {i.listing_id for i in items}
@@ -150,10 +152,10 @@ class Enricher:
         by_id = {i.listing_id: i for i in items}
         with conn.transaction():
             write_enrichments(conn, rows, [(by_id[i], reason) for i, reason in out.failed.items()])
-        self._after_commit(conn, out)
+        self._after_commit(conn, out, neighbours)
         return out
 
-    def _after_commit(self, conn: psycopg.Connection, out: BatchOutcome) -> None:
+    def _after_commit(self, conn: psycopg.Connection, out: BatchOutcome, neighbours: bool = True) -> None:
         for enr in out.enriched:
             for tag in enr.tags.values():
                 metrics.TAGS_WRITTEN.labels(source=tag.source.value).inc()
@@ -168,7 +170,7 @@ class Enricher:
         metrics.LISTINGS_DONE.labels(outcome="failed").inc(len(out.failed))
         metrics.LISTINGS_DONE.labels(outcome="retry").inc(len(out.retry))
         metrics.LISTINGS_DONE.labels(outcome="skipped").inc(len(out.skipped))
-        if out.enriched:
+        if out.enriched and neighbours:
             write_neighbours(conn, out.enriched_ids, self.model_version, self.settings)
 
     def close(self) -> None:

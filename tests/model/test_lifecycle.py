@@ -13,9 +13,10 @@ from model.registry import (active_model, get_model, history, local_dir, model_d
 from schemas.taxonomy import load_taxonomy
 
 
-def _model_dir(tmp_path, version, top1):
+def _model_dir(tmp_path, version, top1, eval_set=""):
     model = build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False, embedding_dim=16)
-    save_model(model, tmp_path / version, model_version=version, image_size=28, metrics={"test/top1": top1})
+    save_model(model, tmp_path / version, model_version=version, image_size=28, metrics={"test/top1": top1},
+               eval_set=eval_set)
     return tmp_path / version
 
 
@@ -89,3 +90,14 @@ def test_rollback_and_models_commands(db, pg_url, tmp_path):
     assert "bad shelves" in listed.output and "carol" in listed.output and "(was active)" in listed.output
     never = CliRunner().invoke(app, ["rollback", "nope", "--reason", "x", "--no-backfill", "--database-url", pg_url])
     assert never.exit_code == 2 and "not registered" in never.output
+
+
+def test_gate_refuses_figures_from_another_evaluation_set_without_rejecting(db, tmp_path):
+    register_candidate(db, _model_dir(tmp_path, "m-a", 0.90, eval_set="fmnist-shop:fashion-mnist:test:aaaa"))
+    promote(db, "m-a")
+    register_candidate(db, _model_dir(tmp_path, "m-b", 0.99, eval_set="fmnist-shop:fashion-mnist:test:bbbb"))
+    d = promote(db, "m-b")
+    assert not d.promoted and "different evaluation sets" in d.reasons[0]
+    assert get_model(db, "m-b").status == "candidate"  # not worse, only not comparable: re-measure it
+    register_candidate(db, _model_dir(tmp_path, "m-c", 0.99, eval_set="fmnist-shop:fashion-mnist:test:aaaa"))
+    assert promote(db, "m-c").promoted
