@@ -20,7 +20,7 @@ def _connect(database_url: str | None, settings: Settings):
 
 def reindex(
     model_version: str = typer.Option(None, "--model-version", "-m",
-                                      help="Model version to index (default: the active model's)."),
+                                      help="Model version to index (default: the active model once its backfill is done, else the model whose shelves serve)."),
     k: int = typer.Option(None, "--k", min=1, max=1000, help="Neighbours per listing (default: ENRICH_SIMILAR_K, 20)."),
     factory: str = typer.Option(None, "--factory",
                                 help="faiss index-factory string, e.g. 'IVF4096,Flat' or 'HNSW32,Flat' "
@@ -75,7 +75,7 @@ def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None
 
 def similar_cmd(
     listing_id: str = typer.Argument(..., help="Listing to find neighbours of."),
-    model_version: str = typer.Option(None, "--model-version", "-m", help="Model version (default: the active model's)."),
+    model_version: str = typer.Option(None, "--model-version", "-m", help="Model version (default: the model whose shelves serve)."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours to show (default: 10)."),
     by: str = typer.Option(None, "--by", help="Similar by one attribute group (seed 001 condition mask), e.g. 'colour'."),
     same_category: bool = typer.Option(False, "--same-category", help="Only listings with the same category tag."),

@@ -56,8 +56,9 @@ def read_neighbours(conn: psycopg.Connection, listing_id: str, model_version: st
     of an old model) between two statements can never show an empty or half shelf.
     """
     if model_version is None:
-        rows = _read_shelf(conn, f"coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))", [], listing_id, k)
-        if not rows and conn.execute(f"SELECT coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL})) IS NULL").fetchone()[0]:
+        shelf_model = f"coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))"
+        rows = _read_shelf(conn, shelf_model, [], listing_id, k)
+        if not rows and conn.execute(f"SELECT {shelf_model} IS NULL").fetchone()[0]:
             rows = _read_shelf(conn, "%s", [resolve_model_version(conn)], listing_id, k)  # no registry
     else:
         rows = _read_shelf(conn, "%s", [model_version], listing_id, k)

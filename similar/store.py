@@ -12,6 +12,10 @@ A new version is written under status 'building' and only becomes visible throug
 transaction that flips similar_items_active; readers that join through the active table in one
 statement see the old version or the new one, whole. A crash before the switch leaves the active
 row untouched; the leftover 'building' version is marked failed and deleted by the next run.
+
+Old models: `prune_model_version` deletes the embeddings, online rows and versions of a model that was
+active once but is neither among the last ENRICH_KEEP_MODEL_VERSIONS active ones nor the one whose
+shelves serve (`kept_model_versions`).
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import psycopg
 from psycopg import sql
+
+from similar.common import SHELF_MODEL_SQL
 
 log = logging.getLogger(__name__)
 

@@ -38,6 +38,8 @@ FINISHED = ("done", "failed", "skipped")
 # what a job's params may set (everything else comes from the settings of the worker that runs it)
 PARAM_KEYS = ("preset", "dataset", "data_dir", "warm_start", "corrections", "time_budget_s")
 SCHEDULE_ACTOR = "schedule"
+# the taxonomy each dataset is labelled with
+_DATASET_TAXONOMY = {"fmnist-shop": "fashion-mnist", "deepfashion": "deepfashion"}
 # the training-config fields that decide the fixed evaluation set
 _EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item")
 _COLUMNS = ("id, status, trigger, requested_by, reason, params, progress, model_version, outcome, created_at,"
@@ -224,19 +226,25 @@ class _Progress:
 
 
 def job_config(params: dict, settings: Settings, job_id: int):
-    """The TrainConfig of a job: its preset, dataset and data directory (params, else the settings), models
-    under ``settings.models_dir``, the worker's device and threads, a version naming the job."""
+    """The TrainConfig of a job: its preset, dataset (and that dataset's taxonomy) and data directory (params,
+    else the settings), models under ``settings.models_dir``, the worker's device and threads, a version
+    naming the job."""
     from schemas.taxonomy import load_taxonomy
     from training.config import PRESETS
 
     preset = params.get("preset") or settings.retrain_preset
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    overrides: dict = {"dataset": params.get("dataset") or settings.retrain_dataset,
-                       "out_dir": settings.models_dir, "progress": False}
+    dataset = params.get("dataset") or settings.retrain_dataset
+    overrides: dict = {"dataset": dataset, "out_dir": settings.models_dir, "progress": False}
+    if dataset in _DATASET_TAXONOMY:  # the presets name FMNIST-shop's taxonomy
+        overrides["taxonomy"] = _DATASET_TAXONOMY[dataset]
     data_dir = params.get("data_dir") or settings.retrain_data_dir
     if data_dir:
         overrides["data_dir"] = Path(data_dir)
+    elif dataset == "deepfashion":
+        raise ValueError("a DeepFashion retraining job needs its files: set ENRICH_RETRAIN_DATA_DIR to the root "
+                         "holding category/ (and inshop/)")
     if params.get("time_budget_s"):
         overrides["time_budget_s"] = float(params["time_budget_s"])
     if settings.device != "auto":
@@ -395,8 +403,10 @@ def run_job(url: str, job_id: int, settings: Settings, *, train_model: Callable 
             log.info("training job #%d done: %s", job_id, outcome)
             return {"job": job_id, "status": "done", "model_version": version, "outcome": outcome, "ran": True}
         finally:
-            if not conn.closed and not conn.broken:
+            try:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+            except psycopg.Error:
+                pass  # a lost connection: the server released the lock with the session
     finally:
         conn.close()  # also releases the lock if the unlock could not run
 

@@ -149,12 +149,16 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
         ids = [item.listing_id for item, _, _ in results]
         conn.execute("DELETE FROM listing_tags WHERE listing_id = ANY(%s) AND source <> 'corrected'", (ids,))
         conn.execute("DELETE FROM review_queue WHERE listing_id = ANY(%s) AND resolved_at IS NULL", (ids,))
+        corrected = set(conn.execute("SELECT listing_id, tag_group FROM listing_tags WHERE listing_id = ANY(%s)"
+                                     " AND source = 'corrected'", (ids,)).fetchall())
         tag_rows, review_rows, emb_rows = [], [], []
         for item, enr, emb in results:
             for group, tag in enr.tags.items():
                 tag_rows.append((item.listing_id, group, tag.value, tag.source.value, tag.confidence,
                                  tag.model_version))
             for r in enr.review:
+                if (item.listing_id, r.group) in corrected:
+                    continue  # a person already decided this group: nothing to review
                 review_rows.append((item.listing_id, r.group, Jsonb([list(c) for c in r.candidates]),
                                     r.threshold, enr.model_version))
             vec = np.ascontiguousarray(emb, dtype="<f4")

@@ -157,8 +157,7 @@ def test_a_second_job_waits_for_the_lock_then_warm_starts_and_waits_for_an_admin
     try:
         with train_worker(settings):
             job_id = jobs.request_retrain(db, requested_by="bob", reason="weekly")
-            waiting = lambda: (jobs.get_job(db, job_id)["progress"].get("stage") == "waiting for the lock")  # noqa: E731
-            wait_until(waiting, timeout=30)
+            wait_until(lambda: jobs.get_job(db, job_id)["progress"].get("stage") == "waiting for the lock", timeout=30)
             time.sleep(1.0)  # several retries later: still queued, nothing trained or registered
             assert jobs.get_job(db, job_id)["status"] == "queued"
             assert db.execute("SELECT count(*) FROM models").fetchone()[0] == 1

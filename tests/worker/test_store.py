@@ -117,6 +117,24 @@ def test_correction_becomes_current_value_and_survives_reenrichment(db):
     assert _count(db, "corrections") == 1
 
 
+def test_reenrichment_sends_no_review_item_for_a_group_a_person_corrected(db):
+    with db.transaction():
+        upsert_listings(db, [_ev("l1")])
+    (item,) = listings_to_enrich(db, ["l1"], "m1")
+    with db.transaction():
+        write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
+    assert _count(db, "review_queue") == 1  # the model was unsure of the type
+    with db.transaction():
+        record_correction(db, CorrectionEvent(event_id="c1", listing_id="l1", group="type", new_value="top",
+                                              corrected_by="moderator-7",
+                                              corrected_at=datetime(2026, 1, 2, tzinfo=timezone.utc)))
+    (item,) = listings_to_enrich(db, ["l1"], "m2")  # a new model re-enriches (backfill)
+    with db.transaction():
+        write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
+    assert db.execute("SELECT count(*) FROM review_queue WHERE resolved_at IS NULL").fetchone()[0] == 0
+    assert tags_of(db, "l1")["type"] == ("top", "corrected", None, None)
+
+
 def test_a_swept_listing_is_not_queued_again_until_it_is_stale_again(db):
     """Under a backlog longer than the sweep interval, a claimed listing waits for its task rather than
     collecting a duplicate per sweep; oldest first."""
