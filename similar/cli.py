@@ -20,7 +20,8 @@ def _connect(database_url: str | None, settings: Settings):
 
 def reindex(
     model_version: str = typer.Option(None, "--model-version", "-m",
-                                      help="Model version to index (default: the active model once its backfill is done, else the model whose shelves serve)."),
+                                      help="Model version to index (default: the active model once its "
+                                           "backfill is done, else the model whose shelves serve)."),
     k: int = typer.Option(None, "--k", min=1, max=1000, help="Neighbours per listing (default: ENRICH_SIMILAR_K, 20)."),
     factory: str = typer.Option(None, "--factory",
                                 help="faiss index-factory string, e.g. 'IVF4096,Flat' or 'HNSW32,Flat' "
