@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     shadow_share: float = Field(default=0.1, ge=0.0, le=1.0, description="share of live listings a shadow "
                                                                          "candidate also predicts (stored apart, "
                                                                          "never as tags)")
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _five_cron_fields(cls, value: str | None) -> str | None:
+        if value and len(value.split()) != 5:
+            raise ValueError(f"a crontab line has 5 fields (minute hour day month weekday), got {value!r}")
+        return value or None
 
     @property
     def models_dir(self) -> Path:

@@ -75,15 +75,15 @@ def migrate(database_url: DatabaseUrl = None) -> None:
 
 def _register_subcommands() -> None:
     # Each package owns its commands; importing is cheap because heavy imports happen inside commands.
-    from model import cli as model_cli
     from training import cli as training_cli
     from worker import cli as worker_cli
+    from enrich import models_cli
     from similar import cli as similar_cli
 
-    model_cli.register(app)
     training_cli.register(app)
     worker_cli.register(app)
     similar_cli.register(app)
+    models_cli.register(app)
 
 
 _register_subcommands()

@@ -1,6 +1,7 @@
-"""Training subcommands: `enrich train`, `enrich evaluate`, `enrich promote`."""
+"""Training subcommands: `enrich train`, `enrich evaluate`, `enrich promote`, `enrich retrain`."""
 from __future__ import annotations
 
+import getpass
 import json
 from pathlib import Path
 
@@ -117,10 +118,12 @@ def register(app: typer.Typer) -> None:
         manifest = json.loads((model_dir / "manifest.json").read_text())
         if register_model:
             from core.db import connection, database_url
+            from model.artifacts import store_from_settings
             from model.registry import register_candidate
 
             with connection(database_url(settings)) as conn:
-                register_candidate(conn, model_dir)
+                register_candidate(conn, model_dir, store_from_settings(settings), actor=getpass.getuser(),
+                                   reason=f"enrich train --preset {preset}")
         typer.echo(json.dumps({"model_dir": str(model_dir), "model_version": manifest["model_version"],
                                "metrics": manifest["metrics"]}, indent=2))
 
@@ -166,19 +169,33 @@ def register(app: typer.Typer) -> None:
     def promote(
         model: str = typer.Argument(..., help="a model directory to register and promote, or the model_version "
                                               "of a registered candidate."),
+        reason: str = typer.Option("", "--reason", help="why (recorded with the promotion; default: none)."),
+        by: str = typer.Option(None, "--by", help="who promotes (recorded; default: the login name)."),
         tolerance: float = typer.Option(0.0, help="allowed drop on each gate metric (default: 0, must not be worse)."),
         reevaluate: bool = typer.Option(False, help="re-measure candidate and active model on the fixed "
                                                     "evaluation set instead of trusting stored metrics (default: no)."),
+        require_shadow: int = typer.Option(None, "--require-shadow", min=1,
+                                           help="also require the shadow figures: at least this many corrections "
+                                                "since the shadow run, the candidate right at least as often as the "
+                                                "active model (default: not required)."),
+        backfill: bool = typer.Option(True, "--backfill/--no-backfill",
+                                      help="after a promotion, enqueue the catalogue backfill (re-embed, re-tag, "
+                                           "then reindex) on the backfill queue (default: on)."),
         database_url: DatabaseUrl = None,
     ) -> None:
         """Promote a candidate if it is not worse than the active model on the evaluation gate."""
         from core.config import get_settings
         from core.db import connection, database_url as resolve
-        from model.registry import get_model, promote as run_promote, register_candidate
+        from model.artifacts import store_from_settings
+        from model.registry import get_model, local_dir, promote as run_promote, register_candidate
 
-        with connection(database_url or resolve(get_settings())) as conn:
+        settings = get_settings()
+        store = store_from_settings(settings)
+        actor = by or getpass.getuser()
+        with connection(database_url or resolve(settings)) as conn:
             path = Path(model)
-            version = register_candidate(conn, path).model_version if path.is_dir() else model
+            version = (register_candidate(conn, path, store, actor=actor, reason=reason).model_version
+                       if path.is_dir() else model)
             metrics = None
             if reevaluate:
                 from model.registry import active_model
@@ -191,7 +208,8 @@ def register(app: typer.Typer) -> None:
                 if act is not None and act.model_version == cand.model_version:
                     act = None
                 try:  # both on the candidate's dataset's fixed set; refused if trained for different ones
-                    cand_eval, act_eval = reevaluate_for_gate(cand.path, act.path if act is not None else None)
+                    cand_eval, act_eval = reevaluate_for_gate(local_dir(cand, store),
+                                                              local_dir(act, store) if act is not None else None)
                 except EvalSetError as exc:
                     typer.echo(f"refused {version}: {exc}")
                     raise typer.Exit(1) from exc
@@ -199,13 +217,20 @@ def register(app: typer.Typer) -> None:
                 metrics = {cand.model_version: cand_eval.metrics}
                 if act is not None and act_eval is not None:
                     metrics[act.model_version] = act_eval.metrics
-            decision = run_promote(conn, version, tolerance=tolerance, metrics=metrics)
+            decision = run_promote(conn, version, tolerance=tolerance, metrics=metrics, actor=actor, reason=reason,
+                                   shadow_min_corrections=require_shadow)
         verdict = "promoted" if decision.promoted else "rejected"
         typer.echo(f"{verdict} {decision.candidate} (previous active: {decision.previous or 'none'})")
-        for reason in decision.reasons:
-            typer.echo(f"  {reason}")
+        for why in decision.reasons:
+            typer.echo(f"  {why}")
         if not decision.promoted:
             raise typer.Exit(1)
+        if backfill and decision.previous != decision.candidate:
+            from core.celery_app import configure, send_backfill
+
+            configure(settings)
+            send_backfill(decision.candidate)
+            typer.echo(f"backfill of {decision.candidate} enqueued (enrich backfill --wait shows its progress)")
 
 
 def retrain(

@@ -30,6 +30,14 @@ def test_invalid_setting_is_refused(monkeypatch):
         Settings()
 
 
+def test_a_malformed_retrain_schedule_is_refused_at_start(monkeypatch):
+    monkeypatch.setenv("ENRICH_RETRAIN_CRON", "every sunday")
+    with pytest.raises(ValidationError, match="5 fields"):
+        Settings()
+    monkeypatch.setenv("ENRICH_RETRAIN_CRON", "0 3 * * 0")
+    assert Settings().retrain_cron == "0 3 * * 0"
+
+
 def test_secrets_are_not_printed(monkeypatch):
     monkeypatch.setenv("ENRICH_DATABASE_URL", "postgresql://u:hunter2@127.0.0.1:1/x")
     s = Settings()

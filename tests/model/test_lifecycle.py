@@ -85,9 +85,13 @@ def test_rollback_and_models_commands(db, pg_url, tmp_path):
                                    "--database-url", pg_url])
     assert res.exit_code == 0, res.output
     assert "m-a is active again (was m-b)" in res.output
+    db.execute("INSERT INTO training_jobs (status, trigger, requested_by, reason, progress) VALUES"
+               " ('running', 'admin', 'dana', 'new corrections', '{\"stage\": \"2-classification\", \"step\": 120,"
+               " \"of\": 4800}')")
     listed = CliRunner().invoke(app, ["models", "--database-url", pg_url], env={"COLUMNS": "200"})
     assert listed.exit_code == 0, listed.output
     assert "bad shelves" in listed.output and "carol" in listed.output and "(was active)" in listed.output
+    assert "running (admin, dana: new corrections) 2-classification step 120/4800" in listed.output
     never = CliRunner().invoke(app, ["rollback", "nope", "--reason", "x", "--no-backfill", "--database-url", pg_url])
     assert never.exit_code == 2 and "not registered" in never.output
 

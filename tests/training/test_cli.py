@@ -12,7 +12,7 @@ def test_promote_cli_gates_on_metrics(db, pg_url, tiny_model_dir, tmp_path):
     from enrich.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["promote", str(tiny_model_dir), "--database-url", pg_url])
+    res = runner.invoke(app, ["promote", str(tiny_model_dir), "--no-backfill", "--database-url", pg_url])
     assert res.exit_code == 0, res.output
     assert "promoted tiny-test" in res.output
     # a copy with worse stored metrics is registered and rejected; the active model stays
@@ -22,7 +22,7 @@ def test_promote_cli_gates_on_metrics(db, pg_url, tiny_model_dir, tmp_path):
     manifest["model_version"] = "tiny-worse"
     manifest["metrics"]["test/top1"] -= 0.05  # same evaluation set (eval/* unchanged), worse top-1
     (worse / "manifest.json").write_text(json.dumps(manifest))
-    res = runner.invoke(app, ["promote", str(worse), "--database-url", pg_url])
+    res = runner.invoke(app, ["promote", str(worse), "--no-backfill", "--database-url", pg_url])
     assert res.exit_code == 1 and "rejected tiny-worse" in res.output and "test/top1" in res.output
     assert db.execute("SELECT model_version FROM models WHERE status = 'active'").fetchall() == [("tiny-test",)]
 
@@ -65,3 +65,31 @@ def test_flip_tta_is_refused_for_a_model_trained_without_flips(tmp_path):
                                    "--out-dir", str(tmp_path)])
     assert res.exit_code != 0 and "flip_tta needs a model trained with flips" in str(res.exception)
     assert not any(tmp_path.iterdir())
+
+
+def test_promote_cli_records_who_and_why_and_starts_the_backfill(db, pg_url, tiny_model_dir, tmp_path, monkeypatch):
+    from kombu import Connection
+
+    from core.celery_app import BACKFILL_QUEUE, configure, queue_depth
+    from core.config import Settings
+    from enrich.cli import app
+    from model.registry import history
+
+    broker = "redis://127.0.0.1:6379/3"  # a database of its own: the backfill queue name is fixed
+    monkeypatch.setenv("ENRICH_CELERY_BROKER_URL", broker)
+    monkeypatch.setenv("ENRICH_DATA_DIR", str(tmp_path / "data"))
+    with Connection(broker) as conn:
+        conn.default_channel.client.flushdb()
+    try:
+        res = CliRunner().invoke(app, ["promote", str(tiny_model_dir), "--reason", "first model", "--by", "alice",
+                                       "--database-url", pg_url])
+        assert res.exit_code == 0, res.output
+        assert "backfill of tiny-test enqueued" in res.output
+        assert queue_depth(BACKFILL_QUEUE) == 1
+        move = history(db)[0]
+        assert (move["action"], move["model_version"], move["actor"], move["reason"]) == \
+            ("promote", "tiny-test", "alice", "first model")
+    finally:
+        with Connection(broker) as conn:
+            conn.default_channel.client.flushdb()
+        configure(Settings())

@@ -207,11 +207,11 @@ def test_promote_reevaluate_refuses_a_model_for_another_dataset(db, pg_url, tiny
     from enrich.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["promote", str(df_model), "--database-url", pg_url])
+    res = runner.invoke(app, ["promote", str(df_model), "--no-backfill", "--database-url", pg_url])
     assert res.exit_code == 0, res.output  # first model: nothing to compare with
     twin = _relabelled_copy(df_model, tmp_path / "twin", version="df-twin")
-    res = runner.invoke(app, ["promote", str(twin), "--reevaluate", "--database-url", pg_url])
+    res = runner.invoke(app, ["promote", str(twin), "--reevaluate", "--no-backfill", "--database-url", pg_url])
     assert res.exit_code == 0 and "promoted df-twin" in res.output, res.output  # same set, same numbers
-    res = runner.invoke(app, ["promote", str(tiny_model_dir), "--reevaluate", "--database-url", pg_url])
+    res = runner.invoke(app, ["promote", str(tiny_model_dir), "--reevaluate", "--no-backfill", "--database-url", pg_url])
     assert res.exit_code == 1 and "refused tiny-test" in res.output and "different datasets" in res.output
     assert db.execute("SELECT model_version FROM models WHERE status = 'active'").fetchall() == [("df-twin",)]

@@ -1,4 +1,6 @@
-"""Model registry commands: `enrich models` (versions, history), `enrich rollback`."""
+"""Model lifecycle commands: `enrich models` (versions, alias moves, retraining jobs; shadow runs and their
+figures), `enrich rollback`. They sit on the application layer because they show the registry and the
+training jobs together."""
 from __future__ import annotations
 
 import getpass
@@ -25,18 +27,22 @@ def _fmt(metrics: dict, keys=("test/top1", "test/recall@1", "test/attr/exact_mat
 
 @models_app.callback()
 def models(ctx: typer.Context, database_url: DatabaseUrl = None,
-           events: int = typer.Option(10, "--events", min=0, help="Latest alias moves to show (default: 10).")) -> None:
-    """List model versions (newest first) with status, gate metrics, data fingerprint, who and why."""
+           events: int = typer.Option(10, "--events", min=0, help="Latest alias moves to show (default: 10)."),
+           jobs: int = typer.Option(5, "--jobs", min=0, help="Latest retraining jobs to show, besides any queued "
+                                                              "or running (default: 5).")) -> None:
+    """List model versions (newest first) with status, gate metrics, data fingerprint, who and why; the
+    latest alias moves; retraining jobs and the running one's progress."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.console import Console
     from rich.table import Table
 
     from model.registry import history, list_models
+    from training.jobs import job_progress
 
     conn = _connect(database_url)
     try:
-        rows, moves = list_models(conn), history(conn, events)
+        rows, moves, running = list_models(conn), history(conn, events), job_progress(conn, jobs)
     finally:
         conn.close()
     console = Console()
@@ -56,6 +62,10 @@ def models(ctx: typer.Context, database_url: DatabaseUrl = None,
             hist.add_row(f"{m['at']:%Y-%m-%d %H:%M:%S}", m["action"], m["model_version"], m["previous"] or "",
                          m["actor"], m["reason"])
         console.print(hist)
+    if running:
+        console.print("retraining jobs:")
+        for job in running:
+            console.print(f"  {job['summary']}", soft_wrap=True)
 
 
 @models_app.command("shadow")
