@@ -37,7 +37,8 @@ def df_model(tmp_path_factory) -> Path:
 
 def _relabelled_copy(model_dir: Path, dest: Path, *, version: str, taxonomy_name: str | None = None,
                      report: bool = True) -> Path:
-    """A copy of a model directory under another version (and taxonomy name), optionally without its report."""
+    """A copy of a model directory under another version (and taxonomy name); without its report, it records no
+    dataset at all (as models saved before the manifest named theirs)."""
     shutil.copytree(model_dir, dest)
     m = json.loads((dest / "manifest.json").read_text())
     m["model_version"] = version
@@ -47,6 +48,9 @@ def _relabelled_copy(model_dir: Path, dest: Path, *, version: str, taxonomy_name
     (dest / "manifest.json").write_text(json.dumps(m))
     if not report:
         shutil.rmtree(dest / "report")
+        m.pop("dataset", None)
+        m.pop("eval_set", None)
+    (dest / "manifest.json").write_text(json.dumps(m))
     return dest
 
 
@@ -179,6 +183,9 @@ def test_a_custom_taxonomy_without_a_reader_is_a_clear_error(df_model, tmp_path)
     report = json.loads((catalogue / "report" / "metrics.json").read_text())
     report["config"]["dataset"] = "shop-catalogue"
     (catalogue / "report" / "metrics.json").write_text(json.dumps(report))
+    manifest = json.loads((catalogue / "manifest.json").read_text())
+    manifest["dataset"] = "shop-catalogue"
+    (catalogue / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EvalSetError, match="dataset 'shop-catalogue'.*no reader"):
         evaluate_model(catalogue, device="cpu", progress=False)
     # a custom taxonomy trained on DeepFashion (labels mapped by name) is measured on DeepFashion
