@@ -441,8 +441,6 @@ def prune_versions(conn: psycopg.Connection, model_version: str, keep_retired: i
 def kept_model_versions(conn: psycopg.Connection, keep: int) -> set[str]:
     """Model versions whose embeddings, online rows and shelves are kept: the last `keep` that were
     active (the active one first), and the model whose shelves serve now, whatever its age."""
-    from similar.common import SHELF_MODEL_SQL
-
     rows = conn.execute(
         "SELECT model_version FROM models WHERE status = 'active' OR was_active"
         " ORDER BY (status = 'active') DESC, promoted_at DESC NULLS LAST, model_version LIMIT %s", (keep,),

@@ -13,7 +13,6 @@ from pathlib import Path
 import psycopg
 from pydantic import ValidationError
 
-from core.config import Settings
 from schemas.enrichment import Enrichment
 from schemas.events import ListingEvent
 from worker.pipeline import BatchOutcome, Enricher

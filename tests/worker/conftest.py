@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import threading
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,8 @@ import pytest
 from PIL import Image
 
 from core.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_until(predicate, timeout: float = 90.0) -> None:
@@ -68,7 +72,35 @@ def use_celery():
     configure(Settings())
 
 
-def save_small_model(out: Path, version: str, seed: int) -> Path:
+def gate_handler():
+    """A request handler class with fresh events: serves a PNG; while `hold` is set, each request waits until
+    `gate` opens (so a batch is in flight when a test kills its worker), and `arrived` says one came."""
+
+    class Gate(BaseHTTPRequestHandler):
+        hold = threading.Event()
+        arrived = threading.Event()
+        gate = threading.Event()
+
+        def do_GET(self) -> None:  # noqa: N802
+            if type(self).hold.is_set():
+                type(self).arrived.set()
+                if not type(self).gate.wait(60):
+                    return
+            send_png(self, (200, 100, 0))
+
+        def log_message(self, *args) -> None:
+            pass
+
+    return Gate
+
+
+def start_worker_process(env: dict, log: Path, *args: str) -> subprocess.Popen:
+    """`enrich worker` as a real process (its stderr appended to `log`), for kill -9 tests."""
+    return subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", *args, "--loglevel=INFO"], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=log.open("a"))
+
+
+def save_small_model(out: Path, version: str, seed: int, colour_threshold: float = 0.0) -> Path:
     """A real model directory (small CNN, random init, fashion-mnist taxonomy) written by the model package."""
     import torch
 
@@ -81,7 +113,8 @@ def save_small_model(out: Path, version: str, seed: int) -> Path:
     # thresholds 0: every missing group is filled, so provenance rules are checked on real outputs; each
     # later seed scores higher, so the registry's gate lets it replace an earlier one
     save_model(model, out, model_version=version, image_size=32,
-               thresholds={"category": 0.0, "type": 0.0, "colour": 0.0}, metrics={"test/top1": 0.1 * (seed + 1)})
+               thresholds={"category": 0.0, "type": 0.0, "colour": colour_threshold},
+               metrics={"test/top1": 0.1 * (seed + 1)})
     return out
 
 

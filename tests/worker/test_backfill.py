@@ -4,49 +4,31 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from schemas.events import CorrectionEvent, ListingEvent
-from tests.worker.conftest import make_settings, png_bytes, send_png, wait_until
+from tests.worker.conftest import (ROOT, gate_handler, make_settings, png_bytes, save_small_model, start_worker_process,
+                                  wait_until)
 from worker.store import record_correction, upsert_listings
 
 REDIS = "redis://127.0.0.1:6379/0"
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
-ROOT = Path(__file__).resolve().parents[2]
 V1, V2, V3 = "bf-v1", "bf-v2", "bf-v3"
 
 
 # ---------------------------------------------------------------------------------------------
 # models, catalogue, registry
 
-def _save_model(out: Path, version: str, seed: int) -> Path:
-    """A small CNN (random init). Category and type are always filled (threshold 0) and colour always goes to
-    review (threshold 1), so re-tagging shows up in predicted tags and in open review items alike."""
-    import torch
-
-    from model.checkpoint import save_model
-    from model.network import build_model
-    from schemas.taxonomy import load_taxonomy
-
-    torch.manual_seed(seed)
-    model = build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False)
-    save_model(model, out, model_version=version, image_size=32,
-               thresholds={"category": 0.0, "type": 0.0, "colour": 1.0}, metrics={"test/top1": 0.1 * (seed + 1)})
-    return out
-
-
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
-    return {v: _save_model(tmp_path_factory.mktemp(v), v, seed) for seed, v in enumerate((V1, V2, V3))}
+    return {v: save_small_model(tmp_path_factory.mktemp(v), v, seed, colour_threshold=1.0) for seed, v in enumerate((V1, V2, V3))}
 
 
 def _activate(db, models: dict[str, Path], version: str) -> None:
@@ -412,27 +394,7 @@ def _shelf(db, version: str) -> dict[str, list[tuple[str, float]]]:
 # ---------------------------------------------------------------------------------------------
 # kill -9 of a worker process in the middle of the backfill
 
-class _GateHandler(BaseHTTPRequestHandler):
-    """Serves a PNG; once `hold` is set, holds requests until `gate` opens (the chunk is in flight)."""
-
-    hold = threading.Event()
-    arrived = threading.Event()
-    gate = threading.Event()
-
-    def do_GET(self) -> None:  # noqa: N802
-        if type(self).hold.is_set():
-            type(self).arrived.set()
-            if not type(self).gate.wait(60):
-                return
-        send_png(self, (200, 100, 0))
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def _start_worker(env: dict, queues: str, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--queues", queues, "--loglevel=INFO"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("a"))
+_GateHandler = gate_handler()
 
 
 def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(db, pg_url, models, tmp_path,
@@ -468,7 +430,7 @@ def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(d
            "ENRICH_BACKFILL_PAUSE_S": "0.2", "PYTHONPATH": str(ROOT)}
     env.pop("ENRICH_MODEL_DIR", None)
     log = tmp_path / "worker.log"
-    first = _start_worker(env, f"{gpu_q},{bf_q}", log)
+    first = start_worker_process(env, log, "--queues", f"{gpu_q},{bf_q}")
     second = None
     try:
         use_celery(Settings(celery_broker_url=AMQP, gpu_queue=gpu_q))
@@ -481,7 +443,7 @@ def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(d
         done_before = _enriched(db, V2)
         assert done_before == {f"bf-{i:02d}" for i in range(10)} - {"bf-03", "bf-04"}  # two chunks committed
         _GateHandler.gate.set()
-        second = _start_worker(env, f"{gpu_q},{bf_q}", log)
+        second = start_worker_process(env, log, "--queues", f"{gpu_q},{bf_q}")
         wait_until(lambda: _status(db) == "done", timeout=120)
     finally:
         for proc in (first, second):

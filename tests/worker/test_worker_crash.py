@@ -3,42 +3,21 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import png_bytes, send_png, wait_until
+from tests.worker.conftest import ROOT, gate_handler, png_bytes, start_worker_process, wait_until
 from worker.store import upsert_listings
 
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
-ROOT = Path(__file__).resolve().parents[2]
 
 
-class _GateHandler(BaseHTTPRequestHandler):
-    """Holds image requests until the test opens the gate, so the batch is in flight when we kill."""
-
-    arrived = threading.Event()
-    gate = threading.Event()
-
-    def do_GET(self) -> None:  # noqa: N802
-        type(self).arrived.set()
-        if not type(self).gate.wait(60):
-            return
-        send_png(self, (200, 100, 0))
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-def _start_worker(env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--loglevel=INFO"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=log.open("a"))
+_GateHandler = gate_handler()
+_GateHandler.hold.set()  # every image request waits for the gate
 
 
 def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_path, use_celery):
@@ -56,7 +35,7 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
            "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]', "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu",
            "PYTHONPATH": str(ROOT)}
     log = tmp_path / "worker.log"
-    first = _start_worker(env, log)
+    first = start_worker_process(env, log)
     second = None
     try:
         (tmp_path / "local.png").write_bytes(png_bytes())
@@ -74,7 +53,7 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
         first.wait(10)
         assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 0
         _GateHandler.gate.set()
-        second = _start_worker(env, log)
+        second = start_worker_process(env, log)
         wait_until(lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 2)
         assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 2
         assert db.execute("SELECT count(*) FROM listing_tags").fetchone()[0] == 6
