@@ -154,6 +154,18 @@ class Settings(BaseSettings):
                                                                          "candidate also predicts (stored apart, "
                                                                          "never as tags)")
 
+    # Console (enrich console)
+    console_host: str = Field(default="127.0.0.1", description="address `enrich console` listens on")
+    console_port: int = Field(default=8080, ge=1, le=65535, description="port `enrich console` listens on")
+    console_secret_key: SecretStr | None = Field(default=None, description="key that signs session cookies "
+                                                                           "(secret; any long random string). Empty: "
+                                                                           "a random key per process, so sessions "
+                                                                           "end when the console restarts")
+    console_https: bool = Field(default=False, description="the console is served over TLS (directly or behind a "
+                                                           "proxy): session cookies get the Secure flag")
+    console_lease_s: float = Field(default=300.0, gt=0, description="how long a review item stays reserved for "
+                                                                    "the reviewer who opened it (s)")
+
     @field_validator("retrain_cron")
     @classmethod
     def _five_cron_fields(cls, value: str | None) -> str | None:

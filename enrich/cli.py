@@ -78,12 +78,14 @@ def _register_subcommands() -> None:
     from training import cli as training_cli
     from worker import cli as worker_cli
     from enrich import models_cli
+    from enrich.console import cli as console_cli
     from similar import cli as similar_cli
 
     training_cli.register(app)
     worker_cli.register(app)
     similar_cli.register(app)
     models_cli.register(app)
+    console_cli.register(app)
 
 
 _register_subcommands()

@@ -198,6 +198,7 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
         conn.close()
     seconds = time.perf_counter() - t0
     console.print(f"[bold]quickstart done in {seconds:.0f}s[/bold]. Next: `enrich similar qs-0000 --png out.png`, "
-                  f"`enrich batch {catalogue.listings}`, see README for Kafka + Celery.")
+                  f"`enrich batch {catalogue.listings}`. To review and correct tags in the browser: "
+                  f"`enrich console-user add me --role admin`, then `enrich console` (http://127.0.0.1:8080/).")
     return {"accuracy": acc, "enriched": len(report.enrichments), "failed": len(report.failed),
             "model_dir": str(model_dir), "sheets": [str(p) for p in sheets], "seconds": seconds}

@@ -11,6 +11,8 @@ A task holds one Enricher for its whole batch, so a batch never mixes versions.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -133,12 +135,22 @@ def _follow(settings: Settings) -> None:
     try:
         with pool(settings).connection() as conn:
             active, shadow = active_version(conn), shadow_version(conn)
+            _report(conn)
     except Exception:  # noqa: BLE001 - a registry hiccup must not stop the worker; check again later
         log.warning("could not read the active model version", exc_info=True)
         return
     if active is not None:
         _active.follow(settings, active)
     _shadow.follow(settings, shadow)
+
+
+def _report(conn) -> None:
+    """What this process serves, for the console's overview."""
+    conn.execute("INSERT INTO worker_status (worker, model_version, shadow_version, seen_at)"
+                 " VALUES (%s, %s, %s, now()) ON CONFLICT (worker) DO UPDATE SET model_version ="
+                 " EXCLUDED.model_version, shadow_version = EXCLUDED.shadow_version, seen_at = now()",
+                 (f"{socket.gethostname()}:{os.getpid()}", _active.enricher.model_version,
+                  _shadow.enricher.model_version if _shadow.enricher is not None else None))
 
 
 def enricher(settings: Settings):

@@ -1,0 +1,30 @@
+"""What every page needs: a database connection from the app's pool, and template rendering with the
+signed-in user and the CSRF token filled in."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.templating import Jinja2Templates
+
+templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))  # autoescaping on
+
+
+@contextmanager
+def connection(request: Request):
+    """A pooled connection in autocommit mode (write paths open their own transactions)."""
+    with request.app.state.pool.connection() as conn:
+        conn.autocommit = True
+        yield conn
+
+
+def settings(request: Request):
+    return request.app.state.settings
+
+
+def render(request: Request, name: str, *, user=None, status_code: int = 200, **context):
+    from enrich.console.auth import csrf_token
+
+    return templates.TemplateResponse(request, name, {"user": user, "csrf": csrf_token(request), **context},
+                                      status_code=status_code)

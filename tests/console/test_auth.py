@@ -1,0 +1,61 @@
+"""Sign-in, roles, CSRF and escaping, through a real browser and plain HTTP against the served console."""
+from __future__ import annotations
+
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.cookiejar import CookieJar
+
+from tests.console.conftest import PASSWORDS, sign_in
+
+
+def test_pages_need_a_sign_in_and_the_overview_shows_the_backlog(browser, console_url, screenshots):
+    page = browser.new_context().new_page()
+    page.goto(f"{console_url}/")
+    assert page.url.startswith(f"{console_url}/login")
+    page = sign_in(browser, console_url, "reviewer")
+    assert "Pending listings" in page.content() and "reviewer · reviewer" in page.inner_text("header")
+    page.screenshot(path=str(screenshots / "overview.png"), full_page=True)
+
+
+def test_wrong_password_is_refused_and_repeated_tries_are_rate_limited(console_url):
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    token = _csrf(opener, console_url)
+    codes = []
+    for _ in range(7):
+        codes.append(_post(opener, f"{console_url}/login", {"name": "admin", "password": "wrong", "csrf": token}))
+    assert codes[:5] == [401] * 5 and codes[5:] == [429, 429]
+    # the right password is refused too while the limit holds
+    assert _post(opener, f"{console_url}/login", {"name": "admin", "password": PASSWORDS["admin"],
+                                                  "csrf": token}) == 429
+
+
+def test_a_post_without_the_csrf_token_is_refused(console_url):
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    _csrf(opener, console_url)
+    assert _post(opener, f"{console_url}/login", {"name": "admin", "password": PASSWORDS["admin"]}) == 403
+    assert _post(opener, f"{console_url}/login", {"name": "admin", "password": PASSWORDS["admin"],
+                                                  "csrf": "forged"}) == 403
+
+
+def test_session_cookie_is_signed_httponly_and_samesite(console_url):
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+    with opener.open(f"{console_url}/login") as resp:
+        cookie = resp.headers["set-cookie"]
+        csp = resp.headers["content-security-policy"]
+    assert "httponly" in cookie.lower() and "samesite=strict" in cookie.lower()
+    assert "default-src 'self'" in csp
+
+
+def _csrf(opener, base: str) -> str:
+    with opener.open(f"{base}/login") as resp:
+        html = resp.read().decode()
+    return html.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+
+
+def _post(opener, url: str, data: dict) -> int:
+    try:
+        with opener.open(urllib.request.Request(url, data=urllib.parse.urlencode(data).encode())) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
