@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from fastapi import APIRouter, Depends, Request
 
@@ -22,6 +23,33 @@ def _queue_depth(settings) -> int | None:
         return None
 
 
+_DLQ_CACHE_S = 30.0
+
+
+def _dead_letters(app) -> int | None:
+    """Events in the dead-letter topic (end − beginning offsets), cached: Kafka may be slow or away."""
+    cached = getattr(app.state, "dlq", None)
+    if cached is not None and time.monotonic() - cached[0] < _DLQ_CACHE_S:
+        return cached[1]
+    settings, count = app.state.settings, None
+    try:
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000,
+                                 api_version_auto_timeout_ms=2000, connections_max_idle_ms=5000)
+        try:
+            parts = [TopicPartition(settings.dlq_topic, p) for p in consumer.partitions_for_topic(settings.dlq_topic)
+                     or ()]
+            ends, starts = consumer.end_offsets(parts), consumer.beginning_offsets(parts)
+            count = sum(ends[tp] - starts[tp] for tp in parts)
+        finally:
+            consumer.close()
+    except Exception:  # noqa: BLE001 - no Kafka here (the embedded default): the page says so
+        log.info("dead-letter topic not readable", exc_info=True)
+    app.state.dlq = (time.monotonic(), count)
+    return count
+
+
 def overview_figures(conn) -> dict:
     status = dict(conn.execute("SELECT status, count(*) FROM listings GROUP BY status").fetchall())
     backlog = conn.execute("SELECT tag_group, count(*) FROM review_queue WHERE resolved_at IS NULL"
@@ -40,4 +68,5 @@ def overview(request: Request, user: User = Depends(current_user)):
     with connection(request) as conn:
         figures = overview_figures(conn)
     return render(request, "overview.html", user=user, page="overview",
-                  queue_depth=_queue_depth(request.app.state.settings), **figures)
+                  queue_depth=_queue_depth(request.app.state.settings), dead_letters=_dead_letters(request.app),
+                  **figures)
