@@ -145,12 +145,16 @@ def rollback(
     finally:
         conn.close()
     typer.echo(f"{decision.candidate} is active again (was {decision.previous})")
-    if backfill and decision.previous != decision.candidate:
-        from core.celery_app import configure, send_backfill
+    if backfill:
+        from model.registry import BackfillNotSent, backfill_after
 
-        configure(get_settings())
-        send_backfill(decision.candidate)
-        typer.echo(f"backfill of {decision.candidate} enqueued")
+        try:
+            sent = backfill_after(decision, get_settings())  # the same step as the console's rollback button
+        except BackfillNotSent as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        if sent:
+            typer.echo(f"backfill of {decision.candidate} enqueued")
 
 
 def register(app: typer.Typer) -> None:

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import psycopg
 from psycopg.rows import dict_row
@@ -292,6 +293,32 @@ def rollback(conn: psycopg.Connection, model_version: str | None = None, *, acto
     log.info("rolled back to %s (from %s) by %s: %s", model_version, act.model_version if act else None, actor,
              reason)
     return Decision(True, model_version, act.model_version if act else None)
+
+
+class BackfillNotSent(RuntimeError):
+    """The alias moved, but the catalogue backfill of the new active version could not be enqueued."""
+
+
+def backfill_after(decision: Decision, settings=None, send: Callable[[str], None] | None = None) -> bool:
+    """After a promotion or rollback, enqueue the catalogue backfill of the version now active, as `enrich
+    promote`, `enrich rollback` and the console do. True when sent; False when the alias did not move (a
+    refused promotion, or the version was active already). With `settings` (core.config.Settings) the Celery
+    app is configured for them first; `send` replaces core.celery_app.send_backfill (tests). Raises
+    BackfillNotSent, saying the model is active and how to send the backfill again, when the broker refuses."""
+    if not decision.promoted or decision.previous == decision.candidate:
+        return False
+    from core import celery_app
+
+    if settings is not None:
+        celery_app.configure(settings)
+    try:
+        (send or celery_app.send_backfill)(decision.candidate)
+    except Exception as exc:  # the broker is down or refuses: the alias has moved all the same
+        log.exception("backfill of %s not enqueued", decision.candidate)
+        raise BackfillNotSent(f"{decision.candidate} is active, but its catalogue backfill was NOT enqueued "
+                              f"({exc}); send it again: enrich backfill {decision.candidate}") from exc
+    log.info("backfill of %s enqueued", decision.candidate)
+    return True
 
 
 def _lock_rows(conn: psycopg.Connection, model_version: str) -> tuple[ModelRow, ModelRow | None]:

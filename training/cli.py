@@ -225,12 +225,16 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  {why}")
         if not decision.promoted:
             raise typer.Exit(1)
-        if backfill and decision.previous != decision.candidate:
-            from core.celery_app import configure, send_backfill
+        if backfill:
+            from model.registry import BackfillNotSent, backfill_after
 
-            configure(settings)
-            send_backfill(decision.candidate)
-            typer.echo(f"backfill of {decision.candidate} enqueued (enrich backfill --wait shows its progress)")
+            try:
+                sent = backfill_after(decision, settings)  # the same step as the console's promote button
+            except BackfillNotSent as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from exc
+            if sent:
+                typer.echo(f"backfill of {decision.candidate} enqueued (enrich backfill --wait shows its progress)")
 
 
 def retrain(
@@ -252,14 +256,14 @@ def retrain(
     from core.celery_app import TRAIN_QUEUE, configure
     from core.config import get_settings
     from core.db import connect, database_url as resolve
-    from training.config import PRESETS
-    from training.jobs import FINISHED, describe, get_job, request_retrain
+    from training.jobs import FINISHED, describe, get_job, request_retrain, retrain_params
 
-    if preset is not None and preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
     settings = get_settings()
+    try:
+        params = retrain_params(settings, preset, fresh)  # the same params as the console's retrain button
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--preset") from exc
     configure(settings)
-    params = {"preset": preset or settings.retrain_preset, **({"warm_start": False} if fresh else {})}
     conn = connect(database_url or resolve(settings), autocommit=True)
     try:
         job_id = request_retrain(conn, requested_by=by or getpass.getuser(), reason=reason, params=params)

@@ -135,6 +135,16 @@ def enqueue(job_id: int) -> None:
     celery_app.app.send_task(celery_app.RETRAIN_TASK, args=[job_id], queue=celery_app.TRAIN_QUEUE)
 
 
+def retrain_params(settings: Settings, preset: str | None = None, fresh: bool = False) -> dict:
+    """The params of an admin's retraining job, as `enrich retrain` and the console ask for it: the preset
+    (default ``settings.retrain_preset``) and, with ``fresh``, no warm start. ValueError for an unknown preset."""
+    from training.config import PRESETS
+
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    return {"preset": preset or settings.retrain_preset, **({"warm_start": False} if fresh else {})}
+
+
 def request_retrain(conn: psycopg.Connection, *, requested_by: str, reason: str, params: dict | None = None,
                     trigger: str = "admin", send: Callable[[int], None] = enqueue) -> int:
     """Create a queued job and send it (``conn`` must autocommit: the worker must see the row)."""

@@ -14,6 +14,10 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from core.config import Settings
 from enrich.console import auth, overview
+from enrich.console import images as console_images
+from enrich.console import listings as console_listings
+from enrich.console import models as models_page
+from enrich.console import review as console_review
 from enrich.console.deps import render
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ def create_app(settings: Settings, pool=None) -> FastAPI:
     app = FastAPI(title="catalogue-enrich console", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.settings = settings
+    from core.celery_app import configure
+
+    configure(settings)  # the overview's queue depth and the models page's sends use this broker
     app.state.pool = pool
     key = settings.console_secret_key.get_secret_value() if settings.console_secret_key else None
     if not key:
@@ -72,4 +79,8 @@ def create_app(settings: Settings, pool=None) -> FastAPI:
     app.mount("/static", StaticFiles(directory=str(Path(__file__).parent / "static")), name="static")
     app.include_router(auth.router)
     app.include_router(overview.router)
+    app.include_router(console_review.router)
+    app.include_router(console_listings.router)
+    app.include_router(console_images.router)
+    app.include_router(models_page.router)
     return app

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import secrets
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse
 
 from enrich.console import users
-from enrich.console.deps import connection, render
+from enrich.console.deps import connection, csrf_token, render
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -32,13 +31,6 @@ class User:
 
 class LoginRequired(Exception):
     """Raised by the `current_user` dependency; the app answers with a redirect to /login."""
-
-
-def csrf_token(request: Request) -> str:
-    token = request.session.get("csrf")
-    if not token:
-        token = request.session["csrf"] = secrets.token_urlsafe(32)
-    return token
 
 
 async def check_csrf(request: Request) -> None:

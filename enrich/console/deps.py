@@ -2,6 +2,7 @@
 signed-in user and the CSRF token filled in."""
 from __future__ import annotations
 
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,8 +24,14 @@ def settings(request: Request):
     return request.app.state.settings
 
 
-def render(request: Request, name: str, *, user=None, status_code: int = 200, **context):
-    from enrich.console.auth import csrf_token
+def csrf_token(request: Request) -> str:
+    """The session's CSRF token, made on first use; every form and the JS POST helper send it back."""
+    token = request.session.get("csrf")
+    if not token:
+        token = request.session["csrf"] = secrets.token_urlsafe(32)
+    return token
 
+
+def render(request: Request, name: str, *, user=None, status_code: int = 200, **context):
     return templates.TemplateResponse(request, name, {"user": user, "csrf": csrf_token(request), **context},
                                       status_code=status_code)

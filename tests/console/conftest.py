@@ -18,6 +18,16 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_login_limits():
+    """The login rate limit is per process: one test's failed sign-ins must not lock out the next test."""
+    from enrich.console import auth
+
+    auth._limits.failures.clear()  # noqa: SLF001
+    yield
+    auth._limits.failures.clear()  # noqa: SLF001
+
+
 @pytest.fixture()
 def console_settings(pg_url, tmp_path):
     from core.config import Settings
@@ -48,6 +58,10 @@ def console_url(console_settings, db):
     server.should_exit = True
     thread.join(10)
     pool.close()
+    from core.celery_app import configure
+    from core.config import Settings
+
+    configure(Settings())  # the console configured the shared Celery app with its test broker
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from core.config import Settings, settings_table
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 START, END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
-MAX_LINES = 180
+MAX_PROSE_LINES = 135  # besides the generated configuration table, which grows one line per setting
 ROW_VARIABLE = re.compile(r"^\| `(ENRICH_[A-Z0-9_]+)` \|", re.MULTILINE)
 
 
@@ -68,8 +68,11 @@ def test_python_m_core_config_prints_the_table():
 
 
 def test_readme_is_short():
-    lines = len(_readme().splitlines())
-    assert lines <= MAX_LINES, f"README.md has {lines} lines; figures and lab notes go to benchmarks/RESULTS.md"
+    text = _readme()
+    table = text.split(START, 1)[1].split(END, 1)[0]
+    lines = len(text.splitlines()) - len(table.splitlines())
+    assert lines <= MAX_PROSE_LINES, (f"README.md has {lines} lines besides the settings table; figures and lab "
+                                      "notes go to benchmarks/RESULTS.md")
 
 
 @pytest.mark.parametrize("name", ["quickstart", "batch", "consume", "corrections", "worker", "sweep", "health",

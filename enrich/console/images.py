@@ -1,0 +1,111 @@
+"""Thumbnails of listing photos: /img/{listing_id}/{n}, never an open proxy.
+
+Only the n-th image URI of a listing stored in the database is ever fetched (nothing from the request but
+the listing id and an index), through the worker's guarded fetcher (`core.images.load_image`: allow-listed
+sources, pinned public addresses, byte and pixel limits, refused formats). The result is shrunk to at most
+THUMB_PX and cached on disk under <data dir>/console-thumbs, keyed by the sha256 of the URI, and served as
+JPEG. An image that cannot be used gets a grey placeholder (a permanent refusal is remembered next to the
+cache; a host that is down is tried again next time). An unknown listing or index is a 404.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.responses import Response
+from PIL import Image
+
+from core.images import ImageError, ImageRejected, load_image
+from enrich.console.auth import User, current_user
+from enrich.console.deps import connection
+from schemas.events import MAX_IMAGES
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+THUMB_PX = 320
+_QUALITY = 82
+_HEADERS = {"Cache-Control": "private, max-age=3600"}
+
+
+def thumbs_dir(settings) -> Path:
+    return Path(settings.data_dir) / "console-thumbs"
+
+
+@lru_cache(maxsize=1)
+def placeholder() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (THUMB_PX, THUMB_PX), (228, 231, 236)).save(buf, "JPEG", quality=60)
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def make_thumbnail(uri: str, settings, s3_client=None) -> tuple[bytes, bool]:
+    """(JPEG bytes, True) for a usable image; (placeholder, False) otherwise. Cached on disk."""
+    key = hashlib.sha256(uri.encode()).hexdigest()
+    root = thumbs_dir(settings)
+    path, refused = root / f"{key}.jpg", root / f"{key}.refused"
+    if path.is_file():
+        return path.read_bytes(), True
+    if refused.is_file():
+        return placeholder(), False
+    try:
+        img = load_image(uri, settings, target_size=THUMB_PX, s3_client=s3_client)
+        img.thumbnail((THUMB_PX, THUMB_PX))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=_QUALITY)
+    except ImageError as exc:
+        log.info("no thumbnail for an image: %s", exc)
+        if isinstance(exc, ImageRejected):  # permanent: do not fetch it again
+            _write_atomic(refused, exc.reason.encode())
+        return placeholder(), False
+    except Exception:  # a broken image must not break the page; the placeholder says so
+        log.warning("thumbnail failed", exc_info=True)
+        return placeholder(), False
+    data = buf.getvalue()
+    _write_atomic(path, data)
+    return data, True
+
+
+def _s3_client(request: Request, uri: str):
+    if not uri.startswith("s3://"):
+        return None
+    client = getattr(request.app.state, "thumb_s3_client", None)
+    if client is None:
+        from core.s3 import make_s3_client
+
+        client = request.app.state.thumb_s3_client = make_s3_client(request.app.state.settings)
+    return client
+
+
+@router.get("/img/{listing_id}/{n}")
+def thumbnail(request: Request, listing_id: str = PathParam(max_length=128),
+              n: int = PathParam(), user: User = Depends(current_user)):
+    if not 0 <= n < MAX_IMAGES:
+        raise HTTPException(status_code=404, detail="no such listing image")
+    with connection(request) as conn:
+        row = conn.execute("SELECT event->'images'->>%s::int FROM listings WHERE listing_id = %s",
+                           (n, listing_id)).fetchone()
+    if row is None or row[0] is None:
+        raise HTTPException(status_code=404, detail="no such listing image")
+    settings = request.app.state.settings
+    data, ok = make_thumbnail(row[0], settings, _s3_client(request, row[0]))
+    headers = dict(_HEADERS) if ok else {"Cache-Control": "no-store", "X-Thumbnail": "placeholder"}
+    return Response(data, media_type="image/jpeg", headers=headers)

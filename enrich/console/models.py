@@ -1,0 +1,299 @@
+"""The models page: every registered version with its status; the selected one's metrics beside the active
+model's, its training report's plots and its shadow figures; the alias moves; retraining jobs and the running
+one's progress. Admins promote (through the registry's gate), roll back, run a candidate in shadow and ask for
+a retrain, each with a reason; reviewers see the page without the buttons and their POSTs are refused.
+
+Everything goes through the library, never a copy of it: model.registry (promote, rollback, set_shadow,
+backfill_after — the step `enrich promote` and `enrich rollback` take too), model.shadow.shadow_report,
+training.jobs (request_retrain, retrain_params, job_progress). Every action is logged with the user
+(users.log_action); an action's outcome is shown once on the page after the redirect (post/redirect/get).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi.responses import FileResponse, RedirectResponse
+
+from enrich.console.auth import User, check_csrf, current_user
+from enrich.console.deps import connection, render
+from enrich.console.users import log_action
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+# the plots training/report.py writes into a model directory's report/: the only files the plot route serves
+PLOTS: dict[str, str] = {"loss.png": "Training loss per stage", "confusion.png": "Category confusion",
+                         "per_label_f1.png": "F1 per attribute label", "recall_at_k.png": "Retrieval recall@k"}
+SUMMARY_METRICS = ("test/top1", "test/recall@1", "test/attr/exact_match")  # as `enrich models` shows them
+_FLASH = "models_flash"
+_MAX_REASON = 500
+# (version, artifact, sha256, path) -> the model's local directory; fetching an artifact verifies its weights'
+# hash, which is too slow to repeat for every plot request
+_dirs: dict[tuple, Path] = {}
+
+
+def admin_only(request: Request, user: User = Depends(current_user)) -> User:
+    """Like auth.require_admin, and the refused attempt is logged with the user."""
+    if not user.is_admin:
+        with connection(request) as conn:
+            log_action(conn, user.name, "models.refused", path=request.url.path)
+        log.warning("%s (%s) was refused %s", user.name, user.role, request.url.path)
+        raise HTTPException(status_code=403, detail="admins only: reviewers can look at the models, not change them")
+    return user
+
+
+# ---- reading -------------------------------------------------------------------------------------------
+
+def _model_dir(row, settings) -> Path:
+    key = (row.model_version, row.artifact_uri, row.sha256, row.path)
+    found = _dirs.get(key)
+    if found is None:
+        from model.artifacts import store_from_settings
+        from model.registry import local_dir
+
+        found = _dirs[key] = local_dir(row, store_from_settings(settings) if row.artifact_uri else None)
+    return found
+
+
+def report_plots(row, settings) -> tuple[list[str], str | None]:
+    """The allow-listed plot names present in the model's report/, and why there are none when so."""
+    try:
+        folder = _model_dir(row, settings) / "report"
+    except Exception as exc:  # noqa: BLE001 - missing artifact, hash mismatch, S3 down: the page still shows
+        log.warning("report of %s not readable: %s", row.model_version, exc)
+        return [], f"the model's files are not readable here: {exc}"
+    names = [n for n in PLOTS if (folder / n).is_file()]
+    return names, None if names else "no training report plots in the model's directory"
+
+
+def side_by_side(selected, active) -> tuple[list[dict], list[dict]]:
+    """Rows (metric, selected, active, difference, direction, verdict): gate metrics first, then the rest."""
+    from model.registry import DEFAULT_GATE
+
+    mine = selected.metrics if selected else {}
+    theirs = active.metrics if active is not None and active is not selected else {}
+    rows = []
+    for key in sorted(set(mine) | set(theirs), key=lambda k: (k not in DEFAULT_GATE, k)):
+        a, b = mine.get(key), theirs.get(key)
+        higher = DEFAULT_GATE.get(key)
+        diff = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+        verdict = ""
+        if diff is not None and higher is not None:
+            verdict = "same" if diff == 0 else ("better" if (diff > 0) == higher else "worse")
+        rows.append({"key": key, "selected": a, "active": b, "diff": diff, "gate": higher is not None,
+                     "direction": "" if higher is None else ("higher is better" if higher else "lower is better"),
+                     "verdict": verdict})
+    return [r for r in rows if r["gate"]], [r for r in rows if not r["gate"]]
+
+
+def _pick(rows, version: str | None):
+    if version:
+        for r in rows:
+            if r.model_version == version:
+                return r
+        raise HTTPException(status_code=404, detail=f"model {version!r} is not registered")
+    waiting = [r for r in rows if r.status in ("shadow", "candidate")]
+    active = [r for r in rows if r.status == "active"]
+    return (waiting or active or rows or [None])[0]
+
+
+def _jobs(conn) -> tuple[list[dict], bool]:
+    from training.jobs import job_progress
+
+    jobs = job_progress(conn, 5)
+    return jobs, any(j["status"] in ("queued", "running") for j in jobs)
+
+
+@router.get("/models")
+def models_page(request: Request, version: str | None = None, user: User = Depends(current_user)):
+    from model.registry import compare, history, list_models
+    from model.shadow import shadow_report
+
+    settings = request.app.state.settings
+    with connection(request) as conn:
+        rows = list_models(conn)
+        selected = _pick(rows, version)
+        active = next((r for r in rows if r.status == "active"), None)
+        shadow = shadow_report(conn, selected.model_version) if selected else None
+        moves = history(conn, 15)
+        jobs, live = _jobs(conn)
+    gate_rows, other_rows = side_by_side(selected, active)
+    preview = None
+    if selected is not None and active is not None and selected.model_version != active.model_version:
+        preview = compare(selected.metrics, active.metrics)  # the gate on the stored figures
+    plots, plots_note = report_plots(selected, settings) if selected else ([], None)
+    from training.config import PRESETS
+
+    return render(request, "models.html", user=user, page="models", rows=rows, selected=selected, active=active,
+                  gate_rows=gate_rows, other_rows=other_rows, preview=preview, plots=plots, plot_titles=PLOTS,
+                  plots_note=plots_note, shadow=shadow, moves=moves, jobs=jobs, live=live,
+                  presets=sorted(PRESETS), default_preset=settings.retrain_preset, summary=SUMMARY_METRICS,
+                  flash=request.session.pop(_FLASH, None))
+
+
+@router.get("/models/jobs")
+def jobs_partial(request: Request, user: User = Depends(current_user)):
+    """The jobs list alone: models.js reloads it every few seconds while a job is queued or running."""
+    with connection(request) as conn:
+        jobs, live = _jobs(conn)
+    return render(request, "_models_jobs.html", user=user, jobs=jobs, live=live)
+
+
+@router.get("/models/{version}/plots/{name}")
+def plot(request: Request, version: str, name: str, user: User = Depends(current_user)):
+    """A training report plot: only a registered version, only a name on the PLOTS list."""
+    from model.registry import get_model
+
+    if name not in PLOTS:
+        raise HTTPException(status_code=404, detail="no such plot")
+    with connection(request) as conn:
+        row = get_model(conn, version)
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"model {version!r} is not registered")
+    names, why = report_plots(row, request.app.state.settings)
+    if name not in names:
+        raise HTTPException(status_code=404, detail=why or f"{version} has no {name}")
+    return FileResponse(_model_dir(row, request.app.state.settings) / "report" / name, media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=300"})
+
+
+# ---- actions -------------------------------------------------------------------------------------------
+
+def _back(request: Request, version: str | None, kind: str, text: str, reasons: list[str] | None = None,
+          anchor: str = "") -> RedirectResponse:
+    request.session[_FLASH] = {"kind": kind, "text": text[:1000], "reasons": [r[:400] for r in reasons or []][:10]}
+    where = "/models" + (f"?version={quote(version, safe='')}" if version else "") + anchor
+    return RedirectResponse(where, status_code=303)
+
+
+def _reason(reason: str) -> str:
+    return reason.strip()[:_MAX_REASON]
+
+
+def _backfill(decision, settings) -> tuple[str, str | None]:
+    """(what happened to the backfill, an error when the broker refused it)."""
+    from model.registry import BackfillNotSent, backfill_after
+
+    try:
+        return ("catalogue backfill enqueued" if backfill_after(decision, settings) else "no backfill needed"), None
+    except BackfillNotSent as exc:
+        return "catalogue backfill NOT enqueued", f"Broker not reachable: {exc}"
+
+
+@router.post("/models/{version}/promote", dependencies=[Depends(check_csrf)])
+def promote(request: Request, version: str, reason: str = Form(""), require_shadow: str = Form(""),
+            user: User = Depends(admin_only)):
+    """Through the registry's gate (stored figures; optionally the shadow figures too); then the backfill."""
+    from model.registry import promote as run_promote
+
+    reason = _reason(reason)
+    if not reason:
+        return _back(request, version, "error", "Not promoted: a reason is required.")
+    try:
+        min_corrections = int(require_shadow) if require_shadow.strip() else None
+        if min_corrections is not None and min_corrections < 1:
+            raise ValueError
+    except ValueError:
+        return _back(request, version, "error", "Not promoted: the shadow requirement is a number of corrections "
+                                                "(1 or more), or empty.")
+    settings = request.app.state.settings
+    with connection(request) as conn:
+        try:
+            decision = run_promote(conn, version, actor=user.name, reason=reason,
+                                   shadow_min_corrections=min_corrections)
+        except LookupError as exc:
+            log_action(conn, user.name, "promote", version=version, reason=reason, error=str(exc))
+            return _back(request, None, "error", f"Not promoted: {exc}")
+        backfill, broker_error = _backfill(decision, settings) if decision.promoted else (None, None)
+        log_action(conn, user.name, "promote", version=version, reason=reason, promoted=decision.promoted,
+                   previous=decision.previous, reasons=decision.reasons, require_shadow=min_corrections,
+                   backfill=backfill)
+    if not decision.promoted:
+        return _back(request, version, "refused",
+                     f"The gate refused {version} against the active {decision.previous}; it is marked rejected.",
+                     decision.reasons)
+    if decision.previous == version:
+        return _back(request, version, "ok", f"{version} is already the active model.")
+    text = f"{version} is active (previous: {decision.previous or 'none'}); {backfill}."
+    return _back(request, version, "error" if broker_error else "ok",
+                 text + (f" {broker_error}" if broker_error else ""))
+
+
+@router.post("/models/{version}/rollback", dependencies=[Depends(check_csrf)])
+def rollback(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)):
+    """Make a version that was active before active again, without the gate; then the backfill."""
+    from model.registry import rollback as run_rollback
+
+    reason = _reason(reason)
+    if not reason:
+        return _back(request, version, "error", "Not rolled back: a reason is required.")
+    settings = request.app.state.settings
+    with connection(request) as conn:
+        try:
+            decision = run_rollback(conn, version, actor=user.name, reason=reason)
+        except (LookupError, PermissionError) as exc:
+            log_action(conn, user.name, "rollback", version=version, reason=reason, error=str(exc))
+            return _back(request, version, "error", f"Not rolled back: {exc}")
+        backfill, broker_error = _backfill(decision, settings)
+        log_action(conn, user.name, "rollback", version=version, reason=reason, previous=decision.previous,
+                   backfill=backfill)
+    if decision.previous == version:
+        return _back(request, version, "ok", f"{version} is already the active model.")
+    text = f"{version} is active again (was {decision.previous or 'none'}); {backfill}."
+    return _back(request, version, "error" if broker_error else "ok",
+                 text + (f" {broker_error}" if broker_error else ""))
+
+
+@router.post("/models/{version}/shadow", dependencies=[Depends(check_csrf)])
+def shadow(request: Request, version: str, run: str = Form("on"), reason: str = Form(""),
+           user: User = Depends(admin_only)):
+    """Run a candidate in shadow (`run=on`), or stop the shadow run (`run=off`)."""
+    from model.registry import set_shadow
+
+    reason = _reason(reason)
+    if not reason:
+        return _back(request, version, "error", "Nothing changed: a reason is required.")
+    on = run != "off"
+    with connection(request) as conn:
+        try:
+            set_shadow(conn, version if on else None, actor=user.name, reason=reason)
+        except (LookupError, PermissionError) as exc:
+            log_action(conn, user.name, "shadow", version=version, run=on, reason=reason, error=str(exc))
+            return _back(request, version, "error", f"Nothing changed: {exc}")
+        log_action(conn, user.name, "shadow", version=version, run=on, reason=reason)
+    return _back(request, version, "ok", f"{version} runs in shadow; workers pick it up within ENRICH_MODEL_CHECK_S."
+                 if on else "No shadow model any more (its figures are kept).")
+
+
+@router.post("/models/retrain", dependencies=[Depends(check_csrf)])
+def retrain(request: Request, reason: str = Form(""), preset: str = Form(""), fresh: str = Form(""),
+            version: str = Form(""), user: User = Depends(admin_only)):
+    """Queue a retraining job on the train queue (training.jobs.request_retrain), as `enrich retrain` does."""
+    from core.celery_app import TRAIN_QUEUE, configure
+    from training.jobs import request_retrain, retrain_params
+
+    back = version or None
+    reason = _reason(reason)
+    if not reason:
+        return _back(request, back, "error", "No job queued: a reason is required.", anchor="#jobs")
+    settings = request.app.state.settings
+    try:
+        params = retrain_params(settings, preset or None, bool(fresh))
+    except ValueError as exc:
+        return _back(request, back, "error", f"No job queued: {exc}", anchor="#jobs")
+    with connection(request) as conn:
+        try:
+            configure(settings)
+            job_id = request_retrain(conn, requested_by=user.name, reason=reason, params=params)
+        except Exception as exc:  # noqa: BLE001 - the broker is down: request_retrain marked the job failed
+            log.exception("retraining job not enqueued")
+            log_action(conn, user.name, "retrain", reason=reason, params=params, error=str(exc))
+            return _back(request, back, "error", f"Broker not reachable: the training job was not queued and is "
+                                                 f"marked failed ({exc}). Try again when the broker is back.",
+                         anchor="#jobs")
+        log_action(conn, user.name, "retrain", job=job_id, reason=reason, params=params)
+    return _back(request, back, "ok", f"Training job #{job_id} queued on {TRAIN_QUEUE!r} ({params['preset']}"
+                                      f"{', fresh weights' if fresh else ''}).", anchor="#jobs")

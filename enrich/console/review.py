@@ -1,0 +1,463 @@
+"""The review queue: keyboard-first review of low-confidence predictions.
+
+Leases. An item is shown to one reviewer at a time: the next item is picked with ``SELECT … FOR UPDATE OF q
+SKIP LOCKED`` among open items whose lease is free or expired, and leased (``leased_by``, ``lease_until`` =
+now + ``console_lease_s``) in the same statement. A session holds one lease (its id in the session): the
+item is shown again on a reload, its lease renewed; moving on gives it back. A lease left behind by a closed
+tab runs out after ``console_lease_s``. Resolving checks that the lease is the reviewer's (an expired lease
+nobody else took is still theirs); otherwise the reviewer is told and moves on.
+
+Corrections. Taking a value builds a ``CorrectionEvent`` and stores it with ``worker.store.record_correction``,
+the code path of the Kafka corrections topic: a ``corrections`` row (who/when; a training label for the next
+retrain), the tag written as ``source=corrected``, the listing's open review items of that group resolved.
+The console then sets ``resolved_by`` on those items and logs the action with what undo needs.
+
+Undo. ``u`` undoes this session's last review action (a stack of ``console_actions`` ids in the session).
+Undoing a correction does NOT record a correction back to the old value (that would turn a machine
+prediction into a human label): it restores the tag row as it was (value, source, confidence, model
+version, or no row), deletes that action's ``corrections`` row so it never becomes a training label, and
+reopens the review items it resolved, leased to the reviewer again. It is refused when the tag was changed
+since (a later correction). Undoing a skip forgets the skip and leases the item again if it is still free.
+
+Skips. ``s`` releases the lease and remembers the id in the session: the item is not shown again to this
+reviewer in this session (other reviewers still get it).
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import lru_cache
+
+import psycopg
+from fastapi import APIRouter, Depends, Form, Request
+from pydantic import ValidationError
+
+from enrich.console import users
+from enrich.console.auth import User, check_csrf, current_user
+from enrich.console.deps import connection, render
+from schemas.events import CorrectionEvent
+from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
+from worker.store import record_correction
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+MAX_SKIPPED = 150  # skipped ids kept in the (cookie) session
+MAX_UNDO = 20  # undoable actions kept in the session
+OPTIONS_TTL_S = 10.0
+_FILTER_LEN = 128
+
+
+class Conflict(Exception):
+    """The action cannot be done as asked (lease lost, item resolved, tag changed since): tell the person."""
+
+
+# ----------------------------------------------------------------------------------------------- filters
+
+@dataclass(frozen=True)
+class Filters:
+    group: str = ""
+    category: str = ""  # predicted category: the listing's category tag, or a category item's top candidate
+    model: str = ""
+
+    @classmethod
+    def from_request(cls, request: Request) -> Filters:
+        q = request.query_params
+        return cls(*(q.get(k, "").strip()[:_FILTER_LEN] for k in ("group", "category", "model")))
+
+    def sql(self) -> tuple[str, str, list]:
+        """(join, conditions, params) over `review_queue q`."""
+        join, conds, params = "", [], []
+        if self.group:
+            conds.append("q.tag_group = %s")
+            params.append(self.group)
+        if self.model:
+            conds.append("q.model_version = %s")
+            params.append(self.model)
+        if self.category:
+            join = ("LEFT JOIN listing_tags ct ON ct.listing_id = q.listing_id"
+                    f" AND ct.tag_group = '{CATEGORY_GROUP}'")
+            conds.append(f"{_CATEGORY_EXPR} = %s")
+            params.append(self.category)
+        return join, "".join(f" AND {c}" for c in conds), params
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in (("group", self.group), ("category", self.category), ("model", self.model)) if v}
+
+
+_CATEGORY_EXPR = f"coalesce(ct.value, CASE WHEN q.tag_group = '{CATEGORY_GROUP}' THEN q.candidates->0->>0 END)"
+
+
+def filter_options(conn: psycopg.Connection) -> dict[str, list[tuple[str, int]]]:
+    """Values the filters offer, with their open-item counts (one pass over the open items)."""
+    rows = conn.execute(
+        f"""SELECT GROUPING(tag_group), GROUPING(model_version), tag_group, model_version, c, count(*)
+              FROM (SELECT q.tag_group, q.model_version, {_CATEGORY_EXPR} AS c FROM review_queue q
+                      LEFT JOIN listing_tags ct ON ct.listing_id = q.listing_id AND ct.tag_group = '{CATEGORY_GROUP}'
+                     WHERE q.resolved_at IS NULL) s
+             GROUP BY GROUPING SETS ((tag_group), (model_version), (c))""").fetchall()
+    out: dict[str, list[tuple[str, int]]] = {"group": [], "model": [], "category": []}
+    for g_group, g_model, group, model, cat, n in rows:
+        if not g_group:
+            out["group"].append((group, n))
+        elif not g_model:
+            out["model"].append((model, n))
+        elif cat is not None:
+            out["category"].append((cat, n))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def filter_options_cached(app, conn: psycopg.Connection) -> dict[str, list[tuple[str, int]]]:
+    """filter_options, computed at most every OPTIONS_TTL_S per console process (the counts next to the
+    filter values may lag that long; the counter of items left never does)."""
+    cached = getattr(app.state, "review_filter_options", None)
+    if cached is not None and time.monotonic() - cached[0] < OPTIONS_TTL_S:
+        return cached[1]
+    options = filter_options(conn)
+    app.state.review_filter_options = (time.monotonic(), options)
+    return options
+
+
+# ------------------------------------------------------------------------------------------------ leases
+
+def release(conn: psycopg.Connection, user: str, item: int | None) -> None:
+    """Give back this reviewer's lease on one item (by primary key: no scan of the queue)."""
+    if item is not None:
+        conn.execute("UPDATE review_queue SET leased_by = NULL, lease_until = NULL"
+                     " WHERE id = %s AND leased_by = %s AND resolved_at IS NULL", (item, user))
+
+
+def next_item(conn: psycopg.Connection, user: str, filters: Filters, skipped: list[int], lease_s: float,
+              current: int | None = None) -> int | None:
+    """The item this session works on now: `current` (the session's item) while it is still open, leased
+    to this reviewer and within the filters; else the oldest free one, leased to them (and `current` is
+    given back)."""
+    join, conds, params = filters.sql()
+    picked = None
+    with conn.transaction():
+        if current is not None:
+            held = conn.execute(
+                f"SELECT q.id FROM review_queue q {join} WHERE q.id = %s AND q.resolved_at IS NULL"
+                f" AND q.leased_by = %s AND NOT (q.id = ANY(%s::bigint[])){conds} FOR UPDATE OF q",
+                (current, user, skipped, *params)).fetchone()
+            if held is not None:
+                conn.execute("UPDATE review_queue SET lease_until = now() + make_interval(secs => %s)"
+                             " WHERE id = %s", (lease_s, current))
+                return current
+        # a row another transaction leased between our scan and our lock fails the re-check, and LIMIT 1
+        # then returns nothing although later rows are free: try again a few times
+        for _ in range(4):
+            row = conn.execute(
+                f"""WITH pick AS (
+                        SELECT q.id FROM review_queue q {join}
+                         WHERE q.resolved_at IS NULL AND (q.leased_by IS NULL OR q.lease_until < now())
+                           AND NOT (q.id = ANY(%s::bigint[])){conds}
+                         ORDER BY q.created_at, q.id LIMIT 1 FOR UPDATE OF q SKIP LOCKED)
+                    UPDATE review_queue r SET leased_by = %s, lease_until = now() + make_interval(secs => %s)
+                      FROM pick WHERE r.id = pick.id RETURNING r.id""",
+                (skipped, *params, user, lease_s)).fetchone()
+            if row is not None:
+                picked = row[0]
+                break
+            if not _any_free(conn, join, conds, params, skipped):
+                break
+        if current != picked:
+            release(conn, user, current)
+    return picked
+
+
+def _any_free(conn, join: str, conds: str, params: list, skipped: list[int]) -> bool:
+    return conn.execute(
+        f"SELECT EXISTS (SELECT 1 FROM review_queue q {join} WHERE q.resolved_at IS NULL"
+        f" AND (q.leased_by IS NULL OR q.lease_until < now()) AND NOT (q.id = ANY(%s::bigint[])){conds})",
+        (skipped, *params)).fetchone()[0]
+
+
+def count_left(conn: psycopg.Connection, filters: Filters, skipped: list[int]) -> int:
+    join, conds, params = filters.sql()
+    return conn.execute(f"SELECT count(*) FROM review_queue q {join} WHERE q.resolved_at IS NULL"
+                        f" AND NOT (q.id = ANY(%s::bigint[])){conds}", (skipped, *params)).fetchone()[0]
+
+
+# --------------------------------------------------------------------------------------------- taxonomy
+
+@lru_cache(maxsize=16)
+def _parse_taxonomy(text: str) -> Taxonomy:
+    return Taxonomy.model_validate_json(text)
+
+
+def taxonomy_of(conn: psycopg.Connection, model_version: str | None) -> Taxonomy | None:
+    """The taxonomy of this model version (its manifest), else the active model's; None when neither."""
+    row = conn.execute(
+        "SELECT manifest->>'taxonomy' FROM models WHERE manifest ? 'taxonomy'"
+        " AND (model_version = %s OR status = 'active') ORDER BY (model_version = %s) DESC LIMIT 1",
+        (model_version, model_version)).fetchone()
+    if row is None or not row[0]:
+        return None
+    try:
+        return _parse_taxonomy(row[0])
+    except ValidationError:
+        log.warning("model %s has a manifest taxonomy that does not validate", model_version)
+        return None
+
+
+def group_values(taxonomy: Taxonomy | None, group: str) -> list[str] | None:
+    """Every value a group can take in the taxonomy; None when the taxonomy does not know the group."""
+    if taxonomy is None:
+        return None
+    if group == CATEGORY_GROUP:
+        return taxonomy.category_names
+    if group == TYPE_GROUP:
+        return list(taxonomy.types)
+    if group in taxonomy.group_names:
+        return list(taxonomy.group(group).values)
+    return None
+
+
+def taxonomy_groups(taxonomy: Taxonomy | None) -> list[str]:
+    if taxonomy is None:
+        return []
+    return [CATEGORY_GROUP, TYPE_GROUP, *taxonomy.group_names]
+
+
+# ------------------------------------------------------------------------------------------- corrections
+
+def _corrector_id(name: str) -> str:
+    """Console names allow '@', CorrectionEvent ids do not; the audit log keeps the real name."""
+    return "".join(c if c.isalnum() or c in "._:-" else "_" for c in name)[:128]
+
+
+def apply_correction(conn: psycopg.Connection, user: str, listing_id: str | None, group: str | None,
+                     value: str, *,
+                     action: str, review_id: int | None = None, allowed: list[str] | None = None,
+                     **details) -> tuple[int, CorrectionEvent]:
+    """Correct one tag through the Kafka path (`record_correction`) in one transaction; returns the
+    console_actions id (whose details let `undo` restore what was there) and the event.
+
+    With `review_id`, the item must be open and leased to `user` (listing and group come from it).
+    `allowed`: the values the group takes (None: any text the event schema accepts)."""
+    value = value.strip()
+    with conn.transaction():
+        if review_id is not None:
+            row = conn.execute("SELECT listing_id, tag_group, leased_by, resolved_at, resolved_by FROM review_queue"
+                               " WHERE id = %s FOR UPDATE", (review_id,)).fetchone()
+            if row is None:
+                raise Conflict("this item is no longer in the queue (the listing was re-enriched or removed)")
+            if row[3] is not None:
+                raise Conflict(f"this item was already resolved{' by ' + row[4] if row[4] else ''}")
+            if row[2] != user:
+                raise Conflict("your lease on this item ran out and another reviewer has it now")
+            listing_id, group = row[0], row[1]
+        if allowed is not None and value not in allowed:
+            raise Conflict(f"{value!r} is not a value of {group}")
+        if conn.execute("SELECT 1 FROM listings WHERE listing_id = %s FOR SHARE", (listing_id,)).fetchone() is None:
+            raise Conflict(f"no listing {listing_id!r}")
+        prev = conn.execute("SELECT value, source, confidence, model_version, updated_at FROM listing_tags"
+                            " WHERE listing_id = %s AND tag_group = %s FOR UPDATE", (listing_id, group)).fetchone()
+        reopen = [r[0] for r in conn.execute(
+            "SELECT id FROM review_queue WHERE listing_id = %s AND tag_group = %s AND resolved_at IS NULL"
+            " ORDER BY id FOR UPDATE", (listing_id, group)).fetchall()]
+        try:
+            ev = CorrectionEvent(event_id=f"console:{uuid.uuid4().hex}", listing_id=listing_id, group=group,
+                                 old_value=prev[0] if prev else None, new_value=value,
+                                 corrected_by=_corrector_id(user), corrected_at=datetime.now(timezone.utc))
+        except ValidationError as exc:
+            raise Conflict("not a valid correction: " + "; ".join(e["msg"] for e in exc.errors())) from exc
+        record_correction(conn, ev)
+        if reopen:
+            conn.execute("UPDATE review_queue SET resolved_by = %s, leased_by = NULL, lease_until = NULL"
+                         " WHERE id = ANY(%s)", (user, reopen))
+        previous = None if prev is None else {"value": prev[0], "source": prev[1], "confidence": prev[2],
+                                                "model_version": prev[3], "updated_at": prev[4]}
+        users.log_action(conn, user, action, event_id=ev.event_id, listing_id=listing_id, group=group,
+                         old_value=ev.old_value, new_value=ev.new_value, previous=previous, resolved=reopen,
+                         review_id=review_id, **details)
+        action_id = conn.execute("SELECT lastval()").fetchone()[0]
+    return action_id, ev
+
+
+def undo(conn: psycopg.Connection, user: str, action_id: int, lease_s: float,
+         current: int | None = None) -> tuple[str, int | None, int | None, str]:
+    """Undo one review action of `user`; returns (kind, the item it was about, the item to show now, a
+    message). The item brought back is leased to `user` and `current` (the item shown) given back.
+    Conflict when it cannot be undone."""
+    with conn.transaction():
+        row = conn.execute("SELECT action, details FROM console_actions WHERE id = %s AND user_name = %s",
+                           (action_id, user)).fetchone()
+        if row is None:
+            raise Conflict("nothing to undo")
+        action, d = row
+        if action == "review.skip":
+            item = d["review_id"]
+            got = conn.execute(
+                "UPDATE review_queue SET leased_by = %s, lease_until = now() + make_interval(secs => %s)"
+                " WHERE id = %s AND resolved_at IS NULL AND (leased_by IS NULL OR leased_by = %s"
+                " OR lease_until < now()) RETURNING id", (user, lease_s, item, user)).fetchone()
+            users.log_action(conn, user, "review.undo", of=action_id, kind="skip", review_id=item,
+                             leased=got is not None)
+            if got is None:
+                return "skip", item, None, "Skip undone, but another reviewer has that item now (or it is resolved)."
+            if current != item:
+                release(conn, user, current)
+            return "skip", item, item, "Skip undone."
+        if action != "review.correct":
+            raise Conflict("nothing to undo")
+        corr = conn.execute("SELECT received_at FROM corrections WHERE event_id = %s FOR UPDATE",
+                            (d["event_id"],)).fetchone()
+        if corr is None:
+            raise Conflict("already undone")
+        lid, group = d["listing_id"], d["group"]
+        tag = conn.execute("SELECT value, source FROM listing_tags WHERE listing_id = %s AND tag_group = %s"
+                           " FOR UPDATE", (lid, group)).fetchone()
+        later = conn.execute("SELECT EXISTS (SELECT 1 FROM corrections WHERE listing_id = %s AND tag_group = %s"
+                             " AND event_id <> %s AND received_at >= %s)",
+                             (lid, group, d["event_id"], corr[0])).fetchone()[0]
+        if later or tag is None or tag[0] != d["new_value"] or tag[1] != "corrected":
+            raise Conflict(f"the {group} tag of {lid} was changed since: not undone")
+        prev = d.get("previous")
+        if prev is None:
+            conn.execute("DELETE FROM listing_tags WHERE listing_id = %s AND tag_group = %s", (lid, group))
+        else:
+            conn.execute("UPDATE listing_tags SET value = %s, source = %s, confidence = %s, model_version = %s,"
+                         " updated_at = %s::timestamptz WHERE listing_id = %s AND tag_group = %s",
+                         (prev["value"], prev["source"], prev["confidence"], prev["model_version"],
+                          prev["updated_at"], lid, group))
+        conn.execute("DELETE FROM corrections WHERE event_id = %s", (d["event_id"],))  # not a training label
+        reopened = [r[0] for r in conn.execute(
+            "UPDATE review_queue SET resolved_at = NULL, resolved_by = NULL, leased_by = %s,"
+            " lease_until = now() + make_interval(secs => %s)"
+            " WHERE id = ANY(%s) AND resolved_at IS NOT NULL RETURNING id",
+            (user, lease_s, d.get("resolved") or [])).fetchall()]
+        show = d.get("review_id") if d.get("review_id") in reopened else (reopened[0] if reopened else None)
+        if show is not None and current != show:
+            release(conn, user, current)
+        users.log_action(conn, user, "review.undo", of=action_id, kind="correct", event_id=d["event_id"],
+                         listing_id=lid, group=group, restored=prev, reopened=reopened)
+        return "correct", d.get("review_id"), show, f"Undone: {group} of {lid} is back to {prev['value'] if prev else 'no value'}."
+
+
+def skip(conn: psycopg.Connection, user: str, item: int) -> int:
+    with conn.transaction():
+        conn.execute("UPDATE review_queue SET leased_by = NULL, lease_until = NULL"
+                     " WHERE id = %s AND leased_by = %s AND resolved_at IS NULL", (item, user))
+        users.log_action(conn, user, "review.skip", review_id=item)
+        return conn.execute("SELECT lastval()").fetchone()[0]
+
+
+# ------------------------------------------------------------------------------------------------- views
+
+def item_view(conn: psycopg.Connection, item: int) -> dict | None:
+    row = conn.execute(
+        "SELECT q.id, q.listing_id, q.tag_group, q.candidates, q.threshold, q.model_version, q.created_at,"
+        " q.lease_until, l.event->>'title', l.seller_id, jsonb_array_length(l.event->'images'), l.status"
+        " FROM review_queue q JOIN listings l ON l.listing_id = q.listing_id WHERE q.id = %s", (item,)).fetchone()
+    if row is None:
+        return None
+    tags = conn.execute("SELECT tag_group, value, source, confidence, model_version FROM listing_tags"
+                        " WHERE listing_id = %s ORDER BY tag_group", (row[1],)).fetchall()
+    taxonomy = taxonomy_of(conn, row[5])
+    values = group_values(taxonomy, row[2]) or []  # a group the taxonomy lacks: the candidates only
+    candidates = [(str(c[0]), float(c[1])) for c in row[3]][:9]
+    for v, _ in candidates:
+        if v not in values:
+            values = [*values, v]
+    return {"id": row[0], "listing_id": row[1], "group": row[2], "candidates": candidates, "threshold": row[4],
+            "model_version": row[5], "created_at": row[6], "lease_until": row[7], "title": row[8] or "",
+            "seller_id": row[9], "images": min(row[10] or 0, 4), "status": row[11],
+            "seller_tags": [t for t in tags if t[2] == "seller"], "other_tags": [t for t in tags if t[2] != "seller"],
+            "choices": values}
+
+
+def _session_list(request: Request, key: str) -> list[int]:
+    raw = request.session.get(key) or []
+    return [int(x) for x in raw if isinstance(x, int)]
+
+
+def _render_item(request: Request, conn, user: User, filters: Filters, flash: str = "", error: bool = False,
+                 show: int | None = None, full: bool = False):
+    skipped = _session_list(request, "review_skipped")
+    lease_s = request.app.state.settings.console_lease_s
+    current = show if show is not None else request.session.get("review_current")
+    item_id = next_item(conn, user.name, filters, skipped, lease_s,
+                        current=current if isinstance(current, int) else None)
+    request.session["review_current"] = item_id
+    item = item_view(conn, item_id) if item_id is not None else None
+    ctx = {"item": item, "left": count_left(conn, filters, skipped), "flash": flash, "flash_error": error,
+           "filters": filters, "can_undo": bool(request.session.get("review_undo")), "lease_s": lease_s}
+    if full:
+        return render(request, "review.html", user=user, page="review",
+                      options=filter_options_cached(request.app, conn), **ctx)
+    return render(request, "_review_item.html", user=user, **ctx)
+
+
+def _push(request: Request, key: str, value: int, cap: int) -> None:
+    lst = _session_list(request, key)
+    lst.append(value)
+    request.session[key] = lst[-cap:]
+
+
+@router.get("/review")
+def review_page(request: Request, user: User = Depends(current_user)):
+    with connection(request) as conn:
+        return _render_item(request, conn, user, Filters.from_request(request), full=True)
+
+
+@router.get("/review/item")
+def review_item(request: Request, user: User = Depends(current_user)):
+    """The current item's HTML (the page's script asks for it after an error)."""
+    with connection(request) as conn:
+        return _render_item(request, conn, user, Filters.from_request(request))
+
+
+@router.post("/review/{item}/take", dependencies=[Depends(check_csrf)])
+def review_take(request: Request, item: int, value: str = Form(..., max_length=128),
+                user: User = Depends(current_user)):
+    filters = Filters.from_request(request)
+    with connection(request) as conn:
+        row = conn.execute("SELECT tag_group, model_version, candidates FROM review_queue WHERE id = %s",
+                           (item,)).fetchone()
+        if row is None:
+            return _render_item(request, conn, user, filters, "That item is no longer in the queue.", True)
+        allowed = group_values(taxonomy_of(conn, row[1]), row[0])
+        if allowed is not None:
+            allowed = [*allowed, *(str(c[0]) for c in row[2])]
+        try:
+            action_id, ev = apply_correction(conn, user.name, None, None, value, action="review.correct",
+                                             review_id=item, allowed=allowed)
+        except Conflict as exc:
+            return _render_item(request, conn, user, filters, f"Not saved: {exc}.", True)
+        _push(request, "review_undo", action_id, MAX_UNDO)
+        msg = f"Saved {ev.group} = {ev.new_value} for {ev.listing_id} (u to undo)."
+        return _render_item(request, conn, user, filters, msg)
+
+
+@router.post("/review/{item}/skip", dependencies=[Depends(check_csrf)])
+def review_skip(request: Request, item: int, user: User = Depends(current_user)):
+    filters = Filters.from_request(request)
+    with connection(request) as conn:
+        action_id = skip(conn, user.name, item)
+        _push(request, "review_skipped", item, MAX_SKIPPED)
+        _push(request, "review_undo", action_id, MAX_UNDO)
+        return _render_item(request, conn, user, filters, "Skipped (u to undo).")
+
+
+@router.post("/review/undo", dependencies=[Depends(check_csrf)])
+def review_undo(request: Request, user: User = Depends(current_user)):
+    filters = Filters.from_request(request)
+    stack = _session_list(request, "review_undo")
+    with connection(request) as conn:
+        if not stack:
+            return _render_item(request, conn, user, filters, "Nothing to undo in this session.", True)
+        action_id = stack.pop()
+        request.session["review_undo"] = stack
+        try:
+            kind, item, show, msg = undo(conn, user.name, action_id, request.app.state.settings.console_lease_s,
+                                         current=request.session.get("review_current"))
+        except Conflict as exc:
+            return _render_item(request, conn, user, filters, f"Not undone: {exc}.", True)
+        if kind == "skip":  # forget the skip, so the item can come back to this reviewer
+            request.session["review_skipped"] = [i for i in _session_list(request, "review_skipped") if i != item]
+        return _render_item(request, conn, user, filters, msg, show=show)
