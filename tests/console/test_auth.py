@@ -59,3 +59,20 @@ def _post(opener, url: str, data: dict) -> int:
             return resp.status
     except urllib.error.HTTPError as exc:
         return exc.code
+
+
+def test_console_user_add_stores_an_argon2_hash_and_refuses_a_short_password(db, pg_url):
+    from typer.testing import CliRunner
+
+    from enrich.cli import app
+    from enrich.console.users import authenticate
+
+    res = CliRunner().invoke(app, ["console-user", "add", "dana", "--role", "admin", "--password-stdin",
+                                   "--database-url", pg_url], input="a-long-password\n")
+    assert res.exit_code == 0, res.output
+    stored = db.execute("SELECT password_hash, role FROM console_users WHERE name = 'dana'").fetchone()
+    assert stored[0].startswith("$argon2id$") and "a-long-password" not in stored[0] and stored[1] == "admin"
+    assert authenticate(db, "dana", "a-long-password") == "admin" and authenticate(db, "dana", "nope") is None
+    short = CliRunner().invoke(app, ["console-user", "add", "eve", "--role", "reviewer", "--password-stdin",
+                                     "--database-url", pg_url], input="short\n")
+    assert short.exit_code == 2 and "at least 10" in short.output
