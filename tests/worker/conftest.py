@@ -16,6 +16,7 @@ from PIL import Image
 from core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 def wait_until(predicate, timeout: float = 90.0) -> None:
@@ -92,6 +93,20 @@ def gate_handler():
             pass
 
     return Gate
+
+
+def serve_gated(handler) -> tuple[ThreadingHTTPServer, str]:
+    """A loopback server for `handler` (see gate_handler) after checking RabbitMQ answers; returns it and its base
+    URL. The caller shuts it down."""
+    from kombu import Connection
+
+    try:
+        Connection(AMQP, connect_timeout=3).ensure_connection(max_retries=1)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"RabbitMQ not reachable at {AMQP}: {exc}")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def start_worker_process(env: dict, log: Path, *args: str) -> subprocess.Popen:

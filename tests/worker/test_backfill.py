@@ -4,22 +4,20 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from schemas.events import CorrectionEvent, ListingEvent
-from tests.worker.conftest import (ROOT, gate_handler, make_settings, png_bytes, save_small_model, start_worker_process,
+from tests.worker.conftest import (AMQP, ROOT, gate_handler, make_settings, png_bytes, save_small_model, serve_gated,
+                                  start_worker_process,
                                   wait_until)
 from worker.store import record_correction, upsert_listings
 
 REDIS = "redis://127.0.0.1:6379/0"
-AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 V1, V2, V3 = "bf-v1", "bf-v2", "bf-v3"
 
 
@@ -399,17 +397,10 @@ _GateHandler = gate_handler()
 
 def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(db, pg_url, models, tmp_path,
                                                                               use_celery):
-    from kombu import Connection
-
     from core.config import Settings
 
-    try:
-        Connection(AMQP, connect_timeout=3).ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"RabbitMQ not reachable at {AMQP}: {exc}")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _GateHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    gated = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+    server, base = serve_gated(_GateHandler)
+    gated = f"{base}/slow.png"
     tag = uuid.uuid4().hex[:6]
     gpu_q, bf_q, cpu_q = f"gpu-bfk-{tag}", f"backfill-bfk-{tag}", f"cpu-bfk-{tag}"
     settings = make_settings(tmp_path, task_listings=4, celery_broker_url=AMQP, gpu_queue=gpu_q)

@@ -3,17 +3,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import uuid
-from http.server import ThreadingHTTPServer
 
-import pytest
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import ROOT, gate_handler, png_bytes, start_worker_process, wait_until
+from tests.worker.conftest import AMQP, ROOT, gate_handler, png_bytes, serve_gated, start_worker_process, wait_until
 from worker.store import upsert_listings
 
-AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 
 
 _GateHandler = gate_handler()
@@ -21,14 +17,7 @@ _GateHandler.hold.set()  # every image request waits for the gate
 
 
 def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_path, use_celery):
-    from kombu import Connection
-
-    try:
-        Connection(AMQP, connect_timeout=3).ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"RabbitMQ not reachable at {AMQP}: {exc}")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _GateHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, base = serve_gated(_GateHandler)
     queue = f"gpu-crash-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir),
            "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true",
@@ -41,7 +30,7 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
         (tmp_path / "local.png").write_bytes(png_bytes())
         with db.transaction():
             upsert_listings(db, [
-                ListingEvent(listing_id="slow", seller_id="s", images=[f"http://127.0.0.1:{server.server_address[1]}/a.png"]),
+                ListingEvent(listing_id="slow", seller_id="s", images=[f"{base}/a.png"]),
                 ListingEvent(listing_id="quick", seller_id="s", images=[str(tmp_path / "local.png")])])
         from core.celery_app import send_enrich
         from core.config import Settings

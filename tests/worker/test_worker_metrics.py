@@ -13,7 +13,7 @@ import pytest
 from schemas.events import ListingEvent
 from tests.net import free_port
 from tests.worker.conftest import png_bytes, wait_until
-from tests.worker.test_worker_crash import AMQP, ROOT
+from tests.worker.conftest import AMQP, ROOT
 from worker.store import upsert_listings
 
 pytestmark = pytest.mark.integration
