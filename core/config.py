@@ -148,6 +148,9 @@ class Settings(BaseSettings):
                                                                     "corrections)")
     retrain_data_dir: Path | None = Field(default=None, description="the dataset's files for retraining jobs. "
                                                                     "Empty: the preset's default")
+    retrain_task_weights: bool = Field(default=False, description="the retrain job trains with seed 002's "
+                                                                  "per-task weights (groups with few labels "
+                                                                  "lifted; for noisy seller labels)")
     auto_promote: bool = Field(default=False, description="a retraining job promotes its model when it passes the "
                                                           "gate; `false`: it waits for an admin (`enrich promote`)")
     shadow_share: float = Field(default=0.1, ge=0.0, le=1.0, description="share of live listings a shadow "

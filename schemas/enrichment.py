@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -14,17 +15,34 @@ class TagSource(str, Enum):
     corrected = "corrected"
 
 
+class TagEvidence(BaseModel):
+    """Why the listing's text changed a predicted tag: the words, and the value's probability before/after."""
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["text"] = "text"
+    words: dict[str, list[str]] = Field(default_factory=dict,
+                                        description="value → the words of title/description that named it")
+    negated: dict[str, list[str]] = Field(default_factory=dict,
+                                          description="value → the words that ruled it out ('not cotton')")
+    prior: float | None = Field(default=None, ge=0.0, le=1.0,
+                                description="the image model's probability of the tag's value; null: text alone")
+    posterior: float = Field(ge=0.0, le=1.0, description="after fusion with the text (the tag's confidence)")
+    rule: str = Field(max_length=64, description="fusion rule and constants, e.g. 'lr:10/0.1'")
+
+
 class TagValue(BaseModel):
     model_config = ConfigDict(extra="forbid")
     value: TagText
     source: TagSource
     confidence: float | None = Field(default=None, ge=0.0, le=1.0)
     model_version: str | None = Field(default=None, max_length=128)
+    evidence: TagEvidence | None = Field(default=None, description="set when the text contributed to a prediction")
 
     @model_validator(mode="after")
     def _predicted_has_provenance(self) -> "TagValue":
         if self.source is TagSource.predicted and (self.confidence is None or self.model_version is None):
             raise ValueError("a predicted tag needs confidence and model_version")
+        if self.evidence is not None and self.source is not TagSource.predicted:
+            raise ValueError("only a predicted tag carries evidence")
         return self
 
 

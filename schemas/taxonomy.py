@@ -81,6 +81,6 @@ def load_taxonomy(name_or_path: str | Path) -> Taxonomy:
     if not path.suffix:
         path = TAXONOMY_DIR / f"{name_or_path}.json"
     if not path.is_file():
-        bundled = sorted(p.stem for p in TAXONOMY_DIR.glob("*.json"))
+        bundled = sorted(p.stem for p in TAXONOMY_DIR.glob("*.json") if not p.name.endswith(".vocab.json"))
         raise FileNotFoundError(f"taxonomy {str(name_or_path)!r} not found; bundled: {bundled}")
     return Taxonomy.model_validate_json(path.read_text())

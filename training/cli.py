@@ -55,7 +55,15 @@ def register(app: typer.Typer) -> None:
                                              "(default: the preset's)."),
         time_budget: float = typer.Option(None, help="seconds for the whole run; schedules follow whichever runs "
                                                      "out first, steps or time (default: the preset's)."),
-        dataset: str = typer.Option(None, help="fmnist-shop or deepfashion (default: fmnist-shop)."),
+        dataset: str = typer.Option(None, help="fmnist-shop, deepfashion or catalogue (a marketplace's own "
+                                               "listings with seller tags as noisy labels, any --taxonomy; "
+                                               "needs --catalogue) (default: fmnist-shop)."),
+        catalogue: str = typer.Option(None, "--catalogue", help="dataset catalogue: 'postgres' (the listings "
+                                      "in ENRICH_DATABASE_URL) or a JSONL export of ListingEvents (file or "
+                                      "folder); implies --dataset catalogue (default: none)."),
+        task_weights: bool = typer.Option(None, "--task-weights/--no-task-weights", help="seed 002's per-task "
+                                          "weights: attribute groups with few labels lifted, for noisy seller "
+                                          "labels (default: off)."),
         data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory, or the DeepFashion root with "
                                                  "category/ and inshop/ (default: /usr/share/datasets/fashion-mnist)."),
         taxonomy: str = typer.Option(None, help="taxonomy name or JSON path (default: fashion-mnist)."),
@@ -109,7 +117,12 @@ def register(app: typer.Typer) -> None:
             "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
             "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
             "out_dir": out_dir or settings.models_dir,
+            "catalogue_source": catalogue, "seed_002_task_weights": task_weights,
         }
+        if catalogue is not None and dataset is None:
+            overrides["dataset"] = "catalogue"
+        if (dataset or overrides["dataset"]) == "catalogue" and catalogue is None:
+            raise typer.BadParameter("dataset catalogue needs --catalogue PATH|postgres", param_hint="--catalogue")
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
         if backbone == "resnet50" and weights is None:
             typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)

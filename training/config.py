@@ -34,7 +34,8 @@ class StageSpec:
 @dataclass
 class TrainConfig:
     out_dir: Path = Path(".enrich/models")
-    dataset: str = "fmnist-shop"  # or "deepfashion"
+    dataset: str = "fmnist-shop"  # or "deepfashion", or "catalogue" (seller tags as noisy labels, training.catalogue)
+    catalogue_source: str | None = None  # dataset "catalogue": "postgres" or a JSONL export (file or folder)
     data_dir: Path = Path("/usr/share/datasets/fashion-mnist")
     taxonomy: str = "fashion-mnist"
     backbone: str = "efficientnet_lite0"

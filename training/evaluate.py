@@ -96,6 +96,38 @@ def group_predictions_binary(taxonomy: Taxonomy, preds: Predictions, data: Label
     return np.concatenate(pred_cols, axis=1), np.concatenate(true_cols, axis=1), names, complete
 
 
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AP of one label: the mean precision at the rank of each positive (NaN without positives)."""
+    positive = np.asarray(positive, dtype=bool)
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = positive[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
+def group_map(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages) -> dict[str, float]:
+    """Per-group mAP (seed 002's evaluation): for the category and each attribute group, the mean over its
+    values of the average precision of the value's score, over the rows labelled for the group (values
+    without a positive there are left out). Keys ``map/<group>``; groups nobody is labelled for: none."""
+    out: dict[str, float] = {}
+    heads = [(CATEGORY_GROUP, True, preds.category, data.category, None)]
+    heads += [(g.name, g.exclusive, preds.groups[g.name], data.groups[g.name], data.present.get(g.name))
+              for g in taxonomy.attribute_groups]
+    for name, exclusive, scores, target, present in heads:
+        rows = target >= 0 if exclusive else np.asarray(present, dtype=bool)
+        if not rows.any():
+            continue
+        s = np.asarray(scores)[rows]
+        pos = (np.eye(s.shape[1], dtype=bool)[target[rows]] if exclusive else np.asarray(target)[rows] > 0.5)
+        aps = [average_precision(s[:, v], pos[:, v]) for v in range(s.shape[1])]
+        aps = [a for a in aps if not math.isnan(a)]
+        if aps:
+            out[f"map/{name}"] = float(np.mean(aps))
+    return out
+
+
 def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages,
                     label_thresholds: dict[str, float] | None = None,
                     query_mask: np.ndarray | None = None) -> EvalResult:
@@ -109,6 +141,7 @@ def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
         t = data.groups[g.name]
         if g.exclusive and (t >= 0).any():
             metrics[f"{g.name}/accuracy"] = float((preds.groups[g.name].argmax(1) == t)[t >= 0].mean())
+    metrics.update(group_map(taxonomy, preds, data))
     pred_bin, true_bin, names, complete = group_predictions_binary(taxonomy, preds, data, label_thresholds)
     per_label: dict[str, float] = {}
     if names and complete.any():
@@ -272,7 +305,8 @@ def eval_set_mismatch(a_id: str | None, b_id: str | None, a_name: str = "candida
 # the bundled taxonomies and the dataset each was made for (a model recording no dataset)
 _TAXONOMY_DATASET = {"fashion-mnist": "fmnist-shop", "deepfashion": "deepfashion"}
 # the training-config fields that decide the fixed evaluation set
-_EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item")
+_EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item",
+                "catalogue_source", "image_size")  # the last two: the catalogue's test photos
 
 
 def training_config(model_dir: Path | str) -> dict | None:
@@ -312,8 +346,8 @@ def evaluation_config(model_dir: Path | str, base: TrainConfig | None = None, *,
         raise EvalSetError(
             f"model {manifest.model_version} was trained for taxonomy {manifest.taxonomy.name!r} and records no "
             "dataset (no 'dataset' in its manifest, no report/metrics.json config): its evaluation set would "
-            "be the taxonomy's own labelled set, for which there is no reader yet (a catalogue reader is "
-            f"missing; readers: {', '.join(DATASETS)})")
+            "be the taxonomy's own labelled set, which only a model trained with the catalogue reader "
+            f"(dataset 'catalogue') records; readers: {', '.join(DATASETS)})")
     if base is not None and dataset is not None and base.dataset != dataset:
         raise EvalSetError(f"model {manifest.model_version} was trained for {dataset!r}; cannot measure it on "
                            f"{base.dataset!r}")
@@ -331,8 +365,8 @@ def evaluation_config(model_dir: Path | str, base: TrainConfig | None = None, *,
     if cfg.dataset not in DATASETS:
         raise EvalSetError(
             f"model {manifest.model_version} was trained for dataset {cfg.dataset!r} (taxonomy "
-            f"{manifest.taxonomy.name!r}): there is no reader for that labelled set yet (a catalogue reader "
-            f"is missing; readers: {', '.join(DATASETS)})")
+            f"{manifest.taxonomy.name!r}): there is no reader for that labelled set (not even the catalogue reader; "
+            f"readers: {', '.join(DATASETS)})")
     return cfg
 
 

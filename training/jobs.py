@@ -261,6 +261,8 @@ def job_config(params: dict, settings: Settings, job_id: int):
         overrides["device"] = settings.device
     if settings.torch_threads:
         overrides["threads"] = settings.torch_threads
+    if settings.retrain_task_weights:  # seed 002's per-task weights (noisy seller labels)
+        overrides["seed_002_task_weights"] = True
     cfg = replace(PRESETS[preset], **overrides)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     return replace(cfg, model_version=f"{load_taxonomy(cfg.taxonomy).name}-{cfg.backbone}-job{job_id}-{stamp}")

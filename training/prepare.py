@@ -1,4 +1,5 @@
-"""Dataset preparation for a training run: the train/validation/test splits of FMNIST-shop or DeepFashion,
+"""Dataset preparation for a training run: the train/validation/test splits of FMNIST-shop, DeepFashion or a
+marketplace's own catalogue (training.catalogue),
 the fixed evaluation set every model is measured on, and extra training rows (grey photos, corrections)."""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from schemas.taxonomy import Taxonomy
+from training.catalogue import catalogue_test, prepare_catalogue
 from training.config import TrainConfig
 from training.data import LabelledImages, PreparedData, Split, from_shop
 from training.deepfashion import deepfashion_test, load_cropped, prepare_deepfashion
@@ -18,7 +20,7 @@ from training.fmnist_shop import COLOUR_GROUP, build_shop, grey_photos
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("fmnist-shop", "deepfashion")  # the labelled sets this package has readers for
+DATASETS = ("fmnist-shop", "deepfashion", "catalogue")  # the labelled sets this package has readers for
 
 
 class NoReaderError(RuntimeError):
@@ -27,9 +29,9 @@ class NoReaderError(RuntimeError):
 
 def _no_reader(dataset: str) -> NoReaderError:
     return NoReaderError(
-        f"Invalid dataset {dataset!r}: no reader for it. Only 'fmnist-shop' and 'deepfashion' are "
-        "supported; a custom taxonomy's own labelled set needs a catalogue reader, which training.prepare "
-        "does not have yet.")
+        f"Invalid dataset {dataset!r}: no reader for it. Only 'fmnist-shop', 'deepfashion' and 'catalogue' "
+        "are supported; a custom taxonomy's own labelled set is read with dataset 'catalogue' (seller tags "
+        "from Postgres or a JSONL export).")
 
 
 @dataclass
@@ -49,6 +51,8 @@ def evaluation_set(cfg: TrainConfig, taxonomy: Taxonomy) -> EvaluationSet:
         return EvaluationSet(split, None, plain, grey)
     if cfg.dataset == "deepfashion":
         return EvaluationSet(deepfashion_test(cfg, taxonomy), load_cropped)
+    if cfg.dataset == "catalogue":
+        return EvaluationSet(catalogue_test(cfg, taxonomy))
     raise _no_reader(cfg.dataset)
 
 
@@ -95,6 +99,8 @@ def prepare_data(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
         return prepare_fmnist_shop(cfg, taxonomy)
     if cfg.dataset == "deepfashion":
         return prepare_deepfashion(cfg, taxonomy)
+    if cfg.dataset == "catalogue":
+        return prepare_catalogue(cfg, taxonomy)
     raise _no_reader(cfg.dataset)
 
 

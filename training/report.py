@@ -102,7 +102,9 @@ def write_report(out: Path, *, taxonomy: Taxonomy, config: dict, metrics: dict[s
     per_class = dict(zip(taxonomy.category_names, test.per_class_f1.tolist()))
     (out / "metrics.json").write_text(json.dumps({
         "test": metrics, "stages_best_validation": stage_metrics, "per_class_f1": per_class,
-        "per_label_f1": test.per_label_f1, "confusion": test.confusion.tolist(), "config": config,
+        "per_label_f1": test.per_label_f1,
+        "per_group_map": {k.split("/map/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/map/")},
+        "confusion": test.confusion.tolist(), "config": config,
         "history": history,
     }, indent=1, default=float))
     plot_losses(history, out / "loss.png")
@@ -116,6 +118,10 @@ def write_report(out: Path, *, taxonomy: Taxonomy, config: dict, metrics: dict[s
              f"- training time {metrics.get('train_seconds', float('nan')):.0f} s", "",
              "## Test metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if k != "train_seconds"]
+    group_map = {k.split("/map/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/map/")}
+    if group_map:  # seed 002's evaluation: mean average precision per group
+        lines += ["", "## Per-group mAP (test)", "", "| group | mAP |", "|---|---|"]
+        lines += [f"| {g} | {_fmt(v)} |" for g, v in group_map.items()]
     lines += ["", "## Best validation per stage", ""]
     for stage, m in stage_metrics.items():
         keys = [k for k in ("top1", "macro_f1", "weighted_f1", "colour/accuracy", "attr/exact_match",

@@ -154,8 +154,9 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
         tag_rows, review_rows, emb_rows = [], [], []
         for item, enr, emb in results:
             for group, tag in enr.tags.items():
+                evidence = None if tag.evidence is None else Jsonb(tag.evidence.model_dump(mode="json"))
                 tag_rows.append((item.listing_id, group, tag.value, tag.source.value, tag.confidence,
-                                 tag.model_version))
+                                 tag.model_version, evidence))
             for r in enr.review:
                 if (item.listing_id, r.group) in corrected:
                     continue  # a person already decided this group: nothing to review
@@ -165,8 +166,9 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
             emb_rows.append((item.listing_id, enr.model_version, int(vec.shape[0]), vec.tobytes()))
         with conn.cursor() as cur:
             cur.executemany(
-                """INSERT INTO listing_tags (listing_id, tag_group, value, source, confidence, model_version)
-                   VALUES (%s, %s, %s, %s, %s, %s)
+                """INSERT INTO listing_tags (listing_id, tag_group, value, source, confidence, model_version,
+                                            evidence)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (listing_id, tag_group) DO NOTHING""",  # a corrected tag stays
                 tag_rows,
             )
@@ -214,7 +216,7 @@ def record_correction(conn: psycopg.Connection, ev: CorrectionEvent) -> bool:
            SELECT %s, %s, %s, %s, NULL, NULL WHERE EXISTS (SELECT 1 FROM listings WHERE listing_id = %s)
            ON CONFLICT (listing_id, tag_group) DO UPDATE
               SET value = EXCLUDED.value, source = EXCLUDED.source, confidence = NULL,
-                  model_version = NULL, updated_at = now()""",
+                  model_version = NULL, evidence = NULL, updated_at = now()""",
         (ev.listing_id, ev.group, ev.new_value, TagSource.corrected.value, ev.listing_id),
     )
     conn.execute(

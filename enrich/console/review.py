@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 
 import psycopg
+from psycopg.types.json import Jsonb
 from fastapi import APIRouter, Depends, Form, Request
 from pydantic import ValidationError
 
@@ -255,7 +256,7 @@ def apply_correction(conn: psycopg.Connection, user: str, listing_id: str | None
             raise Conflict(f"{value!r} is not a value of {group}")
         if conn.execute("SELECT 1 FROM listings WHERE listing_id = %s FOR SHARE", (listing_id,)).fetchone() is None:
             raise Conflict(f"no listing {listing_id!r}")
-        prev = conn.execute("SELECT value, source, confidence, model_version, updated_at FROM listing_tags"
+        prev = conn.execute("SELECT value, source, confidence, model_version, updated_at, evidence FROM listing_tags"
                             " WHERE listing_id = %s AND tag_group = %s FOR UPDATE", (listing_id, group)).fetchone()
         reopen = [r[0] for r in conn.execute(
             "SELECT id FROM review_queue WHERE listing_id = %s AND tag_group = %s AND resolved_at IS NULL"
@@ -271,7 +272,7 @@ def apply_correction(conn: psycopg.Connection, user: str, listing_id: str | None
             conn.execute("UPDATE review_queue SET resolved_by = %s, leased_by = NULL, lease_until = NULL"
                          " WHERE id = ANY(%s)", (user, reopen))
         previous = None if prev is None else {"value": prev[0], "source": prev[1], "confidence": prev[2],
-                                                "model_version": prev[3], "updated_at": prev[4]}
+                                                "model_version": prev[3], "updated_at": prev[4], "evidence": prev[5]}
         users.log_action(conn, user, action, event_id=ev.event_id, listing_id=listing_id, group=group,
                          old_value=ev.old_value, new_value=ev.new_value, previous=previous, resolved=reopen,
                          review_id=review_id, **details)
@@ -322,9 +323,10 @@ def undo(conn: psycopg.Connection, user: str, action_id: int, lease_s: float,
             conn.execute("DELETE FROM listing_tags WHERE listing_id = %s AND tag_group = %s", (lid, group))
         else:
             conn.execute("UPDATE listing_tags SET value = %s, source = %s, confidence = %s, model_version = %s,"
-                         " updated_at = %s::timestamptz WHERE listing_id = %s AND tag_group = %s",
+                         " updated_at = %s::timestamptz, evidence = %s WHERE listing_id = %s AND tag_group = %s",
                          (prev["value"], prev["source"], prev["confidence"], prev["model_version"],
-                          prev["updated_at"], lid, group))
+                          prev["updated_at"], Jsonb(prev.get("evidence")) if prev.get("evidence") else None, lid,
+                          group))
         conn.execute("DELETE FROM corrections WHERE event_id = %s", (d["event_id"],))  # not a training label
         reopened = [r[0] for r in conn.execute(
             "UPDATE review_queue SET resolved_at = NULL, resolved_by = NULL, leased_by = %s,"

@@ -1,0 +1,289 @@
+"""A marketplace's own catalogue as a labelled set: seller-given tags as noisy labels (seed 002).
+
+Rows come from Postgres (``listings.event`` with its images, ``listing_tags`` source ``seller`` and
+``corrected``) or from a JSONL export of ListingEvents (and, optionally, CorrectionEvents in the same
+file; a folder export: every ``*.jsonl`` file in it, in name order). Any taxonomy file works: values are
+mapped to the taxonomy's, unknown groups and values are masked (MISSING: seed 001's masks add no loss).
+
+- Noisy labels: the seller's category and attributes. Corrected labels (people) override the seller's
+  for their group and count at full weight: seed 002's per-task weights (``TrainConfig.seed_002_task_weights``)
+  scale the losses of groups by how many labels they have, and a training listing with a correction is
+  repeated ``TrainConfig.correction_repeats`` times, as ``enrich train --with-corrections`` does.
+- Split: deterministic by a hash of the listing id (sha256), so a listing stays in its split as the
+  catalogue grows, whichever source it is read from: ``test`` for the first TEST_SHARE of the hash
+  range, ``val`` for the next VAL_SHARE, the rest ``train``.
+- Photos: up to ``photos_per_item`` loadable photos per listing (2 in val and test: the first is the
+  retrieval query, the others the gallery), loaded through a ``load(uri) -> PIL.Image`` function
+  (default: ``core.images.load_image`` with the environment's settings — the worker's allow-list and
+  limits), resized to image_size×image_size RGB.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from schemas.events import CorrectionEvent, ListingEvent
+from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
+from training.data import LabelledImages, PreparedData, Split
+from training.losses import MISSING
+
+log = logging.getLogger(__name__)
+
+POSTGRES = "postgres"  # catalogue_source naming the database of the settings (ENRICH_DATABASE_URL)
+TEST_SHARE = 0.2
+VAL_SHARE = 0.1
+SPLITS = ("train", "val", "test")
+MULTI_SEP = ","  # a non-exclusive group's values in one tag: "casual,vintage"
+
+
+@dataclass
+class CatalogueRow:
+    listing_id: str
+    images: list[str]
+    seller: dict[str, str] = field(default_factory=dict)  # group -> seller-given value
+    corrected: dict[str, str] = field(default_factory=dict)  # group -> latest corrected value
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """The labels used: the seller's, with corrected groups overridden."""
+        return {**self.seller, **self.corrected}
+
+
+def split_of(listing_id: str) -> str:
+    """train, val or test: a fixed function of the listing id (sha256), the same for every source."""
+    u = int.from_bytes(hashlib.sha256(listing_id.encode()).digest()[:8], "big") / 2 ** 64
+    return "test" if u < TEST_SHARE else "val" if u < TEST_SHARE + VAL_SHARE else "train"
+
+
+def _seller_tags(event: dict) -> dict[str, str]:
+    tags = dict(event.get("attributes") or {})
+    if event.get("category"):
+        tags[CATEGORY_GROUP] = event["category"]
+    return tags
+
+
+def rows_from_postgres(conn) -> list[CatalogueRow]:
+    """Live listings with their seller tags (the event's, updated by listing_tags source=seller) and
+    corrected tags (listing_tags source=corrected), ordered by listing id. SQL only (no worker code)."""
+    cur = conn.execute(
+        "SELECT l.listing_id, l.event,"
+        " COALESCE(jsonb_object_agg(t.tag_group, t.value) FILTER (WHERE t.source = 'seller'), '{}'::jsonb),"
+        " COALESCE(jsonb_object_agg(t.tag_group, t.value) FILTER (WHERE t.source = 'corrected'), '{}'::jsonb)"
+        " FROM listings l LEFT JOIN listing_tags t ON t.listing_id = l.listing_id"
+        " WHERE l.status <> 'deleted' AND NOT COALESCE((l.event ->> 'deleted')::boolean, false)"
+        " GROUP BY l.listing_id, l.event ORDER BY l.listing_id")
+    out = []
+    for listing_id, event, seller, corrected in cur.fetchall():
+        tags = {**_seller_tags(event), **seller}
+        tags.pop(TYPE_GROUP, None)
+        corrected = {k: v for k, v in corrected.items() if k != TYPE_GROUP}
+        out.append(CatalogueRow(listing_id, list(event.get("images") or []), tags, corrected))
+    return out
+
+
+def _jsonl_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise FileNotFoundError(f"no *.jsonl files in catalogue export folder {path}")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"catalogue export {path} not found")
+    return [path]
+
+
+def rows_from_jsonl(path: Path | str) -> list[CatalogueRow]:
+    """A JSONL export: one ListingEvent per line (the last one of a listing wins; deleted ones drop out),
+    and optionally CorrectionEvents (lines with ``new_value``; the latest per group wins). Relative image
+    paths are taken relative to the file's folder."""
+    listings: dict[str, ListingEvent] = {}
+    corrections: dict[tuple[str, str], tuple[datetime, str]] = {}
+    for file in _jsonl_files(Path(path)):
+        for n, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                body = json.loads(line)
+                if "new_value" in body:
+                    c = CorrectionEvent.model_validate(body)
+                    key = (c.listing_id, c.group)
+                    if key not in corrections or corrections[key][0] <= c.corrected_at:
+                        corrections[key] = (c.corrected_at, c.new_value)
+                else:
+                    ev = ListingEvent.model_validate(body)
+                    listings[ev.listing_id] = ev
+            except ValueError as exc:
+                raise ValueError(f"{file}:{n}: not a ListingEvent or CorrectionEvent: {exc}") from exc
+    out = []
+    for listing_id in sorted(listings):
+        ev = listings[listing_id]
+        if ev.deleted:
+            continue
+        base = Path(path) if Path(path).is_dir() else Path(path).parent
+        images = [u if "://" in u or Path(u).is_absolute() else str(base / u) for u in ev.images]
+        corrected = {g: v for (lid, g), (_, v) in corrections.items() if lid == listing_id and g != TYPE_GROUP}
+        out.append(CatalogueRow(listing_id, images, _seller_tags(ev.model_dump()), corrected))
+    return out
+
+
+def read_rows(source: str | Path, conn=None) -> list[CatalogueRow]:
+    """``source``: "postgres" (``conn``, else the settings' database) or a JSONL file / export folder."""
+    if str(source) == POSTGRES:
+        if conn is not None:
+            return rows_from_postgres(conn)
+        from core.config import get_settings
+        from core.db import connection, database_url
+
+        with connection(database_url(get_settings())) as c:
+            return rows_from_postgres(c)
+    return rows_from_jsonl(source)
+
+
+def default_loader() -> Callable[[str], Image.Image]:
+    """core.images.load_image with the environment's settings (the worker's allow-list and limits)."""
+    from core.config import get_settings
+    from core.images import load_image
+
+    settings = get_settings()
+    return lambda uri: load_image(uri, settings)
+
+
+@dataclass
+class _Encoded:
+    category: int
+    groups: dict[str, object]  # exclusive: int; non-exclusive: multi-hot (V,) or None (no label)
+
+
+def _encode(labels: dict[str, str], taxonomy: Taxonomy, stats: dict[str, int]) -> _Encoded:
+    def index(values: list[str], value: str) -> int:
+        if value in values:
+            return values.index(value)
+        stats["unknown"] += 1
+        return MISSING
+
+    cat = labels.get(CATEGORY_GROUP)
+    category = index(taxonomy.category_names, cat) if cat is not None else MISSING
+    groups: dict[str, object] = {}
+    for g in taxonomy.attribute_groups:
+        value = labels.get(g.name)
+        if value is None:
+            groups[g.name] = MISSING if g.exclusive else None
+        elif g.exclusive:
+            groups[g.name] = index(g.values, value)
+        else:
+            parts = [p.strip() for p in value.split(MULTI_SEP) if p.strip()]
+            known = [p for p in parts if p in g.values]
+            if len(known) < len(parts):  # an unknown value: the seller's list is not usable as a whole
+                stats["unknown"] += 1
+                groups[g.name] = None
+            else:
+                hot = np.zeros(len(g.values), np.float32)
+                hot[[g.values.index(p) for p in known]] = 1.0
+                groups[g.name] = hot
+    stats["unknown_groups"] += len(set(labels) - {CATEGORY_GROUP, *taxonomy.group_names})
+    return _Encoded(category, groups)
+
+
+def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[[str], Image.Image], size: int,
+                   photos_per_item: int, repeats_corrected: int = 1) -> tuple[LabelledImages, np.ndarray, int]:
+    """Up to ``photos_per_item`` photos per listing (listings without a loadable photo or any known
+    label are skipped). Returns the rows, the query mask (each listing's first photo where it has
+    more than one) and how many listings became rows. Item ids: the listing's position in ``rows``
+    (the retrieval identity). A listing with corrected labels appears ``repeats_corrected`` times."""
+    images, category, item_ids, query = [], [], [], []
+    groups: dict[str, list] = {g: [] for g in taxonomy.group_names}
+    stats = {"unknown": 0, "unknown_groups": 0, "no_photo": 0, "no_label": 0}
+    listings = 0
+    for item, row in enumerate(rows):
+        enc = _encode(row.labels, taxonomy, stats)
+        if enc.category == MISSING and all(v is None or (isinstance(v, int) and v == MISSING)
+                                           for v in enc.groups.values()):
+            stats["no_label"] += 1
+            continue
+        photos = []
+        for uri in row.images:
+            if len(photos) >= photos_per_item:
+                break
+            try:
+                photos.append(np.asarray(load(uri).convert("RGB").resize((size, size), Image.Resampling.BILINEAR),
+                                         dtype=np.uint8))
+            except Exception as exc:  # an unloadable photo: the next one, never stop training
+                log.debug("catalogue: %s: %s", row.listing_id, exc)
+        if not photos:
+            stats["no_photo"] += 1
+            continue
+        listings += 1
+        for _ in range(max(1, repeats_corrected) if row.corrected else 1):
+            for k, photo in enumerate(photos):
+                images.append(photo)
+                category.append(enc.category)
+                item_ids.append(item)
+                query.append(k == 0 and len(photos) > 1)
+                for g in taxonomy.group_names:
+                    groups[g].append(enc.groups[g])
+    if any(stats.values()):
+        log.info("catalogue: %d unknown value(s) and %d unknown group(s) masked; %d listing(s) without a "
+                 "known label, %d without a loadable photo skipped", stats["unknown"], stats["unknown_groups"],
+                 stats["no_label"], stats["no_photo"])
+    n = len(images)
+    out_groups, present = {}, {}
+    for g in taxonomy.attribute_groups:
+        vals = groups[g.name]
+        if g.exclusive:
+            out_groups[g.name] = np.asarray(vals, dtype=np.int64).reshape(n)
+        else:
+            present[g.name] = np.array([v is not None for v in vals], dtype=bool).reshape(n)
+            out_groups[g.name] = (np.stack([v if v is not None else np.zeros(len(g.values), np.float32)
+                                            for v in vals]) if n else np.zeros((0, len(g.values)), np.float32))
+    data = LabelledImages(np.stack(images) if n else np.zeros((0, size, size, 3), np.uint8),
+                          np.asarray(category, dtype=np.int64).reshape(n), np.asarray(item_ids, dtype=np.int64).reshape(n),
+                          out_groups, present)
+    return data, np.asarray(query, dtype=bool).reshape(n), listings
+
+
+def split_rows(rows: list[CatalogueRow]) -> dict[str, list[CatalogueRow]]:
+    out: dict[str, list[CatalogueRow]] = {s: [] for s in SPLITS}
+    for r in rows:
+        out[split_of(r.listing_id)].append(r)
+    return out
+
+
+def _source(cfg) -> str:
+    source = getattr(cfg, "catalogue_source", None)
+    if not source:
+        raise ValueError("dataset 'catalogue' needs a catalogue source: 'postgres' or a JSONL export "
+                         "(enrich train --catalogue PATH|postgres)")
+    return str(source)
+
+
+def catalogue_test(cfg, taxonomy: Taxonomy, load: Callable[[str], Image.Image] | None = None,
+                   rows: list[CatalogueRow] | None = None) -> Split:
+    """The fixed evaluation set: the catalogue's test listings, 2 photos each (query + gallery)."""
+    rows = rows if rows is not None else read_rows(_source(cfg))
+    data, query, _ = rows_to_images(split_rows(rows)["test"], taxonomy, load or default_loader(), cfg.image_size, 2)
+    return Split(data, query)
+
+
+def prepare_catalogue(cfg, taxonomy: Taxonomy, load: Callable[[str], Image.Image] | None = None,
+                      rows: list[CatalogueRow] | None = None) -> PreparedData:
+    rows = rows if rows is not None else read_rows(_source(cfg))
+    load = load or default_loader()
+    parts = split_rows(rows)
+    train, _, n_train = rows_to_images(parts["train"], taxonomy, load, cfg.image_size, cfg.photos_per_item,
+                                       cfg.correction_repeats)
+    val, val_q, _ = rows_to_images(parts["val"], taxonomy, load, cfg.image_size, 2)
+    test = catalogue_test(cfg, taxonomy, load, rows)
+    if not len(train) or not len(val) or not len(test.data):
+        raise ValueError(f"catalogue {_source(cfg)}: too few labelled listings with photos for a train/val/test "
+                         f"split ({len(train)}/{len(val)}/{len(test.data)} photos)")
+    log.info("catalogue %s: %d listings; %d train photos (%d listings), %d val, %d test", _source(cfg), len(rows),
+             len(train), n_train, len(val), len(test.data))
+    return PreparedData(taxonomy, train, Split(val, val_q), test)
