@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.taxonomy import Taxonomy
+from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
 from training.losses import MISSING
 
 # sRGB of the colour names the fashion-mnist taxonomy uses
@@ -129,3 +129,137 @@ def grey_photos(images: np.ndarray, labels: np.ndarray) -> ShopSet:
     return ShopSet(images=np.repeat(np.asarray(images, dtype=np.uint8)[..., None], 3, axis=-1),
                    item_ids=np.full(n, MISSING, np.int64), category=np.asarray(labels, dtype=np.int64).copy(),
                    colour=np.full(n, MISSING, np.int64), is_query=np.zeros(n, bool))
+
+
+# --- listing text (issue 23): titles and descriptions written from the truth, with realistic noise -----------
+
+TEXT_LANGUAGES = ("en", "fr", "de")
+_BRANDS = ("Zara", "Mango", "Uniqlo", "H&M", "Vinted find", "Vintage", "Handmade", "Basic")
+_SIZES = ("XS", "S", "M", "L", "XL", "36", "38", "40", "42")
+_TITLE = {
+    "en": ("{Colour} {cat}", "{brand} {colour} {cat}", "{Colour} {cat}, size {size}", "{Cat} in {colour}"),
+    "fr": ("{Cat} {colour}", "{brand} {cat} {colour}", "{Cat} {colour}, taille {size}"),
+    "de": ("{Cat} in {colour}", "{brand} {cat} in {colour}", "{Cat} {colour}, Größe {size}"),
+}
+_TITLE_NO_COLOUR = {"en": ("{Cat}", "{brand} {cat}", "{Cat}, size {size}"),
+                    "fr": ("{Cat}", "{brand} {cat}", "{Cat}, taille {size}"),
+                    "de": ("{Cat}", "{brand} {cat}", "{Cat}, Größe {size}")}
+_DESCRIPTION = {
+    "en": ("Worn a few times, very good condition. Size {size}.", "Like new. Size {size}. Smoke-free home.",
+           "Good condition, small mark inside. Size {size}."),
+    "fr": ("Très bon état. Taille {size}.", "Porté quelques fois. Taille {size}."),
+    "de": ("Sehr guter Zustand. Größe {size}.", "Wenig getragen. Größe {size}."),
+}
+_DISTRACTOR = {"en": "Goes well with {colour} {cat}.", "fr": "Se porte avec {cat} {colour}.",
+               "de": "Passt zu {cat} in {colour}."}
+
+
+@dataclass(frozen=True)
+class TextNoise:
+    """Shares of the noise in generated listing text. ``missing`` is a share of all items; the others are
+    shares of the items that have text, drawn independently of each other."""
+    missing: float = 0.20  # no title and no description at all
+    wrong_category: float = 0.08  # the text names another category (the seller's mistake)
+    wrong_colour: float = 0.08  # the colour word disagrees with the photo ("navy" for a purple item)
+    foreign: float = 0.15  # French or German (half each), words from the vocabulary
+    no_colour: float = 0.15  # the title names the category only
+    distractor: float = 0.10  # the description mentions another item ("goes well with black jeans")
+
+
+@dataclass(frozen=True)
+class ListingText:
+    title: str
+    description: str
+    language: str  # "en", "fr", "de"; "" when missing
+    category: str | None  # the category the text names (right or wrong); None: names none
+    colour: str | None  # the colour it names (right or wrong); None: names none
+    distractor: tuple[str, str] | None = None  # (category, colour) of another item the description mentions
+
+    @property
+    def missing(self) -> bool:
+        return not self.title and not self.description
+
+
+def _vocab_words(taxonomy: Taxonomy) -> dict[str, dict[str, dict[str, list[str]]]]:
+    """group → value → language → phrases, from the vocabulary file beside the taxonomy."""
+    import json
+
+    from model.text import vocabulary_path
+
+    path = vocabulary_path(taxonomy.name)
+    if not path.is_file():
+        raise ValueError(f"taxonomy {taxonomy.name!r} has no vocabulary file ({path}) to write listing text from")
+    groups = json.loads(path.read_text())["groups"]
+    return {g: {v: (p if isinstance(p, dict) else {"en": list(p)}) for v, p in values.items()}
+            for g, values in groups.items()}
+
+
+def _phrase(words: dict[str, list[str]], lang: str, rng: np.random.Generator) -> str:
+    options = words.get(lang) or words.get("en") or next(iter(words.values()))
+    return str(options[int(rng.integers(len(options)))])
+
+
+def listing_texts(category: np.ndarray, colour: np.ndarray, taxonomy: Taxonomy, seed: int = 0,
+                  noise: TextNoise = TextNoise()) -> list[ListingText]:
+    """One title and description per item from its truth (category index, colour index), with seeded noise.
+
+    An optional extra output of FMNIST-shop (``build_shop`` is unchanged, so training is unaffected): pass
+    ``shop.category[shop.item_ids == i][0]``-style per-item truths, or :func:`shop_texts`. Words come from the
+    taxonomy's vocabulary (model/text.py), so a clean text names exactly its truth; a wrong category is a
+    sibling of the same type half the time (a shirt sold as a top), any other category otherwise.
+    """
+    category = np.asarray(category, dtype=np.int64)
+    colour = np.asarray(colour, dtype=np.int64)
+    if len(category) != len(colour):
+        raise ValueError("category and colour differ in length")
+    vocab = _vocab_words(taxonomy)
+    cats = taxonomy.category_names
+    colours = taxonomy.group(COLOUR_GROUP).values
+    rng = np.random.default_rng([seed, 23])  # its own stream: never shifts the photos' randomness
+    out: list[ListingText] = []
+    for c, k in zip(category.tolist(), colour.tolist()):
+        u = rng.random(7)
+        lang_pick, brand, size = rng.random(), _BRANDS[int(rng.integers(len(_BRANDS)))], _SIZES[int(rng.integers(len(_SIZES)))]
+        if u[0] < noise.missing:
+            out.append(ListingText("", "", "", None, None))
+            continue
+        lang = ("fr" if lang_pick < 0.5 else "de") if u[1] < noise.foreign else "en"
+        cat = cats[c]
+        if u[2] < noise.wrong_category:
+            siblings = [n for n in cats if n != cat and taxonomy.type_of(n) == taxonomy.type_of(cat)]
+            pool = siblings if siblings and rng.random() < 0.5 else [n for n in cats if n != cat]
+            cat = pool[int(rng.integers(len(pool)))]
+        col: str | None = colours[k] if 0 <= k < len(colours) else None
+        if col is not None and u[3] < noise.wrong_colour:
+            others = [v for v in colours if v != col]
+            col = others[int(rng.integers(len(others)))]
+        if u[4] < noise.no_colour:
+            col = None
+        cat_words = _phrase(vocab[CATEGORY_GROUP][cat], lang, rng)
+        fields = {"cat": cat_words, "Cat": cat_words[:1].upper() + cat_words[1:], "brand": brand, "size": size}
+        if col is None:
+            templates = _TITLE_NO_COLOUR[lang]
+        else:
+            col_words = _phrase(vocab[COLOUR_GROUP][col], lang, rng)
+            fields.update(colour=col_words, Colour=col_words[:1].upper() + col_words[1:])
+            templates = _TITLE[lang]
+        title = templates[int(rng.integers(len(templates)))].format(**fields)
+        description = _DESCRIPTION[lang][int(rng.integers(len(_DESCRIPTION[lang])))].format(size=size)
+        distractor = None
+        if u[5] < noise.distractor:
+            other_cat = cats[int(rng.integers(len(cats)))]
+            other_col = colours[int(rng.integers(len(colours)))]
+            distractor = (other_cat, other_col)
+            description += " " + _DISTRACTOR[lang].format(cat=_phrase(vocab[CATEGORY_GROUP][other_cat], lang, rng),
+                                                          colour=_phrase(vocab[COLOUR_GROUP][other_col], lang, rng))
+        out.append(ListingText(title, description, lang, cat, col, distractor))
+    return out
+
+
+def shop_texts(shop: ShopSet, taxonomy: Taxonomy, seed: int = 0, noise: TextNoise = TextNoise()
+               ) -> dict[int, ListingText]:
+    """:func:`listing_texts` for every item of a shop (item id → its text); grey photos have none."""
+    ids, first = np.unique(shop.item_ids[shop.item_ids != MISSING], return_index=True)
+    rows = np.flatnonzero(shop.item_ids != MISSING)[first]
+    texts = listing_texts(shop.category[rows], shop.colour[rows], taxonomy, seed=seed, noise=noise)
+    return dict(zip(ids.tolist(), texts))

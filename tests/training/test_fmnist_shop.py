@@ -77,3 +77,79 @@ def test_grey_repeats_raise_the_grey_share_only(fmnist_dir, fmnist_taxonomy):
     g1, g3 = once.subset(np.flatnonzero(grey1)), thrice.subset(np.flatnonzero(grey3))
     assert np.array_equal(np.tile(g1.images, (3, 1, 1, 1)), g3.images)
     assert np.tile(g1.category, 3).tolist() == g3.category.tolist()
+
+
+# --- listing text (issue 23) ----------------------------------------------------------------------------------
+
+def _truths(n: int, fmnist_taxonomy, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, len(fmnist_taxonomy.categories), n), rng.integers(0, len(fmnist_taxonomy.group("colour").values), n)
+
+
+def test_listing_texts_are_deterministic_per_seed(fmnist_taxonomy):
+    from training.fmnist_shop import listing_texts
+
+    cat, col = _truths(300, fmnist_taxonomy)
+    a = listing_texts(cat, col, fmnist_taxonomy, seed=5)
+    assert a == listing_texts(cat, col, fmnist_taxonomy, seed=5)
+    assert a != listing_texts(cat, col, fmnist_taxonomy, seed=6)
+    assert len(a) == 300 and len({t.title for t in a}) > 100  # varied, not one template
+
+
+def test_listing_text_noise_shares_are_within_tolerance(fmnist_taxonomy):
+    from training.fmnist_shop import TextNoise, listing_texts
+
+    noise = TextNoise()
+    cat, col = _truths(4000, fmnist_taxonomy, seed=1)
+    texts = listing_texts(cat, col, fmnist_taxonomy, seed=2, noise=noise)
+    names, colours = fmnist_taxonomy.category_names, fmnist_taxonomy.group("colour").values
+    present = [(t, c, k) for t, c, k in zip(texts, cat, col) if not t.missing]
+    n = len(present)
+    assert abs(1 - n / 4000 - noise.missing) < 0.025
+    assert abs(sum(t.category != names[c] for t, c, _ in present) / n - noise.wrong_category) < 0.02
+    named_colour = [(t, k) for t, _, k in present if t.colour is not None]
+    assert abs(1 - len(named_colour) / n - noise.no_colour) < 0.025
+    assert abs(sum(t.colour != colours[k] for t, k in named_colour) / len(named_colour) - noise.wrong_colour) < 0.02
+    foreign = [t.language for t, _, _ in present if t.language != "en"]
+    assert abs(len(foreign) / n - noise.foreign) < 0.025 and {"fr", "de"} == set(foreign)
+    assert abs(sum(t.distractor is not None for t, _, _ in present) / n - noise.distractor) < 0.02
+    assert all(t.title == "" and t.description == "" and t.category is None for t in texts if t.missing)
+
+
+def test_clean_listing_text_is_understood_by_the_matcher(fmnist_taxonomy):
+    """Every clean text (any language, no distractor) names exactly its truth for model/text.py."""
+    from model.text import load_vocabulary
+    from training.fmnist_shop import listing_texts
+
+    vocab = load_vocabulary(fmnist_taxonomy)
+    cat, col = _truths(1500, fmnist_taxonomy, seed=3)
+    texts = listing_texts(cat, col, fmnist_taxonomy, seed=4)
+    names, colours = fmnist_taxonomy.category_names, fmnist_taxonomy.group("colour").values
+    clean = [(t, names[c], colours[k]) for t, c, k in zip(texts, cat, col)
+             if not t.missing and t.distractor is None and t.category == names[c] and t.colour == colours[k]]
+    assert len(clean) > 700 and {t.language for t, _, _ in clean} == {"en", "fr", "de"}
+    for t, category, colour in clean:
+        found = vocab.match(t.title + "\n" + t.description)
+        assert set(found.found.get("category", {})) == {category}, t
+        assert set(found.found.get("colour", {})) == {colour}, t
+        assert not found.negated, t
+    # the noisy ones say what their record says they say (a wrong value is named, a missing one is not)
+    for t in texts:
+        found = vocab.match(t.title + "\n" + t.description)
+        if t.missing:
+            assert not found
+        elif t.distractor is None:
+            assert set(found.found.get("category", {})) == {t.category}, t
+            assert set(found.found.get("colour", {})) == ({t.colour} if t.colour else set()), t
+
+
+def test_shop_texts_one_per_item_and_builder_unchanged(fmnist_dir, fmnist_taxonomy):
+    from training.fmnist_shop import shop_texts
+
+    x, y = load_fashion_mnist(fmnist_dir, "test")
+    shop = build_shop(x[:40], y[:40], fmnist_taxonomy, photos_per_item=2, seed=3)
+    again = build_shop(x[:40], y[:40], fmnist_taxonomy, photos_per_item=2, seed=3)
+    texts = shop_texts(shop, fmnist_taxonomy, seed=3)
+    assert sorted(texts) == list(range(40))
+    np.testing.assert_array_equal(shop.images, again.images)  # the text draws its own randomness
+    assert any(t.title for t in texts.values())
