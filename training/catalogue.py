@@ -16,6 +16,12 @@ mapped to the taxonomy's, unknown groups and values are masked (MISSING: seed 00
   retrieval query, the others the gallery), loaded through a ``load(uri) -> PIL.Image`` function
   (default: ``core.images.load_image`` with the environment's settings — the worker's allow-list and
   limits), resized to image_size×image_size RGB.
+- Weak labels (seed 003): in the training split, a group (the category or an exclusive attribute group)
+  without a seller or corrected label whose title + description names exactly one of its values, not
+  negated (``model.text``, the taxonomy's vocabulary), gets that value as a label whose loss counts
+  ``TrainConfig.weak_label_weight`` times (``LabelledImages.weights``); a text that names none, several
+  or only negated values leaves the group masked. Non-exclusive groups get no weak labels (a text naming
+  one style says nothing about the others). Never in val or test: evaluation stays on people's labels.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from model.text import Vocabulary, load_vocabulary
 from schemas.events import CorrectionEvent, ListingEvent
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
 from training.data import LabelledImages, PreparedData, Split
@@ -50,6 +57,7 @@ class CatalogueRow:
     images: list[str]
     seller: dict[str, str] = field(default_factory=dict)  # group -> seller-given value
     corrected: dict[str, str] = field(default_factory=dict)  # group -> latest corrected value
+    text: str = ""  # the listing's title and description (seed 003's weak labels)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -70,6 +78,10 @@ def _seller_tags(event: dict) -> dict[str, str]:
     return tags
 
 
+def _text(event: dict) -> str:
+    return "\n".join(t for t in (event.get("title") or "", event.get("description") or "") if t)
+
+
 def rows_from_postgres(conn) -> list[CatalogueRow]:
     """Live listings with their seller tags (the event's, updated by listing_tags source=seller) and
     corrected tags (listing_tags source=corrected), ordered by listing id. SQL only (no worker code)."""
@@ -85,7 +97,7 @@ def rows_from_postgres(conn) -> list[CatalogueRow]:
         tags = {**_seller_tags(event), **seller}
         tags.pop(TYPE_GROUP, None)
         corrected = {k: v for k, v in corrected.items() if k != TYPE_GROUP}
-        out.append(CatalogueRow(listing_id, list(event.get("images") or []), tags, corrected))
+        out.append(CatalogueRow(listing_id, list(event.get("images") or []), tags, corrected, _text(event)))
     return out
 
 
@@ -130,7 +142,8 @@ def rows_from_jsonl(path: Path | str) -> list[CatalogueRow]:
         base = Path(path) if Path(path).is_dir() else Path(path).parent
         images = [u if "://" in u or Path(u).is_absolute() else str(base / u) for u in ev.images]
         corrected = {g: v for (lid, g), (_, v) in corrections.items() if lid == listing_id and g != TYPE_GROUP}
-        out.append(CatalogueRow(listing_id, images, _seller_tags(ev.model_dump()), corrected))
+        body = ev.model_dump()
+        out.append(CatalogueRow(listing_id, images, _seller_tags(body), corrected, _text(body)))
     return out
 
 
@@ -192,18 +205,45 @@ def _encode(labels: dict[str, str], taxonomy: Taxonomy, stats: dict[str, int]) -
     return _Encoded(category, groups)
 
 
+def weak_labels(row: CatalogueRow, taxonomy: Taxonomy, vocabulary: Vocabulary) -> dict[str, str]:
+    """Seed 003: group → the one value the listing's text names (not negated), for the category and the
+    exclusive groups the seller and the corrections leave empty. Groups whose text names no value,
+    several, or a value it also negates are left out (they stay masked)."""
+    if not row.text:
+        return {}
+    found = vocabulary.match(row.text)
+    strong = row.labels
+    out = {}
+    for g in [CATEGORY_GROUP, *(a.name for a in taxonomy.attribute_groups if a.exclusive)]:
+        if g in strong or g == TYPE_GROUP:
+            continue
+        named = set(found.found.get(g, {})) - set(found.negated.get(g, {}))
+        if len(named) == 1:
+            out[g] = named.pop()
+    return out
+
+
 def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[[str], Image.Image], size: int,
-                   photos_per_item: int, repeats_corrected: int = 1) -> tuple[LabelledImages, np.ndarray, int]:
+                   photos_per_item: int, repeats_corrected: int = 1, vocabulary: Vocabulary | None = None,
+                   weak_weight: float = 0.0) -> tuple[LabelledImages, np.ndarray, int]:
     """Up to ``photos_per_item`` photos per listing (listings without a loadable photo or any known
     label are skipped). Returns the rows, the query mask (each listing's first photo where it has
     more than one) and how many listings became rows. Item ids: the listing's position in ``rows``
-    (the retrieval identity). A listing with corrected labels appears ``repeats_corrected`` times."""
+    (the retrieval identity). A listing with corrected labels appears ``repeats_corrected`` times.
+    With a ``vocabulary`` and ``weak_weight`` > 0: seed 003's weak labels from the listing text
+    (:func:`weak_labels`), weighted ``weak_weight`` in ``LabelledImages.weights`` (strong labels 1)."""
     images, category, item_ids, query = [], [], [], []
     groups: dict[str, list] = {g: [] for g in taxonomy.group_names}
+    row_w: dict[str, list[float]] = {g: [] for g in [CATEGORY_GROUP, *taxonomy.group_names]}
+    weak_on = vocabulary is not None and weak_weight > 0
+    weak_made: dict[str, int] = {}
     stats = {"unknown": 0, "unknown_groups": 0, "no_photo": 0, "no_label": 0}
     listings = 0
     for item, row in enumerate(rows):
-        enc = _encode(row.labels, taxonomy, stats)
+        weak = weak_labels(row, taxonomy, vocabulary) if weak_on else {}
+        enc = _encode({**weak, **row.labels}, taxonomy, stats)
+        weak = {g: v for g, v in weak.items()  # a weak value always exists in the taxonomy; kept if encoded
+                if (enc.category if g == CATEGORY_GROUP else enc.groups[g]) != MISSING}
         if enc.category == MISSING and all(v is None or (isinstance(v, int) and v == MISSING)
                                            for v in enc.groups.values()):
             stats["no_label"] += 1
@@ -221,6 +261,8 @@ def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[
             stats["no_photo"] += 1
             continue
         listings += 1
+        for g in weak:
+            weak_made[g] = weak_made.get(g, 0) + 1
         for _ in range(max(1, repeats_corrected) if row.corrected else 1):
             for k, photo in enumerate(photos):
                 images.append(photo)
@@ -229,10 +271,15 @@ def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[
                 query.append(k == 0 and len(photos) > 1)
                 for g in taxonomy.group_names:
                     groups[g].append(enc.groups[g])
+                for g, ws in row_w.items():
+                    ws.append(weak_weight if g in weak else 1.0)
     if any(stats.values()):
         log.info("catalogue: %d unknown value(s) and %d unknown group(s) masked; %d listing(s) without a "
                  "known label, %d without a loadable photo skipped", stats["unknown"], stats["unknown_groups"],
                  stats["no_label"], stats["no_photo"])
+    if weak_made:
+        log.info("catalogue: weak labels from listing text (×%g): %s", weak_weight,
+                 ", ".join(f"{g} {k}" for g, k in sorted(weak_made.items())))
     n = len(images)
     out_groups, present = {}, {}
     for g in taxonomy.attribute_groups:
@@ -245,7 +292,8 @@ def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[
                                             for v in vals]) if n else np.zeros((0, len(g.values)), np.float32))
     data = LabelledImages(np.stack(images) if n else np.zeros((0, size, size, 3), np.uint8),
                           np.asarray(category, dtype=np.int64).reshape(n), np.asarray(item_ids, dtype=np.int64).reshape(n),
-                          out_groups, present)
+                          out_groups, present,
+                          {g: np.asarray(row_w[g], dtype=np.float32).reshape(n) for g in sorted(weak_made)})
     return data, np.asarray(query, dtype=bool).reshape(n), listings
 
 
@@ -272,13 +320,26 @@ def catalogue_test(cfg, taxonomy: Taxonomy, load: Callable[[str], Image.Image] |
     return Split(data, query)
 
 
+def training_vocabulary(cfg, taxonomy: Taxonomy) -> Vocabulary | None:
+    """The vocabulary for seed 003's weak labels, or None (weak labels off, or the taxonomy has none):
+    a taxonomy given as a JSON path has it beside the file (``<name>.vocab.json``), a bundled one in
+    ``schemas/taxonomies``."""
+    if getattr(cfg, "weak_label_weight", 0.0) <= 0:
+        return None
+    path = Path(str(cfg.taxonomy))
+    if path.suffix:
+        return load_vocabulary(taxonomy, path.with_name(f"{path.stem}.vocab.json"))
+    return load_vocabulary(taxonomy)
+
+
 def prepare_catalogue(cfg, taxonomy: Taxonomy, load: Callable[[str], Image.Image] | None = None,
                       rows: list[CatalogueRow] | None = None) -> PreparedData:
     rows = rows if rows is not None else read_rows(_source(cfg))
     load = load or default_loader()
     parts = split_rows(rows)
     train, _, n_train = rows_to_images(parts["train"], taxonomy, load, cfg.image_size, cfg.photos_per_item,
-                                       cfg.correction_repeats)
+                                       cfg.correction_repeats, training_vocabulary(cfg, taxonomy),
+                                       getattr(cfg, "weak_label_weight", 0.0))
     val, val_q, _ = rows_to_images(parts["val"], taxonomy, load, cfg.image_size, 2)
     test = catalogue_test(cfg, taxonomy, load, rows)
     if not len(train) or not len(val) or not len(test.data):

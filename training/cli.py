@@ -64,6 +64,10 @@ def register(app: typer.Typer) -> None:
         task_weights: bool = typer.Option(None, "--task-weights/--no-task-weights", help="seed 002's per-task "
                                           "weights: attribute groups with few labels lifted, for noisy seller "
                                           "labels (default: off)."),
+        weak_label_weight: float = typer.Option(None, min=0.0, max=1.0, help="dataset catalogue: weak labels "
+                                                "from listing titles and descriptions (seed 003; the taxonomy's "
+                                                "vocabulary) count with this loss weight; 0 turns them off "
+                                                "(default: the preset's, 0.3)."),
         data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory, or the DeepFashion root with "
                                                  "category/ and inshop/ (default: /usr/share/datasets/fashion-mnist)."),
         taxonomy: str = typer.Option(None, help="taxonomy name or JSON path (default: fashion-mnist)."),
@@ -118,6 +122,7 @@ def register(app: typer.Typer) -> None:
             "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
             "out_dir": out_dir or settings.models_dir,
             "catalogue_source": catalogue, "seed_002_task_weights": task_weights,
+            "weak_label_weight": weak_label_weight,
         }
         if catalogue is not None and dataset is None:
             overrides["dataset"] = "catalogue"

@@ -73,6 +73,9 @@ class TrainConfig:
     loss_weights: LossWeights = field(default_factory=LossWeights)
     seed_002_task_weights: bool = False  # per-group weights from label counts (noisy seller labels)
     correction_repeats: int = 4  # human-corrected rows count this many times (the cleanest labels we have)
+    # seed 003: dataset catalogue, a group without a seller/corrected label whose listing text names exactly
+    # one of its values (not negated) gets that value as a weak label, its loss ×this factor; 0: off
+    weak_label_weight: float = 0.3
     # Fixed per-group loss factors. Colour is learnt from raw pixel statistics within a few steps and
     # at full weight its gradients swamp the category's, which then stays at chance for a while.
     group_loss_weights: dict[str, float] = field(default_factory=lambda: {"colour": 0.1})

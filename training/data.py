@@ -22,6 +22,9 @@ class LabelledImages:
     item_ids: np.ndarray  # (N,) int64 retrieval identity, MISSING where unknown
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 or (N, V) float32
     present: dict[str, np.ndarray] = field(default_factory=dict)  # non-exclusive: (N,) bool
+    # per-row loss factors of "category" and exclusive groups, (N,) float32; a group not here: all 1
+    # (seed 003: weak labels read from listing text count with TrainConfig.weak_label_weight)
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.category)
@@ -29,7 +32,13 @@ class LabelledImages:
     def subset(self, idx: np.ndarray) -> "LabelledImages":
         return LabelledImages(self.images[idx], self.category[idx], self.item_ids[idx],
                               {k: v[idx] for k, v in self.groups.items()},
-                              {k: v[idx] for k, v in self.present.items()})
+                              {k: v[idx] for k, v in self.present.items()},
+                              {k: v[idx] for k, v in self.weights.items()})
+
+    def row_weight(self, key: str) -> np.ndarray:
+        """(N,) float32 loss factors of ``key`` ("category" or a group): all 1 where none were set."""
+        w = self.weights.get(key)
+        return np.ones(len(self), np.float32) if w is None else w
 
     def labelled(self) -> np.ndarray:
         """(N,) bool: rows with a category or any attribute label."""
@@ -49,7 +58,9 @@ class LabelledImages:
                               np.concatenate([self.category, other.category]),
                               np.concatenate([self.item_ids, other.item_ids]),
                               {k: np.concatenate([v, other.groups[k]]) for k, v in self.groups.items()},
-                              {k: np.concatenate([v, other.present[k]]) for k, v in self.present.items()})
+                              {k: np.concatenate([v, other.present[k]]) for k, v in self.present.items()},
+                              {k: np.concatenate([self.row_weight(k), other.row_weight(k)])
+                               for k in sorted(set(self.weights) | set(other.weights))})
 
     def fingerprint(self) -> str:
         """A cheap content hash: the same data gives the same string (recorded in the manifest)."""
@@ -59,6 +70,9 @@ class LabelledImages:
         h.update(str(len(self)).encode())
         for arr in (self.category, self.item_ids, *[self.groups[k] for k in sorted(self.groups)]):
             h.update(np.ascontiguousarray(arr).tobytes())
+        for k in sorted(self.weights):  # none in the plain case: the same hash as before
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.weights[k], dtype=np.float32).tobytes())
         if self.images.dtype == np.uint8:
             step = max(1, len(self.images) // 512)
             h.update(np.ascontiguousarray(self.images[::step]).tobytes())
@@ -111,6 +125,8 @@ class TorchImages(Dataset):
             item[f"group/{g}"] = torch.as_tensor(arr[i])
             if g in self.data.present:
                 item[f"present/{g}"] = bool(self.data.present[g][i])
+        for k, w in self.data.weights.items():
+            item[f"weight/{k}"] = torch.tensor(float(w[i]))
         return item
 
 
@@ -131,6 +147,8 @@ class TensorBatches:
             self.labels[f"group/{g}"] = torch.from_numpy(np.ascontiguousarray(arr)).to(device)
             if g in data.present:
                 self.labels[f"present/{g}"] = torch.from_numpy(data.present[g]).to(device)
+        for k, w in data.weights.items():
+            self.labels[f"weight/{k}"] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(device)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.int64, device=self.device)

@@ -51,18 +51,25 @@ def task_weights(label_counts: dict[str, int], c: float = 3.0) -> dict[str, floa
 
 
 def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                    label_smoothing: float = 0.0) -> torch.Tensor:
+                    label_smoothing: float = 0.0, row_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax CE over one exclusive group; rows with target MISSING add nothing (seed 001).
 
     The weighted mean over the rows that have the group, computed with masks rather than boolean
     indexing so that a training step never waits for the GPU. A batch in which nobody has the group
     gives an exact zero that still carries a graph.
+
+    ``row_weight`` (N,): a per-row factor on the loss (seed 003's weak labels from listing text: their
+    ``weak_label_weight``, strong labels 1). It scales each row's term but not the normaliser, which
+    stays the (class-weighted) count of rows that have the group: weak labels act as a task of their
+    own with a lower weight, even in a batch where every label of the group is weak. None: plain.
     """
     present = (target != MISSING).float()
     safe = target.clamp(min=0)
     nll = F.cross_entropy(logits.float(), safe, reduction="none", label_smoothing=label_smoothing)
     w = present if weight is None else weight[safe] * present
-    return (nll * w).sum() / w.sum().clamp_min(1e-12)
+    if row_weight is None:
+        return (nll * w).sum() / w.sum().clamp_min(1e-12)
+    return (nll * w * row_weight.float()).sum() / w.sum().clamp_min(1e-12)
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
@@ -132,12 +139,14 @@ class MultitaskLoss:
     def classification(self, out, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
         ls = self.label_smoothing
-        cat = masked_group_ce(out.category, batch["category"], self.category_weight, ls)
+        cat = masked_group_ce(out.category, batch["category"], self.category_weight, ls,
+                              batch.get("weight/category"))
         parts["cat"] = cat.detach()
         total = cat
         for g, logits in out.groups.items():
             if self.exclusive.get(g, True):
-                lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g), ls)
+                lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g), ls,
+                                     batch.get(f"weight/{g}"))
             else:
                 lg = masked_bce(logits, batch[f"group/{g}"], batch[f"present/{g}"], self.group_pos_weight.get(g))
             parts[f"attr/{g}"] = lg.detach()

@@ -82,7 +82,9 @@ def build_criterion(train: LabelledImages, taxonomy: Taxonomy, cfg: TrainConfig)
         t = train.groups[g.name]
         if g.exclusive:
             group_w[g.name] = torch.from_numpy(class_weights(t, len(g.values)))
-            counts[g.name] = int((t >= 0).sum())
+            # weak labels (seed 003) count by their loss weight; without any: the plain count
+            counts[g.name] = (float(train.weights[g.name][t >= 0].sum()) if g.name in train.weights
+                              else int((t >= 0).sum()))
         else:
             rows = train.present[g.name]
             group_pw[g.name] = torch.from_numpy(pos_weights(t[rows])) if rows.any() else None
