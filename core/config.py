@@ -144,8 +144,15 @@ class Settings(BaseSettings):
     retrain_preset: str = Field(default="quick", description="training preset of retraining jobs (`enrich train "
                                                              "--help` lists them)")
     retrain_dataset: str = Field(default="fmnist-shop", description="dataset retraining jobs train on: "
-                                                                    "`fmnist-shop` or `deepfashion` (plus the "
+                                                                    "`fmnist-shop`, `deepfashion` or `catalogue` "
+                                                                    "(the marketplace's own listings; plus the "
                                                                     "corrections)")
+    retrain_catalogue: str = Field(default="postgres", description="with ENRICH_RETRAIN_DATASET=catalogue: "
+                                                                   "`postgres` (the listings in the database) or "
+                                                                   "the path of a JSONL export")
+    retrain_taxonomy: str | None = Field(default=None, description="with ENRICH_RETRAIN_DATASET=catalogue: the "
+                                                                   "taxonomy (bundled name or JSON file) the "
+                                                                   "catalogue's tags follow; required there")
     retrain_data_dir: Path | None = Field(default=None, description="the dataset's files for retraining jobs. "
                                                                     "Empty: the preset's default")
     retrain_task_weights: bool = Field(default=False, description="the retrain job trains with seed 002's "

@@ -41,7 +41,7 @@ SCHEDULE_ACTOR = "schedule"
 # the taxonomy each dataset is labelled with
 _DATASET_TAXONOMY = {"fmnist-shop": "fashion-mnist", "deepfashion": "deepfashion"}
 # the training-config fields that decide the fixed evaluation set
-_EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item")
+_EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item", "catalogue_source")
 _COLUMNS = ("id, status, trigger, requested_by, reason, params, progress, model_version, outcome, created_at,"
             " started_at, finished_at")
 
@@ -249,6 +249,13 @@ def job_config(params: dict, settings: Settings, job_id: int):
     overrides: dict = {"dataset": dataset, "out_dir": settings.models_dir, "progress": False}
     if dataset in _DATASET_TAXONOMY:  # the presets name FMNIST-shop's taxonomy
         overrides["taxonomy"] = _DATASET_TAXONOMY[dataset]
+    elif dataset == "catalogue":
+        overrides["catalogue_source"] = params.get("catalogue") or settings.retrain_catalogue
+        taxonomy = params.get("taxonomy") or settings.retrain_taxonomy
+        if not taxonomy:
+            raise ValueError("a catalogue retraining job needs the catalogue's taxonomy: set ENRICH_RETRAIN_TAXONOMY "
+                             "(a bundled name or a JSON file)")
+        overrides["taxonomy"] = taxonomy
     data_dir = params.get("data_dir") or settings.retrain_data_dir
     if data_dir:
         overrides["data_dir"] = Path(data_dir)

@@ -198,3 +198,17 @@ def test_retrain_job_honours_task_weight_setting(tmp_path):
     for flag in (False, True):
         cfg = job_config({"preset": "tiny"}, Settings(data_dir=tmp_path, retrain_task_weights=flag), job_id=1)
         assert cfg.seed_002_task_weights is flag
+
+
+def test_retrain_job_trains_on_the_catalogue_when_configured(tmp_path):
+    from core.config import Settings
+    from training.jobs import evaluation_cfg, job_config
+
+    settings = Settings(data_dir=tmp_path, retrain_dataset="catalogue", retrain_catalogue="/exports/shop.jsonl",
+                        retrain_taxonomy="fashion-mnist")
+    cfg = job_config({"preset": "tiny"}, settings, job_id=3)
+    assert (cfg.dataset, cfg.catalogue_source, cfg.taxonomy) == ("catalogue", "/exports/shop.jsonl", "fashion-mnist")
+    assert evaluation_cfg(cfg).catalogue_source == "/exports/shop.jsonl"  # candidate and active on one set
+    with pytest.raises(ValueError, match="ENRICH_RETRAIN_TAXONOMY"):
+        job_config({"preset": "tiny"}, Settings(data_dir=tmp_path, retrain_dataset="catalogue"), job_id=4)
+
