@@ -109,6 +109,16 @@ def serve_gated(handler) -> tuple[ThreadingHTTPServer, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
+def stop_all(procs, server) -> None:
+    """Terminate the worker processes still running and shut the gated image server."""
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(20)
+    server.shutdown()
+    server.server_close()
+
+
 def start_worker_process(env: dict, log: Path, *args: str) -> subprocess.Popen:
     """`enrich worker` as a real process (its stderr appended to `log`), for kill -9 tests."""
     return subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", *args, "--loglevel=INFO"], cwd=ROOT,

@@ -13,7 +13,7 @@ import pytest
 
 from schemas.events import CorrectionEvent, ListingEvent
 from tests.worker.conftest import (AMQP, ROOT, gate_handler, make_settings, png_bytes, save_small_model, serve_gated,
-                                  start_worker_process,
+                                  start_worker_process, stop_all,
                                   wait_until)
 from worker.store import record_correction, upsert_listings
 
@@ -437,12 +437,7 @@ def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(d
         second = start_worker_process(env, log, "--queues", f"{gpu_q},{bf_q}")
         wait_until(lambda: _status(db) == "done", timeout=120)
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(20)
-        server.shutdown()
-        server.server_close()
+        stop_all((first, second), server)
         _drop_queues(AMQP, gpu_q, bf_q, cpu_q)
 
     assert _per_version(db, "embeddings") == {V1: (22, 22), V2: (22, 22)}  # one row per live listing and version

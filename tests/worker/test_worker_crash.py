@@ -7,7 +7,8 @@ import uuid
 
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import AMQP, ROOT, gate_handler, png_bytes, serve_gated, start_worker_process, wait_until
+from tests.worker.conftest import (AMQP, ROOT, gate_handler, png_bytes, serve_gated, start_worker_process, stop_all,
+                                  wait_until)
 from worker.store import upsert_listings
 
 
@@ -47,9 +48,4 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
         assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 2
         assert db.execute("SELECT count(*) FROM listing_tags").fetchone()[0] == 6
     finally:
-        for proc in (first, second):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                proc.wait(20)
-        server.shutdown()
-        server.server_close()
+        stop_all((first, second), server)
