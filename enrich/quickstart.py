@@ -132,6 +132,18 @@ def text_contribution(conn: psycopg.Connection, catalogue: Catalogue) -> dict[st
     return out
 
 
+def shelf_precision(conn: psycopg.Connection, catalogue: Catalogue, k: int = 5) -> float:
+    """Share of each listing's k nearest stored neighbours whose true category is the listing's own."""
+    from similar.query import read_neighbours
+
+    same = total = 0
+    for lid, truth in catalogue.truth.items():
+        neighbours, _ = read_neighbours(conn, lid, k=k)
+        same += sum(catalogue.truth.get(n.listing_id, {}).get("category") == truth["category"] for n in neighbours)
+        total += len(neighbours)
+    return same / total if total else float("nan")
+
+
 def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: bool = False,
                    time_budget_s: float | None = None, examples: int = 3, console=None) -> dict:
     """Everything above; returns the figures it printed (for tests and the README)."""
@@ -202,6 +214,9 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
         console.rule("5/5 similar items")
         result = recompute(conn, predictor.version, settings=settings, k=8, root=data_dir / "index", progress=False)
         console.print(result.summary())
+        shelf = shelf_precision(conn, catalogue)
+        console.print(f"shelf precision: {shelf:.1%} of each listing's 5 nearest neighbours share its true category "
+                      f"(beside the tag accuracy above)")
         sheets = []
         for lid in sorted(catalogue.truth)[:examples]:
             neighbours, _ = read_neighbours(conn, lid, predictor.version, 8)
@@ -224,5 +239,5 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
     console.print(f"[bold]quickstart done in {seconds:.0f}s[/bold]. Next: `enrich similar qs-0000 --png out.png`, "
                   f"`enrich batch {catalogue.listings}`. To review and correct tags in the browser: "
                   f"`enrich console-user add me --role admin`, then `enrich console` (http://127.0.0.1:8080/).")
-    return {"accuracy": acc, "text": text, "enriched": len(report.enrichments), "failed": len(report.failed),
+    return {"accuracy": acc, "shelf_precision": shelf, "text": text, "enriched": len(report.enrichments), "failed": len(report.failed),
             "model_dir": str(model_dir), "sheets": [str(p) for p in sheets], "seconds": seconds}

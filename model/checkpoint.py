@@ -66,6 +66,8 @@ def save_model(model: MultitaskModel, out_dir: Path, *, model_version: str, imag
         eval_set=eval_set,
         strategy=strategy,
         flip_tta=model.flip_tta,
+        type_head=model.type_head is not None,
+        shelf_category_weight=model.shelf_category_weight,
         git_commit=git_commit(),
         weights_file=weights.name,
         weights_sha256=file_sha256(weights),
@@ -115,7 +117,7 @@ def load_model(model_dir: Path | str, expected_taxonomy: Taxonomy | None = None,
     manifest = read_manifest(model_dir)
     weights = verify_manifest(manifest, model_dir, expected_taxonomy)
     model = build_model(manifest.backbone, manifest.taxonomy, pretrained=False,
-                        embedding_dim=manifest.embedding_dim)
+                        embedding_dim=manifest.embedding_dim, type_head=manifest.type_head)
     state = load_file(str(weights), device=str(map_location))
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -127,6 +129,7 @@ def load_model(model_dir: Path | str, expected_taxonomy: Taxonomy | None = None,
             f"missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad_shape[:3]}")
     model.load_state_dict(state)
     model.flip_tta = manifest.flip_tta
+    model.shelf_category_weight = manifest.shelf_category_weight
     model.eval()
     return model, manifest
 

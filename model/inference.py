@@ -2,6 +2,8 @@
 
 `load_predictor(model_dir)` reads manifest.json + model.safetensors, checks them, and returns a
 `Predictor` whose `predict` gives probabilities per tag group and the L2-normalised embedding.
+Category and type probabilities agree (`model.network.joint_category`). `shelf_embedding` turns a listing's
+image embedding and category into the vector that is stored, indexed and searched for similar items.
 """
 from __future__ import annotations
 
@@ -16,14 +18,15 @@ from PIL import Image
 from schemas.manifest import ModelManifest
 from schemas.taxonomy import Taxonomy
 from model.checkpoint import load_model
-from model.network import MultitaskModel
+from model.network import MultitaskModel, joint_category
 
 
 @dataclass
 class Predictions:
-    category: np.ndarray  # (N, C) softmax probabilities, columns = manifest.taxonomy.categories
+    category: np.ndarray  # (N, C) probabilities, columns = manifest.taxonomy.categories (joint with the type)
     groups: dict[str, np.ndarray]  # group -> (N, V): softmax if exclusive, sigmoid otherwise
     embedding: np.ndarray  # (N, D) float32, L2-normalised
+    type: np.ndarray | None = None  # (N, T) probabilities, columns = manifest.taxonomy.types
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -76,11 +79,30 @@ def outputs_to_predictions(model: MultitaskModel, out) -> Predictions:
     for name, logits in out.groups.items():
         probs = logits.float().softmax(dim=1) if model.exclusive[name] else logits.float().sigmoid()
         groups[name] = probs.cpu().numpy()
+    type_probs = None if out.type is None else out.type.float().softmax(dim=1)
+    category, types = joint_category(out.category.float().softmax(dim=1), type_probs, model.category_type)
     return Predictions(
-        category=out.category.float().softmax(dim=1).cpu().numpy(),
+        category=category.cpu().numpy(),
         groups=groups,
         embedding=F.normalize(out.embedding.float(), dim=1).cpu().numpy().astype(np.float32),
+        type=types.cpu().numpy(),
     )
+
+
+def shelf_embedding(embedding: np.ndarray, category: np.ndarray, n_categories: int, weight: float) -> np.ndarray:
+    """The vector similar items are ranked by: [√(1−w)·e, √w·onehot(category)], ``category`` (N,) the
+    listing's category index (its tag where it has one, else the predicted one).
+
+    Its inner product is (1−w)·e·e' + w·[same category]: a shelf ranks the same category first and, within
+    it, by the image embedding, while a much closer photo of another category can still come in. Unit
+    length, so faiss inner-product search needs nothing else. A one-hot rather than the probabilities:
+    the two photos of one item often differ a little in their probabilities but rarely in their category,
+    so the same item keeps its rank (benchmarks/shelf_quality.py). w = 0: e itself."""
+    e = np.asarray(embedding, dtype=np.float32)
+    if weight <= 0:
+        return e
+    onehot = np.eye(n_categories, dtype=np.float32)[np.asarray(category, dtype=np.int64)]
+    return np.concatenate([e * np.float32((1.0 - weight) ** 0.5), onehot * np.float32(weight ** 0.5)], axis=-1)
 
 
 class Predictor:

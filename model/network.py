@@ -1,10 +1,12 @@
 """The one multitask model (seed 000), imported by the worker through model.inference.
 
 backbone → pooled features ─┬─ shared MLP (feat→1024→512, BN, ReLU, Dropout 0.3) ─┬─ category head
+                            │                                                    ├─ type head (seed 004)
                             │                                                    └─ one head per attribute group
                             └─ retrieval head (BN, ReLU, Dropout, Linear→256) → L2-normalised embedding
 Attribute groups: a softmax per mutually exclusive group (seed 001), sigmoid outputs otherwise (seed 000).
 Seed 001's conditional similarity: one learned non-negative mask per attribute group over the embedding.
+Type and category are made consistent at prediction (`joint_category`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class ModelOutput:
     category: torch.Tensor  # (N, C) logits
     groups: dict[str, torch.Tensor]  # group -> (N, V) logits
     embedding: torch.Tensor  # (N, D) L2-normalised
+    type: torch.Tensor | None = None  # (N, T) logits; None: a model without a type head (derived from category)
 
 
 def _mlp_block(cin: int, cout: int, dropout: float) -> list[nn.Module]:
@@ -32,7 +35,7 @@ def _mlp_block(cin: int, cout: int, dropout: float) -> list[nn.Module]:
 
 class MultitaskModel(nn.Module):
     def __init__(self, backbone: Backbone, taxonomy: Taxonomy, embedding_dim: int = 256,
-                 hidden: tuple[int, int] = (1024, 512), dropout: float = 0.3) -> None:
+                 hidden: tuple[int, int] = (1024, 512), dropout: float = 0.3, type_head: bool = True) -> None:
         super().__init__()
         self.backbone_name = backbone.name
         self.mean, self.std = backbone.mean, backbone.std
@@ -47,6 +50,10 @@ class MultitaskModel(nn.Module):
         self.shared = nn.Sequential(*_mlp_block(backbone.feat_dim, hidden[0], dropout),
                                     *_mlp_block(hidden[0], hidden[1], dropout))
         self.category_head = nn.Linear(hidden[1], len(taxonomy.categories))
+        self.type_head = nn.Linear(hidden[1], len(taxonomy.types)) if type_head else None
+        # (C,) index of each category's type: the type target in training, the joint decision in prediction
+        self.register_buffer("category_type", torch.tensor(
+            [taxonomy.types.index(c.type) for c in taxonomy.categories], dtype=torch.int64), persistent=False)
         self.group_heads = nn.ModuleDict({g.name: nn.Linear(hidden[1], len(g.values))
                                           for g in taxonomy.attribute_groups})
         self.retrieval_head = nn.Sequential(nn.BatchNorm1d(backbone.feat_dim), nn.ReLU(inplace=True),
@@ -57,10 +64,13 @@ class MultitaskModel(nn.Module):
         self.condition_logits = nn.Parameter(torch.log(torch.expm1(init.clamp_min(0.05))))
         # prediction (not training) averages each photo with its mirror image; saved in the manifest
         self.flip_tta = False
+        # weight of the category in the shelf embedding (model/inference.py shelf_embedding); saved in the manifest
+        self.shelf_category_weight = 0.0
 
     # parameter groups the training stages freeze and unfreeze
     def classification_parameters(self) -> list[nn.Parameter]:
-        return [*self.shared.parameters(), *self.category_head.parameters(), *self.group_heads.parameters()]
+        heads = [self.category_head, self.group_heads] + ([self.type_head] if self.type_head is not None else [])
+        return [*self.shared.parameters(), *(p for h in heads for p in h.parameters())]
 
     def retrieval_parameters(self) -> list[nn.Parameter]:
         return [*self.retrieval_head.parameters(), self.condition_logits]
@@ -82,6 +92,7 @@ class MultitaskModel(nn.Module):
             category=self.category_head(h),
             groups={g: head(h) for g, head in self.group_heads.items()},
             embedding=emb,
+            type=self.type_head(h) if self.type_head is not None else None,
         )
 
     def infer(self, x: torch.Tensor) -> ModelOutput:
@@ -96,11 +107,27 @@ class MultitaskModel(nn.Module):
             return (t[:n] + t[n:]) / 2
 
         return ModelOutput(category=mean(out.category), groups={g: mean(t) for g, t in out.groups.items()},
-                           embedding=F.normalize(mean(out.embedding), dim=1))
+                           embedding=F.normalize(mean(out.embedding), dim=1),
+                           type=None if out.type is None else mean(out.type))
+
+
+def joint_category(category_probs: torch.Tensor, type_probs: torch.Tensor | None, category_type: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Category and type probabilities that agree (seed 004 predicts type beside the category).
+
+    The two heads vote as a product of experts over categories: p(c) ∝ p_cat(c) · p_type(type(c)), and the
+    type is the marginal of that, p(t) = Σ_{c of type t} p(c). The argmax category's type is then the
+    type the tags say, and a type head sure of "footwear" pulls an unsure category towards the shoes.
+    Without a type head: the category probabilities as they are and their type marginal."""
+    joint = category_probs if type_probs is None else category_probs * type_probs[:, category_type]
+    joint = joint / joint.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    types = torch.zeros(joint.shape[0], int(category_type.max()) + 1, dtype=joint.dtype, device=joint.device)
+    return joint, types.index_add_(1, category_type, joint)
 
 
 def build_model(backbone: str, taxonomy: Taxonomy, *, pretrained: bool = True,
-                weights_path: str | Path | None = None, embedding_dim: int = 256) -> MultitaskModel:
+                weights_path: str | Path | None = None, embedding_dim: int = 256,
+                type_head: bool = True) -> MultitaskModel:
     """The model for a taxonomy: head sizes come from the taxonomy file, the trunk from the registry."""
     return MultitaskModel(create_backbone(backbone, pretrained=pretrained, weights_path=weights_path),
-                          taxonomy, embedding_dim=embedding_dim)
+                          taxonomy, embedding_dim=embedding_dim, type_head=type_head)

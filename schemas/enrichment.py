@@ -61,4 +61,6 @@ class Enrichment(BaseModel):
     model_version: str = Field(max_length=128)
     tags: dict[GroupName, TagValue] = Field(default_factory=dict)
     review: list[ReviewItem] = Field(default_factory=list)
+    not_applicable: list[GroupName] = Field(
+        default_factory=list, description="attribute groups that do not apply to the listing's category (seed 001)")
     embedding_ref: str | None = Field(default=None, description="'<listing_id>@<model_version>' in embeddings")

@@ -36,7 +36,16 @@ class ModelManifest(BaseModel):
     eval_set: str = ""  # the fixed evaluation set its metrics were measured on (training/evaluate.py eval_set_id)
     strategy: str = "staged"
     flip_tta: bool = False  # predictions average each photo with its mirror image (2× the compute)
+    type_head: bool = False  # a head predicts the garment type (seed 004); false: derived from the category
+    # weight of the category in the shelf embedding (model/inference.py shelf_embedding); above 0 the
+    # stored embedding has embedding_dim + number of categories dimensions
+    shelf_category_weight: float = Field(default=0.0, ge=0.0, lt=1.0)
     git_commit: str = ""
     weights_file: str = "model.safetensors"
     weights_sha256: str = ""
     created_at: datetime
+
+    @property
+    def shelf_embedding_dim(self) -> int:
+        """Dimensions of the embedding the worker stores and shelves are ranked by."""
+        return self.embedding_dim + (len(self.taxonomy.categories) if self.shelf_category_weight > 0 else 0)

@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TAXONOMY_DIR = Path(__file__).parent / "taxonomies"
 CATEGORY_GROUP = "category"  # the tag group name under which the category is stored
-TYPE_GROUP = "type"  # derived from the category (seed 004's type output)
+TYPE_GROUP = "type"  # the garment type: its own model head (seed 004), consistent with the category
+COLOUR_GROUP = "colour"  # the attribute group "the same item in another colour" refers to
+NOT_APPLICABLE = "n/a"  # how a group that does not apply to a listing's category is shown (seed 001)
 
 
 class Category(BaseModel):
@@ -23,6 +25,9 @@ class AttributeGroup(BaseModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")
     exclusive: bool = Field(description="values are mutually exclusive: one softmax per group")
     values: list[str] = Field(min_length=2, max_length=256)
+    applies_to: list[str] | None = Field(
+        default=None, description="types or categories the group applies to (seed 001: the rest are masked "
+                                  "in training and shown as n/a); null: every category")
 
 
 class Taxonomy(BaseModel):
@@ -47,6 +52,9 @@ class Taxonomy(BaseModel):
         for g in self.attribute_groups:
             if len(set(g.values)) != len(g.values):
                 raise ValueError(f"duplicate values in attribute group {g.name!r}")
+            stray = set(g.applies_to or ()) - set(self.types) - set(names)
+            if stray:
+                raise ValueError(f"attribute group {g.name!r} applies to unknown types or categories: {sorted(stray)}")
         return self
 
     @property
@@ -69,9 +77,34 @@ class Taxonomy(BaseModel):
                 return c.type
         raise KeyError(f"unknown category {category!r}")
 
+    def applies(self, group: str, category: str | None = None, type_: str | None = None) -> bool:
+        """Whether an attribute group applies to a listing of this category (or, without one, of this type).
+        Unknown category and type: it may apply. A group listing a category but not its type applies to
+        that category only; a type-level question then gets True when any category of the type has it."""
+        allowed = self.group(group).applies_to
+        if allowed is None:
+            return True
+        if category is not None and category in self.category_names:
+            return category in allowed or self.type_of(category) in allowed
+        if type_ is not None and type_ in self.types:
+            return type_ in allowed or any(c.name in allowed for c in self.categories if c.type == type_)
+        return True
+
+    def not_applicable(self, category: str | None = None, type_: str | None = None) -> list[str]:
+        """Attribute groups that do not apply to this category (or type), in taxonomy order."""
+        return [g.name for g in self.attribute_groups if not self.applies(g.name, category, type_)]
+
+    def applicability(self) -> "np.ndarray":
+        """(C, G) bool: category c has attribute group g (training masks the rest, seed 001)."""
+        import numpy as np
+
+        return np.array([[self.applies(g.name, c.name) for g in self.attribute_groups] for c in self.categories],
+                        dtype=bool).reshape(len(self.categories), len(self.attribute_groups))
+
     def sha256(self) -> str:
-        """Stable hash of the content; model manifests pin it so a model never meets a wrong taxonomy."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable hash of the content; model manifests pin it so a model never meets a wrong taxonomy.
+        Unset optional fields are left out, so adding one keeps the hashes of taxonomies without it."""
+        blob = json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -81,17 +81,20 @@ def similar_cmd(
     by: str = typer.Option(None, "--by", help="Similar by one attribute group (seed 001 condition mask), e.g. 'colour'."),
     same_category: bool = typer.Option(False, "--same-category", help="Only listings with the same category tag."),
     same_type: bool = typer.Option(False, "--same-type", help="Only listings with the same type tag."),
+    other_colours: bool = typer.Option(False, "--other-colours", help="This one in another colour: ranked with the "
+                                       "colour dimensions masked out, only listings whose colour tag differs."),
     live: bool = typer.Option(False, "--live", help="Compute now by exact search instead of reading the stored shelf."),
     model_dir: Path = typer.Option(None, "--model-dir", help="Model directory for --by (default: from the models registry)."),
     png: Path = typer.Option(None, "--png", help="Also write a contact sheet (query + neighbours) to this PNG."),
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Print a listing's neighbours with scores (stored shelf by default; live with --by/--same-*/--live)."""
+    """Print a listing's neighbours with scores (stored shelf by default; live with --by/--same-*/--other-colours/--live)."""
     from rich.console import Console
     from rich.table import Table
 
     from core.config import get_settings
     from similar.common import resolve_model_version
+    from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP
     from similar.query import listing_tag, read_neighbours, similar_to
 
     console = Console()
@@ -99,11 +102,14 @@ def similar_cmd(
     conn = _connect(database_url, settings)
     try:
         mv = resolve_model_version(conn, model_version)
-        if by or same_category or same_type or live:
-            mask = _condition_mask(conn, mv, by, model_dir, settings) if by else None
+        if by or same_category or same_type or other_colours or live:
+            if by and other_colours:
+                raise LookupError("--by and --other-colours do not go together")
+            group = COLOUR_GROUP if other_colours else by
+            mask = _condition_mask(conn, mv, group, model_dir, settings) if group else None
             neighbours = similar_to(conn, listing_id, mv, k, mask=mask, same_category=same_category,
-                                    same_type=same_type)
-            source = "live" + (f", by {by}" if by else "")
+                                    same_type=same_type, other_colours=other_colours)
+            source = "live" + (f", by {by}" if by else "") + (", other colours" if other_colours else "")
         else:
             neighbours, source = read_neighbours(conn, listing_id, mv, k)
             if not neighbours:
@@ -113,8 +119,10 @@ def similar_cmd(
         table.add_column("listing")
         table.add_column("score", justify="right")
         table.add_column("category")
+        table.add_column("colour")
         for i, n in enumerate(neighbours, 1):
-            table.add_row(str(i), n.listing_id, f"{n.score:.4f}", listing_tag(conn, n.listing_id, "category") or "")
+            table.add_row(str(i), n.listing_id, f"{n.score:.4f}", listing_tag(conn, n.listing_id, CATEGORY_GROUP) or "",
+                          listing_tag(conn, n.listing_id, COLOUR_GROUP) or "")
         console.print(table)
         if png is not None:
             from core.images import ImageLimits

@@ -22,29 +22,69 @@ Attribute-aware ("similar, but by <group>")
 -------------------------------------------
 Seed 001 (modified CSN): a per-group mask m over the embedding; conditioned similarity is the inner
 product of L2-normalise(e ⊙ m). `similar_to(..., mask=...)` takes the mask as an array (the model's
-`Predictor.condition_masks()[group]`), so this module never loads the model.
+`Predictor.condition_masks()[group]`), so this module never loads the model. A shelf embedding longer
+than the mask (its category part, model/network.py shelf_embedding) is conditioned on the mask's
+dimensions alone.
+
+"This one in another colour"
+----------------------------
+`similar_to(..., mask=<colour mask>, other_colours=True)` ranks by the embedding with the colour
+condition's dimensions taken out (`colour_free`: each dimension weighted by how little the colour mask
+uses it; the category part kept) and keeps only listings whose colour tag differs from the query's.
 """
 from __future__ import annotations
 
 import numpy as np
 import psycopg
 
-from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP
+from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP, TYPE_GROUP
 from similar import index as ix
 from similar import store as sdb
 from similar.common import ACTIVE_MODEL_SQL, SHELF_MODEL_SQL, Neighbour, resolve_model_version
 
 
+COLOUR_FREE_RULES = ("complement", "drop-top")
+
+
+def _mask_for(vectors: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask, dtype=np.float32).reshape(-1)
+    if vectors.shape[-1] < mask.shape[0]:
+        raise ValueError(f"mask has {mask.shape[0]} dimensions, embeddings {vectors.shape[-1]}")
+    return mask
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
 def condition(vectors: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Seed 001's conditioned embedding: L2-normalise(e ⊙ m). No mask → the vectors unchanged."""
+    """Seed 001's conditioned embedding: L2-normalise(e ⊙ m) over the mask's dimensions. No mask → the
+    vectors unchanged."""
     if mask is None:
         return vectors
-    mask = np.asarray(mask, dtype=np.float32).reshape(-1)
-    if vectors.shape[-1] != mask.shape[0]:
-        raise ValueError(f"mask has {mask.shape[0]} dimensions, embeddings {vectors.shape[-1]}")
-    out = vectors * mask
-    norms = np.linalg.norm(out, axis=-1, keepdims=True)
-    return (out / np.maximum(norms, 1e-12)).astype(np.float32)
+    mask = _mask_for(vectors, mask)
+    return _unit(vectors[..., :mask.shape[0]] * mask)
+
+
+def colour_free(vectors: np.ndarray, mask: np.ndarray, rule: str = "complement") -> np.ndarray:
+    """The embedding with seed 001's colour dimensions taken out, for "the same item in another colour".
+
+    ``complement``: each dimension weighted by 1 − m/max(m), so the dimensions the colour condition
+    leans on count least; ``drop-top``: the top quarter of the mask's dimensions zeroed. The image part
+    keeps its length and a shelf embedding's category part is kept as it is (the same garment has the
+    same category), so the result is unit length like the input."""
+    mask = _mask_for(vectors, mask)
+    d = mask.shape[0]
+    if rule == "complement":
+        weight = 1.0 - mask / max(float(mask.max()), 1e-12)
+    elif rule == "drop-top":
+        weight = (mask <= np.quantile(mask, 0.75)).astype(np.float32)
+    else:
+        raise ValueError(f"unknown rule {rule!r}; rules: {COLOUR_FREE_RULES}")
+    head = vectors[..., :d]
+    masked = head * weight
+    scale = np.linalg.norm(head, axis=-1, keepdims=True) / np.maximum(np.linalg.norm(masked, axis=-1, keepdims=True), 1e-12)
+    return _unit(np.concatenate([masked * scale, vectors[..., d:]], axis=-1))
 
 
 def read_neighbours(conn: psycopg.Connection, listing_id: str, model_version: str | None = None,
@@ -84,13 +124,17 @@ def listing_tag(conn: psycopg.Connection, listing_id: str, group: str) -> str | 
 
 def similar_to(conn: psycopg.Connection, listing_id: str, model_version: str | None = None, k: int = 20, *,
                mask: np.ndarray | None = None, same_category: bool = False,
-               same_type: bool = False) -> list[Neighbour]:
+               same_type: bool = False, other_colours: bool = False) -> list[Neighbour]:
     """Exact top-k of one listing over live listings of its model version, computed now.
 
     `mask`: seed 001 condition mask of an attribute group ("similar, but by colour") — both sides
     are conditioned as L2-normalise(e ⊙ mask). `same_category` / `same_type` keep only listings
-    whose 'category' / 'type' tag equals the query listing's.
+    whose 'category' / 'type' tag equals the query listing's. `other_colours`: "this one in another
+    colour" — `mask` is the colour group's; ranks by `colour_free` and keeps only listings whose
+    colour tag differs from the query's.
     """
+    if other_colours and mask is None:
+        raise ValueError("other_colours needs the colour group's condition mask")
     model_version = resolve_model_version(conn, model_version)
     query = sdb.read_embeddings(conn, model_version, only_ids=[listing_id])
     if len(query) == 0:
@@ -105,10 +149,19 @@ def similar_to(conn: psycopg.Connection, listing_id: str, model_version: str | N
                 raise ValueError("filter by one of category or type at a time")
             tag_filter = (group, value)
     cands = sdb.read_embeddings(conn, model_version, tag_filter=tag_filter)
+    if other_colours:
+        colour = listing_tag(conn, listing_id, COLOUR_GROUP)
+        if colour is None:
+            raise LookupError(f"listing {listing_id!r} has no {COLOUR_GROUP!r} tag to compare colours with")
+        others = {r[0] for r in conn.execute(
+            "SELECT listing_id FROM listing_tags WHERE tag_group = %s AND value <> %s", (COLOUR_GROUP, colour))}
+        keep = np.array([i.decode() in others for i in cands.ids], dtype=bool)
+        cands = sdb.Embeddings(cands.ids[keep], cands.vectors[keep])
     if len(cands) == 0:
         return []
-    q = condition(query.vectors, mask)
-    c = condition(cands.vectors, mask)
+    shape = (lambda v: colour_free(v, mask)) if other_colours else (lambda v: condition(v, mask))
+    q = shape(query.vectors)
+    c = shape(cands.vectors)
     scores, pos = ix.exact_topk(q, c, k + 1)
     out = []
     for s, p in zip(scores[0], pos[0]):

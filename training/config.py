@@ -44,6 +44,8 @@ class TrainConfig:
     init_from: Path | None = None  # a saved model directory to start from (all weights), e.g. the active model
     image_size: int = 48
     embedding_dim: int = 256
+    # the category's weight in the shelf embedding (model/inference.py shelf_embedding; 0: image embedding alone)
+    shelf_category_weight: float = 0.3
     strategy: str = "staged"
     stage_steps: tuple[int, int, int] = (3000, 3000, 6000)  # staged: retrieval, classification, joint
     unified_steps: int = 12000

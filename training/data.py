@@ -99,6 +99,26 @@ class PreparedData:
     plain_test: np.ndarray | None = None  # rows of test that are the plain rendering of each test image
     grey_test: LabelledImages | None = None  # the test images as published (Fashion-MNIST's own benchmark)
 
+def mask_not_applicable(data: LabelledImages, taxonomy: Taxonomy) -> LabelledImages:
+    """Seed 001's missing-group mask for groups that do not apply: a row whose category has no such group
+    (the taxonomy's ``applies_to``) gets no label for it, so it adds no loss and is not scored. Rows
+    without a category keep their labels."""
+    table = taxonomy.applicability()
+    if table.all():
+        return data
+    known = data.category >= 0
+    groups, present = dict(data.groups), dict(data.present)
+    for j, g in enumerate(taxonomy.attribute_groups):
+        if g.name not in groups or table[:, j].all():
+            continue
+        off = known & ~table[np.clip(data.category, 0, None), j]
+        if g.exclusive:
+            groups[g.name] = np.where(off, MISSING, groups[g.name])
+        else:
+            present[g.name] = present[g.name] & ~off
+    return LabelledImages(data.images, data.category, data.item_ids, groups, present, data.weights)
+
+
 def from_shop(shop, taxonomy: Taxonomy) -> LabelledImages:
     """FMNIST-shop photos → LabelledImages (category + the exclusive colour group)."""
     groups = {}

@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.checkpoint import load_model, read_manifest
-from model.inference import Predictions, mixed_precision_dtype, outputs_to_predictions, resolve_device
+from model.inference import (Predictions, mixed_precision_dtype, outputs_to_predictions, resolve_device,
+                             shelf_embedding)
 from model.network import MultitaskModel
 from schemas.manifest import ModelManifest
 from schemas.taxonomy import CATEGORY_GROUP, Taxonomy, load_taxonomy
@@ -68,6 +69,7 @@ def predict_dataset(model: MultitaskModel, data: LabelledImages, image_size: int
         category=np.concatenate([p.category for p in parts]),
         groups={g: np.concatenate([p.groups[g] for p in parts]) for g in parts[0].groups},
         embedding=np.concatenate([p.embedding for p in parts]),
+        type=np.concatenate([p.type for p in parts]),
     )
 
 
@@ -128,9 +130,35 @@ def group_map(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages) -> d
     return out
 
 
+def exact_match(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages,
+                label_thresholds: dict[str, float] | None = None) -> dict[str, float]:
+    """Seed 004's exact-match ratio over every output: a row counts when its category, its type and every
+    attribute group it is labelled for (n/a groups carry no label) are all right. Rows with a category.
+    Also the type accuracy (``type/accuracy``) of the model's type output."""
+    rows = data.category >= 0
+    if not rows.any():
+        return {}
+    cat_type = np.array([taxonomy.types.index(c.type) for c in taxonomy.categories])
+    true_type = cat_type[np.clip(data.category, 0, None)]
+    pred_type = preds.type.argmax(1) if preds.type is not None else cat_type[preds.category.argmax(1)]
+    ok = (preds.category.argmax(1) == data.category) & (pred_type == true_type)
+    out = {"type/accuracy": float((pred_type == true_type)[rows].mean())}
+    for g in taxonomy.attribute_groups:
+        t, p = data.groups[g.name], preds.groups[g.name]
+        if g.exclusive:
+            ok &= (t < 0) | (p.argmax(1) == t)
+        else:
+            thr = np.array([(label_thresholds or {}).get(f"{g.name}/{v}", 0.5) for v in g.values])
+            ok &= ~data.present[g.name] | ((p >= thr[None, :]) == (t > 0.5)).all(axis=1)
+    out["exact_match"] = float(ok[rows].mean())
+    return out
+
+
 def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages,
                     label_thresholds: dict[str, float] | None = None,
-                    query_mask: np.ndarray | None = None) -> EvalResult:
+                    query_mask: np.ndarray | None = None, shelf_category_weight: float = 0.0) -> EvalResult:
+    """Classification, exact-match and retrieval metrics; retrieval ranks by the shelf embedding the worker
+    stores (``shelf_category_weight``, with the predicted category: test rows have no seller tags)."""
     c = len(taxonomy.categories)
     metrics: dict[str, float] = {}
     metrics.update(topk_accuracy(preds.category, data.category))
@@ -142,6 +170,7 @@ def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
         if g.exclusive and (t >= 0).any():
             metrics[f"{g.name}/accuracy"] = float((preds.groups[g.name].argmax(1) == t)[t >= 0].mean())
     metrics.update(group_map(taxonomy, preds, data))
+    metrics.update(exact_match(taxonomy, preds, data, label_thresholds))
     pred_bin, true_bin, names, complete = group_predictions_binary(taxonomy, preds, data, label_thresholds)
     per_label: dict[str, float] = {}
     if names and complete.any():
@@ -151,7 +180,10 @@ def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
     if (ids >= 0).any():
         q = query_mask if query_mask is not None else np.zeros(len(data), bool)
         if q.any() and (~q).any():
-            metrics.update(retrieval_metrics(preds.embedding[q], ids[q], preds.embedding[~q], ids[~q]))
+            e = shelf_embedding(preds.embedding, preds.category.argmax(1), len(taxonomy.categories),
+                                shelf_category_weight)
+            metrics.update(retrieval_metrics(e[q], ids[q], e[~q], ids[~q],
+                                             query_category=data.category[q], gallery_category=data.category[~q]))
     return EvalResult(metrics, cm, per_class_f1(cm), per_label, preds)
 
 
@@ -391,7 +423,8 @@ def _measure(model_dir, cfg: TrainConfig, ev: EvaluationSet, eval_set: str, dev,
     split = ev.split
     preds = predict_dataset(model, split.data, manifest.image_size, dev, progress=progress, loader=ev.loader,
                             mixed_precision=mixed_precision)
-    res = compute_metrics(manifest.taxonomy, preds, split.data, manifest.label_thresholds, query_mask=split.query)
+    res = compute_metrics(manifest.taxonomy, preds, split.data, manifest.label_thresholds, query_mask=split.query,
+                          shelf_category_weight=manifest.shelf_category_weight)
     out = {f"test/{k}": v for k, v in res.metrics.items() if not math.isnan(v)}
     if ev.plain is not None:
         out.update(fashion_mnist_metrics(model, preds, split, ev.plain, ev.grey, manifest.image_size, dev,

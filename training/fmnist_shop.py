@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
+from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP, Taxonomy
 from training.losses import MISSING
 
 # sRGB of the colour names the fashion-mnist taxonomy uses
@@ -24,7 +24,6 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "blue": (35, 70, 210), "yellow": (240, 215, 40), "purple": (130, 45, 160), "orange": (245, 130, 20),
     "grey": (128, 128, 128), "brown": (120, 70, 30), "pink": (240, 140, 180), "beige": (220, 200, 160),
 }
-COLOUR_GROUP = "colour"
 
 
 @dataclass

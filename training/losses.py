@@ -1,4 +1,5 @@
-"""Losses and their weights (seed 000, with seed 001's group masking and seed 002's task weights)."""
+"""Losses and their weights (seed 000, with seed 001's group masking, seed 002's task weights and seed 004's
+type output)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -125,6 +126,7 @@ class MultitaskLoss:
     weights: LossWeights = field(default_factory=LossWeights)
     margin: float = 0.3
     label_smoothing: float = 0.0  # softmax targets (category, exclusive groups); 0: the seed's plain CE
+    category_type: torch.Tensor | None = None  # (C,) type index of each category: the type head's target
 
     def __post_init__(self) -> None:
         self.triplet = BatchHardTriplet(self.margin)
@@ -132,6 +134,7 @@ class MultitaskLoss:
     def to(self, device: torch.device) -> "MultitaskLoss":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         self.category_weight = move(self.category_weight)
+        self.category_type = move(self.category_type)
         self.group_weight = {k: move(v) for k, v in self.group_weight.items()}
         self.group_pos_weight = {k: move(v) for k, v in self.group_pos_weight.items()}
         return self
@@ -143,6 +146,13 @@ class MultitaskLoss:
                               batch.get("weight/category"))
         parts["cat"] = cat.detach()
         total = cat
+        if getattr(out, "type", None) is not None and self.category_type is not None:
+            # seed 004: the type as its own output, its target the labelled category's type
+            known = batch["category"] >= 0
+            target = torch.where(known, self.category_type[batch["category"].clamp(min=0)], MISSING)
+            lt = masked_group_ce(out.type, target, None, ls, batch.get("weight/category"))
+            parts["type"] = lt.detach()
+            total = total + lt
         for g, logits in out.groups.items():
             if self.exclusive.get(g, True):
                 lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g), ls,

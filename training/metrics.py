@@ -69,12 +69,15 @@ def per_attribute_f1(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray,
-                      ks: tuple[int, ...] = (1, 5, 10, 20), chunk: int = 1024) -> dict[str, float]:
+                      ks: tuple[int, ...] = (1, 5, 10, 20), chunk: int = 1024,
+                      query_category: np.ndarray | None = None, gallery_category: np.ndarray | None = None
+                      ) -> dict[str, float]:
     """Cosine retrieval of query photos against the gallery (In-shop protocol).
 
     Recall@K: share of queries with a same-item photo among the top K. mAP@R: for R = number of
     gallery photos of the query's item, mean precision at each relevant rank within the top R.
-    Queries whose item has no gallery photo are skipped.
+    Queries whose item has no gallery photo are skipped. With categories: ``category_precision@5``, the
+    share of the top 5 in the query's category (how well a shelf stays in the category).
     """
     q = query / np.linalg.norm(query, axis=1, keepdims=True).clip(1e-12)
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True).clip(1e-12)
@@ -83,12 +86,16 @@ def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, gallery: np.ndar
     kmax = min(max(max(ks), counts.max() if len(counts) else 1), len(g))
     hits = {k: 0 for k in ks}
     ap_sum, n = 0.0, 0
+    same_cat, n_cat = 0.0, 0
     for s in range(0, len(q), chunk):
         sims = q[s:s + chunk] @ g.T
         top = np.argpartition(-sims, kmax - 1, axis=1)[:, :kmax] if kmax < len(g) else np.tile(np.arange(len(g)), (len(sims), 1))
         top_s = np.take_along_axis(sims, top, axis=1)
         top = np.take_along_axis(top, np.argsort(-top_s, axis=1, kind="stable"), axis=1)
-        for row, qid in zip(top, query_ids[s:s + chunk]):
+        for i, (row, qid) in enumerate(zip(top, query_ids[s:s + chunk])):
+            if query_category is not None and query_category[s + i] >= 0:
+                same_cat += float((gallery_category[row[:5]] == query_category[s + i]).mean())
+                n_cat += 1
             r = n_rel.get(int(qid), 0)
             if r == 0:
                 continue
@@ -101,4 +108,6 @@ def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, gallery: np.ndar
             ap_sum += float((prec * rel_r).sum() / r)
     out = {f"recall@{k}": hits[k] / n if n else float("nan") for k in ks}
     out["map@r"] = ap_sum / n if n else float("nan")
+    if query_category is not None:
+        out["category_precision@5"] = same_cat / n_cat if n_cat else float("nan")
     return out

@@ -13,7 +13,7 @@ import torch
 from schemas.taxonomy import Taxonomy
 from training.catalogue import catalogue_test, prepare_catalogue
 from training.config import TrainConfig
-from training.data import LabelledImages, PreparedData, Split, from_shop
+from training.data import LabelledImages, PreparedData, Split, from_shop, mask_not_applicable
 from training.deepfashion import deepfashion_test, load_cropped, prepare_deepfashion
 from training.fmnist import load_fashion_mnist
 from training.fmnist_shop import COLOUR_GROUP, build_shop, grey_photos
@@ -48,12 +48,19 @@ def evaluation_set(cfg: TrainConfig, taxonomy: Taxonomy) -> EvaluationSet:
     ``prepare_data(cfg, taxonomy).test`` has."""
     if cfg.dataset == "fmnist-shop":
         split, plain, grey = fmnist_shop_test(cfg, taxonomy)
-        return EvaluationSet(split, None, plain, grey)
-    if cfg.dataset == "deepfashion":
-        return EvaluationSet(deepfashion_test(cfg, taxonomy), load_cropped)
-    if cfg.dataset == "catalogue":
-        return EvaluationSet(catalogue_test(cfg, taxonomy))
-    raise _no_reader(cfg.dataset)
+        ev = EvaluationSet(split, None, plain, grey)
+    elif cfg.dataset == "deepfashion":
+        ev = EvaluationSet(deepfashion_test(cfg, taxonomy), load_cropped)
+    elif cfg.dataset == "catalogue":
+        ev = EvaluationSet(catalogue_test(cfg, taxonomy))
+    else:
+        raise _no_reader(cfg.dataset)
+    ev.split = _masked(ev.split, taxonomy)
+    return ev
+
+
+def _masked(split: Split, taxonomy: Taxonomy) -> Split:
+    return Split(mask_not_applicable(split.data, taxonomy), split.query)
 
 
 def fmnist_shop_test(cfg: TrainConfig, taxonomy: Taxonomy) -> tuple[Split, np.ndarray, LabelledImages]:
@@ -95,13 +102,17 @@ def prepare_fmnist_shop(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
 
 
 def prepare_data(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
+    """The splits of ``cfg.dataset``, with groups that do not apply to a row's category masked (seed 001)."""
     if cfg.dataset == "fmnist-shop":
-        return prepare_fmnist_shop(cfg, taxonomy)
-    if cfg.dataset == "deepfashion":
-        return prepare_deepfashion(cfg, taxonomy)
-    if cfg.dataset == "catalogue":
-        return prepare_catalogue(cfg, taxonomy)
-    raise _no_reader(cfg.dataset)
+        data = prepare_fmnist_shop(cfg, taxonomy)
+    elif cfg.dataset == "deepfashion":
+        data = prepare_deepfashion(cfg, taxonomy)
+    elif cfg.dataset == "catalogue":
+        data = prepare_catalogue(cfg, taxonomy)
+    else:
+        raise _no_reader(cfg.dataset)
+    return replace(data, train=mask_not_applicable(data.train, taxonomy), val=_masked(data.val, taxonomy),
+                   test=_masked(data.test, taxonomy))
 
 
 def add_training_rows(train: LabelledImages, extra: LabelledImages, repeats: int) -> LabelledImages:

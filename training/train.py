@@ -25,7 +25,7 @@ from model.inference import mixed_precision_dtype, resolve_device
 from model.network import MultitaskModel, build_model
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training.config import TINY, StageSpec, TrainConfig, config_dict
-from training.data import LabelledImages, PreparedData, Split, TensorBatches, TorchImages
+from training.data import LabelledImages, PreparedData, Split, TensorBatches, TorchImages, mask_not_applicable
 from training.evaluate import (EvalResult, calibrate, compute_metrics, eval_set_id, fashion_mnist_metrics,
                                predict_dataset)
 from training.fmnist_shop import COLOUR_GROUP
@@ -95,6 +95,7 @@ def build_criterion(train: LabelledImages, taxonomy: Taxonomy, cfg: TrainConfig)
         group_task_weight={g: (task_weights(counts).get(g, 1.0) if cfg.seed_002_task_weights else 1.0)
                            * cfg.group_loss_weights.get(g, 1.0) for g in counts},
         exclusive=exclusive, weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
+        category_type=torch.tensor([taxonomy.types.index(c.type) for c in taxonomy.categories], dtype=torch.int64),
     )
 
 
@@ -283,7 +284,8 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     data = prepare_data(cfg, taxonomy)
     n_extra = len(extra_train) if extra_train is not None else 0
     if n_extra:
-        data.train = add_training_rows(data.train, extra_train, cfg.correction_repeats)
+        data.train = mask_not_applicable(add_training_rows(data.train, extra_train, cfg.correction_repeats),
+                                         taxonomy)
         log.info("training set: %d extra row(s) ×%d added (%d in all)", n_extra, cfg.correction_repeats,
                  len(data.train))
     model = build_model(cfg.backbone, taxonomy, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
@@ -292,7 +294,8 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
         start, manifest = load_model(cfg.init_from, expected_taxonomy=taxonomy)
         if manifest.backbone != cfg.backbone:
             raise RuntimeError(f"cannot start a {cfg.backbone} model from {cfg.init_from} ({manifest.backbone})")
-        model.load_state_dict(start.state_dict())
+        # a start without a type head leaves the new head as initialised
+        model.load_state_dict(start.state_dict(), strict=start.type_head is not None)
         log.info("starting from the weights of %s (%s)", manifest.model_version, cfg.init_from)
     model.freeze_backbone_layers(multitask=True)
     model = model.to(device).to(memory_format=torch.channels_last)
@@ -317,13 +320,15 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     prepare_s = t_train - t_start
 
     model.flip_tta = cfg.flip_tta
+    model.shelf_category_weight = cfg.shelf_category_weight
     report({"stage": "test"})
     # calibrate on validation, then measure on test with those thresholds
     val_preds = predict_dataset(model, data.val.data, cfg.image_size, device, loader=data.loader)
     thresholds, label_thresholds = calibrate(taxonomy, val_preds, data.val.data)
     test_preds = predict_dataset(model, data.test.data, cfg.image_size, device, loader=data.loader,
                                  progress=cfg.progress)
-    test = compute_metrics(taxonomy, test_preds, data.test.data, label_thresholds, query_mask=data.test.query)
+    test = compute_metrics(taxonomy, test_preds, data.test.data, label_thresholds, query_mask=data.test.query,
+                           shelf_category_weight=model.shelf_category_weight)
     metrics = {f"test/{k}": v for k, v in test.metrics.items() if not math.isnan(v)}
     if data.plain_test is not None:
         metrics.update(fashion_mnist_metrics(model, test_preds, data.test, data.plain_test, data.grey_test,

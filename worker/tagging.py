@@ -2,8 +2,11 @@
 
 Pure functions (data in, data out) so the rules are tested without a model or a database:
 - a seller value is kept as it is (source=seller); the model never overwrites it;
-- 'type' is derived from the category (seller's or predicted), never predicted on its own when the
-  category is known;
+- 'type' follows the category (seller's or predicted), never predicted on its own when the category is
+  known; the model's category and type probabilities already agree (model/network.py joint_category), so
+  the type of an unsure category is the sum over its categories;
+- an attribute group that does not apply to the listing's category (or, without one, its type) is
+  neither written nor sent to review: it is listed as not applicable (seed 001; the taxonomy's applies_to);
 - a prediction at or above its calibrated threshold becomes a tag (source=predicted, confidence,
   model_version); below it goes to the review queue with its top candidates instead;
 - text fusion (issue 23): what the title and description name or negate (model/text.py, the vocabulary
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from model.inference import shelf_embedding
 from model.text import TextMatches, load_vocabulary
 from schemas.enrichment import Enrichment, ReviewItem, TagEvidence, TagSource, TagValue
 from schemas.events import ListingEvent
@@ -168,9 +172,12 @@ def decide(event: ListingEvent, taxonomy: Taxonomy, model_version: str,
             types, tp = _type_probs(taxonomy, cat_probs)
             fill(TYPE_GROUP, types, tp, _type_probs(taxonomy, image_cat)[1], evidence_group=CATEGORY_GROUP)
 
+    category, type_ = tags.get(CATEGORY_GROUP), tags.get(TYPE_GROUP)
+    not_applicable = [g for g in taxonomy.not_applicable(category and category.value, type_ and type_.value)
+                      if g not in tags]
     for group in taxonomy.attribute_groups:
-        if group.name in tags:
-            continue  # the seller's value: never touched, whatever the text says
+        if group.name in tags or group.name in not_applicable:
+            continue  # the seller's value: never touched, whatever the text says; n/a: nothing to say
         if group.name in group_probs:
             image = np.asarray(group_probs[group.name], dtype=np.float64)
             fill(group.name, group.values, fused(group.name, group.values, image, group.exclusive), image)
@@ -181,4 +188,14 @@ def decide(event: ListingEvent, taxonomy: Taxonomy, model_version: str,
             fill(group.name, group.values, fused(group.name, group.values, uniform, group.exclusive), None)
 
     return Enrichment(listing_id=event.listing_id, model_version=model_version, tags=tags, review=review,
-                      embedding_ref=f"{event.listing_id}@{model_version}")
+                      not_applicable=not_applicable, embedding_ref=f"{event.listing_id}@{model_version}")
+
+
+def shelf_vector(enrichment: Enrichment, taxonomy: Taxonomy, embedding: np.ndarray, category_probs: np.ndarray,
+                 weight: float) -> np.ndarray:
+    """The listing's vector for similar items (model/inference.py shelf_embedding): its category tag
+    (the seller's or the filled one) where the taxonomy knows it, else the model's most likely category."""
+    names = taxonomy.category_names
+    tag = enrichment.tags.get(CATEGORY_GROUP)
+    index = names.index(tag.value) if tag is not None and tag.value in names else int(np.argmax(category_probs))
+    return shelf_embedding(embedding[None, :], np.array([index]), len(names), weight)[0]

@@ -44,7 +44,7 @@ def test_conditioned_mode_ranks_differently_from_plain(db, catalogue):
     assert set(_ids(by_colour)[:2]) == {"c1", "c2"}     # by colour: same colour, any shape
     assert by_colour[0].score > 0.95 > 0.8 > plain[0].score
     with pytest.raises(ValueError, match="dimensions"):
-        query.similar_to(db, "q", "m1", mask=np.ones(3))
+        query.similar_to(db, "q", "m1", mask=np.ones(DIM + 1))
 
 
 def test_condition_is_masked_then_normalised():
@@ -64,3 +64,44 @@ def test_same_category_and_same_type_filters(db, catalogue):
     with pytest.raises(LookupError, match="no 'category' tag"):
         db.execute("DELETE FROM listing_tags WHERE listing_id = 'q'")
         query.similar_to(db, "q", "m1", same_category=True)
+
+
+def test_a_shelf_embeddings_category_part_is_left_out_of_the_condition():
+    e = unit(np.array([[3.0, 4.0, 0.5, 0.5]]))  # 2 image dimensions + a 2-dimensional category part
+    np.testing.assert_allclose(query.condition(e, np.array([1.0, 0.0])), [[1.0, 0.0]])
+
+
+def test_other_colours_finds_the_same_shape_in_another_colour(db):
+    """Seed 001's colour mask: the query's own colourways rank first once colour is taken out, and only
+    listings whose colour tag differs are shown."""
+    rng = np.random.default_rng(1)
+    items = {"q": (0, 0, "red"), "q-blue": (0, 3, "blue"), "q-green": (0, 4, "green"),
+             "red-other": (5, 0, "red"), "red-same": (0, 0, "red"), "blue-other": (6, 3, "blue"),
+             "untagged": (0, 5, None)}
+    ids = list(items)
+    vecs = np.stack([_item(s, c, rng) for s, c, _ in items.values()])
+    tags = {i: ({"colour": col} if col else {}) | {"category": "Dress"} for i, (_, _, col) in items.items()}
+    add_listings(db, ids, vecs, tags=tags)
+    found = query.similar_to(db, "q", "m1", k=3, mask=COLOUR, other_colours=True)
+    assert _ids(found)[:2] in (["q-blue", "q-green"], ["q-green", "q-blue"])
+    assert not {"red-other", "red-same", "untagged", "q"} & set(_ids(found))  # same colour or no colour tag
+    # the plain ranking of the same candidates puts the same-colour duplicate first
+    assert _ids(query.similar_to(db, "q", "m1", k=1))[0] == "red-same"
+    with pytest.raises(LookupError, match="colour"):
+        query.similar_to(db, "untagged", "m1", mask=COLOUR, other_colours=True)
+    with pytest.raises(ValueError, match="mask"):
+        query.similar_to(db, "q", "m1", other_colours=True)
+
+
+def test_colour_free_weights_dimensions_by_how_little_colour_uses_them():
+    mask = np.array([0.1, 0.1, 1.0, 1.0])
+    e = unit(np.array([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]]))
+    out = query.colour_free(e, mask)
+    np.testing.assert_allclose(out[0], [1.0, 0.0, 0.0, 0.0], atol=1e-6)  # its colour part is gone
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+    shelf = np.c_[e * np.sqrt(0.7), np.array([[1.0], [0.0]]) * np.sqrt(0.3)]  # + a category part
+    kept = query.colour_free(shelf, mask)
+    np.testing.assert_allclose(kept[0, 4], np.sqrt(0.3), rtol=1e-6)  # the category part stays as it was
+    # drop-top: the mask's top quarter of dimensions zeroed
+    dropped = query.colour_free(unit(np.array([[1.0, 0.0, 0.0, 1.0]])), np.array([0.1, 0.2, 0.3, 1.0]), "drop-top")
+    np.testing.assert_allclose(dropped[0], [1.0, 0.0, 0.0, 0.0], atol=1e-6)

@@ -8,7 +8,7 @@ from PIL import Image
 from schemas.taxonomy import load_taxonomy
 from model.checkpoint import ModelMismatchError, load_model, save_model
 from model.inference import Predictions, image_to_tensor, load_predictor
-from model.network import build_model
+from model.network import build_model, joint_category
 
 
 def _images(n=4, size=(40, 30)):
@@ -29,7 +29,10 @@ def test_round_trip_gives_identical_outputs(tmp_path, mixed_taxonomy):
     out = pred.predict(x)
     with torch.inference_mode():
         ref = model(x)
-    np.testing.assert_allclose(out.category, ref.category.softmax(1).numpy(), rtol=1e-5, atol=1e-6)
+    joint, types = joint_category(ref.category.softmax(1), ref.type.softmax(1), model.category_type)
+    np.testing.assert_allclose(out.category, joint.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.type, types.numpy(), rtol=1e-5, atol=1e-6)
+    assert pred.manifest.type_head
     np.testing.assert_allclose(out.groups["style"], ref.groups["style"].sigmoid().numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.embedding, ref.embedding.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -145,7 +148,8 @@ def test_flip_tta_is_saved_and_averages_each_photo_with_its_mirror(tmp_path, mix
     with torch.inference_mode():
         a, b = model(x), model(x.flip(3))
     mean_logits = (a.category + b.category) / 2
-    np.testing.assert_allclose(out.category, mean_logits.softmax(1).numpy(), rtol=1e-5, atol=1e-6)
+    joint, _ = joint_category(mean_logits.softmax(1), ((a.type + b.type) / 2).softmax(1), model.category_type)
+    np.testing.assert_allclose(out.category, joint.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.groups["colour"], ((a.groups["colour"] + b.groups["colour"]) / 2).softmax(1).numpy(),
                                rtol=1e-5, atol=1e-6)
     emb = torch.nn.functional.normalize(a.embedding + b.embedding, dim=1).numpy()

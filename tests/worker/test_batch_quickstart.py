@@ -76,6 +76,8 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
     assert acc["filled"] + acc["review"] == acc["hidden"] == 16
     assert "accuracy of the filled tags" in text and "similar to qs-0000" in text
     assert "is the active model" in text  # registered and promoted through the training registry
+    # issue 24: the share of each shelf in the listing's true category, measured on the stored shelves
+    assert "shelf precision:" in text and 0.0 < out["shelf_precision"] <= 1.0
     # issue 23: the listings carry noisy titles; the line says how many filled tags the text contributed to
     assert "text evidence (titles/descriptions) on" in text
     filled = sum(int(a["filled"]) for a in out["accuracy"].values())

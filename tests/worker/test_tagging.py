@@ -86,3 +86,58 @@ def test_json_logs_carry_listing_id():
     record.listing_id = "x1"
     out = json.loads(JsonFormatter().format(record))
     assert out["listing_id"] == "x1" and out["msg"] == "listing x1 failed" and out["level"] == "INFO"
+
+
+DF = load_taxonomy("deepfashion")
+
+
+def _df_groups(p: float = 0.95) -> dict[str, np.ndarray]:
+    return {g.name: _onehot(len(g.values), 0, p) for g in DF.attribute_groups}
+
+
+def test_groups_that_do_not_apply_are_neither_tagged_nor_reviewed():
+    # Jeans (a bottom): sleeve, neckline and length do not apply, even when the model is sure of a value
+    jeans = _onehot(len(DF.categories), DF.category_names.index("Jeans"), 0.95)
+    enr = decide(_event(), DF, "m1", jeans, _df_groups(), {}, {}, 0.5)
+    assert enr.tags["category"].value == "Jeans" and enr.tags["type"].value == "bottom"
+    assert enr.not_applicable == ["sleeve", "length", "neckline"]
+    assert not {"sleeve", "length", "neckline"} & set(enr.tags)
+    assert {"texture", "fabric", "fit"} <= set(enr.tags)
+    # unsure values of n/a groups do not reach the review queue either
+    unsure = decide(_event(), DF, "m1", jeans, _df_groups(0.4), {}, {}, 0.5)
+    assert {r.group for r in unsure.review} == {"texture", "fabric", "fit"}
+    # a skirt has a length, a dress has all three
+    skirt = decide(_event(category="Skirt"), DF, "m1", jeans, _df_groups(), {}, {}, 0.5)
+    assert skirt.not_applicable == ["sleeve", "neckline"] and "length" in skirt.tags
+    dress = decide(_event(category="Dress"), DF, "m1", jeans, _df_groups(), {}, {}, 0.5)
+    assert dress.not_applicable == [] and {"sleeve", "length", "neckline"} <= set(dress.tags)
+
+
+def test_not_applicable_follows_the_type_when_the_category_is_unsure_and_keeps_seller_values():
+    # unsure between two bottoms: no category tag, but the type is sure, and decides applicability
+    probs = np.zeros(len(DF.categories))
+    probs[DF.category_names.index("Jeans")] = probs[DF.category_names.index("Chinos")] = 0.5
+    enr = decide(_event(attributes={"sleeve": "long_sleeve"}), DF, "m1", probs, _df_groups(), {}, {}, 0.6)
+    assert "category" not in enr.tags and enr.tags["type"].value == "bottom"
+    # neckline: no bottom has one; length: skirts do; sleeve: the seller said it, kept as said
+    assert enr.not_applicable == ["neckline"]
+    assert enr.tags["sleeve"].value == "long_sleeve" and enr.tags["sleeve"].source.value == "seller"
+    # nothing known about category or type: every group may apply
+    flat = np.full(len(DF.categories), 1 / len(DF.categories))
+    assert decide(_event(), DF, "m1", flat, _df_groups(), {}, {}, 0.6).not_applicable == []
+
+
+def test_the_shelf_vector_uses_the_sellers_category_over_the_models():
+    from worker.tagging import shelf_vector
+
+    emb = np.full(4, 0.5, np.float32)
+    probs = _onehot(10, CATS.index("Dress"), 0.9)
+    sold_as_coat = decide(_event(category="Coat"), TAX, "m1", probs, {"colour": _onehot(8, 0, 0.9)}, {}, {}, 0.5)
+    v = shelf_vector(sold_as_coat, TAX, emb, probs, 0.3)
+    assert v.shape == (14,) and np.argmax(v[4:]) == CATS.index("Coat")
+    np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-6)
+    unsure = decide(_event(), TAX, "m1", _onehot(10, CATS.index("Dress"), 0.3), {"colour": _onehot(8, 0, 0.9)},
+                    {}, {}, 0.5)
+    assert "category" not in unsure.tags
+    assert np.argmax(shelf_vector(unsure, TAX, emb, _onehot(10, CATS.index("Dress"), 0.3), 0.3)[4:]) == CATS.index("Dress")
+    assert shelf_vector(unsure, TAX, emb, probs, 0.0).shape == (4,)  # weight 0: the image embedding alone
