@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(default=None, ge=1, le=256,
                                       description="intra-op threads of a CPU worker. Empty: torch's default (one "
                                                   "per core); 1 suits a busy shared host")
+    explain_review: bool = Field(default=False, description="workers also store a Grad-CAM heat map of each review "
+                                                            "item's top candidate under `<data dir>/explanations` "
+                                                            "(one machine or a shared volume), shown by the "
+                                                            "console as the item's \"why\"; costs one backward "
+                                                            "pass per review item")
 
     # Similar items
     similar_k: int = Field(default=20, ge=1, le=1000, description="neighbours kept per listing")

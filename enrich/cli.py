@@ -77,7 +77,7 @@ def _register_subcommands() -> None:
     # Each package owns its commands; importing is cheap because heavy imports happen inside commands.
     from training import cli as training_cli
     from worker import cli as worker_cli
-    from enrich import models_cli
+    from enrich import explain_cli, models_cli
     from enrich.console import cli as console_cli
     from similar import cli as similar_cli
 
@@ -86,6 +86,7 @@ def _register_subcommands() -> None:
     similar_cli.register(app)
     models_cli.register(app)
     console_cli.register(app)
+    explain_cli.register(app)
 
 
 _register_subcommands()

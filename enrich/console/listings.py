@@ -1,15 +1,18 @@
 """Listings: a search page (id or title, status filter) and one page per listing with every tag, its
-provenance, confidence and model version, the similar-items shelf, the correction history and a correction
-form for any tag (through the same path as a Kafka CorrectionEvent, see review.apply_correction)."""
+provenance, confidence and model version, the similar-items shelf, the correction history, the review items
+with their stored heat maps ("why", worker/explanations.py) and a correction form for any tag (through the
+same path as a Kafka CorrectionEvent, see review.apply_correction)."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, Form, HTTPException, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import RedirectResponse
+from fastapi.responses import RedirectResponse, Response
 
+from schemas.taxonomy import CATEGORY_GROUP, NOT_APPLICABLE, TYPE_GROUP
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, render
 from enrich.console.review import (
@@ -96,13 +99,18 @@ def listing_view(conn, listing_id: str) -> dict | None:
         choices[g] = values if values is not None else list(dict.fromkeys(
             [*([by_group[g][1]] if g in by_group else []), *(h[3] for h in history if h[1] == g),
              *(h[2] for h in history if h[1] == g and h[2])]))
+    # seed 001: groups that do not apply to the listing's category (or type) show as n/a, not as missing
+    category, type_ = (by_group[g][1] if g in by_group else None for g in (CATEGORY_GROUP, TYPE_GROUP))
+    not_applicable = set(taxonomy.not_applicable(category, type_)) - set(by_group) if taxonomy else set()
     shelf, shelf_source = _shelf(conn, listing_id)
+    why = {(g, mv): value for g, mv, value in conn.execute(
+        "SELECT tag_group, model_version, value FROM explanations WHERE listing_id = %s", (listing_id,))}
     event = row[3]
     return {"listing_id": row[0], "seller_id": row[1], "status": row[2], "title": event.get("title") or "",
             "description": event.get("description") or "", "images": len(event.get("images") or []),
             "error": row[4], "received_at": row[5], "updated_at": row[6],
             "rows": [(g, by_group.get(g)) for g in groups], "choices": choices, "history": history,
-            "reviews": reviews, "shelf": shelf, "shelf_source": shelf_source,
+            "reviews": reviews, "why": why, "not_applicable": not_applicable, "category": category, "na": NOT_APPLICABLE, "shelf": shelf, "shelf_source": shelf_source,
             "taxonomy": taxonomy.name if taxonomy else None}
 
 
@@ -115,6 +123,26 @@ def listing_page(request: Request, listing_id: str = PathParam(max_length=128), 
     flash = request.session.pop("listing_flash", None)  # what the last correction did (set by `correct`)
     done, error = (flash[1], "") if flash and flash[0] == "done" else ("", flash[1] if flash else "")
     return render(request, "listing.html", user=user, page="listings", v=view, done=done, error=error)
+
+
+@router.get("/listings/{listing_id}/why/{group}")
+def heat_map(request: Request, listing_id: str = PathParam(max_length=128), group: str = PathParam(max_length=64),
+             model: str = Query(max_length=128), user: User = Depends(current_user)):
+    """A stored heat map (PNG). Only a file the explanations table names, under the explanations directory,
+    is ever read: nothing from the request but the row's key."""
+    from worker.explanations import explanations_root
+
+    with connection(request) as conn:
+        row = conn.execute("SELECT uri FROM explanations WHERE listing_id = %s AND tag_group = %s"
+                           " AND model_version = %s", (listing_id, group, model)).fetchone()
+    if row is None:
+        raise HTTPException(status_code=404, detail="no heat map stored for this tag")
+    root = explanations_root(request.app.state.settings).resolve()
+    path = Path(row[0]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        log.warning("heat map of %s/%s outside %s or missing: %s", listing_id, group, root, row[0])
+        raise HTTPException(status_code=404, detail="no heat map stored for this tag")
+    return Response(path.read_bytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
 @router.post("/listings/{listing_id}/correct", dependencies=[Depends(check_csrf)])
