@@ -45,6 +45,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process so far, all threads (Postgres's own processes not included)."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
 def make_vectors(n: int, dim: int, path: Path, clusters: int, seed: int = 0, chunk: int = 100_000) -> None:
     """Clustered unit vectors (Gaussian blobs around random centres) written to a .npy, chunk by chunk."""
     rng = np.random.default_rng(seed)
@@ -104,7 +110,7 @@ def child_bare(vec_path: str, k: int, factory: str | None, nprobe: int | None) -
     vecs = np.load(vec_path)  # into memory before the clock starts, like the e2e run after its read
     n, d = vecs.shape
     spec = ix.choose_spec(n, factory=factory, nprobe=nprobe)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -120,7 +126,7 @@ def child_bare(vec_path: str, k: int, factory: str | None, nprobe: int | None) -
         index.search(vecs[s:s + ix.SEARCH_BATCH], k + 1)
     t_search = time.perf_counter() - t0
     return {"factory": spec.factory, "nprobe": spec.nprobe, "build_s": t_build, "search_s": t_search,
-            "total_s": t_build + t_search, "peak_rss_mib": peak_rss_mib()}
+            "total_s": t_build + t_search, "cpu_s": cpu_s() - c0, "peak_rss_mib": peak_rss_mib()}
 
 
 def child_algo(vec_path: str, k: int, factory: str | None, nprobe: int | None) -> dict:
@@ -150,12 +156,12 @@ def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | No
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     conn = psycopg.connect(url, autocommit=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_s()
     result = recompute(conn, MODEL, settings=get_settings(), k=k, factory=factory, nprobe=nprobe, root=root,
                        progress=False)
-    total = time.perf_counter() - t0
+    total, cpu = time.perf_counter() - t0, cpu_s() - c0
     conn.close()
-    return {"factory": result.factory, "total_s": total, "phases_s": result.timings_s, "snapshot": result.snapshot,
+    return {"factory": result.factory, "total_s": total, "cpu_s": cpu, "phases_s": result.timings_s, "snapshot": result.snapshot,
             "count": result.count, "version": result.version, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -273,7 +279,8 @@ def main() -> None:
                "recall_at_k": round(recall, 4), "e2e_phases_s": {k: round(v, 1) for k, v in e2e["phases_s"].items()},
                "bare_phases_s": {"build": round(bare["build_s"], 1), "search": round(bare["search_s"], 1)},
                "e2e_peak_rss_mib": round(e2e["peak_rss_mib"]), "bare_peak_rss_mib": round(bare["peak_rss_mib"]),
-               "cpus": os.cpu_count()}
+               "e2e_cpu_s": round(e2e["cpu_s"], 1), "bare_cpu_s": round(bare["cpu_s"], 1),
+               "load_avg_1m": round(os.getloadavg()[0], 1), "cpus": os.cpu_count()}
     print(json.dumps(figures))
     print(f"\n{args.n:,} × {args.dim}-d, top-{args.k}, {e2e['factory']} nprobe {bare['nprobe']}:\n"
           f"  end to end {e2e['total_s']:.1f}s  (phases {figures['e2e_phases_s']})\n"
@@ -281,7 +288,9 @@ def main() -> None:
           f"  same index code without Postgres {algo['total_s']:.1f}s  (build {algo['build_s']:.1f}s, "
           f"search {algo['search_s']:.1f}s); e2e / that {figures['ratio_e2e_over_no_pg']}\n"
           f"  ratio {figures['ratio_e2e_over_bare']}   recall@{args.k} {recall:.4f}\n"
-          f"  peak RSS end to end {e2e['peak_rss_mib']:.0f} MiB, bare {bare['peak_rss_mib']:.0f} MiB")
+          f"  peak RSS end to end {e2e['peak_rss_mib']:.0f} MiB, bare {bare['peak_rss_mib']:.0f} MiB\n"
+          f"  CPU s of the process end to end {e2e['cpu_s']:.1f} (Postgres's not counted), bare {bare['cpu_s']:.1f}; "
+          f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work skews wall times)")
     if pull:
         write_s = e2e["phases_s"]["snapshot"]
         print(f"  snapshot {pull['mib']:.0f} MiB: written locally {write_s:.1f}s, published "

@@ -4,10 +4,11 @@ One path opens every new version (`_read_build_snapshot`): take the model versio
 (a concurrent run gets ReindexBusy), mark a version still 'building' from an earlier run failed, read
 all live embeddings of the model version (binary COPY → numpy), build a faiss index chosen by
 catalogue size, open a new 'building' version, save the index as a snapshot (similar/index.py) and
-publish it (similar/snapshots.py, with ENRICH_INDEX_URI).
+publish it (similar/snapshots.py, with ENRICH_INDEX_URI) in a thread of its own.
 
 In one process (`recompute`), with the lock still held: search every listing's top-(K+1) in
-batches, drop itself, encode rows in numpy and binary-COPY them into the new version → switch
+batches, drop itself, encode rows in numpy and binary-COPY them into the new version (a writer
+thread encodes and copies while the search goes on; the snapshot is saved meanwhile) → switch
 `similar_items_active` in one transaction → prune old versions and snapshots.
 Sharded (`prepare_shards` → `compute_shard` × N → `finish_shards`): `prepare_shards` opens the
 version and plans listing-id ranges, then releases the lock; each `compute_shard` (one per Celery
@@ -27,7 +28,9 @@ that model, sharded or not).
 from __future__ import annotations
 
 import logging
+import queue
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -45,6 +48,8 @@ from similar.common import ADVISORY_NAMESPACE, decode_ids, reindex_model_version
 from similar.snapshots import store_from_settings
 
 log = logging.getLogger(__name__)
+
+WRITE_QUEUE = 2  # search batches waiting for the writer thread (memory: a few batches of results)
 
 
 class ReindexBusy(RuntimeError):
@@ -111,6 +116,10 @@ def _mark_failed(conn: psycopg.Connection, version: int, exc: BaseException) -> 
         log.exception("could not mark version %s failed; the next run will", version)
 
 
+class _SearchFailed(Exception):
+    """Tells the writer thread that the search stopped early: roll the COPY back."""
+
+
 def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray, batches, kk: int,
                    query_pos: np.ndarray, self_pos: np.ndarray, bar=None,
                    after_chunk: Callable[[int], None] | None = None) -> int:
@@ -120,30 +129,113 @@ def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray,
     catalogues); the query itself is dropped. `snap_ids` holds the index's ids followed by any query
     ids not in the index; `query_pos[row]` is a query's position in it and `self_pos[row]` its
     position in the index (-2 when absent).
+
+    The COPY runs in a writer thread, the only user of `conn` until this returns, while this thread
+    goes on searching: faiss and numpy release the GIL and Postgres inserts in its own process, so
+    the search never waits for the database. A bounded queue holds at most WRITE_QUEUE batches. An
+    error on either side rolls the COPY back and is raised here once the writer has stopped.
     """
-    id_buf, id_off, id_len = sdb.encode_id_fields(snap_ids)
+    ids = sdb.encode_id_fields(snap_ids)
+    todo: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+    search_failed = threading.Event()
+    write_failed: list[BaseException] = []
     written = 0
 
     def chunks():
         nonlocal written
-        for rows, scores, pos in batches:
+        while (item := todo.get()) is not None:
+            if search_failed.is_set():
+                raise _SearchFailed()
+            rows, scores, pos = item
             pos, scores = sdb.drop_self(pos, scores, self_pos[rows], kk - 1)
             pos, scores = sdb.pack_left(pos, scores)
             qpos = query_pos[rows]
             for sl in sdb.iter_id_chunks(len(pos), sdb.ENCODE_CHUNK):
-                yield sdb.encode_rows(version, qpos[sl], pos[sl], scores[sl], id_buf, id_off, id_len)
+                yield sdb.encode_rows(version, qpos[sl], pos[sl], scores[sl], *ids)
             written += len(pos)
             if bar is not None:
                 bar.update(len(pos))
             if after_chunk is not None:
                 after_chunk(written)
+        if search_failed.is_set():
+            raise _SearchFailed()
 
-    sdb.copy_neighbours(conn, sdb.sql.Identifier("similar_items"), chunks())
+    def write() -> None:
+        try:
+            sdb.copy_neighbours(conn, sdb.sql.Identifier("similar_items"), chunks())
+        except BaseException as exc:  # noqa: BLE001 - handed to the searching thread, which raises it
+            write_failed.append(exc)
+
+    def hand_over(item) -> None:
+        while True:
+            if write_failed:
+                raise write_failed[0]
+            try:
+                todo.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    writer = threading.Thread(target=write, name="similar-items-writer", daemon=True)
+    writer.start()
+    try:
+        for item in batches:
+            hand_over(item)
+        hand_over(None)
+    except BaseException:
+        search_failed.set()
+        try:
+            todo.put_nowait(None)  # wake a writer waiting for the next batch
+        except queue.Full:
+            pass  # it is busy and checks the flag at its next batch
+        writer.join()
+        raise
+    writer.join()
+    if write_failed:
+        raise write_failed[0]
     return written
 
 
 # ---------------------------------------------------------------------------------------------
 # the shared start of every run: read → build → snapshot
+
+class _SnapshotSaver:
+    """Saves (and with ENRICH_INDEX_URI publishes) a snapshot in a thread: the disk write and the
+    upload overlap the search, which only reads the same index."""
+
+    def __init__(self, settings: Settings, root: Path | str | None, index, ids: np.ndarray,
+                 manifest: ix.SnapshotManifest, timings: dict[str, float]) -> None:
+        self.path: Path | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._save, args=(settings, root, index, ids, manifest, timings),
+                                        name="similar-snapshot", daemon=True)
+        self._thread.start()
+
+    def _save(self, settings, root, index, ids, manifest, timings) -> None:
+        try:
+            t0 = time.perf_counter()
+            path = ix.save_snapshot(snapshot_root(settings, root), index, ids, manifest)
+            timings["snapshot"] = time.perf_counter() - t0
+            store = store_from_settings(settings)
+            if store is not None:  # workers (and shards) on other machines download it by name
+                t0 = time.perf_counter()
+                store.publish(path, manifest.model_version)
+                timings["publish"] = time.perf_counter() - t0
+            self.path = path
+        except BaseException as exc:  # noqa: BLE001 - wait() raises it in the caller's thread
+            self.error = exc
+
+    def join(self) -> None:
+        """Wait for the thread without raising its error."""
+        self._thread.join()
+
+    def wait(self) -> Path:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        assert self.path is not None
+        return self.path
+
 
 @dataclass
 class _Built:
@@ -154,15 +246,28 @@ class _Built:
     spec: ix.IndexSpec
     index: object
     assignment: tuple[np.ndarray, np.ndarray] | None
-    snapshot: Path
+    saver: _SnapshotSaver
     timings_s: dict[str, float]
+    snapshot: Path | None = None
+
+    def finish_snapshot(self, conn: psycopg.Connection) -> Path:
+        """Wait for the snapshot and record it on the version (`conn` must be free: no COPY running)."""
+        if self.snapshot is None:
+            t0 = time.perf_counter()
+            path = self.saver.wait()
+            self.timings_s["snapshot_wait"] = time.perf_counter() - t0
+            sdb.update_version_params(conn, self.version, {"snapshot": str(path)})
+            self.snapshot = path
+        return self.snapshot
 
 
 @contextmanager
 def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_version: str | None, *,
                          k: int | None, factory: str | None, nprobe: int | None, root: Path | str | None,
                          keep_assignment: bool = False, progress: bool = False) -> Iterator[_Built]:
-    """Open a new 'building' version with its snapshot saved and published; see the module docstring.
+    """Open a new 'building' version and save (and publish) its snapshot in a thread; see the module
+    docstring. `built.finish_snapshot(conn)` waits for the snapshot and records it on the version;
+    the block must call it before anything needs the snapshot (leaving the block calls it too).
 
     The model version's lock is held until the `with` block ends. An error inside the block (or
     while saving the snapshot) marks the version failed; the active version stays as it was.
@@ -189,23 +294,19 @@ def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_ver
         timings["build"] = time.perf_counter() - t0
 
         version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": n}, emb.read_at)
+        saver = None
         try:
-            t0 = time.perf_counter()
             manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=emb.vectors.shape[1],
                                            spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
                                            read_at=emb.read_at, similar_version=version)
-            path = ix.save_snapshot(snapshot_root(settings, root), index, emb.ids, manifest)
-            timings["snapshot"] = time.perf_counter() - t0
-            store = store_from_settings(settings)
-            if store is not None:  # workers (and shards) on other machines download it by name
-                t0 = time.perf_counter()
-                store.publish(path, model_version)
-                timings["publish"] = time.perf_counter() - t0
-            sdb.update_version_params(conn, version, {"snapshot": str(path)})
-            built = _Built(model_version, k, version, emb, spec, index, assignment, path, timings)
+            saver = _SnapshotSaver(settings, root, index, emb.ids, manifest, timings)
+            built = _Built(model_version, k, version, emb, spec, index, assignment, saver, timings)
             del emb, index, assignment  # the caller may drop the index (and its memory) early
             yield built
+            built.finish_snapshot(conn)
         except BaseException as exc:
+            if saver is not None:
+                saver.join()  # never leave it writing after the version failed
             _mark_failed(conn, version, exc)
             raise
 
@@ -229,6 +330,7 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, set
             written = _write_version(conn, version, built.emb.ids, batches, kk, rows, rows, bar, after_chunk)
         timings["search_write"] = time.perf_counter() - t0
         built.index = built.assignment = None  # free them before the switch and prune
+        built.finish_snapshot(conn)  # saved while the search ran; workers need it before the switch
 
         t0 = time.perf_counter()
         replaced = sdb.switch_active(conn, version)
@@ -260,6 +362,7 @@ def prepare_shards(conn: psycopg.Connection, model_version: str | None, shards: 
     """Open a 'building' version (read + build + snapshot once) and plan its listing-id ranges."""
     with _read_build_snapshot(conn, settings, model_version, k=k, factory=factory, nprobe=nprobe,
                               root=root) as built:
+        built.finish_snapshot(conn)  # the shards search it
         bounds = shard_bounds(built.emb.ids, shards)
         sdb.update_version_params(conn, built.version, {"shards": bounds})
         return built.version, bounds

@@ -1,9 +1,10 @@
 """Postgres side of similar items: stream embeddings out, COPY neighbours in, switch versions.
 
-Reads use one binary `COPY (SELECT ...) TO STDOUT`: rows arrive in chunks and are decoded into a
-preallocated float32 array (little-endian bytes straight into numpy); no per-row Python lists of
-floats. Writes build PostgreSQL's binary COPY format for whole chunks of rows with numpy
-(`encode_rows`) rather than calling `write_row` per row.
+Reads use one binary `COPY (SELECT ...) TO STDOUT`: rows arrive one message each and are decoded a
+few thousand at a time as one uint8 matrix into a preallocated float32 array (little-endian bytes
+straight into numpy); no per-row Python work beyond collecting the messages. Writes build
+PostgreSQL's binary COPY format for whole chunks of rows with numpy (`encode_rows`) rather than
+calling `write_row` per row.
 
 Versions (tables in migrations/0001 and 0002):
   similar_items_versions  building → ready → retired   (or failed)
@@ -23,7 +24,7 @@ import json
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import psycopg
@@ -103,43 +104,96 @@ def count_embeddings(conn: psycopg.Connection, model_version: str, lo: str | Non
 
 
 class _CopyDecoder:
-    """Incremental decoder of binary COPY rows (listing_id text, vector bytea of 4·dim bytes)."""
+    """Decoder of binary COPY rows (vector bytea of 4·dim bytes, listing_id text) into numpy.
+
+    Postgres sends one COPY message per row, so a batch of messages is padded to its longest row
+    and decoded as one uint8 matrix: the vector sits at the same offset in every row (it comes
+    first) and the id, NUL-padded, ends each row, so no Python code runs per row beyond collecting
+    the messages. Messages that do not frame whole rows fall back to a row-by-row parse of the bytes.
+    """
 
     def __init__(self, dim: int, capacity: int, on_rows=None):
         self.dim = dim
         self.vec_bytes = 4 * dim
         self.vectors = np.empty((max(capacity, 1), dim), dtype="<f4")
-        self._flat = self.vectors.view(np.uint8).reshape(-1)
-        self.ids: list[bytes] = []
+        self.id_parts: list[np.ndarray] = []
         self.n = 0
-        self.buf = bytearray()
+        self.carry = bytearray()  # bytes of rows not framed one per message (the slow path)
         self.header_done = False
         self.done = False
         self.on_rows = on_rows
+        self._pads: dict[int, bytes] = {}
 
-    def _grow(self) -> None:
-        new = np.empty((max(2 * len(self.vectors), 1024), self.dim), dtype="<f4")
-        new[: self.n] = self.vectors[: self.n]
-        self.vectors = new
-        self._flat = new.view(np.uint8).reshape(-1)
+    def _room(self, rows: int) -> np.ndarray:
+        """The uint8 view of vectors[n:n + rows], growing the array first when needed."""
+        if self.n + rows > len(self.vectors):
+            new = np.empty((max(2 * len(self.vectors), self.n + rows, 1024), self.dim), dtype="<f4")
+            new[: self.n] = self.vectors[: self.n]
+            self.vectors = new
+        return self.vectors[self.n:self.n + rows].view(np.uint8)
 
-    def feed(self, data: bytes | memoryview) -> None:
-        self.buf += data
-        buf = self.buf
-        pos = 0
-        if not self.header_done:
-            if len(buf) < 19:
-                return
-            if bytes(buf[:11]) != _COPY_SIGNATURE:
-                raise ValueError("not a binary COPY stream")
-            pos = 19 + struct.unpack_from(">i", buf, 15)[0]
-            self.header_done = True
-        end = len(buf)
-        vb = self.vec_bytes
-        ids = self.ids
+    def feed(self, messages: list) -> None:
+        """Decode a batch of COPY messages (bytes-like), in stream order."""
+        if not messages:
+            return
         start_n = self.n
-        from_bytes = int.from_bytes
-        # One tuple: int16 field count, int32 len + id bytes, int32 len + vector bytes.
+        if not self.header_done:
+            first = bytes(messages[0])
+            if len(first) < 19 or first[:11] != _COPY_SIGNATURE:
+                raise ValueError("not a binary COPY stream")
+            skip = 19 + struct.unpack_from(">i", first, 15)[0]
+            messages = [memoryview(first)[skip:], *messages[1:]]
+            self.header_done = True
+        if self.carry or not self._feed_framed(messages):
+            self.carry += b"".join(messages)
+            self._parse_carry()
+        if self.on_rows is not None and self.n > start_n:
+            self.on_rows(self.n - start_n)
+
+    def _feed_framed(self, messages: list) -> bool:
+        """The fast path: every message is one whole row (or the trailer). False: nothing consumed."""
+        lengths = [len(m) for m in messages]
+        if lengths[0] == 0:  # the header came alone
+            messages, lengths = messages[1:], lengths[1:]
+        trailer = bool(lengths) and lengths[-1] == 2 and bytes(messages[-1]) == _COPY_TRAILER
+        if trailer:
+            messages, lengths = messages[:-1], lengths[:-1]
+        if messages:
+            vb = self.vec_bytes
+            fixed = 2 + 4 + vb + 4  # field count, vector length + bytes, id length
+            widest = max(lengths)
+            if min(lengths) <= fixed:
+                return False
+            if widest == min(lengths):
+                blob = b"".join(messages)
+            else:  # pad every row to the widest with NULs: the id field then ends in NUL padding
+                pads = self._pads
+                parts = []
+                for m, n in zip(messages, lengths):
+                    parts.append(m)
+                    if n < widest:
+                        pad = pads.get(widest - n)
+                        if pad is None:
+                            pad = pads[widest - n] = bytes(widest - n)
+                        parts.append(pad)
+                blob = b"".join(parts)
+            rows = np.frombuffer(blob, np.uint8).reshape(len(messages), widest)
+            nfields = rows[:, 0:2].view(">i2")[:, 0]
+            vlen = rows[:, 2:6].view(">i4")[:, 0]
+            idlen = np.ascontiguousarray(rows[:, 6 + vb:fixed]).view(">i4")[:, 0]
+            if not ((nfields == 2).all() and (vlen == vb).all()
+                    and (idlen == np.asarray(lengths) - fixed).all()):
+                return False
+            self._room(len(rows))[:] = rows[:, 6:6 + vb]
+            self.id_parts.append(np.ascontiguousarray(rows[:, fixed:]).view(f"S{widest - fixed}")[:, 0])
+            self.n += len(rows)
+        self.done = self.done or trailer
+        return True
+
+    def _parse_carry(self) -> None:
+        buf = self.carry
+        pos, end, vb = 0, len(buf), self.vec_bytes
+        ids = []
         while pos + 2 <= end:
             if buf[pos] == 0xFF and buf[pos + 1] == 0xFF:  # trailer (-1)
                 self.done = True
@@ -147,36 +201,54 @@ class _CopyDecoder:
                 break
             if pos + 6 > end:
                 break
-            idlen = from_bytes(buf[pos + 2:pos + 6], "big")
-            vpos = pos + 6 + idlen + 4
-            if vpos + vb > end:
-                break
-            vlen = from_bytes(buf[vpos - 4:vpos], "big")
+            vlen = int.from_bytes(buf[pos + 2:pos + 6], "big")
             if vlen != vb:
-                raise ValueError(f"embedding of {bytes(buf[pos + 6:pos + 6 + idlen])!r} has {vlen} bytes, "
-                                 f"expected {vb} (mixed dimensions in one model version?)")
-            if self.n == len(self.vectors):
-                self._grow()
-            ids.append(bytes(buf[pos + 6:pos + 6 + idlen]))
-            o = self.n * vb
-            self._flat[o:o + vb] = np.frombuffer(buf, np.uint8, vb, vpos)
+                raise ValueError(f"embedding with {vlen} bytes, expected {vb} "
+                                 f"(mixed dimensions in one model version?)")
+            ipos = pos + 6 + vb + 4
+            if ipos > end:
+                break
+            idlen = int.from_bytes(buf[ipos - 4:ipos], "big")
+            if ipos + idlen > end:
+                break
+            self._room(1)[0] = np.frombuffer(buf, np.uint8, vb, pos + 6)
+            ids.append(bytes(buf[ipos:ipos + idlen]))
             self.n += 1
-            pos = vpos + vb
+            pos = ipos + idlen
+        if ids:
+            self.id_parts.append(np.array(ids, dtype=f"S{max(map(len, ids))}"))
         del buf[:pos]
-        if self.on_rows is not None and self.n > start_n:
-            self.on_rows(self.n - start_n)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """Ids sorted bytewise and their vectors (one gather when rows came unsorted: the transient
         copy is no larger than the index built from them next)."""
-        width = max((len(i) for i in self.ids), default=1)
-        ids = np.array(self.ids, dtype=f"S{width}")
-        self.ids = []
+        if self.carry:
+            raise ValueError(f"binary COPY stream ended inside a row ({len(self.carry)} bytes left)")
+        width = max((p.dtype.itemsize for p in self.id_parts), default=1)
+        ids = np.concatenate([p.astype(f"S{width}") for p in self.id_parts]) if self.id_parts \
+            else np.array([], dtype="S1")
+        self.id_parts = []
         vectors = self.vectors[: self.n]
         if len(ids) > 1 and not (ids[1:] >= ids[:-1]).all():
-            order = np.argsort(ids, kind="stable")
+            order = bytewise_order(ids)
             ids, vectors = ids[order], vectors[order]
         return ids, vectors
+
+
+def bytewise_order(ids: np.ndarray) -> np.ndarray:
+    """np.argsort of fixed-width byte strings, sorting 8-byte big-endian words as integers
+    (several times faster than comparing numpy strings)."""
+    n, width = len(ids), ids.dtype.itemsize
+    words = max(1, -(-width // 8))
+    raw = np.zeros((n, 8 * words), np.uint8)
+    raw[:, :width] = ids.view(np.uint8).reshape(n, width)
+    keys = raw.view(">u8")
+    if words == 1:
+        return np.argsort(keys[:, 0], kind="stable")
+    return np.lexsort(keys.T[::-1])  # lexsort's last key is the primary one
+
+
+_READ_BATCH = 4096  # COPY messages (rows) decoded at a time
 
 
 def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None = None,
@@ -186,12 +258,15 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
     """Stream live embeddings of one model version (optionally an id range) into numpy.
 
     Runs in one REPEATABLE READ transaction so the rows and `read_at` come from one snapshot.
-    `progress(n)` is called with the number of rows decoded per chunk.
+    `progress(n)` is called with the number of rows decoded per batch.
     """
     fresh = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
     with conn.transaction():
         if fresh:  # otherwise we are inside the caller's transaction and share its snapshot
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        # one backend streams the rows: parallel workers would only pass every row through a queue
+        # to it and take CPU from the decoding client
+        conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         query, params = embeddings_query(model_version, lo, hi, created_after, only_ids, tag_filter)
         read_at = conn.execute("SELECT now()").fetchone()[0].isoformat()
         # one dimension per model version; the decoder checks every row against it
@@ -201,11 +276,17 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
             return Embeddings(np.array([], dtype="S1"), np.empty((0, 0), np.float32), read_at)
         dim = dims[0][0]
         decoder = _CopyDecoder(dim, expected or 1024, on_rows=progress)
-        copy_sql = sql.SQL("COPY ({}) TO STDOUT (FORMAT binary)").format(query)
+        # the vector first: at the same offset in every row, whatever the id's length
+        copy_sql = sql.SQL("COPY (SELECT q.vector, q.listing_id FROM ({}) q) TO STDOUT (FORMAT binary)").format(query)
         with conn.cursor() as cur:
             with cur.copy(copy_sql, params) as copy:
+                batch = []
                 for data in copy:
-                    decoder.feed(data)
+                    batch.append(data)
+                    if len(batch) == _READ_BATCH:
+                        decoder.feed(batch)
+                        batch = []
+                decoder.feed(batch)
         ids, vectors = decoder.result()
     return Embeddings(ids, vectors, read_at)
 
@@ -213,65 +294,65 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
 # ---------------------------------------------------------------------------------------------
 # writing
 
-def encode_id_fields(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Binary COPY text fields (int32 length + bytes) of all ids, packed: (buffer, offsets, lengths)."""
+class IdFields(NamedTuple):
+    """Binary COPY text fields of ids, one row each: int32 length + bytes, NUL-padded to one width."""
+
+    fields: np.ndarray   # (n, 4 + width) uint8
+    lengths: np.ndarray  # (n,) int64: 4 + the id's length, the bytes a field really takes
+    uniform: bool        # every id has the widest length: no padding to drop
+
+
+def encode_id_fields(ids: np.ndarray) -> IdFields:
+    """The binary COPY text field of every id (row i for ids[i]); see `IdFields`."""
     ids = np.asarray(ids)
-    width = ids.dtype.itemsize
-    raw = ids.view(np.uint8).reshape(len(ids), width)
-    lengths = (raw != 0).sum(axis=1).astype(np.int64) if width else np.zeros(len(ids), np.int64)
+    n, width = len(ids), ids.dtype.itemsize
+    raw = ids.view(np.uint8).reshape(n, width)
     # ids never contain NUL (schema: [A-Za-z0-9._:-]), so the fixed-width padding is the trailing zeros
-    fields = np.zeros((len(ids), 4 + width), np.uint8)
+    lengths = (raw != 0).sum(axis=1).astype(np.int64) if width else np.zeros(n, np.int64)
+    width = int(lengths.max()) if n else 0
+    fields = np.zeros((n, 4 + width), np.uint8)
     fields[:, :4] = lengths.astype(">i4").view(np.uint8).reshape(-1, 4)
-    fields[:, 4:] = raw
-    field_len = 4 + lengths
-    # drop the padding: keep bytes whose column < field length
-    keep = np.arange(4 + width)[None, :] < field_len[:, None]
-    buffer = fields[keep]
-    offsets = np.zeros(len(ids), np.int64)
-    np.cumsum(field_len[:-1], out=offsets[1:])
-    return buffer, offsets, field_len
-
-
-def _concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Indices of the concatenation of ranges [s, s+l) — a vectorised gather plan."""
-    lengths = lengths.astype(np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, np.int64)
-    out_starts = np.cumsum(lengths) - lengths
-    idx = np.arange(total, dtype=np.int64)
-    idx += np.repeat(starts.astype(np.int64) - out_starts, lengths)
-    return idx
+    fields[:, 4:] = raw[:, :width]
+    return IdFields(fields, 4 + lengths, bool((lengths == width).all()))
 
 
 def encode_rows(version: int, row_pos: np.ndarray, neigh_pos: np.ndarray, scores: np.ndarray,
-                id_buffer: np.ndarray, id_offsets: np.ndarray, id_lengths: np.ndarray) -> bytes:
+                id_fields: np.ndarray, id_lengths: np.ndarray, uniform: bool) -> bytes:
     """Binary COPY tuples (version, listing_id, neighbour_ids text[], scores real[]) for a chunk.
 
     `row_pos` are positions of the listings, `neigh_pos` (rows × k) positions of their neighbours
-    (-1 = none; neighbours are packed to the left, best first). Ids come from `encode_id_fields`.
+    (-1 = none; neighbours are packed to the left, best first). The id arguments are the three
+    parts of `encode_id_fields`. Each row is laid out at its widest (every id field padded, k
+    neighbours) in one uint8 matrix; unless every field is full, a mask then drops the padding.
     """
     r, k = neigh_pos.shape
+    width = id_fields.shape[1]
     valid = neigh_pos >= 0
     counts = valid.sum(axis=1).astype(np.int64)
+    nonempty = counts > 0
     safe_neigh = np.where(valid, neigh_pos, 0)
     neigh_len = np.where(valid, id_lengths[safe_neigh], 0)
 
-    # per-row fixed parts, built as small uint8 matrices
-    head = np.zeros((r, 14), np.uint8)  # int16 nfields=4, int32 8, int64 version
-    head[:, :6] = np.frombuffer(struct.pack(">hi", 4, 8), np.uint8)
-    head[:, 6:14] = np.frombuffer(struct.pack(">q", version), np.uint8)
+    # column offsets: head | listing id | ids array header | k ids | scores array header | k scores
+    c_id = 14
+    c_arr = c_id + width
+    c_nb = c_arr + 24
+    c_sc = c_nb + k * width
+    row_bytes = c_sc + 24 + 8 * k
+    out = np.empty((r, row_bytes), np.uint8)
+    out[:, :6] = np.frombuffer(struct.pack(">hi", 4, 8), np.uint8)  # 4 fields; int64 version
+    out[:, 6:14] = np.frombuffer(struct.pack(">q", version), np.uint8)
+    out[:, c_id:c_arr] = id_fields[row_pos]
 
     # An array field: len, ndim, has-null, elem oid, then (dim, lower bound) when not empty;
     # an empty array is ndim 0 with no dimension words.
-    nonempty = counts > 0
     arr = np.empty((r, 6), ">i4")
     arr[:, 0] = np.where(nonempty, 20 + neigh_len.sum(axis=1), 12)
     arr[:, 1:] = (1, 0, _TEXT_OID, 0, 1)
     arr[:, 1] = nonempty
     arr[:, 4] = counts
-    arr_u8 = arr.view(np.uint8).reshape(r, 24)
-    arr_len = np.where(nonempty, 24, 16)
+    out[:, c_arr:c_nb] = arr.view(np.uint8).reshape(r, 24)
+    out[:, c_nb:c_sc] = id_fields[safe_neigh].reshape(r, k * width)
 
     sc = np.empty((r, 6 + 2 * k), ">i4")
     sc[:, 0] = np.where(nonempty, 20 + 8 * counts, 12)
@@ -280,22 +361,18 @@ def encode_rows(version: int, row_pos: np.ndarray, neigh_pos: np.ndarray, scores
     sc[:, 4] = counts
     sc[:, 6::2] = 4
     sc[:, 7::2] = np.asarray(scores, dtype=">f4").view(">i4")
-    sc_u8 = sc.view(np.uint8).reshape(r, 4 * (6 + 2 * k))
-    sc_len = np.where(nonempty, 24 + 8 * counts, 16)
+    out[:, c_sc:] = sc.view(np.uint8).reshape(r, 24 + 8 * k)
+    if uniform and valid.all() and nonempty.all():
+        return out.tobytes()
 
-    # one source buffer; each row is a list of segments (start, length) gathered in order
-    parts = [id_buffer, head.reshape(-1), arr_u8.reshape(-1), sc_u8.reshape(-1)]
-    base = np.cumsum([0] + [len(p) for p in parts[:-1]])
-    source = np.concatenate(parts)
-    rows = np.arange(r)
-    seg_start = np.empty((r, k + 4), np.int64)
-    seg_len = np.empty((r, k + 4), np.int64)
-    seg_start[:, 0], seg_len[:, 0] = base[1] + rows * 14, 14
-    seg_start[:, 1], seg_len[:, 1] = id_offsets[row_pos], id_lengths[row_pos]
-    seg_start[:, 2], seg_len[:, 2] = base[2] + rows * 24, arr_len
-    seg_start[:, 3:3 + k], seg_len[:, 3:3 + k] = id_offsets[safe_neigh], neigh_len
-    seg_start[:, k + 3], seg_len[:, k + 3] = base[3] + rows * sc_u8.shape[1], sc_len
-    return source[_concat_ranges(seg_start.reshape(-1), seg_len.reshape(-1))].tobytes()
+    keep = np.ones((r, row_bytes), bool)
+    cols = np.arange(width)
+    keep[:, c_id:c_arr] = cols < id_lengths[row_pos][:, None]
+    keep[:, c_arr + 16:c_nb] = nonempty[:, None]
+    keep[:, c_nb:c_sc] = (cols < neigh_len[:, :, None]).reshape(r, k * width)
+    keep[:, c_sc + 16:c_sc + 24] = nonempty[:, None]
+    keep[:, c_sc + 24:] = np.repeat(valid, 8, axis=1)
+    return out[keep].tobytes()
 
 
 def copy_neighbours(conn: psycopg.Connection, table: sql.Composable, chunks: Iterable[bytes]) -> None:

@@ -257,3 +257,101 @@ def test_catalogues_smaller_than_k(db, root, n, settings):
     nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     stored = _stored(db)
     assert stored == exact_neighbours(vecs, ids, n - 1)  # everyone else, never itself
+
+
+def test_search_runs_at_most_a_bounded_queue_ahead_of_the_writer(db, root, monkeypatch, settings):
+    vecs = clustered(len(IDS), seed=14)
+    add_listings(db, IDS, vecs)
+    monkeypatch.setattr(ix, "SEARCH_BATCH", 5)
+    searched, lead = [0], []
+    real_search_all = ix.search_all
+
+    def counting_search_all(*args, **kwargs):
+        for batch in real_search_all(*args, **kwargs):
+            searched[0] += 1
+            yield batch
+
+    def slow_writer(written: int) -> None:
+        lead.append(searched[0] - written // 5)  # batches searched but not yet written
+        time.sleep(0.01)  # a database slower than the search
+
+    monkeypatch.setattr(ix, "search_all", counting_search_all)
+    nightly.recompute(db, "m1", k=5, root=root, after_chunk=slow_writer, settings=settings)
+    assert len(lead) == len(IDS) // 5
+    # one batch being searched, WRITE_QUEUE waiting, one in the writer's hands: results never pile up
+    assert 1 <= max(lead) <= nightly.WRITE_QUEUE + 2
+    assert _stored(db) == exact_neighbours(vecs, IDS, 5)
+
+
+def test_a_failing_search_stops_the_writer_and_keeps_the_old_version(db, root, monkeypatch, settings):
+    vecs = clustered(len(IDS), seed=15)
+    add_listings(db, IDS, vecs)
+    first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    old = _stored(db)
+    monkeypatch.setattr(ix, "SEARCH_BATCH", 10)
+    real_search_all = ix.search_all
+    written = []
+
+    def failing_search_all(*args, **kwargs):
+        for i, batch in enumerate(real_search_all(*args, **kwargs)):
+            if i == 4:
+                raise MemoryError("faiss ran out of memory")
+            yield batch
+
+    monkeypatch.setattr(ix, "search_all", failing_search_all)
+    with pytest.raises(MemoryError):
+        nightly.recompute(db, "m1", k=5, root=root, after_chunk=written.append, settings=settings)
+    assert written  # the writer had copied rows when the search failed; they were rolled back
+    assert sdb.active_version(db, "m1") == first.version and _stored(db) == old
+    failed = db.execute("SELECT version, status FROM similar_items_versions WHERE version <> %s",
+                        (first.version,)).fetchall()
+    assert [s for _, s in failed] == ["failed"]
+    assert db.execute("SELECT count(*) FROM similar_items WHERE version = %s", (failed[0][0],)).fetchone()[0] == 0
+    monkeypatch.setattr(ix, "search_all", real_search_all)
+    # the connection was handed back clean: the next run on it switches
+    assert nightly.recompute(db, "m1", k=5, root=root, settings=settings).replaced == first.version
+
+
+def test_losing_the_database_while_the_writer_copies_fails_the_run_and_keeps_the_old_version(db, pg_url, root,
+                                                                                          monkeypatch, settings):
+    import psycopg
+
+    vecs = clustered(len(IDS), seed=16)
+    add_listings(db, IDS, vecs)
+    first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    old = _stored(db)
+    monkeypatch.setattr(ix, "SEARCH_BATCH", 10)
+    conn = psycopg.connect(pg_url, autocommit=True)
+
+    def kill_session(written: int) -> None:  # what a Postgres restart or a dropped link does
+        if written == 20:
+            db.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+
+    with pytest.raises(psycopg.OperationalError):
+        nightly.recompute(conn, "m1", k=5, root=root, after_chunk=kill_session, settings=settings)
+    conn.close()
+    assert sdb.active_version(db, "m1") == first.version and _stored(db) == old
+    # the session's lock went with it; the next run cleans up the version it left building
+    leftover = db.execute("SELECT version FROM similar_items_versions WHERE status = 'building'").fetchall()
+    assert len(leftover) == 1
+    again = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    statuses = dict(db.execute("SELECT version, status FROM similar_items_versions").fetchall())
+    assert statuses[leftover[0][0]] == "failed" and statuses[again.version] == "ready"
+
+
+def test_a_snapshot_that_cannot_be_saved_fails_the_run_before_the_switch(db, root, monkeypatch, settings):
+    vecs = clustered(len(IDS), seed=17)
+    add_listings(db, IDS, vecs)
+    first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    old = _stored(db)
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ix, "save_snapshot", no_space)  # saved in a thread while the search runs
+    with pytest.raises(OSError, match="No space"):
+        nightly.recompute(db, "m1", k=5, root=root, settings=settings)
+    assert sdb.active_version(db, "m1") == first.version and _stored(db) == old
+    statuses = [r[0] for r in db.execute("SELECT status FROM similar_items_versions WHERE version <> %s",
+                                         (first.version,)).fetchall()]
+    assert statuses == ["failed"]
