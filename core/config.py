@@ -82,8 +82,10 @@ class Settings(BaseSettings):
     allow_local_paths: bool = Field(default=False, description="allow plain file paths as image URIs")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="larger image downloads are "
                                                                                 "refused (bytes; 20 MiB)")
-    max_image_pixels: int = Field(default=40_000_000, ge=1024, description="larger images are refused before "
-                                                                           "decoding (pixels; 40 MP)")
+    max_image_pixels: int = Field(default=40_000_000, ge=1024,
+                                  description="most pixels an image is decoded to (40 MP): a larger JPEG is decoded "
+                                              "at the 1/2, 1/4 or 1/8 scale that fits, other larger images are "
+                                              "refused before decoding")
     fetch_timeout_s: float = Field(default=10.0, gt=0, description="connect/read timeout of an image or S3 "
                                                                    "request (s)")
 

@@ -24,9 +24,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from core.config import Settings
 from core.s3 import make_s3_client
 
-# WebP, PNG and JPEG cover seller photos; GIF/TIFF/BMP/PSD etc. are refused (animation, odd codecs,
-# a larger decoder attack surface for no benefit).
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
+# WebP, PNG and JPEG cover seller photos; GIF too (only its first frame is decoded, so an animated one
+# yields a still photo). TIFF/BMP/PSD etc. are refused (odd codecs, a larger decoder attack surface for
+# no benefit).
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
+DCT_SCALES = (1, 2, 4, 8)  # the reductions a JPEG decoder can apply while decoding (Pillow's draft mode)
 MAX_REDIRECTS = 3
 _USER_AGENT = "catalogue-enrich/0.1"
 
@@ -246,11 +248,12 @@ def _fetch_http(uri: str, settings: Settings) -> bytes:
 
 # --------------------------------------------------------------------------------------------- decode
 
-def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = None, uri: str = "") -> Image.Image:
-    """Bytes → an upright 8-bit RGB image, or ImageRejected with the reason.
+def open_image(data: bytes, limits: ImageLimits, uri: str = "") -> Image.Image:
+    """Bytes → a guarded Pillow image, header read and nothing decoded yet; or ImageRejected with the reason.
 
-    target_size lets JPEG decode at a reduced scale (draft mode): 4–8× faster for big photos
-    that the model shrinks to a few hundred pixels anyway.
+    The pixel limit guards decoded pixels: a JPEG over it is accepted when a DCT scale (1/2, 1/4,
+    1/8) brings it within (see `jpeg_scale`); any other format over it, or a JPEG too big even at
+    1/8, is refused as a decompression bomb.
     """
     if not data:
         raise ImageRejected(uri, "empty file")
@@ -258,14 +261,15 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
         raise ImageRejected(uri, "too many bytes", f"{len(data)} > {limits.max_bytes}")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # our limit below decides; Pillow's fixed warning level would refuse phone photos we decode scaled
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=list(limits.formats))
     except UnidentifiedImageError as exc:
         fmt = _sniff_format(data)
         if fmt:
             raise ImageRejected(uri, "format not allowed", f"{fmt}; allowed: {', '.join(limits.formats)}") from exc
         raise ImageRejected(uri, "not an image") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own ceiling (2 × Image.MAX_IMAGE_PIXELS)
         raise ImageRejected(uri, "too many pixels", "decompression bomb") from exc
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageRejected(uri, "corrupt image", str(exc)[:200]) from exc
@@ -274,11 +278,49 @@ def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = Non
     if w <= 0 or h <= 0:
         raise ImageRejected(uri, "corrupt image", "zero size")
     if w * h > limits.max_pixels:
-        raise ImageRejected(uri, "too many pixels", f"{w}x{h} > {limits.max_pixels}")
+        if img.format != "JPEG":
+            raise ImageRejected(uri, "too many pixels", f"{w}x{h} > {limits.max_pixels}")
+        if jpeg_scale(w, h, limits.max_pixels) is None:
+            raise ImageRejected(uri, "too many pixels", f"{w}x{h} JPEG: over {limits.max_pixels} even at 1/8 scale")
+    return img
+
+
+def jpeg_scale(width: int, height: int, max_pixels: int, target_size: int | None = None) -> int | None:
+    """The DCT scale denominator (1, 2, 4 or 8) to decode a JPEG at, or None when even 1/8 is too many pixels.
+
+    The smallest reduction that brings the decoded pixels within max_pixels; with target_size, further
+    down as long as both sides stay at least target_size (the model shrinks the photo anyway).
+    """
+    fits = [s for s in DCT_SCALES if -(-width // s) * -(-height // s) <= max_pixels]
+    if not fits:
+        return None
+    scale = fits[0]
+    if target_size:
+        scale = max(scale, max(s for s in DCT_SCALES if s == 1 or min(width, height) >= s * target_size))
+    return scale
+
+
+def decode_image(data: bytes, limits: ImageLimits, target_size: int | None = None, uri: str = "") -> Image.Image:
+    """Bytes → an upright 8-bit RGB image, or ImageRejected with the reason.
+
+    target_size lets JPEG decode at a reduced scale (draft mode): 4–8× faster for big photos
+    that the model shrinks to a few hundred pixels anyway.
+    """
+    return decode_opened(open_image(data, limits, uri), limits, target_size, uri)
+
+
+def decode_opened(img: Image.Image, limits: ImageLimits, target_size: int | None = None, uri: str = "") -> Image.Image:
+    """Decode an image from `open_image`: JPEG at its DCT scale (`jpeg_scale`); other formats whole, and
+    only their first frame (an animated GIF's first frame is a usable photo)."""
+    w, h = img.size
     try:
-        if img.format == "JPEG" and target_size:
-            img.draft("RGB", (target_size, target_size))
+        if img.format == "JPEG":
+            scale = jpeg_scale(w, h, limits.max_pixels, target_size)
+            if scale is not None and scale > 1:
+                img.draft("RGB", (max(1, w // scale), max(1, h // scale)))
         img.load()
+        if img.width * img.height > limits.max_pixels:  # the scale Pillow chose did not fit after all
+            raise ImageRejected(uri, "too many pixels", f"{w}x{h} decodes to {img.width}x{img.height}")
         img = ImageOps.exif_transpose(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # "image file is truncated", broken chunks, bad EXIF

@@ -97,7 +97,7 @@ def shelf_embedding(embedding: np.ndarray, category: np.ndarray, n_categories: i
     it, by the image embedding, while a much closer photo of another category can still come in. Unit
     length, so faiss inner-product search needs nothing else. A one-hot rather than the probabilities:
     the two photos of one item often differ a little in their probabilities but rarely in their category,
-    so the same item keeps its rank (benchmarks/shelf_quality.py). w = 0: e itself."""
+    so the same item loses less rank (benchmarks/shelf_quality.py). w = 0: e itself."""
     e = np.asarray(embedding, dtype=np.float32)
     if weight <= 0:
         return e

@@ -90,7 +90,8 @@ def run_batch(conn: psycopg.Connection, enricher: Enricher, events: list[Listing
     with conn.transaction():
         result = upsert_listings(conn, events, topic="batch")
     ids = list(dict.fromkeys(ev.listing_id for ev in events if not ev.deleted))
-    chunk = chunk or max(enricher.settings.batch_size, 16)
+    # a task's worth per run: its forward passes overlap decoding and writing (worker/pipeline.py)
+    chunk = chunk or enricher.settings.task_listings
     columns = (TextColumn("enriching"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("enrich", total=len(ids))

@@ -38,6 +38,9 @@ def images(tmp_path):
     buf = io.BytesIO()
     Image.new("P", (10, 10)).save(buf, format="GIF")
     (d / "anim.gif").write_bytes(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("RGB", (10, 10)).save(buf, format="TIFF")
+    (d / "scan.tif").write_bytes(buf.getvalue())
     (d / "notes.txt").write_bytes(b"just text, not an image")
     buf = io.BytesIO()
     Image.new("CMYK", (40, 40), (0, 200, 200, 0)).save(buf, format="JPEG")
@@ -96,7 +99,7 @@ def test_several_images_combined(db, predictor, images, tmp_path):
 
 def test_hostile_images_rejected_with_reasons_and_core_keeps_going(db, predictor, images, tmp_path):
     enricher = Enricher(predictor, make_settings(tmp_path))
-    bad = ["empty.png", "trunc.png", "bomb.png", "anim.gif", "notes.txt"]
+    bad = ["empty.png", "trunc.png", "bomb.png", "scan.tif", "notes.txt"]
     _add(db, *[_ev(f"bad-{i}", [str(images / name)]) for i, name in enumerate(bad)],
          _ev("mixed", [str(images / "bomb.png"), str(images / "ok0.png")]),
          _ev("cmyk", [str(images / "cmyk.jpg")]), _ev("deep", [str(images / "deep.png")]),
@@ -182,3 +185,37 @@ def test_chunked_pipelined_forward_matches_one_pass(db, predictor, images, tmp_p
     for (_, e1, v1), (_, e2, v2) in zip(rows_one, rows_many):
         assert e1.listing_id == e2.listing_id and np.allclose(v1, v2, atol=1e-5)
         assert {g: t.value for g, t in e1.tags.items()} == {g: t.value for g, t in e2.tags.items()}
+
+
+def test_shelf_vectors_carry_the_category_and_review_items_get_heat_maps(db, model_dir, images, tmp_path):
+    """Issue 24 in the worker: the stored embedding is the shelf embedding (image part + the one-hot of the
+    listing's category: the seller's where given), and with ENRICH_EXPLAIN_REVIEW each review item's top
+    candidate gets a heat map after the commit."""
+    import json
+    import shutil
+
+    from model.inference import load_predictor
+    from schemas.taxonomy import load_taxonomy
+
+    shelf = tmp_path / "shelf-model"
+    shutil.copytree(model_dir, shelf)
+    manifest = json.loads((shelf / "manifest.json").read_text())
+    manifest.update(model_version="shelf-v1", shelf_category_weight=0.3,
+                    thresholds={"category": 1.0, "type": 1.0, "colour": 0.0})  # category and type to review
+    (shelf / "manifest.json").write_text(json.dumps(manifest))
+    predictor = load_predictor(shelf, device="cpu")
+    names = load_taxonomy("fashion-mnist").category_names
+    settings = make_settings(tmp_path, explain_review=True, data_dir=tmp_path / "data")
+    _add(db, _ev("seller-coat", [str(images / "ok0.png")], category="Coat"), _ev("unsure", [str(images / "ok1.png")]))
+    Enricher(predictor, settings).run(db, ["seller-coat", "unsure"])
+    vectors = {lid: np.frombuffer(v, "<f4") for lid, v in db.execute(
+        "SELECT listing_id, vector FROM embeddings WHERE model_version = 'shelf-v1'")}
+    assert {len(v) for v in vectors.values()} == {predictor.manifest.embedding_dim + len(names)}
+    for v in vectors.values():
+        np.testing.assert_allclose(np.linalg.norm(v), 1.0, rtol=1e-5)
+        assert np.count_nonzero(v[-len(names):]) == 1
+    assert np.argmax(vectors["seller-coat"][-len(names):]) == names.index("Coat")
+    why = db.execute("SELECT listing_id, tag_group, uri FROM explanations ORDER BY 1, 2").fetchall()
+    assert [(lid, g) for lid, g, _ in why] == [("unsure", "category"), ("unsure", "type")]  # the seller's: none
+    for _, _, uri in why:
+        assert Image.open(uri).format == "PNG"
