@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from schemas.enrichment import Enrichment
 from schemas.events import ListingEvent
+from schemas.taxonomy import NOT_APPLICABLE
 from worker.pipeline import BatchOutcome, Enricher
 from worker.store import upsert_listings
 
@@ -113,16 +114,22 @@ def render_report(report: BatchReport, console, max_rows: int = 40) -> None:
     table = Table(title="tags filled by the model", show_lines=False)
     for col, just in (("listing", "left"), ("group", "left"), ("value", "left"), ("confidence", "right")):
         table.add_column(col, justify=just)
-    rows = [(e.listing_id, g, t.value, f"{t.confidence:.2f}") for e in report.enrichments
-            for g, t in e.tags.items() if t.source.value == "predicted"]
-    for row in rows[:max_rows]:
+    shown, filled, not_applicable = [], 0, 0
+    for e in report.enrichments:
+        predicted = [(e.listing_id, g, t.value, f"{t.confidence:.2f}") for g, t in e.tags.items()
+                     if t.source.value == "predicted"]
+        # seed 001: a group the listing's category has not is shown as n/a, not as missing
+        shown += predicted + [(e.listing_id, g, NOT_APPLICABLE, "") for g in e.not_applicable]
+        filled, not_applicable = filled + len(predicted), not_applicable + len(e.not_applicable)
+    for row in shown[:max_rows]:
         table.add_row(*row)
-    if len(rows) > max_rows:
-        table.caption = f"… and {len(rows) - max_rows} more"
+    if len(shown) > max_rows:
+        table.caption = f"… and {len(shown) - max_rows} more"
     console.print(table)
     review = sum(len(e.review) for e in report.enrichments)
     console.print(f"{report.read} listings read, {len(report.enrichments)} enriched ({report.images} images), "
-                  f"{len(rows)} tags filled, {review} sent to review, {len(report.failed)} failed, "
+                  f"{filled} tags filled, {not_applicable} groups n/a, {review} sent to review, "
+                  f"{len(report.failed)} failed, "
                   f"{len(report.skipped)} already done, {len(report.invalid)} invalid lines "
                   f"in {report.seconds:.1f}s")
     for lid, why in list(report.failed.items())[:10]:

@@ -89,3 +89,20 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
     # a second run reuses the model and the rows: nothing is enriched twice
     again = run_quickstart(data, fmnist_dir, items=24, examples=1, console=Console(width=160, record=True))
     assert again["enriched"] == 0 and again["model_dir"] == out["model_dir"]
+
+
+def test_the_batch_report_shows_groups_that_do_not_apply_as_n_a():
+    from rich.console import Console
+
+    from schemas.enrichment import Enrichment, TagSource, TagValue
+    from worker.batch import BatchReport, render_report
+
+    tags = {"texture": TagValue(value="solid", source=TagSource.predicted, confidence=0.9, model_version="m")}
+    report = BatchReport(enrichments=[Enrichment(listing_id="jeans-1", model_version="m", tags=tags,
+                                                 not_applicable=["sleeve", "neckline"])])
+    console = Console(width=120, record=True)
+    render_report(report, console)
+    text = console.export_text()
+    lines = [" ".join(line.replace("│", " ").split()) for line in text.splitlines()]
+    assert "jeans-1 texture solid 0.90" in lines and "jeans-1 sleeve n/a" in lines and "jeans-1 neckline n/a" in lines
+    assert "1 tags filled, 2 groups n/a" in text

@@ -31,14 +31,16 @@ def strict_predictor(model_dir, tmp_path):
 
 
 def _enrich(db, predictor, tmp_path, settings, ids=("e1", "e2")):
-    """Listings enriched by the real pipeline; returns what the pipeline hands store_explanations."""
+    """Listings enriched by the real pipeline (without heat maps: the tests call store_explanations
+    themselves); returns what the pipeline hands store_explanations."""
     paths = {}
     for i, lid in enumerate(ids):
         paths[lid] = tmp_path / f"{lid}.png"
         paths[lid].write_bytes(png_bytes((200, 40 * i, 30), size=(48, 48)))
     with db.transaction():
         upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="s1", images=[str(paths[lid])]) for lid in ids])
-    out = Enricher(predictor, settings).run(db, list(ids), neighbours=False)
+    out = Enricher(predictor, settings.model_copy(update={"explain_review": False})).run(db, list(ids),
+                                                                                         neighbours=False)
     return [(e.listing_id, predictor.preprocess(Image.open(paths[e.listing_id])), e.review) for e in out.enriched]
 
 
