@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 log = logging.getLogger(__name__)
 
 EVENTS_CONSUMED = Counter("enrich_events_consumed_total", "Kafka events read by the intake", ["topic"])
-EVENTS_DLQ = Counter("enrich_events_dlq_total", "Events sent to the dead-letter topic", ["reason"])
+DEAD_LETTERS = Counter("enrich_dead_letters_total", "Events sent to a dead-letter topic, by reason", ["reason"])
 LISTINGS_ENQUEUED = Counter("enrich_listings_enqueued_total", "Listing ids sent to the GPU queue")
 IMAGES_REJECTED = Counter("enrich_images_rejected_total", "Images refused or unreachable", ["reason"])
 LISTINGS_DONE = Counter("enrich_listings_total", "Listings processed by the enrichment core", ["outcome"])

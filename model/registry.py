@@ -13,14 +13,17 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import psycopg
 from psycopg.rows import dict_row
+from pydantic import ValidationError
 
 from model.checkpoint import read_manifest
 from model.shadow import shadow_gate, shadow_report
+from schemas.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +123,26 @@ def active_version(conn: psycopg.Connection) -> str | None:
     """The cheap check a worker makes before a task."""
     r = conn.execute("SELECT model_version FROM models WHERE status = 'active'").fetchone()
     return r[0] if r else None
+
+
+@lru_cache(maxsize=16)
+def _parse_taxonomy(text: str) -> Taxonomy:
+    return Taxonomy.model_validate_json(text)
+
+
+def taxonomy_of(conn: psycopg.Connection, model_version: str | None = None) -> Taxonomy | None:
+    """The taxonomy of this model version (its manifest), else the active model's; None when neither."""
+    row = conn.execute(
+        "SELECT manifest->>'taxonomy' FROM models WHERE manifest ? 'taxonomy'"
+        " AND (model_version = %s OR status = 'active') ORDER BY (model_version = %s) DESC LIMIT 1",
+        (model_version, model_version)).fetchone()
+    if row is None or not row[0]:
+        return None
+    try:
+        return _parse_taxonomy(row[0])
+    except ValidationError:
+        log.warning("model %s has a manifest taxonomy that does not validate", model_version)
+        return None
 
 
 def shadow_version(conn: psycopg.Connection) -> str | None:

@@ -65,6 +65,21 @@ class Taxonomy(BaseModel):
     def group_names(self) -> list[str]:
         return [g.name for g in self.attribute_groups]
 
+    @property
+    def all_groups(self) -> list[str]:
+        """Every tag group a listing can have: category, type and the attribute groups."""
+        return [CATEGORY_GROUP, TYPE_GROUP, *self.group_names]
+
+    def values_of(self, group: str) -> list[str] | None:
+        """Every value a tag group can take; None when the taxonomy has no such group."""
+        if group == CATEGORY_GROUP:
+            return self.category_names
+        if group == TYPE_GROUP:
+            return list(self.types)
+        if group in self.group_names:
+            return list(self.group(group).values)
+        return None
+
     def group(self, name: str) -> AttributeGroup:
         for g in self.attribute_groups:
             if g.name == name:

@@ -87,8 +87,10 @@ def consume(
     configure(settings)
     url = database_url(settings)
     connect(url).close()  # one clear error line if Postgres is down
+    crash = os.environ.get("ENRICH_TEST_CRASH_BEFORE_COMMIT")  # the fault suite's kill point, never set in production
     intake = Intake(settings, lambda: connect(url, autocommit=True), lambda ids: send_enrich(ids, settings),
-                    queue_depth=lambda: queue_depth(settings.gpu_queue))
+                    queue_depth=lambda: queue_depth(settings.gpu_queue),
+                    crash_before_commit=int(crash) if crash else None)
     intake.install_signal_handlers()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port, _health_checks(settings, url, broker=True, model=False))

@@ -11,10 +11,19 @@ to a writer thread that upserts and enqueues it (`write`) while the next batch i
 validated. Batches are written in order, and the consumer thread commits a batch's offsets once the
 writer reports it done. A failed batch is replayed together with every batch handed over after it
 (the consumer seeks back to the earliest of their offsets; the writer drops the later ones unwritten).
+
+Only a transient failure is replayed for ever (worker/write_errors.py). Data the database refuses fails the
+same way on every replay, so the writer then writes the batch one event at a time in savepoints, sends each
+refused event to the dead-letter topic with the database's reason and commits past it; a failure of unknown
+kind gets MAX_REPLAYS replays first.
+
+Partitions assigned while the intake is paused are paused at once (Kafka does not carry a pause across a
+rebalance), and whatever a poll returns while paused is fetched again later (a seek back), never dropped.
 """
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -24,23 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
+from kafka import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
 
 from core.config import Settings
+from model.registry import taxonomy_of
 from schemas.events import CorrectionEvent, ListingEvent
 from core import metrics
-from worker.store import record_correction, upsert_listings
+from worker.store import known_listings, record_correction, upsert_listings
+from worker.write_errors import PERMANENT, TRANSIENT, Rejected, classify, one_by_one
 
 log = logging.getLogger(__name__)
 
 DEPTH_CHECK_S = 1.0  # the GPU queue's depth is asked for at most this often (a broker round trip each)
-
-
-@dataclass(frozen=True)
-class Rejected:
-    reason: str
-    detail: str
+MAX_REPLAYS = 3  # replays of a batch failing for an unknown reason before its events are written one at a time
 
 
 def parse_listing(raw: bytes | None, max_bytes: int) -> ListingEvent | Rejected:
@@ -115,6 +122,35 @@ class Prepared:
     first: dict                       # TopicPartition → first offset in the batch (a rewind goes there)
     next: dict                        # TopicPartition → offset after its last record (committed when done)
     generation: int = 0               # the rewind count when it was handed over; older ones are dropped
+    records: list = field(default_factory=list)  # the Kafka record of each event (dead-lettered if refused)
+
+
+@dataclass
+class Stored:
+    """What writing some events did: listings changed, ids to enqueue, events refused by a rule."""
+
+    changed: int = 0
+    pending: list[str] = field(default_factory=list)
+    refused: dict[int, Rejected] = field(default_factory=dict)  # index in the batch → why
+
+
+class _FollowPause(ConsumerRebalanceListener):
+    """Kafka does not keep a pause across a rebalance for newly assigned partitions: pause them at once.
+
+    Batches in flight on revoked partitions are finished: their offsets are committed only once they are
+    written, so a peer that took the partition over replays them at worst (an idempotent no-op)."""
+
+    def __init__(self, intake: "Intake") -> None:
+        self.intake = intake
+
+    def on_partitions_revoked(self, revoked) -> None:
+        log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        if self.intake.paused and assigned:
+            self.intake.consumer.pause(*assigned)
+        log.info("partitions assigned%s: %s", " (paused)" if self.intake.paused else "",
+                 sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
 
 class Intake:
@@ -122,12 +158,16 @@ class Intake:
 
     def __init__(self, settings: Settings, conn_factory: Callable[[], psycopg.Connection],
                  enqueue: Callable[[list[str]], None], queue_depth: Callable[[], int] | None = None,
-                 consumer=None, producer=None, task_batch: int | None = None, poll_timeout_ms: int = 500) -> None:
+                 consumer=None, producer=None, task_batch: int | None = None, poll_timeout_ms: int = 500,
+                 crash_before_commit: int | None = None) -> None:
+        """``crash_before_commit`` (fault tests only): SIGKILL this process once its Nth batch is written and
+        enqueued, before its offsets are committed."""
         self.settings = settings
         self.conn_factory = conn_factory
         self.enqueue = enqueue
         self.queue_depth = queue_depth
         self.consumer = consumer or make_consumer(settings, settings.listings_topic, settings.consumer_group)
+        self.consumer.subscribe(sorted(self.consumer.subscription() or ()), listener=_FollowPause(self))
         self.producer = producer or make_producer(settings)
         self.task_batch = task_batch or settings.task_listings
         self.poll_timeout_ms = poll_timeout_ms
@@ -135,9 +175,15 @@ class Intake:
         self.dlq_topic = settings.dlq_topic
         self._stop = threading.Event()
         self._conn: psycopg.Connection | None = None  # used by one thread at a time: the writer in run()
-        self._paused = False
+        self.paused = False
         self._depth = 0
         self._depth_at = float("-inf")
+        # the queue depth between two reads: the last read, plus the tasks this intake enqueued since, plus
+        # those of the batches its writer still holds (an upper bound: one per task_batch events)
+        self._tasks_sent = 0  # by the writer thread
+        self._sent_at_read = 0
+        self._attempts: dict[tuple[str, int, int], int] = {}  # (topic, partition, offset) → failed writes
+        self._crash_before_commit = crash_before_commit
         # run()'s second stage: batches handed to the writer thread, and what it reported back
         self._todo: queue.Queue = queue.Queue(maxsize=1)  # one batch waits while one is written
         self._done: queue.Queue = queue.Queue()
@@ -212,32 +258,48 @@ class Intake:
         if self.queue_depth is None:
             return False
         if time.monotonic() - self._depth_at >= DEPTH_CHECK_S:
+            sent = self._tasks_sent
             try:
                 self._depth = self.queue_depth()
             except Exception:  # noqa: BLE001 - broker hiccup: treat as full and wait
                 log.warning("queue depth unknown (broker unreachable?); pausing", exc_info=True)
                 self._depth = self.settings.max_queue_depth + 1
+            self._sent_at_read = sent
             self._depth_at = time.monotonic()
             metrics.QUEUE_DEPTH.set(self._depth)
-        depth = self._depth
+        # between two reads, count what this intake enqueued since: the limit holds within one batch
+        held = sum(-(-len(b.events) // self.task_batch) for b in self._inflight)
+        depth = self._depth + self._tasks_sent - self._sent_at_read + held
         deep = depth > self.settings.max_queue_depth
-        if deep and not self._paused:
+        if deep and not self.paused:
+            self.paused = True  # first, so a rebalance from here on pauses what it assigns
             self.consumer.pause(*self.consumer.assignment())
-            self._paused = True
             metrics.INTAKE_PAUSED.set(1)
             log.info("GPU queue depth %d > %d: intake paused", depth, self.settings.max_queue_depth)
-        elif not deep and self._paused:
+        elif not deep and self.paused:
+            self.paused = False
             self.consumer.resume(*self.consumer.paused())
-            self._paused = False
             metrics.INTAKE_PAUSED.set(0)
             log.info("GPU queue depth %d: intake resumed", depth)
-        if self._paused:
+        if self.paused:
             t0 = time.monotonic()
             self._settle()
-            self.consumer.poll(timeout_ms=200)  # keeps group membership alive; paused partitions return nothing
+            # keeps group membership alive; paused partitions return nothing, but a partition a rebalance
+            # assigned before its pause may: fetch those records again once resumed
+            self._put_back(self.consumer.poll(timeout_ms=200))
             self.stats.paused_s += time.monotonic() - t0
             return True
         return False
+
+    def _put_back(self, batch: dict) -> None:
+        """Seek back to the first of these records, so they are fetched again, and pause their partitions."""
+        if not batch:
+            return
+        for tp, records in batch.items():
+            self.consumer.seek(tp, records[0].offset)
+        self.consumer.pause(*batch)
+        log.info("%d records arrived while paused; fetched again after the pause",
+                 sum(len(r) for r in batch.values()))
 
     def handle(self, records) -> None:
         """Validate, write, enqueue, then commit offsets for one polled batch, in the caller's thread."""
@@ -247,7 +309,7 @@ class Intake:
 
     def prepare(self, records) -> Prepared:
         """Validate a polled batch; dead-letter what is invalid (flushed, so it exists before the commit)."""
-        events, offsets, dlq = [], [], 0
+        events, offsets, kept, dlq = [], [], [], 0
         first: dict = {}
         nxt: dict = {}
         per_topic: dict[str, int] = {}
@@ -264,32 +326,88 @@ class Intake:
                 continue
             events.append(parsed)
             offsets.append((r.partition, r.offset))
+            kept.append(r)
         self.stats.consumed += len(records)
         for topic, n in per_topic.items():
             metrics.EVENTS_CONSUMED.labels(topic=topic).inc(n)
         if dlq:
             self.producer.flush(timeout=30)  # the DLQ copy must exist before the offset moves past it
-        return Prepared(records[0].topic, events, offsets, first, nxt, self._generation)
+        return Prepared(records[0].topic, events, offsets, first, nxt, self._generation, kept)
 
     @staticmethod
     def parse(raw: bytes | None, max_bytes: int) -> ListingEvent | CorrectionEvent | Rejected:
         return parse_listing(raw, max_bytes)
 
     def write(self, prepared: Prepared) -> None:
-        """Upsert the batch's listings in one transaction, then enqueue those still pending."""
+        """Store the batch in one transaction, dead-letter the events the store refused, then enqueue.
+
+        A permanent failure (or one of unknown kind, after MAX_REPLAYS) writes the events one at a time
+        instead, so the refused ones are found without giving up the rest."""
         if not prepared.events:
             return
         conn = self._db()
-        with conn.transaction():
-            result = upsert_listings(conn, prepared.events, topic=prepared.topic, offsets=prepared.offsets)
-        self.stats.upserted += len(result.changed)
-        for i in range(0, len(result.pending), self.task_batch):
-            chunk = result.pending[i:i + self.task_batch]
+        everything = range(len(prepared.events))
+        try:
+            with conn.transaction():
+                stored = self.store(conn, prepared, everything)
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == TRANSIENT:
+                raise
+            attempts = self._count_failure(prepared)
+            if kind != PERMANENT and attempts <= MAX_REPLAYS:
+                raise
+            log.warning("batch of %d events failed (%s, %s after %d attempts): writing it one event at a time",
+                        len(prepared.events), type(exc).__name__, kind, attempts)
+            parts, refused = one_by_one(conn, len(prepared.events), lambda i: self.store(conn, prepared, [i]))
+            stored = Stored(refused=refused)
+            for part in parts:
+                stored.changed += part.changed
+                stored.pending += [i for i in part.pending if i not in stored.pending]
+                stored.refused.update(part.refused)
+        self._forget_failures(prepared)
+        for i, why in sorted(stored.refused.items()):
+            self._dead_letter(prepared.records[i], why)
+        if stored.refused:
+            self.producer.flush(timeout=30)  # the DLQ copy must exist before the offset moves past it
+        self.stats.upserted += stored.changed
+        for i in range(0, len(stored.pending), self.task_batch):
+            chunk = stored.pending[i:i + self.task_batch]
             self.enqueue(chunk)
+            self._tasks_sent += 1
             self.stats.enqueued += len(chunk)
             metrics.LISTINGS_ENQUEUED.inc(len(chunk))
+
+    def store(self, conn: psycopg.Connection, prepared: Prepared, which) -> Stored:
+        """Write the events at these indexes of the batch, in the caller's transaction."""
+        result = upsert_listings(conn, [prepared.events[i] for i in which], topic=prepared.topic,
+                                 offsets=[prepared.offsets[i] for i in which])
         for lid in result.deleted:
             log.info("listing %s deleted", lid, extra={"listing_id": lid})
+        return Stored(changed=len(result.changed), pending=result.pending)
+
+    def _count_failure(self, prepared: Prepared) -> int:
+        """Count one more failed write of these events (writer thread); returns the most any of them has had."""
+        if len(self._attempts) > 100_000:
+            self._attempts.clear()  # a bound, not a policy: at worst a few more replays
+        worst = 0
+        for r in prepared.records:
+            key = (r.topic, r.partition, r.offset)
+            self._attempts[key] = self._attempts.get(key, 0) + 1
+            worst = max(worst, self._attempts[key])
+        return worst
+
+    def _forget_failures(self, prepared: Prepared) -> None:
+        if self._attempts:
+            for r in prepared.records:
+                self._attempts.pop((r.topic, r.partition, r.offset), None)
+
+    def _maybe_crash(self) -> None:
+        if self._crash_before_commit is not None:
+            self._crash_before_commit -= 1
+            if self._crash_before_commit <= 0:
+                log.warning("fault injection: killed after a durable write, before its offset commit")
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def _commit(self, prepared: Prepared) -> None:
         self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in prepared.next.items()})
@@ -333,6 +451,7 @@ class Intake:
             if prepared.generation != self._generation:
                 continue  # dropped after a rewind; replayed already
             if written:
+                self._maybe_crash()
                 try:
                     self._commit(prepared)
                 except Exception:  # noqa: BLE001 - e.g. partitions revoked: their new owner replays them
@@ -365,7 +484,7 @@ class Intake:
     def _dead_letter(self, record, why: Rejected) -> None:
         self.stats.dlq += 1
         self.stats.dlq_reasons[why.reason] = self.stats.dlq_reasons.get(why.reason, 0) + 1
-        metrics.EVENTS_DLQ.labels(reason=why.reason).inc()
+        metrics.DEAD_LETTERS.labels(reason=why.reason).inc()
         headers = [("dlq_reason", why.reason.encode()), ("dlq_detail", why.detail.encode()[:1000]),
                    ("source_topic", record.topic.encode()), ("source_partition", str(record.partition).encode()),
                    ("source_offset", str(record.offset).encode())]
@@ -407,14 +526,42 @@ class CorrectionsIntake(Intake):
         super().__init__(settings, conn_factory, enqueue=lambda ids: None, consumer=consumer, producer=producer,
                          poll_timeout_ms=poll_timeout_ms)
         self.dlq_topic = settings.corrections_topic + ".dlq"
+        self._warned_no_taxonomy = False
 
     @staticmethod
     def parse(raw: bytes | None, max_bytes: int) -> CorrectionEvent | Rejected:
         return parse_correction(raw, max_bytes)
 
-    def write(self, prepared: Prepared) -> None:
-        if not prepared.events:
-            return
-        conn = self._db()
-        with conn.transaction():
-            self.stats.upserted += sum(record_correction(conn, ev) for ev in prepared.events)
+    def store(self, conn: psycopg.Connection, prepared: Prepared, which) -> Stored:
+        """Record the corrections at these indexes; refuse those to an unknown listing, or to a group or value
+        the active model's taxonomy does not have (they would become wrong training labels)."""
+        events = {i: prepared.events[i] for i in which}
+        known = known_listings(conn, [ev.listing_id for ev in events.values()])
+        taxonomy = taxonomy_of(conn)
+        if taxonomy is None and not self._warned_no_taxonomy:
+            log.warning("no active model: correction groups and values are not checked against a taxonomy")
+            self._warned_no_taxonomy = True
+        stored = Stored()
+        for i, ev in events.items():
+            why = correction_refusal(ev, known, taxonomy)
+            if why is not None:
+                stored.refused[i] = why
+            else:
+                stored.changed += record_correction(conn, ev)
+        return stored
+
+
+def correction_refusal(ev: CorrectionEvent, known: set[str], taxonomy) -> Rejected | None:
+    """Why a correction cannot be taken (None: it can)."""
+    if ev.listing_id not in known:
+        return Rejected("unknown_listing", f"no listing {ev.listing_id!r}")
+    if taxonomy is None:
+        return None
+    values = taxonomy.values_of(ev.group)
+    if values is None:
+        return Rejected("unknown_group", f"{ev.group!r} is not a group of taxonomy {taxonomy.name!r} "
+                                         f"v{taxonomy.version}; groups: {', '.join(taxonomy.all_groups)}")
+    if ev.new_value not in values:
+        return Rejected("unknown_value", f"{ev.new_value!r} is not a value of {ev.group!r} in taxonomy "
+                                         f"{taxonomy.name!r} v{taxonomy.version}")
+    return None

@@ -201,6 +201,12 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
     return done
 
 
+def known_listings(conn: psycopg.Connection, listing_ids: list[str]) -> set[str]:
+    """Those of these listings the catalogue has (deleted ones included)."""
+    return {r[0] for r in conn.execute("SELECT listing_id FROM listings WHERE listing_id = ANY(%s)",
+                                       (list(listing_ids),)).fetchall()}
+
+
 def record_correction(conn: psycopg.Connection, ev: CorrectionEvent) -> bool:
     """Store a person's correction and make it the listing's current value. False if already seen."""
     inserted = conn.execute(

@@ -15,13 +15,8 @@ from fastapi.responses import RedirectResponse, Response
 from schemas.taxonomy import CATEGORY_GROUP, NOT_APPLICABLE, TYPE_GROUP
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, render
-from enrich.console.review import (
-    Conflict,
-    apply_correction,
-    group_values,
-    taxonomy_groups,
-    taxonomy_of,
-)
+from enrich.console.review import Conflict, apply_correction, group_values, taxonomy_groups
+from model.registry import taxonomy_of
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -29,7 +29,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from functools import lru_cache
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -40,7 +39,8 @@ from enrich.console import users
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, render
 from schemas.events import CorrectionEvent
-from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
+from model.registry import taxonomy_of
+from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
 from worker.store import record_correction
 
 log = logging.getLogger(__name__)
@@ -185,43 +185,13 @@ def count_left(conn: psycopg.Connection, filters: Filters, skipped: list[int]) -
 
 # --------------------------------------------------------------------------------------------- taxonomy
 
-@lru_cache(maxsize=16)
-def _parse_taxonomy(text: str) -> Taxonomy:
-    return Taxonomy.model_validate_json(text)
-
-
-def taxonomy_of(conn: psycopg.Connection, model_version: str | None) -> Taxonomy | None:
-    """The taxonomy of this model version (its manifest), else the active model's; None when neither."""
-    row = conn.execute(
-        "SELECT manifest->>'taxonomy' FROM models WHERE manifest ? 'taxonomy'"
-        " AND (model_version = %s OR status = 'active') ORDER BY (model_version = %s) DESC LIMIT 1",
-        (model_version, model_version)).fetchone()
-    if row is None or not row[0]:
-        return None
-    try:
-        return _parse_taxonomy(row[0])
-    except ValidationError:
-        log.warning("model %s has a manifest taxonomy that does not validate", model_version)
-        return None
-
-
 def group_values(taxonomy: Taxonomy | None, group: str) -> list[str] | None:
     """Every value a group can take in the taxonomy; None when the taxonomy does not know the group."""
-    if taxonomy is None:
-        return None
-    if group == CATEGORY_GROUP:
-        return taxonomy.category_names
-    if group == TYPE_GROUP:
-        return list(taxonomy.types)
-    if group in taxonomy.group_names:
-        return list(taxonomy.group(group).values)
-    return None
+    return None if taxonomy is None else taxonomy.values_of(group)
 
 
 def taxonomy_groups(taxonomy: Taxonomy | None) -> list[str]:
-    if taxonomy is None:
-        return []
-    return [CATEGORY_GROUP, TYPE_GROUP, *taxonomy.group_names]
+    return [] if taxonomy is None else taxonomy.all_groups
 
 
 # ------------------------------------------------------------------------------------------- corrections

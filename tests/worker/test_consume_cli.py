@@ -52,7 +52,7 @@ def test_consume_serves_metrics_and_stops_on_sigterm(kafka_bootstrap, pg_url, db
         status, body = _get(f"http://127.0.0.1:{port}/metrics")
         assert status == 200
         assert f'enrich_events_consumed_total{{topic="{topic}"}}' in body
-        assert 'enrich_events_dlq_total{reason="not_json"} 1.0' in body
+        assert 'enrich_dead_letters_total{reason="not_json"} 1.0' in body
         status, body = _get(f"http://127.0.0.1:{port}/healthz")
         assert status == 200 and json.loads(body)["checks"] == {"database": "ok", "broker": "ok"}
         proc.send_signal(signal.SIGTERM)

@@ -1,0 +1,49 @@
+"""Fault 2: `enrich consume` killed -9 after a batch is in Postgres and enqueued, before its offsets are
+committed (ENRICH_TEST_CRASH_BEFORE_COMMIT=N: the intake SIGKILLs itself there), then started again.
+
+The restarted consumer replays that batch: its upserts change nothing, its still-pending listings are enqueued
+a second time, and the worker must skip the copies it already enriched.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+import psycopg
+
+from tests.faults.cluster import (committed_offsets, group_members, mixed_listings, outcome, process_report, produce, wait_for,
+                                  wait_settled)
+
+N = 800  # sent at 200/s once the consumer has joined: small polls, the 3rd batch ends long before the topic
+
+
+def _written_not_committed(db_url: str, committed: dict[int, int]) -> int:
+    """Events in Postgres at or past their partition's committed offset: what the restart must replay."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        rows = conn.execute("SELECT kafka_partition, kafka_offset FROM processed_events").fetchall()
+    return sum(1 for part, off in rows if off >= committed.get(part, 0))
+
+
+def test_consumer_kill9_between_db_commit_and_offset_commit(make_stack):
+    stack = make_stack()
+    records, good, poison = mixed_listings("ck", N, stack.images)
+    worker = stack.worker()
+    first = stack.consumer("consume-1", test_crash_before_commit=3)
+    wait_for(lambda: group_members(stack.kafka, stack.group) == ("Stable", 1), 60, "consumer 1 joined", [first])
+    producer = threading.Thread(target=produce, args=(stack.kafka, stack.topic, records), kwargs={"per_second": 200})
+    producer.start()
+    wait_for(lambda: not first.alive, 90, "consumer 1 killing itself after its 3rd durable batch", [worker])
+    assert first.returncode == -signal.SIGKILL, first.tail()
+    pending_replay = _written_not_committed(stack.pg_url, committed_offsets(stack.kafka, stack.group))
+    with psycopg.connect(stack.pg_url) as conn:
+        in_db = conn.execute("SELECT count(*) FROM listings").fetchone()[0]
+    print(f"killed with {in_db} listings in Postgres, {pending_replay} of them past the committed offsets")
+    assert pending_replay > 0, "the kill did not land between the Postgres commit and the offset commit"
+    assert in_db < N, "the kill did not land mid-stream"
+    producer.join()
+
+    second = stack.consumer("consume-2")
+    done = wait_settled(stack.pg_url, good, procs=[second, worker])
+    out = outcome(stack.pg_url, good, "consumer kill -9 before offset commit", stack.kafka, stack.dlq_topic, poison)
+    assert done and not out.problems(), out.report()
+    assert second.alive and worker.alive, process_report([second, worker])
