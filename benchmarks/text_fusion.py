@@ -135,7 +135,7 @@ def quickstart_set(predictor, fmnist_dir: Path, items: int, work: Path):
     from worker.batch import read_listings
 
     catalogue = build_catalogue(work, fmnist_dir, items=items)
-    events, invalid = read_listings(catalogue.listings)
+    events, invalid, _ = read_listings(catalogue.listings)
     assert not invalid, invalid
     images, index = [], []
     for ev in events:

@@ -191,9 +191,9 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
         decision = promote(conn, predictor.version, actor="quickstart", reason="the quickstart's demo model")
         console.print(f"registry: {decision.candidate} " + ("is the active model" if decision.promoted else
                       f"not promoted over {decision.previous}: {'; '.join(decision.reasons)}"))
-        events, invalid = read_listings(catalogue.listings)
+        events, invalid, origins = read_listings(catalogue.listings)
         enricher = Enricher(predictor, settings)
-        report = run_batch(conn, enricher, events)
+        report = run_batch(conn, enricher, events, origins=origins)
         report.invalid = invalid
         render_report(report, console, max_rows=12)
 

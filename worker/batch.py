@@ -18,6 +18,7 @@ from schemas.events import ListingEvent
 from schemas.taxonomy import NOT_APPLICABLE
 from worker.pipeline import BatchOutcome, Enricher
 from worker.store import upsert_listings
+from worker.write_errors import TRANSIENT, classify, one_by_one
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -26,12 +27,18 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 @dataclass
 class BatchReport:
     read: int = 0
-    invalid: list[tuple[str, str]] = field(default_factory=list)  # (where, why)
+    invalid: list[tuple[str, str]] = field(default_factory=list)  # (where, why): rows that are not a listing
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (where, why): rows the database refused
     enrichments: list[Enrichment] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
     images: int = 0
     seconds: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        """Every row was read, stored and enriched."""
+        return not (self.invalid or self.refused or self.failed)
 
     def add(self, out: BatchOutcome) -> None:
         self.enrichments += out.enriched
@@ -50,20 +57,23 @@ def _resolve_images(event: dict, base: Path) -> dict:
     return {**event, "images": images} if images else event
 
 
-def read_listings(source: Path) -> tuple[list[ListingEvent], list[tuple[str, str]]]:
-    """Events from a JSONL file or folder; invalid lines are reported, not fatal."""
+def read_listings(source: Path) -> tuple[list[ListingEvent], list[tuple[str, str]], list[str]]:
+    """Events from a JSONL file or folder, invalid lines as (where, why), and where each event came from
+    (``file:line`` or the image file); invalid lines are reported, not fatal."""
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
     events: list[ListingEvent] = []
     invalid: list[tuple[str, str]] = []
+    origins: list[str] = []
     if source.is_dir():
         files = sorted(source.glob("*.jsonl"))
         if not files:
             for img in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 lid = "".join(c if c.isalnum() or c in "._-" else "_" for c in img.stem)[:128] or "image"
                 events.append(ListingEvent(listing_id=lid, seller_id="batch", images=[str(img.resolve())]))
-            return events, invalid
+                origins.append(img.name)
+            return events, invalid, origins
     else:
         files = [source]
     for path in files:
@@ -74,22 +84,39 @@ def read_listings(source: Path) -> tuple[list[ListingEvent], list[tuple[str, str
                 try:
                     raw = json.loads(line)
                     events.append(ListingEvent.model_validate(_resolve_images(raw, path.parent)))
-                except (json.JSONDecodeError, ValidationError, TypeError, AttributeError) as exc:
+                    origins.append(f"{path.name}:{n}")
+                except ValidationError as exc:
+                    invalid.append((f"{path.name}:{n}", "; ".join(
+                        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])[:300]))
+                except (json.JSONDecodeError, TypeError, AttributeError) as exc:
                     invalid.append((f"{path.name}:{n}", str(exc).splitlines()[0][:200]))
-    return events, invalid
+    return events, invalid, origins
 
 
 def run_batch(conn: psycopg.Connection, enricher: Enricher, events: list[ListingEvent], chunk: int | None = None,
-              progress: bool = True) -> BatchReport:
-    """Upsert the events, then enrich whatever is pending among them, chunk by chunk."""
+              progress: bool = True, origins: list[str] | None = None) -> BatchReport:
+    """Upsert the events, then enrich whatever is pending among them, chunk by chunk.
+
+    Rows the database refuses are reported in ``report.refused`` (where: ``origins[i]``, else the listing id)
+    and left out; the rest is enriched."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     t0 = time.perf_counter()
     report = BatchReport(read=len(events))
-    with conn.transaction():
-        result = upsert_listings(conn, events, topic="batch")
+    try:
+        with conn.transaction():
+            changed = len(upsert_listings(conn, events, topic="batch").changed)
+    except Exception as exc:
+        if classify(exc) == TRANSIENT:
+            raise
+        parts, refused = one_by_one(conn, len(events), lambda i: upsert_listings(conn, [events[i]], topic="batch"))
+        changed = sum(len(p.changed) for p in parts)
+        for i, why in sorted(refused.items()):
+            where = origins[i] if origins else f"listing {events[i].listing_id}"
+            report.refused.append((where, f"{why.reason}: {why.detail}"))
+        events = [ev for i, ev in enumerate(events) if i not in refused]
     ids = list(dict.fromkeys(ev.listing_id for ev in events if not ev.deleted))
     # a task's worth per run: its forward passes overlap decoding and writing (worker/pipeline.py)
     chunk = chunk or enricher.settings.task_listings
@@ -103,7 +130,7 @@ def run_batch(conn: psycopg.Connection, enricher: Enricher, events: list[Listing
             bar.advance(task, len(part))
     report.seconds = time.perf_counter() - t0
     log.info("batch: %d read, %d new or changed, %d enriched, %d failed, %d already done",
-             len(events), len(result.changed), len(report.enrichments), len(report.failed), len(report.skipped))
+             report.read, changed, len(report.enrichments), len(report.failed), len(report.skipped))
     return report
 
 
@@ -130,9 +157,12 @@ def render_report(report: BatchReport, console, max_rows: int = 40) -> None:
     console.print(f"{report.read} listings read, {len(report.enrichments)} enriched ({report.images} images), "
                   f"{filled} tags filled, {not_applicable} groups n/a, {review} sent to review, "
                   f"{len(report.failed)} failed, "
-                  f"{len(report.skipped)} already done, {len(report.invalid)} invalid lines "
+                  f"{len(report.skipped)} already done, {len(report.invalid)} invalid lines, "
+                  f"{len(report.refused)} refused by the database "
                   f"in {report.seconds:.1f}s")
     for lid, why in list(report.failed.items())[:10]:
         console.print(f"  [yellow]failed[/yellow] {lid}: {why}")
     for where, why in report.invalid[:10]:
         console.print(f"  [yellow]invalid[/yellow] {where}: {why}")
+    for where, why in report.refused[:10]:
+        console.print(f"  [yellow]refused[/yellow] {where}: {why}")

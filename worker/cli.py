@@ -37,7 +37,10 @@ def batch(
     device: str = typer.Option(None, "--device", help="auto, cpu or cuda[:n] (default: ENRICH_DEVICE, auto)."),
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Enrich listings from files in-process (same core as the workers), and print the filled tags."""
+    """Enrich listings from files in-process (same core as the workers), and print the filled tags.
+
+    Exit status 1 when some rows were invalid, refused by the database or failed to enrich (each is listed
+    with its line or listing and the reason; the other rows are enriched)."""
     from rich.console import Console
 
     from core.db import connect, database_url as resolve
@@ -50,7 +53,7 @@ def batch(
     console = Console()
     settings = get_settings(allow_local_paths=local_paths, batch_size=batch_size, device=device)
     try:
-        events, invalid = read_listings(source)
+        events, invalid, origins = read_listings(source)
     except FileNotFoundError as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -64,11 +67,13 @@ def batch(
             raise typer.Exit(2)
         predictor = load_predictor(mdir, device=settings.device, mixed_precision=settings.mixed_precision)
         console.print(f"model {predictor.version} from {mdir}; {len(events)} listings from {source}")
-        report = run_batch(conn, Enricher(predictor, settings), events)
+        report = run_batch(conn, Enricher(predictor, settings), events, origins=origins)
         report.invalid = invalid
         render_report(report, console, max_rows=rows)
     finally:
         conn.close()
+    if not report.complete:
+        raise typer.Exit(1)
 
 
 def consume(

@@ -360,10 +360,9 @@ class Intake:
             log.warning("batch of %d events failed (%s, %s after %d attempts): writing it one event at a time",
                         len(prepared.events), type(exc).__name__, kind, attempts)
             parts, refused = one_by_one(conn, len(prepared.events), lambda i: self.store(conn, prepared, [i]))
-            stored = Stored(refused=refused)
+            stored = Stored(changed=sum(p.changed for p in parts), refused=refused)
+            stored.pending = list(dict.fromkeys(i for p in parts for i in p.pending))
             for part in parts:
-                stored.changed += part.changed
-                stored.pending += [i for i in part.pending if i not in stored.pending]
                 stored.refused.update(part.refused)
         self._forget_failures(prepared)
         for i, why in sorted(stored.refused.items()):

@@ -15,14 +15,14 @@ from worker.batch import read_listings
 def test_read_listings_jsonl_folder_and_images(tmp_path):
     (tmp_path / "a.png").write_bytes(png_bytes())
     (tmp_path / "b.jpg").write_bytes(b"whatever")
-    events, invalid = read_listings(tmp_path)
-    assert [e.listing_id for e in events] == ["a", "b"]  # one listing per image file
+    events, invalid, origins = read_listings(tmp_path)
+    assert [e.listing_id for e in events] == ["a", "b"] and origins == ["a.png", "b.jpg"]  # one per image file
     jsonl = tmp_path / "l.jsonl"
     jsonl.write_text(json.dumps({"listing_id": "x", "seller_id": "s", "images": ["a.png"]}) + "\n{broken\n"
                      + json.dumps({"listing_id": "y"}) + "\n")
-    events, invalid = read_listings(jsonl)
+    events, invalid, origins = read_listings(jsonl)
     assert [e.listing_id for e in events] == ["x"] and events[0].images == [str(tmp_path / "a.png")]
-    assert [w for w, _ in invalid] == ["l.jsonl:2", "l.jsonl:3"]
+    assert [w for w, _ in invalid] == ["l.jsonl:2", "l.jsonl:3"] and origins == ["l.jsonl:1"]
 
 
 def test_batch_command_fills_tags_and_rerun_is_a_no_op(tmp_path, pg_url, db, model_dir, monkeypatch):
@@ -36,7 +36,7 @@ def test_batch_command_fills_tags_and_rerun_is_a_no_op(tmp_path, pg_url, db, mod
     runner = CliRunner()
     args = ["batch", str(tmp_path / "listings.jsonl"), "--model-dir", str(model_dir), "--database-url", pg_url]
     result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # one row failed
     assert "tags filled by the model" in result.output
     assert "6 listings read, 5 enriched" in result.output and "1 failed" in result.output
     assert "b-bad: no usable image: not found" in result.output
@@ -49,12 +49,30 @@ def test_batch_command_fills_tags_and_rerun_is_a_no_op(tmp_path, pg_url, db, mod
     assert db.execute("SELECT * FROM listing_tags ORDER BY 1, 2").fetchall() == tags_before
 
 
+def test_batch_reports_bad_rows_by_line_and_enriches_the_rest(tmp_path, pg_url, db, model_dir, monkeypatch):
+    from tests.worker.test_intake_poison import refused_by_database
+
+    monkeypatch.setenv("COLUMNS", "200")
+    (tmp_path / "p.png").write_bytes(png_bytes())
+    rows = [{"listing_id": f"r{i}", "seller_id": "s", "images": ["p.png"]} for i in range(4)]
+    rows[1]["title"] = "nul \u0000 here"  # invalid: no store can hold it
+    (tmp_path / "l.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with refused_by_database(db, "r2", "check_violation"):  # passes validation, refused by Postgres
+        result = CliRunner().invoke(app, ["batch", str(tmp_path / "l.jsonl"), "--model-dir", str(model_dir),
+                                          "--database-url", pg_url])
+    assert result.exit_code == 1, result.output
+    assert "invalid l.jsonl:2: title: Value error, contains a NUL character" in result.output
+    assert "refused l.jsonl:3: db_refused: 23514 listing r2 refused by a test constraint" in result.output
+    assert "2 enriched" in result.output
+    assert sorted(r[0] for r in db.execute("SELECT listing_id FROM embeddings").fetchall()) == ["r0", "r3"]
+
+
 def test_batch_refuses_local_paths_when_disabled(tmp_path, pg_url, db, model_dir):
     (tmp_path / "p.png").write_bytes(png_bytes())
     (tmp_path / "l.jsonl").write_text(json.dumps({"listing_id": "z", "seller_id": "s", "images": ["p.png"]}) + "\n")
     result = CliRunner().invoke(app, ["batch", str(tmp_path / "l.jsonl"), "--model-dir", str(model_dir),
                                       "--database-url", pg_url, "--no-local-paths"])
-    assert result.exit_code == 0 and "local paths disabled" in result.output
+    assert result.exit_code == 1 and "local paths disabled" in result.output
 
 
 @pytest.mark.integration  # embedded Postgres: a real server process
