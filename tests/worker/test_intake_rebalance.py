@@ -38,9 +38,9 @@ def _run_in_thread(intake: Intake, **kw) -> threading.Thread:
     return thread
 
 
-def test_partitions_assigned_while_paused_stay_paused_and_nothing_is_dropped(kafka_bootstrap, pg_url, db):
-    """The intake pauses before its first poll; the poll that joins the group assigns partitions, which Kafka
-    does not pause: their records must not be consumed and dropped while paused."""
+def _paused_intake(kafka_bootstrap, pg_url):
+    """N events on a new topic; an intake running in a thread, paused (a full queue) until `full` is cleared and
+    holding all 4 partitions. Returns (settings, intake, its enqueued chunks, its thread, full)."""
     topic = f"listings-{uuid.uuid4().hex[:8]}"
     settings = make_settings(kafka_bootstrap=kafka_bootstrap, listings_topic=topic, dlq_topic=topic + ".dlq",
                              consumer_group=f"g-{uuid.uuid4().hex[:6]}", max_queue_depth=2)
@@ -51,31 +51,33 @@ def test_partitions_assigned_while_paused_stay_paused_and_nothing_is_dropped(kaf
     intake = _intake(settings, pg_url, enqueued, lambda: 100 if full.is_set() else 0)
     thread = _run_in_thread(intake, idle_exit_s=4)
     wait_until(lambda: len(intake.consumer.assignment()) == 4)
-    time.sleep(2)  # several paused polls with every partition assigned
-    assert enqueued == [] and intake.stats.consumed == 0
-    full.clear()  # the queue drained
+    return settings, intake, enqueued, thread, full
+
+
+def _all_ingested(kafka_bootstrap, db, settings, thread) -> None:
     thread.join(120)
     assert not thread.is_alive()
     assert db.execute("SELECT count(*) FROM listings").fetchone()[0] == N
-    assert sum(_committed(kafka_bootstrap, topic, settings.consumer_group).values()) == N
+    assert sum(_committed(kafka_bootstrap, settings.listings_topic, settings.consumer_group).values()) == N
+
+
+def test_partitions_assigned_while_paused_stay_paused_and_nothing_is_dropped(kafka_bootstrap, pg_url, db):
+    """The intake pauses before its first poll; the poll that joins the group assigns partitions, which Kafka
+    does not pause: their records must not be consumed and dropped while paused."""
+    settings, intake, enqueued, thread, full = _paused_intake(kafka_bootstrap, pg_url)
+    time.sleep(2)  # several paused polls with every partition assigned
+    assert enqueued == [] and intake.stats.consumed == 0
+    full.clear()  # the queue drained
+    _all_ingested(kafka_bootstrap, db, settings, thread)
 
 
 def test_peer_leaving_while_paused_loses_nothing(kafka_bootstrap, pg_url, db):
     """Two members on 4 partitions; one flows, the other is paused; the flowing one leaves without committing
     what it had read: the paused one takes its partitions over, paused, and later ingests every event."""
-    topic = f"listings-{uuid.uuid4().hex[:8]}"
-    settings = make_settings(kafka_bootstrap=kafka_bootstrap, listings_topic=topic, dlq_topic=topic + ".dlq",
-                             consumer_group=f"g-{uuid.uuid4().hex[:6]}", max_queue_depth=2)
-    _produce_spread(kafka_bootstrap, topic, N)
-    full = threading.Event()
-    full.set()
-    paused_out: list[list[str]] = []
-    paused = _intake(settings, pg_url, paused_out, lambda: 100 if full.is_set() else 0)
-    paused_thread = _run_in_thread(paused, idle_exit_s=4)
-    wait_until(lambda: len(paused.consumer.assignment()) == 4)
+    settings, paused, paused_out, paused_thread, full = _paused_intake(kafka_bootstrap, pg_url)
 
     # the peer joins (a rebalance: 2 + 2), reads a little of its partitions, then dies without a commit
-    peer = make_consumer(settings, topic, settings.consumer_group, **KAFKA_TEST, max_poll_records=10)
+    peer = make_consumer(settings, settings.listings_topic, settings.consumer_group, **KAFKA_TEST, max_poll_records=10)
     wait_until(lambda: bool(peer.poll(timeout_ms=200)) or len(peer.assignment()) == 2)
     assert len(paused.consumer.assignment()) == 2
     peer.poll(timeout_ms=500)
@@ -85,10 +87,7 @@ def test_peer_leaving_while_paused_loses_nothing(kafka_bootstrap, pg_url, db):
     time.sleep(2)  # paused polls with the handed-over partitions assigned
     assert paused_out == []
     full.clear()
-    paused_thread.join(120)
-    assert not paused_thread.is_alive()
-    assert db.execute("SELECT count(*) FROM listings").fetchone()[0] == N
-    assert sum(_committed(kafka_bootstrap, topic, settings.consumer_group).values()) == N
+    _all_ingested(kafka_bootstrap, db, settings, paused_thread)
 
 
 def test_queue_depth_limit_holds_within_one_batch(kafka_bootstrap, pg_url, db):
