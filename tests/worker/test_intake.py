@@ -51,6 +51,12 @@ def test_parse_listing_reasons():
     assert parse_listing(b'{"listing_id": "x"}', 1000).reason == "invalid"
     assert parse_listing(b"x" * 2000, 1000).reason == "oversized"
     assert parse_listing(_event("ok"), 1000).listing_id == "ok"
+    # no store can hold these: refused at the door, with a reason
+    nul = parse_listing(_event("n", title="a\u0000b"), 1000)
+    assert nul.reason == "invalid" and "title: Value error, contains a NUL character" in nul.detail
+    surrogate = parse_listing(_event("s").replace(b'"s1"', b'"s\\ud800"'), 1000)
+    assert surrogate.reason == "not_json"
+    assert parse_listing(_event("u").replace(b'"s1"', b'"s\xed\xa0\x80"'), 1000).reason == "not_json"
 
 
 def test_events_in_rows_out_poison_to_dlq_duplicates_no_extra_rows(kafka_bootstrap, pg_url, db):
