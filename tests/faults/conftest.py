@@ -1,28 +1,45 @@
-"""Fault-suite fixtures: every test here is marked `faults` and `integration`.
+"""Fault-suite fixtures. Every test here is marked `faults` and `integration`.
 
-Faults that kill a service get a private instance of it (private_pg, private_rabbit, private_kafka,
-private_s3); the others share the session's Kafka-protocol broker, S3 server, Postgres server and RabbitMQ
-with a topic, consumer group, GPU queue, bucket and database of their own (make_stack).
+Tests share the session's Kafka-protocol broker, S3 server, Postgres server and RabbitMQ, with a topic,
+consumer group, GPU queue, bucket and database of their own (make_stack); a fault that kills or hangs a service
+gets a private instance of it (lab.private_pg() and the like, tests/faults/cluster.py).
+
+A test marked `early(scenario)` has its scenario run in the background lane from the start of the fault tests
+(the test itself is moved to the end and asserts on what the scenario returned), so the faults that mostly wait
+(a broker hung 30 s, a node or server restarting, an image host down) overlap the others. Lane scenarios use a
+RabbitMQ node of their own: two `enrich worker` processes on one host and one broker cannot run at once.
 """
 from __future__ import annotations
 
-import shutil
-import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PG_ADMIN_URL
 from tests.faults import cluster
+from tests.worker.conftest import AMQP
 
 HERE = Path(__file__).resolve().parent
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "early(scenario): run the scenario in the fault suite's background lane")
+
+
+def _here(item) -> bool:
+    return HERE in Path(item.path).resolve().parents
+
+
 def pytest_collection_modifyitems(items) -> None:
-    for item in items:
-        if HERE in Path(item.path).resolve().parents:
-            item.add_marker(pytest.mark.faults)
-            item.add_marker(pytest.mark.integration)
+    ours = [i for i, item in enumerate(items) if _here(item)]
+    for i in ours:
+        items[i].add_marker(pytest.mark.faults)
+        items[i].add_marker(pytest.mark.integration)
+    # tests that collect a background scenario's result go last, so the lane overlaps the others
+    tests = [items[i] for i in ours]
+    for i, item in zip(ours, [t for t in tests if not t.get_closest_marker("early")]
+                       + [t for t in tests if t.get_closest_marker("early")]):
+        items[i] = item
 
 
 @pytest.fixture(scope="session")
@@ -33,89 +50,28 @@ def fault_model_dir(tmp_path_factory) -> Path:
     return save_small_model(tmp_path_factory.mktemp("fault-model"), "fault-small-v1", seed=0)
 
 
-@pytest.fixture()
-def fault_dir():
-    """A folder for this test's private services and process logs; removed afterwards."""
-    path = cluster.service_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+@pytest.fixture(scope="session")
+def _make_lab(fault_model_dir, kafka_bootstrap, s3_endpoint):
+    return lambda: cluster.Lab(fault_model_dir, kafka_bootstrap, s3_endpoint, AMQP, PG_ADMIN_URL)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lane(request, _make_lab):
+    """The background lane, running the scenarios of the selected `early` tests."""
+    scenarios = [m.args[0] for item in request.session.items if _here(item) for m in item.iter_markers("early")]
+    lane = cluster.Lane(scenarios, _make_lab)
+    yield lane
+    lane.close()
 
 
 @pytest.fixture()
-def fault_images() -> dict:
-    return cluster.image_objects(f"fault-{uuid.uuid4().hex[:8]}")
+def lab(_make_lab):
+    with _make_lab() as lab:
+        yield lab
 
 
 @pytest.fixture()
-def private_pg(fault_dir):
-    pg = cluster.PrivatePostgres(fault_dir)
-    try:
-        pg.start()
-        pg.create_database()
-        yield pg
-    finally:
-        pg.close()
-
-
-@pytest.fixture()
-def private_rabbit(fault_dir):
-    rabbit = cluster.PrivateRabbit(fault_dir)
-    try:
-        rabbit.start()
-        yield rabbit
-    finally:
-        rabbit.close()
-
-
-@pytest.fixture()
-def private_kafka(fault_dir):
-    kafka = cluster.PrivateKafka(fault_dir)
-    try:
-        kafka.start()
-        yield kafka
-    finally:
-        kafka.close()
-
-
-@pytest.fixture()
-def private_s3(fault_dir, fault_images):
-    s3 = cluster.PrivateS3(fault_dir, fault_images)
-    try:
-        s3.start()
-        yield s3
-    finally:
-        s3.close()
-
-
-@pytest.fixture()
-def make_stack(fault_dir, fault_model_dir, fault_images, kafka_bootstrap, s3_endpoint):
+def make_stack(lab):
     """make_stack(pg_url=, kafka=, amqp=, s3=, **settings) → a Stack on the shared services unless told
-    otherwise (a fresh database, the images uploaded to the shared S3). Its processes are stopped and its
-    database, queue and topics removed afterwards."""
-    from tests.worker.conftest import AMQP
-
-    made: list[tuple[cluster.Stack, bool]] = []
-
-    def make(pg_url: str | None = None, kafka: str | None = None, amqp: str | None = None, s3: str | None = None,
-             **settings) -> cluster.Stack:
-        own_db = pg_url is None
-        if own_db:
-            pg_url = cluster.create_database(PG_ADMIN_URL)
-        if s3 is None:
-            s3 = s3_endpoint
-            cluster.upload(s3, fault_images)
-        stack = cluster.Stack(pg_url, kafka or kafka_bootstrap, amqp or AMQP, s3, fault_model_dir, fault_dir,
-                              images=cluster.image_uris(fault_images), settings=settings)
-        made.append((stack, own_db))
-        return stack
-
-    yield make
-    for stack, own_db in made:
-        stack.close()
-        if stack.amqp == AMQP:
-            cluster.delete_queue(stack.amqp, stack.queue)
-        if stack.kafka == kafka_bootstrap:
-            cluster.delete_topics(stack.kafka, [stack.topic, stack.dlq_topic, stack.corrections_topic,
-                                                stack.corrections_dlq_topic])
-        if own_db:
-            cluster.drop_database(stack.pg_url)
+    otherwise; its processes, database, queue and topics are removed afterwards."""
+    return lab.stack

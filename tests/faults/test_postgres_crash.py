@@ -1,33 +1,44 @@
 """Fault 4: the Postgres server crashes (`pg_ctl -m immediate stop`: every backend killed, no checkpoint) in
-the middle of a run and comes back a few seconds later with crash recovery, under a running consumer and
-worker (a private cluster: the shared server is never touched).
+the middle of a run and comes back a few seconds later with crash recovery (a private cluster: the shared
+server is never touched). Runs in the background lane, with a RabbitMQ of its own (see test_broker_hang.py).
 
-The consumer's write fails and is replayed (transient); the worker's task fails on a lost connection and is
-retried. Backpressure (a GPU queue of at most 4 tasks) keeps the consumer reading at the worker's pace, so
-both are mid-stream when the server dies.
+The worker's task fails on a lost connection and is retried; the second half of the events arrives while the
+server is down, so the consumer's writes fail too and are replayed.
 """
 from __future__ import annotations
 
 import time
 
-from tests.faults.cluster import count_enriched, mixed_listings, outcome, process_report, produce, wait_for, \
-    wait_settled
+import pytest
 
-N = 800
+from tests.faults.cluster import count_enriched, mixed_listings, outcome, process_report, produce, settle, wait_for
+
+N = 500
 
 
-def test_postgres_crash_restart_mid_run(make_stack, private_pg):
-    stack = make_stack(pg_url=private_pg.url, max_queue_depth=4)
+def scenario(lab) -> dict:
+    pg = lab.private_pg()
+    stack = lab.stack(pg_url=pg.url, amqp=lab.private_rabbit().url, max_queue_depth=4)
     records, good, poison = mixed_listings("pg", N, stack.images)
-    produce(stack.kafka, stack.topic, records)
+    first, rest = records[:len(records) // 2], records[len(records) // 2:]
+    produce(stack.kafka, stack.topic, first)
     worker, consumer = stack.worker(), stack.consumer()
     wait_for(lambda: count_enriched(stack.pg_url) >= N // 4, 180, "a quarter enriched", [worker, consumer])
-    private_pg.crash()
-    killed_at = time.monotonic()
-    time.sleep(3)  # down long enough for both processes to hit it
-    private_pg.start()
-    print(f"Postgres down {time.monotonic() - killed_at:.1f}s")
-    done = wait_settled(stack.pg_url, good, procs=[worker, consumer])
-    out = outcome(stack.pg_url, good, "postgres crash-restart", stack.kafka, stack.dlq_topic, poison)
-    assert done and not out.problems(), out.report()
-    assert worker.alive and consumer.alive, process_report([worker, consumer])
+    crashed_at = count_enriched(stack.pg_url)
+    pg.crash()
+    produce(stack.kafka, stack.topic, rest)  # read and written while the server is down
+    time.sleep(3)
+    pg.start()
+    stuck = settle(stack.pg_url, good, procs=[worker, consumer])
+    out = outcome(stack.pg_url, good, "postgres crash-restart", stack.kafka, stack.dlq_topic, poison, stuck=stuck)
+    return {"out": out, "crashed_at": crashed_at, "alive": worker.alive and consumer.alive,
+            "procs": process_report([worker, consumer])}
+
+
+@pytest.mark.early.with_args(scenario)
+def test_postgres_crash_restart_mid_run(lane):
+    r = lane.result(scenario)
+    print(f"{r['out'].line()}\nPostgres crashed with {r['crashed_at']} enriched")
+    assert r["crashed_at"] < N // 2, "the crash did not land mid-stream"
+    assert r["out"].clean(), r["out"].report()
+    assert r["alive"], r["procs"]
