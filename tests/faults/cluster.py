@@ -998,7 +998,10 @@ def process_report(procs) -> str:
 # ------------------------------------------------------------------------------------------------ lab, lane
 class Lab:
     """Everything one run starts - stacks, databases, queues, topics, private instances, processes - removed by
-    close(), last made first. Shared services: `kafka` (bootstrap), `s3` (endpoint), `amqp`, `pg_admin`."""
+    close(), last made first. Shared services: `kafka` (bootstrap), `s3` (endpoint), `amqp`, `pg_admin`.
+
+    Give workers a RabbitMQ no other worker on this host uses at the same time (a private node): Celery names
+    every `enrich worker` of a host celery@<host>, and a second one on the same broker dies at start."""
 
     def __init__(self, model_dir: Path, kafka: str, s3: str, amqp: str = SHARED_AMQP,
                  pg_admin: str = SHARED_PG_ADMIN) -> None:

@@ -1,23 +1,26 @@
 """Fault-suite fixtures. Every test here is marked `faults` and `integration`.
 
-Tests share the session's Kafka-protocol broker, S3 server, Postgres server and RabbitMQ, with a topic,
-consumer group, GPU queue, bucket and database of their own (make_stack); a fault that kills or hangs a service
-gets a private instance of it (lab.private_pg() and the like, tests/faults/cluster.py).
+Tests share the session's Kafka-protocol broker, S3 server and Postgres server, with a topic, consumer group,
+bucket and database of their own (make_stack); a fault that kills or hangs a service gets a private instance of
+it (lab.private_pg() and the like, tests/faults/cluster.py). RabbitMQ is a node of the suite's own (fault_amqp),
+not the shared one: Celery names every `enrich worker` on a host alike (celery@<host>), and a second worker on
+the same broker dies at start (RESOURCE_LOCKED on its remote-control queue), so a worker of another test run
+on the shared broker would kill ours, and ours theirs.
 
 A test marked `early(scenario)` has its scenario run in the background lane from the start of the fault tests
 (the test itself is moved to the end and asserts on what the scenario returned), so the faults that mostly wait
-(a broker hung 30 s, a node or server restarting, an image host down) overlap the others. Lane scenarios use a
-RabbitMQ node of their own: two `enrich worker` processes on one host and one broker cannot run at once.
+(a broker hung 30 s, a node or server restarting, an image host down) overlap the others. For the same reason
+lane scenarios start a RabbitMQ node of their own.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PG_ADMIN_URL
 from tests.faults import cluster
-from tests.worker.conftest import AMQP
 
 HERE = Path(__file__).resolve().parent
 
@@ -51,8 +54,21 @@ def fault_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def _make_lab(fault_model_dir, kafka_bootstrap, s3_endpoint):
-    return lambda: cluster.Lab(fault_model_dir, kafka_bootstrap, s3_endpoint, AMQP, PG_ADMIN_URL)
+def fault_amqp() -> str:
+    """The URL of the suite's RabbitMQ node (one worker at a time uses it: the foreground tests run in turn)."""
+    base = cluster.service_dir()
+    rabbit = cluster.PrivateRabbit(base)
+    try:
+        rabbit.start()
+        yield rabbit.url
+    finally:
+        rabbit.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _make_lab(fault_model_dir, kafka_bootstrap, s3_endpoint, fault_amqp):
+    return lambda: cluster.Lab(fault_model_dir, kafka_bootstrap, s3_endpoint, fault_amqp, PG_ADMIN_URL)
 
 
 @pytest.fixture(scope="session", autouse=True)

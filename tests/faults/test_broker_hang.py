@@ -1,8 +1,7 @@
 """Fault 6: the Kafka-protocol broker hangs for 30 s (SIGSTOP, then SIGCONT) in the middle of a run: its
 connections stay open and nothing answers, far longer than the consumer's session timeout (6 s). A private
-Tansu: the shared broker is never touched. Runs in the background lane (it mostly waits), with a RabbitMQ of
-its own: the lane's worker must not share a broker with the foreground's (two Celery workers on one host and
-one broker get the same node name, and the second cannot start).
+Tansu: the shared broker is never touched. Runs in the background lane (it mostly waits), with a RabbitMQ node
+of its own (see conftest.py: two workers on one broker cannot run at once).
 
 The first half of the events is read before the hang, the second half is sent after it: the consumer must
 come back to its group and read them, and the worker finishes what was queued meanwhile.

@@ -1,6 +1,6 @@
 """Fault 4: the Postgres server crashes (`pg_ctl -m immediate stop`: every backend killed, no checkpoint) in
 the middle of a run and comes back a few seconds later with crash recovery (a private cluster: the shared
-server is never touched). Runs in the background lane, with a RabbitMQ of its own (see test_broker_hang.py).
+server is never touched). Runs in the background lane, with a RabbitMQ node of its own (conftest.py).
 
 The worker's task fails on a lost connection and is retried; the second half of the events arrives while the
 server is down, so the consumer's writes fail too and are replayed.

@@ -41,7 +41,7 @@ def test_grey_photos_teach_the_published_images(tmp_path, fmnist_dir):
 
     renders_only, with_grey = metrics(False), metrics(True)
     assert with_grey["test_grey/top1"] > 0.35 and with_grey["test_grey/top1"] > renders_only["test_grey/top1"] + 0.2
-    assert with_grey["test/attr/exact_match"] > 0.3  # 12 colours: chance is 0.08
+    assert with_grey["test/attr/exact_match"] > 0.25  # colour is learnt: 12 colours, chance is 0.08
 
 
 def test_staged_stages_train_the_right_parts(tmp_path, fmnist_dir):
