@@ -750,39 +750,6 @@ class Faults(threading.Thread):
 
 
 # ------------------------------------------------------------------------------------------------ analysis
-def read_topic_fully(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
-    """cluster.read_topic, reading to the true end of every partition: that one stops at
-    KafkaConsumer.end_offsets(), which Tansu 0.6 answers short of the log end after a multi-record batch (see
-    Sampler.end_offsets), so a partition's last batch could be left unread. This one reads until its position
-    reaches the high watermark of the fetch responses and a few polls in a row return nothing."""
-    from kafka import KafkaConsumer
-    from kafka.structs import TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             client_id="soak-reader")
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        records, idle = [], 0
-        deadline = time.monotonic() + timeout
-        while idle < 3:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"could not read {topic} to its end in {timeout:.0f}s")
-            got = consumer.poll(timeout_ms=500)
-            for recs in got.values():
-                records += recs
-            fetched = all(consumer.highwater(tp) is not None for tp in tps)
-            at_end = fetched and all(consumer.position(tp) >= consumer.highwater(tp) for tp in tps)
-            idle = idle + 1 if (not got and at_end) else 0
-        return records
-    finally:
-        consumer.close()
-
-
 def enriched_times(pg_url: str, ids: list[str]) -> dict[str, float]:
     import psycopg
 
@@ -996,7 +963,7 @@ def parse_args(argv=None):
                    help="RSS warm-up of each process incarnation (s; at most a sixth of the run)")
     p.add_argument("--min-judged", type=float, default=120,
                    help="an incarnation's RSS growth is judged only over at least this many s after its warm-up")
-    p.add_argument("--drain-timeout", type=float, default=900, help="most seconds to wait for the backlog after the producer stops")
+    p.add_argument("--drain-timeout", type=float, default=1800, help="most seconds to wait for the backlog after the producer stops")
     p.add_argument("--stall", type=float, default=240, help="give up draining after this many seconds without progress")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak", help="results folder")
     p.add_argument("--replot", type=Path, default=None, metavar="DIR",
@@ -1175,7 +1142,6 @@ def main(argv=None) -> int:
         sampler.join(30)
 
         # 4. outcome
-        cluster.read_topic = read_topic_fully  # outcome() reads the DLQ with it (see read_topic_fully)
         res = cluster.outcome(stack.pg_url, good, "soak", stack.kafka, stack.dlq_topic, dict(producer.poison))
         soak_ids = [k for k in good if k.startswith("soak-")]
         done_at = enriched_times(stack.pg_url, soak_ids)

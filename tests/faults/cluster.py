@@ -8,7 +8,8 @@ Lab (start here)
   lab = Lab(model_dir, kafka=..., s3=...) owns everything a run starts and removes it on close() (or `with`):
   lab.stack(**settings) → a Stack on the shared services (a fresh migrated database, the images uploaded to
   a bucket of its own); lab.private_pg() / private_rabbit() / private_kafka() / private_s3() → started
-  private instances, to pass as lab.stack(pg_url=pg.url, amqp=rabbit.url, kafka=kafka.bootstrap, s3=s3.url).
+  private instances, to pass as lab.stack(pg_url=pg.url, amqp=rabbit.url, kafka=kafka.bootstrap, s3=s3.url);
+  lab.flaky_image_host() → an S3 endpoint whose transfers can be cut or stalled half-way.
 
 Services
   PrivatePostgres  initdb + pg_ctl on a free port (as the postgres user when run as root); .crash() is
@@ -371,6 +372,82 @@ class PrivateS3:
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.kill9()
+
+
+class FlakyImageHost:
+    """A minimal S3 endpoint (GET /bucket/key) serving `objects` from this process, whose transfers can be made
+    to fail half-way: mode "ok" serves them, "cut" sends the headers and half the body then drops the
+    connection, "stall" sends as much then says nothing more (the client's read timeout ends it). `.cut` and
+    `.stalled` count the transfers broken so."""
+
+    def __init__(self, objects: dict[tuple[str, str], bytes]) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        host = self
+        self.objects = {f"/{bucket}/{key}": body for (bucket, key), body in objects.items()}
+        self.mode = "ok"
+        self.cut = self.stalled = 0
+        self._release = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                body = host.objects.get(self.path.split("?")[0])
+                if body is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                mode = host.mode
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Type", "application/octet-stream")
+                self.end_headers()
+                if mode == "ok":
+                    self.wfile.write(body)
+                    return
+                self.wfile.write(body[:len(body) // 2])
+                self.wfile.flush()
+                if mode == "stall":
+                    host.stalled += 1
+                    host._release.wait(60)
+                else:
+                    host.cut += 1
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+            def finish(self) -> None:
+                try:
+                    super().finish()
+                except OSError:  # the connection is gone: that was the point
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, name="flaky-image-host", daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def set(self, mode: str) -> None:
+        self.mode = mode
+        if mode != "stall":
+            self._release.set()  # let stalled transfers end
+        else:
+            self._release.clear()
+
+    def close(self) -> None:
+        self.set("ok")
+        self.server.shutdown()
+        self.server.server_close()
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -942,7 +1019,7 @@ def outcome(db_url: str, good_ids: list[str], label: str = "", bootstrap: str | 
     out = Outcome(label, produced=len(set(good_ids)), poison=len(poison or {}), notes=[stuck] if stuck else [])
     with psycopg.connect(db_url, autocommit=True, connect_timeout=10) as conn:
         rows = conn.execute(
-            """SELECT l.listing_id, l.status, l.enriched_hash IS NOT DISTINCT FROM l.content_hash,
+            """SELECT l.listing_id, l.status, l.enriched_hash IS NOT DISTINCT FROM l.content_hash, l.error,
                       (SELECT count(*) FROM embeddings e WHERE e.listing_id = l.listing_id),
                       (SELECT count(DISTINCT t.tag_group) FROM listing_tags t WHERE t.listing_id = l.listing_id
                           AND t.tag_group = ANY(%s))
@@ -954,13 +1031,13 @@ def outcome(db_url: str, good_ids: list[str], label: str = "", bootstrap: str | 
             """SELECT listing_id FROM listing_tags WHERE listing_id = ANY(%s)
                 GROUP BY listing_id, tag_group HAVING count(*) > 1""", (good_ids,)).fetchall()
     seen = {r[0]: r for r in rows}
-    doubled = {r[0] for r in writes} | {r[0] for r in dup_tags} | {r[0] for r in rows if r[3] > 1}
+    doubled = {r[0] for r in writes} | {r[0] for r in dup_tags} | {r[0] for r in rows if r[4] > 1}
     for lid in dict.fromkeys(good_ids):
         row = seen.get(lid)
         if row is None:
             out.lost.append(lid)
             continue
-        _, status, current, n_emb, n_groups = row
+        _, status, current, error, n_emb, n_groups = row
         if status == "pending":
             out.pending.append(lid)
         elif status == "enriched" and current and n_emb == 1 and n_groups == len(tag_groups):
@@ -969,6 +1046,8 @@ def outcome(db_url: str, good_ids: list[str], label: str = "", bootstrap: str | 
             out.lost.append(lid)
             if status == "enriched":
                 out.notes.append(f"{lid}: enriched with {n_emb} embeddings and {n_groups}/{len(tag_groups)} groups")
+            elif status == "failed" and len(out.notes) < 5:
+                out.notes.append(f"{lid}: failed: {error}")
     out.doubled = sorted(doubled)
     if bootstrap and dlq_topic:
         good = set(good_ids)
@@ -1029,6 +1108,12 @@ class Lab:
     def private_s3(self) -> PrivateS3:
         """moto of its own serving this lab's images (after every restart too)."""
         return self._started(PrivateS3(self.dir, self.images))
+
+    def flaky_image_host(self) -> FlakyImageHost:
+        """An S3 endpoint in this process serving this lab's images, whose transfers can be broken half-way."""
+        host = FlakyImageHost(self.images)
+        self._undo.append(host.close)
+        return host
 
     def stack(self, pg_url: str | None = None, kafka: str | None = None, amqp: str | None = None,
               s3: str | None = None, **settings) -> Stack:

@@ -50,4 +50,4 @@ def test_outcome_counts_lost_doubled_pending_and_dlq(kafka_bootstrap):
     assert out.dlq_wrong == {"p-wrong": ("not_json", "")}
     assert out.dlq_doubled == ["p-twice"]
     assert out.dlq_good == ["ok"]
-    assert len(out.problems(dlq_exactly_once=True)) == 8  # 7 counters above + the note on "partial"
+    assert len(out.problems(dlq_exactly_once=True)) == 9  # 7 counters above + notes on "partial" and "failed"

@@ -1,6 +1,7 @@
 """Fault 7: the image host (the S3 endpoint) goes down for longer than the first retries, then comes back
-(a private moto: the shared one is never touched; it serves the same images again from its first request
-after the restart, see tests/faults/s3_server.py). Runs in the background lane (it mostly waits).
+(a private moto, killed -9 and restarted: the shared one is never touched; it serves the same images again
+from its first request after the restart, see tests/faults/s3_server.py). Runs in the background lane (it
+mostly waits).
 
 Fetches fail as "unavailable" (transient): each task re-enqueues the affected listings with backoff (0.5, 1,
 2, 4 s ... here). Nothing may be marked failed, and every listing is enriched once the host is back.
@@ -47,3 +48,4 @@ def test_image_host_down_then_back(lane):
     assert r["retries"] >= 3, "the outage was not met by several retries"
     assert r["out"].clean(), r["out"].report()
     assert r["alive"], r["procs"]
+
