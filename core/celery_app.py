@@ -1,6 +1,8 @@
 """The Celery app: enrichment on queue "gpu" (prefetch 1, acks late), nightly reindex by beat.
 
 Broker from ENRICH_CELERY_BROKER_URL: RabbitMQ (amqp://) in production, Redis (redis://) also works.
+Every queue name is a setting (ENRICH_GPU_QUEUE, _BACKFILL_QUEUE, _CPU_QUEUE, _TRAIN_QUEUE), so two
+deployments can share one broker vhost.
 """
 from __future__ import annotations
 
@@ -13,9 +15,6 @@ ENRICH_TASK = "enrich.listings"
 SWEEP_TASK = "enrich.sweep_pending"
 BACKFILL_TASK = "enrich.backfill"
 RETRAIN_TASK = "enrich.retrain"
-CPU_QUEUE = "cpu"  # nightly reindex and other CPU-bound jobs; keep them off the GPU workers
-BACKFILL_QUEUE = "backfill"  # re-embedding the catalogue after a promotion: GPU workers, after live traffic
-TRAIN_QUEUE = "train"  # retraining jobs: one GPU worker of their own
 
 app = Celery("enrich", include=["worker.tasks", "worker.backfill", "similar.tasks", "training.tasks"])
 
@@ -28,9 +27,10 @@ def configure(settings: Settings) -> Celery:
         task_ignore_result=settings.celery_result_backend is None,
         task_serializer="json",
         accept_content=["json"],
-        task_default_queue=CPU_QUEUE,
-        task_routes={ENRICH_TASK: {"queue": settings.gpu_queue}, BACKFILL_TASK: {"queue": BACKFILL_QUEUE},
-                     RETRAIN_TASK: {"queue": TRAIN_QUEUE}},
+        # CPU-bound jobs (reindex, sweep) by default; keep them off the GPU workers
+        task_default_queue=settings.cpu_queue,
+        task_routes={ENRICH_TASK: {"queue": settings.gpu_queue}, BACKFILL_TASK: {"queue": settings.backfill_queue},
+                     RETRAIN_TASK: {"queue": settings.train_queue}},
         # a GPU worker takes one batch at a time and acks after writing it: a crash (kill -9, OOM)
         # puts the batch back on the queue; the task is idempotent, so a rerun changes nothing
         task_acks_late=True,
@@ -44,14 +44,14 @@ def configure(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         beat_schedule={
             "nightly-similar-items": {"task": "enrich.reindex", "schedule": crontab(hour=2, minute=30),
-                                      "options": {"queue": CPU_QUEUE}},
+                                      "options": {"queue": settings.cpu_queue}},
             # listings whose enrichment task was lost are enqueued again (tasks are idempotent)
             "sweep-pending": {"task": SWEEP_TASK, "schedule": settings.pending_sweep_every_s,
-                              "options": {"queue": CPU_QUEUE}},
+                              "options": {"queue": settings.cpu_queue}},
             # periodic retraining job (training.tasks; it skips, saying why, when too few corrections came)
             **({"scheduled-retrain": {"task": "enrich.retrain_scheduled",
                                       "schedule": crontab.from_string(settings.retrain_cron),
-                                      "options": {"queue": TRAIN_QUEUE}}} if settings.retrain_cron else {}),
+                                      "options": {"queue": settings.train_queue}}} if settings.retrain_cron else {}),
         },
         timezone="UTC",
     )
@@ -87,7 +87,7 @@ def send_enrich(listing_ids: list[str], settings: Settings) -> None:
 
 def send_backfill(model_version: str) -> None:
     """Start re-embedding the catalogue under a newly active model (by name: the registry needs no worker code)."""
-    app.send_task(BACKFILL_TASK, args=[model_version], queue=BACKFILL_QUEUE)
+    app.send_task(BACKFILL_TASK, args=[model_version], queue=task_settings().backfill_queue)
 
 
 def queue_depth(queue: str, connection=None) -> int:

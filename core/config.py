@@ -43,6 +43,15 @@ class Settings(BaseSettings):
     celery_result_backend: str | None = Field(default=None, description="Celery result backend. Empty: task "
                                                                         "results are not stored (none are needed)")
     gpu_queue: str = Field(default="gpu", description="Celery queue of enrichment tasks (`enrich worker -Q gpu`)")
+    backfill_queue: str = Field(default="backfill", description="Celery queue of the catalogue backfill after a "
+                                                                "promotion or rollback (GPU workers: `-Q gpu,backfill`)")
+    cpu_queue: str = Field(default="cpu", description="Celery queue of CPU jobs: the nightly reindex, the pending "
+                                                      "sweep, beat's tick (`enrich worker -Q cpu`)")
+    train_queue: str = Field(default="train", description="Celery queue of retraining jobs (a GPU worker of their "
+                                                          "own: `enrich worker -Q train`)")
+    beat_tick_s: float = Field(default=60.0, gt=0, description="how often beat records that it is alive (a task on "
+                                                               "the cpu queue); `enrich health --beat` fails when "
+                                                               "the last tick is older than three of these (s)")
     max_queue_depth: int = Field(default=1000, ge=1, description="the intake pauses while more than this many "
                                                                  "tasks wait in the queue")
     task_max_retries: int = Field(default=4, ge=0, le=20, description="retries of a task after a transient fault "
@@ -165,6 +174,20 @@ class Settings(BaseSettings):
     retrain_task_weights: bool = Field(default=False, description="the retrain job trains with seed 002's "
                                                                   "per-task weights (groups with few labels "
                                                                   "lifted; for noisy seller labels)")
+    job_heartbeat_s: float = Field(default=15.0, gt=0, description="how often a running training job records "
+                                                                   "that it is alive (s)")
+    job_stale_s: float = Field(default=180.0, gt=0, description="a running training job whose last heartbeat is "
+                                                                "older than this is marked failed (its worker died) "
+                                                                "(s)")
+    gate_tolerance: float = Field(default=0.0, ge=0.0, le=1.0, description="the gate lets a candidate be this much "
+                                                                           "worse on an overall metric than the "
+                                                                           "active model")
+    gate_class_margin: float = Field(default=0.05, ge=0.0, le=1.0, description="the gate refuses a candidate that "
+                                                                               "loses more than this on any one "
+                                                                               "category's accuracy, or on the "
+                                                                               "corrections held out since the "
+                                                                               "active model was trained, even "
+                                                                               "when it is better overall")
     auto_promote: bool = Field(default=False, description="a retraining job promotes its model when it passes the "
                                                           "gate; `false`: it waits for an admin (`enrich promote`)")
     shadow_share: float = Field(default=0.1, ge=0.0, le=1.0, description="share of live listings a shadow "

@@ -271,7 +271,7 @@ def retrain(
     import getpass
     import time
 
-    from core.celery_app import TRAIN_QUEUE, configure
+    from core.celery_app import configure
     from core.config import get_settings
     from core.db import connect, database_url as resolve
     from training.jobs import FINISHED, describe, get_job, request_retrain, retrain_params
@@ -285,7 +285,8 @@ def retrain(
     conn = connect(database_url or resolve(settings), autocommit=True)
     try:
         job_id = request_retrain(conn, requested_by=by or getpass.getuser(), reason=reason, params=params)
-        typer.echo(f"training job #{job_id} queued on {TRAIN_QUEUE!r} (`enrich worker -Q {TRAIN_QUEUE}` runs it)")
+        typer.echo(f"training job #{job_id} queued on {settings.train_queue!r} (`enrich worker -Q "
+                   f"{settings.train_queue}` runs it)")
         if not wait:
             return
         shown = None

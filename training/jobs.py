@@ -131,8 +131,7 @@ def enqueue(job_id: int) -> None:
     """Send the job to the train queue by task name (training never imports the worker)."""
     from core import celery_app
 
-    # the module's attribute, read now: a test (or a deployment) may name another queue
-    celery_app.app.send_task(celery_app.RETRAIN_TASK, args=[job_id], queue=celery_app.TRAIN_QUEUE)
+    celery_app.app.send_task(celery_app.RETRAIN_TASK, args=[job_id], queue=celery_app.task_settings().train_queue)
 
 
 def retrain_params(settings: Settings, preset: str | None = None, fresh: bool = False) -> dict:

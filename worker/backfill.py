@@ -49,7 +49,7 @@ from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from core import metrics
-from core.celery_app import BACKFILL_QUEUE, BACKFILL_TASK, app, queue_depth, task_settings
+from core.celery_app import BACKFILL_TASK, app, queue_depth, task_settings
 from core.config import Settings
 
 log = get_task_logger(__name__)
@@ -324,7 +324,7 @@ def backfill_task(self, model_version: str, cursor: dict | None = None, reindex_
     settings = task_settings()
 
     def again(next_cursor: Cursor, countdown: float | None = None) -> None:
-        queue = (self.request.delivery_info or {}).get("routing_key") or BACKFILL_QUEUE
+        queue = (self.request.delivery_info or {}).get("routing_key") or settings.backfill_queue
         self.apply_async(args=[model_version], kwargs={"cursor": next_cursor.to_json(), "reindex_queue": reindex_queue},
                          queue=queue, countdown=countdown or None)
 

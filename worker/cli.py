@@ -131,6 +131,8 @@ def worker(
     json_logs: bool = typer.Option(False, "--json-logs", help="One JSON object per log line (default: plain text)."),
     beat: bool = typer.Option(False, "--beat", help="Also run the Celery beat scheduler (nightly reindex) in this "
                               "process; run it in exactly one process (default: off)."),
+    hostname: str = typer.Option(None, "--hostname", "-n", help="Celery node name, unique per broker (default: "
+                                 "<queues>-<pid>@<host>, so several workers can run on one host)."),
 ) -> None:
     """Celery worker for enrichment batches (acks late, prefetch 1, model loaded once per process)."""
     settings = get_settings(metrics_port=metrics_port)
@@ -154,7 +156,9 @@ def worker(
 
         metrics.serve(settings.metrics_port, _health_checks(settings, database_url(settings), broker=True,
                                                       model=settings.gpu_queue in queue_list.split(",")))
+    hostname = hostname or f"{queue_list.replace(',', '+')}-{os.getpid()}@%h"
     app.worker_main(["worker", f"--queues={queue_list}", f"--concurrency={concurrency}", f"--pool={pool}",
+                     f"--hostname={hostname}",
                      f"--loglevel={loglevel}", "--prefetch-multiplier=1", "--without-gossip", "--without-mingle"]
                     + (["--beat"] if beat else []))
 
@@ -225,7 +229,7 @@ def backfill(
     from rich.console import Console
     from rich.table import Table
 
-    from core.celery_app import BACKFILL_QUEUE, configure, send_backfill
+    from core.celery_app import configure, send_backfill
     from core.db import connect
     from core.db import database_url as resolve
     from model.registry import active_version
@@ -264,7 +268,7 @@ def backfill(
             else:
                 configure(settings)
                 send_backfill(version)
-                console.print(f"backfill of {version} enqueued on queue {BACKFILL_QUEUE!r}"
+                console.print(f"backfill of {version} enqueued on queue {settings.backfill_queue!r}"
                               + (" (it had stopped moving)" if p is not None and p.status == "running" else ""))
         if wait:
             raise typer.Exit(_wait_for_backfill(conn, version, console, interval, timeout))

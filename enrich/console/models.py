@@ -272,7 +272,7 @@ def shadow(request: Request, version: str, run: str = Form("on"), reason: str = 
 def retrain(request: Request, reason: str = Form(""), preset: str = Form(""), fresh: str = Form(""),
             version: str = Form(""), user: User = Depends(admin_only)):
     """Queue a retraining job on the train queue (training.jobs.request_retrain), as `enrich retrain` does."""
-    from core.celery_app import TRAIN_QUEUE, configure
+    from core.celery_app import configure
     from training.jobs import request_retrain, retrain_params
 
     back = version or None
@@ -295,5 +295,5 @@ def retrain(request: Request, reason: str = Form(""), preset: str = Form(""), fr
                                                  f"marked failed ({exc}). Try again when the broker is back.",
                          anchor="#jobs")
         log_action(conn, user.name, "retrain", job=job_id, reason=reason, params=params)
-    return _back(request, back, "ok", f"Training job #{job_id} queued on {TRAIN_QUEUE!r} ({params['preset']}"
+    return _back(request, back, "ok", f"Training job #{job_id} queued on {settings.train_queue!r} ({params['preset']}"
                                       f"{', fresh weights' if fresh else ''}).", anchor="#jobs")

@@ -21,7 +21,7 @@ def lifecycle(use_celery, monkeypatch, pg_url, db, fmnist_dir, tmp_path):
     """A worker serving whatever the registry marks active, on every queue (gpu, backfill, train, cpu)."""
     from celery.contrib.testing.worker import start_worker
 
-    from core.celery_app import BACKFILL_QUEUE, CPU_QUEUE, TRAIN_QUEUE, app
+    from core.celery_app import app
     from core.config import Settings
     from model.artifacts import store_from_settings
     from model.registry import promote, register_candidate
@@ -42,7 +42,7 @@ def lifecycle(use_celery, monkeypatch, pg_url, db, fmnist_dir, tmp_path):
     runtime.reset()
     backfill.reset()
     use_celery(settings)
-    queues = [settings.gpu_queue, BACKFILL_QUEUE, TRAIN_QUEUE, CPU_QUEUE]
+    queues = [settings.gpu_queue, settings.backfill_queue, settings.train_queue, settings.cpu_queue]
     with start_worker(app, pool="solo", perform_ping_check=False, queues=queues, shutdown_timeout=60):
         yield settings
     runtime.reset()

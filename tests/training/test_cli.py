@@ -70,7 +70,7 @@ def test_flip_tta_is_refused_for_a_model_trained_without_flips(tmp_path):
 def test_promote_cli_records_who_and_why_and_starts_the_backfill(db, pg_url, tiny_model_dir, tmp_path, monkeypatch):
     from kombu import Connection
 
-    from core.celery_app import BACKFILL_QUEUE, configure, queue_depth
+    from core.celery_app import configure, queue_depth
     from core.config import Settings
     from enrich.cli import app
     from model.registry import history
@@ -85,7 +85,7 @@ def test_promote_cli_records_who_and_why_and_starts_the_backfill(db, pg_url, tin
                                        "--database-url", pg_url])
         assert res.exit_code == 0, res.output
         assert "backfill of tiny-test enqueued" in res.output
-        assert queue_depth(BACKFILL_QUEUE) == 1
+        assert queue_depth("backfill") == 1
         move = history(db)[0]
         assert (move["action"], move["model_version"], move["actor"], move["reason"]) == \
             ("promote", "tiny-test", "alice", "first model")

@@ -32,12 +32,10 @@ def wait_until(predicate, timeout: float = 90.0, every: float = 0.2):
 
 @pytest.fixture()
 def queues(monkeypatch):
-    """Queue names of this test only (the Redis broker is shared); the code reads them from core.celery_app."""
-    from core import celery_app
-
+    """Queue names of this test only (the Redis broker is shared), set as a process start reads them."""
     names = {"train": f"train-test-{uuid.uuid4().hex[:8]}", "backfill": f"backfill-test-{uuid.uuid4().hex[:8]}"}
-    monkeypatch.setattr(celery_app, "TRAIN_QUEUE", names["train"])
-    monkeypatch.setattr(celery_app, "BACKFILL_QUEUE", names["backfill"])
+    monkeypatch.setenv("ENRICH_TRAIN_QUEUE", names["train"])
+    monkeypatch.setenv("ENRICH_BACKFILL_QUEUE", names["backfill"])
     return names
 
 
@@ -250,14 +248,14 @@ def test_scheduled_retrain_skips_with_a_reason_until_enough_corrections(env, tra
 
 
 def test_beat_entry_follows_the_cron_setting():
-    from core.celery_app import TRAIN_QUEUE, app, configure
+    from core.celery_app import app, configure
     import training.tasks
 
     try:
-        configure(Settings(retrain_cron="0 3 * * 0"))
+        configure(Settings(retrain_cron="0 3 * * 0", train_queue="train-x"))
         entry = app.conf.beat_schedule["scheduled-retrain"]
         assert entry["task"] == training.tasks.RETRAIN_SCHEDULED_TASK and entry["task"] in app.tasks
-        assert entry["options"]["queue"] == TRAIN_QUEUE
+        assert entry["options"]["queue"] == "train-x"
         assert (entry["schedule"].hour, entry["schedule"].minute, entry["schedule"].day_of_week) == ({3}, {0}, {0})
         configure(Settings())  # no cron: only `enrich retrain`
         assert "scheduled-retrain" not in app.conf.beat_schedule

@@ -111,7 +111,6 @@ def _drop_queues(url: str, *queues: str) -> None:
 def worker_env(use_celery, monkeypatch, pg_url, tmp_path):
     """Settings of a worker with no ENRICH_MODEL_DIR (it serves the registry's active model), on queues of its
     own; the environment too, because the tests run `enrich backfill` here as well."""
-    import core.celery_app as celery_app
     from core.config import Settings
     from worker import backfill, runtime
 
@@ -121,11 +120,9 @@ def worker_env(use_celery, monkeypatch, pg_url, tmp_path):
            "ENRICH_ALLOW_LOCAL_PATHS": "true", "ENRICH_CELERY_BROKER_URL": REDIS, "ENRICH_GPU_QUEUE": queues["gpu"],
            "ENRICH_DEVICE": "cpu", "ENRICH_BATCH_SIZE": "4", "ENRICH_TASK_LISTINGS": "3",
            "ENRICH_BACKFILL_PAUSE_S": "0.2", "ENRICH_TORCH_THREADS": "1", "COLUMNS": "200"}
+    env.update({"ENRICH_BACKFILL_QUEUE": queues["backfill"], "ENRICH_CPU_QUEUE": queues["cpu"]})
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    # `send_backfill` and the reindex it ends with use these queues by name
-    monkeypatch.setattr(celery_app, "BACKFILL_QUEUE", queues["backfill"])
-    monkeypatch.setattr(celery_app, "CPU_QUEUE", queues["cpu"])
     runtime.reset()
     backfill.reset()
     settings = use_celery(Settings())

@@ -148,13 +148,13 @@ def test_sweep_enqueues_listings_whose_task_was_lost(celery_env, db, pg_url, tmp
 
 
 def test_beat_runs_the_sweep_on_the_cpu_queue(use_celery):
-    from core.celery_app import CPU_QUEUE, SWEEP_TASK, app
+    from core.celery_app import SWEEP_TASK, app
     from core.config import Settings
 
-    use_celery(Settings())
+    use_celery(Settings(cpu_queue="cpu-x"))
 
     import worker.tasks  # noqa: F401 - registers the tasks
 
     entry = app.conf.beat_schedule["sweep-pending"]
     assert entry["task"] == SWEEP_TASK and SWEEP_TASK in app.tasks
-    assert entry["options"]["queue"] == CPU_QUEUE and entry["schedule"] == 600.0
+    assert entry["options"]["queue"] == "cpu-x" and entry["schedule"] == 600.0
