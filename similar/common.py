@@ -23,10 +23,14 @@ class Neighbour:
 # else the most recently active model that has one (the previous model keeps serving, whole, while
 # the catalogue is re-embedded under a new one and until the new version's reindex switches).
 # `promoted_at` is set by every promotion and rollback, so "most recently active" is its order.
+# A model rolled back from (since it was last made active) never serves: its shelves are what the
+# rollback undoes, even when the restored model has none left.
 SHELF_MODEL_SQL = (
     "SELECT m.model_version FROM models m"
     " JOIN similar_items_active a ON a.model_version = m.model_version"
-    " WHERE m.status = 'active' OR m.was_active"
+    " WHERE (m.status = 'active' OR m.was_active)"
+    "   AND NOT EXISTS (SELECT 1 FROM model_events r WHERE r.action = 'rollback'"
+    "                    AND r.previous = m.model_version AND r.at >= m.promoted_at)"
     " ORDER BY (m.status = 'active') DESC, m.promoted_at DESC NULLS LAST, m.model_version LIMIT 1"
 )
 ACTIVE_MODEL_SQL = "SELECT model_version FROM models WHERE status = 'active'"

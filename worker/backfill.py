@@ -1,4 +1,5 @@
-"""Rolling the catalogue forward after a promotion: re-embed every listing under the new active model.
+"""Bringing the catalogue to the active model after a promotion or a rollback: every listing whose current
+enrichment another version wrote is rewritten under the active one.
 
 Celery task "enrich.backfill"(model_version) on queue "backfill", run by the GPU workers
 (`enrich worker -Q gpu,backfill`). One task runs one chunk of ENRICH_TASK_LISTINGS listings and then
@@ -11,28 +12,46 @@ sends its successor, so live enrichment tasks get the worker between chunks:
   3. live traffic first: while enrichment tasks wait on the GPU queue (or this worker still serves
      another model and is loading the new one in the background) the task sends itself again with a
      countdown of ENRICH_BACKFILL_PAUSE_S and returns;
-  4. the next chunk, after the task's cursor (listing-id order), of listings still lacking an
-     embedding of the version — `worker.store.listings_to_enrich`'s rule: not deleted, not failed on
-     this very content — runs through the worker's Enricher without online neighbours (the reindex
-     builds the new model's shelves whole); `done` grows and the successor continues after the chunk;
+  4. the next chunk, after the task's cursor (listing-id order), of listings whose current enrichment
+     is not the version's — `worker.store.listings_to_enrich`'s rule (TODO_SQL): not deleted, and
+     `listings.enriched_by` (the version that wrote the listing's rows) is another version or the
+     content changed since, unless it failed on this very content — runs through the worker's Enricher
+     without online neighbours (the reindex builds the version's shelves whole); `done` grows and the
+     successor continues after the chunk;
   5. nothing left after the cursor: another pass from the start while listings are still to do
      (enriched meanwhile by a worker still serving the old model, or whose image host was down), at
      most MAX_PASSES and only while passes make progress; then the row is 'done', "enrich.reindex" is
      sent for the version (queue "cpu": it builds the shelves and switches readers to them), and
      models beyond ENRICH_KEEP_MODEL_VERSIONS lose their embeddings and shelves.
 
-What a chunk writes is `Enricher.run`'s: the version's embeddings, predicted tags rewritten under it
-(seller tags come from the event, corrected tags are kept), open review items re-scored.
+The rule is "who wrote it", not "is there an embedding of the version": after a rollback the restored
+version's embeddings were kept (ENRICH_KEEP_MODEL_VERSIONS) while the rolled-back version rewrote the
+listings' tags and review items, and a promotion whose earlier backfill was interrupted (then rolled
+back, or edits since) finds embeddings of its own that no longer describe what the listings carry.
+So a rollback's backfill rewrites every listing the rolled-back version wrote (the catalogue after its
+own backfill, and the listings it enriched live), and a repeated promotion's backfill every listing
+another version wrote.
+
+What a chunk writes is `Enricher.run`'s, in one transaction per forward pass: the version's embeddings,
+predicted tags rewritten under it (seller tags come from the event, corrected tags are kept), open
+review items re-scored, `enriched_by` = the version. Readers after a rollback: the restored version's
+kept shelves serve at once (`similar.common.SHELF_MODEL_SQL`; a version rolled back to from further
+than ENRICH_KEEP_MODEL_VERSIONS has none, and the last active model's serve until its reindex); the
+rolled-back version's online rows and heat maps are keyed by its version and no longer read (the
+console shows a heat map beside a review item of the same version, and the backfill replaces the open
+ones); listings only the rolled-back version saw join the restored version's shelves with the reindex
+sent when the backfill is done.
 
 Crash safety. Tasks ack late: a worker killed mid-chunk leaves the message unacked and the broker
-hands it to another worker, which skips what was committed (those listings have the embedding) and
+hands it to another worker, which skips what was committed (those listings carry the version now) and
 goes on. A successor is sent only after the chunk is committed and the chunk lock released, so a
 kill between sending it and acking leaves two messages of the chain at worst. Copies never do a
-chunk twice at once: each takes "the next listings still lacking", under a session advisory lock
+chunk twice at once: each takes "the next listings still to do", under a session advisory lock
 per version; a copy that finds the lock taken steps aside for a pause. The first copy to find
 nothing left marks the row 'done' (an UPDATE … WHERE status = 'running'), so the reindex is sent once.
 A chain that died anyway (retries spent on a database outage, a broker down while sending the
-successor) leaves a 'running' row that stops moving: `enrich backfill` sends a fresh request.
+successor) leaves a 'running' row that stops moving: `enrich backfill` sends a fresh request, which
+starts from the first listing still to do.
 
 Progress: the `backfills` row (total, done, updated_at), `enrich_backfill_remaining{model_version}`,
 `enrich backfill --wait`.
@@ -60,13 +79,14 @@ MAX_PASSES = 3
 _LOCK_NAMESPACE = "enrich.backfill"
 
 # What `worker.store.listings_to_enrich` would still work on for a model version, as a WHERE clause
-# over listings `l` (one parameter: the model version). Kept equal to it by a test.
+# over listings `l` (one parameter: the model version): live listings whose current enrichment is not the
+# version's, a failure on this very content counting as done (see there why). IS NOT DISTINCT FROM, not =:
+# a NULL enriched_hash or enriched_by (never enriched) must leave the listing to do, not drop it.
+# Kept equal to it by a test.
 TODO_SQL = (
     "l.status <> 'deleted'"
-    " AND NOT (l.enriched_hash IS NOT DISTINCT FROM l.content_hash"
-    "          AND (l.status = 'failed'"
-    "               OR EXISTS (SELECT 1 FROM embeddings e"
-    "                           WHERE e.listing_id = l.listing_id AND e.model_version = %s)))"
+    " AND NOT (l.status <> 'pending' AND l.enriched_hash IS NOT DISTINCT FROM l.content_hash"
+    "          AND (l.status = 'failed' OR l.enriched_by IS NOT DISTINCT FROM %s))"
 )
 
 
@@ -104,12 +124,12 @@ def all_progress(conn: psycopg.Connection) -> list[Progress]:
 
 
 def count_todo(conn: psycopg.Connection, model_version: str) -> int:
-    """Listings still lacking an embedding of the version (one scan of the catalogue)."""
+    """Listings whose current enrichment is not the version's (one scan of the catalogue)."""
     return int(conn.execute(f"SELECT count(*) FROM listings l WHERE {TODO_SQL}", (model_version,)).fetchone()[0])
 
 
 def next_chunk(conn: psycopg.Connection, model_version: str, after: str | None, limit: int) -> list[str]:
-    """The next `limit` listing ids after `after` (id order) still lacking an embedding of the version."""
+    """The next `limit` listing ids after `after` (id order) whose current enrichment is not the version's."""
     if after is None:
         rows = conn.execute(f"SELECT l.listing_id FROM listings l WHERE {TODO_SQL}"
                             " ORDER BY l.listing_id LIMIT %s", (model_version, limit))
@@ -139,7 +159,7 @@ def start(conn: psycopg.Connection, model_version: str) -> Progress:
         ).fetchone()
     p = Progress(*row)
     _publish(p, model_version)
-    _log.info("backfill of %s: %d of %d listings to re-embed", model_version, p.remaining, p.total)
+    _log.info("backfill of %s: %d of %d listings to rewrite", model_version, p.remaining, p.total)
     return p
 
 
@@ -180,8 +200,8 @@ def finish(conn: psycopg.Connection, model_version: str) -> Progress | None:
     if row is None:
         return None
     if todo:
-        _log.warning("backfill of %s done with %d listing(s) left without its embedding (image host down "
-                     "through %d passes?); they are re-embedded when next edited, or by `enrich backfill`",
+        _log.warning("backfill of %s done with %d listing(s) not rewritten under it (image host down "
+                     "through %d passes?); they are rewritten when next edited, or by `enrich backfill`",
                      model_version, todo, MAX_PASSES)
     return Progress(*row)
 
@@ -360,7 +380,7 @@ def backfill_task(self, model_version: str, cursor: dict | None = None, reindex_
             return {"status": "another copy is running a chunk"}
         if step.kind in ("chunk", "pass"):
             if step.kind == "chunk":
-                log.info("backfill of %s: %d re-embedded, %d failed, %d left for the next pass, %d skipped "
+                log.info("backfill of %s: %d rewritten, %d failed, %d left for the next pass, %d skipped "
                          "(%s of %s done)", model_version, step.enriched, step.failed, step.retry, step.skipped,
                          step.progress.done if step.progress else "?", step.progress.total if step.progress else "?")
             else:

@@ -115,14 +115,21 @@ class ListingToEnrich:
 
 
 def listings_to_enrich(conn: psycopg.Connection, listing_ids: list[str], model_version: str) -> list[ListingToEnrich]:
-    """The listings of a task that still need work for this model version (skip = idempotent rerun)."""
+    """The listings of a task that still need work for this model version (skip = idempotent rerun): live ones
+    whose current enrichment is not this version's. An embedding of the version does not count: one kept from
+    before a rollback, or made from older content, says nothing about what the listing carries now.
+
+    A listing that failed on its current content counts as done for every version: what failed is its images,
+    which no model can read. Whatever rows it still carries (from its content before an edit, or from the
+    version that enriched it before its photo became unreadable) stay, with their `enriched_by`: a permanent
+    image error (a 403 from a misconfigured bucket) must never wipe a catalogue's tags. `worker.backfill.TODO_SQL`
+    is the same rule for the whole catalogue (a test keeps them equal). A pending listing always needs work: it
+    may have been edited back to the content it was enriched on, and only a write marks it done again."""
     rows = conn.execute(
         """SELECT l.listing_id, l.content_hash, l.event FROM listings l
             WHERE l.listing_id = ANY(%s) AND l.status <> 'deleted'
-              AND NOT (l.enriched_hash IS NOT DISTINCT FROM l.content_hash
-                       AND (l.status = 'failed'
-                            OR EXISTS (SELECT 1 FROM embeddings e
-                                        WHERE e.listing_id = l.listing_id AND e.model_version = %s)))
+              AND NOT (l.status <> 'pending' AND l.enriched_hash IS NOT DISTINCT FROM l.content_hash
+                       AND (l.status = 'failed' OR l.enriched_by IS NOT DISTINCT FROM %s))
             ORDER BY l.listing_id""",
         (listing_ids, model_version),
     ).fetchall()
@@ -141,8 +148,10 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
     """Write one batch in the caller's transaction. Returns the number of listings marked enriched.
 
     Corrected tags (set by people) survive re-enrichment; seller and predicted ones are rewritten
-    from the current event so an edit that removes a seller value lets the model fill it.
-    A listing edited again while this batch ran is left 'pending' for the newer task.
+    from the current event so an edit that removes a seller value lets the model fill it. An enriched
+    listing's `enriched_by` names the model version that wrote its rows; a failed one keeps its rows and
+    `enriched_by` (see `listings_to_enrich`). A listing edited again while this batch ran is left 'pending'
+    for the newer task.
     """
     done = 0
     if results:
@@ -187,9 +196,11 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
                 emb_rows,
             )
             cur.executemany(
-                """UPDATE listings SET status = 'enriched', enriched_hash = %s, error = NULL, updated_at = now()
+                """UPDATE listings SET status = 'enriched', enriched_hash = %s, enriched_by = %s, error = NULL,
+                                      updated_at = now()
                     WHERE listing_id = %s AND content_hash = %s""",
-                [(item.content_hash, item.listing_id, item.content_hash) for item, _, _ in results],
+                [(item.content_hash, enr.model_version, item.listing_id, item.content_hash)
+                 for item, enr, _ in results],
             )
             done = len(results)
     if failures:

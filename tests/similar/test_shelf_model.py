@@ -75,6 +75,21 @@ def test_readers_keep_the_old_models_shelves_until_the_new_one_has_its_own(db, r
     assert shelf_model_version(db) == "m2"
 
 
+def test_a_model_rolled_back_from_never_serves_shelves_again_until_promoted_again(db, root, settings):
+    add_listings(db, IDS, clustered(len(IDS), seed=50), model_version="bad")
+    _model(db, "good", "retired")  # active before; its shelves were pruned
+    _model(db, "bad", "active")
+    nightly.recompute(db, settings=settings, k=4, root=root)
+    assert shelf_model_version(db) == "bad"
+    _model(db, "good", "active")  # the rollback, recorded as `model.registry.rollback` records it
+    db.execute("INSERT INTO model_events (model_version, action, previous, actor) VALUES ('good', 'rollback',"
+               " 'bad', 'test')")
+    assert shelf_model_version(db) is None  # no shelves until the restored model's reindex; never the bad ones
+    assert resolve_model_version(db) == reindex_model_version(db) == "good"
+    _model(db, "bad", "active")  # promoted again on purpose: it serves again
+    assert shelf_model_version(db) == "bad"
+
+
 def test_without_a_registry_readers_use_the_most_embedded_version(db, root, settings):
     add_listings(db, IDS, clustered(len(IDS), seed=43), model_version="x1")
     add_embeddings(db, IDS[:5], clustered(5, seed=44), "x2")

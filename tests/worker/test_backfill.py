@@ -229,7 +229,7 @@ def test_backfill_steps_aside_while_live_enrichment_is_queued(worker_env, db, mo
 
 def test_a_duplicated_chain_writes_each_listing_once_and_reindexes_once(worker_env, db, models, tmp_path):
     """Two messages of one backfill (a worker killed between sending the successor and acking): both chains
-    take "the next listings still lacking", one marks the row done, the reindex is sent once."""
+    take "the next listings still to do", one marks the row done, the reindex is sent once."""
     from core.celery_app import app
 
     settings, queues = worker_env
@@ -283,7 +283,8 @@ def test_backfill_of_a_model_that_is_no_longer_active_is_cancelled(worker_env, d
 
 
 def test_the_backfill_rule_is_the_one_listings_to_enrich_applies(db, tmp_path):
-    """next_chunk/count_todo select exactly what `listings_to_enrich` would still work on."""
+    """next_chunk/count_todo select exactly what `listings_to_enrich` would still work on: live listings whose
+    current enrichment is not the version's (nor a failure on this very content)."""
     import numpy as np
 
     from worker.backfill import count_todo, next_chunk
@@ -294,12 +295,13 @@ def test_the_backfill_rule_is_the_one_listings_to_enrich_applies(db, tmp_path):
                " ('bf-00', 'bf-01', 'bf-02', 'bf-05')")
     db.execute("UPDATE listings SET status = 'failed', enriched_hash = content_hash WHERE listing_id = 'bf-04'")
     db.execute("UPDATE listings SET status = 'failed', enriched_hash = 'older' WHERE listing_id = 'bf-06'")
-    vec = np.ones(4, "<f4").tobytes()
-    for lid, version in (("bf-00", "x"), ("bf-01", "y"), ("bf-05", "x"), ("bf-07", "x")):
-        db.execute("INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES (%s, %s, 4, %s)",
-                   (lid, version, vec))
+    for lid, version in (("bf-00", "x"), ("bf-01", "y"), ("bf-04", "y"), ("bf-05", "x"), ("bf-07", "x")):
+        db.execute("UPDATE listings SET enriched_by = %s WHERE listing_id = %s", (version, lid))
+    # an embedding of the version no longer counts (one kept from before a rollback, or of older content)
+    db.execute("INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES ('bf-01', 'x', 4, %s)",
+               (np.ones(4, "<f4").tobytes(),))
     expected = [i.listing_id for i in listings_to_enrich(db, ids + ["bf-03"], "x")]
-    assert expected == ["bf-01", "bf-02", "bf-06", "bf-07"]  # bf-07: pending (an edit) even with an embedding
+    assert expected == ["bf-01", "bf-02", "bf-06", "bf-07"]  # bf-07: pending (an edit) though x enriched it
     assert next_chunk(db, "x", None, 100) == expected and count_todo(db, "x") == 4
     assert next_chunk(db, "x", "bf-02", 1) == ["bf-06"]
 

@@ -154,3 +154,18 @@ def test_a_swept_listing_is_not_queued_again_until_it_is_stale_again(db):
         # past a (here zero) threshold they come back, ordered by their last change (the claim for two)
         assert claim_stale_pending(db, 0) == ["fresh", "a-older", "b-old"]
 
+
+
+def test_a_listing_edited_back_to_what_was_enriched_is_not_left_pending(db):
+    with db.transaction():
+        upsert_listings(db, [_ev("l1")])
+    (item,) = listings_to_enrich(db, ["l1"], "m1")
+    with db.transaction():
+        write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
+    with db.transaction():
+        upsert_listings(db, [_ev("l1", title="edited")])
+    with db.transaction():
+        r = upsert_listings(db, [_ev("l1")])  # edited back before a worker saw the edit
+    assert r.pending == ["l1"]
+    # the task the intake sends for it must finish it, or it stays pending and is swept for ever
+    assert [i.listing_id for i in listings_to_enrich(db, ["l1"], "m1")] == ["l1"]
