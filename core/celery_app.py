@@ -1,5 +1,9 @@
 """The Celery app: enrichment on queue "gpu" (prefetch 1, acks late), nightly reindex by beat.
 
+Beat keeps its schedule in `<data dir>/celerybeat-schedule` (never the working directory, which the image's
+user cannot write) and ticks every ENRICH_BEAT_TICK_S on the cpu queue, so `enrich health --beat` can tell
+when beat, or every cpu worker, is gone.
+
 Broker from ENRICH_CELERY_BROKER_URL: RabbitMQ (amqp://) in production, Redis (redis://) also works.
 Every queue name is a setting (ENRICH_GPU_QUEUE, _BACKFILL_QUEUE, _CPU_QUEUE, _TRAIN_QUEUE), so two
 deployments can share one broker vhost.
@@ -15,6 +19,7 @@ ENRICH_TASK = "enrich.listings"
 SWEEP_TASK = "enrich.sweep_pending"
 BACKFILL_TASK = "enrich.backfill"
 RETRAIN_TASK = "enrich.retrain"
+BEAT_TICK_TASK = "enrich.beat_tick"
 
 app = Celery("enrich", include=["worker.tasks", "worker.backfill", "similar.tasks", "training.tasks"])
 
@@ -42,7 +47,11 @@ def configure(settings: Settings) -> Celery:
         # Redis: redeliver an unacked batch after this long (must exceed the longest batch)
         broker_transport_options={"visibility_timeout": 3600},
         worker_hijack_root_logger=False,
+        beat_schedule_filename=str(beat_schedule_file(settings)),
         beat_schedule={
+            # beat's liveness (heartbeats('beat')); a tick that waited longer than one period is dropped
+            "beat-tick": {"task": BEAT_TICK_TASK, "schedule": settings.beat_tick_s,
+                          "options": {"queue": settings.cpu_queue, "expires": settings.beat_tick_s}},
             "nightly-similar-items": {"task": "enrich.reindex", "schedule": crontab(hour=2, minute=30),
                                       "options": {"queue": settings.cpu_queue}},
             # listings whose enrichment task was lost are enqueued again (tasks are idempotent)
@@ -64,6 +73,11 @@ def configure(settings: Settings) -> Celery:
     if "amqp" in app.__dict__:
         app.amqp._producer_pool = None  # noqa: SLF001
     return app
+
+
+def beat_schedule_file(settings: Settings):
+    """Where beat keeps its schedule (the last run of each entry): the data directory."""
+    return settings.data_dir / "celerybeat-schedule"
 
 
 def task_settings() -> Settings:

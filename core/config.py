@@ -107,9 +107,11 @@ class Settings(BaseSettings):
                                                             "are stored by version and sha256. Empty: "
                                                             "`<data dir>/model-store` (one machine or a shared "
                                                             "volume)")
-    model_check_s: float = Field(default=10.0, ge=0, description="how often a worker asks the registry which model "
-                                                                 "is active, at most (s); a new one is loaded in the "
-                                                                 "background and served from the next batch")
+    model_check_s: float = Field(default=10.0, ge=0, description="how often each worker process asks the registry "
+                                                                 "which model is active and reports itself in "
+                                                                 "worker_status (s); a new model is loaded in the "
+                                                                 "background and served once loaded, between "
+                                                                 "batches, with no task needed")
     keep_model_versions: int = Field(default=2, ge=1, le=20, description="model versions whose embeddings and "
                                                                          "shelves are kept, the active one "
                                                                          "included, so a rollback switches back "

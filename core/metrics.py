@@ -48,6 +48,8 @@ BACKFILL_PAUSES = Counter("enrich_backfill_pauses_total", "Times the backfill st
                           "queued, or this worker still loading the new model", ["reason"])
 
 HealthCheck = Callable[[], None]  # raises when unhealthy
+
+
 def _registry():
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
@@ -56,6 +58,13 @@ def _registry():
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # every process's files, summed per series
     return registry
+
+
+def served_versions() -> list[str]:
+    """The model versions this process serves now (`enrich_model_served` at 1); in a prefork worker, its
+    children's (their files), so the parent's /healthz tells whether they have a model."""
+    return sorted({sample.labels["model_version"] for family in _registry().collect()
+                   if family.name == "enrich_model_served" for sample in family.samples if sample.value == 1})
 
 
 def run_checks(checks: dict[str, HealthCheck]) -> tuple[bool, dict[str, str]]:

@@ -1,6 +1,7 @@
-"""Model lifecycle commands: `enrich models` (versions, alias moves, retraining jobs; shadow runs and their
-figures), `enrich rollback`. They sit on the application layer because they show the registry and the
-training jobs together."""
+"""Model lifecycle commands: `enrich models` (versions with the reasons of their last gate verdict, alias
+moves, retraining jobs; `show` one version's lineage, metrics and verdicts; `unreject` and `reject`; shadow
+runs and their figures), `enrich rollback`. They sit on the application layer because they show the
+registry, the gate's verdicts (training.gate) and the training jobs together."""
 from __future__ import annotations
 
 import getpass
@@ -30,27 +31,31 @@ def models(ctx: typer.Context, database_url: DatabaseUrl = None,
            events: int = typer.Option(10, "--events", min=0, help="Latest alias moves to show (default: 10)."),
            jobs: int = typer.Option(5, "--jobs", min=0, help="Latest retraining jobs to show, besides any queued "
                                                               "or running (default: 5).")) -> None:
-    """List model versions (newest first) with status, gate metrics, data fingerprint, who and why; the
-    latest alias moves; retraining jobs and the running one's progress."""
+    """List model versions (newest first) with status and the reasons of their last gate verdict, gate
+    metrics, data fingerprint, who and why; the latest alias moves; retraining jobs and the running one's
+    progress."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.console import Console
     from rich.table import Table
 
-    from model.registry import history, list_models
+    from model.registry import history, list_models, verdicts
+    from training.gate import summary
     from training.jobs import job_progress
 
     conn = _connect(database_url)
     try:
         rows, moves, running = list_models(conn), history(conn, events), job_progress(conn, jobs)
+        last = {v["model_version"]: v for v in verdicts(conn, last=True)}
     finally:
         conn.close()
     console = Console()
     table = Table(title="models")
-    for col in ("version", "status", "metrics", "data", "registered by", "created"):
+    for col in ("version", "status", "last gate verdict", "metrics", "data", "registered by", "created"):
         table.add_column(col)
     for r in rows:
         table.add_row(r.model_version, r.status + (" (was active)" if r.was_active and r.status != "active" else ""),
+                      summary(last[r.model_version]["gate"]) if r.model_version in last else "",
                       _fmt(r.metrics), (r.data_fingerprint or "")[:12], f"{r.registered_by or ''} {r.reason or ''}".strip(),
                       f"{r.created_at:%Y-%m-%d %H:%M}")
     console.print(table)
@@ -121,6 +126,87 @@ def compare_cmd(candidate: str = typer.Argument(..., help="The shadow candidate.
                       f"active model right {r.active_accuracy:.1%}")
     else:
         console.print("no corrections since the shadow predictions yet")
+
+
+@models_app.command("show")
+def show(version: str = typer.Argument(..., help="The model version."), database_url: DatabaseUrl = None) -> None:
+    """One version: status, lineage (job, start, corrections, data), every metric, and the gate's verdicts."""
+    from model.registry import get_model, verdicts
+    from training.gate import explain
+
+    conn = _connect(database_url)
+    try:
+        row = get_model(conn, version)
+        found = verdicts(conn, version) if row else []
+    finally:
+        conn.close()
+    if row is None:
+        typer.echo(f"error: model {version!r} is not registered", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{row.model_version}  {row.status}" + (" (was active)" if row.was_active and row.status != "active"
+                                                       else ""))
+    typer.echo(f"registered {row.created_at:%Y-%m-%d %H:%M} by {row.registered_by or '?'}: {row.reason or ''}")
+    for line in lineage_lines(row):
+        typer.echo(line)
+    typer.echo("metrics:")
+    for key in sorted(row.metrics):
+        typer.echo(f"  {key}  {row.metrics[key]:.4f}")
+    typer.echo("gate verdicts:" if found else "gate verdicts: none yet")
+    for v in found:
+        typer.echo(f"  {v['at']:%Y-%m-%d %H:%M:%S} {v['action']} by {v['actor']}"
+                   + (f" ({v['reason']})" if v["reason"] else ""))
+        for line in explain(v["gate"]):
+            typer.echo(f"    {line}")
+
+
+def lineage_lines(row) -> list[str]:
+    """The manifest's lineage in words: the job, the model it started from, the corrections, the data."""
+    lin = row.lineage or {}
+    lines = ["lineage:", f"  job: #{lin['job']}" if lin.get("job") else "  job: none (trained by hand)",
+             f"  started from: {lin.get('started_from') or 'fresh weights'}"]
+    if lin.get("started_at"):
+        lines.append(f"  training began: {lin['started_at']}")
+    n = lin.get("corrections") or 0
+    lines.append(f"  corrections: {n}" + (f" (through {lin.get('corrections_through')}, sha256 "
+                                          f"{(lin.get('corrections_sha256') or '')[:16]})" if n else ""))
+    lines.append(f"  data: fingerprint {(row.data_fingerprint or '?')[:16]}, evaluation set {row.eval_set or '?'}")
+    return lines
+
+
+@models_app.command("unreject")
+def unreject(version: str = typer.Argument(..., help="A rejected candidate."),
+             reason: str = typer.Option(..., "--reason", help="Why the gate's rejection is set aside (recorded)."),
+             by: str = typer.Option(None, "--by", help=_BY_HELP), database_url: DatabaseUrl = None) -> None:
+    """Put a rejected candidate back to 'candidate' (it can then be promoted through the gate again)."""
+    from model.registry import unreject as run_unreject
+
+    conn = _connect(database_url)
+    try:
+        run_unreject(conn, version, actor=by or getpass.getuser(), reason=reason)
+    except (LookupError, PermissionError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    finally:
+        conn.close()
+    typer.echo(f"{version} is a candidate again")
+
+
+@models_app.command("reject")
+def reject(version: str = typer.Argument(..., help="A candidate (or shadow) nobody should promote."),
+           reason: str = typer.Option(..., "--reason", help="Why (recorded)."),
+           by: str = typer.Option(None, "--by", help=_BY_HELP), database_url: DatabaseUrl = None) -> None:
+    """Reject a candidate by hand (no gate involved); `unreject` puts it back."""
+    from model.registry import reject_by_hand
+
+    conn = _connect(database_url)
+    try:
+        reject_by_hand(conn, version, actor=by or getpass.getuser(), reason=reason)
+    except (LookupError, PermissionError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    finally:
+        conn.close()
+    typer.echo(f"{version} is rejected")
 
 
 def rollback(

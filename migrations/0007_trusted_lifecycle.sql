@@ -32,3 +32,9 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     seen_at        timestamptz NOT NULL DEFAULT now(),
     details        jsonb NOT NULL DEFAULT '{}'::jsonb
 );
+
+-- The gate's verdict on a candidate it neither promoted nor rejected (two models not comparable, or a
+-- retraining job's candidate that passed and waits for an admin): recorded like every other move.
+ALTER TABLE model_events DROP CONSTRAINT IF EXISTS model_events_action_check;
+ALTER TABLE model_events ADD CONSTRAINT model_events_action_check
+    CHECK (action IN ('register', 'promote', 'rollback', 'reject', 'unreject', 'shadow', 'unshadow', 'gate'));

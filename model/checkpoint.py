@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from schemas.manifest import MANIFEST_VERSION, ModelManifest, Normalisation
+from schemas.manifest import MANIFEST_VERSION, Lineage, ModelManifest, Normalisation
 from schemas.taxonomy import Taxonomy
 from model.backbones import list_backbones
 from model.network import MultitaskModel, build_model
@@ -42,7 +42,8 @@ def git_commit(repo_dir: Path | None = None) -> str:
 def save_model(model: MultitaskModel, out_dir: Path, *, model_version: str, image_size: int,
                thresholds: dict[str, float] | None = None, label_thresholds: dict[str, float] | None = None,
                metrics: dict[str, float] | None = None, data_fingerprint: str = "",
-               strategy: str = "staged", dataset: str = "", eval_set: str = "") -> ModelManifest:
+               strategy: str = "staged", dataset: str = "", eval_set: str = "",
+               lineage: Lineage | None = None) -> ModelManifest:
     """Write model.safetensors and manifest.json into out_dir; return the manifest."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,7 @@ def save_model(model: MultitaskModel, out_dir: Path, *, model_version: str, imag
         data_fingerprint=data_fingerprint,
         dataset=dataset,
         eval_set=eval_set,
+        lineage=lineage or Lineage(),
         strategy=strategy,
         flip_tta=model.flip_tta,
         type_head=model.type_head is not None,
@@ -85,6 +87,16 @@ def read_manifest(model_dir: Path | str) -> ModelManifest:
         return ModelManifest.model_validate_json(path.read_text())
     except ValueError as exc:
         raise ModelMismatchError(f"{path} is not a valid model manifest: {exc}") from exc
+
+
+def record_lineage(model_dir: Path | str, **facts) -> ModelManifest:
+    """Add what the trainer's caller knows (the job, the corrections) to a saved model's lineage, before it
+    is registered. The weights and their hash stay as they are."""
+    manifest = read_manifest(model_dir)
+    lineage = Lineage.model_validate({**manifest.lineage.model_dump(), **facts})
+    manifest = manifest.model_copy(update={"lineage": lineage})
+    (Path(model_dir) / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
+    return manifest
 
 
 def verify_manifest(manifest: ModelManifest, model_dir: Path, expected_taxonomy: Taxonomy | None = None) -> Path:

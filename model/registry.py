@@ -1,37 +1,33 @@
 """Model registry in Postgres (table `models`): immutable versions, an "active" alias that moves.
 
-A candidate is promoted only if it is not worse than the active model on the gate metrics, which are
-measured on the same fixed evaluation set (the manifest records them). Promotion retires the previous
-active row and activates the candidate in one transaction; the partial unique index
-`models_one_active` guarantees at most one active row even under concurrent promotions. A version
-that was active before can be made active again without the gate (`rollback`). Every move is kept in
-`model_events` with who and why.
+The registry makes the moves and keeps their history; it does not judge models. Whether a candidate may
+replace the active model is the gate's decision (training/gate.py: `enrich promote`, the console and
+retraining jobs all go through it), taken inside ``locked`` and carried out with ``activate``, ``reject`` or
+``record``. The promotion lock (a transaction-level advisory lock) serialises every move, and the partial
+unique index `models_one_active` guarantees at most one active row even so. A version that was active
+before can be made active again without the gate (`rollback`); an admin can put a rejected candidate back
+(`unreject`). Every move is kept in `model_events` with who and why, and the gate's verdict in its details.
 """
 from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import psycopg
 from psycopg.rows import dict_row
 from pydantic import ValidationError
 
 from model.checkpoint import read_manifest
-from model.shadow import shadow_gate, shadow_report
 from schemas.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 
-# metric -> True if higher is better. Only metrics both models have are compared.
-DEFAULT_GATE: dict[str, bool] = {
-    "test/top1": True, "test/macro_f1": True, "test/attr/exact_match": True, "test/attr/micro_f1": True,
-    "test/attr/hamming": False, "test/recall@1": True, "test/map@r": True,
-}
 _LOCK_KEY = 7_402_113  # pg_advisory_xact_lock key serialising promotions
 
 
@@ -49,31 +45,39 @@ class ModelRow:
     registered_by: str | None = None
     reason: str | None = None
     data_fingerprint: str | None = None
+    eval_set: str | None = None  # the fixed evaluation set its stored metrics were measured on
+    lineage: dict = field(default_factory=dict)  # the manifest's: job, started_from, corrections, …
 
 
 _COLUMNS = ("model_version, path, status, metrics, created_at, promoted_at, artifact_uri, sha256, was_active,"
-            " registered_by, reason, manifest->>'data_fingerprint' AS data_fingerprint")
+            " registered_by, reason, manifest->>'data_fingerprint' AS data_fingerprint,"
+            " manifest->>'eval_set' AS eval_set, manifest->'lineage' AS lineage")
 
 
 @dataclass
 class Decision:
     promoted: bool
     candidate: str
-    previous: str | None
+    previous: str | None  # the active model before (when promoted) or compared with
     reasons: list[str] = field(default_factory=list)  # why not (or what was compared)
+    status: str | None = None  # the candidate's status afterwards
+    details: dict = field(default_factory=dict)  # what was recorded with the event (the gate's verdict)
 
 
 def _row(r: dict) -> ModelRow:
     return ModelRow(r["model_version"], r["path"], r["status"], dict(r["metrics"] or {}), r["created_at"],
                     r["promoted_at"], r["artifact_uri"], r["sha256"], r["was_active"], r["registered_by"],
-                    r["reason"], r["data_fingerprint"])
+                    r["reason"], r["data_fingerprint"], r["eval_set"] or None, dict(r["lineage"] or {}))
 
 
-def _event(conn: psycopg.Connection, model_version: str, action: str, actor: str, reason: str,
+def record(conn: psycopg.Connection, model_version: str, action: str, actor: str, reason: str,
            previous: str | None = None, details: dict | None = None) -> None:
+    """Append to model_events (actions: register, promote, rollback, reject, unreject, shadow, unshadow, and
+    gate: a verdict that moved nothing)."""
     conn.execute("INSERT INTO model_events (model_version, action, previous, actor, reason, details)"
                  " VALUES (%s, %s, %s, %s, %s, %s::jsonb)",
-                 (model_version, action, previous, actor, reason, json.dumps(details or {})))
+                 (model_version, action, previous, actor, reason, json.dumps(details or {}, default=str)))
+
 
 
 def register_candidate(conn: psycopg.Connection, model_dir: Path | str, store=None, *, actor: str = "cli",
@@ -100,7 +104,7 @@ def register_candidate(conn: psycopg.Connection, model_dir: Path | str, store=No
              actor, reason),
         )
         row = _row(cur.fetchone())
-        _event(conn, row.model_version, "register", actor, reason, details={"artifact_uri": uri})
+        record(conn, row.model_version, "register", actor, reason, details={"artifact_uri": uri})
     log.info("registered %s (%s) from %s", row.model_version, row.status, model_dir)
     return row
 
@@ -157,7 +161,7 @@ def set_shadow(conn: psycopg.Connection, model_version: str | None, *, actor: st
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         for (old,) in conn.execute("SELECT model_version FROM models WHERE status = 'shadow'").fetchall():
             conn.execute("UPDATE models SET status = 'candidate' WHERE model_version = %s", (old,))
-            _event(conn, old, "unshadow", actor, reason)
+            record(conn, old, "unshadow", actor, reason)
         if model_version is None:
             return
         row = get_model(conn, model_version)
@@ -166,7 +170,7 @@ def set_shadow(conn: psycopg.Connection, model_version: str | None, *, actor: st
         if row.status not in ("candidate", "rejected"):
             raise PermissionError(f"{model_version} is {row.status}: only a candidate runs in shadow")
         conn.execute("UPDATE models SET status = 'shadow' WHERE model_version = %s", (model_version,))
-        _event(conn, model_version, "shadow", actor, reason)
+        record(conn, model_version, "shadow", actor, reason)
 
 
 def list_models(conn: psycopg.Connection) -> list[ModelRow]:
@@ -220,75 +224,80 @@ def model_dir_for(conn: psycopg.Connection | None, override: Path | str | None =
                             + (f" (also looked in {newest_under})" if newest_under else ""))
 
 
-def compare(candidate: dict[str, float], active: dict[str, float], gate: dict[str, bool] | None = None,
-            tolerance: float = 0.0) -> tuple[bool, list[str]]:
-    """Not worse on every gate metric both have (within tolerance). Returns (ok, reasons)."""
-    gate = DEFAULT_GATE if gate is None else gate
-    eval_keys = sorted(k for k in set(candidate) | set(active) if k.startswith("eval/"))
-    differ = [k for k in eval_keys if candidate.get(k) != active.get(k)]
-    if differ:
-        return False, [f"measured on different evaluation sets ({', '.join(differ)}); re-measure both "
-                       "on the fixed set (enrich promote --reevaluate)"]
-    reasons, compared = [], 0
-    for key, higher in gate.items():
-        if key not in candidate or key not in active:
-            continue
-        compared += 1
-        c, a = float(candidate[key]), float(active[key])
-        worse = c < a - tolerance if higher else c > a + tolerance
-        if worse:
-            reasons.append(f"{key}: candidate {c:.4f} is worse than active {a:.4f}")
-    if compared == 0:
-        return False, ["no gate metric in common with the active model"]
-    return not reasons, reasons
-
-
-def promote(conn: psycopg.Connection, model_version: str, gate: dict[str, bool] | None = None,
-            tolerance: float = 0.0, metrics: dict[str, dict[str, float]] | None = None, *, actor: str = "cli",
-            reason: str = "", shadow_min_corrections: int | None = None) -> Decision:
-    """Promote the candidate if it is not worse than the active model; reject it otherwise.
-
-    ``metrics``: optional fresh measurements {model_version: metrics} on the fixed evaluation set; by
-    default the metrics stored at registration are compared. ``shadow_min_corrections``: also require the
-    shadow figures (model/shadow.py) — that many fresh corrections, and the candidate right at least as
-    often as the active model. Runs in one transaction.
-    """
+@contextmanager
+def locked(conn: psycopg.Connection, model_version: str) -> Iterator[tuple[ModelRow, ModelRow | None]]:
+    """A transaction holding the promotion lock, with the version's row and the active row locked: a
+    decision taken inside sees the rows as they stay until the move is made. LookupError when the
+    version is not registered."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-        cand, act = _lock_rows(conn, model_version)
+        yield _lock_rows(conn, model_version)
+
+
+def activate(conn: psycopg.Connection, target: ModelRow, current: ModelRow | None, *, actor: str, reason: str,
+             details: dict | None = None) -> Decision:
+    """Inside ``locked``: make ``target`` the active model (``current`` retires) and record the promotion."""
+    _activate(conn, target, current)
+    previous = current.model_version if current else None
+    record(conn, target.model_version, "promote", actor, reason, previous, details)
+    log.info("promoted %s (previous: %s) by %s", target.model_version, previous, actor)
+    return Decision(True, target.model_version, previous, status="active", details=details or {})
+
+
+def reject(conn: psycopg.Connection, model_version: str, *, actor: str, reason: str, previous: str | None = None,
+           details: dict | None = None) -> None:
+    """Mark a candidate rejected and record why (inside ``locked`` when a decision led to it)."""
+    conn.execute("UPDATE models SET status = 'rejected' WHERE model_version = %s", (model_version,))
+    record(conn, model_version, "reject", actor, reason, previous, details)
+    log.info("rejected %s by %s: %s", model_version, actor, reason)
+
+
+def reject_by_hand(conn: psycopg.Connection, model_version: str, *, actor: str, reason: str) -> None:
+    """An admin rejects a candidate (or the shadow) without the gate, recorded with who and why."""
+    if not reason.strip():
+        raise ValueError("rejecting needs a reason")
+    with locked(conn, model_version) as (row, act):
+        if row.status not in ("candidate", "shadow"):
+            raise PermissionError(f"{model_version} is {row.status}: only a candidate can be rejected")
+        reject(conn, model_version, actor=actor, reason=reason, previous=act.model_version if act else None)
+
+
+def promote(conn: psycopg.Connection, model_version: str, *, actor: str = "cli", reason: str = "",
+            details: dict | None = None) -> Decision:
+    """Make a registered version active WITHOUT the gate: for setting up a first model (tests, demos,
+    benchmarks). Admins and jobs promote through training.gate.promote, which decides first."""
+    with locked(conn, model_version) as (cand, act):
         if cand.status == "active":
-            return Decision(True, model_version, model_version, ["already active"])
-        if act is not None:
-            if metrics is None:  # stored figures: comparable only when measured on the same fixed set
-                apart = _different_eval_sets(conn, cand.model_version, act.model_version)
-                if apart:
-                    log.info("refused %s against %s: %s", model_version, act.model_version, apart)
-                    return Decision(False, model_version, act.model_version, [apart])
-            cm = (metrics or {}).get(cand.model_version, cand.metrics)
-            am = (metrics or {}).get(act.model_version, act.metrics)
-            ok, reasons = compare(cm, am, gate, tolerance)
-            if ok and shadow_min_corrections is not None:
-                ok, reasons = shadow_gate(shadow_report(conn, model_version), shadow_min_corrections)
-            if not ok:
-                conn.execute("UPDATE models SET status = 'rejected' WHERE model_version = %s", (model_version,))
-                _event(conn, model_version, "reject", actor, reason, act.model_version, {"reasons": reasons})
-                log.info("rejected %s against %s: %s", model_version, act.model_version, "; ".join(reasons))
-                return Decision(False, model_version, act.model_version, reasons)
-        _activate(conn, cand, act)
-        _event(conn, model_version, "promote", actor, reason, act.model_version if act else None)
-    log.info("promoted %s (previous: %s) by %s", model_version, act.model_version if act else None, actor)
-    return Decision(True, model_version, act.model_version if act else None)
+            return Decision(True, model_version, model_version, ["already active"], status="active")
+        return activate(conn, cand, act, actor=actor, reason=reason, details=details)
 
 
-def _different_eval_sets(conn: psycopg.Connection, a: str, b: str) -> str | None:
-    """Why two models' stored metrics cannot be compared, or None. Models that record no set (older
-    manifests) fall back to compare()'s eval/* check."""
-    sets = dict(conn.execute("SELECT model_version, manifest->>'eval_set' FROM models WHERE model_version = ANY(%s)",
-                             ([a, b],)).fetchall())
-    if sets.get(a) and sets.get(b) and sets[a] != sets[b]:
-        return (f"measured on different evaluation sets ({sets[a]} vs {sets[b]}); re-measure both on one with "
-                "`enrich promote --reevaluate`")
-    return None
+def unreject(conn: psycopg.Connection, model_version: str, *, actor: str, reason: str) -> ModelRow:
+    """Put a rejected candidate back to 'candidate' (an admin's call: re-measured, or the gate was wrong),
+    recorded with who and why. PermissionError for a version that is not rejected."""
+    if not reason.strip():
+        raise ValueError("un-rejecting needs a reason")
+    with locked(conn, model_version) as (row, act):
+        if row.status != "rejected":
+            raise PermissionError(f"{model_version} is {row.status}, not rejected")
+        conn.execute("UPDATE models SET status = 'candidate' WHERE model_version = %s", (model_version,))
+        record(conn, model_version, "unreject", actor, reason, act.model_version if act else None)
+    log.info("un-rejected %s by %s: %s", model_version, actor, reason)
+    return get_model(conn, model_version)
+
+
+def verdicts(conn: psycopg.Connection, model_version: str | None = None, *, last: bool = False) -> list[dict]:
+    """The gate's verdicts as recorded (events whose details hold one), newest first: model_version, action,
+    previous, actor, reason, at and ``gate`` (the verdict). ``last``: only each version's latest."""
+    where = "details ? 'gate'" + (" AND model_version = %s" if model_version else "")
+    order = "model_version, id DESC" if last else "id DESC"
+    distinct = "DISTINCT ON (model_version) " if last else ""
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(f"SELECT {distinct}id, model_version, action, previous, actor, reason, details->'gate' AS gate,"
+                    f" at FROM model_events WHERE {where} ORDER BY {order}",
+                    (model_version,) if model_version else ())
+        rows = cur.fetchall()
+    return sorted(rows, key=lambda r: r["id"], reverse=True)
 
 
 def rollback(conn: psycopg.Connection, model_version: str | None = None, *, actor: str = "cli",
@@ -312,7 +321,7 @@ def rollback(conn: psycopg.Connection, model_version: str | None = None, *, acto
         if not target.was_active:
             raise PermissionError(f"{model_version} was never active: promote it through the gate instead")
         _activate(conn, target, act)
-        _event(conn, model_version, "rollback", actor, reason, act.model_version if act else None)
+        record(conn, model_version, "rollback", actor, reason, act.model_version if act else None)
     log.info("rolled back to %s (from %s) by %s: %s", model_version, act.model_version if act else None, actor,
              reason)
     return Decision(True, model_version, act.model_version if act else None)

@@ -16,6 +16,18 @@ class Normalisation(BaseModel):
     std: tuple[float, float, float]
 
 
+class Lineage(BaseModel):
+    """Where a model comes from: the job that trained it, the model it started from, the corrections it learnt."""
+    model_config = ConfigDict(extra="forbid")
+    job: int | None = None  # the retraining job (training_jobs.id); None: trained by hand (enrich train)
+    started_from: str = ""  # model_version whose weights it started from (warm start); "": fresh weights
+    started_at: datetime | None = None  # when its training began: corrections received later are held out
+    corrections: int = 0  # corrected labels it was trained on
+    corrections_through: datetime | None = None  # the latest of them (its corrected_at)
+    corrections_sha256: str = ""  # of those labels (listing, group, value), sorted
+    extra_rows: int = 0  # training rows beside the dataset's (the corrected listings' photos)
+
+
 class ModelManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
     manifest_version: int = MANIFEST_VERSION
@@ -34,6 +46,7 @@ class ModelManifest(BaseModel):
     data_fingerprint: str = ""
     dataset: str = ""  # what it was trained for: fmnist-shop, deepfashion, …
     eval_set: str = ""  # the fixed evaluation set its metrics were measured on (training/evaluate.py eval_set_id)
+    lineage: Lineage = Field(default_factory=Lineage)  # with dataset, data_fingerprint and eval_set: its origin
     strategy: str = "staged"
     flip_tta: bool = False  # predictions average each photo with its mirror image (2× the compute)
     type_head: bool = False  # a head predicts the garment type (seed 004); false: derived from the category

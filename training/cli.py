@@ -1,4 +1,5 @@
-"""Training subcommands: `enrich train`, `enrich evaluate`, `enrich promote`, `enrich retrain`."""
+"""Training subcommands: `enrich train`, `enrich evaluate`, `enrich promote`, `enrich retrain` (also
+`enrich retrain --cancel JOB`)."""
 from __future__ import annotations
 
 import getpass
@@ -187,9 +188,17 @@ def register(app: typer.Typer) -> None:
     def promote(
         model: str = typer.Argument(..., help="a model directory to register and promote, or the model_version "
                                               "of a registered candidate."),
-        reason: str = typer.Option("", "--reason", help="why (recorded with the promotion; default: none)."),
+        reason: str = typer.Option("", "--reason", help="why (recorded with the gate's verdict; --force needs one; "
+                                                        "default: none)."),
         by: str = typer.Option(None, "--by", help="who promotes (recorded; default: the login name)."),
-        tolerance: float = typer.Option(0.0, help="allowed drop on each gate metric (default: 0, must not be worse)."),
+        tolerance: float = typer.Option(None, min=0.0, max=1.0,
+                                        help="allowed drop on each gate metric (and on each category, where above "
+                                             "ENRICH_GATE_CLASS_MARGIN); one above ENRICH_GATE_TOLERANCE that lets a "
+                                             "failing candidate through is recorded as an override (default: "
+                                             "ENRICH_GATE_TOLERANCE, 0)."),
+        force: bool = typer.Option(False, "--force", help="promote even when the gate fails or refuses; needs "
+                                                          "--reason; recorded with who, why and the reasons "
+                                                          "overridden (default: no)."),
         reevaluate: bool = typer.Option(False, help="re-measure candidate and active model on the fixed "
                                                     "evaluation set instead of trusting stored metrics (default: no)."),
         require_shadow: int = typer.Option(None, "--require-shadow", min=1,
@@ -201,12 +210,16 @@ def register(app: typer.Typer) -> None:
                                            "then reindex) on the backfill queue (default: on)."),
         database_url: DatabaseUrl = None,
     ) -> None:
-        """Promote a candidate if it is not worse than the active model on the evaluation gate."""
+        """Promote a candidate through the gate (overall metrics, each category, held-out corrections against
+        the active model); a candidate that fails is rejected, one not comparable stays a candidate."""
         from core.config import get_settings
         from core.db import connection, database_url as resolve
         from model.artifacts import store_from_settings
-        from model.registry import get_model, local_dir, promote as run_promote, register_candidate
+        from model.registry import register_candidate
+        from training import gate
 
+        if force and not reason.strip():
+            raise typer.BadParameter("a forced promotion needs --reason", param_hint="--reason")
         settings = get_settings()
         store = store_from_settings(settings)
         actor = by or getpass.getuser()
@@ -214,33 +227,14 @@ def register(app: typer.Typer) -> None:
             path = Path(model)
             version = (register_candidate(conn, path, store, actor=actor, reason=reason).model_version
                        if path.is_dir() else model)
-            metrics = None
-            if reevaluate:
-                from model.registry import active_model
-                from training.evaluate import EvalSetError, reevaluate_for_gate
-
-                cand = get_model(conn, version)
-                act = active_model(conn)
-                if cand is None:
-                    raise typer.BadParameter(f"model {version!r} is not registered")
-                if act is not None and act.model_version == cand.model_version:
-                    act = None
-                try:  # both on the candidate's dataset's fixed set; refused if trained for different ones
-                    cand_eval, act_eval = reevaluate_for_gate(local_dir(cand, store),
-                                                              local_dir(act, store) if act is not None else None)
-                except EvalSetError as exc:
-                    typer.echo(f"refused {version}: {exc}")
-                    raise typer.Exit(1) from exc
-                typer.echo(f"measured on evaluation set {cand_eval.eval_set}", err=True)
-                metrics = {cand.model_version: cand_eval.metrics}
-                if act is not None and act_eval is not None:
-                    metrics[act.model_version] = act_eval.metrics
-            decision = run_promote(conn, version, tolerance=tolerance, metrics=metrics, actor=actor, reason=reason,
-                                   shadow_min_corrections=require_shadow)
-        verdict = "promoted" if decision.promoted else "rejected"
-        typer.echo(f"{verdict} {decision.candidate} (previous active: {decision.previous or 'none'})")
-        for why in decision.reasons:
-            typer.echo(f"  {why}")
+            try:
+                decision = gate.promote(conn, version, settings, actor=actor, reason=reason, tolerance=tolerance,
+                                        force=force, reevaluate=reevaluate, shadow_min_corrections=require_shadow,
+                                        store=store)
+            except LookupError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from exc
+        _print_decision(decision)
         if not decision.promoted:
             raise typer.Exit(1)
         if backfill:
@@ -255,51 +249,118 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"backfill of {decision.candidate} enqueued (enrich backfill --wait shows its progress)")
 
 
+def _print_decision(decision) -> None:
+    """What `enrich promote` says: the move, the gate's reasons (or what an override overrode) and notes."""
+    verdict = decision.details.get("gate") or {}
+    if verdict.get("measured") == "re-measured":
+        typer.echo(f"measured on evaluation set {verdict['eval_sets'].get('candidate')}", err=True)
+    if decision.promoted:
+        typer.echo(f"promoted {decision.candidate} (previous active: {decision.previous or 'none'})")
+    elif decision.status == "rejected":
+        typer.echo(f"rejected {decision.candidate} (active: {decision.previous}); `enrich models unreject "
+                   f"{decision.candidate} --reason …` puts it back")
+    else:
+        typer.echo(f"refused {decision.candidate} (active: {decision.previous}): not comparable, it stays a "
+                   "candidate")
+    forced = verdict.get("forced")
+    if forced:
+        typer.echo(f"  forced by {forced['by']} ({forced['why'] or 'no reason given'}) over the gate's verdict "
+                   f"({forced['outcome']}):")
+    for why in decision.reasons:
+        typer.echo(f"  {why}")
+    for note in verdict.get("notes", []):
+        typer.echo(f"  note: {note}")
+
+
 def retrain(
-    reason: str = typer.Option(..., "--reason", help="Why (recorded with the job and the model it registers)."),
-    by: str = typer.Option(None, "--by", help="Who asks (recorded; default: the login name)."),
+    reason: str = typer.Option(None, "--reason", help="Why (recorded with the job and the model it registers); "
+                                                      "required to queue a job."),
+    by: str = typer.Option(None, "--by", help="Who asks or cancels (recorded; default: the login name)."),
     preset: str = typer.Option(None, "--preset", help="training preset, as `enrich train --preset` (default: "
                                                       "ENRICH_RETRAIN_PRESET, quick)."),
     fresh: bool = typer.Option(False, "--fresh", help="train from fresh weights (default: start from the active "
                                                       "model's where its backbone and taxonomy fit the preset)."),
-    wait: bool = typer.Option(False, "--wait", help="show the job's progress until it ends; exit 1 if it fails "
-                                                    "(default: return once it is queued)."),
+    wait: bool = typer.Option(False, "--wait", help="show the job's progress until it ends; exit 0 only when "
+                                                    "its model was promoted, else 1 (failed, cancelled, skipped or "
+                                                    "not promoted; the last line says which) (default: return once "
+                                                    "it is queued)."),
+    cancel: int = typer.Option(None, "--cancel", metavar="JOB", min=1,
+                               help="cancel job JOB instead of queuing one: a queued job at once, a running one "
+                                    "at its next training step; with --wait, follow it until it stops (exit 0 "
+                                    "once cancelled) (default: none)."),
     database_url: DatabaseUrl = None,
 ) -> None:
     """Enqueue a retraining job on the train queue: train with the corrections, evaluate, register, gate, then
-    promote (ENRICH_AUTO_PROMOTE) or wait for an admin; one job runs at a time."""
+    promote (ENRICH_AUTO_PROMOTE) or wait for an admin; one job runs at a time. `--cancel JOB` cancels one."""
     import getpass
-    import time
 
     from core.celery_app import configure
     from core.config import get_settings
     from core.db import connect, database_url as resolve
-    from training.jobs import FINISHED, describe, get_job, request_retrain, retrain_params
+    from training.jobs import cancel_job, request_retrain, retrain_params
 
     settings = get_settings()
-    try:
-        params = retrain_params(settings, preset, fresh)  # the same params as the console's retrain button
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--preset") from exc
-    configure(settings)
+    if cancel is None and not (reason or "").strip():
+        raise typer.BadParameter("say why the job is needed (recorded with it and its model)", param_hint="--reason")
     conn = connect(database_url or resolve(settings), autocommit=True)
     try:
+        if cancel is not None:
+            try:
+                status = cancel_job(conn, cancel, by or getpass.getuser())
+            except (LookupError, ValueError) as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(1) from exc
+            typer.echo(f"training job #{cancel} cancelled" if status == "cancelled" else
+                       f"training job #{cancel} is running: cancel requested (it stops at its next training step)")
+            if wait and _follow(conn, cancel, settings)["status"] != "cancelled":
+                raise typer.Exit(1)
+            return
+        try:
+            params = retrain_params(settings, preset, fresh)  # the same params as the console's retrain button
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--preset") from exc
+        configure(settings)
         job_id = request_retrain(conn, requested_by=by or getpass.getuser(), reason=reason, params=params)
         typer.echo(f"training job #{job_id} queued on {settings.train_queue!r} (`enrich worker -Q "
                    f"{settings.train_queue}` runs it)")
         if not wait:
             return
-        shown = None
-        while True:
-            job = get_job(conn, job_id)
-            line = describe(job)
-            if line != shown:
-                typer.echo(line)
-                shown = line
-            if job["status"] in FINISHED:
-                break
-            time.sleep(1.0)
+        promoted, verdict = _verdict(conn, _follow(conn, job_id, settings))
     finally:
         conn.close()
-    if job["status"] == "failed":
+    typer.echo(verdict)
+    if not promoted:
         raise typer.Exit(1)
+
+
+def _follow(conn, job_id: int, settings) -> dict:
+    """Print the job's line whenever it changes, until it ends (a job whose worker died ends failed once its
+    heartbeat is older than ENRICH_JOB_STALE_S); returns its row."""
+    import time
+
+    from training.jobs import FINISHED, describe, get_job, reap_silent
+
+    shown = None
+    while True:
+        reap_silent(conn, settings.job_stale_s)
+        job = get_job(conn, job_id)
+        line = describe(job, age=False)  # the age would change the line every second
+        if line != shown:
+            typer.echo(line)
+            shown = line
+        if job["status"] in FINISHED:
+            return job
+        time.sleep(1.0)
+
+
+def _verdict(conn, job: dict) -> tuple[bool, str]:
+    """(whether the job's model is the active one now, the line saying so)."""
+    from model.registry import active_version
+
+    name = f"job #{job['id']}"
+    if job["status"] == "done":
+        if job["model_version"] and active_version(conn) == job["model_version"]:
+            return True, f"promoted: {name}'s model {job['model_version']} is active"
+        return False, f"not promoted: {name} is done but {job['model_version']} is not the active model"
+    happened = {"failed": "failed", "cancelled": "was cancelled", "skipped": "was skipped"}[job["status"]]
+    return False, f"not promoted: {name} {happened}"

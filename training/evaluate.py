@@ -165,6 +165,7 @@ def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
     cat_pred = preds.category.argmax(axis=1)
     metrics.update(f1_scores(cat_pred, data.category, c))
     cm = confusion_matrix(cat_pred, data.category, c)
+    metrics.update(class_recall(cm, taxonomy))
     for g in taxonomy.attribute_groups:
         t = data.groups[g.name]
         if g.exclusive and (t >= 0).any():
@@ -185,6 +186,17 @@ def compute_metrics(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
             metrics.update(retrieval_metrics(e[q], ids[q], e[~q], ids[~q],
                                              query_category=data.category[q], gallery_category=data.category[~q]))
     return EvalResult(metrics, cm, per_class_f1(cm), per_label, preds)
+
+
+CLASS_RECALL = "class_recall/"  # metric prefix of one category's recall (its accuracy), for the gate
+
+
+def class_recall(cm: np.ndarray, taxonomy: Taxonomy) -> dict[str, float]:
+    """Each category's recall, the share of its rows predicted as it: ``class_recall/<name>`` (categories
+    without a row here: none). The gate refuses a candidate that loses too much on any one of them."""
+    rows = cm.sum(axis=1)
+    return {f"{CLASS_RECALL}{name}": float(cm[i, i] / rows[i])
+            for i, name in enumerate(taxonomy.category_names) if rows[i] > 0}
 
 
 def calibrate(taxonomy: Taxonomy, preds: Predictions, data: LabelledImages
@@ -336,8 +348,8 @@ def eval_set_mismatch(a_id: str | None, b_id: str | None, a_name: str = "candida
 
 # the bundled taxonomies and the dataset each was made for (a model recording no dataset)
 _TAXONOMY_DATASET = {"fashion-mnist": "fmnist-shop", "deepfashion": "deepfashion"}
-# the training-config fields that decide the fixed evaluation set
-_EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item",
+# the training-config fields that decide the fixed evaluation set (a retraining job's too: training.jobs)
+EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item",
                 "catalogue_source", "image_size")  # the last two: the catalogue's test photos
 
 
@@ -387,7 +399,7 @@ def evaluation_config(model_dir: Path | str, base: TrainConfig | None = None, *,
         cfg = base
     else:
         trained = training_config(model_dir) or {}
-        fields = {k: trained[k] for k in _EVAL_FIELDS if k in trained and k != "data_dir"}
+        fields = {k: trained[k] for k in EVAL_FIELDS if k in trained and k != "data_dir"}
         if trained.get("data_dir"):
             fields["data_dir"] = Path(trained["data_dir"])
         cfg = replace(TrainConfig(), **fields)

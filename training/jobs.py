@@ -3,20 +3,27 @@
 The chain: train (``ENRICH_RETRAIN_PRESET`` on ``ENRICH_RETRAIN_DATASET`` plus the corrected labels, as
 ``enrich train --with-corrections`` does; warm start from the active model's weights where its backbone,
 embedding size and taxonomy fit the preset) → measure the candidate and the active model on one fixed
-evaluation set → register the candidate (artifact store; who and why from the job) → the gate → promote
-when ``ENRICH_AUTO_PROMOTE``, else wait for an admin (``enrich promote VERSION``) → after a promotion,
+evaluation set → register the candidate (artifact store; who and why from the job; its lineage in the
+manifest) → the gate (training.gate: a failing candidate is rejected, with the reasons) → promote when it
+passes and ``ENRICH_AUTO_PROMOTE``, else wait for an admin (``enrich promote VERSION``) → after a promotion,
 enqueue the catalogue backfill by task name (the backfill enqueues the reindex when it is done).
 
 One job trains at a time: a session-level Postgres advisory lock, taken with ``pg_try_advisory_lock`` on
 the job's connection and held for the whole run. A job that finds it taken stays ``queued`` (progress
 "waiting for the lock") and ``run_job`` raises ``JobBusy``; its Celery task retries later. A ``running``
-row while nobody holds the lock belongs to a worker that died: the next job (or beat tick) marks it
-failed. Plain functions; ``training.tasks`` wraps them as Celery tasks and ``enrich retrain`` creates jobs.
+row while nobody holds the lock belongs to a worker that died: the next job (or beat tick, or a train
+worker's start) marks it failed. A running job also beats: a thread with its own connection sets
+``heartbeat_at`` every ``ENRICH_JOB_HEARTBEAT_S``, whatever training reports; a running job silent for longer
+than ``ENRICH_JOB_STALE_S`` is marked failed by whoever looks first (``job_progress``, beat, a worker's start),
+lock or not. An admin cancels a job (``cancel_job``): a queued one at once, a running one at its next training
+step or stage (the heartbeat sees the request). Plain functions; ``training.tasks`` wraps them as Celery
+tasks and ``enrich retrain`` creates jobs.
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -34,20 +41,26 @@ LOCK_KEY = 7_402_114  # pg advisory lock: the one running training job (registry
 SCHEDULE_LOCK_KEY = 7_402_115  # serialises beat ticks (two beats by mistake still create one job)
 MAX_WAIT_S = 6 * 3600.0  # a job still queued this long after it was created fails instead of starting
 PROGRESS_EVERY_S = 2.0  # progress is written to the row at most this often (stage changes at once)
-FINISHED = ("done", "failed", "skipped")
+FINISHED = ("done", "failed", "skipped", "cancelled")
 # what a job's params may set (everything else comes from the settings of the worker that runs it)
 PARAM_KEYS = ("preset", "dataset", "data_dir", "warm_start", "corrections", "time_budget_s")
 SCHEDULE_ACTOR = "schedule"
 # the taxonomy each dataset is labelled with
 _DATASET_TAXONOMY = {"fmnist-shop": "fashion-mnist", "deepfashion": "deepfashion"}
-# the training-config fields that decide the fixed evaluation set
-_EVAL_FIELDS = ("dataset", "data_dir", "taxonomy", "seed", "test_items", "test_photos_per_item", "catalogue_source")
 _COLUMNS = ("id, status, trigger, requested_by, reason, params, progress, model_version, outcome, created_at,"
-            " started_at, finished_at")
+            " started_at, finished_at, heartbeat_at, cancel_requested_by")
 
 
 class JobBusy(RuntimeError):
     """Another training job holds the lock: this one stays queued; try again later."""
+
+
+class JobCancelled(Exception):
+    """The running job is to stop: an admin cancelled it (``by``), or its row was ended elsewhere (``by`` None)."""
+
+    def __init__(self, message: str, by: str | None = None) -> None:
+        super().__init__(message)
+        self.by = by
 
 
 # ---- rows ----------------------------------------------------------------------------------------------
@@ -74,10 +87,13 @@ def get_job(conn: psycopg.Connection, job_id: int) -> dict | None:
         return cur.fetchone()
 
 
-def job_progress(conn: psycopg.Connection, limit: int = 10) -> list[dict]:
+def job_progress(conn: psycopg.Connection, limit: int = 10, stale_s: float | None = None) -> list[dict]:
     """The latest ``limit`` jobs and every queued or running one, newest first: the row's columns (id,
     status, trigger, requested_by, reason, params, progress {stage, step, of, …}, model_version, outcome,
-    created_at, started_at, finished_at) plus ``summary``, one line saying where the job is."""
+    created_at, started_at, finished_at, heartbeat_at, cancel_requested_by) plus ``summary``, one line saying
+    where the job is. Running jobs silent for longer than ``stale_s`` (ENRICH_JOB_STALE_S; None: its default)
+    are marked failed first (``reap_silent``), so a dead job is never shown running."""
+    reap_silent(conn, Settings.model_fields["job_stale_s"].default if stale_s is None else stale_s)
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(f"SELECT {_COLUMNS} FROM training_jobs WHERE status IN ('queued', 'running')"
                     " OR id IN (SELECT id FROM training_jobs ORDER BY id DESC LIMIT %s) ORDER BY id DESC", (limit,))
@@ -87,8 +103,10 @@ def job_progress(conn: psycopg.Connection, limit: int = 10) -> list[dict]:
     return rows
 
 
-def describe(job: dict) -> str:
-    """One line: "#7 running (admin, alice: new corrections) 2-classification step 1200/4800"."""
+def describe(job: dict, now: datetime | None = None, age: bool = True) -> str:
+    """One line: "#7 running (admin, alice: new corrections) 2-classification step 1200/4800, 12 s ago": a
+    running job's last sign of life (heartbeat, progress or start; with ``age``), and "cancelling (asked by …)"
+    once an admin cancelled it."""
     who = f"{job['trigger']}, {job['requested_by']}" + (f": {job['reason']}" if job.get("reason") else "")
     text = f"#{job['id']} {job['status']} ({who})"
     if job["status"] in FINISHED:
@@ -98,7 +116,30 @@ def describe(job: dict) -> str:
         text += f" {p['stage']}"
         if p.get("of"):
             text += f" step {p.get('step', 0)}/{p['of']}"
+    heard = _last_heard(job) if age and job["status"] == "running" else None
+    if heard is not None:
+        text += f", {_ago((now or datetime.now(timezone.utc)) - heard)}"
+    if job["status"] == "running" and job.get("cancel_requested_by"):
+        text += f"; cancelling (asked by {job['cancel_requested_by']})"
     return text
+
+
+def _last_heard(job: dict) -> datetime | None:
+    """The latest of the job's heartbeat, progress write and start."""
+    times = [job.get("heartbeat_at"), job.get("started_at")]
+    stamp = (job.get("progress") or {}).get("updated_at")
+    if stamp:
+        try:
+            times.append(datetime.fromisoformat(stamp))
+        except ValueError:
+            pass  # a hand-written row: the other times still tell
+    times = [t for t in times if t is not None]
+    return max(times) if times else None
+
+
+def _ago(delta) -> str:
+    s = max(0, int(delta.total_seconds()))
+    return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else f"{s // 3600} h ago"
 
 
 def _finish(conn: psycopg.Connection, job_id: int, status: str, outcome: str, progress: dict | None = None) -> None:
@@ -115,7 +156,9 @@ def reap_stale(conn: psycopg.Connection, keep: int | None = None) -> list[int]:
     rows = conn.execute(
         "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = CASE WHEN status = 'running'"
         " THEN 'failed: its worker stopped before the job finished (nobody held the training lock)'"
-        " ELSE 'failed: not started within ' || %s || ' h (task lost, or no worker serves the train queue)' END"
+        " ELSE 'failed: not started within ' || %s || ' h (task lost, or no worker serves the train queue)' END,"
+        " progress = CASE WHEN status = 'running' THEN progress || jsonb_build_object('stage', 'failed at '"
+        " || coalesce(progress->>'stage', 'start')) ELSE progress END"
         " WHERE id IS DISTINCT FROM %s AND (status = 'running' OR (status = 'queued' AND"
         " created_at < now() - make_interval(secs => %s))) RETURNING id",
         (f"{MAX_WAIT_S / 3600:g}", keep, MAX_WAIT_S)).fetchall()
@@ -123,6 +166,58 @@ def reap_stale(conn: psycopg.Connection, keep: int | None = None) -> list[int]:
     if ids:
         log.warning("training jobs %s marked failed: their worker stopped or they never started", ids)
     return ids
+
+
+def reap_silent(conn: psycopg.Connection, stale_s: float) -> list[int]:
+    """Fail the running jobs that gave no sign of life (heartbeat, else their start) for more than ``stale_s``:
+    their worker died (killed, out of memory, its machine lost — which may keep its Postgres session, and the
+    lock, for hours). Safe at any time, lock or not: a live job beats every ENRICH_JOB_HEARTBEAT_S."""
+    rows = conn.execute(
+        "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = 'failed: no heartbeat for '"
+        " || round(extract(epoch FROM now() - coalesce(heartbeat_at, started_at, created_at)))::bigint"
+        " || ' s — its worker died (killed, out of memory or its machine lost; ENRICH_JOB_STALE_S is '"
+        " || %s || ' s)', progress = progress || jsonb_build_object('stage', 'failed at '"
+        " || coalesce(progress->>'stage', 'start')) WHERE status = 'running'"
+        " AND coalesce(heartbeat_at, started_at, created_at) < now() - make_interval(secs => %s) RETURNING id",
+        (f"{stale_s:g}", stale_s)).fetchall()
+    ids = [r[0] for r in rows]
+    if ids:
+        log.warning("training jobs %s marked failed: no heartbeat for more than %gs", ids, stale_s)
+    return ids
+
+
+def reap_dead(conn: psycopg.Connection, stale_s: float) -> list[int]:
+    """What a train worker's start does: fail the silent jobs (``reap_silent``) and, when the training lock is
+    free (so nothing runs), every running one and the queued ones too old to start (``reap_stale``)."""
+    ids = reap_silent(conn, stale_s)
+    if conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+        try:
+            ids += reap_stale(conn)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
+    return ids
+
+
+def cancel_job(conn: psycopg.Connection, job_id: int, by: str) -> str:
+    """Cancel a job, as `enrich retrain --cancel` and the console's button do. A queued one becomes 'cancelled'
+    at once (its task, when delivered, runs nothing); a running one records ``cancel_requested_by``: its
+    heartbeat sees it and the job stops at its next training step or stage, ending 'cancelled' without
+    registering the model it had not registered yet. Returns the status now ('cancelled' or 'running').
+    LookupError: no such job; ValueError: it has finished, nothing to cancel."""
+    row = conn.execute(
+        "UPDATE training_jobs SET cancel_requested_by = coalesce(cancel_requested_by, %s),"
+        " status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,"
+        " finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,"
+        " outcome = CASE WHEN status = 'queued' THEN 'cancelled by ' || %s || ' before it started' ELSE outcome END"
+        " WHERE id = %s AND status IN ('queued', 'running') RETURNING status", (by, by, job_id)).fetchone()
+    if row is None:
+        job = get_job(conn, job_id)
+        if job is None:
+            raise LookupError(f"no training job #{job_id}")
+        raise ValueError(f"job #{job_id} is already {job['status']}: nothing to cancel")
+    log.info("training job #%d: cancelled by %s (%s)", job_id, by, "at once" if row[0] == "cancelled"
+             else "it stops at its next step")
+    return row[0]
 
 
 # ---- sending jobs ---------------------------------------------------------------------------------------
@@ -177,6 +272,7 @@ def schedule_retrain(conn: psycopg.Connection, settings: Settings,
     whose outcome says why (also logged). ``conn`` must autocommit. Returns {job, status, outcome}."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEDULE_LOCK_KEY,))
+        reap_silent(conn, settings.job_stale_s)  # a silent job is dead even while its session holds the lock
         if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
             reap_stale(conn)  # nothing runs: clear what dead workers left, or it would block every tick
         busy = conn.execute("SELECT id, status FROM training_jobs WHERE status IN ('queued', 'running')"
@@ -206,12 +302,61 @@ def schedule_retrain(conn: psycopg.Connection, settings: Settings,
 
 # ---- running one ----------------------------------------------------------------------------------------
 
+class _Heartbeat:
+    """Proves a running job is alive: a daemon thread sets ``heartbeat_at`` every ``every_s`` on a connection
+    of its own, whatever training reports (evaluation may report nothing for minutes). It also sees the job
+    cancelled (``cancel_requested_by``) or its row ended elsewhere, and sets ``stop`` for ``_Progress``."""
+
+    def __init__(self, url: str, job_id: int, every_s: float) -> None:
+        self.url, self.job_id, self.every_s = url, job_id, every_s
+        self.stop = threading.Event()  # the job is to stop; ``why`` and ``by`` say why and who asked
+        self.why, self.by = "", None
+        self._quit = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"training-job-{job_id}-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from core.db import connect
+
+        conn = None
+        while not self._quit.wait(self.every_s):  # run_job wrote the first beat with the 'running' status
+            try:
+                conn = conn or connect(self.url, autocommit=True)
+                self._beat(conn)
+            except Exception as exc:  # noqa: BLE001 - a lost connection: a new one next time; never die
+                log.warning("job #%d: heartbeat not recorded: %s", self.job_id, exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def _beat(self, conn: psycopg.Connection) -> None:
+        row = conn.execute("UPDATE training_jobs SET heartbeat_at = CASE WHEN status = 'running' THEN now()"
+                           " ELSE heartbeat_at END WHERE id = %s RETURNING status, cancel_requested_by",
+                           (self.job_id,)).fetchone()
+        status, by = row if row is not None else (None, None)
+        if status == "running" and by is None:
+            return
+        if status == "running":
+            self.why, self.by = f"cancelled by {by}", by
+        else:  # marked failed meanwhile (no heartbeat for too long), or deleted: its end is written already
+            self.why = f"the job is {status or 'gone'} already"
+        self.stop.set()
+
+    def close(self) -> None:
+        self._quit.set()
+        self._thread.join(timeout=30)
+
+
 class _Progress:
     """Writes a job's progress into its row: stage changes at once, steps at most every PROGRESS_EVERY_S.
-    Best effort: a failed write is logged and training goes on (the final status is written apart)."""
+    Best effort: a failed write is logged and training goes on (the final status is written apart).
+    Raises JobCancelled once ``heartbeat`` saw the job cancelled: training calls it on its steps and stages,
+    and the chain between its steps, so the job stops at the next one."""
 
-    def __init__(self, conn: psycopg.Connection, job_id: int) -> None:
-        self.conn, self.job_id = conn, job_id
+    def __init__(self, conn: psycopg.Connection, job_id: int, heartbeat: _Heartbeat | None = None) -> None:
+        self.conn, self.job_id, self.heartbeat = conn, job_id, heartbeat
         self.facts: dict = {}  # job-level facts kept in every write (warm start, corrections, …)
         self.stage: str | None = None
         self.last = 0.0
@@ -221,6 +366,8 @@ class _Progress:
         self({"stage": self.stage or "starting"}, force=True)
 
     def __call__(self, update: dict, force: bool = False) -> None:
+        if self.heartbeat is not None and self.heartbeat.stop.is_set():
+            raise JobCancelled(self.heartbeat.why, self.heartbeat.by)
         now = time.monotonic()
         stage = update.get("stage")
         if not force and stage == self.stage and now - self.last < PROGRESS_EVERY_S:
@@ -278,8 +425,9 @@ def evaluation_cfg(cfg):
     """The fixed evaluation set a job measures candidate and active model on: the test split the preset's
     own training run measures (dataset, data, taxonomy, seed, test items, photos per item)."""
     from training.config import TrainConfig
+    from training.evaluate import EVAL_FIELDS
 
-    return replace(TrainConfig(), **{k: getattr(cfg, k) for k in _EVAL_FIELDS})
+    return replace(TrainConfig(), **{k: getattr(cfg, k) for k in EVAL_FIELDS})
 
 
 def _warm_start(active_dir: Path | None, active_version: str | None, cfg, taxonomy) -> tuple[Path | None, str]:
@@ -299,13 +447,17 @@ def _warm_start(active_dir: Path | None, active_version: str | None, cfg, taxono
 def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress: _Progress,
               train_model: Callable | None = None, send_backfill: Callable[[str], None] | None = None
               ) -> tuple[str, str]:
-    """Train → evaluate → register → gate → promote or wait → backfill. Returns (model_version, outcome)."""
+    """Train → evaluate → register → gate (training.gate: a failing candidate is rejected) → promote or wait
+    → backfill. Returns (model_version, outcome); the outcome says promoted, rejected (why) or waiting."""
+    import hashlib
+
     from core.images import load_image
     from model.artifacts import store_from_settings
-    from model.registry import active_model, compare, local_dir, promote, register_candidate
+    from model.checkpoint import record_lineage
+    from model.registry import active_model, local_dir, register_candidate
     from schemas.taxonomy import load_taxonomy
+    from training import gate
     from training.corrections import correction_labels, corrections_to_images
-    from training.evaluate import evaluate_model_dir
 
     if train_model is None:
         from training.train import train as train_model
@@ -323,31 +475,26 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
     cfg = replace(cfg, init_from=init_from)
     progress.note(preset=params.get("preset") or settings.retrain_preset, dataset=cfg.dataset, warm_start=warm)
 
-    extra, n_labels = None, 0
+    extra, labels = None, []
     if params.get("corrections", True):
         progress({"stage": "corrections"})
         labels = correction_labels(conn, taxonomy)
-        n_labels = len(labels)
         if labels:
             extra = corrections_to_images(labels, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
-        progress.note(corrections=n_labels, correction_rows=len(extra) if extra is not None else 0)
+        progress.note(corrections=len(labels), correction_rows=len(extra) if extra is not None else 0)
     log.info("job #%d: training %s on %s (%s), %d corrected label(s)", job_id, cfg.model_version, cfg.dataset,
-             warm, n_labels)
+             warm, len(labels))
     model_dir = Path(train_model(cfg, extra, progress=progress))
+    # lineage: the job, and which corrections it learnt (a digest of the labels, in a stable order)
+    learnt = sorted(f"{lab.listing_id}\t{lab.group}\t{lab.value}" for lab in labels)
+    record_lineage(model_dir, job=job_id, corrections=len(labels),
+                   corrections_through=max((lab.corrected_at for lab in labels), default=None),
+                   corrections_sha256=hashlib.sha256("\n".join(learnt).encode()).hexdigest() if labels else "")
 
-    progress({"stage": "evaluate"})
-    eval_cfg = evaluation_cfg(cfg)
-    metrics = {cfg.model_version: evaluate_model_dir(model_dir, eval_cfg, device=settings.device, progress=False)}
-    unmeasured = None
-    if active is not None:
-        try:
-            metrics[active.model_version] = evaluate_model_dir(active_dir, eval_cfg, device=settings.device,
-                                                               progress=False)
-        except Exception as exc:  # another dataset or taxonomy, unreadable files: no comparison possible
-            unmeasured = f"the active {active.model_version} cannot be measured on this evaluation set: {exc}"
-            log.warning("job #%d: %s", job_id, unmeasured)
+    progress({"stage": "evaluate"})  # both on the candidate's fixed evaluation set
+    measured = gate.measure(model_dir, active_dir, device=settings.device)
     shown = ("test/top1", "test/macro_f1", "test/recall@1")
-    progress.note(metrics={v: {k: round(m[k], 4) for k in shown if k in m} for v, m in metrics.items()})
+    progress.note(metrics={v: {k: round(m[k], 4) for k in shown if k in m} for v, m in measured.metrics.items()})
 
     progress({"stage": "register"})
     why = f"retraining job #{job_id}" + (f": {job['reason']}" if job["reason"] else "")
@@ -356,22 +503,19 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
     conn.execute("UPDATE training_jobs SET model_version = %s WHERE id = %s", (version, job_id))
 
     progress({"stage": "gate"})
-    wait = f"waiting for an admin: enrich promote {version}"
-    if active is None:
-        verdict = "no active model yet"
-    elif unmeasured:
-        verdict = unmeasured
-    else:
-        ok, reasons = compare(metrics[version], metrics[active.model_version])
-        verdict = f"passes the gate against {active.model_version}" if ok else \
-            f"fails the gate against {active.model_version}: {'; '.join(reasons)}"
-    if not settings.auto_promote:
-        return version, f"{wait} ({verdict})"
-    if unmeasured:  # never promote automatically what was not compared
-        return version, f"{wait} (not promoted automatically: {verdict})"
-    decision = promote(conn, version, metrics=metrics, actor=job["requested_by"], reason=why)
+    decision = gate.promote(conn, version, settings, actor=job["requested_by"], reason=why, measured=measured,
+                            activate=settings.auto_promote, store=store)
+    against = f" against {decision.previous}" if decision.previous else ""
+    if decision.status == "rejected":
+        return version, (f"rejected by the gate{against} (an admin may reconsider it: enrich models unreject "
+                         f"{version} --reason …): {'; '.join(decision.reasons)}")
     if not decision.promoted:
-        return version, "rejected by the gate: " + "; ".join(decision.reasons)
+        verdict = decision.details.get("gate", {})
+        if verdict.get("outcome") == gate.REFUSED:
+            state = f"not compared{against}: {'; '.join(decision.reasons)}"
+        else:
+            state = f"passes the gate{against}" if decision.previous else "no active model yet"
+        return version, f"waiting for an admin: enrich promote {version} ({state})"
     try:
         send_backfill(version)
     except Exception as exc:  # the model is active: say so, and that the backfill must be sent again
@@ -385,9 +529,11 @@ def run_job(url: str, job_id: int, settings: Settings, *, train_model: Callable 
             send_backfill: Callable[[str], None] | None = None) -> dict:
     """Run a queued job to its end under the training lock; raises JobBusy when another job holds it.
 
-    A job that is not queued any more (a duplicate delivery, already run or failed) is left as it is. A job
-    that waited longer than ``MAX_WAIT_S`` for the lock fails instead of starting. Any error marks the job
-    failed with the error (and is raised again). ``train_model`` and ``send_backfill``: for tests.
+    A job that is not queued any more (a duplicate delivery, already run, failed or cancelled) is left as it
+    is. A job that waited longer than ``MAX_WAIT_S`` for the lock fails instead of starting. While it runs, a
+    ``_Heartbeat`` beats every ``settings.job_heartbeat_s``; a job cancelled meanwhile stops at its next step
+    and ends 'cancelled' (returned, not raised). Any error marks the job failed with the error (and is raised
+    again). ``train_model`` and ``send_backfill``: for tests.
     Returns {job, status, model_version, outcome, ran}."""
     from core.db import connect
 
@@ -398,7 +544,7 @@ def run_job(url: str, job_id: int, settings: Settings, *, train_model: Callable 
         try:
             reap_stale(conn, keep=job_id)
             with conn.cursor(row_factory=dict_row) as cur:
-                cur.execute("UPDATE training_jobs SET status = 'running', started_at = now(),"
+                cur.execute("UPDATE training_jobs SET status = 'running', started_at = now(), heartbeat_at = now(),"
                             " progress = '{\"stage\": \"starting\"}'::jsonb"
                             f" WHERE id = %s AND status = 'queued' RETURNING {_COLUMNS}", (job_id,))
                 job = cur.fetchone()
@@ -409,14 +555,19 @@ def run_job(url: str, job_id: int, settings: Settings, *, train_model: Callable 
                         "model_version": now and now["model_version"], "outcome": now and now["outcome"]}
             log.info("training job #%d started (%s, %s: %s)", job_id, job["trigger"], job["requested_by"],
                      job["reason"])
-            progress = _Progress(conn, job_id)
+            heartbeat = _Heartbeat(url, job_id, settings.job_heartbeat_s)
+            progress = _Progress(conn, job_id, heartbeat)
             try:
                 version, outcome = run_chain(conn, job, settings, progress, train_model, send_backfill)
+            except JobCancelled as exc:
+                return _cancelled(conn, url, job_id, progress.stage, exc)
             except BaseException as exc:  # also a soft time limit or a worker's shutdown
                 _finish_anyhow(conn, url, job_id, "failed", f"failed: {type(exc).__name__}: {exc}",
                                {"stage": "failed at " + (progress.stage or "start")})
                 log.exception("training job #%d failed", job_id)
                 raise
+            finally:
+                heartbeat.close()
             _finish_anyhow(conn, url, job_id, "done", outcome, {"stage": "done"})
             log.info("training job #%d done: %s", job_id, outcome)
             return {"job": job_id, "status": "done", "model_version": version, "outcome": outcome, "ran": True}
@@ -427,6 +578,21 @@ def run_job(url: str, job_id: int, settings: Settings, *, train_model: Callable 
                 pass  # a lost connection: the server released the lock with the session
     finally:
         conn.close()  # also releases the lock if the unlock could not run
+
+
+def _cancelled(conn: psycopg.Connection, url: str, job_id: int, stage: str | None, exc: JobCancelled) -> dict:
+    """Record the end of a job stopped by a cancellation (a row ended elsewhere keeps its end)."""
+    job = get_job(conn, job_id)
+    version = job["model_version"] if job else None
+    if exc.by is None:
+        log.warning("training job #%d stopped: %s", job_id, exc)
+        return {"job": job_id, "status": job and job["status"], "model_version": version,
+                "outcome": job and job["outcome"], "ran": True}
+    at = stage or "start"
+    outcome = f"cancelled by {exc.by} at {at}" + (f"; its candidate {version} stays registered" if version else "")
+    _finish_anyhow(conn, url, job_id, "cancelled", outcome, {"stage": f"cancelled at {at}"})
+    log.info("training job #%d %s", job_id, outcome)
+    return {"job": job_id, "status": "cancelled", "model_version": version, "outcome": outcome, "ran": True}
 
 
 def _busy(conn: psycopg.Connection, job_id: int) -> dict:

@@ -6,12 +6,16 @@
                              every LOCK_RETRY_S. Acked on receipt, not after: a job lasts longer than a
                              broker waits for an ack (Redis visibility timeout, RabbitMQ consumer timeout),
                              and the job's row, not the message, is its state — a job whose worker dies is
-                             marked failed by the next job or beat tick.
+                             marked failed by the next job, beat tick or train worker's start (below), or
+                             by whoever reads the jobs once its heartbeat is older than ENRICH_JOB_STALE_S.
 "enrich.retrain_scheduled"   beat (ENRICH_RETRAIN_CRON): a job when enough corrections arrived since the
                              last one that trained, else a 'skipped' row saying why.
+
+A worker serving the train queue, as it starts, marks failed the jobs no worker will finish (`jobs.reap_dead`).
 """
 from __future__ import annotations
 
+from celery.signals import worker_ready
 from celery.utils.log import get_task_logger
 
 from core.celery_app import RETRAIN_TASK, app, task_settings
@@ -37,6 +41,23 @@ def retrain(self, job_id: int) -> dict:
         # back onto the queue it came from (a deployment or a test may use another than "train")
         queue = (self.request.delivery_info or {}).get("routing_key")
         raise self.retry(countdown=LOCK_RETRY_S, **({"queue": queue} if queue else {}))
+
+
+@worker_ready.connect
+def reap_dead_jobs(sender=None, **_) -> None:
+    """A train worker's start: the jobs whose worker died are marked failed now, not at the next job or tick.
+    Never stops the worker from starting (the database may be down: it is logged)."""
+    from training import jobs
+
+    settings = task_settings()
+    queues = sender.app.amqp.queues.consume_from if sender is not None else None
+    if not queues or settings.train_queue not in queues:
+        return  # not a train worker
+    try:
+        with connect(database_url(settings), autocommit=True) as conn:
+            jobs.reap_dead(conn, settings.job_stale_s)
+    except Exception as exc:  # noqa: BLE001 - the next job, beat or reader reaps them instead
+        log.warning("dead training jobs not checked at start: %s", exc)
 
 
 @app.task(name=RETRAIN_SCHEDULED_TASK, ignore_result=True)

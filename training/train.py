@@ -23,6 +23,7 @@ from tqdm import tqdm
 from model.checkpoint import load_model, save_model
 from model.inference import mixed_precision_dtype, resolve_device
 from model.network import MultitaskModel, build_model
+from schemas.manifest import Lineage
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training.config import TINY, StageSpec, TrainConfig, config_dict
 from training.data import LabelledImages, PreparedData, Split, TensorBatches, TorchImages, mask_not_applicable
@@ -274,6 +275,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     if cfg.flip_tta and cfg.augment == "none":  # test-time flips only pay for a model trained with them
         raise RuntimeError("flip_tta needs a model trained with flips; augmentation 'none' has none")
     t_start = time.perf_counter()
+    started_at = datetime.now(timezone.utc)  # corrections received after this are held out from the model
     torch.set_num_threads(cfg.threads or auto_threads(cfg.workers))
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -290,8 +292,10 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
                  len(data.train))
     model = build_model(cfg.backbone, taxonomy, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         embedding_dim=cfg.embedding_dim)
+    started_from = ""
     if cfg.init_from is not None:  # warm start: same backbone and taxonomy (the manifest is checked)
         start, manifest = load_model(cfg.init_from, expected_taxonomy=taxonomy)
+        started_from = manifest.model_version
         if manifest.backbone != cfg.backbone:
             raise RuntimeError(f"cannot start a {cfg.backbone} model from {cfg.init_from} ({manifest.backbone})")
         # a start without a type head leaves the new head as initialised
@@ -344,7 +348,8 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     report({"stage": "save"})
     save_model(model, out_dir, model_version=version, image_size=cfg.image_size, thresholds=thresholds,
                label_thresholds=label_thresholds, metrics=metrics, data_fingerprint=data.train.fingerprint(),
-               strategy=cfg.strategy, dataset=cfg.dataset, eval_set=eval_set_id(cfg, taxonomy, data.test))
+               strategy=cfg.strategy, dataset=cfg.dataset, eval_set=eval_set_id(cfg, taxonomy, data.test),
+               lineage=Lineage(started_from=started_from, started_at=started_at, extra_rows=n_extra))
     write_report(out_dir / "report", taxonomy=taxonomy,
                  config={**config_dict(cfg), "model_version": version, "extra_training_rows": n_extra},
                  metrics=metrics,

@@ -129,12 +129,14 @@ def worker(
                                      help="Serve /metrics and /healthz on this port (default: ENRICH_METRICS_PORT; 0 = off)."),
     loglevel: str = typer.Option("INFO", "--loglevel", help="Celery log level (default: INFO)."),
     json_logs: bool = typer.Option(False, "--json-logs", help="One JSON object per log line (default: plain text)."),
-    beat: bool = typer.Option(False, "--beat", help="Also run the Celery beat scheduler (nightly reindex) in this "
-                              "process; run it in exactly one process (default: off)."),
+    beat: bool = typer.Option(False, "--beat", help="Also run the Celery beat scheduler (nightly reindex, sweep, "
+                              "its own tick) in this process, its schedule in <data dir>/celerybeat-schedule; run "
+                              "it in exactly one process; /healthz then checks the tick too (default: off)."),
     hostname: str = typer.Option(None, "--hostname", "-n", help="Celery node name, unique per broker (default: "
                                  "<queues>-<pid>@<host>, so several workers can run on one host)."),
 ) -> None:
-    """Celery worker for enrichment batches (acks late, prefetch 1, model loaded once per process)."""
+    """Celery worker (acks late, prefetch 1); gpu/backfill workers load the model once per process and follow
+    the registry on a timer; every worker reports itself in worker_status."""
     settings = get_settings(metrics_port=metrics_port)
     pool = "solo" if concurrency == 1 else "prefork"
     if pool == "prefork" and settings.metrics_port:
@@ -144,26 +146,30 @@ def worker(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="enrich-prometheus-")
     from core import metrics
     from worker import runtime
-    from core.celery_app import app, configure
+    from core.celery_app import app, beat_schedule_file, configure
 
     _json_logs(json_logs)
     configure(settings)
     queue_list = queues or settings.gpu_queue
-    if pool == "solo" and settings.gpu_queue in queue_list.split(","):
-        runtime.enricher(settings)  # solo: no fork, load now so the first batch does not wait
+    # the model and the registry timer start in each process that runs tasks (worker.tasks, worker_process_init)
     if settings.metrics_port:
         from core.db import database_url
 
         metrics.serve(settings.metrics_port, _health_checks(settings, database_url(settings), broker=True,
-                                                      model=settings.gpu_queue in queue_list.split(",")))
+                                                      model=runtime.serves_model(settings, queue_list.split(",")),
+                                                      beat=beat))
     hostname = hostname or f"{queue_list.replace(',', '+')}-{os.getpid()}@%h"
-    app.worker_main(["worker", f"--queues={queue_list}", f"--concurrency={concurrency}", f"--pool={pool}",
-                     f"--hostname={hostname}",
-                     f"--loglevel={loglevel}", "--prefetch-multiplier=1", "--without-gossip", "--without-mingle"]
-                    + (["--beat"] if beat else []))
+    args = ["worker", f"--queues={queue_list}", f"--concurrency={concurrency}", f"--pool={pool}",
+            f"--hostname={hostname}", f"--loglevel={loglevel}", "--prefetch-multiplier=1", "--without-gossip",
+            "--without-mingle"]
+    if beat:
+        schedule = beat_schedule_file(settings)
+        schedule.parent.mkdir(parents=True, exist_ok=True)
+        args += ["--beat", f"--schedule={schedule}"]
+    app.worker_main(args)
 
 
-def _health_checks(settings, url: str, broker: bool, model: bool) -> dict:
+def _health_checks(settings, url: str, broker: bool, model: bool, beat: bool = False) -> dict:
     from core.db import connect
 
     def database() -> None:
@@ -175,17 +181,30 @@ def _health_checks(settings, url: str, broker: bool, model: bool) -> dict:
         with app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
 
-    def model_loaded() -> None:
-        from worker import runtime
+    def model_served() -> None:
+        from core.metrics import served_versions
 
-        if not runtime.is_loaded():  # loaded lazily by the first task
-            raise RuntimeError("model not loaded yet")
+        if not served_versions():  # prefork: the children's, from their metrics files
+            raise RuntimeError("no model served yet (loading, or none active)")
+
+    def beat_ticked() -> None:
+        from worker.tasks import beat_age_s
+
+        with connect(url) as conn:
+            age = beat_age_s(conn)
+        why = "beat down, or no worker serves the cpu queue"
+        if age is None:
+            raise RuntimeError(f"beat never seen: {why}")
+        if age > 3 * settings.beat_tick_s:
+            raise RuntimeError(f"beat not seen for {age:.0f} s: {why}")
 
     checks = {"database": database}
     if broker:
         checks["broker"] = celery_broker
     if model:
-        checks["model"] = model_loaded
+        checks["model"] = model_served
+    if beat:
+        checks["beat"] = beat_ticked
     return checks
 
 
@@ -311,15 +330,18 @@ def _wait_for_backfill(conn, version: str, console, interval: float, timeout: fl
 def health(
     database_url: DatabaseUrl = None,
     broker: bool = typer.Option(True, "--broker/--no-broker", help="Also check the Celery broker (default: on)."),
+    beat: bool = typer.Option(False, "--beat", help="Also check that beat's tick ran within 3 × "
+                              "ENRICH_BEAT_TICK_S (the process started with --beat; default: off)."),
 ) -> None:
-    """Check that Postgres (and the Celery broker) answer; exit 0 when healthy, 1 otherwise."""
+    """Check that Postgres (and the Celery broker, and beat) answer; exit 0 when healthy, 1 otherwise."""
     from core.db import database_url as resolve
     from core.celery_app import configure
     from core.metrics import run_checks
 
     settings = get_settings()
     configure(settings)
-    ok, results = run_checks(_health_checks(settings, database_url or resolve(settings), broker=broker, model=False))
+    ok, results = run_checks(_health_checks(settings, database_url or resolve(settings), broker=broker, model=False,
+                                            beat=beat))
     for name, result in results.items():
         typer.echo(f"{name}: {result}")
     raise typer.Exit(0 if ok else 1)

@@ -1,12 +1,20 @@
-"""Per-process state of a worker: the model it serves and the database pool.
+"""Per-process state of a worker: the model it serves, the database pool, and the timer that keeps both
+the model and the process's `worker_status` row up to date.
 
-CUDA and fork don't mix, so nothing here is created at import time: a prefork child loads the
-model in `worker_process_init`, a solo worker on first use.
+CUDA and fork don't mix, so nothing here is created at import time: every process that runs tasks calls
+`start` from Celery's worker_process_init (at start for solo, after the fork for each prefork child); code
+that calls `enricher()` outside such a worker starts on first use.
 
-The served model follows the registry's active alias. Before a task the worker asks which version is
-active (at most every ENRICH_MODEL_CHECK_S seconds); a new one is fetched, verified and loaded in a
-background thread while the old one keeps serving, and the swap happens when the next task starts.
-A task holds one Enricher for its whole batch, so a batch never mixes versions.
+Each worker process runs a timer thread (`check` every ENRICH_MODEL_CHECK_S). In a process that serves a
+model (its queues include the gpu or backfill queue) it asks the registry which versions are active and in
+shadow; a new one is fetched, verified and loaded in a background thread while the old one keeps serving,
+and swapped in as soon as the load finishes and no task holds the current one. Every process, model or not,
+writes its `worker_status` row (queues, and the versions it serves: NULL for cpu and train workers, which
+never load a model).
+
+A task holds one Enricher (and the shadow's) from its first `enricher()` call to its end (`task_finished`,
+from Celery's task_postrun), so a batch never mixes versions and an Enricher is never closed under a task.
+A task that starts while a version the worker has already seen is loading waits for that load.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from core.config import Settings
 log = logging.getLogger(__name__)
 _lock = threading.RLock()  # enricher() reaches pool() while holding it
 _pool = None
+_LOAD_WAIT_S = 300.0  # a task waits this long at most for a load it has seen, then runs on the current model
+_MIN_CHECK_S = 0.1
 
 
 class _Slot:
@@ -31,48 +41,69 @@ class _Slot:
     def __init__(self, name: str) -> None:
         self.name = name
         self.enricher = None
-        self.ready = None  # loaded in the background, waiting for the next task
+        self.wanted: str | None = None  # the version the registry names, when it is not the one served
+        self.ready = None  # `wanted`, loaded in the background, waiting until no task holds the current one
+        self.drop = False  # the registry names none any more: let the current one go at the next switch
         self.loading: threading.Thread | None = None
-        self.wanted: str | None = None
 
-    def swap_in_ready(self) -> None:
-        if self.ready is None:
-            return
-        old, self.enricher, self.ready = self.enricher, self.ready, None
+    @property
+    def version(self) -> str | None:
+        return self.enricher.model_version if self.enricher is not None else None
+
+    def is_loading(self) -> bool:
+        return self.loading is not None and self.loading.is_alive()
+
+    def switch(self) -> bool:
+        """Serve the loaded model (or none, when dropped); call only while no task holds one. True if it changed."""
+        if self.ready is None and not self.drop:
+            return False
+        old, self.enricher, self.ready, self.wanted, self.drop = self.enricher, self.ready, None, None, False
         if old is not None:
             old.close()
-        log.info("now serving %s model %s", self.name, self.enricher.model_version)
+        log.info("now serving %s model %s", self.name, self.version or "none")
+        return True
+
+    def _discard_ready(self) -> None:
+        if self.ready is not None:
+            self.ready.close()
+            self.ready = None
+
+    def follow(self, settings: Settings, version: str | None) -> None:
+        """Aim at `version` (None: no model, for the shadow): load it in the background when it is new."""
+        if version == self.version:  # back to the one served (or still none): forget what was on its way
+            self.wanted, self.drop = None, False
+            self._discard_ready()
+            return
+        self.wanted, self.drop = version, version is None
+        if self.ready is not None and self.ready.model_version != version:
+            self._discard_ready()
+        if version is not None and self.ready is None and not self.is_loading():
+            self.load_in_background(settings, version)
 
     def load_in_background(self, settings: Settings, version: str) -> None:
-        self.wanted = version
-
         def run() -> None:
             try:
                 with pool(settings).connection() as conn:
                     model_dir = _registered_dir(settings, conn, version)
                 loaded = _load(settings, model_dir)
-                with _lock:
-                    self.ready = loaded
             except Exception:  # noqa: BLE001 - keep serving the current model; the next check tries again
                 log.exception("could not load %s model %s; still serving the current one", self.name, version)
-                self.wanted = None
+                return
+            with _lock:
+                if self.wanted != version:  # the registry moved on (or back) while it loaded
+                    loaded.close()
+                    return
+                self.ready = loaded
+                if _held is None:
+                    _switch()
+                else:
+                    log.info("%s model %s is ready; served when the running task ends", self.name, version)
 
         self.loading = threading.Thread(target=run, name=f"load-{self.name}-{version}", daemon=True)
         self.loading.start()
         log.info("%s model is now %s: loading it in the background", self.name, version)
 
-    def follow(self, settings: Settings, version: str | None) -> None:
-        current = self.enricher.model_version if self.enricher is not None else None
-        if version is None:
-            if self.enricher is not None:
-                self.enricher.close()
-            self.enricher = self.ready = self.wanted = None
-        elif version != current and version != self.wanted and not (self.loading and self.loading.is_alive()):
-            self.load_in_background(settings, version)
-
     def close(self) -> None:
-        if self.loading is not None:
-            self.loading.join(60)
         for e in (self.enricher, self.ready):
             if e is not None:
                 e.close()
@@ -80,13 +111,21 @@ class _Slot:
 
 _active = _Slot("active")
 _shadow = _Slot("shadow")
-_checked_at = 0.0
+_in_task = False  # a Celery task is running in this process (task_started … task_finished)
+_held = None  # the Enricher the running task got: the same one until the task ends
+_queues: list[str] | None = None  # what this process consumes, for worker_status (None: not told)
+_timer: threading.Thread | None = None
+_stop = threading.Event()
 
 
 def _load(settings: Settings, model_dir: Path):
     from model.inference import load_predictor
     from worker.pipeline import Enricher
 
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
     t0 = time.perf_counter()
     predictor = load_predictor(model_dir, device=settings.device, mixed_precision=settings.mixed_precision)
     import torch
@@ -112,62 +151,157 @@ def active_model_dir(settings: Settings) -> Path:
         return _registered_dir(settings, conn)
 
 
-def _mark_served(before: str | None) -> None:
-    now = _active.enricher.model_version
+def _mark_served(before: str | None, now: str | None) -> None:
     if before is not None and before != now:
         metrics.MODEL_SERVED.labels(model_version=before).set(0)
-    metrics.MODEL_SERVED.labels(model_version=now).set(1)
+    if now is not None:
+        metrics.MODEL_SERVED.labels(model_version=now).set(1)
 
 
-def _follow(settings: Settings) -> None:
-    """Swap in models loaded in the background; start loading when the registry names new ones."""
-    global _checked_at
-    before = _active.enricher.model_version
-    _active.swap_in_ready()
-    _shadow.swap_in_ready()
-    _mark_served(before)
-    now = time.monotonic()
-    if now - _checked_at < settings.model_check_s:
+def _switch() -> None:
+    """Serve what finished loading (lock held, no task holding an Enricher)."""
+    before = _active.version
+    if _active.switch():
+        _mark_served(before, _active.version)
+    _shadow.switch()
+
+
+def serves_model(settings: Settings, queues: list[str]) -> bool:
+    """Whether a worker consuming `queues` runs enrichment (gpu) or the backfill: only those load a model."""
+    return bool({settings.gpu_queue, settings.backfill_queue} & set(queues))
+
+
+def start(settings: Settings, queues: list[str]) -> None:
+    """Set up this worker process (Celery's worker_process_init: at start for solo, after the fork for prefork).
+
+    A process whose queues need a model gets it from the timer's first check, loaded in the background (a
+    prefork child must answer its parent within seconds); a task that comes first waits for that load.
+    ENRICH_MODEL_DIR, a local directory, is loaded at once. Processes that serve no model never load one.
+    """
+    global _queues
+    _queues = list(queues)
+    if serves_model(settings, _queues) and settings.model_dir is not None:
+        try:
+            enricher(settings)
+        except Exception:  # noqa: BLE001 - a task raises the same error with context; keep the process up
+            log.exception("model could not be loaded at worker start")
+    _start_timer(settings)
+
+
+def stop(settings: Settings) -> None:
+    """Stop the timer and take this process out of worker_status (the worker shuts down)."""
+    if _timer is None:  # never started here (a prefork worker's parent process)
         return
-    _checked_at = now
-    from model.registry import active_version, shadow_version
-
+    _stop.set()
+    if _timer is not None and _timer is not threading.current_thread():
+        _timer.join(30)
     try:
         with pool(settings).connection() as conn:
-            active, shadow = active_version(conn), shadow_version(conn)
-            _report(conn)
-    except Exception:  # noqa: BLE001 - a registry hiccup must not stop the worker; check again later
-        log.warning("could not read the active model version", exc_info=True)
-        return
-    if active is not None:
-        _active.follow(settings, active)
-    _shadow.follow(settings, shadow)
+            conn.execute("DELETE FROM worker_status WHERE worker = %s", (_worker_name(),))
+    except Exception:  # noqa: BLE001 - the row ages out of the overview anyway
+        log.warning("could not remove this worker from worker_status", exc_info=True)
 
 
-def _report(conn) -> None:
-    """What this process serves, for the console's overview."""
-    conn.execute("INSERT INTO worker_status (worker, model_version, shadow_version, seen_at)"
-                 " VALUES (%s, %s, %s, now()) ON CONFLICT (worker) DO UPDATE SET model_version ="
-                 " EXCLUDED.model_version, shadow_version = EXCLUDED.shadow_version, seen_at = now()",
-                 (f"{socket.gethostname()}:{os.getpid()}", _active.enricher.model_version,
-                  _shadow.enricher.model_version if _shadow.enricher is not None else None))
+def _worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _start_timer(settings: Settings) -> None:
+    global _timer
+    with _lock:
+        if _timer is not None and _timer.is_alive():
+            return
+        _stop.clear()
+        _timer = threading.Thread(target=_run_timer, args=(settings, _stop), name="registry-check", daemon=True)
+        _timer.start()
+
+
+def _run_timer(settings: Settings, stop: threading.Event) -> None:
+    while True:
+        check(settings)
+        if stop.wait(max(settings.model_check_s, _MIN_CHECK_S)):
+            return
+
+
+def check(settings: Settings) -> None:
+    """One tick of the timer: follow the registry (model-serving processes), then report to worker_status."""
+    serving = _queues is None or serves_model(settings, _queues)  # None: started by a task, so it serves one
+    try:
+        versions = None
+        with pool(settings).connection() as conn:
+            if serving and settings.model_dir is None:
+                from model.registry import active_version, shadow_version
+
+                versions = active_version(conn), shadow_version(conn)
+        if versions is not None:
+            with _lock:
+                active, shadow = versions
+                if active is not None:  # no active model: keep serving the current one
+                    _active.follow(settings, active)
+                _shadow.follow(settings, shadow)
+                if _held is None:
+                    _switch()
+        with pool(settings).connection() as conn:
+            _report(conn, serving)
+    except Exception:  # noqa: BLE001 - a database hiccup must not stop the worker; check again later
+        log.warning("registry check failed; trying again in %.0fs", settings.model_check_s, exc_info=True)
+
+
+def _report(conn, serving: bool) -> None:
+    """What this process consumes and serves, for the console's overview."""
+    with _lock:
+        active, shadow = (_active.version, _shadow.version) if serving else (None, None)
+    conn.execute("INSERT INTO worker_status (worker, queues, model_version, shadow_version, seen_at)"
+                 " VALUES (%s, %s, %s, %s, now()) ON CONFLICT (worker) DO UPDATE SET queues = EXCLUDED.queues,"
+                 " model_version = EXCLUDED.model_version, shadow_version = EXCLUDED.shadow_version, seen_at = now()",
+                 (_worker_name(), ",".join(_queues) if _queues else None, active, shadow))
+
+
+def task_started() -> None:
+    """A task begins in this process (Celery's task_prerun)."""
+    global _in_task
+    with _lock:
+        _in_task = True
+
+
+def task_finished() -> None:
+    """The task ends: it lets its Enricher go, and whatever finished loading meanwhile is served now."""
+    global _in_task, _held
+    with _lock:
+        _in_task, _held = False, None
+        _switch()
+
+
+def _wait_for_seen_load() -> None:
+    """A load of a version the timer has seen is under way: wait for it, so this task runs on the new model."""
+    with _lock:
+        loading, wanted = (_active.loading, _active.wanted) if _active.is_loading() else (None, None)
+    if loading is not None and wanted is not None:
+        log.info("waiting for model %s to load before this task", wanted)
+        loading.join(_LOAD_WAIT_S)
 
 
 def enricher(settings: Settings):
-    """The Enricher the next batch runs on: loaded on first call, then following the active model."""
-    global _checked_at
+    """The Enricher the current task runs on: the same one until the task ends; loaded on first use."""
+    global _held
     with _lock:
+        if _held is not None:
+            return _held
+    if settings.model_dir is None:
+        _wait_for_seen_load()  # outside the lock: the loading thread takes it to hand its model over
+    with _lock:
+        if _held is not None:
+            return _held
+        _switch()
         if _active.enricher is None:
-            if settings.torch_threads:
-                import torch
-
-                torch.set_num_threads(settings.torch_threads)
             _active.enricher = _load(settings, active_model_dir(settings))
-            _mark_served(None)
-            _checked_at = 0.0 if settings.model_dir is None else time.monotonic()
-        if settings.model_dir is None:
-            _follow(settings)
-        return _active.enricher
+            _mark_served(None, _active.version)
+        current = _active.enricher
+        if _in_task:
+            _held = current
+    if settings.model_dir is None:
+        _start_timer(settings)  # a worker started in-process (tests) has had no `start`
+    return current
 
 
 def shadow_enricher():
@@ -191,12 +325,17 @@ def pool(settings: Settings):
 
 
 def reset() -> None:
-    """Forget the models and the pool (tests)."""
-    global _active, _shadow, _pool, _checked_at
+    """Stop the timer, forget the models and the pool (tests)."""
+    global _active, _shadow, _pool, _in_task, _held, _queues, _timer
+    _stop.set()
+    for thread in (_timer, _active.loading, _shadow.loading):
+        if thread is not None:
+            thread.join(60)  # outside the lock: a finishing load takes it
     with _lock:
         _active.close()
         _shadow.close()
+        _mark_served(_active.version, None)
         if _pool is not None:
             _pool.close()
         _active, _shadow, _pool = _Slot("active"), _Slot("shadow"), None
-        _checked_at = 0.0
+        _in_task, _held, _queues, _timer = False, None, None, None

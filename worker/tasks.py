@@ -1,12 +1,17 @@
-"""Celery tasks of the GPU worker. Tasks take lists of listing ids (micro-batches), never images."""
+"""Celery tasks of the workers: enrichment batches (queue "gpu"; lists of listing ids, never images), the
+pending sweep and beat's tick (queue "cpu"). The worker-process signals that start and stop `runtime` live here.
+"""
 from __future__ import annotations
 
+import socket
+
 import psycopg
-from celery.signals import worker_process_init
+from psycopg.types.json import Jsonb
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown, worker_shutdown
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
-from core.celery_app import ENRICH_TASK, SWEEP_TASK, app, send_enrich, task_settings
+from core.celery_app import BEAT_TICK_TASK, ENRICH_TASK, SWEEP_TASK, app, send_enrich, task_settings
 from worker import runtime
 from worker.shadow import run_shadow
 
@@ -14,12 +19,28 @@ log = get_task_logger(__name__)
 
 
 @worker_process_init.connect
-def _load_model_after_fork(**_kwargs) -> None:
-    # prefork children load the model after the fork (CUDA contexts do not survive fork)
-    try:
-        runtime.enricher(task_settings())
-    except Exception:  # noqa: BLE001 - the task will raise the same error with context; keep the child up
-        log.exception("model could not be loaded at worker start")
+def _start_process(**_kwargs) -> None:
+    # every process that runs tasks (the solo worker, each prefork child after the fork: CUDA contexts and
+    # threads do not survive a fork) starts its registry timer; only gpu/backfill workers load a model
+    queues = app.amqp.queues
+    runtime.start(task_settings(), list(queues.consume_from or queues))
+
+
+@worker_process_shutdown.connect
+@worker_shutdown.connect
+def _stop_process(**_kwargs) -> None:
+    runtime.stop(task_settings())
+
+
+@task_prerun.connect
+def _task_started(**_kwargs) -> None:
+    runtime.task_started()
+
+
+@task_postrun.connect
+def _task_finished(**_kwargs) -> None:
+    # the task lets its model go; one that finished loading meanwhile is served from now on
+    runtime.task_finished()
 
 
 def backoff_s(retries: int, base: float) -> float:
@@ -82,3 +103,24 @@ def sweep_pending_task() -> int:
     settings = task_settings()
     with runtime.pool(settings).connection() as conn:
         return sweep_pending(conn, settings)
+
+
+def record_beat(conn: psycopg.Connection, details: dict) -> None:
+    """Beat was seen now (its tick ran on a cpu worker)."""
+    conn.execute("INSERT INTO heartbeats (name, seen_at, details) VALUES ('beat', now(), %s)"
+                 " ON CONFLICT (name) DO UPDATE SET seen_at = now(), details = EXCLUDED.details",
+                 (Jsonb(details),))
+
+
+def beat_age_s(conn: psycopg.Connection) -> float | None:
+    """Seconds since beat's last tick ran; None when it never did."""
+    row = conn.execute("SELECT extract(epoch FROM now() - seen_at) FROM heartbeats WHERE name = 'beat'").fetchone()
+    return float(row[0]) if row else None
+
+
+@app.task(name=BEAT_TICK_TASK, ignore_result=True)
+def beat_tick() -> None:
+    """Beat, queue "cpu", every ENRICH_BEAT_TICK_S: beat is alive and a worker serves the cpu queue."""
+    settings = task_settings()
+    with runtime.pool(settings).connection() as conn:
+        record_beat(conn, {"worker": socket.gethostname()})

@@ -1,12 +1,15 @@
-"""The models page: every registered version with its status; the selected one's metrics beside the active
-model's, its training report's plots and its shadow figures; the alias moves; retraining jobs and the running
-one's progress. Admins promote (through the registry's gate), roll back, run a candidate in shadow and ask for
-a retrain, each with a reason; reviewers see the page without the buttons and their POSTs are refused.
+"""The models page: every registered version with its status, the reasons of its last gate verdict and a link
+to the job that trained it; the selected one's lineage, metrics beside the active model's, gate verdicts,
+training report plots and shadow figures; the alias moves; retraining jobs and the running one's progress.
+Admins promote (through the gate), reject and un-reject, roll back, run a candidate in shadow and ask for a
+retrain, each with a reason, and cancel a queued or running retraining job; reviewers see the page without
+the buttons and their POSTs are refused.
 
-Everything goes through the library, never a copy of it: model.registry (promote, rollback, set_shadow,
-backfill_after — the step `enrich promote` and `enrich rollback` take too), model.shadow.shadow_report,
-training.jobs (request_retrain, retrain_params, job_progress). Every action is logged with the user
-(users.log_action); an action's outcome is shown once on the page after the redirect (post/redirect/get).
+Everything goes through the library, never a copy of it: training.gate (promote, preview — the gate `enrich
+promote` and retraining jobs go through too), model.registry (unreject, reject_by_hand, rollback, set_shadow,
+backfill_after), model.shadow.shadow_report, training.jobs (request_retrain, retrain_params, job_progress,
+cancel_job). Every action is logged with the user (users.log_action); an action's outcome is shown once on the
+page after the redirect (post/redirect/get).
 """
 from __future__ import annotations
 
@@ -71,14 +74,14 @@ def report_plots(row, settings) -> tuple[list[str], str | None]:
 
 def side_by_side(selected, active) -> tuple[list[dict], list[dict]]:
     """Rows (metric, selected, active, difference, direction, verdict): gate metrics first, then the rest."""
-    from model.registry import DEFAULT_GATE
+    from training.gate import GATE_METRICS
 
     mine = selected.metrics if selected else {}
     theirs = active.metrics if active is not None and active is not selected else {}
     rows = []
-    for key in sorted(set(mine) | set(theirs), key=lambda k: (k not in DEFAULT_GATE, k)):
+    for key in sorted(set(mine) | set(theirs), key=lambda k: (k not in GATE_METRICS, k)):
         a, b = mine.get(key), theirs.get(key)
-        higher = DEFAULT_GATE.get(key)
+        higher = GATE_METRICS.get(key)
         diff = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
         verdict = ""
         if diff is not None and higher is not None:
@@ -107,10 +110,17 @@ def _jobs(conn) -> tuple[list[dict], bool]:
     return jobs, any(j["status"] in ("queued", "running") for j in jobs)
 
 
+def _trained_by(conn) -> dict[str, int]:
+    """model_version -> the retraining job that produced it (its anchor in the jobs list)."""
+    return dict(conn.execute("SELECT model_version, max(id) FROM training_jobs WHERE model_version IS NOT NULL"
+                             " GROUP BY model_version").fetchall())
+
+
 @router.get("/models")
 def models_page(request: Request, version: str | None = None, user: User = Depends(current_user)):
-    from model.registry import compare, history, list_models
+    from model.registry import history, list_models, verdicts
     from model.shadow import shadow_report
+    from training.gate import explain, preview as gate_preview, summary
 
     settings = request.app.state.settings
     with connection(request) as conn:
@@ -120,16 +130,22 @@ def models_page(request: Request, version: str | None = None, user: User = Depen
         shadow = shadow_report(conn, selected.model_version) if selected else None
         moves = history(conn, 15)
         jobs, live = _jobs(conn)
+        last = {v["model_version"]: summary(v["gate"]) for v in verdicts(conn, last=True)}
+        selected_verdicts = verdicts(conn, selected.model_version) if selected else []
+        trained_by = _trained_by(conn)
+    for v in selected_verdicts:
+        v["lines"] = explain(v["gate"])
     gate_rows, other_rows = side_by_side(selected, active)
     preview = None
     if selected is not None and active is not None and selected.model_version != active.model_version:
-        preview = compare(selected.metrics, active.metrics)  # the gate on the stored figures
+        preview = gate_preview(selected, active, settings)  # the gate on the stored figures
     plots, plots_note = report_plots(selected, settings) if selected else ([], None)
     from training.config import PRESETS
 
     return render(request, "models.html", user=user, page="models", rows=rows, selected=selected, active=active,
                   gate_rows=gate_rows, other_rows=other_rows, preview=preview, plots=plots, plot_titles=PLOTS,
-                  plots_note=plots_note, shadow=shadow, moves=moves, jobs=jobs, live=live,
+                  plots_note=plots_note, shadow=shadow, moves=moves, jobs=jobs, live=live, last_verdict=last,
+                  verdicts=selected_verdicts, trained_by=trained_by,
                   presets=sorted(PRESETS), default_preset=settings.retrain_preset, summary=SUMMARY_METRICS,
                   flash=request.session.pop(_FLASH, None))
 
@@ -186,8 +202,9 @@ def _backfill(decision, settings) -> tuple[str, str | None]:
 @router.post("/models/{version}/promote", dependencies=[Depends(check_csrf)])
 def promote(request: Request, version: str, reason: str = Form(""), require_shadow: str = Form(""),
             user: User = Depends(admin_only)):
-    """Through the registry's gate (stored figures; optionally the shadow figures too); then the backfill."""
-    from model.registry import promote as run_promote
+    """Through the gate (stored figures and held-out corrections; optionally the shadow figures too); then the
+    backfill."""
+    from training.gate import promote as run_promote
 
     reason = _reason(reason)
     if not reason:
@@ -202,7 +219,7 @@ def promote(request: Request, version: str, reason: str = Form(""), require_shad
     settings = request.app.state.settings
     with connection(request) as conn:
         try:
-            decision = run_promote(conn, version, actor=user.name, reason=reason,
+            decision = run_promote(conn, version, settings, actor=user.name, reason=reason,
                                    shadow_min_corrections=min_corrections)
         except LookupError as exc:
             log_action(conn, user.name, "promote", version=version, reason=reason, error=str(exc))
@@ -212,14 +229,47 @@ def promote(request: Request, version: str, reason: str = Form(""), require_shad
                    previous=decision.previous, reasons=decision.reasons, require_shadow=min_corrections,
                    backfill=backfill)
     if not decision.promoted:
-        return _back(request, version, "refused",
-                     f"The gate refused {version} against the active {decision.previous}; it is marked rejected.",
-                     decision.reasons)
+        what = ("it is marked rejected (an admin can un-reject it)." if decision.status == "rejected" else
+                "the two cannot be compared, it stays a candidate.")
+        return _back(request, version, "refused", f"The gate refused {version} against the active "
+                                                  f"{decision.previous}; {what}", decision.reasons)
     if decision.previous == version:
         return _back(request, version, "ok", f"{version} is already the active model.")
     text = f"{version} is active (previous: {decision.previous or 'none'}); {backfill}."
     return _back(request, version, "error" if broker_error else "ok",
                  text + (f" {broker_error}" if broker_error else ""))
+
+
+@router.post("/models/{version}/unreject", dependencies=[Depends(check_csrf)])
+def unreject(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)):
+    """Put a rejected candidate back to 'candidate' (model.registry.unreject, as `enrich models unreject`)."""
+    from model.registry import unreject as run_unreject
+
+    return _status_change(request, version, reason, user, "unreject", run_unreject,
+                          f"{version} is a candidate again; it can be promoted through the gate.")
+
+
+@router.post("/models/{version}/reject", dependencies=[Depends(check_csrf)])
+def reject(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)):
+    """Reject a candidate by hand (model.registry.reject_by_hand, as `enrich models reject`)."""
+    from model.registry import reject_by_hand
+
+    return _status_change(request, version, reason, user, "reject", reject_by_hand,
+                          f"{version} is rejected; un-reject it to promote it later.")
+
+
+def _status_change(request: Request, version: str, reason: str, user: User, action: str, move, done: str):
+    reason = _reason(reason)
+    if not reason:
+        return _back(request, version, "error", "Nothing changed: a reason is required.")
+    with connection(request) as conn:
+        try:
+            move(conn, version, actor=user.name, reason=reason)
+        except (LookupError, PermissionError, ValueError) as exc:
+            log_action(conn, user.name, action, version=version, reason=reason, error=str(exc))
+            return _back(request, version, "error", f"Nothing changed: {exc}")
+        log_action(conn, user.name, action, version=version, reason=reason)
+    return _back(request, version, "ok", done)
 
 
 @router.post("/models/{version}/rollback", dependencies=[Depends(check_csrf)])
@@ -297,3 +347,21 @@ def retrain(request: Request, reason: str = Form(""), preset: str = Form(""), fr
         log_action(conn, user.name, "retrain", job=job_id, reason=reason, params=params)
     return _back(request, back, "ok", f"Training job #{job_id} queued on {settings.train_queue!r} ({params['preset']}"
                                       f"{', fresh weights' if fresh else ''}).", anchor="#jobs")
+
+
+@router.post("/models/jobs/{job_id}/cancel", dependencies=[Depends(check_csrf)])
+def cancel_job(request: Request, job_id: int, user: User = Depends(admin_only)):
+    """Cancel a training job (training.jobs.cancel_job), as `enrich retrain --cancel` does: a queued one at once,
+    a running one at its next training step."""
+    from training.jobs import cancel_job as run_cancel
+
+    with connection(request) as conn:
+        try:
+            status = run_cancel(conn, job_id, by=user.name)
+        except (LookupError, ValueError) as exc:
+            log_action(conn, user.name, "cancel_job", job=job_id, error=str(exc))
+            return _back(request, None, "error", f"Not cancelled: {exc}", anchor="#jobs")
+        log_action(conn, user.name, "cancel_job", job=job_id, status=status)
+    return _back(request, None, "ok", f"Training job #{job_id} cancelled." if status == "cancelled" else
+                 f"Training job #{job_id} is running: cancel requested; it stops at its next training step.",
+                 anchor="#jobs")

@@ -1,4 +1,5 @@
-"""The overview: what is waiting (queue, pending, failed, review backlog per group) and what is served."""
+"""The overview: what is waiting (queue, pending, failed, review backlog per group), which workers run, on which
+queues, and which model each serves."""
 from __future__ import annotations
 
 import logging
@@ -55,8 +56,9 @@ def overview_figures(conn) -> dict:
     backlog = conn.execute("SELECT tag_group, count(*) FROM review_queue WHERE resolved_at IS NULL"
                            " GROUP BY tag_group ORDER BY count(*) DESC, tag_group").fetchall()
     active = conn.execute("SELECT model_version, promoted_at FROM models WHERE status = 'active'").fetchone()
-    workers = conn.execute("SELECT worker, model_version, shadow_version, seen_at FROM worker_status"
-                           " WHERE seen_at > now() - interval '10 minutes' ORDER BY worker").fetchall()
+    # every worker process (gpu, backfill, cpu, train) reports on its timer; those serving no model have NULLs
+    workers = conn.execute("SELECT worker, queues, model_version, shadow_version, seen_at FROM worker_status"
+                           " WHERE seen_at > now() - interval '10 minutes' ORDER BY queues, worker").fetchall()
     corrections = conn.execute("SELECT count(*) FROM corrections WHERE received_at > now() - interval '1 day'"
                                ).fetchone()[0]
     return {"status": status, "backlog": backlog, "active": active, "workers": workers,

@@ -30,7 +30,8 @@ def lifecycle(use_celery, monkeypatch, pg_url, db, fmnist_dir, tmp_path):
     env = {"ENRICH_DATABASE_URL": pg_url, "ENRICH_DATA_DIR": str(tmp_path / "data"), "ENRICH_MODEL_CHECK_S": "0.2",
            "ENRICH_ALLOW_LOCAL_PATHS": "true", "ENRICH_CELERY_BROKER_URL": BROKER, "ENRICH_GPU_QUEUE": "gpu-e2e",
            "ENRICH_DEVICE": "cpu", "ENRICH_BACKFILL_PAUSE_S": "0.2", "ENRICH_RETRAIN_PRESET": "tiny",
-           "ENRICH_RETRAIN_DATA_DIR": str(fmnist_dir), "ENRICH_SIMILAR_K": "5", "COLUMNS": "200"}
+           "ENRICH_RETRAIN_DATA_DIR": str(fmnist_dir), "ENRICH_SIMILAR_K": "5", "COLUMNS": "200",
+           "ENRICH_GATE_TOLERANCE": "1"}  # a 9-step model against a random one: the gate judges no merit here
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with Connection(BROKER) as conn:
@@ -92,7 +93,7 @@ def test_corrections_retrain_promote_backfill_shelves_and_rollback(lifecycle, db
         record_correction(db, CorrectionEvent(event_id=f"c{i}", listing_id=catalogue[i], group="category",
                                               new_value=value, corrected_by="reviewer", corrected_at=now))
     res = cli.invoke(app, ["retrain", "--reason", "shirts vs t-shirts", "--by", "alice", "--fresh", "--wait"])
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1 and "not promoted" in res.output, res.output  # it waits for an admin
     job = db.execute("SELECT status, model_version, outcome FROM training_jobs").fetchone()
     assert job[0] == "done" and job[2].startswith("waiting for an admin"), job
     candidate = job[1]

@@ -97,11 +97,14 @@ def test_rollback_and_models_commands(db, pg_url, tmp_path):
 
 
 def test_gate_refuses_figures_from_another_evaluation_set_without_rejecting(db, tmp_path):
+    from training import gate
+
+    settings = Settings(data_dir=tmp_path / "data")
     register_candidate(db, _model_dir(tmp_path, "m-a", 0.90, eval_set="fmnist-shop:fashion-mnist:test:aaaa"))
     promote(db, "m-a")
     register_candidate(db, _model_dir(tmp_path, "m-b", 0.99, eval_set="fmnist-shop:fashion-mnist:test:bbbb"))
-    d = promote(db, "m-b")
+    d = gate.promote(db, "m-b", settings, actor="cli")
     assert not d.promoted and "different evaluation sets" in d.reasons[0]
     assert get_model(db, "m-b").status == "candidate"  # not worse, only not comparable: re-measure it
     register_candidate(db, _model_dir(tmp_path, "m-c", 0.99, eval_set="fmnist-shop:fashion-mnist:test:aaaa"))
-    assert promote(db, "m-c").promoted
+    assert gate.promote(db, "m-c", settings, actor="cli").promoted

@@ -7,8 +7,10 @@ import pytest
 from schemas.taxonomy import load_taxonomy
 from model.network import build_model
 from model.checkpoint import save_model
-from model.registry import active_model, compare, get_model, promote, register_candidate
+from core.config import Settings
+from model.registry import active_model, get_model, register_candidate
 from training.corrections import correction_labels
+from training.gate import PASS, REFUSED, decide, promote
 
 pytestmark = pytest.mark.integration
 
@@ -21,28 +23,29 @@ def _model_dir(tmp_path, version, metrics):
 
 
 def test_compare_gate():
-    ok, reasons = compare({"test/top1": 0.9, "test/attr/hamming": 0.02}, {"test/top1": 0.9, "test/attr/hamming": 0.01})
-    assert not ok and "hamming" in reasons[0]
-    assert compare({"test/top1": 0.91}, {"test/top1": 0.9})[0]
-    assert not compare({"x": 1.0}, {"y": 1.0})[0]
-    ok, reasons = compare({"test/top1": 0.99, "eval/test_rows": 20000.0}, {"test/top1": 0.5, "eval/test_rows": 30000.0})
-    assert not ok and "different evaluation sets" in reasons[0]
+    v = decide({"test/top1": 0.9, "test/attr/hamming": 0.02}, {"test/top1": 0.9, "test/attr/hamming": 0.01})
+    assert not v.passed and "hamming" in v.reasons[0]
+    assert decide({"test/top1": 0.91}, {"test/top1": 0.9}).outcome == PASS
+    assert not decide({"x": 1.0}, {"y": 1.0}).passed
+    v = decide({"test/top1": 0.99, "eval/test_rows": 20000.0}, {"test/top1": 0.5, "eval/test_rows": 30000.0})
+    assert v.outcome == REFUSED and "different evaluation sets" in v.reasons[0]
 
 
 def test_first_candidate_becomes_active_then_gate_decides(db, tmp_path):
+    settings = Settings(data_dir=tmp_path / "data")
     a = register_candidate(db, _model_dir(tmp_path, "m-a", {"test/top1": 0.90, "test/recall@1": 0.80}))
     assert a.status == "candidate"
-    d = promote(db, "m-a")
+    d = promote(db, "m-a", settings, actor="cli")
     assert d.promoted and d.previous is None and active_model(db).model_version == "m-a"
 
     register_candidate(db, _model_dir(tmp_path, "m-worse", {"test/top1": 0.95, "test/recall@1": 0.70}))
-    d = promote(db, "m-worse")
+    d = promote(db, "m-worse", settings, actor="cli")
     assert not d.promoted and "recall@1" in d.reasons[0]
     assert get_model(db, "m-worse").status == "rejected"
     assert active_model(db).model_version == "m-a"
 
     register_candidate(db, _model_dir(tmp_path, "m-better", {"test/top1": 0.92, "test/recall@1": 0.80}))
-    d = promote(db, "m-better")
+    d = promote(db, "m-better", settings, actor="cli")
     assert d.promoted and d.previous == "m-a"
     assert get_model(db, "m-a").status == "retired"
     rows = db.execute("SELECT model_version FROM models WHERE status = 'active'").fetchall()
@@ -57,7 +60,7 @@ def test_register_is_idempotent_and_unknown_promote_fails(db, tmp_path):
     register_candidate(db, d)
     assert db.execute("SELECT count(*) FROM models").fetchone()[0] == 1
     with pytest.raises(LookupError):
-        promote(db, "nope")
+        promote(db, "nope", Settings(data_dir=tmp_path / "data"), actor="cli")
 
 
 def test_correction_labels_latest_per_group(db):

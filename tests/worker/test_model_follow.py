@@ -98,9 +98,10 @@ def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_correction
     from datetime import datetime, timezone
 
     from model.artifacts import store_from_settings
-    from model.registry import active_model, promote, register_candidate, set_shadow
+    from model.registry import active_model, register_candidate, set_shadow
     from model.shadow import shadow_report
     from schemas.events import CorrectionEvent
+    from training.gate import promote
     from worker.store import record_correction
 
     register_candidate(db, model_dir_v2, store_from_settings(following_worker), actor="test", reason="try it")
@@ -115,7 +116,7 @@ def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_correction
     assert set(shadow) == {"category", "type", "colour"}
 
     # the gate with shadow figures refuses while no correction has come in
-    decision = promote(db, "test-small-v2", actor="test", reason="x", shadow_min_corrections=1)
+    decision = promote(db, "test-small-v2", following_worker, actor="test", reason="x", shadow_min_corrections=1)
     assert not decision.promoted and "corrections since the shadow run" in decision.reasons[0]
     db.execute("UPDATE models SET status = 'shadow' WHERE model_version = 'test-small-v2'")  # back in shadow
 
@@ -128,5 +129,6 @@ def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_correction
     report = shadow_report(db, "test-small-v2")
     assert report.corrections == len(ids) and report.candidate_accuracy == 1.0
     assert report.active_accuracy <= report.candidate_accuracy
-    assert promote(db, "test-small-v2", actor="test", reason="won in shadow", shadow_min_corrections=len(ids)).promoted
+    assert promote(db, "test-small-v2", following_worker, actor="test", reason="won in shadow",
+                   shadow_min_corrections=len(ids)).promoted
     assert active_model(db).model_version == "test-small-v2"
