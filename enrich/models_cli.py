@@ -43,9 +43,11 @@ def models(ctx: typer.Context, database_url: DatabaseUrl = None,
     from training.gate import summary
     from training.jobs import job_progress
 
+    settings = get_settings()
     conn = _connect(database_url)
     try:
-        rows, moves, running = list_models(conn), history(conn, events), job_progress(conn, jobs)
+        rows, moves = list_models(conn), history(conn, events)
+        running = job_progress(conn, jobs, stale_s=settings.job_stale_s)
         last = {v["model_version"]: v for v in verdicts(conn, last=True)}
     finally:
         conn.close()
@@ -215,8 +217,8 @@ def rollback(
     reason: str = typer.Option(..., "--reason", help="Why (recorded)."),
     by: str = typer.Option(None, "--by", help=_BY_HELP),
     backfill: bool = typer.Option(True, "--backfill/--no-backfill",
-                                  help="Enqueue the catalogue backfill for the version (default: on; it finds "
-                                       "little to do when the version's embeddings were kept)."),
+                                  help="Enqueue the catalogue backfill for the version (default: on; it rewrites "
+                                       "every listing the rolled-back version wrote)."),
     database_url: DatabaseUrl = None,
 ) -> None:
     """Make an earlier model version active again, without a new gate; workers follow within seconds."""

@@ -156,7 +156,8 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
     from migrations import apply_all
     from model.inference import load_predictor
     from model.artifacts import store_from_settings
-    from model.registry import promote, register_candidate
+    from model.registry import register_candidate
+    from training.gate import promote
     from similar.nightly import recompute
     from similar.query import read_neighbours
     from similar.sheet import contact_sheet
@@ -188,7 +189,8 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
         # the training registry's gate decides: a fresh database gets this model as its first active one
         register_candidate(conn, model_dir, store_from_settings(settings), actor="quickstart",
                            reason="the quickstart's demo model")
-        decision = promote(conn, predictor.version, actor="quickstart", reason="the quickstart's demo model")
+        decision = promote(conn, predictor.version, settings, actor="quickstart",
+                           reason="the quickstart's demo model")
         console.print(f"registry: {decision.candidate} " + ("is the active model" if decision.promoted else
                       f"not promoted over {decision.previous}: {'; '.join(decision.reasons)}"))
         events, invalid, origins = read_listings(catalogue.listings)

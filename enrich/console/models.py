@@ -103,10 +103,10 @@ def _pick(rows, version: str | None):
     return (waiting or active or rows or [None])[0]
 
 
-def _jobs(conn) -> tuple[list[dict], bool]:
+def _jobs(conn, settings) -> tuple[list[dict], bool]:
     from training.jobs import job_progress
 
-    jobs = job_progress(conn, 5)
+    jobs = job_progress(conn, 5, stale_s=settings.job_stale_s)
     return jobs, any(j["status"] in ("queued", "running") for j in jobs)
 
 
@@ -129,7 +129,7 @@ def models_page(request: Request, version: str | None = None, user: User = Depen
         active = next((r for r in rows if r.status == "active"), None)
         shadow = shadow_report(conn, selected.model_version) if selected else None
         moves = history(conn, 15)
-        jobs, live = _jobs(conn)
+        jobs, live = _jobs(conn, request.app.state.settings)
         last = {v["model_version"]: summary(v["gate"]) for v in verdicts(conn, last=True)}
         selected_verdicts = verdicts(conn, selected.model_version) if selected else []
         trained_by = _trained_by(conn)
@@ -154,7 +154,7 @@ def models_page(request: Request, version: str | None = None, user: User = Depen
 def jobs_partial(request: Request, user: User = Depends(current_user)):
     """The jobs list alone: models.js reloads it every few seconds while a job is queued or running."""
     with connection(request) as conn:
-        jobs, live = _jobs(conn)
+        jobs, live = _jobs(conn, request.app.state.settings)
     return render(request, "_models_jobs.html", user=user, jobs=jobs, live=live)
 
 

@@ -58,6 +58,7 @@ def test_a_refused_promotion_is_recorded_and_shown_then_an_admin_unrejects(brows
     page.goto(f"{console_url}/models?version=m-b")
     assert "would refuse it" in page.inner_text("#selected")  # the same gate, on the stored figures
     assert page.get_attribute("tr[data-version='m-b'] a.job-link", "href") == f"#job-{job}"
+    assert page.locator(f"#jobs #job-{job}").count() == 1  # the link lands on the job in the jobs list
     assert f"job #{job}" in page.inner_text("#lineage")
     page.fill("#promote-form input[name=reason]", "better top-1")
     page.click("#promote-form button")
