@@ -175,6 +175,19 @@ def lineage_lines(row) -> list[str]:
     return lines
 
 
+def _hand_move(database_url: str | None, move, version: str, by: str | None, reason: str, done: str) -> None:
+    """Run a registry move an admin asked for (who and why recorded); exit 2 with the reason when refused."""
+    conn = _connect(database_url)
+    try:
+        move(conn, version, actor=by or getpass.getuser(), reason=reason)
+    except (LookupError, PermissionError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    finally:
+        conn.close()
+    typer.echo(f"{version} {done}")
+
+
 @models_app.command("unreject")
 def unreject(version: str = typer.Argument(..., help="A rejected candidate."),
              reason: str = typer.Option(..., "--reason", help="Why the gate's rejection is set aside (recorded)."),
@@ -182,15 +195,7 @@ def unreject(version: str = typer.Argument(..., help="A rejected candidate."),
     """Put a rejected candidate back to 'candidate' (it can then be promoted through the gate again)."""
     from model.registry import unreject as run_unreject
 
-    conn = _connect(database_url)
-    try:
-        run_unreject(conn, version, actor=by or getpass.getuser(), reason=reason)
-    except (LookupError, PermissionError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    finally:
-        conn.close()
-    typer.echo(f"{version} is a candidate again")
+    _hand_move(database_url, run_unreject, version, by, reason, "is a candidate again")
 
 
 @models_app.command("reject")
@@ -200,15 +205,7 @@ def reject(version: str = typer.Argument(..., help="A candidate (or shadow) nobo
     """Reject a candidate by hand (no gate involved); `unreject` puts it back."""
     from model.registry import reject_by_hand
 
-    conn = _connect(database_url)
-    try:
-        reject_by_hand(conn, version, actor=by or getpass.getuser(), reason=reason)
-    except (LookupError, PermissionError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    finally:
-        conn.close()
-    typer.echo(f"{version} is rejected")
+    _hand_move(database_url, reject_by_hand, version, by, reason, "is rejected")
 
 
 def rollback(

@@ -21,11 +21,6 @@ ALTER TABLE training_jobs DROP CONSTRAINT IF EXISTS training_jobs_status_check;
 ALTER TABLE training_jobs ADD CONSTRAINT training_jobs_status_check
     CHECK (status IN ('queued', 'running', 'done', 'failed', 'skipped', 'cancelled'));
 
--- A rejected candidate can be put back to 'candidate' by an admin; recorded like every other move.
-ALTER TABLE model_events DROP CONSTRAINT IF EXISTS model_events_action_check;
-ALTER TABLE model_events ADD CONSTRAINT model_events_action_check
-    CHECK (action IN ('register', 'promote', 'rollback', 'reject', 'unreject', 'shadow', 'unshadow'));
-
 -- Liveness of processes that do no request work of their own (beat): the last time each was seen.
 CREATE TABLE IF NOT EXISTS heartbeats (
     name           text PRIMARY KEY,
@@ -33,8 +28,9 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     details        jsonb NOT NULL DEFAULT '{}'::jsonb
 );
 
--- The gate's verdict on a candidate it neither promoted nor rejected (two models not comparable, or a
--- retraining job's candidate that passed and waits for an admin): recorded like every other move.
+-- Two more moves recorded like every other: an admin puts a rejected candidate back ('unreject'); the
+-- gate's verdict on a candidate it neither promoted nor rejected ('gate': two models not comparable, or a
+-- retraining job's candidate that passed and waits for an admin).
 ALTER TABLE model_events DROP CONSTRAINT IF EXISTS model_events_action_check;
 ALTER TABLE model_events ADD CONSTRAINT model_events_action_check
     CHECK (action IN ('register', 'promote', 'rollback', 'reject', 'unreject', 'shadow', 'unshadow', 'gate'));
