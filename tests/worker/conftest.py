@@ -64,10 +64,16 @@ def make_settings(tmp_path: Path | None = None, **overrides) -> Settings:
 @pytest.fixture()
 def use_celery():
     """Configure the Celery app with a test's Settings (as a process start would); reset it afterwards."""
-    from core.celery_app import configure
+    import importlib
+
+    from core.celery_app import app, configure
 
     def use(settings: Settings) -> Settings:
         configure(settings)
+        # every task module, as a worker start imports them: an in-process worker started earlier in the session
+        # (with a role's narrower `include`) leaves Celery's loader marked initialised, and it imports none again
+        for module in app.conf.include:
+            importlib.import_module(module)
         return settings
 
     yield use
