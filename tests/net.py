@@ -21,3 +21,14 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{host}:{port} did not open in {timeout}s")
+
+
+def scrape_metrics(port: int) -> str | None:
+    """A process's Prometheus `/metrics` text on a loopback port; None while it does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+    except OSError:
+        return None

@@ -10,6 +10,7 @@ import pytest
 from kombu import Connection
 from typer.testing import CliRunner
 
+from tests.lifecycle.conftest import enrich_via_worker as _enrich
 from tests.worker.conftest import png_bytes, save_small_model, wait_until
 
 BROKER = "redis://127.0.0.1:6379/0"
@@ -56,18 +57,6 @@ def worker(use_celery, monkeypatch, pg_url, db, tmp_path):
                     conn.default_channel.queue_delete(q)
                 except Exception:  # noqa: BLE001 - never declared
                     pass
-
-
-def _enrich(db, settings, ids, image, **event):
-    from core.celery_app import send_enrich
-    from schemas.events import ListingEvent
-    from worker.store import upsert_listings
-
-    with db.transaction():
-        upsert_listings(db, [ListingEvent(listing_id=i, seller_id="s", images=[str(image)], **event) for i in ids])
-    send_enrich(ids, settings)
-    wait_until(lambda: db.execute("SELECT count(*) FROM listings WHERE listing_id = ANY(%s) AND status = 'enriched'",
-                                  (ids,)).fetchone()[0] == len(ids), timeout=180)
 
 
 def _rows_of(db, version: str) -> tuple[int, int]:

@@ -12,24 +12,18 @@ import uuid
 import pytest
 
 from schemas.events import ListingEvent
-from tests.net import free_port
+from tests.net import free_port, scrape_metrics
 from tests.worker.conftest import AMQP, png_bytes, start_worker_process, wait_until, worker_process_env
 from worker.store import upsert_listings
 
 V1, V2 = "test-small-v1", "test-small-v2"
 
 
-def _scrape(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
-    except OSError:
-        return None
 
 
 def _served(port: int) -> set[str] | None:
     """The versions /metrics says this worker serves (enrich_model_served at 1)."""
-    text = _scrape(port)
+    text = scrape_metrics(port)
     if text is None:
         return None
     return {v for v, value in re.findall(r'^enrich_model_served\{model_version="([^"]+)"\} (\S+)$', text, re.M)

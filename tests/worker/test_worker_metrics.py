@@ -5,13 +5,12 @@ import os
 import re
 import subprocess
 import sys
-import urllib.request
 import uuid
 
 import pytest
 
 from schemas.events import ListingEvent
-from tests.net import free_port
+from tests.net import free_port, scrape_metrics
 from tests.worker.conftest import png_bytes, wait_until
 from tests.worker.conftest import AMQP, ROOT
 from worker.store import upsert_listings
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.integration
 
 
 
-def _scrape(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-            return r.read().decode()
-    except OSError:
-        return None
 
 
 def _enriched(text: str | None) -> float:
@@ -44,9 +37,9 @@ def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path
     proc = subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", "-c", "2", "--metrics-port", str(port)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("a"))
     try:
-        wait_until(lambda: _scrape(port) is not None or proc.poll() is not None)
+        wait_until(lambda: scrape_metrics(port) is not None or proc.poll() is not None)
         assert proc.poll() is None, log.read_text()[-3000:]
-        assert _enriched(_scrape(port)) == 0.0
+        assert _enriched(scrape_metrics(port)) == 0.0
         (tmp_path / "a.png").write_bytes(png_bytes())
         ids = [f"m{i}" for i in range(3)]
         with db.transaction():
@@ -60,7 +53,7 @@ def test_prefork_worker_metrics_sum_its_children(db, pg_url, model_dir, tmp_path
             send_enrich([i], settings)
         wait_until(lambda: db.execute("SELECT count(*) FROM listings WHERE status = 'enriched'").fetchone()[0] == 3)
         # the parent process enriched nothing itself: these counts come from the children's files
-        wait_until(lambda: _enriched(_scrape(port)) == 3.0)
+        wait_until(lambda: _enriched(scrape_metrics(port)) == 3.0)
     finally:
         if proc.poll() is None:
             proc.terminate()
