@@ -20,6 +20,7 @@ SWEEP_TASK = "enrich.sweep_pending"
 BACKFILL_TASK = "enrich.backfill"
 RETRAIN_TASK = "enrich.retrain"
 BEAT_TICK_TASK = "enrich.beat_tick"
+REINDEX_TASK = "enrich.reindex"
 
 app = Celery("enrich", include=["worker.tasks", "worker.backfill", "similar.tasks", "training.tasks"])
 
@@ -52,7 +53,7 @@ def configure(settings: Settings) -> Celery:
             # beat's liveness (heartbeats('beat')); a tick that waited longer than one period is dropped
             "beat-tick": {"task": BEAT_TICK_TASK, "schedule": settings.beat_tick_s,
                           "options": {"queue": settings.cpu_queue, "expires": settings.beat_tick_s}},
-            "nightly-similar-items": {"task": "enrich.reindex", "schedule": crontab(hour=2, minute=30),
+            "nightly-similar-items": {"task": REINDEX_TASK, "schedule": crontab(hour=2, minute=30),
                                       "options": {"queue": settings.cpu_queue}},
             # listings whose enrichment task was lost are enqueued again (tasks are idempotent)
             "sweep-pending": {"task": SWEEP_TASK, "schedule": settings.pending_sweep_every_s,

@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     task_listings: int = Field(default=64, ge=1, le=4096,
                                description="listing ids per Celery task (the intake's micro-batch); several "
                                            "forward batches per task let decoding overlap the model")
+    intake_linger_ms: int = Field(default=250, ge=0, le=10_000,
+                                  description="how long the intake waits for more events to fill a task up to "
+                                              "ENRICH_TASK_LISTINGS (ms); a full task goes at once, 0 never waits")
     device: str = Field(default="auto", description="`auto` (a GPU if there is one), `cpu` or `cuda[:n]`")
     mixed_precision: bool = Field(default=True, description="predict under autocast where the device computes it "
                                                             "natively: fp16 on CUDA, bf16 on CPUs with AVX512-BF16 "
@@ -148,6 +151,10 @@ class Settings(BaseSettings):
                                                             "machine or a shared volume)")
     index_sync_s: float = Field(default=60.0, ge=0, description="how often a worker checks ENRICH_INDEX_URI for a "
                                                                  "newer snapshot (s)")
+    online_delta_max: int = Field(default=200_000, ge=1, description="listings written since the last similar-items "
+                                  "snapshot that each worker process holds for exact online neighbours (4·dim bytes "
+                                  "each) before it asks for a reindex; with no snapshot at all, online neighbours "
+                                  "wait for `enrich reindex` beyond it")
 
     # Model lifecycle: backfill after a promotion, retraining jobs, shadow evaluation
     backfill_pause_s: float = Field(default=5.0, ge=0, description="the catalogue backfill waits this long while "

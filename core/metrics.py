@@ -31,6 +31,15 @@ MODEL_LATENCY = Histogram("enrich_model_seconds", "Model forward time per batch"
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 FETCH_LATENCY = Histogram("enrich_image_fetch_seconds", "Fetch + decode time per image",
                           buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10))
+ONLINE_ROWS_READ = Counter("enrich_online_rows_read_total", "Embedding rows the online neighbour search read from "
+                           "Postgres to top up its delta")
+ONLINE_DELTA = Gauge("enrich_online_delta_listings", "Listings written since the similar-items snapshot held by this "
+                     "worker process for exact online neighbours", ["model_version"],
+                     multiprocess_mode="max")
+TASK_SECONDS = Histogram("enrich_task_seconds", "Enrichment task time (fetch, model, writes, online neighbours)",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))
+TASK_LISTINGS = Histogram("enrich_task_listings", "Listings per enrichment task",
+                          buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
 QUEUE_DEPTH = Gauge("enrich_queue_depth", "Messages waiting in the GPU queue (as seen by the intake)")
 SNAPSHOT_BUILT = Gauge("enrich_similar_snapshot_built_timestamp_seconds",
                        "When the similar-items snapshot this worker searches was built (alert when it gets old: "

@@ -217,6 +217,7 @@ class SnapshotManifest:
     # slack for transactions still open then) exactly, on top of this index.
     read_at: str | None
     similar_version: int | None = None
+    read_snapshot: str | None = None  # the pg_snapshot of that read: the online delta is what it did not see
     timings_s: dict = field(default_factory=dict)
 
 

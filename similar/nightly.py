@@ -298,7 +298,8 @@ def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_ver
         try:
             manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=emb.vectors.shape[1],
                                            spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
-                                           read_at=emb.read_at, similar_version=version)
+                                           read_at=emb.read_at, similar_version=version,
+                                           read_snapshot=emb.read_snapshot)
             saver = _SnapshotSaver(settings, root, index, emb.ids, manifest, timings)
             built = _Built(model_version, k, version, emb, spec, index, assignment, saver, timings)
             del emb, index, assignment  # the caller may drop the index (and its memory) early

@@ -2,12 +2,13 @@
 
 `write_online_neighbours` is called by the enrichment worker after committing embeddings. Top-K for
 the given listings comes from (a) the latest snapshot of that model version, searched with the
-faiss index, plus (b) an exact search over the "delta": live embeddings created after the snapshot
-read them (less `ONLINE_SLACK` for transactions that were still open then). A delta vector replaces
-the snapshot's one for the same listing (re-embedded); deleted/sold listings are dropped (the
-snapshot may still hold them). Results are upserted into `similar_items_online` with
+faiss index, plus (b) an exact search over the "delta": the embeddings written since that snapshot,
+held in this process and topped up per task with only the rows written since its last look
+(similar/delta.py), so a task's cost does not grow with the listings since the snapshot. A delta
+vector replaces the snapshot's one for the same listing (re-embedded); deleted/sold listings are
+dropped (the snapshot may still hold them). Results are upserted into `similar_items_online` with
 computed_at = now(). Without a snapshot the delta is the whole catalogue (exact), up to
-`ONLINE_EXACT_MAX` embeddings; beyond that online neighbours wait for `enrich reindex`.
+ENRICH_ONLINE_DELTA_MAX embeddings; beyond that online neighbours wait for `enrich reindex`.
 
 The new listing also joins the shelves of its own neighbours where it ranks in their top K (their
 current row, nightly or online, merged and upserted as an online row). Writers of online rows take
@@ -25,7 +26,7 @@ import logging
 import math
 import threading
 import time
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +34,7 @@ import numpy as np
 import psycopg
 
 from core.config import Settings
+from similar import delta as dl
 from similar import index as ix
 from similar import store as sdb
 from similar.common import ADVISORY_NAMESPACE, Neighbour, decode_ids, snapshot_root
@@ -40,8 +42,6 @@ from similar.snapshots import SnapshotStore, store_from_settings
 
 log = logging.getLogger(__name__)
 
-ONLINE_SLACK = timedelta(minutes=30)   # longest enrichment transaction we expect to be open
-ONLINE_EXACT_MAX = 50_000              # most embeddings the online path searches exactly per batch
 SHELF_LOCK_BUCKETS = 4096              # advisory locks on online rows: listing ids hashed into buckets
 
 
@@ -106,16 +106,19 @@ def cached_snapshot(model_version: str, root: Path | str | None = None, *,
 # ---------------------------------------------------------------------------------------------
 # search
 
-def _more_than(conn: psycopg.Connection, model_version: str, n: int) -> bool:
-    row = conn.execute("SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_version = %s LIMIT %s) t",
-                       (model_version, n + 1)).fetchone()
-    return row[0] > n
-
-
 def _live_ids(conn: psycopg.Connection, ids: Sequence[str]) -> set[str]:
     rows = conn.execute("SELECT listing_id FROM listings WHERE listing_id = ANY(%s) AND status <> 'deleted'",
                         (list(ids),)).fetchall()
     return {r[0] for r in rows}
+
+
+def _too_many_without_snapshot(conn: psycopg.Connection, model_version: str, settings: Settings) -> bool:
+    held = dl.held(model_version)
+    if held is not None:
+        return held > settings.online_delta_max
+    row = conn.execute("SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_version = %s LIMIT %s) t",
+                       (model_version, settings.online_delta_max + 1)).fetchone()
+    return row[0] > settings.online_delta_max
 
 
 def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version: str, k: int,
@@ -125,34 +128,29 @@ def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version:
     if len(queries) == 0:
         return {}
     snap = cached_snapshot(model_version, root, settings=settings)
-    delta_after = None
-    if snap is not None and snap.manifest.read_at:
-        delta_after = (datetime.fromisoformat(snap.manifest.read_at) - ONLINE_SLACK).isoformat()
-    elif _more_than(conn, model_version, ONLINE_EXACT_MAX):
-        # e.g. a freshly promoted model while the backfill re-embeds everything: reading the whole
-        # catalogue per batch would stall the enrichment worker; `enrich reindex` fills this in
+    if snap is None and _too_many_without_snapshot(conn, model_version, settings):
+        # e.g. a freshly promoted model while the backfill re-embeds everything: holding the whole catalogue
+        # in every worker would cost too much memory; `enrich reindex` fills this in
         log.warning("no similar-items snapshot for %s and > %d embeddings: online neighbours skipped "
-                    "until the next reindex", model_version, ONLINE_EXACT_MAX)
+                    "until the next reindex", model_version, settings.online_delta_max)
+        dl.forget(model_version)
         return {}
     candidates: list[list[tuple[str, float]]] = [[] for _ in range(len(queries))]
-    delta = sdb.read_embeddings(conn, model_version, created_after=delta_after)
-    if len(delta) > ONLINE_EXACT_MAX:
-        log.warning("%d embeddings of %s since the last snapshot: is the nightly reindex running?",
-                    len(delta), model_version)
-    delta_ids = set(decode_ids(delta.ids))
     over = 2 * k + 1  # room for self, deleted and re-embedded candidates
     if snap is not None and snap.index.ntotal:
         scores, pos = snap.index.search(np.ascontiguousarray(queries.vectors), min(over, snap.index.ntotal))
-        for q in range(len(queries)):
-            for s, p in zip(scores[q], pos[q]):
-                if p >= 0:
-                    cid = snap.ids[p].decode()
-                    if cid not in delta_ids:  # the delta holds this listing's current vector
-                        candidates[q].append((cid, float(s)))
-    if len(delta):
-        scores, pos = ix.exact_topk(queries.vectors, delta.vectors, over)
-        for q in range(len(queries)):
-            candidates[q].extend((delta.ids[p].decode(), float(s)) for s, p in zip(scores[q], pos[q]) if p >= 0)
+    delta = dl.current_delta(conn, model_version, snap, settings=settings)
+    with delta.lock:
+        if snap is not None and snap.index.ntotal:
+            for q in range(len(queries)):
+                for s, p in zip(scores[q], pos[q]):
+                    # the delta holds the current vector of a listing re-embedded since the snapshot
+                    if p >= 0 and snap.ids[p] not in delta.pos:
+                        candidates[q].append((snap.ids[p].decode(), float(s)))
+        if len(delta):
+            scores, pos = ix.exact_topk(queries.vectors, delta.vectors, over)
+            for q in range(len(queries)):
+                candidates[q].extend((delta.ids[p].decode(), float(s)) for s, p in zip(scores[q], pos[q]) if p >= 0)
     live = _live_ids(conn, {c for cs in candidates for c, _ in cs})
     out: dict[str, list[Neighbour]] = {}
     for q, qid in enumerate(decode_ids(queries.ids)):

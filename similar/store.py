@@ -49,6 +49,7 @@ class Embeddings:
     ids: np.ndarray
     vectors: np.ndarray
     read_at: str | None = None  # now() of the reading transaction (ISO): what was committed by then is here
+    read_snapshot: str | None = None  # its pg_snapshot: exactly what it saw (`not_visible_in` reads the rest)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -64,9 +65,13 @@ def _live_filter(alias: str = "l") -> sql.Composable:
 
 def embeddings_query(model_version: str, lo: str | None = None, hi: str | None = None,
                      created_after: str | None = None, only_ids: list[str] | None = None,
-                     tag_filter: tuple[str, str] | None = None) -> tuple[sql.Composable, list]:
+                     tag_filter: tuple[str, str] | None = None,
+                     not_visible_in: str | None = None) -> tuple[sql.Composable, list]:
     """SELECT listing_id, vector of live listings for one model version (in no particular order:
-    sorting 1 GB of vectors in Postgres costs more than sorting the ids in numpy)."""
+    sorting 1 GB of vectors in Postgres costs more than sorting the ids in numpy).
+
+    `not_visible_in` (a pg_snapshot, as text): only rows written by transactions that snapshot did not see.
+    """
     where = [sql.SQL("e.model_version = %s"), _live_filter()]
     params: list = [model_version]
     # id ranges compare bytes (COLLATE "C"), the order numpy sorts ids in, whatever the database locale
@@ -79,6 +84,11 @@ def embeddings_query(model_version: str, lo: str | None = None, hi: str | None =
     if created_after is not None:
         where.append(sql.SQL("e.created_at > %s::timestamptz"))
         params.append(created_after)
+    if not_visible_in is not None:
+        # the range is what the index finds; the visibility test drops the few rows in it the snapshot saw
+        where.append(sql.SQL("e.written_xid >= pg_snapshot_xmin(%s::pg_snapshot)"
+                             " AND NOT pg_visible_in_snapshot(e.written_xid, %s::pg_snapshot)"))
+        params += [not_visible_in, not_visible_in]
     if only_ids is not None:
         where.append(sql.SQL("e.listing_id = ANY(%s)"))
         params.append(list(only_ids))
@@ -254,10 +264,10 @@ _READ_BATCH = 4096  # COPY messages (rows) decoded at a time
 def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None = None,
                     hi: str | None = None, *, created_after: str | None = None,
                     only_ids: list[str] | None = None, tag_filter: tuple[str, str] | None = None,
-                    expected: int | None = None, progress=None) -> Embeddings:
+                    not_visible_in: str | None = None, expected: int | None = None, progress=None) -> Embeddings:
     """Stream live embeddings of one model version (optionally an id range) into numpy.
 
-    Runs in one REPEATABLE READ transaction so the rows and `read_at` come from one snapshot.
+    Runs in one REPEATABLE READ transaction so the rows, `read_at` and `read_snapshot` come from one snapshot.
     `progress(n)` is called with the number of rows decoded per batch.
     """
     fresh = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
@@ -267,13 +277,14 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
         # one backend streams the rows: parallel workers would only pass every row through a queue
         # to it and take CPU from the decoding client
         conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-        query, params = embeddings_query(model_version, lo, hi, created_after, only_ids, tag_filter)
-        read_at = conn.execute("SELECT now()").fetchone()[0].isoformat()
+        query, params = embeddings_query(model_version, lo, hi, created_after, only_ids, tag_filter, not_visible_in)
+        now, snapshot = conn.execute("SELECT now(), pg_current_snapshot()::text").fetchone()
+        read_at = now.isoformat()
         # one dimension per model version; the decoder checks every row against it
         dims = conn.execute("SELECT dim FROM embeddings WHERE model_version = %s LIMIT 1",
                             (model_version,)).fetchall()
         if not dims:
-            return Embeddings(np.array([], dtype="S1"), np.empty((0, 0), np.float32), read_at)
+            return Embeddings(np.array([], dtype="S1"), np.empty((0, 0), np.float32), read_at, snapshot)
         dim = dims[0][0]
         decoder = _CopyDecoder(dim, expected or 1024, on_rows=progress)
         # the vector first: at the same offset in every row, whatever the id's length
@@ -288,7 +299,7 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
                         batch = []
                 decoder.feed(batch)
         ids, vectors = decoder.result()
-    return Embeddings(ids, vectors, read_at)
+    return Embeddings(ids, vectors, read_at, snapshot)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import psycopg
 from celery import chord
 from celery.utils.log import get_task_logger
 
-from core.celery_app import app, task_settings
+from core.celery_app import REINDEX_TASK, app, task_settings
 from core.config import Settings
 from core.db import connect, database_url
 from similar import nightly
@@ -36,7 +36,7 @@ def _prune_models(conn: psycopg.Connection, settings: Settings) -> None:
         log.exception("pruning old model versions failed")
 
 
-@app.task(name="enrich.reindex", ignore_result=True, time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
+@app.task(name=REINDEX_TASK, ignore_result=True, time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
 def reindex(model_version: str | None = None, k: int | None = None, shards: int = 1,
             factory: str | None = None, nprobe: int | None = None) -> dict | None:
     settings = task_settings()

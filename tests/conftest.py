@@ -78,7 +78,11 @@ def empty_db_url() -> str:
 
 @pytest.fixture()
 def db(pg_url: str):
-    """A connection to the session database with all listing data wiped before the test."""
+    """A connection to the session database with all listing data wiped before the test (and the online
+    delta this process held of it)."""
+    from similar import delta
+
+    delta.forget()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(
             "TRUNCATE listings, listing_tags, embeddings, similar_items, similar_items_active,"

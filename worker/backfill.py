@@ -68,13 +68,12 @@ from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from core import metrics
-from core.celery_app import BACKFILL_TASK, app, queue_depth, task_settings
+from core.celery_app import BACKFILL_TASK, REINDEX_TASK, app, queue_depth, task_settings
 from core.config import Settings
 
 log = get_task_logger(__name__)
 _log = logging.getLogger(__name__)
 
-REINDEX_TASK = "enrich.reindex"  # similar/tasks.py; sent by name
 MAX_PASSES = 3
 _LOCK_NAMESPACE = "enrich.backfill"
 

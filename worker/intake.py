@@ -6,6 +6,9 @@ and the content-hash upsert turns the replay into a no-op (still-pending listing
 again; the task skips what is already done). Invalid or oversized events go to the dead-letter
 topic with the reason in a header and the original bytes as the value, and intake carries on.
 
+Under steady traffic a poll returns a few events at a time; the consumer thread lingers up to
+ENRICH_INTAKE_LINGER_MS for a task's worth (ENRICH_TASK_LISTINGS) before it goes on, so tasks fill up.
+
 Two stages: the consumer thread polls, validates and dead-letters a batch (`prepare`), then hands it
 to a writer thread that upserts and enqueues it (`write`) while the next batch is fetched and
 validated. Batches are written in order, and the consumer thread commits a batch's offsets once the
@@ -231,6 +234,7 @@ class Intake:
                         break
                     continue
                 last_data = time.monotonic()
+                records = self._fill(records)
                 try:
                     prepared = self.prepare(records)
                 except Exception:  # noqa: BLE001 - replay the batch, never skip it
@@ -252,6 +256,18 @@ class Intake:
             finally:
                 self.close()
         return self.stats
+
+    def _fill(self, records: list) -> list:
+        """Wait up to ENRICH_INTAKE_LINGER_MS for more events until a task's worth has arrived: under steady
+        traffic a poll returns a few events at a time, and a task's fixed cost would dominate tiny ones."""
+        deadline = time.monotonic() + self.settings.intake_linger_ms / 1000
+        while len(records) < self.task_batch and not self.stopping:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                break
+            more = self.consumer.poll(timeout_ms=left_ms, max_records=self.task_batch - len(records))
+            records += [r for recs in more.values() for r in recs]
+        return records
 
     def _backpressure(self) -> bool:
         """Pause fetching while the GPU queue is deeper than allowed (heartbeats continue)."""

@@ -192,7 +192,8 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
             cur.executemany(
                 """INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES (%s, %s, %s, %s)
                    ON CONFLICT (model_version, listing_id)
-                   DO UPDATE SET dim = EXCLUDED.dim, vector = EXCLUDED.vector, created_at = now()""",
+                   DO UPDATE SET dim = EXCLUDED.dim, vector = EXCLUDED.vector, created_at = now(),
+                                 written_xid = pg_current_xact_id()""",
                 emb_rows,
             )
             cur.executemany(

@@ -11,6 +11,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init, worke
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
+from core import metrics
 from core.celery_app import BEAT_TICK_TASK, ENRICH_TASK, SWEEP_TASK, app, send_enrich, task_settings
 from worker import runtime
 from worker.shadow import run_shadow
@@ -59,8 +60,9 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
     settings = task_settings()
     enricher = runtime.enricher(settings)
     last_try = self.request.retries >= settings.task_max_retries
+    metrics.TASK_LISTINGS.observe(len(listing_ids))
     try:
-        with runtime.pool(settings).connection() as conn:
+        with metrics.TASK_SECONDS.time(), runtime.pool(settings).connection() as conn:
             out = enricher.run(conn, listing_ids, accept_partial=last_try)
             shadow = runtime.shadow_enricher()
             if shadow is not None and out.enriched:

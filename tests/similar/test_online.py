@@ -87,8 +87,8 @@ def test_the_next_nightly_version_supersedes_older_online_rows(db, root, setting
     assert "new" in _shelf(db, "newer")[1][:2]
 
 
-def test_a_big_catalogue_without_snapshot_is_not_scanned_per_batch(db, root, monkeypatch, settings):
-    monkeypatch.setattr(online, "ONLINE_EXACT_MAX", 20)
+def test_a_big_catalogue_without_snapshot_is_not_held_in_every_worker(db, root, settings):
+    settings = settings.model_copy(update={"online_delta_max": 20})
     add_listings(db, [f"b{i}" for i in range(30)], clustered(30, seed=24))
     online._SNAPSHOT_CACHE.clear()
     assert online.write_online_neighbours(db, ["b0"], "m1", k=3, root=root, settings=settings) == 0

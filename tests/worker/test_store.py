@@ -169,3 +169,23 @@ def test_a_listing_edited_back_to_what_was_enriched_is_not_left_pending(db):
     assert r.pending == ["l1"]
     # the task the intake sends for it must finish it, or it stays pending and is swept for ever
     assert [i.listing_id for i in listings_to_enrich(db, ["l1"], "m1")] == ["l1"]
+
+
+def test_a_re_embedded_listing_is_new_to_a_reader_that_saw_its_old_vector(db):
+    """The online delta reads what a pg_snapshot did not see: rewriting an embedding must count as new."""
+    from similar.store import read_embeddings
+
+    with db.transaction():
+        upsert_listings(db, [_ev("l1")])
+    (item,) = listings_to_enrich(db, ["l1"], "m1")
+    with db.transaction():
+        write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
+    seen = read_embeddings(db, "m1")
+    assert len(seen) == 1 and len(read_embeddings(db, "m1", not_visible_in=seen.read_snapshot)) == 0
+    with db.transaction():
+        upsert_listings(db, [_ev("l1", title="edited")])
+    (item,) = listings_to_enrich(db, ["l1"], "m1")
+    with db.transaction():
+        write_enrichments(db, [(item, _enrichment("l1"), np.full(2, 2.0, np.float32))], [])
+    again = read_embeddings(db, "m1", not_visible_in=seen.read_snapshot)
+    assert again.ids.tolist() == [b"l1"] and again.vectors.tolist() == [[2.0, 2.0]]
