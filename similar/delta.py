@@ -48,7 +48,6 @@ class Delta:
         self.seen: str | None = None      # the pg_snapshot of the last read
         self.last_read = 0                # rows the last top-up read
         self.reindex_requested = False
-        self.lock = threading.Lock()      # one task thread tops up and searches at a time
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -88,6 +87,7 @@ class Delta:
 
 
 _DELTAS: dict[str, Delta] = {}
+LOCK = threading.Lock()  # held by a task from its top-up to the end of its search (threaded pools)
 
 
 def _first_read(conn: psycopg.Connection, model_version: str, snap: ix.Snapshot | None) -> sdb.Embeddings:
@@ -101,8 +101,8 @@ def _first_read(conn: psycopg.Connection, model_version: str, snap: ix.Snapshot 
 
 def current_delta(conn: psycopg.Connection, model_version: str, snap: ix.Snapshot | None, *,
                   settings: Settings) -> Delta:
-    """This process's delta for the snapshot `snap`, topped up to what is committed now (call under its lock
-    for the search that follows: see `Delta.lock`)."""
+    """This process's delta for the snapshot `snap`, topped up to what is committed now. Hold `LOCK` from this
+    call to the end of the search over it."""
     delta = _DELTAS.get(model_version)
     path = snap.path if snap is not None else None
     if delta is None or delta.snapshot_path != path:

@@ -139,8 +139,8 @@ def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version:
     over = 2 * k + 1  # room for self, deleted and re-embedded candidates
     if snap is not None and snap.index.ntotal:
         scores, pos = snap.index.search(np.ascontiguousarray(queries.vectors), min(over, snap.index.ntotal))
-    delta = dl.current_delta(conn, model_version, snap, settings=settings)
-    with delta.lock:
+    with dl.LOCK:
+        delta = dl.current_delta(conn, model_version, snap, settings=settings)
         if snap is not None and snap.index.ntotal:
             for q in range(len(queries)):
                 for s, p in zip(scores[q], pos[q]):

@@ -36,12 +36,14 @@ def _listing_ids(pg_url: str) -> set[str]:
 
 
 def _small_batches(settings, topic: str, group: str):
+    """Batches of at most 5 events (settings with intake_linger_ms=0: no lingering joins them into one)."""
     return make_consumer(settings, topic, group, max_poll_records=5, **KAFKA_TEST)
 
 
 def test_offsets_move_only_past_written_batches_and_a_failure_replays_those_behind_it(kafka_bootstrap, pg_url, db):
     topic = f"listings-{uuid.uuid4().hex[:8]}"
-    settings = make_settings(kafka_bootstrap=kafka_bootstrap, listings_topic=topic, dlq_topic=topic + ".dlq")
+    settings = make_settings(kafka_bootstrap=kafka_bootstrap, listings_topic=topic, dlq_topic=topic + ".dlq",
+                             intake_linger_ms=0)
     items = [(f"p{i:02d}".encode(), _event(f"p{i:02d}")) for i in range(40)]
     items.insert(12, (b"bad", b"{not json"))
     _produce(kafka_bootstrap, topic, items)
@@ -93,7 +95,8 @@ def test_offsets_move_only_past_written_batches_and_a_failure_replays_those_behi
 
 def test_stop_finishes_the_batches_in_flight_and_a_restart_continues_from_the_commit(kafka_bootstrap, pg_url, db):
     topic = f"listings-{uuid.uuid4().hex[:8]}"
-    settings = make_settings(kafka_bootstrap=kafka_bootstrap, listings_topic=topic, dlq_topic=topic + ".dlq")
+    settings = make_settings(kafka_bootstrap=kafka_bootstrap, listings_topic=topic, dlq_topic=topic + ".dlq",
+                             intake_linger_ms=0)
     ids = [f"s{i:02d}" for i in range(30)]
     _produce(kafka_bootstrap, topic, [(i.encode(), _event(i)) for i in ids])
     placed = {pos: key.decode() for pos, key in _positions(kafka_bootstrap, topic, len(ids)).items()}
