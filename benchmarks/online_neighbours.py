@@ -13,8 +13,10 @@ prints the medians, their ratio and how many other shelves each batch joined. Dr
 
 --growth: at each number of listings written since the snapshot (filled in by plain inserts), `--batches`
 batches are timed twice: the delta step of this code (top up the process's delta with the rows written since
-the last task, exact search over it) against the re-read of every embedding since the snapshot that the
-online path did per task before (read it from Postgres, exact search over it), and the rows each reads.
+the last task, search it: exactly beside a Flat snapshot, in the snapshot's IVF lists beside an IVF one)
+against the re-read of every embedding since the snapshot that the online path did per task before (read
+it from Postgres, exact search over it); with the rows each reads, and the recall@k of the whole online answer
+(snapshot + delta) of one batch against exact search of everything.
 """
 from __future__ import annotations
 
@@ -127,7 +129,8 @@ def growth(conn, args, vecs, rng, root: Path, settings) -> None:
     from similar import delta as dl
     from similar import index as ix
     from similar import store as sdb
-    from similar.online import cached_snapshot
+    from similar.common import decode_ids
+    from similar.online import cached_snapshot, online_topk
 
     snap = cached_snapshot(MODEL, root, settings=settings)
     rows = lambda: REGISTRY.get_sample_value("enrich_online_rows_read_total") or 0.0  # noqa: E731
@@ -137,14 +140,14 @@ def growth(conn, args, vecs, rng, root: Path, settings) -> None:
             step = min(20_000, target - since)
             add_near(conn, f"F{since:07d}", vecs, rng, step)
             since += step
-        new_ms, old_ms, new_rows, old_rows = [], [], [], []
+        new_ms, old_ms, new_rows, old_rows, recall = [], [], [], [], []
         for b in range(args.batches):
             ids = add_near(conn, f"G{target:07d}-{b:03d}", vecs, rng, args.batch)
             since += args.batch
             queries = sdb.read_embeddings(conn, MODEL, only_ids=ids)
             r0, t0 = rows(), time.perf_counter()
             delta = dl.current_delta(conn, MODEL, snap, settings=settings)
-            ix.exact_topk(queries.vectors, delta.vectors, 2 * args.k + 1)
+            delta.search(queries.vectors, 2 * args.k + 1)
             t1 = time.perf_counter()
             reread = sdb.read_embeddings(conn, MODEL, not_visible_in=snap.manifest.read_snapshot)
             ix.exact_topk(queries.vectors, reread.vectors, 2 * args.k + 1)
@@ -154,18 +157,26 @@ def growth(conn, args, vecs, rng, root: Path, settings) -> None:
                 old_ms.append(1000 * (t2 - t1))
                 new_rows.append(rows() - r0)
                 old_rows.append(len(reread))
+        # the whole online answer (snapshot + delta) of the last batch against exact search of everything
+        found = online_topk(conn, ids, MODEL, args.k, root, settings=settings)
+        everything = sdb.read_embeddings(conn, MODEL)
+        _, exact = ix.exact_topk(queries.vectors, everything.vectors, args.k + 1)
+        for qid, truth in zip(decode_ids(queries.ids), exact):
+            want = [everything.ids[p].decode() for p in truth if p >= 0 and everything.ids[p].decode() != qid][:args.k]
+            recall.append(len(set(want) & {n.listing_id for n in found[qid]}) / len(want))
         new, old = float(np.median(new_ms)), float(np.median(old_ms))
         table.append({"since_snapshot": target, "delta_ms": round(new, 2), "reread_ms": round(old, 2),
                       "ratio_reread_over_delta": round(old / new, 1), "rows_read_delta": float(np.median(new_rows)),
                       "rows_read_reread": float(np.median(old_rows)),
-                      "delta_mib": round(dl.held(MODEL) * args.dim * 4 / 2**20, 1)})
+                      "delta_mib": round(dl.held(MODEL) * args.dim * 4 / 2**20, 1),
+                      "recall_at_k": round(float(np.mean(recall)), 3), "exact": delta.exact})
     print(json.dumps(table))
     print(f"\ndelta step per task of {args.batch} (medians of {args.batches - 1}), {args.dim}-d, catalogue {args.n:,}:")
     print(f"{'since snapshot':>15} {'this code ms':>13} {'re-read ms':>11} {'ratio':>6} {'rows read':>10} "
-          f"{'re-read rows':>13} {'delta MiB':>10}")
+          f"{'re-read rows':>13} {'delta MiB':>10} {'recall@k':>9}")
     for r in table:
         print(f"{r['since_snapshot']:>15,} {r['delta_ms']:>13} {r['reread_ms']:>11} {r['ratio_reread_over_delta']:>6} "
-              f"{r['rows_read_delta']:>10.0f} {r['rows_read_reread']:>13.0f} {r['delta_mib']:>10}")
+              f"{r['rows_read_delta']:>10.0f} {r['rows_read_reread']:>13.0f} {r['delta_mib']:>10} {r['recall_at_k']:>9}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The Celery app: enrichment on queue "gpu" (prefetch 1, acks late), nightly reindex by beat.
+"""The Celery app: enrichment on queue "gpu" (acks late, prefetch: `enrich worker`), nightly reindex by beat.
 
 Beat keeps its schedule in `<data dir>/celerybeat-schedule` (never the working directory, which the image's
 user cannot write) and ticks every ENRICH_BEAT_TICK_S on the cpu queue, so `enrich health --beat` can tell
@@ -37,8 +37,8 @@ def configure(settings: Settings) -> Celery:
         task_default_queue=settings.cpu_queue,
         task_routes={ENRICH_TASK: {"queue": settings.gpu_queue}, BACKFILL_TASK: {"queue": settings.backfill_queue},
                      RETRAIN_TASK: {"queue": settings.train_queue}},
-        # a GPU worker takes one batch at a time and acks after writing it: a crash (kill -9, OOM)
-        # puts the batch back on the queue; the task is idempotent, so a rerun changes nothing
+        # a GPU worker acks a batch after writing it: a crash (kill -9, OOM) puts the batch (and the one it
+        # holds next: worker/cli.py SOLO_PREFETCH) back on the queue; tasks are idempotent, a rerun changes nothing
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

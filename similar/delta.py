@@ -12,9 +12,13 @@ snapshot did not see, a few minutes' worth of listings, once per snapshot. A sna
 migrations/0008 has no pg_snapshot in its manifest: its delta starts at its read time less `ONLINE_SLACK`.
 Without a snapshot the delta is the whole catalogue of the version, up to ENRICH_ONLINE_DELTA_MAX.
 
+Search: exact beside an exact (Flat) snapshot; beside an IVF snapshot the delta goes into lists on that
+snapshot's coarse quantizer and is probed like it, at a cost that does not grow with the delta (`Delta`).
+
 Memory: 4·dim bytes per listing written since the snapshot (1 KiB at 256 dimensions) in each worker
-process, plus its id. Past ENRICH_ONLINE_DELTA_MAX listings a worker asks for a reindex (once per
-snapshot); the finished reindex starts a new, small delta, and the search stays exact meanwhile.
+process, plus its id. A worker asks for a reindex (once per delta) when its delta passes
+ENRICH_ONLINE_DELTA_MAX listings, or `similar.index.FLAT_MAX` while searched exactly (the reindex then
+builds an IVF snapshot); the search goes on meanwhile, and the new snapshot starts a new, small delta.
 """
 from __future__ import annotations
 
@@ -37,53 +41,85 @@ ONLINE_SLACK = timedelta(minutes=30)  # longest enrichment transaction we expect
 
 
 class Delta:
-    """Listing ids and vectors of one model version written after `snapshot` (its directory, or None)."""
+    """Listings of one model version written after `snapshot` (None: all of them) and their vectors.
+
+    Searched exactly while the snapshot is exact (Flat, small catalogues); beside an IVF snapshot the delta's
+    vectors go into that snapshot's lists (its trained coarse quantizer, its nprobe), so a search probes a
+    few lists instead of scanning every vector and costs the same whatever the delta's size, with the
+    snapshot's own recall.
+    """
 
     def __init__(self, model_version: str, snapshot: ix.Snapshot | None) -> None:
         self.model_version = model_version
         self.snapshot_path = snapshot.path if snapshot is not None else None
-        self.ids: list[bytes] = []
-        self.pos: dict[bytes, int] = {}
+        self.ids: list[bytes] = []          # per row
+        self.pos: dict[bytes, int] = {}     # listing id → its current row
         self._vectors: np.ndarray | None = None
-        self.seen: str | None = None      # the pg_snapshot of the last read
-        self.last_read = 0                # rows the last top-up read
+        self._ivf = _ivf_beside(snapshot)
+        self._snapshot_index = snapshot.index if self._ivf is not None else None  # owns the quantizer
+        self.seen: str | None = None        # the pg_snapshot of the last read
+        self.last_read = 0                  # rows the last top-up read
         self.reindex_requested = False
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.pos)
 
     @property
-    def vectors(self) -> np.ndarray:
-        """(len, dim) float32; a view, valid until the next top-up."""
-        if self._vectors is None:
-            return np.empty((0, 0), np.float32)
-        return self._vectors[: len(self.ids)]
+    def exact(self) -> bool:
+        return self._ivf is None
 
     def absorb(self, emb: sdb.Embeddings) -> None:
-        """Add what a read returned: new listings appended, re-embedded ones replaced in place."""
+        """Add what a read returned. A re-embedded listing's vector is replaced in place when searched exactly;
+        in IVF lists it gets a new row and hits on its old one are dropped."""
         self.seen = emb.read_snapshot
         self.last_read = len(emb)
         if not len(emb):
             return
-        if self._vectors is None:
-            self._vectors = np.empty((max(1024, len(emb)), emb.vectors.shape[1]), np.float32)
         fresh = []
         for row, lid in enumerate(emb.ids.tolist()):
             at = self.pos.get(lid)
-            if at is None:
-                fresh.append(row)
-            else:
+            if at is not None and self._ivf is None:
                 self._vectors[at] = emb.vectors[row]
+            else:
+                fresh.append(row)
         n, need = len(self.ids), len(self.ids) + len(fresh)
-        if need > len(self._vectors):  # doubling: appends cost O(1) each over a day
-            grown = np.empty((max(need, 2 * len(self._vectors)), self._vectors.shape[1]), np.float32)
-            grown[:n] = self._vectors[:n]
-            self._vectors = grown
-        self._vectors[n:need] = emb.vectors[fresh]
+        vectors = np.ascontiguousarray(emb.vectors[fresh], dtype=np.float32)
+        if self._ivf is not None:
+            self._ivf.add_with_ids(vectors, np.arange(n, need, dtype=np.int64))
+        else:
+            if self._vectors is None or need > len(self._vectors):  # doubling: O(1) per append over a day
+                grown = np.empty((max(need, 1024, 2 * n), vectors.shape[1]), np.float32)
+                if self._vectors is not None:
+                    grown[:n] = self._vectors[:n]
+                self._vectors = grown
+            self._vectors[n:need] = vectors
         for i, row in enumerate(fresh):
             lid = emb.ids[row]
             self.pos[lid] = n + i
             self.ids.append(lid)
+
+    def search(self, queries: np.ndarray, k: int) -> list[list[tuple[str, float]]]:
+        """Per query, up to k (listing id, score) of the delta, best first."""
+        if not self.ids:
+            return [[] for _ in range(len(queries))]
+        if self._ivf is not None:
+            scores, rows = self._ivf.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        else:
+            scores, rows = ix.exact_topk(queries, self._vectors[: len(self.ids)], k)
+        return [[(self.ids[p].decode(), float(s)) for s, p in zip(sq, rq) if p >= 0 and self.pos[self.ids[p]] == p]
+                for sq, rq in zip(scores, rows)]
+
+
+def _ivf_beside(snapshot: ix.Snapshot | None):
+    """An empty IVF-Flat index on the snapshot's coarse quantizer and search settings; None for an exact one."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(snapshot.index) if snapshot is not None else None
+    if ivf is None:
+        return None
+    index = faiss.IndexIVFFlat(ivf.quantizer, ivf.d, ivf.nlist, ivf.metric_type)
+    index.nprobe = ivf.nprobe
+    return index
 
 
 _DELTAS: dict[str, Delta] = {}
@@ -116,12 +152,23 @@ def current_delta(conn: psycopg.Connection, model_version: str, snap: ix.Snapsho
         delta.absorb(sdb.read_embeddings(conn, model_version, not_visible_in=delta.seen))
     metrics.ONLINE_ROWS_READ.inc(delta.last_read)
     metrics.ONLINE_DELTA.labels(model_version=model_version).set(len(delta))
-    if snap is not None and len(delta) > settings.online_delta_max and not delta.reindex_requested:
+    over = _over_bound(delta, settings)
+    if over and not delta.reindex_requested:
         delta.reindex_requested = True
-        log.warning("%d listing(s) of %s written since its snapshot (> ENRICH_ONLINE_DELTA_MAX %d): asking for "
-                    "a reindex", len(delta), model_version, settings.online_delta_max)
-        app.send_task(REINDEX_TASK, kwargs={"model_version": model_version}, queue=settings.cpu_queue)
+        log.warning("%d listing(s) of %s written since %s (%s): asking for a reindex", len(delta), model_version,
+                    "its snapshot" if snap is not None else "the start", over)
+        # the reindex chooses the model itself: during a backfill it refreshes the shelves that serve
+        app.send_task(REINDEX_TASK, queue=settings.cpu_queue)
     return delta
+
+
+def _over_bound(delta: Delta, settings: Settings) -> str | None:
+    """Why this delta should be folded into a new snapshot, if it should."""
+    if len(delta) > settings.online_delta_max:
+        return f"> ENRICH_ONLINE_DELTA_MAX {settings.online_delta_max}: memory"
+    if delta.exact and len(delta) > ix.FLAT_MAX:
+        return f"> {ix.FLAT_MAX} searched exactly: an IVF snapshot keeps the search cost flat"
+    return None
 
 
 def held(model_version: str) -> int | None:

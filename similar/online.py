@@ -147,10 +147,8 @@ def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version:
                     # the delta holds the current vector of a listing re-embedded since the snapshot
                     if p >= 0 and snap.ids[p] not in delta.pos:
                         candidates[q].append((snap.ids[p].decode(), float(s)))
-        if len(delta):
-            scores, pos = ix.exact_topk(queries.vectors, delta.vectors, over)
-            for q in range(len(queries)):
-                candidates[q].extend((delta.ids[p].decode(), float(s)) for s, p in zip(scores[q], pos[q]) if p >= 0)
+        for q, found in enumerate(delta.search(queries.vectors, over)):
+            candidates[q].extend(found)
     live = _live_ids(conn, {c for cs in candidates for c, _ in cs})
     out: dict[str, list[Neighbour]] = {}
     for q, qid in enumerate(decode_ids(queries.ids)):

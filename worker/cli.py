@@ -14,6 +14,7 @@ from core.config import get_settings
 from core.options import DatabaseUrl
 
 log = logging.getLogger(__name__)
+SOLO_PREFETCH = 2  # tasks a one-process worker holds: the running one and the next (acks late: both redelivered on a crash)
 
 
 def _json_logs(enabled: bool) -> None:
@@ -135,7 +136,7 @@ def worker(
     hostname: str = typer.Option(None, "--hostname", "-n", help="Celery node name, unique per broker (default: "
                                  "<queues>-<pid>@<host>, so several workers can run on one host)."),
 ) -> None:
-    """Celery worker (acks late, prefetch 1); gpu/backfill workers load the model once per process and follow
+    """Celery worker (acks late; one task waiting beside the running one); gpu/backfill workers load the model once per process and follow
     the registry on a timer; every worker reports itself in worker_status."""
     settings = get_settings(metrics_port=metrics_port)
     pool = "solo" if concurrency == 1 else "prefork"
@@ -159,9 +160,12 @@ def worker(
                                                       model=runtime.serves_model(settings, queue_list.split(",")),
                                                       beat=beat))
     hostname = hostname or f"{queue_list.replace(',', '+')}-{os.getpid()}@%h"
+    # the solo pool runs a task inside Celery's event loop: with nothing prefetched, the message the broker
+    # sends after the ack is read only when the loop's 2 s timer fires, so a backlog drains one task per 2 s
+    prefetch = SOLO_PREFETCH if pool == "solo" else 1
     args = ["worker", f"--queues={queue_list}", f"--concurrency={concurrency}", f"--pool={pool}",
-            f"--hostname={hostname}", f"--loglevel={loglevel}", "--prefetch-multiplier=1", "--without-gossip",
-            "--without-mingle"]
+            f"--hostname={hostname}", f"--loglevel={loglevel}", f"--prefetch-multiplier={prefetch}",
+            "--without-gossip", "--without-mingle"]
     if beat:
         schedule = beat_schedule_file(settings)
         schedule.parent.mkdir(parents=True, exist_ok=True)
