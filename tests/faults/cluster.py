@@ -522,6 +522,7 @@ class Stack:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     settings: dict = field(default_factory=dict)
     procs: list = field(default_factory=list)
+    root: Path | None = None  # code tree the processes run from (cwd, PYTHONPATH); None: this repository
 
     @property
     def topic(self) -> str:
@@ -560,13 +561,15 @@ class Stack:
         values.update(settings)
         env = worker_process_env(self.pg_url, self.queue, **{k: v for k, v in values.items() if v is not None})
         env.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+        if self.root is not None:
+            env["PYTHONPATH"] = str(self.root)
         return env
 
     def _start(self, name: str, args: list[str], metrics: bool, **settings) -> Proc:
         port = free_port() if metrics else None
         log = self.workdir / f"{name}.log"
         cmd = [sys.executable, "-m", "enrich.cli", *args] + (["--metrics-port", str(port)] if port else [])
-        popen = subprocess.Popen(cmd, cwd=ROOT, env=self.env(**settings), stdout=subprocess.DEVNULL,
+        popen = subprocess.Popen(cmd, cwd=self.root or ROOT, env=self.env(**settings), stdout=subprocess.DEVNULL,
                                  stderr=log.open("a"))
         proc = Proc(name, popen, log, port)
         self.procs.append(proc)
