@@ -466,10 +466,11 @@ class Sampler(threading.Thread):
     def end_offsets(self, consumer) -> dict[int, int]:
         """partition → true end offset. Tansu 0.6 answers ListOffsets(latest) (KafkaConsumer.end_offsets) with less
         than the log end after a multi-record batch (seen: 4,838 against 5,110 records), so this tails the topic
-        and takes its position, or the high watermark of the last fetch response, whichever is further."""
+        and takes its position, or the high watermark of the last fetch response, whichever is further. Caught up
+        with the last fetch's high watermark ends the tail: under steady production a quiet poll never comes."""
         for _ in range(50):
-            got = consumer.poll(timeout_ms=300)
-            if not got and all(consumer.position(tp) >= (consumer.highwater(tp) or 0) for tp in self._tps):
+            consumer.poll(timeout_ms=100)
+            if all(consumer.position(tp) >= (consumer.highwater(tp) or 0) for tp in self._tps):
                 break
         out = {}
         for tp in self._tps:
@@ -482,11 +483,13 @@ class Sampler(threading.Thread):
         """(lag, end offsets sum, committed sum) of the group over the topic's partitions."""
         try:
             consumer, admin = self._clients()
+            # the end first: read after the committed offsets, the events produced while the tail is read
+            # would count as lag
+            end = self.end_offsets(consumer)
             got = admin.list_group_offsets(self.stack.group).get(self.stack.group, {})
             committed = {tp.partition: om.offset for tp, om in got.items()
                          if tp.topic == self.stack.topic and om.offset >= 0}
-            end = self.end_offsets(consumer)  # after the committed offsets: lag >= 0
-            # a committed offset proves the log reaches it: an end below it is a stale high watermark
+            # a committed offset proves the log reaches it (produced and committed after the end was read)
             end = {p: max(e, committed.get(p, 0)) for p, e in end.items()}
             end_sum = sum(end.values())
             com_sum = sum(committed.get(p, 0) for p in end)

@@ -34,7 +34,7 @@ Figures, per --window s of each phase (windows.csv) and per phase (summary.json)
   produced/s    events the producer sent in the window
   enriched/s    the phase's listings that became 'enriched' in the window (listings.updated_at)
   lag           consumer lag in events (sum over partitions of end offset - committed offset), sampled every
-                --sample-every s (the topic's end read first, then the committed offsets: SteadySampler):
+                --sample-every s (soak.py's Sampler: the topic's end read first, then the committed offsets):
                 the window's maximum and its last sample
   queue         tasks waiting in the GPU queue (RabbitMQ's ready count), the window's maximum: the
                 backlog the lag does not show while the intake is not paused (ENRICH_MAX_QUEUE_DEPTH)
@@ -86,43 +86,6 @@ GROWING = 1.25        # last window's task time over the first's above this: "gr
 KEPT_UP = 0.95        # enriched/s over produced/s at or above this: "kept up"
 LAG_BOUND_S = 2.0     # a lag of at most this many seconds of events at the end of production: "bounded"
 P99_GOAL_S = 2.0
-
-
-# ------------------------------------------------------------------------------------------------ sampling
-class SteadySampler(Sampler):
-    """soak's Sampler, with the lag read the other way round: the topic's end first, the group's committed
-    offsets right after. Under steady production soak's order (committed first, then tailing the topic to its
-    end, which takes seconds while records keep arriving) counts the events produced meanwhile as lag."""
-
-    def end_offsets(self, consumer) -> dict[int, int]:
-        # caught up with the last fetch's high watermark ends the tail (no quiet poll needed: there is none
-        # under steady traffic); Tansu's ListOffsets answer is short of the end, so it is not used
-        for _ in range(50):
-            consumer.poll(timeout_ms=100)
-            if all(consumer.position(tp) >= (consumer.highwater(tp) or 0) for tp in self._tps):
-                break
-        out = {}
-        for tp in self._tps:
-            pos = consumer.position(tp)
-            self._positions[tp.partition] = pos
-            out[tp.partition] = max(pos, consumer.highwater(tp) or 0)
-        return out
-
-    def lag(self) -> tuple[int | None, int | None, int | None]:
-        try:
-            consumer, admin = self._clients()
-            end = self.end_offsets(consumer)
-            got = admin.list_group_offsets(self.stack.group).get(self.stack.group, {})
-            committed = {tp.partition: om.offset for tp, om in got.items()
-                         if tp.topic == self.stack.topic and om.offset >= 0}
-            # committed after the end was read: what was produced and committed in between is not lag
-            end = {p: max(e, committed.get(p, 0)) for p, e in end.items()}
-            end_sum = sum(end.values())
-            com_sum = sum(committed.get(p, 0) for p in end)
-            return end_sum - com_sum, end_sum, com_sum
-        except Exception:  # noqa: BLE001 - broker not answering: no sample
-            self._drop_clients()
-            return None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ setup
@@ -312,7 +275,7 @@ def rnd(v, digits: int = 3):
     return None if v is None else round(v, digits)
 
 
-def analyse_phase(ph: dict, sampler: SteadySampler, tasks, batches, done_at: dict[str, float], window: float) -> None:
+def analyse_phase(ph: dict, sampler: Sampler, tasks, batches, done_at: dict[str, float], window: float) -> None:
     """Fill ph["windows"] and ph["summary"] (ph holds t_start, t_end, rate, sent_at, ...)."""
     t0, t1, sent = ph["t_start"], ph["t_end"], ph["sent_at"]
     samples = [s for s in sampler.samples if t0 <= s["t"] <= t1]
@@ -601,7 +564,7 @@ def main(argv=None) -> int:
         # the cpu queue's worker, as production runs one: it serves the reindex a worker asks for when its
         # online delta outgrows exact search (code without that never asks)
         stack._start("cpu-worker", ["worker", "--queues=cpu", "--loglevel=INFO"], False)
-        sampler = SteadySampler(stack, sup, args.sample_every)
+        sampler = Sampler(stack, sup, args.sample_every)
         sampler.start()
         wait_ready(stack, sup)
         log("processes ready")
