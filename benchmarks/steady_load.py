@@ -19,10 +19,11 @@ What runs (private to this script, as in benchmarks/soak.py, whose Producer, Sam
   current tree's. Task size, batch size, the intake's queue limit and linger are the code's own unless given.
 
 Steps
-  1. one warm-up event (its embedding gives the model's dimension).
+  1. warm-up: one event per image (--images distinct ones); their embeddings are the model's own.
   2. --catalogue N > 0: N listings seeded by COPY as already enriched by the model (status 'enriched',
-     enriched_hash, enriched_by) with a random unit embedding each, written a day ago (so they are older
-     than any snapshot's read time less the online path's slack), then `enrich reindex` (from the code tree
+     enriched_hash, enriched_by), each embedding one of the warm-up's plus noise (the model's own
+     distribution, so the snapshot's IVF lists fit what the model writes next), written a day ago (older
+     than any snapshot's read time less the old online path's slack), then `enrich reindex` (from the code tree
      under test) builds a similar-items snapshot. N = 0: the catalogue grows from empty, no snapshot.
   3. capacity: a burst of --burst events produced at once; capacity = the slope of the settled count
      between 10 % and 90 % of the burst (as soak.py measures it), unless --capacity gives it.
@@ -174,15 +175,19 @@ def wait_settled(stack: cluster.Stack, sup: Supervisor, ids: list[str], timeout:
         time.sleep(0.25)
 
 
-def embedding_dim(pg_url: str) -> int:
+def model_vectors(pg_url: str):
+    """The embeddings the model gave the listings enriched so far (the warm-up's: one per image)."""
+    import numpy as np
     import psycopg
 
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        return conn.execute("SELECT dim FROM embeddings WHERE model_version = %s LIMIT 1", (MODEL_VERSION,)).fetchone()[0]
+        rows = conn.execute("SELECT vector FROM embeddings WHERE model_version = %s", (MODEL_VERSION,)).fetchall()
+    return np.stack([np.frombuffer(r[0], "<f4") for r in rows])
 
 
-def seed_catalogue(pg_url: str, n: int, dim: int, uris: list[str], chunk: int = 20_000) -> float:
-    """N enriched listings with random unit embeddings, by COPY; returns the seconds it took."""
+def seed_catalogue(pg_url: str, n: int, basis, uris: list[str], chunk: int = 20_000) -> float:
+    """N enriched listings by COPY, their embeddings near the model's own (a random one of `basis` plus noise,
+    so the snapshot's IVF lists fit what the model writes next); returns the seconds it took."""
     import numpy as np
     import psycopg
 
@@ -204,8 +209,9 @@ def seed_catalogue(pg_url: str, n: int, dim: int, uris: list[str], chunk: int = 
             copy.set_types(["text", "text", "int4", "bytea", "timestamptz"])
             for start in range(0, n, chunk):
                 m = min(chunk, n - start)
-                v = rng.standard_normal((m, dim), dtype=np.float32)
-                v /= np.linalg.norm(v, axis=1, keepdims=True)
+                dim = basis.shape[1]
+                v = basis[rng.integers(0, len(basis), m)] + 0.3 / dim ** 0.5 * rng.standard_normal((m, dim))
+                v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
                 v = v.astype("<f4")
                 for j in range(m):
                     copy.write_row((f"cat-{start + j:08d}", MODEL_VERSION, dim, v[j].tobytes(), written))
@@ -468,7 +474,7 @@ def parse_args(argv=None):
                    help="comma-separated shares of the capacity, one phase each, in this order")
     p.add_argument("--minutes", type=float, default=10, help="minutes of production per phase")
     p.add_argument("--catalogue", type=int, default=0,
-                   help="listings seeded as already enriched (random unit embeddings) before the load, followed by "
+                   help="listings seeded as already enriched (embeddings near the model's own) before the load, then "
                         "`enrich reindex`; 0: the catalogue grows from empty, no snapshot")
     p.add_argument("--capacity", type=float, default=None,
                    help="events/s the phases' shares are of; default: measured by a burst of --burst events (the "
@@ -483,6 +489,8 @@ def parse_args(argv=None):
                    help="results folder (relative paths: from the repository root)")
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between lag/RSS samples")
     p.add_argument("--window", type=float, default=30.0, help="seconds per reported window")
+    p.add_argument("--images", type=int, default=256,
+                   help="distinct images the events name (PNG colours and noise JPEGs), so embeddings vary")
     p.add_argument("--task-listings", type=int, default=None,
                    help="ENRICH_TASK_LISTINGS (listing ids per task; default: the code's own)")
     p.add_argument("--batch-size", type=int, default=None,
@@ -540,7 +548,7 @@ def main(argv=None) -> int:
         from tests.worker.conftest import save_small_model
 
         model_dir = save_small_model(base / "model", MODEL_VERSION, seed=0)
-        objects = cluster.image_objects(f"steady-{uuid.uuid4().hex[:8]}")
+        objects = cluster.image_objects(f"steady-{uuid.uuid4().hex[:8]}", n=args.images)
         pg = cluster.PrivatePostgres(base)
         pg.start()
         private_database(pg)
@@ -569,15 +577,15 @@ def main(argv=None) -> int:
         wait_ready(stack, sup)
         log("processes ready")
 
-        # 1. warm-up: one event through the whole pipeline, which also tells the embedding dimension
-        wait_settled(stack, sup, producer.good(1, prefix="warm"), 300)
-        dim = embedding_dim(stack.pg_url)
-        summary["embedding_dim"] = dim
+        # 1. warm-up: one event per image through the whole pipeline: the model's own embeddings
+        wait_settled(stack, sup, producer.good(len(stack.images), prefix="warm"), 300)
+        basis = model_vectors(stack.pg_url)
+        summary["embedding_dim"] = dim = basis.shape[1]
 
         # 2. catalogue
         if args.catalogue:
             log(f"seeding {args.catalogue} enriched listings ({dim}-dimensional embeddings)")
-            seconds = seed_catalogue(stack.pg_url, args.catalogue, dim, stack.images)
+            seconds = seed_catalogue(stack.pg_url, args.catalogue, basis, stack.images)
             log(f"seeded in {seconds:.1f} s; `enrich reindex`")
             ri = reindex(stack, args.reindex_timeout)
             log(f"reindex: {ri['output']} ({ri['seconds']} s)")

@@ -132,8 +132,9 @@ class Settings(BaseSettings):
                                                             "or AMX; `false`: fp32 (`enrich evaluate MODEL --fp32` "
                                                             "measures a model both ways)")
     torch_threads: int | None = Field(default=None, ge=1, le=256,
-                                      description="intra-op threads of a CPU worker. Empty: torch's default (one "
-                                                  "per core); 1 suits a busy shared host")
+                                      description="intra-op threads of a CPU worker (torch, and faiss for online "
+                                                  "neighbours). Empty: their default (one per core); 1 suits a "
+                                                  "busy shared host")
     explain_review: bool = Field(default=False, description="workers also store a Grad-CAM heat map of each review "
                                                             "item's top candidate under `<data dir>/explanations` "
                                                             "(one machine or a shared volume), shown by the "

@@ -32,3 +32,22 @@ def scrape_metrics(port: int) -> str | None:
             return r.read().decode()
     except OSError:
         return None
+
+
+def take_queued_tasks(queue: str) -> list[dict]:
+    """Every task message waiting on a Celery queue of the configured broker, taken off it (acked):
+    [{"task": name, "args": [...], "kwargs": {...}}] in queue order."""
+    from core.celery_app import app
+
+    out = []
+    with app.connection_for_read() as conn:
+        q = conn.SimpleQueue(queue)
+        while True:
+            try:
+                msg = q.get(timeout=1)
+            except q.Empty:
+                break
+            out.append({"task": msg.headers.get("task"), "args": msg.payload[0], "kwargs": msg.payload[1]})
+            msg.ack()
+        q.close()
+    return out

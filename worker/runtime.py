@@ -123,9 +123,11 @@ def _load(settings: Settings, model_dir: Path):
     from worker.pipeline import Enricher
 
     if settings.torch_threads:
+        import faiss
         import torch
 
         torch.set_num_threads(settings.torch_threads)
+        faiss.omp_set_num_threads(settings.torch_threads)  # the online neighbour search's threads
     t0 = time.perf_counter()
     predictor = load_predictor(model_dir, device=settings.device, mixed_precision=settings.mixed_precision)
     import torch

@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY
 from similar_helpers import add_listings, clustered, unit
 from similar import delta as dl
 from similar import nightly, online
+from tests.net import take_queued_tasks
 
 K = 5
 
@@ -40,19 +41,24 @@ def _catalogue(db, root, settings, n=200, seed=40, factory="Flat", nprobe=None) 
     return dict(zip(ids, vecs))
 
 
-def test_each_task_reads_only_what_was_written_since_the_last_one_and_stays_exact(db, root, settings):
-    written = _catalogue(db, root, settings)
-    fresh = clustered(100, seed=41)
+def _tasks(db, root, settings, written: dict, prefix: str, tasks: int, size: int, seed: int) -> list[float]:
+    """`tasks` online searches of `size` new listings each (added to `written`), each checked against a brute-force
+    search of everything written; returns the rows each read from Postgres."""
+    fresh = clustered(tasks * size, seed=seed)
     reads = []
-    for r in range(5):
-        ids = [f"new-{r}-{i:02d}" for i in range(20)]
-        add_listings(db, ids, fresh[20 * r:20 * (r + 1)])
-        written.update(zip(ids, fresh[20 * r:20 * (r + 1)]))
+    for t in range(tasks):
+        ids, vecs = [f"{prefix}-{t}-{i}" for i in range(size)], fresh[size * t:size * (t + 1)]
+        add_listings(db, ids, vecs)
+        written.update(zip(ids, vecs))
         before = _rows_read()
         found = online.online_topk(db, ids, "m1", K, root, settings=settings)
         reads.append(_rows_read() - before)
-        for qid in ids:
-            assert _top(found, qid) == _brute_force(written, qid)
+        assert all(_top(found, q) == _brute_force(written, q) for q in ids)
+    return reads
+
+
+def test_each_task_reads_only_what_was_written_since_the_last_one_and_stays_exact(db, root, settings):
+    reads = _tasks(db, root, settings, _catalogue(db, root, settings), "new", tasks=5, size=20, seed=41)
     # re-reading everything since the snapshot would read 20, 40, 60, 80, 100
     assert reads == [20] * 5
     assert dl.held("m1") == 100
@@ -101,7 +107,7 @@ def test_a_new_snapshot_starts_a_small_delta(db, root, settings):
 
 
 def test_a_delta_past_its_bound_asks_for_one_reindex(db, root, settings):
-    from core.celery_app import REINDEX_TASK, app, configure
+    from core.celery_app import REINDEX_TASK, configure
     from core.config import Settings
 
     queue = f"cpu-delta-{uuid.uuid4().hex[:8]}"
@@ -109,34 +115,12 @@ def test_a_delta_past_its_bound_asks_for_one_reindex(db, root, settings):
                                            "celery_broker_url": "redis://127.0.0.1:6379/0"})
     configure(settings)
     try:
-        written = _catalogue(db, root, settings, seed=46)
-        fresh = clustered(30, seed=47)
-        for r in range(3):
-            ids = [f"burst-{r}-{i}" for i in range(10)]
-            add_listings(db, ids, fresh[10 * r:10 * (r + 1)])
-            written.update(zip(ids, fresh[10 * r:10 * (r + 1)]))
-            found = online.online_topk(db, ids, "m1", K, root, settings=settings)
-            assert all(_top(found, q) == _brute_force(written, q) for q in ids)  # exact all along
-        sent = _drain(app, queue)
+        _tasks(db, root, settings, _catalogue(db, root, settings, seed=46), "burst", tasks=3, size=10, seed=47)
+        sent = take_queued_tasks(queue)
     finally:
         configure(Settings())
     # once, not once per task over the bound; the reindex picks the model (a backfill's half-embedded one waits)
-    assert sent == [(REINDEX_TASK, {})]
-
-
-def _drain(app, queue: str) -> list[tuple[str, dict]]:
-    sent = []
-    with app.connection_for_read() as conn:
-        q = conn.SimpleQueue(queue)
-        while True:
-            try:
-                msg = q.get(timeout=1)
-            except q.Empty:
-                break
-            sent.append((msg.headers.get("task"), msg.payload[1]))
-            msg.ack()
-        q.close()
-    return sent
+    assert sent == [{"task": REINDEX_TASK, "args": [], "kwargs": {}}]
 
 
 def test_the_first_read_after_an_old_snapshot_falls_back_to_its_read_time(db, root, settings):
@@ -160,20 +144,14 @@ def test_beside_an_ivf_snapshot_the_delta_is_probed_in_its_lists(db, root, setti
     """The delta joins the snapshot's IVF lists; probing every list must then give the exact top-K, a
     re-embedded listing counted once with its new vector."""
     written = _catalogue(db, root, settings, n=400, seed=49, factory="IVF8,Flat", nprobe=8)
-    fresh = clustered(60, seed=50)
-    for r in range(3):
-        ids = [f"ivf-{r}-{i:02d}" for i in range(20)]
-        add_listings(db, ids, fresh[20 * r:20 * (r + 1)])
-        written.update(zip(ids, fresh[20 * r:20 * (r + 1)]))
-        found = online.online_topk(db, ids, "m1", K, root, settings=settings)
-        assert all(_top(found, q) == _brute_force(written, q) for q in ids)
+    _tasks(db, root, settings, written, "ivf", tasks=3, size=20, seed=50)
     assert not dl._DELTAS["m1"].exact and dl.held("m1") == 60
     moved = unit(written["old-100"] + 0.001)
-    db.execute("UPDATE embeddings SET vector = %s, written_xid = pg_current_xact_id() WHERE listing_id = 'ivf-0-00'",
+    db.execute("UPDATE embeddings SET vector = %s, written_xid = pg_current_xact_id() WHERE listing_id = 'ivf-0-0'",
                (moved.astype("<f4").tobytes(),))
-    written["ivf-0-00"] = moved
+    written["ivf-0-0"] = moved
     add_listings(db, ["probe"], [unit(written["old-100"] + 0.002)])
     written["probe"] = unit(written["old-100"] + 0.002)
     found = online.online_topk(db, ["probe"], "m1", K, root, settings=settings)
-    assert _top(found, "probe") == _brute_force(written, "probe") and "ivf-0-00" in _top(found, "probe")
+    assert _top(found, "probe") == _brute_force(written, "probe") and "ivf-0-0" in _top(found, "probe")
     assert dl.held("m1") == 61

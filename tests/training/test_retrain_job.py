@@ -15,6 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from core.config import Settings
+from tests.net import take_queued_tasks
 from training import jobs
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -95,23 +96,6 @@ def _store_corrections(db, fmnist_dir, tmp_path, n_per_class: int = 3, skip: int
     return count
 
 
-def _backfill_messages(queue: str) -> list[dict]:
-    from core.celery_app import app
-
-    out = []
-    with app.connection_for_read() as conn:
-        q = conn.SimpleQueue(queue)
-        while True:
-            try:
-                msg = q.get(timeout=1)
-            except q.Empty:
-                break
-            out.append({"task": msg.headers.get("task"), "args": msg.payload[0]})
-            msg.ack()
-        q.close()
-    return out
-
-
 def test_admin_retrain_runs_the_chain_promotes_and_sends_the_backfill(env, train_worker, queues, db, fmnist_dir,
                                                                       tmp_path):
     from core.celery_app import BACKFILL_TASK, queue_depth
@@ -139,7 +123,7 @@ def test_admin_retrain_runs_the_chain_promotes_and_sends_the_backfill(env, train
     report = json.loads((settings.models_dir / version / "report" / "metrics.json").read_text())
     assert report["config"]["extra_training_rows"] == n  # the corrected listings were trained on
     assert queue_depth(queues["backfill"]) == 1
-    assert _backfill_messages(queues["backfill"]) == [{"task": BACKFILL_TASK, "args": [version]}]
+    assert take_queued_tasks(queues["backfill"]) == [{"task": BACKFILL_TASK, "args": [version], "kwargs": {}}]
 
 
 def test_a_second_job_waits_for_the_lock_then_warm_starts_and_waits_for_an_admin(env, train_worker, queues, db,
