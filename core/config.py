@@ -153,7 +153,7 @@ class Settings(BaseSettings):
     index_sync_s: float = Field(default=60.0, ge=0, description="how often a worker checks ENRICH_INDEX_URI for a "
                                                                  "newer snapshot (s)")
     online_delta_max: int = Field(default=200_000, ge=1, description="listings written since the last similar-items "
-                                  "snapshot that each worker process holds for exact online neighbours (4·dim bytes "
+                                  "snapshot that each worker process holds for online neighbours (4·dim bytes "
                                   "each) before it asks for a reindex; with no snapshot at all, online neighbours "
                                   "wait for `enrich reindex` beyond it")
 

@@ -34,7 +34,7 @@ FETCH_LATENCY = Histogram("enrich_image_fetch_seconds", "Fetch + decode time per
 ONLINE_ROWS_READ = Counter("enrich_online_rows_read_total", "Embedding rows the online neighbour search read from "
                            "Postgres to top up its delta")
 ONLINE_DELTA = Gauge("enrich_online_delta_listings", "Listings written since the similar-items snapshot held by this "
-                     "worker process for exact online neighbours", ["model_version"],
+                     "worker process for online neighbours", ["model_version"],
                      multiprocess_mode="max")
 TASK_SECONDS = Histogram("enrich_task_seconds", "Enrichment task time (fetch, model, writes, online neighbours)",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300))

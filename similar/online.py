@@ -2,9 +2,10 @@
 
 `write_online_neighbours` is called by the enrichment worker after committing embeddings. Top-K for
 the given listings comes from (a) the latest snapshot of that model version, searched with the
-faiss index, plus (b) an exact search over the "delta": the embeddings written since that snapshot,
-held in this process and topped up per task with only the rows written since its last look
-(similar/delta.py), so a task's cost does not grow with the listings since the snapshot. A delta
+faiss index, plus (b) a search over the "delta": the embeddings written since that snapshot, held in
+this process and topped up per task with only the rows written since its last look, searched exactly
+beside an exact snapshot and in the snapshot's own IVF lists beside an IVF one (similar/delta.py), so a
+task's cost does not grow with the listings since the snapshot. A delta
 vector replaces the snapshot's one for the same listing (re-embedded); deleted/sold listings are
 dropped (the snapshot may still hold them). Results are upserted into `similar_items_online` with
 computed_at = now(). Without a snapshot the delta is the whole catalogue (exact), up to
@@ -123,7 +124,7 @@ def _too_many_without_snapshot(conn: psycopg.Connection, model_version: str, set
 
 def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version: str, k: int,
                 root: Path | str | None = None, *, settings: Settings) -> dict[str, list[Neighbour]]:
-    """Top-k per listing from the latest snapshot plus the exact delta since it (see module docstring)."""
+    """Top-k per listing from the latest snapshot plus the delta since it (see module docstring)."""
     queries = sdb.read_embeddings(conn, model_version, only_ids=list(listing_ids))
     if len(queries) == 0:
         return {}

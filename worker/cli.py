@@ -14,7 +14,7 @@ from core.config import get_settings
 from core.options import DatabaseUrl
 
 log = logging.getLogger(__name__)
-SOLO_PREFETCH = 2  # tasks a one-process worker holds: the running one and the next (acks late: both redelivered on a crash)
+SOLO_PREFETCH = 2  # tasks a one-process worker holds: the running one and the next (both redelivered on a crash)
 
 
 def _json_logs(enabled: bool) -> None:
@@ -136,8 +136,8 @@ def worker(
     hostname: str = typer.Option(None, "--hostname", "-n", help="Celery node name, unique per broker (default: "
                                  "<queues>-<pid>@<host>, so several workers can run on one host)."),
 ) -> None:
-    """Celery worker (acks late; one task waiting beside the running one); gpu/backfill workers load the model once per process and follow
-    the registry on a timer; every worker reports itself in worker_status."""
+    """Celery worker (acks late; one task waiting beside the running one); gpu/backfill workers load the model
+    once per process and follow the registry on a timer; every worker reports itself in worker_status."""
     settings = get_settings(metrics_port=metrics_port)
     pool = "solo" if concurrency == 1 else "prefork"
     if pool == "prefork" and settings.metrics_port:
