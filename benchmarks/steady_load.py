@@ -193,6 +193,11 @@ def seed_catalogue(pg_url: str, n: int, basis, uris: list[str], chunk: int = 20_
 
     t0 = now()
     rng = np.random.default_rng(38)
+    # noise on the scale of the model's own spread: a small random model maps every image near one point, and
+    # noise beyond that spread would put the catalogue where the model never writes
+    dim = basis.shape[1]
+    pick = basis[rng.integers(0, len(basis), (2, 2000))]
+    noise = 0.25 * float(np.median(np.linalg.norm(pick[0] - pick[1], axis=1))) / dim ** 0.5
     # a day old: older than any snapshot's read time less the online path's slack, as a catalogue built up
     # before the last nightly reindex would be
     written = datetime.now(timezone.utc) - timedelta(days=1)
@@ -209,8 +214,7 @@ def seed_catalogue(pg_url: str, n: int, basis, uris: list[str], chunk: int = 20_
             copy.set_types(["text", "text", "int4", "bytea", "timestamptz"])
             for start in range(0, n, chunk):
                 m = min(chunk, n - start)
-                dim = basis.shape[1]
-                v = basis[rng.integers(0, len(basis), m)] + 0.3 / dim ** 0.5 * rng.standard_normal((m, dim))
+                v = basis[rng.integers(0, len(basis), m)] + noise * rng.standard_normal((m, dim))
                 v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
                 v = v.astype("<f4")
                 for j in range(m):
@@ -489,7 +493,7 @@ def parse_args(argv=None):
                    help="results folder (relative paths: from the repository root)")
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between lag/RSS samples")
     p.add_argument("--window", type=float, default=30.0, help="seconds per reported window")
-    p.add_argument("--images", type=int, default=256,
+    p.add_argument("--images", type=int, default=4096,
                    help="distinct images the events name (PNG colours and noise JPEGs), so embeddings vary")
     p.add_argument("--task-listings", type=int, default=None,
                    help="ENRICH_TASK_LISTINGS (listing ids per task; default: the code's own)")

@@ -634,8 +634,9 @@ def image_objects(bucket: str, n: int = 8) -> dict[tuple[str, str], bytes]:
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (20, 20, 20), (240, 240, 240)]
     objects = {}
     for i in range(n):
-        if i % 2 == 0:
-            objects[(bucket, f"img-{i}.png")] = png_bytes(colours[i % len(colours)], size=(40 + i, 48))
+        if i % 2 == 0:  # past the named colours, each image a colour of its own (their embeddings differ)
+            colour = colours[i] if i < len(colours) else ((37 * i) % 256, (91 * i) % 256, (151 * i) % 256)
+            objects[(bucket, f"img-{i}.png")] = png_bytes(colour, size=(40 + i % 64, 48))
         else:
             objects[(bucket, f"img-{i}.jpg")] = jpeg_bytes(size=(64, 48 + i), seed=i)
     return objects
