@@ -154,11 +154,13 @@ def current_delta(conn: psycopg.Connection, model_version: str, snap: ix.Snapsho
     metrics.ONLINE_DELTA.labels(model_version=model_version).set(len(delta))
     over = _over_bound(delta, settings)
     if over and not delta.reindex_requested:
-        delta.reindex_requested = True
         log.warning("%d listing(s) of %s written since %s (%s): asking for a reindex", len(delta), model_version,
                     "its snapshot" if snap is not None else "the start", over)
-        # the reindex chooses the model itself: during a backfill it refreshes the shelves that serve
-        app.send_task(REINDEX_TASK, queue=settings.cpu_queue)
+        try:  # the reindex chooses the model itself: during a backfill it refreshes the shelves that serve
+            app.send_task(REINDEX_TASK, queue=settings.cpu_queue)
+            delta.reindex_requested = True
+        except Exception:  # noqa: BLE001 - broker away: the search goes on, the next task asks again
+            log.warning("could not ask for a reindex", exc_info=True)
     return delta
 
 
