@@ -215,6 +215,15 @@ class Settings(BaseSettings):
                                                            "proxy): session cookies get the Secure flag")
     console_lease_s: float = Field(default=300.0, gt=0, description="how long a review item stays reserved for "
                                                                     "the reviewer who opened it (s)")
+    console_session_idle_s: float = Field(default=3600.0, gt=0, description="a console session unused this long "
+                                                                            "ends (s)")
+    console_session_max_s: float = Field(default=43200.0, gt=0, description="a console session ends this long "
+                                                                           "after its sign-in, used or not (s)")
+    console_login_checks: int = Field(default=2, ge=1, description="password checks the console runs at once "
+                                                                   "(each holds 64 MiB for argon2id); more wait")
+    console_login_address_failures: int = Field(default=20, ge=1,
+                                                description="failed sign-ins from one address, any names, "
+                                                            "within 10 minutes before it is refused for a while")
 
     @field_validator("retrain_cron")
     @classmethod

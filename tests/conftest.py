@@ -87,7 +87,8 @@ def db(pg_url: str):
         conn.execute(
             "TRUNCATE listings, listing_tags, embeddings, similar_items, similar_items_active,"
             " similar_items_versions, review_queue, corrections, models, processed_events, model_events,"
-            " training_jobs, backfills, shadow_predictions, console_users, console_actions, worker_status CASCADE"
+            " training_jobs, backfills, shadow_predictions, console_users, console_sessions, console_actions,"
+            " worker_status CASCADE"
         )
         yield conn
 

@@ -1,7 +1,9 @@
-"""`enrich console` (serve the pages) and `enrich console-user add` (accounts)."""
+"""`enrich console` (serve the pages) and `enrich console-user add | list | disable | enable | set-password`
+(accounts)."""
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 
 import typer
 
@@ -28,6 +30,29 @@ def console(
                 log_level="info", proxy_headers=settings.console_https)
 
 
+def _password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+
+
+@contextmanager
+def _accounts(database_url: str | None):
+    """A migrated database connection; a refused change ends the command with its reason, not a traceback."""
+    from core.db import connect, database_url as resolve
+    from migrations import apply_all
+
+    conn = connect(database_url or resolve(get_settings()), autocommit=True)
+    try:
+        apply_all(conn)
+        yield conn
+    except (ValueError, LookupError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        conn.close()
+
+
 @users_app.command("add")
 def add(
     name: str = typer.Argument(..., help="Sign-in name (letters, digits, . _ @ -)."),
@@ -37,25 +62,66 @@ def add(
                                         help="Read the password from standard input (default: ask twice)."),
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Create an account, or reset its password and role."""
-    from core.db import connect, database_url as resolve
+    """Create an account, or reset its password and role (ending its sessions)."""
     from enrich.console.users import add_user
-    from migrations import apply_all
 
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    conn = connect(database_url or resolve(get_settings()), autocommit=True)
-    try:
-        apply_all(conn)
+    password = _password(password_stdin)
+    with _accounts(database_url) as conn:
         add_user(conn, name, password, role)
-    except ValueError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2)
-    finally:
-        conn.close()
     typer.echo(f"{name} can sign in as {role}")
+
+
+@users_app.command("list")
+def list_accounts(database_url: DatabaseUrl = None) -> None:
+    """Every account: role, enabled or not, last sign-in, open sessions."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from enrich.console.users import list_users
+
+    with _accounts(database_url) as conn:
+        rows = list_users(conn)
+    table = Table("name", "role", "state", "created", "last sign-in", "open sessions")
+    for name, role, disabled, created, last, open_ in rows:
+        table.add_row(name, role, "disabled" if disabled else "enabled", f"{created:%Y-%m-%d}",
+                      f"{last:%Y-%m-%d %H:%M}" if last else "never", str(open_))
+    Console().print(table)
+
+
+@users_app.command("disable")
+def disable(name: str = typer.Argument(..., help="Account to disable."), database_url: DatabaseUrl = None) -> None:
+    """Stop an account from signing in and end its sessions at once."""
+    from enrich.console.users import set_disabled
+
+    with _accounts(database_url) as conn:
+        ended = set_disabled(conn, name, True)
+    typer.echo(f"{name} is disabled; {ended} session(s) ended")
+
+
+@users_app.command("enable")
+def enable(name: str = typer.Argument(..., help="Account to enable."), database_url: DatabaseUrl = None) -> None:
+    """Let a disabled account sign in again."""
+    from enrich.console.users import set_disabled
+
+    with _accounts(database_url) as conn:
+        set_disabled(conn, name, False)
+    typer.echo(f"{name} can sign in again")
+
+
+@users_app.command("set-password")
+def set_password(
+    name: str = typer.Argument(..., help="Account whose password changes."),
+    password_stdin: bool = typer.Option(False, "--password-stdin",
+                                        help="Read the password from standard input (default: ask twice)."),
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Change a password; the account's sessions end (it signs in again with the new one)."""
+    from enrich.console.users import set_password as change
+
+    password = _password(password_stdin)
+    with _accounts(database_url) as conn:
+        ended = change(conn, name, password)
+    typer.echo(f"password of {name} changed; {ended} session(s) ended")
 
 
 def register(app: typer.Typer) -> None:

@@ -5,11 +5,23 @@ from __future__ import annotations
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))  # autoescaping on
+
+
+def listing_href(listing_id: str) -> str:
+    """The listing page's URL. Browsers resolve the dot segments `.` and `..` (even percent-encoded) out of a
+    path, so those two ids go in the query string."""
+    if listing_id in (".", ".."):
+        return f"/listing?id={quote(listing_id, safe='')}"
+    return f"/listings/{quote(listing_id, safe='')}"
+
+
+templates.env.globals["listing_href"] = listing_href
 
 
 @contextmanager

@@ -37,7 +37,7 @@ def _dead_letters(app) -> int | None:
         from kafka import KafkaConsumer, TopicPartition
 
         consumer = KafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=3000,
-                                 api_version_auto_timeout_ms=2000, connections_max_idle_ms=5000)
+                                 bootstrap_timeout_ms=2000, connections_max_idle_ms=5000)
         try:
             parts = [TopicPartition(settings.dlq_topic, p) for p in consumer.partitions_for_topic(settings.dlq_topic)
                      or ()]
