@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -96,6 +97,11 @@ def create_app(settings: Settings, pool=None) -> FastAPI:
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
                             for e in exc.errors())
         return await run_in_threadpool(_error_page, request, 422, f"This request is not valid ({message}).")
+
+    @app.exception_handler(psycopg.errors.DataError)
+    async def unstorable(request: Request, exc: psycopg.errors.DataError):
+        log.info("%s %s: a value the database refuses: %s", request.method, request.url.path, exc)
+        return await run_in_threadpool(_error_page, request, 400, "A value in this request is out of range.")
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):

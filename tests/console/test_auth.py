@@ -117,3 +117,50 @@ def test_console_user_list_disable_enable_and_a_bad_name_is_a_clear_message(db, 
                     "--database-url", pg_url], input="a-long-password\n")
     assert bad.exit_code == 2 and "a name is 1–64 letters" in bad.output and "Traceback" not in bad.output
     assert bad.exception is None or isinstance(bad.exception, SystemExit)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def test_a_storm_of_bad_logins_keeps_memory_bounded_and_the_real_user_gets_in(db, pg_url, tmp_path):
+    """The console as its own process: 24 concurrent failed sign-ins with rotating names from one address.
+    Each argon2id check holds 64 MiB; with at most ENRICH_CONSOLE_LOGIN_CHECKS=2 at once the peak RSS grows
+    by far less than 24 checks' worth, and the real user, from another address, signs in meanwhile."""
+    import concurrent.futures
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from enrich.console.users import add_user
+    from tests.net import free_port, wait_port
+
+    add_user(db, "admin", PASSWORDS["admin"], "admin")
+    port = free_port()
+    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_CONSOLE_PORT": str(port),
+           "ENRICH_CONSOLE_SECRET_KEY": "k" * 48, "ENRICH_CONSOLE_LOGIN_CHECKS": "2",
+           "ENRICH_DATA_DIR": str(tmp_path), "ENRICH_CELERY_BROKER_URL": "redis://127.0.0.1:6379/6"}
+    enrich = str(Path(sys.executable).with_name("enrich"))
+    proc = subprocess.Popen([enrich, "console"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port("127.0.0.1", port, timeout=120)
+        base = f"http://127.0.0.1:{port}"
+        attackers = [_opener_from("127.0.0.2") for _ in range(24)]
+        tokens = [_csrf(o, base) for o in attackers]
+        _post(attackers[0], f"{base}/login", {"name": "warm-up", "password": "x", "csrf": tokens[0]})
+        before = _peak_rss_mib(proc.pid)
+        with concurrent.futures.ThreadPoolExecutor(len(attackers)) as pool:
+            codes = list(pool.map(lambda i: _post(attackers[i], f"{base}/login", {
+                "name": f"bot-{i}", "password": "guess", "csrf": tokens[i]}), range(len(attackers))))
+            real = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+            mine = _post(real, f"{base}/login", {"name": "admin", "password": PASSWORDS["admin"],
+                                                 "csrf": _csrf(real, base)})
+        grew = _peak_rss_mib(proc.pid) - before
+        assert all(c in (401, 429, 503) for c in codes), codes
+        assert mine == 200  # signed in: followed the redirect to the overview
+        assert grew < 3 * 64, f"peak RSS grew by {grew:.0f} MiB during 24 concurrent password checks"
+    finally:
+        proc.terminate()
+        proc.wait(30)
