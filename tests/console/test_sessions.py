@@ -171,20 +171,3 @@ def test_pages_are_not_cached_and_the_policy_forbids_base_tags(console_url):
     assert "base-uri 'none'" in headers["content-security-policy"]
     _, _, login = Client(console_url).request("/login")
     assert "samesite=lax" in login["set-cookie"].lower() and "httponly" in login["set-cookie"].lower()
-
-
-def test_error_pages_keep_the_navigation_and_never_show_json(console_url):
-    c = Client(console_url)
-    c.sign_in("reviewer")
-    status, html, headers = c.request("/no/such/page")
-    assert status == 404 and headers["content-type"].startswith("text/html")
-    assert 'href="/review"' in html and "There is no page at this address." in html
-    status, html, headers = c.request("/review/abc/skip", {"csrf": c.csrf("/")})
-    assert status == 422 and headers["content-type"].startswith("text/html") and "not valid" in html
-    assert not html.lstrip().startswith("{") and 'href="/listings"' in html
-
-
-def test_the_login_redirect_keeps_the_query_string(console_url):
-    status, _, headers = Client(console_url).request("/review?group=colour&model=v1")
-    assert status == 303
-    assert urllib.parse.unquote(headers["location"]) == "/login?next=/review?group=colour&model=v1"
