@@ -186,7 +186,8 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
                    VALUES (%s, %s, %s, %s, %s)
                    ON CONFLICT (listing_id, tag_group, model_version)
                    DO UPDATE SET candidates = EXCLUDED.candidates, threshold = EXCLUDED.threshold,
-                                 created_at = now(), resolved_at = NULL""",
+                                 created_at = now(), resolved_at = NULL,
+                                 flagged_by = NULL, flag_note = NULL, flagged_at = NULL""",  # a new question
                 review_rows,
             )
             cur.executemany(

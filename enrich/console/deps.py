@@ -13,15 +13,23 @@ from fastapi.templating import Jinja2Templates
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))  # autoescaping on
 
 
+# Browsers resolve the dot segments `.` and `..` (even percent-encoded) out of a path, so URLs for those two
+# listing ids carry the id in the query string.
 def listing_href(listing_id: str) -> str:
-    """The listing page's URL. Browsers resolve the dot segments `.` and `..` (even percent-encoded) out of a
-    path, so those two ids go in the query string."""
+    """The listing page's URL."""
     if listing_id in (".", ".."):
         return f"/listing?id={quote(listing_id, safe='')}"
     return f"/listings/{quote(listing_id, safe='')}"
 
 
-templates.env.globals["listing_href"] = listing_href
+def thumb_href(listing_id: str, n: int) -> str:
+    """The URL of the listing's n-th photo thumbnail."""
+    if listing_id in (".", ".."):
+        return f"/img?id={quote(listing_id, safe='')}&n={n}"
+    return f"/img/{quote(listing_id, safe='')}/{n}"
+
+
+templates.env.globals.update(listing_href=listing_href, thumb_href=thumb_href)
 
 
 @contextmanager

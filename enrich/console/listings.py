@@ -1,7 +1,11 @@
 """Listings: a search page (id or title, status filter) and one page per listing with every tag, its
 provenance, confidence and model version, the similar-items shelf, the correction history, the review items
 with their stored heat maps ("why", worker/explanations.py) and a correction form for any tag (through the
-same path as a Kafka CorrectionEvent, see review.apply_correction)."""
+same path as a Kafka CorrectionEvent, see review.apply_correction).
+
+Browsers resolve the ids `.` and `..` out of a path (/listings/.. is /), so every listing URL has a query-string
+twin: /listing?id=, /listing/correct?id=, /listing/why?id=; pages link through deps.listing_href and the
+`listing_urls` below, which pick the twin for those two ids only."""
 from __future__ import annotations
 
 import logging
@@ -14,15 +18,27 @@ from fastapi.responses import RedirectResponse, Response
 
 from schemas.taxonomy import CATEGORY_GROUP, NOT_APPLICABLE, TYPE_GROUP
 from enrich.console.auth import User, check_csrf, current_user
-from enrich.console.deps import connection, render
-from enrich.console.review import Conflict, apply_correction, group_values, taxonomy_groups
-from model.registry import taxonomy_of
+from enrich.console.deps import connection, listing_href, render
+from enrich.console.review import Conflict, apply_correction, group_values, listing_taxonomy, taxonomy_groups
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 STATUSES = ("pending", "enriched", "failed", "deleted")
 SEARCH_LIMIT = 50
 SHELF_K = 12
+
+
+def _dotted(listing_id: str) -> bool:
+    return listing_id in (".", "..")
+
+
+def listing_urls(listing_id: str) -> dict:
+    """The listing page's own URLs: where its correction form posts, and its heat maps' base (group and model
+    are added as query parameters, or the group as a path segment)."""
+    lid = quote(listing_id, safe="")
+    if _dotted(listing_id):
+        return {"correct": f"/listing/correct?id={lid}", "why": f"/listing/why?id={lid}&group="}
+    return {"correct": f"/listings/{lid}/correct", "why": f"/listings/{lid}/why/"}
 
 
 def _like(text: str) -> str:
@@ -64,14 +80,6 @@ def _shelf(conn, listing_id: str) -> tuple[list[tuple[str, float, str]], str | N
     return [(n.listing_id, n.score, titles.get(n.listing_id) or "") for n in neighbours], source
 
 
-def listing_taxonomy(conn, listing_id: str):
-    """The taxonomy of the model that tagged (or queued) the listing, else the active model's."""
-    row = conn.execute("SELECT model_version FROM listing_tags WHERE listing_id = %s AND model_version IS NOT NULL"
-                       " UNION ALL (SELECT model_version FROM review_queue WHERE listing_id = %s"
-                       " ORDER BY created_at DESC LIMIT 1) LIMIT 1", (listing_id, listing_id)).fetchone()
-    return taxonomy_of(conn, row[0] if row else None)
-
-
 def listing_view(conn, listing_id: str) -> dict | None:
     row = conn.execute("SELECT listing_id, seller_id, status, event, error, received_at, updated_at FROM listings"
                        " WHERE listing_id = %s", (listing_id,)).fetchone()
@@ -109,6 +117,13 @@ def listing_view(conn, listing_id: str) -> dict | None:
             "taxonomy": taxonomy.name if taxonomy else None}
 
 
+@router.get("/listing")
+def listing_page_by_query(request: Request, listing_id: str = Query(alias="id", max_length=128),
+                          user: User = Depends(current_user)):
+    """The listing page for any id, `.` and `..` included."""
+    return listing_page(request, listing_id, user)
+
+
 @router.get("/listings/{listing_id}")
 def listing_page(request: Request, listing_id: str = PathParam(max_length=128), user: User = Depends(current_user)):
     with connection(request) as conn:
@@ -117,7 +132,15 @@ def listing_page(request: Request, listing_id: str = PathParam(max_length=128), 
         raise HTTPException(status_code=404, detail=f"no listing {listing_id!r}")
     flash = request.session.pop("listing_flash", None)  # what the last correction did (set by `correct`)
     done, error = (flash[1], "") if flash and flash[0] == "done" else ("", flash[1] if flash else "")
-    return render(request, "listing.html", user=user, page="listings", v=view, done=done, error=error)
+    return render(request, "listing.html", user=user, page="listings", v=view, done=done, error=error,
+                  urls=listing_urls(listing_id))
+
+
+@router.get("/listing/why")
+def heat_map_by_query(request: Request, listing_id: str = Query(alias="id", max_length=128),
+                      group: str = Query(max_length=64), model: str = Query(max_length=128),
+                      user: User = Depends(current_user)):
+    return heat_map(request, listing_id, group, model, user)
 
 
 @router.get("/listings/{listing_id}/why/{group}")
@@ -140,6 +163,13 @@ def heat_map(request: Request, listing_id: str = PathParam(max_length=128), grou
     return Response(path.read_bytes(), media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
+@router.post("/listing/correct", dependencies=[Depends(check_csrf)])
+def correct_by_query(request: Request, listing_id: str = Query(alias="id", max_length=128),
+                     group: str = Form(..., max_length=64), value: str = Form(..., max_length=128),
+                     user: User = Depends(current_user)):
+    return correct(request, listing_id, group, value, user)
+
+
 @router.post("/listings/{listing_id}/correct", dependencies=[Depends(check_csrf)])
 def correct(request: Request, listing_id: str = PathParam(max_length=128), group: str = Form(..., max_length=64),
             value: str = Form(..., max_length=128), user: User = Depends(current_user)):
@@ -147,11 +177,9 @@ def correct(request: Request, listing_id: str = PathParam(max_length=128), group
     with connection(request) as conn:
         if conn.execute("SELECT 1 FROM listings WHERE listing_id = %s", (listing_id,)).fetchone() is None:
             raise HTTPException(status_code=404, detail=f"no listing {listing_id!r}")
-        allowed = group_values(listing_taxonomy(conn, listing_id), group.strip())
-        try:
-            _, ev = apply_correction(conn, user.name, listing_id, group.strip(), value, action="listing.correct",
-                                     allowed=allowed)
+        try:  # apply_correction refuses a group, value or category the listing's taxonomy does not allow
+            _, ev = apply_correction(conn, user.name, listing_id, group.strip(), value, action="listing.correct")
             request.session["listing_flash"] = ["done", f"{ev.group} corrected to {ev.new_value}"]
         except Conflict as exc:
             request.session["listing_flash"] = ["error", str(exc)[:300]]
-    return RedirectResponse(f"/listings/{quote(listing_id, safe='')}#tags", status_code=303)
+    return RedirectResponse(listing_href(listing_id) + "#tags", status_code=303)

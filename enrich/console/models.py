@@ -1,15 +1,18 @@
-"""The models page: every registered version with its status, the reasons of its last gate verdict and a link
-to the job that trained it; the selected one's lineage, metrics beside the active model's, gate verdicts,
-training report plots and shadow figures; the alias moves; retraining jobs and the running one's progress.
-Admins promote (through the gate), reject and un-reject, roll back, run a candidate in shadow and ask for a
-retrain, each with a reason, and cancel a queued or running retraining job; reviewers see the page without
-the buttons and their POSTs are refused.
+"""The models page: every registered version with its status, the reasons of its last gate verdict, a link
+to the job that trained it and what it was trained on; the selected one's lineage, training data and job,
+metrics beside the active model's, gate verdicts, training report plots and shadow figures; the alias moves;
+retraining jobs and the running one's progress. Admins promote (through the gate), reject and un-reject
+(model.registry.unreject: under the promotion lock, only a rejected version), roll back, run a candidate in
+shadow and ask for a retrain, each with a reason, and cancel a queued or running retraining job; reviewers see
+the page without the buttons and their POSTs are refused. Before a promotion or a rollback is sent, a dialog
+(models.js) says what it will change: the gate's preview, which version stops and which starts serving, and
+how many stored listings the backfill re-enriches; the server decides on its own when the form arrives.
 
 Everything goes through the library, never a copy of it: training.gate (promote, preview — the gate `enrich
 promote` and retraining jobs go through too), model.registry (unreject, reject_by_hand, rollback, set_shadow,
 backfill_after), model.shadow.shadow_report, training.jobs (request_retrain, retrain_params, job_progress,
-cancel_job). Every action is logged with the user (users.log_action); an action's outcome is shown once on the
-page after the redirect (post/redirect/get).
+cancel_job), worker.backfill.count_todo (the backfill's size). Every action is logged with the user
+(users.log_action); an action's outcome is shown once on the page after the redirect (post/redirect/get).
 """
 from __future__ import annotations
 
@@ -110,10 +113,68 @@ def _jobs(conn, settings) -> tuple[list[dict], bool]:
     return jobs, any(j["status"] in ("queued", "running") for j in jobs)
 
 
-def _trained_by(conn) -> dict[str, int]:
-    """model_version -> the retraining job that produced it (its anchor in the jobs list)."""
-    return dict(conn.execute("SELECT model_version, max(id) FROM training_jobs WHERE model_version IS NOT NULL"
-                             " GROUP BY model_version").fetchall())
+# what a job notes about its training run (training.jobs._Progress.note) that the page shows with its params
+_JOB_FACTS = ("preset", "dataset", "warm_start", "corrections", "correction_rows")
+
+
+def _origins(conn) -> dict[str, dict]:
+    """model_version -> where it comes from, as recorded: the manifest's dataset, taxonomy, data fingerprint and
+    lineage (corrections used, warm start), and the job that trained it (the lineage's job, else the latest job
+    row naming the version) with its parameters, what it noted and its outcome."""
+    from psycopg.rows import dict_row
+
+    from training.jobs import describe
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT m.model_version, m.manifest->>'dataset' AS dataset, m.manifest->'taxonomy'->>'name' AS tax,"
+            " m.manifest->'taxonomy'->>'version' AS tax_version, m.manifest->>'data_fingerprint' AS fingerprint,"
+            " coalesce(m.manifest->'lineage', '{}'::jsonb) AS lineage, j.id, j.status, j.trigger, j.requested_by,"
+            " j.reason, j.params, j.progress, j.outcome, j.cancel_requested_by"
+            " FROM models m LEFT JOIN LATERAL (SELECT * FROM training_jobs t"
+            "  WHERE t.id = (m.manifest->'lineage'->>'job')::bigint OR t.model_version = m.model_version"
+            "  ORDER BY t.id = (m.manifest->'lineage'->>'job')::bigint DESC NULLS LAST, t.id DESC LIMIT 1) j ON true")
+        rows = cur.fetchall()
+    out = {}
+    for r in rows:
+        lin, progress, params = r["lineage"], r["progress"] or {}, r["params"] or {}
+        data = [r["dataset"] or progress.get("dataset") or params.get("dataset") or ""]
+        if r["tax"]:
+            data.append(f"{r['tax']} v{r['tax_version']}")
+        corrections = lin.get("corrections") or 0
+        data.append(f"{corrections} correction(s)")
+        out[r["model_version"]] = {
+            "job": lin.get("job") or r["id"], "job_found": r["id"] is not None,
+            "job_line": describe(r, age=False) if r["id"] is not None else "",
+            "params": sorted(params.items()),
+            "facts": [(k, progress[k]) for k in _JOB_FACTS if k in progress],
+            "dataset": data[0], "taxonomy": f"{r['tax']} v{r['tax_version']}" if r["tax"] else "",
+            "fingerprint": r["fingerprint"] or "", "corrections": corrections,
+            "corrections_through": lin.get("corrections_through"), "extra_rows": lin.get("extra_rows") or 0,
+            "summary": " · ".join(d for d in data if d)}
+    return out
+
+
+def confirmations(conn, selected, active, preview) -> dict[str, dict]:
+    """What the promote and rollback dialogs say will change: the version that stops serving and the one that
+    starts, the gate's preview, and the size of the backfill that follows (the listings whose current
+    enrichment is not the new version's: what worker.backfill re-enriches). Only for the forms the page shows."""
+    from worker.backfill import count_todo
+
+    version, current = selected.model_version, active.model_version if active else None
+    out: dict[str, dict] = {}
+    promotable = selected.status in ("candidate", "shadow", "rejected")
+    back = selected.was_active and selected.status != "active"
+    if not (promotable or back):
+        return out
+    backfill = count_todo(conn, version)
+    if promotable:
+        outcome = "pass" if preview is None or preview.passed else preview.outcome
+        out["promote"] = {"outcome": outcome, "warn": outcome != "pass", "stops": current, "starts": version,
+                          "backfill": backfill, "reasons": list(preview.reasons) if preview else []}
+    if back:
+        out["rollback"] = {"stops": current, "starts": version, "backfill": backfill}
+    return out
 
 
 @router.get("/models")
@@ -132,20 +193,21 @@ def models_page(request: Request, version: str | None = None, user: User = Depen
         jobs, live = _jobs(conn, request.app.state.settings)
         last = {v["model_version"]: summary(v["gate"]) for v in verdicts(conn, last=True)}
         selected_verdicts = verdicts(conn, selected.model_version) if selected else []
-        trained_by = _trained_by(conn)
+        origins = _origins(conn)
+        preview = None
+        if selected is not None and active is not None and selected.model_version != active.model_version:
+            preview = gate_preview(selected, active, settings)  # the gate on the stored figures
+        confirm = confirmations(conn, selected, active, preview) if selected and user.is_admin else {}
     for v in selected_verdicts:
         v["lines"] = explain(v["gate"])
     gate_rows, other_rows = side_by_side(selected, active)
-    preview = None
-    if selected is not None and active is not None and selected.model_version != active.model_version:
-        preview = gate_preview(selected, active, settings)  # the gate on the stored figures
     plots, plots_note = report_plots(selected, settings) if selected else ([], None)
     from training.config import PRESETS
 
     return render(request, "models.html", user=user, page="models", rows=rows, selected=selected, active=active,
                   gate_rows=gate_rows, other_rows=other_rows, preview=preview, plots=plots, plot_titles=PLOTS,
                   plots_note=plots_note, shadow=shadow, moves=moves, jobs=jobs, live=live, last_verdict=last,
-                  verdicts=selected_verdicts, trained_by=trained_by,
+                  verdicts=selected_verdicts, origins=origins, confirm=confirm,
                   presets=sorted(PRESETS), default_preset=settings.retrain_preset, summary=SUMMARY_METRICS,
                   flash=request.session.pop(_FLASH, None))
 

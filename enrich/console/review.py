@@ -21,6 +21,16 @@ since (a later correction). Undoing a skip forgets the skip and leases the item 
 
 Skips. ``s`` releases the lease and remembers the id in the session: the item is not shown again to this
 reviewer in this session (other reviewers still get it).
+
+Unsure. ``c`` sends the item to an admin with the reviewer's comment (``flagged_by``, ``flag_note``,
+``flagged_at``): it leaves every reviewer's queue, and admins find it under the "flagged for an admin" filter,
+where they resolve it like any item. Undone with ``u`` while no admin has taken it.
+
+What the page counts: the items *yours to take* (open, not held by another reviewer's live lease, not skipped
+by you in this session, within the filters), so the counter reads 0 exactly when nothing is left to show.
+
+Only what the taxonomy allows is ever stored (`check_correction`): a group it defines, one of that group's
+values, and a group that applies to the listing's category; with no taxonomy at all nothing is.
 """
 from __future__ import annotations
 
@@ -38,9 +48,10 @@ from pydantic import ValidationError
 from enrich.console import users
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, render
+from enrich.console.guidelines import guidelines
 from schemas.events import CorrectionEvent
 from model.registry import taxonomy_of
-from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
+from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
 from worker.store import record_correction
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,8 @@ MAX_SKIPPED = 150  # skipped ids kept in the (cookie) session
 MAX_UNDO = 20  # undoable actions kept in the session
 OPTIONS_TTL_S = 10.0
 _FILTER_LEN = 128
+MAX_NOTE = 500  # characters of an "unsure" comment
+RECENT = 10  # decisions listed beside the card
 
 
 class Conflict(Exception):
@@ -63,15 +76,18 @@ class Filters:
     group: str = ""
     category: str = ""  # predicted category: the listing's category tag, or a category item's top candidate
     model: str = ""
+    flagged: bool = False  # admins: the items reviewers sent to an admin (else those are left out)
 
     @classmethod
-    def from_request(cls, request: Request) -> Filters:
+    def from_request(cls, request: Request, user: User | None = None) -> Filters:
         q = request.query_params
-        return cls(*(q.get(k, "").strip()[:_FILTER_LEN] for k in ("group", "category", "model")))
+        group, category, model = (q.get(k, "").strip()[:_FILTER_LEN] for k in ("group", "category", "model"))
+        return cls(group, category, model, flagged=bool(user and user.is_admin and q.get("flagged") == "1"))
 
     def sql(self) -> tuple[str, str, list]:
         """(join, conditions, params) over `review_queue q`."""
-        join, conds, params = "", [], []
+        join, params = "", []
+        conds = ["q.flagged_at IS NOT NULL" if self.flagged else "q.flagged_at IS NULL"]
         if self.group:
             conds.append("q.tag_group = %s")
             params.append(self.group)
@@ -86,7 +102,8 @@ class Filters:
         return join, "".join(f" AND {c}" for c in conds), params
 
     def as_dict(self) -> dict[str, str]:
-        return {k: v for k, v in (("group", self.group), ("category", self.category), ("model", self.model)) if v}
+        return {k: v for k, v in (("group", self.group), ("category", self.category), ("model", self.model),
+                                  ("flagged", "1" if self.flagged else "")) if v}
 
 
 _CATEGORY_EXPR = f"coalesce(ct.value, CASE WHEN q.tag_group = '{CATEGORY_GROUP}' THEN q.candidates->0->>0 END)"
@@ -98,7 +115,7 @@ def filter_options(conn: psycopg.Connection) -> dict[str, list[tuple[str, int]]]
         f"""SELECT GROUPING(tag_group), GROUPING(model_version), tag_group, model_version, c, count(*)
               FROM (SELECT q.tag_group, q.model_version, {_CATEGORY_EXPR} AS c FROM review_queue q
                       LEFT JOIN listing_tags ct ON ct.listing_id = q.listing_id AND ct.tag_group = '{CATEGORY_GROUP}'
-                     WHERE q.resolved_at IS NULL) s
+                     WHERE q.resolved_at IS NULL AND q.flagged_at IS NULL) s
              GROUP BY GROUPING SETS ((tag_group), (model_version), (c))""").fetchall()
     out: dict[str, list[tuple[str, int]]] = {"group": [], "model": [], "category": []}
     for g_group, g_model, group, model, cat, n in rows:
@@ -177,10 +194,25 @@ def _any_free(conn, join: str, conds: str, params: list, skipped: list[int]) -> 
         (skipped, *params)).fetchone()[0]
 
 
-def count_left(conn: psycopg.Connection, filters: Filters, skipped: list[int]) -> int:
+def count_left(conn: psycopg.Connection, user: str, filters: Filters, skipped: list[int]) -> tuple[int, int]:
+    """(items yours to take, items other reviewers hold now) among the open items within the filters that
+    you did not skip. Yours to take: free, lease run out, or held by you (the item shown). One snapshot; the
+    first count is an index-only scan without filters, the second reads only the leased rows (small indexes
+    of migration 0010)."""
     join, conds, params = filters.sql()
-    return conn.execute(f"SELECT count(*) FROM review_queue q {join} WHERE q.resolved_at IS NULL"
-                        f" AND NOT (q.id = ANY(%s::bigint[])){conds}", (skipped, *params)).fetchone()[0]
+    total, held = conn.execute(
+        f"""SELECT (SELECT count(*) FROM review_queue q {join} WHERE q.resolved_at IS NULL
+                       AND NOT (q.id = ANY(%s::bigint[])){conds}),
+                   (SELECT count(*) FROM review_queue q {join} WHERE q.resolved_at IS NULL
+                       AND q.leased_by IS NOT NULL AND q.leased_by <> %s AND q.lease_until >= now()
+                       AND NOT (q.id = ANY(%s::bigint[])){conds})""",
+        (skipped, *params, user, skipped, *params)).fetchone()
+    return total - held, held
+
+
+def count_flagged(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM review_queue WHERE resolved_at IS NULL AND flagged_at IS NOT NULL"
+                        ).fetchone()[0]
 
 
 # --------------------------------------------------------------------------------------------- taxonomy
@@ -194,6 +226,36 @@ def taxonomy_groups(taxonomy: Taxonomy | None) -> list[str]:
     return [] if taxonomy is None else taxonomy.all_groups
 
 
+def listing_taxonomy(conn: psycopg.Connection, listing_id: str) -> Taxonomy | None:
+    """The taxonomy of the model that tagged (or queued) the listing, else the active model's."""
+    row = conn.execute("SELECT model_version FROM listing_tags WHERE listing_id = %s AND model_version IS NOT NULL"
+                       " UNION ALL (SELECT model_version FROM review_queue WHERE listing_id = %s"
+                       " ORDER BY created_at DESC LIMIT 1) LIMIT 1", (listing_id, listing_id)).fetchone()
+    return taxonomy_of(conn, row[0] if row else None)
+
+
+def check_correction(conn: psycopg.Connection, taxonomy: Taxonomy | None, listing_id: str, group: str, value: str,
+                     also: tuple[str, ...] = ()) -> None:
+    """Conflict unless the taxonomy defines `group`, `value` is one of its values (or in `also`: a review
+    item's own candidates) and the group applies to the listing's category (or type)."""
+    if taxonomy is None:
+        raise Conflict("no taxonomy is known for this listing (no registered model carries one), so no tag"
+                       " can be corrected")
+    values = taxonomy.values_of(group)
+    if values is None:
+        raise Conflict(f"{group} is not a tag group of the {taxonomy.name} taxonomy")
+    if value not in values and value not in also:
+        raise Conflict(f"{value!r} is not a value of {group}")
+    if group in (CATEGORY_GROUP, TYPE_GROUP):
+        return
+    tags = dict(conn.execute("SELECT tag_group, value FROM listing_tags WHERE listing_id = %s"
+                             " AND tag_group IN (%s, %s)", (listing_id, CATEGORY_GROUP, TYPE_GROUP)).fetchall())
+    category, type_ = tags.get(CATEGORY_GROUP), tags.get(TYPE_GROUP)
+    if not taxonomy.applies(group, category=category, type_=type_):
+        raise Conflict(f"{group} does not apply to {category or type_} (the listing's "
+                       f"{'category' if category else 'type'})")
+
+
 # ------------------------------------------------------------------------------------------- corrections
 
 def _corrector_id(name: str) -> str:
@@ -202,19 +264,20 @@ def _corrector_id(name: str) -> str:
 
 
 def apply_correction(conn: psycopg.Connection, user: str, listing_id: str | None, group: str | None,
-                     value: str, *,
-                     action: str, review_id: int | None = None, allowed: list[str] | None = None,
+                     value: str, *, action: str, review_id: int | None = None,
                      **details) -> tuple[int, CorrectionEvent]:
     """Correct one tag through the Kafka path (`record_correction`) in one transaction; returns the
     console_actions id (whose details let `undo` restore what was there) and the event.
 
-    With `review_id`, the item must be open and leased to `user` (listing and group come from it).
-    `allowed`: the values the group takes (None: any text the event schema accepts)."""
+    With `review_id`, the item must be open and leased to `user` (listing and group come from it; the
+    taxonomy is that of the item's model, and its candidates are values too). Without, the listing's
+    taxonomy. Conflict, and nothing stored, when `check_correction` refuses."""
     value = value.strip()
     with conn.transaction():
+        also: tuple[str, ...] = ()
         if review_id is not None:
-            row = conn.execute("SELECT listing_id, tag_group, leased_by, resolved_at, resolved_by FROM review_queue"
-                               " WHERE id = %s FOR UPDATE", (review_id,)).fetchone()
+            row = conn.execute("SELECT listing_id, tag_group, leased_by, resolved_at, resolved_by, model_version,"
+                               " candidates FROM review_queue WHERE id = %s FOR UPDATE", (review_id,)).fetchone()
             if row is None:
                 raise Conflict("this item is no longer in the queue (the listing was re-enriched or removed)")
             if row[3] is not None:
@@ -222,10 +285,13 @@ def apply_correction(conn: psycopg.Connection, user: str, listing_id: str | None
             if row[2] != user:
                 raise Conflict("your lease on this item ran out and another reviewer has it now")
             listing_id, group = row[0], row[1]
-        if allowed is not None and value not in allowed:
-            raise Conflict(f"{value!r} is not a value of {group}")
+            taxonomy = taxonomy_of(conn, row[5])
+            also = tuple(str(c[0]) for c in row[6])
         if conn.execute("SELECT 1 FROM listings WHERE listing_id = %s FOR SHARE", (listing_id,)).fetchone() is None:
             raise Conflict(f"no listing {listing_id!r}")
+        if review_id is None:
+            taxonomy = listing_taxonomy(conn, listing_id)
+        check_correction(conn, taxonomy, listing_id, group, value, also)
         prev = conn.execute("SELECT value, source, confidence, model_version, updated_at, evidence FROM listing_tags"
                             " WHERE listing_id = %s AND tag_group = %s FOR UPDATE", (listing_id, group)).fetchone()
         reopen = [r[0] for r in conn.execute(
@@ -274,6 +340,19 @@ def undo(conn: psycopg.Connection, user: str, action_id: int, lease_s: float,
             if current != item:
                 release(conn, user, current)
             return "skip", item, item, "Skip undone."
+        if action == "review.flag":
+            item = d["review_id"]
+            got = conn.execute(
+                "UPDATE review_queue SET flagged_by = NULL, flag_note = NULL, flagged_at = NULL, leased_by = %s,"
+                " lease_until = now() + make_interval(secs => %s) WHERE id = %s AND resolved_at IS NULL"
+                " AND flagged_by = %s AND (leased_by IS NULL OR leased_by = %s OR lease_until < now()) RETURNING id",
+                (user, lease_s, item, user, user)).fetchone()
+            if got is None:
+                raise Conflict("an admin has that item now or resolved it")
+            if current != item:
+                release(conn, user, current)
+            users.log_action(conn, user, "review.undo", of=action_id, kind="flag", review_id=item)
+            return "flag", item, item, "Comment withdrawn: the item is back with you."
         if action != "review.correct":
             raise Conflict("nothing to undo")
         corr = conn.execute("SELECT received_at FROM corrections WHERE event_id = %s FOR UPDATE",
@@ -315,8 +394,48 @@ def skip(conn: psycopg.Connection, user: str, item: int) -> int:
     with conn.transaction():
         conn.execute("UPDATE review_queue SET leased_by = NULL, lease_until = NULL"
                      " WHERE id = %s AND leased_by = %s AND resolved_at IS NULL", (item, user))
-        users.log_action(conn, user, "review.skip", review_id=item)
+        row = conn.execute("SELECT listing_id, tag_group FROM review_queue WHERE id = %s", (item,)).fetchone()
+        users.log_action(conn, user, "review.skip", review_id=item, listing_id=row[0] if row else None,
+                         group=row[1] if row else None)
         return conn.execute("SELECT lastval()").fetchone()[0]
+
+
+def flag(conn: psycopg.Connection, user: str, item: int, note: str) -> int:
+    """Send the reviewer's item to an admin with their comment: it leaves the reviewers' queue."""
+    with conn.transaction():
+        row = conn.execute(
+            "UPDATE review_queue SET flagged_by = %s, flag_note = %s, flagged_at = now(), leased_by = NULL,"
+            " lease_until = NULL WHERE id = %s AND leased_by = %s AND resolved_at IS NULL AND flagged_at IS NULL"
+            " RETURNING listing_id, tag_group", (user, note, item, user)).fetchone()
+        if row is None:
+            raise Conflict("this item is resolved, flagged already, or another reviewer has it now")
+        users.log_action(conn, user, "review.flag", review_id=item, listing_id=row[0], group=row[1], note=note)
+        return conn.execute("SELECT lastval()").fetchone()[0]
+
+
+def recent_decisions(conn: psycopg.Connection, user: str, limit: int = RECENT) -> list[dict]:
+    """This person's last review decisions and listing corrections, newest first; `undone` when a later
+    undo took one back."""
+    rows = conn.execute(
+        "SELECT a.action, a.details, a.at, EXISTS (SELECT 1 FROM console_actions u WHERE u.user_name = a.user_name"
+        "  AND u.at >= a.at AND u.action = 'review.undo' AND u.details->>'of' = a.id::text)"
+        " FROM console_actions a WHERE a.user_name = %s AND a.action IN"
+        " ('review.correct', 'review.skip', 'review.flag', 'listing.correct') ORDER BY a.at DESC, a.id DESC LIMIT %s",
+        (user, limit)).fetchall()
+    out = []
+    for action, d, at, undone in rows:
+        kind = action.split(".")[1]
+        value = d.get("new_value") if kind == "correct" else d.get("note") if kind == "flag" else None
+        out.append({"kind": kind, "listing_id": d.get("listing_id"), "group": d.get("group"), "value": value,
+                    "review_id": d.get("review_id"), "at": at, "undone": undone})
+    return out
+
+
+def progress_today(conn: psycopg.Connection, user: str) -> tuple[int, int]:
+    """(items resolved by `user`, items resolved by anyone) since midnight, database time."""
+    return conn.execute(
+        "SELECT count(*) FILTER (WHERE resolved_by = %s), count(*) FROM review_queue"
+        " WHERE resolved_at IS NOT NULL AND resolved_at >= date_trunc('day', now())", (user,)).fetchone()
 
 
 # ------------------------------------------------------------------------------------------------- views
@@ -324,7 +443,8 @@ def skip(conn: psycopg.Connection, user: str, item: int) -> int:
 def item_view(conn: psycopg.Connection, item: int) -> dict | None:
     row = conn.execute(
         "SELECT q.id, q.listing_id, q.tag_group, q.candidates, q.threshold, q.model_version, q.created_at,"
-        " q.lease_until, l.event->>'title', l.seller_id, jsonb_array_length(l.event->'images'), l.status"
+        " greatest(0, extract(epoch FROM q.lease_until - now()))::int, l.event->>'title', l.seller_id,"
+        " jsonb_array_length(l.event->'images'), l.status, q.flagged_by, q.flag_note, q.flagged_at"
         " FROM review_queue q JOIN listings l ON l.listing_id = q.listing_id WHERE q.id = %s", (item,)).fetchone()
     if row is None:
         return None
@@ -337,10 +457,11 @@ def item_view(conn: psycopg.Connection, item: int) -> dict | None:
         if v not in values:
             values = [*values, v]
     return {"id": row[0], "listing_id": row[1], "group": row[2], "candidates": candidates, "threshold": row[4],
-            "model_version": row[5], "created_at": row[6], "lease_until": row[7], "title": row[8] or "",
+            "model_version": row[5], "created_at": row[6], "lease_left": row[7] or 0, "title": row[8] or "",
             "seller_id": row[9], "images": min(row[10] or 0, 4), "status": row[11],
+            "flag": {"by": row[12], "note": row[13], "at": row[14]} if row[14] else None,
             "seller_tags": [t for t in tags if t[2] == "seller"], "other_tags": [t for t in tags if t[2] != "seller"],
-            "choices": values}
+            "choices": values, "guideline": guidelines(taxonomy.name).get(row[2]) if taxonomy else None}
 
 
 def _session_list(request: Request, key: str) -> list[int]:
@@ -357,8 +478,12 @@ def _render_item(request: Request, conn, user: User, filters: Filters, flash: st
                         current=current if isinstance(current, int) else None)
     request.session["review_current"] = item_id
     item = item_view(conn, item_id) if item_id is not None else None
-    ctx = {"item": item, "left": count_left(conn, filters, skipped), "flash": flash, "flash_error": error,
-           "filters": filters, "can_undo": bool(request.session.get("review_undo")), "lease_s": lease_s}
+    left, held = count_left(conn, user.name, filters, skipped)
+    mine, team = progress_today(conn, user.name)
+    ctx = {"item": item, "left": left, "held": held, "flash": flash, "flash_error": error, "filters": filters,
+           "can_undo": bool(request.session.get("review_undo")), "lease_s": lease_s,
+           "recent": recent_decisions(conn, user.name), "mine_today": mine, "team_today": team,
+           "flagged": count_flagged(conn) if user.is_admin else 0}
     if full:
         return render(request, "review.html", user=user, page="review",
                       options=filter_options_cached(request.app, conn), **ctx)
@@ -374,31 +499,24 @@ def _push(request: Request, key: str, value: int, cap: int) -> None:
 @router.get("/review")
 def review_page(request: Request, user: User = Depends(current_user)):
     with connection(request) as conn:
-        return _render_item(request, conn, user, Filters.from_request(request), full=True)
+        return _render_item(request, conn, user, Filters.from_request(request, user), full=True)
 
 
 @router.get("/review/item")
 def review_item(request: Request, user: User = Depends(current_user)):
     """The current item's HTML (the page's script asks for it after an error)."""
     with connection(request) as conn:
-        return _render_item(request, conn, user, Filters.from_request(request))
+        return _render_item(request, conn, user, Filters.from_request(request, user))
 
 
 @router.post("/review/{item}/take", dependencies=[Depends(check_csrf)])
 def review_take(request: Request, item: int, value: str = Form(..., max_length=128),
                 user: User = Depends(current_user)):
-    filters = Filters.from_request(request)
+    filters = Filters.from_request(request, user)
     with connection(request) as conn:
-        row = conn.execute("SELECT tag_group, model_version, candidates FROM review_queue WHERE id = %s",
-                           (item,)).fetchone()
-        if row is None:
-            return _render_item(request, conn, user, filters, "That item is no longer in the queue.", True)
-        allowed = group_values(taxonomy_of(conn, row[1]), row[0])
-        if allowed is not None:
-            allowed = [*allowed, *(str(c[0]) for c in row[2])]
         try:
             action_id, ev = apply_correction(conn, user.name, None, None, value, action="review.correct",
-                                             review_id=item, allowed=allowed)
+                                             review_id=item)
         except Conflict as exc:
             return _render_item(request, conn, user, filters, f"Not saved: {exc}.", True)
         _push(request, "review_undo", action_id, MAX_UNDO)
@@ -408,7 +526,7 @@ def review_take(request: Request, item: int, value: str = Form(..., max_length=1
 
 @router.post("/review/{item}/skip", dependencies=[Depends(check_csrf)])
 def review_skip(request: Request, item: int, user: User = Depends(current_user)):
-    filters = Filters.from_request(request)
+    filters = Filters.from_request(request, user)
     with connection(request) as conn:
         action_id = skip(conn, user.name, item)
         _push(request, "review_skipped", item, MAX_SKIPPED)
@@ -416,9 +534,27 @@ def review_skip(request: Request, item: int, user: User = Depends(current_user))
         return _render_item(request, conn, user, filters, "Skipped (u to undo).")
 
 
+@router.post("/review/{item}/flag", dependencies=[Depends(check_csrf)])
+def review_flag(request: Request, item: int, note: str = Form("", max_length=MAX_NOTE),
+                user: User = Depends(current_user)):
+    """Unsure: the item goes to an admin with the reviewer's comment."""
+    filters = Filters.from_request(request, user)
+    note = note.strip()
+    with connection(request) as conn:
+        if not note:
+            return _render_item(request, conn, user, filters, "Not sent: write a short comment for the admin.",
+                                True)
+        try:
+            action_id = flag(conn, user.name, item, note)
+        except Conflict as exc:
+            return _render_item(request, conn, user, filters, f"Not sent: {exc}.", True)
+        _push(request, "review_undo", action_id, MAX_UNDO)
+        return _render_item(request, conn, user, filters, "Sent to an admin with your comment (u to undo).")
+
+
 @router.post("/review/undo", dependencies=[Depends(check_csrf)])
 def review_undo(request: Request, user: User = Depends(current_user)):
-    filters = Filters.from_request(request)
+    filters = Filters.from_request(request, user)
     stack = _session_list(request, "review_undo")
     with connection(request) as conn:
         if not stack:

@@ -54,7 +54,7 @@ def test_a_reviewer_sees_the_heat_map_of_a_review_item(console_url, console_sett
     assert "&lt;b&gt;bold&lt;/b&gt;</figcaption>" in body.decode() and "<b>bold</b>" not in body.decode()
 
     status, headers, _ = _get(urllib.request.build_opener(_NoRedirect()), console_url + src)
-    assert status == 303 and "/login" in headers["location"]  # nobody signed out gets a heat map
+    assert status == 401 and "image" not in headers.get("content-type", "")  # nobody signed out gets a heat map
 
 
 def test_a_listing_without_stored_heat_maps_shows_none(console_url, db, tmp_path):

@@ -65,7 +65,7 @@ def test_the_listing_page_shows_provenance_and_history_and_corrects_a_tag_that_w
     assert db.execute("SELECT resolved_at FROM review_queue WHERE listing_id = 'L000'").fetchone()[0] is None
     page.locator("tr[data-group=colour] input[name=value]").fill("green")
     page.locator("tr[data-group=colour] button").click()
-    page.wait_for_function("() => document.querySelector('tr[data-group=colour] .ls-value').textContent === 'green'")
+    page.wait_for_function("() => document.querySelector('tr[data-group=colour] .ls-value')?.textContent === 'green'")
     assert db.execute("SELECT resolved_by FROM review_queue WHERE listing_id = 'L000'").fetchone()[0] == "admin"
     assert db.execute("SELECT user_name, count(*) FROM console_actions WHERE action = 'listing.correct' AND id > %s"
                       " GROUP BY 1", (since,)).fetchall() == [("admin", 2)]
@@ -139,6 +139,6 @@ def test_thumbnails_refuse_unknown_listings_and_indexes_and_never_fetch_a_url_fr
         assert _Counting.hits == []
         # and nobody signed out gets an image
         anon = browser.new_context().request.get(f"{console_url}/img/A000/0", max_redirects=0)
-        assert anon.status == 303 and "/login" in anon.headers["location"]
+        assert anon.status in (303, 401) and not anon.headers["content-type"].startswith("image/")
     finally:
         server.shutdown()

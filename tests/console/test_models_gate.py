@@ -57,11 +57,13 @@ def test_a_refused_promotion_is_recorded_and_shown_then_an_admin_unrejects(brows
     page = sign_in(browser, console_url, "admin")
     page.goto(f"{console_url}/models?version=m-b")
     assert "would refuse it" in page.inner_text("#selected")  # the same gate, on the stored figures
-    assert page.get_attribute("tr[data-version='m-b'] a.job-link", "href") == f"#job-{job}"
-    assert page.locator(f"#jobs #job-{job}").count() == 1  # the link lands on the job in the jobs list
+    assert page.get_attribute("tr[data-version='m-b'] a.job-link", "href") == "/models?version=m-b#training"
+    assert page.locator(f"#jobs #job-{job}").count() == 1  # and the job is in the jobs list, linked from there
+    assert page.get_attribute("#training-job a", "href") == f"#job-{job}"
     assert f"job #{job}" in page.inner_text("#lineage")
     page.fill("#promote-form input[name=reason]", "better top-1")
     page.click("#promote-form button")
+    page.click("#promote-confirm .confirm-yes")
     flash = page.wait_for_selector("#flash").inner_text()
     assert "The gate refused m-b against the active m-a; it is marked rejected" in flash
     assert "category Shirt: recall 0.6000 against the active model's 0.8000" in flash
@@ -120,6 +122,7 @@ def test_the_console_the_cli_and_a_job_reach_the_same_verdict(browser, console_u
     page.goto(f"{console_url}/models?version=via-console")
     page.fill("#promote-form input[name=reason]", "same figures")
     page.click("#promote-form button")
+    page.click("#promote-confirm .confirm-yes")
     page.wait_for_selector("#flash")
     monkeypatch.setenv("ENRICH_DATA_DIR", str(tmp_path / "data"))
     res = CliRunner().invoke(app, ["promote", "via-cli", "--no-backfill", "--database-url", pg_url])

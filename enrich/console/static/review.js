@@ -1,6 +1,7 @@
 // The review page, keyboard first: 1–9 take a candidate, a letter opens a searchable list of every value of the
-// group, s skips, u undoes. Each action is a POST that answers with the next item's HTML, swapped in at once.
-// Keys pressed while a request is on its way are queued and run in order against the item shown by then.
+// group, s skips, c sends the item to an admin with a comment, z enlarges the photo, u undoes. Each action is a
+// POST that answers with the next item's HTML, swapped in at once. Keys pressed while a request is on its way
+// are queued and run in order against the item shown by then.
 (function () {
   "use strict";
   const box = document.getElementById("review-item");
@@ -8,15 +9,22 @@
   if (!box || !picker) { return; }
   const input = document.getElementById("rv-picker-input");
   const list = document.getElementById("rv-picker-list");
+  const comment = document.getElementById("rv-comment");
+  const commentInput = document.getElementById("rv-comment-input");
+  const zoom = document.getElementById("rv-zoom");
+  const zoomImg = document.getElementById("rv-zoom-img");
   let chain = Promise.resolve();
   let active = 0; // highlighted row in the picker
+  let signedOut = false;
 
   function current() { return box.querySelector("#rv-current"); }
   function itemId() { const c = current(); return c ? c.dataset.item : ""; }
   function pickerOpen() { return !picker.hidden; }
+  function commentOpen() { return !comment.hidden; }
+  function zoomOpen() { return !zoom.hidden; }
   function enqueue(fn) { chain = chain.then(fn).catch(showError); return chain; }
 
-  function showError(err) {
+  function flashEl() {
     let flash = document.getElementById("rv-flash");
     if (!flash) {
       flash = document.createElement("span");
@@ -25,11 +33,49 @@
       status.appendChild(flash);
     }
     flash.className = "rv-flash error";
+    return flash;
+  }
+
+  function showError(err) {
+    const flash = flashEl();
+    if (err && err.signedOut) {
+      // a link back to this very page (filters included) once signed in again
+      const a = document.createElement("a");
+      a.href = "/login?next=" + encodeURIComponent(window.location.pathname + window.location.search);
+      a.textContent = "Signed out — sign in again";
+      flash.replaceChildren(a);
+      return;
+    }
     flash.textContent = "Not saved: " + (err && err.message ? err.message : String(err)) + " — reload the page.";
   }
 
+  function signedOutError(status) {
+    const err = new Error("Signed out — sign in again");
+    err.status = status;
+    err.signedOut = true;
+    return err;
+  }
+
+  // Only the console's own fragment (_review_item.html) is ever put into the page: a sign-in page, or any
+  // other page that a redirect led to, is not.
   async function act(path, data) {
-    const html = await window.enrich.post(path + window.location.search, data);
+    if (signedOut) { throw signedOutError(401); }
+    let html;
+    try {
+      html = await window.enrich.post(path + window.location.search, data);
+    } catch (err) {
+      const msg = err && err.message ? err.message : "";
+      if (err && (err.signedOut || err.status === 401 || /^40[13] /.test(msg) && /<(!doctype|html)/i.test(msg))) {
+        signedOut = true;
+        throw signedOutError(err.status || 401);
+      }
+      if (/</.test(msg)) { throw new Error("the console answered with an error"); } // never show markup
+      throw err;
+    }
+    if (typeof html !== "string" || !html.trimStart().startsWith('<div class="rv-status">')) {
+      signedOut = true;
+      throw signedOutError(401);
+    }
     box.innerHTML = html; // server-rendered and escaped
     box.dispatchEvent(new CustomEvent("review:item", { bubbles: true }));
   }
@@ -43,6 +89,11 @@
     const id = itemId();
     if (!id) { return Promise.resolve(); }
     return act("/review/" + encodeURIComponent(id) + "/skip");
+  }
+  function flag(note) {
+    const id = itemId();
+    if (!id) { return Promise.resolve(); }
+    return act("/review/" + encodeURIComponent(id) + "/flag", { note: note });
   }
   function undo() { return act("/review/undo"); }
 
@@ -112,6 +163,74 @@
   });
   picker.addEventListener("mousedown", function (e) { if (e.target === picker) { closePicker(); } });
 
+  // ------------------------------------------------------------------------------ unsure: a comment
+  function openComment() {
+    if (!itemId() || !box.querySelector('[data-act="flag"]')) { return; } // nothing shown, or flagged already
+    comment.hidden = false;
+    commentInput.value = "";
+    commentInput.focus();
+  }
+
+  function closeComment() {
+    comment.hidden = true;
+    commentInput.blur();
+  }
+
+  commentInput.addEventListener("keydown", function (e) {
+    if (e.key === "Escape") { e.preventDefault(); closeComment(); }
+    else if (e.key === "Enter") {
+      e.preventDefault();
+      const note = commentInput.value.trim();
+      if (!note) { return; } // a comment is what the admin needs
+      closeComment();
+      enqueue(function () { return flag(note); });
+    }
+    e.stopPropagation(); // typing the comment is not a shortcut
+  });
+  comment.addEventListener("mousedown", function (e) { if (e.target === comment) { closeComment(); } });
+
+  // ------------------------------------------------------------------------------------- photo zoom
+  function openZoom(img) {
+    const photo = img || box.querySelector(".rv-zoomable");
+    if (!photo) { return; }
+    zoomImg.src = photo.getAttribute("src"); // the same thumbnail, shown large
+    zoomImg.alt = photo.alt + ", enlarged";
+    zoom.hidden = false;
+  }
+
+  function closeZoom() {
+    zoom.hidden = true;
+    zoomImg.removeAttribute("src");
+  }
+
+  zoom.addEventListener("click", closeZoom);
+
+  // ------------------------------------------------------------------------------ the lease countdown
+  let leaseTimer = null;
+
+  function startLease() {
+    if (leaseTimer) { clearInterval(leaseTimer); leaseTimer = null; }
+    const el = box.querySelector("#rv-lease");
+    if (!el) { return; }
+    const ends = Date.now() + Number(el.dataset.left || 0) * 1000;
+    const shown = el.querySelector(".num");
+    function tick() {
+      const left = Math.max(0, Math.round((ends - Date.now()) / 1000));
+      if (left === 0) {
+        el.textContent = "your hold on this item ran out: another reviewer may take it (reload to hold it again)";
+        el.classList.add("error");
+        clearInterval(leaseTimer);
+        leaseTimer = null;
+        return;
+      }
+      shown.textContent = Math.floor(left / 60) + ":" + String(left % 60).padStart(2, "0");
+    }
+    leaseTimer = setInterval(tick, 1000);
+  }
+
+  box.addEventListener("review:item", function () { closeZoom(); startLease(); });
+  startLease();
+
   // --------------------------------------------------------------------------------------------- keys
   function handleKey(k) {
     if (pickerOpen()) { // a key typed before the list had opened: it was meant for the search box
@@ -119,12 +238,22 @@
       renderList();
       return undefined;
     }
+    if (commentOpen()) { // the same for the comment box
+      commentInput.value += k;
+      return undefined;
+    }
     if (k >= "1" && k <= "9") {
       const c = box.querySelector('.rv-cand[data-key="' + k + '"]');
       return c ? take(c.dataset.value) : undefined;
     }
+    if (k === "z") {
+      if (zoomOpen()) { closeZoom(); } else { openZoom(null); }
+      return undefined;
+    }
+    if (zoomOpen()) { closeZoom(); }
     if (k === "s") { return skip(); }
     if (k === "u") { return undo(); }
+    if (k === "c") { openComment(); return undefined; }
     openPicker(k);
     return undefined;
   }
@@ -133,6 +262,7 @@
     if (e.ctrlKey || e.metaKey || e.altKey || e.isComposing) { return; }
     const t = e.target;
     if (t && t.closest && t.closest("input, select, textarea, [contenteditable]")) { return; } // the filters
+    if (e.key === "Escape" && zoomOpen()) { e.preventDefault(); closeZoom(); return; }
     if (!/^[1-9a-zA-Z]$/.test(e.key)) { return; }
     e.preventDefault();
     const k = e.key;
@@ -141,6 +271,8 @@
 
   // ------------------------------------------------------------------------------------ mouse as well
   box.addEventListener("click", function (e) {
+    const photo = e.target.closest(".rv-zoomable");
+    if (photo) { openZoom(photo); return; }
     const cand = e.target.closest(".rv-cand");
     if (cand) { cand.blur(); enqueue(function () { return take(cand.dataset.value); }); return; }
     const btn = e.target.closest("[data-act]");
@@ -148,6 +280,7 @@
     btn.blur();
     if (btn.dataset.act === "skip") { enqueue(skip); }
     else if (btn.dataset.act === "undo") { enqueue(undo); }
+    else if (btn.dataset.act === "flag") { enqueue(openComment); }
     else if (btn.dataset.act === "pick") { enqueue(function () { openPicker(""); }); }
   });
 })();
