@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
+from typing import Annotated
 
 import typer
 
 from core.config import get_settings
 from core.options import DatabaseUrl
 
+PasswordStdin = Annotated[bool, typer.Option("--password-stdin",
+                                             help="Read the password from standard input (default: ask twice).")]
 users_app = typer.Typer(help="Console accounts (names, roles, passwords).", no_args_is_help=True)
 
 
@@ -58,8 +61,7 @@ def add(
     name: str = typer.Argument(..., help="Sign-in name (letters, digits, . _ @ -)."),
     role: str = typer.Option(..., "--role", help="reviewer (review queue, corrections) or admin (also models: "
                                                  "promote, roll back, retrain)."),
-    password_stdin: bool = typer.Option(False, "--password-stdin",
-                                        help="Read the password from standard input (default: ask twice)."),
+    password_stdin: PasswordStdin = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create an account, or reset its password and role (ending its sessions)."""
@@ -111,8 +113,7 @@ def enable(name: str = typer.Argument(..., help="Account to enable."), database_
 @users_app.command("set-password")
 def set_password(
     name: str = typer.Argument(..., help="Account whose password changes."),
-    password_stdin: bool = typer.Option(False, "--password-stdin",
-                                        help="Read the password from standard input (default: ask twice)."),
+    password_stdin: PasswordStdin = False,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Change a password; the account's sessions end (it signs in again with the new one)."""

@@ -83,9 +83,9 @@ def screenshots(tmp_path) -> Path:
     return out
 
 
-def sign_in(browser, base: str, name: str):
-    """A fresh browser context signed in as `name`; returns its page."""
-    page = browser.new_context(viewport={"width": 1280, "height": 860}).new_page()
+def sign_in(browser, base: str, name: str, **context):
+    """A fresh browser context (options: Playwright's new_context) signed in as `name`; returns its page."""
+    page = browser.new_context(**{"viewport": {"width": 1280, "height": 860}, **context}).new_page()
     page.goto(f"{base}/login")
     page.fill("input[name=name]", name)
     page.fill("input[name=password]", PASSWORDS[name])

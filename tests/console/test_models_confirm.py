@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.console.conftest import PASSWORDS, sign_in
+from tests.console.conftest import sign_in
 from tests.console.test_models import BROKER_DB6, QUEUES, _model, _queue_len, _seed_two
 
 
@@ -44,17 +44,6 @@ def _catalogue(db, done_by: dict[str, int], todo: int = 0, deleted: int = 0) -> 
 
 def _moves(db) -> int:
     return db.execute("SELECT count(*) FROM model_events").fetchone()[0]
-
-
-def sign_in_with(browser, base: str, name: str, **context):
-    """Like conftest.sign_in, in a context of one's own (no JS, a phone's viewport)."""
-    page = browser.new_context(**context).new_page()
-    page.goto(f"{base}/login")
-    page.fill("input[name=name]", name)
-    page.fill("input[name=password]", PASSWORDS[name])
-    page.click("button[type=submit]")
-    page.wait_for_url(f"{base}/")
-    return page
 
 
 def _posts(page) -> list[str]:
@@ -155,7 +144,7 @@ def test_rollback_asks_first_and_without_js_the_form_posts(browser, console_url,
     moves = _moves(db)
 
     # no JS: no dialog, the form posts as it is
-    plain = sign_in_with(browser, console_url, "admin", java_script_enabled=False)
+    plain = sign_in(browser, console_url, "admin", java_script_enabled=False)
     plain.goto(f"{console_url}/models?version=m-a")
     plain.fill("#rollback-form input[name=reason]", "shelves look wrong")
     plain.click("#rollback-form button")
@@ -206,7 +195,7 @@ def test_each_version_shows_its_training_job_and_data(browser, console_url, db, 
 
 def test_the_models_page_fits_a_phone(browser, console_url, db, tmp_path, screenshots):
     _seed_two(db, tmp_path, candidate_top1=0.50)
-    page = sign_in_with(browser, console_url, "admin", viewport={"width": 390, "height": 844})
+    page = sign_in(browser, console_url, "admin", viewport={"width": 390, "height": 844})
     page.goto(f"{console_url}/models?version=m-b")
     page.screenshot(path=str(screenshots / "models_390.png"), full_page=True)
     wide = page.evaluate("""() => [...document.querySelectorAll('main .card, main form, main button, main dialog')]

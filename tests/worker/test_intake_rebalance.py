@@ -78,8 +78,9 @@ def test_peer_leaving_while_paused_loses_nothing(kafka_bootstrap, pg_url, db):
 
     # the peer joins (a rebalance: 2 + 2), reads a little of its partitions, then dies without a commit
     peer = make_consumer(settings, settings.listings_topic, settings.consumer_group, **KAFKA_TEST, max_poll_records=10)
-    wait_until(lambda: bool(peer.poll(timeout_ms=200)) or len(peer.assignment()) == 2)
-    assert len(paused.consumer.assignment()) == 2
+    # the paused member learns of the rebalance at its own next poll: wait for both sides, not only the peer
+    wait_until(lambda: peer.poll(timeout_ms=200) is not None and len(peer.assignment()) == 2
+               and len(paused.consumer.assignment()) == 2)
     peer.poll(timeout_ms=500)
     peer.close(autocommit=False)  # leaves the group: the paused intake gets all 4 partitions again
 
