@@ -11,7 +11,6 @@ from model.explain import overlay_png
 from schemas.enrichment import Enrichment, ReviewItem, TagSource, TagValue
 from schemas.events import ListingEvent
 from tests.console.conftest import sign_in
-from tests.console.test_models_confirm import sign_in_with
 from tests.console.test_review import MODEL, add_model, png
 from worker.explanations import explanations_root, record_explanations
 from worker.store import listings_to_enrich, upsert_listings, write_enrichments
@@ -91,7 +90,7 @@ def test_a_listing_with_id_dot_dot_opens_from_the_search_and_a_correction_on_it_
 
 def test_the_listings_pages_fit_a_phone(browser, console_url, db, tmp_path, screenshots):
     _seed(db, tmp_path)
-    page = sign_in_with(browser, console_url, "admin", viewport={"width": 390, "height": 844})
+    page = sign_in(browser, console_url, "admin", viewport={"width": 390, "height": 844})
     for path, shot in (("/listings", "listings_390.png"), ("/listing?id=..", "listing_390.png")):
         page.goto(console_url + path)
         page.screenshot(path=str(screenshots / shot), full_page=True)
