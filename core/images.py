@@ -1,9 +1,9 @@
 """Fetch, guard and decode listing images.
 
 Every image comes from a seller, so every byte is hostile until proven otherwise: sources are
-allow-listed (s3://, allow-listed http(s) hosts resolved and pinned to public addresses, local paths
-only when enabled), sizes are bounded before decoding, and decoding refuses bombs and odd formats
-with a reason a person can read. Two error kinds matter to the caller: `ImageRejected` is permanent
+allow-listed (s3://, allow-listed http(s) hosts resolved and pinned to public addresses, files under the
+data directory, other local paths only when enabled), sizes are bounded before decoding, and decoding refuses
+bombs and odd formats with a reason a person can read. Two error kinds matter to the caller: `ImageRejected` is permanent
 (retrying cannot help), `ImageUnavailable` is transient (host down, timeout: retry with backoff).
 """
 from __future__ import annotations
@@ -80,10 +80,20 @@ def fetch_bytes(uri: str, settings: Settings, s3_client=None) -> bytes:
     raise ImageRejected(uri, "scheme not allowed", f"{scheme}:// is not s3, http(s) or a local path")
 
 
+def _own_file(path: Path, settings: Settings) -> bool:
+    """A file of this installation: under the data directory once links are resolved (the quickstart's
+    photos); a link out of it does not count."""
+    try:
+        return path.resolve(strict=True).is_relative_to(Path(settings.data_dir).resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
 def _fetch_local(uri: str, settings: Settings) -> bytes:
-    if not settings.allow_local_paths:
-        raise ImageRejected(uri, "local paths disabled", "set ENRICH_ALLOW_LOCAL_PATHS=true to read files")
     path = Path(urlsplit(uri).path if uri.startswith("file:") else uri)
+    if not settings.allow_local_paths and not _own_file(path, settings):
+        raise ImageRejected(uri, "local paths disabled", "only files under the data directory are read; set "
+                                                         "ENRICH_ALLOW_LOCAL_PATHS=true to read any file")
     try:
         size = path.stat().st_size
         if not path.is_file():

@@ -47,16 +47,28 @@ def quickstart(
     items: int = typer.Option(300, "--items", min=10, max=10000, help="Listings in the demo catalogue (default: 300)."),
     retrain: bool = typer.Option(False, "--retrain", help="Train a new quick model even if one exists (default: reuse)."),
     time_budget: float = typer.Option(None, "--time-budget", min=10, help="Training seconds (default: the QUICK preset's)."),
+    open_console: bool = typer.Option(False, "--console", help="Then serve the browser console on the demo: an admin "
+                                      "`quickstart-admin` with a new password (printed once), until Ctrl-C."),
 ) -> None:
     """Build a demo catalogue, train the quick model, fill missing tags, show accuracy and similar items."""
-    from enrich.quickstart import run_quickstart
+    from enrich.quickstart import DEMO_ADMIN, demo_admin, run_quickstart
 
     settings = get_settings(data_dir=data_dir)
     if not any(Path(fmnist_dir).glob("*idx*")):
         typer.echo(f"Fashion-MNIST not found in {fmnist_dir}: `apt-get install dataset-fashion-mnist` "
                    f"or pass --fmnist-dir", err=True)
         raise typer.Exit(2)
-    run_quickstart(settings.data_dir, fmnist_dir, items=items, retrain=retrain, time_budget_s=time_budget)
+    run_quickstart(settings, fmnist_dir, items=items, retrain=retrain, time_budget_s=time_budget)
+    if open_console:
+        import uvicorn
+
+        from enrich.console.app import create_app
+
+        password = demo_admin(settings)
+        Console().print(f"[bold]console:[/bold] http://{settings.console_host}:{settings.console_port}/ — sign in as "
+                        f"[bold]{DEMO_ADMIN}[/bold] with password [bold]{password}[/bold] (shown once; "
+                        f"`enrich console-user set-password {DEMO_ADMIN}` changes it). Ctrl-C stops it.")
+        uvicorn.run(create_app(settings), host=settings.console_host, port=settings.console_port, log_level="warning")
 
 
 @app.command()

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import psycopg
 
+from core.config import Settings
+
 log = logging.getLogger(__name__)
 PHOTO_SIZE = 56  # 2× Fashion-MNIST, so the contact sheet shows something; the model resizes to its own size
 QUICKSTART_PREFIX = "quickstart"
@@ -144,13 +146,12 @@ def shelf_precision(conn: psycopg.Connection, catalogue: Catalogue, k: int = 5) 
     return same / total if total else float("nan")
 
 
-def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: bool = False,
+def run_quickstart(settings: Settings, fmnist_dir: Path, items: int = 300, retrain: bool = False,
                    time_budget_s: float | None = None, examples: int = 3, console=None) -> dict:
     """Everything above; returns the figures it printed (for tests and the README)."""
     from rich.console import Console
     from rich.table import Table
 
-    from core.config import Settings
     from core.db import connect, database_url
     from core.images import ImageLimits
     from migrations import apply_all
@@ -166,8 +167,8 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
 
     console = console or Console()
     t0 = time.perf_counter()
-    data_dir = Path(data_dir)
-    qs_dir = data_dir / "quickstart"
+    data_dir = Path(settings.data_dir)
+    qs_dir = data_dir / "quickstart"  # under the data directory: every process of the installation reads it
     console.rule("1/5 catalogue")
     catalogue = build_catalogue(qs_dir, fmnist_dir, items=items)
     console.print(f"{items} FMNIST-shop listings with {sum(len(h) for h in catalogue.hidden.values())} "
@@ -180,8 +181,6 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
                   f"from {model_dir}")
 
     console.rule("3/5 enrich")
-    # local image paths are the quickstart's own files: enabled for this run only
-    settings = Settings(data_dir=data_dir, allow_local_paths=True)
     url = database_url(settings)
     conn = connect(url, autocommit=True)
     try:
@@ -243,3 +242,23 @@ def run_quickstart(data_dir: Path, fmnist_dir: Path, items: int = 300, retrain: 
                   f"`enrich console-user add me --role admin`, then `enrich console` (http://127.0.0.1:8080/).")
     return {"accuracy": acc, "shelf_precision": shelf, "text": text, "enriched": len(report.enrichments), "failed": len(report.failed),
             "model_dir": str(model_dir), "sheets": [str(p) for p in sheets], "seconds": seconds}
+
+
+DEMO_ADMIN = "quickstart-admin"
+
+
+def demo_admin(settings: Settings) -> str:
+    """Create (or reset) the demo's console admin with a new random password; returns it (shown once)."""
+    import secrets
+
+    from core.db import connect, database_url
+    from enrich.console.users import add_user
+
+    password = secrets.token_urlsafe(12)
+    conn = connect(database_url(settings), autocommit=True)
+    try:
+        add_user(conn, DEMO_ADMIN, password, "admin")
+    finally:
+        conn.close()
+    return password
+

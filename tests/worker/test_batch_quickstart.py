@@ -80,13 +80,14 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
     """Everything but training (a quickstart model already in the data folder is reused)."""
     from rich.console import Console
 
+    from core.config import Settings
     from enrich.quickstart import run_quickstart
 
     monkeypatch.delenv("ENRICH_DATABASE_URL", raising=False)
     data = tmp_path / "data"
     shutil.copytree(model_dir, data / "models" / "quickstart-test")
     console = Console(width=160, record=True)
-    out = run_quickstart(data, fmnist_dir, items=24, examples=2, console=console)
+    out = run_quickstart(Settings(data_dir=data), fmnist_dir, items=24, examples=2, console=console)
     text = console.export_text()
     assert out["enriched"] == 24 and out["failed"] == 0
     assert out["accuracy"]["category"]["hidden"] == 16  # 1/3 of sellers gave a category
@@ -105,7 +106,8 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
 
         assert Image.open(sheet).size[0] > 100
     # a second run reuses the model and the rows: nothing is enriched twice
-    again = run_quickstart(data, fmnist_dir, items=24, examples=1, console=Console(width=160, record=True))
+    again = run_quickstart(Settings(data_dir=data), fmnist_dir, items=24, examples=1,
+                           console=Console(width=160, record=True))
     assert again["enriched"] == 0 and again["model_dir"] == out["model_dir"]
 
 

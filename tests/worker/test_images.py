@@ -120,6 +120,22 @@ def test_local_paths_only_when_enabled(tmp_path):
         fetch_bytes(str(tmp_path / "missing.png"), make_settings())
 
 
+def test_files_under_the_data_directory_are_read_with_local_paths_off(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    (data / "quickstart").mkdir(parents=True)
+    outside.mkdir()
+    own, foreign = data / "quickstart" / "a.png", outside / "b.png"
+    own.write_bytes(png_bytes())
+    foreign.write_bytes(png_bytes())
+    (data / "link.png").symlink_to(foreign)
+    strict = make_settings(data_dir=data, allow_local_paths=False)
+    assert fetch_bytes(str(own), strict) == own.read_bytes()
+    assert load_image(f"file://{own}", strict).size == (40, 48)
+    for sneaky in (foreign, data / "link.png", data / ".." / "elsewhere" / "b.png"):
+        with pytest.raises(ImageRejected, match="local paths disabled"):
+            fetch_bytes(str(sneaky), strict)
+
+
 def test_unknown_scheme_rejected():
     with pytest.raises(ImageRejected, match="scheme not allowed"):
         fetch_bytes("ftp://example.com/a.png", make_settings())
