@@ -239,7 +239,8 @@ def run_quickstart(settings: Settings, fmnist_dir: Path, items: int = 300, retra
     seconds = time.perf_counter() - t0
     console.print(f"[bold]quickstart done in {seconds:.0f}s[/bold]. Next: `enrich similar qs-0000 --png out.png`, "
                   f"`enrich batch {catalogue.listings}`. To review and correct tags in the browser: "
-                  f"`enrich console-user add me --role admin`, then `enrich console` (http://127.0.0.1:8080/).")
+                  f"`enrich quickstart --console`, or `enrich console-user add me --role admin`, then "
+                  f"`enrich console` (http://127.0.0.1:8080/).")
     return {"accuracy": acc, "shelf_precision": shelf, "text": text, "enriched": len(report.enrichments), "failed": len(report.failed),
             "model_dir": str(model_dir), "sheets": [str(p) for p in sheets], "seconds": seconds}
 
