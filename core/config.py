@@ -88,7 +88,8 @@ class Settings(BaseSettings):
                                                                        "need no entry)")
     allow_private_networks: bool = Field(default=False, description="allow image hosts on loopback, private or "
                                                                     "link-local addresses")
-    allow_local_paths: bool = Field(default=False, description="allow plain file paths as image URIs")
+    allow_local_paths: bool = Field(default=False, description="read image files anywhere on this machine; files "
+                                                               "under the data directory are always read")
     max_image_bytes: int = Field(default=20 * 1024 * 1024, ge=1024, description="larger image downloads are "
                                                                                 "refused (bytes; 20 MiB)")
     max_image_pixels: int = Field(default=40_000_000, ge=1024,
