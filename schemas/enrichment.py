@@ -46,12 +46,35 @@ class TagValue(BaseModel):
         return self
 
 
+class ReviewRule(str, Enum):
+    below_threshold = "below_threshold"  # the best guess is below the threshold of its value
+    text_conflict = "text_conflict"  # the listing's text names another value than the photo's, or rules it out
+    no_value_applies = "no_value_applies"  # a multi-label group: no value reaches its own threshold
+
+
+class ReviewReason(BaseModel):
+    """The one rule that sent a group to review, with the numbers and words behind it."""
+    model_config = ConfigDict(extra="forbid")
+    rule: ReviewRule
+    value: TagText = Field(description="the best guess (after the text, if any): the top candidate")
+    probability: float = Field(ge=0.0, le=1.0, description="its probability")
+    threshold: float = Field(ge=0.0, le=1.0, description="the threshold it had to reach")
+    image_value: TagText | None = Field(default=None, description="text_conflict: the photo's top value")
+    image_probability: float | None = Field(default=None, ge=0.0, le=1.0,
+                                            description="text_conflict: its probability from the photo alone")
+    words: dict[str, list[str]] = Field(default_factory=dict,
+                                        description="text_conflict: value → the words that named it")
+    negated: dict[str, list[str]] = Field(default_factory=dict,
+                                          description="text_conflict: the photo's value → the words ruling it out")
+
+
 class ReviewItem(BaseModel):
-    """A prediction below its calibrated threshold: not written as a tag, sent to people instead."""
+    """A prediction the worker would not write as a tag: sent to people instead, with the reason why."""
     model_config = ConfigDict(extra="forbid")
     group: GroupName
     candidates: list[tuple[str, float]] = Field(min_length=1, max_length=10)
     threshold: float = Field(ge=0.0, le=1.0)
+    reason: ReviewReason | None = Field(default=None, description="null only in items written before reasons")
 
 
 class Enrichment(BaseModel):

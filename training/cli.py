@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from core.options import DatabaseUrl
+from core.options import DatabaseUrl, Embedded
 
 
 def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
@@ -209,6 +209,7 @@ def register(app: typer.Typer) -> None:
                                       help="after a promotion, enqueue the catalogue backfill (re-embed, re-tag, "
                                            "then reindex) on the backfill queue (default: on)."),
         database_url: DatabaseUrl = None,
+        embedded: Embedded = False,
     ) -> None:
         """Promote a candidate through the gate (overall metrics, each category, held-out corrections against
         the active model); a candidate that fails is rejected, one not comparable stays a candidate."""
@@ -221,9 +222,10 @@ def register(app: typer.Typer) -> None:
         if force and not reason.strip():
             raise typer.BadParameter("a forced promotion needs --reason", param_hint="--reason")
         settings = get_settings()
+        url = database_url or resolve(settings, embedded_ok=embedded)
         store = store_from_settings(settings)
         actor = by or getpass.getuser()
-        with connection(database_url or resolve(settings)) as conn:
+        with connection(url) as conn:
             path = Path(model)
             version = (register_candidate(conn, path, store, actor=actor, reason=reason).model_version
                        if path.is_dir() else model)
@@ -289,6 +291,7 @@ def retrain(
                                     "at its next training step; with --wait, follow it until it stops (exit 0 "
                                     "once cancelled) (default: none)."),
     database_url: DatabaseUrl = None,
+    embedded: Embedded = False,
 ) -> None:
     """Enqueue a retraining job on the train queue: train with the corrections, evaluate, register, gate, then
     promote (ENRICH_AUTO_PROMOTE) or wait for an admin; one job runs at a time. `--cancel JOB` cancels one."""
@@ -302,7 +305,7 @@ def retrain(
     settings = get_settings()
     if cancel is None and not (reason or "").strip():
         raise typer.BadParameter("say why the job is needed (recorded with it and its model)", param_hint="--reason")
-    conn = connect(database_url or resolve(settings), autocommit=True)
+    conn = connect(database_url or resolve(settings, embedded_ok=embedded), autocommit=True)
     try:
         if cancel is not None:
             try:

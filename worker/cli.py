@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 
 from core.config import get_settings
-from core.options import DatabaseUrl
+from core.options import DatabaseUrl, Embedded
 
 log = logging.getLogger(__name__)
 SOLO_PREFETCH = 2  # tasks a one-process worker holds: the running one and the next (both redelivered on a crash)
@@ -81,6 +81,7 @@ def consume(
     metrics_port: int = typer.Option(None, "--metrics-port", min=0, max=65535,
                                      help="Serve /metrics and /healthz on this port (default: ENRICH_METRICS_PORT; 0 = off)."),
     json_logs: bool = typer.Option(False, "--json-logs", help="One JSON object per log line (default: plain text)."),
+    embedded: Embedded = False,
 ) -> None:
     """Kafka intake: validate listing events, upsert them, enqueue enrichment (SIGTERM stops cleanly)."""
     from core.db import connect, database_url
@@ -90,8 +91,8 @@ def consume(
 
     _json_logs(json_logs)
     settings = get_settings(metrics_port=metrics_port)
+    url = database_url(settings, embedded_ok=embedded)
     configure(settings)
-    url = database_url(settings)
     connect(url).close()  # one clear error line if Postgres is down
     crash = os.environ.get("ENRICH_TEST_CRASH_BEFORE_COMMIT")  # the fault suite's kill point, never set in production
     intake = Intake(settings, lambda: connect(url, autocommit=True), lambda ids: send_enrich(ids, settings),
@@ -135,10 +136,15 @@ def worker(
                               "it in exactly one process; /healthz then checks the tick too (default: off)."),
     hostname: str = typer.Option(None, "--hostname", "-n", help="Celery node name, unique per broker (default: "
                                  "<queues>-<pid>@<host>, so several workers can run on one host)."),
+    embedded: Embedded = False,
 ) -> None:
     """Celery worker (acks late; one task waiting beside the running one); gpu/backfill workers load the model
     once per process and follow the registry on a timer; every worker reports itself in worker_status."""
+    from core.db import database_url
+
     settings = get_settings(metrics_port=metrics_port)
+    if not embedded:
+        database_url(settings, embedded_ok=False)  # refuse before Celery starts; its tasks resolve the URL
     pool = "solo" if concurrency == 1 else "prefork"
     if pool == "prefork" and settings.metrics_port:
         # the children count: prometheus_client's multiprocess mode, which it picks when first imported
@@ -154,8 +160,6 @@ def worker(
     queue_list = queues or settings.gpu_queue
     # the model and the registry timer start in each process that runs tasks (worker.tasks, worker_process_init)
     if settings.metrics_port:
-        from core.db import database_url
-
         metrics.serve(settings.metrics_port, _health_checks(settings, database_url(settings), broker=True,
                                                       model=runtime.serves_model(settings, queue_list.split(",")),
                                                       beat=beat))

@@ -169,8 +169,9 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
             for r in enr.review:
                 if (item.listing_id, r.group) in corrected:
                     continue  # a person already decided this group: nothing to review
+                reason = None if r.reason is None else Jsonb(r.reason.model_dump(mode="json"))
                 review_rows.append((item.listing_id, r.group, Jsonb([list(c) for c in r.candidates]),
-                                    r.threshold, enr.model_version))
+                                    r.threshold, reason, enr.model_version))
             vec = np.ascontiguousarray(emb, dtype="<f4")
             emb_rows.append((item.listing_id, enr.model_version, int(vec.shape[0]), vec.tobytes()))
         with conn.cursor() as cur:
@@ -182,11 +183,11 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
                 tag_rows,
             )
             cur.executemany(
-                """INSERT INTO review_queue (listing_id, tag_group, candidates, threshold, model_version)
-                   VALUES (%s, %s, %s, %s, %s)
+                """INSERT INTO review_queue (listing_id, tag_group, candidates, threshold, reason, model_version)
+                   VALUES (%s, %s, %s, %s, %s, %s)
                    ON CONFLICT (listing_id, tag_group, model_version)
                    DO UPDATE SET candidates = EXCLUDED.candidates, threshold = EXCLUDED.threshold,
-                                 created_at = now(), resolved_at = NULL,
+                                 reason = EXCLUDED.reason, created_at = now(), resolved_at = NULL,
                                  flagged_by = NULL, flag_note = NULL, flagged_at = NULL""",  # a new question
                 review_rows,
             )

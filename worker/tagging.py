@@ -8,7 +8,9 @@ Pure functions (data in, data out) so the rules are tested without a model or a 
 - an attribute group that does not apply to the listing's category (or, without one, its type) is
   neither written nor sent to review: it is listed as not applicable (seed 001; the taxonomy's applies_to);
 - a prediction at or above its calibrated threshold becomes a tag (source=predicted, confidence,
-  model_version); below it goes to the review queue with its top candidates instead;
+  model_version); below it goes to the review queue with its top candidates instead, and the one rule that
+  explains why (`review_reason`: the text contradicts the photo, no value of a multi-label group applies,
+  or plainly below the threshold);
 - text fusion (issue 23): what the title and description name or negate (model/text.py, the vocabulary
   beside the taxonomy) reweights the image probabilities of the groups the seller left empty, before the
   threshold rule; a tag the text contributed to keeps source=predicted and carries its evidence.
@@ -27,13 +29,13 @@ text alone with a uniform prior and the same rule and threshold (one named fabri
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from model.inference import shelf_embedding
 from model.text import TextMatches, load_vocabulary
-from schemas.enrichment import Enrichment, ReviewItem, TagEvidence, TagSource, TagValue
+from schemas.enrichment import Enrichment, ReviewItem, ReviewReason, ReviewRule, TagEvidence, TagSource, TagValue
 from schemas.events import ListingEvent
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
 
@@ -66,6 +68,42 @@ def threshold_for(group: str, value: str, thresholds: Mapping[str, float],
 def _candidates(values: list[str], probs: np.ndarray, k: int = TOP_CANDIDATES) -> list[tuple[str, float]]:
     order = np.argsort(-probs, kind="stable")[:k]
     return [(values[i], round(float(probs[i]), 6)) for i in order]
+
+
+def _unit(x: float) -> float:
+    return round(min(max(float(x), 0.0), 1.0), 6)
+
+
+def review_reason(values: list[str], probs: np.ndarray, prior: np.ndarray | None, threshold_of: Callable[[str], float],
+                  named: Mapping[str, list[str]], negated: Mapping[str, list[str]], exclusive: bool = True
+                  ) -> ReviewReason:
+    """Why a group below its threshold goes to review: `probs` after the text, `prior` the photo's alone (None:
+    text alone), `named`/`negated` the text's words per value. A text that names another value than the photo's
+    top one, or rules that one out, explains the item whatever the photo's own confidence: the reviewer must
+    look at both. Otherwise a multi-label group none of whose values reaches its threshold has no value that
+    applies; anything else is plainly below the threshold."""
+    best = int(np.argmax(probs))
+    guess = {"value": values[best], "probability": _unit(probs[best]), "threshold": _unit(threshold_of(values[best]))}
+    if prior is not None:
+        top = int(np.argmax(prior))
+        seen = values[top]
+        words = {v: list(w) for v, w in named.items() if v != seen}
+        against = {seen: list(negated[seen])} if seen in negated else {}
+        if words or against:
+            return ReviewReason(rule=ReviewRule.text_conflict, image_value=seen, image_probability=_unit(prior[top]),
+                                words=words, negated=against, **guess)
+    if not exclusive and all(float(p) < threshold_of(v) for v, p in zip(values, probs)):
+        return ReviewReason(rule=ReviewRule.no_value_applies, **guess)
+    return ReviewReason(rule=ReviewRule.below_threshold, **guess)
+
+
+def _by_type(taxonomy: Taxonomy, said: Mapping[str, list[str]]) -> dict[str, list[str]]:
+    """Words that name categories, as words that name their types."""
+    out: dict[str, list[str]] = {}
+    for category, words in said.items():
+        if category in taxonomy.category_names:
+            out.setdefault(taxonomy.type_of(category), []).extend(words)
+    return out
 
 
 def _type_probs(taxonomy: Taxonomy, category_probs: np.ndarray) -> tuple[list[str], np.ndarray]:
@@ -142,17 +180,30 @@ def decide(event: ListingEvent, taxonomy: Taxonomy, model_version: str,
             return probs
         return fuse_text(values, probs, text.found.get(group, {}), text.negated.get(group, {}), exclusive)
 
+    def said(group: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """The text's words per value of the group (named, negated); a type's come from its categories."""
+        if text is None:
+            return {}, {}
+        if group == TYPE_GROUP:
+            return (_by_type(taxonomy, text.found.get(CATEGORY_GROUP, {})),
+                    _by_type(taxonomy, text.negated.get(CATEGORY_GROUP, {})))
+        return text.found.get(group, {}), text.negated.get(group, {})
+
     def fill(group: str, values: list[str], probs: np.ndarray, prior: np.ndarray | None = None,
-             evidence_group: str | None = None) -> bool:
+             evidence_group: str | None = None, exclusive: bool = True) -> bool:
         """`prior`: the image probabilities before fusion (None with text alone); evidence from `evidence_group`."""
+        def threshold_of(value: str) -> float:
+            return threshold_for(group, value, thresholds, label_thresholds, default_threshold)
+
         best = int(np.argmax(probs))
         p = float(probs[best])
-        thr = threshold_for(group, values[best], thresholds, label_thresholds, default_threshold)
+        thr = threshold_of(values[best])
         if p >= thr:
             before = None if prior is None else float(prior[best])
             tags[group] = predicted(values[best], p, evidence_for(evidence_group or group, before, p))
             return True
-        review.append(ReviewItem(group=group, candidates=_candidates(values, probs), threshold=thr))
+        reason = review_reason(values, probs, prior, threshold_of, *said(group), exclusive=exclusive)
+        review.append(ReviewItem(group=group, candidates=_candidates(values, probs), threshold=thr, reason=reason))
         return False
 
     if CATEGORY_GROUP not in tags:
@@ -180,12 +231,14 @@ def decide(event: ListingEvent, taxonomy: Taxonomy, model_version: str,
             continue  # the seller's value: never touched, whatever the text says; n/a: nothing to say
         if group.name in group_probs:
             image = np.asarray(group_probs[group.name], dtype=np.float64)
-            fill(group.name, group.values, fused(group.name, group.values, image, group.exclusive), image)
+            fill(group.name, group.values, fused(group.name, group.values, image, group.exclusive), image,
+                 exclusive=group.exclusive)
         elif text is not None and text.found.get(group.name):
             # no head for it (the photo cannot show it): the text alone, from a uniform prior
             n = len(group.values)
             uniform = np.full(n, 1.0 / n) if group.exclusive else np.full(n, 0.5)
-            fill(group.name, group.values, fused(group.name, group.values, uniform, group.exclusive), None)
+            fill(group.name, group.values, fused(group.name, group.values, uniform, group.exclusive), None,
+                 exclusive=group.exclusive)
 
     return Enrichment(listing_id=event.listing_id, model_version=model_version, tags=tags, review=review,
                       not_applicable=not_applicable, embedding_ref=f"{event.listing_id}@{model_version}")

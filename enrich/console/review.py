@@ -49,6 +49,7 @@ from enrich.console import users
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, render
 from enrich.console.guidelines import guidelines
+from schemas.enrichment import ReviewReason, ReviewRule
 from schemas.events import CorrectionEvent
 from model.registry import taxonomy_of
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
@@ -440,11 +441,47 @@ def progress_today(conn: psycopg.Connection, user: str) -> tuple[int, int]:
 
 # ------------------------------------------------------------------------------------------------- views
 
+def _percents(p: float, threshold: float) -> tuple[str, str]:
+    """Both as percentages, with as many decimals as it takes to tell them apart (69.6 % vs 70 %)."""
+    for digits in (0, 1, 2):
+        a, b = f"{p * 100:.{digits}f} %", f"{threshold * 100:.{digits}f} %"
+        if a != b:
+            break
+    return a, b
+
+
+def _quoted(words: dict[str, list[str]]) -> list[str]:
+    """'lilac' (purple): each distinct word, and the value it points to where the word is not the value."""
+    out = []
+    for value, found in words.items():
+        distinct = list(dict.fromkeys(found))
+        said = ", ".join(f"'{w}'" for w in distinct)
+        out.append(said if all(w.casefold() == value.casefold() for w in distinct) else f"{said} ({value})")
+    return out
+
+
+def reason_sentence(reason: ReviewReason, group: str, title: str) -> str:
+    """The rule that queued an item, in a reviewer's words (plain text: the template escapes it)."""
+    p, t = _percents(reason.probability, reason.threshold)
+    if reason.rule is ReviewRule.text_conflict:
+        said = _quoted(reason.words) + [f"not {q}" for q in _quoted(reason.negated)]
+        words = [w for found in (*reason.words.values(), *reason.negated.values()) for w in found]
+        in_title = [w in title for w in words]
+        where = "title" if all(in_title) else "listing" if any(in_title) else "description"
+        looks = "looks like" if group in (CATEGORY_GROUP, TYPE_GROUP) else "looks"
+        seen = f"{reason.image_value} ({reason.image_probability * 100:.0f} %)" \
+            if reason.image_probability is not None else reason.image_value
+        return f"The {where} says {' and '.join(said)} but the photo {looks} {seen}."
+    if reason.rule is ReviewRule.no_value_applies:
+        return f"No value reaches its threshold (the likeliest, {reason.value} at {p}, needs {t})."
+    return f"The model's best guess, {reason.value} at {p}, is below the {t} this group needs."
+
+
 def item_view(conn: psycopg.Connection, item: int) -> dict | None:
     row = conn.execute(
         "SELECT q.id, q.listing_id, q.tag_group, q.candidates, q.threshold, q.model_version, q.created_at,"
         " greatest(0, extract(epoch FROM q.lease_until - now()))::int, l.event->>'title', l.seller_id,"
-        " jsonb_array_length(l.event->'images'), l.status, q.flagged_by, q.flag_note, q.flagged_at"
+        " jsonb_array_length(l.event->'images'), l.status, q.flagged_by, q.flag_note, q.flagged_at, q.reason"
         " FROM review_queue q JOIN listings l ON l.listing_id = q.listing_id WHERE q.id = %s", (item,)).fetchone()
     if row is None:
         return None
@@ -461,7 +498,9 @@ def item_view(conn: psycopg.Connection, item: int) -> dict | None:
             "seller_id": row[9], "images": min(row[10] or 0, 4), "status": row[11],
             "flag": {"by": row[12], "note": row[13], "at": row[14]} if row[14] else None,
             "seller_tags": [t for t in tags if t[2] == "seller"], "other_tags": [t for t in tags if t[2] != "seller"],
-            "choices": values, "guideline": guidelines(taxonomy.name).get(row[2]) if taxonomy else None}
+            "choices": values, "guideline": guidelines(taxonomy.name).get(row[2]) if taxonomy else None,
+            # an item written before reasons were stored: the card keeps the threshold line
+            "reason": reason_sentence(ReviewReason.model_validate(row[15]), row[2], row[8] or "") if row[15] else None}
 
 
 def _session_list(request: Request, key: str) -> list[int]:

@@ -68,3 +68,35 @@ def test_the_quickstart_catalogue_shows_real_photos_in_the_console(browser, cons
     assert shelf.count() >= 3
     for n in range(3):
         _real_photo(page, console_url, shelf.nth(n).get_attribute("src"))
+
+
+def test_each_review_reason_on_the_quickstart_data_matches_its_stored_evidence(browser, console_url, db):
+    """Walk the queue (skip after skip): every card's reason is the sentence of the rule stored with the item,
+    and that rule holds on the stored evidence — a text conflict's words are in the listing's text and name
+    another value than the photo's; a below-threshold guess is the top candidate, under its threshold."""
+    from enrich.console.review import reason_sentence
+    from schemas.enrichment import ReviewReason
+
+    page = sign_in(browser, console_url, "admin")
+    page.goto(f"{console_url}/review")
+    seen = set()
+    for _ in range(40):
+        item = page.locator("#rv-current").get_attribute("data-item")
+        if not item or {"text_conflict", "below_threshold"} <= seen:
+            break
+        stored, group, title, text, top = db.execute(
+            "SELECT q.reason, q.tag_group, l.event->>'title', concat_ws(' ', l.event->>'title', l.event->>'description'),"
+            " q.candidates->0 FROM review_queue q JOIN listings l USING (listing_id) WHERE q.id = %s",
+            (int(item),)).fetchone()
+        reason = ReviewReason.model_validate(stored)
+        assert page.inner_text("#rv-reason") == reason_sentence(reason, group, title or "")
+        if reason.rule == "text_conflict":
+            words = [w for found in (*reason.words.values(), *reason.negated.values()) for w in found]
+            assert words and all(w.lower() in text.lower() for w in words)
+            assert set(reason.words) - {reason.image_value} or reason.negated
+        elif reason.rule == "below_threshold":
+            assert reason.value == top[0] and reason.probability < reason.threshold
+        seen.add(str(reason.rule.value))
+        page.click("#rv-current [data-act=skip]")
+        page.wait_for_function(f"() => document.querySelector('#rv-current')?.dataset.item !== '{item}'")
+    assert {"text_conflict", "below_threshold"} <= seen, seen

@@ -57,7 +57,7 @@ def test_best_f1_threshold():
 def test_calibrate_exclusive_per_label():
     probs = np.array([[0.9, 0.1], [0.55, 0.45], [0.6, 0.4], [0.2, 0.8]])
     labels = np.array([0, 1, 0, 1])
-    group_t, per = calibrate_exclusive(probs, labels, ["a", "b"], "g")
+    group_t, per = calibrate_exclusive(probs, labels, ["a", "b"], "g", min_support=1)  # the best-F1 cut itself
     # label a: chosen rows 0 (0.9 ✓), 2 (0.6 ✓), 1 (0.55 ✗) → best cut 0.6
     assert per["g/a"] == pytest.approx(0.6)
     assert per["g/b"] == pytest.approx(0.8)
