@@ -100,3 +100,47 @@ def test_each_review_reason_on_the_quickstart_data_matches_its_stored_evidence(b
         page.click("#rv-current [data-act=skip]")
         page.wait_for_function(f"() => document.querySelector('#rv-current')?.dataset.item !== '{item}'")
     assert {"text_conflict", "below_threshold"} <= seen, seen
+
+
+def test_quickstart_console_ends_in_a_signed_in_browser(db, pg_url, tmp_path, fmnist_dir):
+    """`enrich quickstart --console` as a newcomer runs it: the printed URL and one-time password sign in."""
+    import os
+    import re
+    import subprocess
+    import sys
+    import urllib.parse
+    import urllib.request
+    from http.cookiejar import CookieJar
+    from pathlib import Path
+
+    from tests.net import free_port, wait_port
+    from tests.worker.conftest import save_small_model
+
+    data, port = tmp_path / "data", free_port()
+    shutil.copytree(save_small_model(tmp_path / "model", "quickstart-test", seed=0), data / "models" / "quickstart-test")
+    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_CONSOLE_PORT": str(port),
+           "ENRICH_CELERY_BROKER_URL": "redis://127.0.0.1:6379/6", "COLUMNS": "200"}
+    enrich = str(Path(sys.executable).with_name("enrich"))
+    proc = subprocess.Popen([enrich, "quickstart", "--console", "--items", "12", "--data-dir", str(data),
+                             "--fmnist-dir", str(fmnist_dir)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "sign in as" in line:
+                break
+        said = " ".join(lines)
+        password = re.search(r"with password (\S+)", said).group(1)
+        assert f"http://127.0.0.1:{port}/" in said and "quickstart-admin" in said
+        wait_port("127.0.0.1", port, timeout=60)
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(CookieJar()))
+        with opener.open(f"http://127.0.0.1:{port}/login") as resp:
+            token = resp.read().decode().split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        form = urllib.parse.urlencode({"name": "quickstart-admin", "password": password, "csrf": token}).encode()
+        with opener.open(urllib.request.Request(f"http://127.0.0.1:{port}/login", data=form)) as resp:
+            assert resp.status == 200 and "quickstart-admin · admin" in resp.read().decode()
+        assert db.execute("SELECT role FROM console_users WHERE name = 'quickstart-admin'").fetchone()[0] == "admin"
+    finally:
+        proc.terminate()
+        proc.wait(30)
