@@ -262,6 +262,8 @@ def test_a_copy_that_finds_the_chunk_lock_taken_steps_aside(db, pg_url, models, 
         other.execute("SELECT pg_advisory_lock(%s)", (_lock_key(other, V2),))  # another worker mid-chunk
         assert run_chunk(db, e2, V2, Cursor(), 4).kind == "busy"
         assert _enriched(db, V2) == set()
+        # released here: a closed connection's backend lets go of its locks only a little later
+        other.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(other, V2),))
     step = run_chunk(db, e2, V2, Cursor(), 4)
     assert (step.kind, step.cursor.after, step.enriched, step.failed) == ("chunk", "bf-04", 3, 1)  # never enriched
 
