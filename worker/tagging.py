@@ -172,8 +172,8 @@ def decide(event: ListingEvent, taxonomy: Taxonomy, model_version: str,
         if text is None or group not in text.groups():
             return None
         return TagEvidence(words=text.found.get(group, {}), negated=text.negated.get(group, {}),
-                           prior=None if prior is None else round(min(max(prior, 0.0), 1.0), 6),
-                           posterior=round(min(max(posterior, 0.0), 1.0), 6), rule=TEXT_RULE)
+                           prior=None if prior is None else _unit(prior), posterior=_unit(posterior),
+                           rule=TEXT_RULE)
 
     def fused(group: str, values: list[str], probs: np.ndarray, exclusive: bool = True) -> np.ndarray:
         if text is None or group not in text.groups():
