@@ -1,207 +1,184 @@
-"""Does a retraining job with corrections fix the pair people corrected? Per-class accuracy of a confused pair
-(default Shirt vs T-shirt/top) before and after a retraining job with corrections, quick preset.
+"""Do the labels people give teach the model? Retraining with corrections against a control of equal budget, with
+the review queue's order against random and FIFO, and against the same number of randomly chosen new labels.
 
-    nice -n 10 python benchmarks/retrain_corrections.py       # QUICK's budget, 3 trainings: ~20 min on 2 cores
-    python benchmarks/retrain_corrections.py --time-budget 120 --no-control
+    nice python benchmarks/retrain_corrections.py            # 3 seeds (~30 min on 2 cores)
+    python benchmarks/retrain_corrections.py --seeds 0 --only pair
 
-What it does (Postgres at ENRICH_TEST_PG_ADMIN_URL, default 127.0.0.1:5432; a throwaway database):
-  1. baseline: the QUICK preset without corrections, registered and promoted (the active model);
-  2. a catalogue: a random half of the Fashion-MNIST *test* garments as FMNIST-shop listings (PNG photos,
-     as the quickstart renders them); the baseline tags each listing's category from its first photo;
-  3. the listings of the pair whose tag was wrong are corrected to the truth (rows in `listings` and
-     `corrections`, as the corrections intake stores them);
-  4. a retraining job through `training.jobs.run_job` — the job's real chain: corrected labels from Postgres,
-     photos through the worker's guarded fetcher, warm start from the active model, evaluation, registration;
-  5. control (unless --no-control): the same job without corrections (same warm start, same budget), so
-     that what more training alone does is not credited to the corrections;
-  6. measures every model on the other half of the test garments (their rows of the fixed FMNIST-shop
-     evaluation set: no corrected garment is measured): the pair's per-class accuracy, how often one is
-     taken for the other, and top-1 over all classes. Prints a table and one JSON line.
+What it does, as a retraining job does it (``training.train.train`` from the active model's weights, the answers
+as extra training rows through ``training.corrections.corrections_to_images``), in one process:
+  1. the active model: the quick recipe at `--base-steps` classification steps (trained once, seed 0);
+  2. a catalogue: a random half of the Fashion-MNIST *test* garments as shop listings (one photo each); the
+     active model tags them, and those below its calibrated category threshold are the review queue; the
+     other half of the test garments (their rows of the fixed FMNIST-shop evaluation set) is measured;
+  3. per seed, retrainings of `--steps` classification steps from the active model (the same steps for
+     every row, so more training alone is not credited to the labels):
+       control          no new labels
+       pair ×R          the corrections of the confused pair (default Shirt vs T-shirt/top: every catalogue
+                        listing of the pair the active model tagged wrong), repeated R times in the training
+                        set (R = 4 was the fixed factor; `--repeats` sweeps it)
+       queue:<order> ×R the first `--answers` review items in that order answered (the true category; a
+                        confirmation is a label too): gain (worker.review_order, the console's default),
+                        random, fifo (arrival order)
+       random labels ×R as many catalogue listings chosen at random, labelled
+  4. each model measured on the other half: the pair's mean per-class accuracy and top-1, as the gain over
+     the control of the same seed; gain per 100 labels.
+Prints a table (mean ± sample sd over seeds), one JSON line; writes benchmarks/results/retrain_corrections.{json,png}.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
-import uuid
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _learning import RESULTS, bar_plot, clean_test, fmt, pair_accuracy, predict, spread
 
-ADMIN_URL = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-PHOTO_SIZE = 56  # as the quickstart's catalogue
+CATALOGUE_SEED = 7
 
 
-def _predict(model_dir: Path, images: np.ndarray, device: str) -> np.ndarray:
-    """Category index per photo, predicted as the worker does (the manifest's size, mixed precision)."""
-    from model.checkpoint import load_model
-    from model.inference import resolve_device
-    from training.data import LabelledImages
-    from training.evaluate import predict_dataset
-
-    dev = resolve_device(device)
-    model, manifest = load_model(model_dir)
-    model = model.to(dev)
-    n = len(images)
-    data = LabelledImages(images, np.zeros(n, np.int64), np.zeros(n, np.int64), {})
-    return predict_dataset(model, data, manifest.image_size, dev).category.argmax(axis=1)
+def cached_preparation(prepare, cache: dict):
+    """``training.prepare.prepare_data`` computed once per seed: every retraining reads the same split."""
+    def prepared(cfg, taxonomy):
+        if cfg.seed not in cache:
+            cache[cfg.seed] = prepare(cfg, taxonomy)
+        return cache[cfg.seed]
+    return prepared
 
 
-def _measure(model_dir: Path, split, rows: np.ndarray, pair: tuple[int, int], names: list[str], device: str) -> dict:
-    pred = _predict(model_dir, split.data.images[rows], device)
-    true = split.data.category[rows]
-    a, b = pair
-    out = {"top1": float((pred == true).mean())}
-    for c, other in ((a, b), (b, a)):
-        mask = true == c
-        out[f"acc/{names[c]}"] = float((pred[mask] == c).mean())
-        out[f"as_other/{names[c]}"] = float((pred[mask] == other).mean())  # taken for the other one of the pair
-    out["pair_mean_acc"] = (out[f"acc/{names[a]}"] + out[f"acc/{names[b]}"]) / 2
-    return out
+def answers_as_rows(photos: np.ndarray, idx: np.ndarray, truth: np.ndarray, taxonomy, size: int):
+    """The answered listings as training rows, through the corrections' own path (first photo, labels)."""
+    from PIL import Image
+
+    from schemas.taxonomy import CATEGORY_GROUP
+    from training.corrections import CorrectionLabel, corrections_to_images
+
+    names = taxonomy.category_names
+    now = datetime.now(timezone.utc)
+    labels = [CorrectionLabel(f"l{i}", CATEGORY_GROUP, names[truth[i]], int(truth[i]), [str(i)], now) for i in idx]
+    return corrections_to_images(labels, taxonomy, lambda uri: Image.fromarray(photos[int(uri)]), size)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fmnist-dir", type=Path, default=Path(os.environ.get("ENRICH_FMNIST_DIR",
-                                                                          "/usr/share/datasets/fashion-mnist")))
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", default="Shirt,T-shirt/top", help="the confused pair (default: %(default)s)")
-    ap.add_argument("--time-budget", type=float, default=None, help="training seconds per run (default: QUICK's)")
-    ap.add_argument("--catalogue-share", type=float, default=0.5, help="share of the test garments listed in the "
-                                                                       "catalogue (the rest is measured)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--no-control", action="store_true", help="skip the control job without corrections")
-    ap.add_argument("--work-dir", type=Path, default=None, help="keep models and photos here (default: a temp dir)")
+    ap.add_argument("--base-steps", type=int, default=3000, help="the active model's classification steps")
+    ap.add_argument("--steps", type=int, default=600, help="classification steps of each retraining")
+    ap.add_argument("--lr", type=float, default=1e-3, help="retraining learning rate (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, nargs="+", default=[4, 32, 128], help="how many times a label counts")
+    ap.add_argument("--answers", type=int, default=300, help="review answers per queue order (default: 300)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--only", choices=["pair", "queue"], default=None, help="run one part only")
+    ap.add_argument("--out", type=Path, default=RESULTS / "retrain_corrections")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for noisy in ("PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.WARNING)
 
-    import psycopg
-    from PIL import Image
-
-    from core.config import Settings
-    from migrations import apply_all
-    from model.registry import promote, register_candidate
+    import training.train as trainer
     from schemas.taxonomy import load_taxonomy
-    from training import jobs
     from training.config import QUICK
     from training.fmnist import load_fashion_mnist
     from training.fmnist_shop import build_shop
-    from training.prepare import fmnist_shop_test
-    from training.train import train
+    from model.checkpoint import read_manifest
+    from worker.review_order import gain_order
 
     taxonomy = load_taxonomy("fashion-mnist")
     names = taxonomy.category_names
     pair = tuple(names.index(n) for n in args.pair.split(","))
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="retrain-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    dbname = f"enrich_bench_{uuid.uuid4().hex[:10]}"
-    admin = psycopg.connect(ADMIN_URL, autocommit=True)
-    admin.execute(f'CREATE DATABASE "{dbname}"')
-    url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=dbname)
-    figures: dict = {"pair": args.pair, "time_budget_s": args.time_budget or QUICK.time_budget_s}
+    work = Path(tempfile.mkdtemp(prefix="bench-retrain-"))
+    prepare, cache = trainer.prepare_data, {}
+    trainer.prepare_data = cached_preparation(prepare, cache)
     t_all = time.perf_counter()
-    try:
-        conn = psycopg.connect(url, autocommit=True)
-        apply_all(conn)
-        settings = Settings(database_url=url, data_dir=work, retrain_preset="quick", retrain_dataset="fmnist-shop",
-                            retrain_data_dir=args.fmnist_dir, allow_local_paths=True, auto_promote=False,
-                            device=args.device)
 
-        # 1. baseline, the active model
+    # 1. the active model
+    base_cfg = replace(QUICK, time_budget_s=None, stage_steps=(QUICK.stage_steps[0], args.base_steps,
+                                                               QUICK.stage_steps[2]),
+                       out_dir=work / "models", model_version="active", progress=False, seed=0)
+    active = trainer.train(base_cfg)
+    threshold = read_manifest(active).thresholds.get("category", 0.5)
+
+    # 2. the catalogue and the measured half
+    xt, yt = load_fashion_mnist(base_cfg.data_dir, "test")
+    order = np.random.default_rng(CATALOGUE_SEED).permutation(len(xt))
+    listed, measured = np.sort(order[:len(xt) // 2]), np.sort(order[len(xt) // 2:])
+    shop = build_shop(xt[listed], yt[listed], taxonomy, photos_per_item=1, seed=CATALOGUE_SEED, size=28)
+    photos, truth = shop.images, shop.category
+    out = predict(active, photos)
+    probs, emb = out.category, out.embedding
+    tags = probs.argmax(axis=1)
+    test = clean_test(None)
+    rows = np.flatnonzero(np.isin(test.item_ids, measured))
+    test_x, test_y = test.images[rows], test.category[rows]
+    queue = np.flatnonzero(probs.max(axis=1) < threshold)
+    pair_wrong = np.flatnonzero((np.isin(truth, pair) | np.isin(tags, pair)) & (tags != truth))
+    facts = {"catalogue": len(truth), "measured_rows": len(rows), "threshold": threshold, "review_queue": len(queue),
+             "queue_wrong": int((tags[queue] != truth[queue]).sum()), "pair_corrections": len(pair_wrong)}
+    before = pair_accuracy(predict(active, test_x).category.argmax(axis=1), test_y, pair)
+    print(f"active model: top-1 {before['top1']:.4f}, {args.pair} {before['pair']:.4f} on {len(rows)} measured "
+          f"photos; catalogue {len(truth)} listings, review queue {len(queue)} ({facts['queue_wrong']} wrong), "
+          f"{len(pair_wrong)} corrections of the pair", flush=True)
+
+    def retrain(seed: int, label: str, idx: np.ndarray | None, repeats: int) -> dict:
+        cfg = replace(QUICK, time_budget_s=None, stage_steps=(0, args.steps, 0), lr_classification=args.lr,
+                      init_from=active, correction_repeats=repeats, seed=seed, out_dir=work / "models",
+                      model_version=f"s{seed}-{label}".replace(" ", "_").replace(":", "-"), progress=False)
+        extra = None if idx is None else answers_as_rows(photos, idx, truth, taxonomy, cfg.image_size)
         t0 = time.perf_counter()
-        cfg = replace(QUICK, out_dir=settings.models_dir, data_dir=args.fmnist_dir, model_version="bench-baseline",
-                      device=args.device, progress=False,
-                      **({"time_budget_s": args.time_budget} if args.time_budget else {}))
-        baseline = Path(train(cfg))
-        register_candidate(conn, baseline, actor="bench", reason="baseline without corrections")
-        promote(conn, "bench-baseline", actor="bench")
-        figures["baseline_train_s"] = round(time.perf_counter() - t0, 1)
+        model_dir = trainer.train(cfg, extra)
+        m = pair_accuracy(predict(model_dir, test_x).category.argmax(axis=1), test_y, pair)
+        m.update(labels=0 if idx is None else len(idx), seconds=round(time.perf_counter() - t0, 1))
+        print(f"seed {seed} {label:22s} labels {m['labels']:4d}  top-1 {m['top1']:.4f}  pair {m['pair']:.4f}",
+              flush=True)
+        return m
 
-        # 2. the catalogue (half the test garments) and the measured half
-        xt, yt = load_fashion_mnist(args.fmnist_dir, "test")
-        rng = np.random.default_rng(args.seed)
-        order = rng.permutation(len(xt))
-        listed = np.sort(order[:int(len(xt) * args.catalogue_share)])
-        measured_items = np.sort(order[int(len(xt) * args.catalogue_share):])
-        shop = build_shop(xt[listed], yt[listed], taxonomy, photos_per_item=2, seed=args.seed, size=PHOTO_SIZE)
-        first = np.flatnonzero(shop.is_query)  # each listing's first photo: the plain rendering
-        item_of_row = shop.item_ids[first]
-        tags = _predict(baseline, shop.images[first], args.device)
-        truth = shop.category[first]
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        rng = np.random.default_rng(seed)
+        runs: list[tuple[str, np.ndarray | None, int]] = [("control", None, 1)]
+        if args.only in (None, "pair"):
+            runs += [(f"pair ×{r}", pair_wrong, r) for r in args.repeats]
+            runs += [(f"random labels ×{r}", rng.choice(len(truth), len(pair_wrong), replace=False), r)
+                     for r in args.repeats[-1:]]
+        if args.only in (None, "queue"):
+            n = min(args.answers, len(queue))
+            u = 1 - (np.sort(probs[queue], axis=1)[:, -1] - np.sort(probs[queue], axis=1)[:, -2])
+            gain = queue[gain_order(u, emb[queue])[0][:n]]
+            orders = {"gain": gain, "random": rng.permutation(queue)[:n], "fifo": queue[:n]}
+            r = args.repeats[-1]
+            runs += [(f"queue:{name} ×{r}", idx, r) for name, idx in orders.items()]
+        for label, idx, repeats in runs:
+            results.setdefault(label, []).append({"seed": seed, **retrain(seed, label, idx, repeats)})
 
-        # 3. corrections: the pair's listings whose tag was wrong, corrected to the truth
-        wrong = np.flatnonzero(np.isin(truth, pair) & (tags != truth))
-        photos = work / "catalogue"
-        photos.mkdir(exist_ok=True)
-        with conn.transaction():
-            for r in wrong:
-                lid = f"bench-{int(listed[item_of_row[r]]):05d}"
-                path = photos / f"{lid}.png"
-                Image.fromarray(shop.images[first[r]]).save(path)
-                conn.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash)"
-                             " VALUES (%s, 'bench', %s::jsonb, 'h')", (lid, json.dumps({"images": [str(path)]})))
-                conn.execute("INSERT INTO corrections (event_id, listing_id, tag_group, old_value, new_value,"
-                             " corrected_by, corrected_at) VALUES (%s, %s, 'category', %s, %s, 'reviewer', now())",
-                             (f"bench-{lid}", lid, names[tags[r]], names[truth[r]]))
-        in_pair = np.isin(truth, pair)
-        figures["catalogue_listings"] = int(len(first))
-        figures["pair_listings"] = int(in_pair.sum())
-        figures["baseline_wrong_on_pair_listings"] = round(float((tags[in_pair] != truth[in_pair]).mean()), 4)
-        figures["corrections"] = int(len(wrong))
-
-        # 4./5. retraining jobs: with corrections, and the control without
-        runs = {"with corrections": {}}
-        if not args.no_control:
-            runs["control, no corrections"] = {"corrections": False}
-        budget = {"time_budget_s": args.time_budget} if args.time_budget else {}
-        models = {"baseline": baseline}
-        for label, params in runs.items():
-            t0 = time.perf_counter()
-            job_id = jobs.create_job(conn, trigger="admin", requested_by="bench", reason=label,
-                                     params={**params, **budget})
-            result = jobs.run_job(url, job_id, settings)
-            job = jobs.get_job(conn, job_id)
-            models[label] = settings.models_dir / result["model_version"]
-            figures[f"job/{label}"] = {"outcome": job["outcome"], "warm_start": job["progress"].get("warm_start"),
-                                       "correction_rows": job["progress"].get("correction_rows"),
-                                       "seconds": round(time.perf_counter() - t0, 1)}
-
-        # 6. measure on the garments no one corrected
-        split, _, _ = fmnist_shop_test(replace(QUICK, data_dir=args.fmnist_dir), taxonomy)
-        rows = np.flatnonzero(np.isin(split.data.item_ids, measured_items))
-        figures["measured_rows"] = int(len(rows))
-        figures["measured_pair_rows"] = int(np.isin(split.data.category[rows], pair).sum())
-        results = {label: _measure(d, split, rows, pair, names, args.device) for label, d in models.items()}
-        figures["results"] = results
-        conn.close()
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        admin.close()
-    figures["total_s"] = round(time.perf_counter() - t_all, 1)
-
-    a, b = (names[i] for i in pair)
-    print(f"\ncatalogue: {figures['catalogue_listings']} listings, {figures['pair_listings']} of {a} / {b}; the "
-          f"baseline tagged {figures['baseline_wrong_on_pair_listings']:.1%} of those wrong → "
-          f"{figures['corrections']} corrections")
-    print(f"measured on {figures['measured_rows']} evaluation photos of the other garments "
-          f"({figures['measured_pair_rows']} of the pair)\n")
-    head = f"{'model':28s} {'acc ' + a:>12s} {'acc ' + b:>18s} {a + '→' + b:>20s} {b + '→' + a:>20s} {'top-1':>7s}"
-    print(head)
-    for label, r in results.items():
-        print(f"{label:28s} {r[f'acc/{a}']:12.4f} {r[f'acc/{b}']:18.4f} {r[f'as_other/{a}']:20.4f} "
-              f"{r[f'as_other/{b}']:20.4f} {r['top1']:7.4f}")
-    print()
-    print(json.dumps(figures, default=str))
+    control = {r["seed"]: r for r in results["control"]}
+    print(f"\n{args.steps} retraining steps from the active model (top-1 {before['top1']:.4f}, {args.pair} "
+          f"{before['pair']:.4f}); gains over the control of the same seed, percentage points, mean ± sd over "
+          f"seeds {args.seeds}")
+    print(f"{'retraining':24s} {'labels':>6s} {'pair':>15s} {'pair gain':>15s} {'top-1 gain':>15s} "
+          f"{'pair gain/100':>14s}")
+    summary = {"facts": facts, "before": before, "steps": args.steps, "base_steps": args.base_steps,
+               "seeds": args.seeds, "results": {}}
+    for label, rs in results.items():
+        pg = [r["pair"] - control[r["seed"]]["pair"] for r in rs]
+        tg = [r["top1"] - control[r["seed"]]["top1"] for r in rs]
+        n = rs[0]["labels"]
+        per100 = f"{100 * spread(pg)[0] / n * 100:+14.2f}" if n else f"{'':14s}"
+        print(f"{label:24s} {n:6d} {fmt([r['pair'] for r in rs]):>15s} {fmt(pg):>15s} {fmt(tg):>15s} {per100}")
+        summary["results"][label] = {"labels": n, "pair": spread([r["pair"] for r in rs]), "pair_gain": spread(pg),
+                                     "top1_gain": spread(tg), "runs": rs}
+    summary["seconds"] = round(time.perf_counter() - t_all)
+    trainer.prepare_data = prepare
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=float))
+    labels = [k for k in results if k != "control"]
+    bar_plot(args.out.with_suffix(".png"), f"Retraining with labels: gain over the control ({args.pair})", labels,
+             {"pair accuracy gain": [[r["pair"] - control[r["seed"]]["pair"] for r in results[k]] for k in labels],
+              "top-1 gain": [[r["top1"] - control[r["seed"]]["top1"] for r in results[k]] for k in labels]},
+             "gain over control (points)", baseline=0.0, baseline_label="control")
+    print(json.dumps({k: v["pair_gain"] for k, v in summary["results"].items()}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from core.config import Settings
 
 ENRICH_TASK = "enrich.listings"
 SWEEP_TASK = "enrich.sweep_pending"
+REVIEW_ORDER_TASK = "enrich.review_order"
 BACKFILL_TASK = "enrich.backfill"
 RETRAIN_TASK = "enrich.retrain"
 BEAT_TICK_TASK = "enrich.beat_tick"
@@ -58,6 +59,9 @@ def configure(settings: Settings) -> Celery:
             # listings whose enrichment task was lost are enqueued again (tasks are idempotent)
             "sweep-pending": {"task": SWEEP_TASK, "schedule": settings.pending_sweep_every_s,
                               "options": {"queue": settings.cpu_queue}},
+            # the open review items ranked again for the console's "gain" order (worker.review_priority)
+            "review-order": {"task": REVIEW_ORDER_TASK, "schedule": settings.review_reprioritise_s,
+                             "options": {"queue": settings.cpu_queue}},
             # periodic retraining job (training.tasks; it skips, saying why, when too few corrections came)
             **({"scheduled-retrain": {"task": "enrich.retrain_scheduled",
                                       "schedule": crontab.from_string(settings.retrain_cron),

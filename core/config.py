@@ -6,6 +6,7 @@ sits between `<!-- settings-table:start -->` and `<!-- settings-table:end -->` a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,7 +60,10 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(default=4, ge=0, le=20, description="retries of a task after a transient fault "
                                                                       "(image host down, database connection lost)")
     retry_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay after an image host "
-                                                              "was down (s); doubles per retry, at most 10 min")
+                                                              "was down (s); doubles per retry, up to "
+                                                              "ENRICH_RETRY_BACKOFF_MAX_S")
+    retry_backoff_max_s: float = Field(default=600.0, gt=0, description="longest delay between two retries of "
+                                                                        "a batch whose image host is down (s)")
     max_event_bytes: int = Field(default=256 * 1024, ge=1024, description="larger Kafka events go to the "
                                                                           "dead-letter topic (bytes)")
     pending_sweep_after_s: float = Field(default=1800.0, gt=0, description="`enrich sweep` enqueues again the "
@@ -201,6 +205,13 @@ class Settings(BaseSettings):
                                                                                "corrections held out since the "
                                                                                "active model was trained, even "
                                                                                "when it is better overall")
+    corrections_holdout: float = Field(default=0.2, ge=0.0, lt=1.0, description="share of corrected listings "
+                                                                               "kept out of retraining (chosen "
+                                                                               "by a hash of the listing id) so "
+                                                                               "the gate measures candidates on "
+                                                                               "corrections they never trained "
+                                                                               "on; 0: none, and the gate uses "
+                                                                               "corrections trained on")
     auto_promote: bool = Field(default=False, description="a retraining job promotes its model when it passes the "
                                                           "gate; `false`: it waits for an admin (`enrich promote`)")
     shadow_share: float = Field(default=0.1, ge=0.0, le=1.0, description="share of live listings a shadow "
@@ -218,6 +229,15 @@ class Settings(BaseSettings):
                                                            "proxy): session cookies get the Secure flag")
     console_lease_s: float = Field(default=300.0, gt=0, description="how long a review item stays reserved for "
                                                                     "the reviewer who opened it (s)")
+    review_order: Literal["gain", "fifo"] = Field(default="gain", description="which open review item the "
+                                                  "console shows next: `gain`, the one whose answer settles the "
+                                                  "most (uncertain, with many uncertain look-alikes; near-"
+                                                  "duplicates of one already asked come later); `fifo`, the "
+                                                  "oldest")
+    review_reprioritise_s: float = Field(default=600.0, gt=0, description="how often beat ranks the open review "
+                                                                          "items for the `gain` order, as `enrich "
+                                                                          "review-order` does (s); a new item is "
+                                                                          "ranked by its own uncertainty until then")
     console_session_idle_s: float = Field(default=3600.0, gt=0, description="a console session unused this long "
                                                                             "ends (s)")
     console_session_max_s: float = Field(default=43200.0, gt=0, description="a console session ends this long "

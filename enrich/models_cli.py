@@ -61,6 +61,7 @@ def models(ctx: typer.Context, database_url: DatabaseUrl = None,
                       _fmt(r.metrics), (r.data_fingerprint or "")[:12], f"{r.registered_by or ''} {r.reason or ''}".strip(),
                       f"{r.created_at:%Y-%m-%d %H:%M}")
     console.print(table)
+    console.print(f"review order: {settings.review_order}")  # ENRICH_REVIEW_ORDER: what reviewers are served first
     if moves:
         hist = Table(title="alias moves")
         for col in ("at", "action", "version", "previous", "by", "why"):

@@ -29,8 +29,9 @@ def _correction_rows(cfg, settings):
 
     taxonomy = load_taxonomy(cfg.taxonomy)
     with connection(database_url(settings)) as conn:
-        labels = correction_labels(conn, taxonomy)
-    typer.echo(f"{len(labels)} corrected label(s) in the database", err=True)
+        # the hold-out share stays out, as in a retraining job: the gate measures models on it
+        labels = correction_labels(conn, taxonomy, holdout="train", share=settings.corrections_holdout)
+    typer.echo(f"{len(labels)} corrected label(s) in the database to train on", err=True)
     return corrections_to_images(labels, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
 
 
@@ -65,6 +66,12 @@ def register(app: typer.Typer) -> None:
         task_weights: bool = typer.Option(None, "--task-weights/--no-task-weights", help="seed 002's per-task "
                                           "weights: attribute groups with few labels lifted, for noisy seller "
                                           "labels (default: off)."),
+        label_loss: str = typer.Option(None, help="loss of the category and exclusive groups: ce (plain "
+                                       "cross-entropy), gce (generalised CE), bootstrap or small_loss — the last "
+                                       "three resist wrong labels (default: the preset's, ce; dataset catalogue: "
+                                       "training.config.CATALOGUE_LABEL_LOSS)."),
+        correction_repeats: int = typer.Option(None, min=1, help="with --with-corrections: each corrected "
+                                               "listing counts this many times (default: the preset's)."),
         weak_label_weight: float = typer.Option(None, min=0.0, max=1.0, help="dataset catalogue: weak labels "
                                                 "from listing titles and descriptions (seed 003; the taxonomy's "
                                                 "vocabulary) count with this loss weight; 0 turns them off "
@@ -105,7 +112,8 @@ def register(app: typer.Typer) -> None:
         from dataclasses import replace
 
         from core.config import get_settings
-        from training.config import PRESETS
+        from training.config import CATALOGUE_LABEL_LOSS, PRESETS
+        from training.losses import LABEL_LOSSES
         from training.train import train as run
         from training.transforms import AUGMENTATIONS
 
@@ -123,12 +131,17 @@ def register(app: typer.Typer) -> None:
             "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
             "out_dir": out_dir or settings.models_dir,
             "catalogue_source": catalogue, "seed_002_task_weights": task_weights,
-            "weak_label_weight": weak_label_weight,
+            "weak_label_weight": weak_label_weight, "correction_repeats": correction_repeats,
+            "label_loss": label_loss,
         }
         if catalogue is not None and dataset is None:
             overrides["dataset"] = "catalogue"
         if (dataset or overrides["dataset"]) == "catalogue" and catalogue is None:
             raise typer.BadParameter("dataset catalogue needs --catalogue PATH|postgres", param_hint="--catalogue")
+        if label_loss is not None and label_loss not in LABEL_LOSSES:
+            raise typer.BadParameter(f"unknown label loss {label_loss!r}; choose from {', '.join(LABEL_LOSSES)}")
+        if overrides["dataset"] == "catalogue" and label_loss is None:
+            overrides["label_loss"] = CATALOGUE_LABEL_LOSS  # seller labels are noisy
         cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
         if backbone == "resnet50" and weights is None:
             typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)

@@ -4,9 +4,13 @@
 them into rows, given a ``load`` function for image URIs (the CLI passes the worker's guarded fetcher, so
 training obeys the same allow-list and limits as enrichment). Groups a listing has no correction for stay
 MISSING (seed 001's masks: they add no loss); listings have no retrieval identity here (item id MISSING).
+
+A share of the corrected listings is held out of training (``is_held_out``, ENRICH_CORRECTIONS_HOLDOUT): the
+gate measures candidates on them, so the figure is one the candidate never trained on.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,11 +39,26 @@ class CorrectionLabel:
     corrected_at: datetime
 
 
-def correction_labels(conn: psycopg.Connection, taxonomy: Taxonomy | None = None) -> list[CorrectionLabel]:
+HOLDOUT_SELECTORS = (None, "train", "eval")
+
+
+def is_held_out(listing_id: str, share: float) -> bool:
+    """Whether a corrected listing is kept out of training for evaluation: a hash of its id, so a listing stays
+    on its side as corrections grow (all its groups together). ``share`` 0: none is."""
+    digest = hashlib.sha256(f"holdout:{listing_id}".encode()).hexdigest()
+    return int(digest[:8], 16) / 16 ** 8 < share
+
+
+def correction_labels(conn: psycopg.Connection, taxonomy: Taxonomy | None = None, holdout: str | None = None,
+                      share: float = 0.0) -> list[CorrectionLabel]:
     """The latest human correction per (listing, group), as extra training labels.
 
     With a taxonomy, labels for unknown groups or values are dropped (logged) and indices filled in.
+    ``holdout``: None every listing's labels; ``"train"`` only listings not held out at ``share``
+    (``is_held_out``); ``"eval"`` only the held-out ones.
     """
+    if holdout not in HOLDOUT_SELECTORS:
+        raise ValueError(f"holdout must be one of {HOLDOUT_SELECTORS}, not {holdout!r}")
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             "SELECT DISTINCT ON (c.listing_id, c.tag_group) c.listing_id, c.tag_group, c.new_value,"
@@ -49,6 +68,8 @@ def correction_labels(conn: psycopg.Connection, taxonomy: Taxonomy | None = None
         rows = cur.fetchall()
     out, dropped = [], 0
     for r in rows:
+        if holdout is not None and is_held_out(r["listing_id"], share) != (holdout == "eval"):
+            continue
         idx = None
         if taxonomy is not None:
             values = taxonomy.category_names if r["tag_group"] == CATEGORY_GROUP else (

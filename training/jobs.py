@@ -386,7 +386,7 @@ def job_config(params: dict, settings: Settings, job_id: int):
     else the settings), models under ``settings.models_dir``, the worker's device and threads, a version
     naming the job."""
     from schemas.taxonomy import load_taxonomy
-    from training.config import PRESETS
+    from training.config import CATALOGUE_LABEL_LOSS, PRESETS
 
     preset = params.get("preset") or settings.retrain_preset
     if preset not in PRESETS:
@@ -402,6 +402,7 @@ def job_config(params: dict, settings: Settings, job_id: int):
             raise ValueError("a catalogue retraining job needs the catalogue's taxonomy: set ENRICH_RETRAIN_TAXONOMY "
                              "(a bundled name or a JSON file)")
         overrides["taxonomy"] = taxonomy
+        overrides["label_loss"] = CATALOGUE_LABEL_LOSS  # seller labels are noisy
     data_dir = params.get("data_dir") or settings.retrain_data_dir
     if data_dir:
         overrides["data_dir"] = Path(data_dir)
@@ -478,10 +479,13 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
     extra, labels = None, []
     if params.get("corrections", True):
         progress({"stage": "corrections"})
-        labels = correction_labels(conn, taxonomy)
+        # the held-out share never reaches training: the gate measures candidates on it
+        labels = correction_labels(conn, taxonomy, holdout="train", share=settings.corrections_holdout)
+        held = len(correction_labels(conn, taxonomy, holdout="eval", share=settings.corrections_holdout))
         if labels:
             extra = corrections_to_images(labels, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
-        progress.note(corrections=len(labels), correction_rows=len(extra) if extra is not None else 0)
+        progress.note(corrections=len(labels), correction_rows=len(extra) if extra is not None else 0,
+                      held_out=held)
     log.info("job #%d: training %s on %s (%s), %d corrected label(s)", job_id, cfg.model_version, cfg.dataset,
              warm, len(labels))
     model_dir = Path(train_model(cfg, extra, progress=progress))

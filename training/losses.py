@@ -2,6 +2,7 @@
 type output)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +12,14 @@ from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
 MISSING = -1  # target of an exclusive attribute group the sample has no label for
+# Per-row losses for softmax heads. "ce" is seed 000's; the others resist wrong labels (seller tags):
+# "gce" generalised cross-entropy (Zhang & Sabuncu 2018) is bounded, so a confidently wrong label cannot
+# dominate; "bootstrap" (Reed et al. 2015, hard) mixes the given label with the model's own prediction;
+# "small_loss" trains on the rows of a batch with the smallest losses only (co-teaching's selection).
+LABEL_LOSSES = ("ce", "gce", "bootstrap", "small_loss")
+GCE_Q = 0.7
+BOOTSTRAP_BETA = 0.8
+SMALL_LOSS_KEEP = 0.8  # share of each batch's labelled rows kept (the expected share of right labels)
 
 
 def class_weights(labels: np.ndarray, num_classes: int, clip: tuple[float, float] = (0.5, 5.0),
@@ -51,9 +60,30 @@ def task_weights(label_counts: dict[str, int], c: float = 3.0) -> dict[str, floa
     return {k: max(r, floor) for k, r in ratios.items()}
 
 
+def _row_losses(logits: torch.Tensor, safe: torch.Tensor, label_loss: str, label_smoothing: float) -> torch.Tensor:
+    logits = logits.float()
+    if label_loss == "gce":
+        p = F.softmax(logits, dim=-1).gather(1, safe[:, None]).squeeze(1)
+        return (1 - p.clamp_min(1e-6) ** GCE_Q) / GCE_Q
+    nll = F.cross_entropy(logits, safe, reduction="none", label_smoothing=label_smoothing)
+    if label_loss == "bootstrap":
+        own = F.cross_entropy(logits, logits.detach().argmax(dim=1), reduction="none")
+        return BOOTSTRAP_BETA * nll + (1 - BOOTSTRAP_BETA) * own
+    return nll
+
+
+def _small_loss_rows(per_row: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """1 for the SMALL_LOSS_KEEP share of labelled rows with the smallest loss, else 0 (no device sync)."""
+    ranked = torch.where(present > 0, per_row.detach(), torch.full_like(per_row, math.inf))
+    rank = ranked.argsort().argsort()
+    keep = torch.ceil(present.sum() * SMALL_LOSS_KEEP)
+    return (rank < keep).float() * present
+
+
 def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
-                    label_smoothing: float = 0.0, row_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax CE over one exclusive group; rows with target MISSING add nothing (seed 001).
+                    label_smoothing: float = 0.0, row_weight: torch.Tensor | None = None,
+                    label_loss: str = "ce") -> torch.Tensor:
+    """Softmax loss over one exclusive group; rows with target MISSING add nothing (seed 001).
 
     The weighted mean over the rows that have the group, computed with masks rather than boolean
     indexing so that a training step never waits for the GPU. A batch in which nobody has the group
@@ -63,14 +93,17 @@ def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Te
     ``weak_label_weight``, strong labels 1). It scales each row's term but not the normaliser, which
     stays the (class-weighted) count of rows that have the group: weak labels act as a task of their
     own with a lower weight, even in a batch where every label of the group is weak. None: plain.
+    ``label_loss``: one of LABEL_LOSSES (plain cross-entropy by default).
     """
     present = (target != MISSING).float()
     safe = target.clamp(min=0)
-    nll = F.cross_entropy(logits.float(), safe, reduction="none", label_smoothing=label_smoothing)
+    per_row = _row_losses(logits, safe, label_loss, label_smoothing)
+    if label_loss == "small_loss":
+        present = _small_loss_rows(per_row, present)
     w = present if weight is None else weight[safe] * present
     if row_weight is None:
-        return (nll * w).sum() / w.sum().clamp_min(1e-12)
-    return (nll * w * row_weight.float()).sum() / w.sum().clamp_min(1e-12)
+        return (per_row * w).sum() / w.sum().clamp_min(1e-12)
+    return (per_row * w * row_weight.float()).sum() / w.sum().clamp_min(1e-12)
 
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
@@ -127,8 +160,11 @@ class MultitaskLoss:
     margin: float = 0.3
     label_smoothing: float = 0.0  # softmax targets (category, exclusive groups); 0: the seed's plain CE
     category_type: torch.Tensor | None = None  # (C,) type index of each category: the type head's target
+    label_loss: str = "ce"  # LABEL_LOSSES: on the category, type and exclusive groups
 
     def __post_init__(self) -> None:
+        if self.label_loss not in LABEL_LOSSES:
+            raise ValueError(f"unknown label loss {self.label_loss!r}; choose from {', '.join(LABEL_LOSSES)}")
         self.triplet = BatchHardTriplet(self.margin)
 
     def to(self, device: torch.device) -> "MultitaskLoss":
@@ -143,20 +179,20 @@ class MultitaskLoss:
         parts: dict[str, torch.Tensor] = {}
         ls = self.label_smoothing
         cat = masked_group_ce(out.category, batch["category"], self.category_weight, ls,
-                              batch.get("weight/category"))
+                              batch.get("weight/category"), self.label_loss)
         parts["cat"] = cat.detach()
         total = cat
         if getattr(out, "type", None) is not None and self.category_type is not None:
             # seed 004: the type as its own output, its target the labelled category's type
             known = batch["category"] >= 0
             target = torch.where(known, self.category_type[batch["category"].clamp(min=0)], MISSING)
-            lt = masked_group_ce(out.type, target, None, ls, batch.get("weight/category"))
+            lt = masked_group_ce(out.type, target, None, ls, batch.get("weight/category"), self.label_loss)
             parts["type"] = lt.detach()
             total = total + lt
         for g, logits in out.groups.items():
             if self.exclusive.get(g, True):
                 lg = masked_group_ce(logits, batch[f"group/{g}"], self.group_weight.get(g), ls,
-                                     batch.get(f"weight/{g}"))
+                                     batch.get(f"weight/{g}"), self.label_loss)
             else:
                 lg = masked_bce(logits, batch[f"group/{g}"], batch[f"present/{g}"], self.group_pos_weight.get(g))
             parts[f"attr/{g}"] = lg.detach()

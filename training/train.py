@@ -95,7 +95,7 @@ def build_criterion(train: LabelledImages, taxonomy: Taxonomy, cfg: TrainConfig)
         group_weight=group_w, group_pos_weight={k: v for k, v in group_pw.items() if v is not None},
         group_task_weight={g: (task_weights(counts).get(g, 1.0) if cfg.seed_002_task_weights else 1.0)
                            * cfg.group_loss_weights.get(g, 1.0) for g in counts},
-        exclusive=exclusive, weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing,
+        exclusive=exclusive, weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing, label_loss=cfg.label_loss,
         category_type=torch.tensor([taxonomy.types.index(c.type) for c in taxonomy.categories], dtype=torch.int64),
     )
 

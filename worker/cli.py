@@ -1,4 +1,4 @@
-"""Worker subcommands: batch, consume, corrections, worker, sweep, backfill, health.
+"""Worker subcommands: batch, consume, corrections, worker, sweep, review-order, backfill, health.
 
 Heavy imports (torch, celery, kafka) stay inside the commands so `enrich --help` stays fast.
 """
@@ -234,6 +234,19 @@ def sweep(
     typer.echo(f"{n} pending listing(s) enqueued again on queue {settings.gpu_queue!r}")
 
 
+def review_order(database_url: DatabaseUrl = None) -> None:
+    """Rank the open review items by expected gain for the console's `gain` order; beat runs this every
+    ENRICH_REVIEW_REPRIORITISE_S (default 10 min)."""
+    from core.db import connect
+    from core.db import database_url as resolve
+    from worker.review_priority import reprioritise
+
+    settings = get_settings()
+    with connect(database_url or resolve(settings), autocommit=True) as conn:
+        n = reprioritise(conn, settings)
+    typer.echo(f"{n} open review item(s) got a priority (console order: {settings.review_order})")
+
+
 _STALE_S = 15 * 60  # a running backfill whose row has not moved this long lost its chain (chunks ≤ 10 min)
 
 
@@ -362,5 +375,6 @@ def register(app: typer.Typer) -> None:
     app.command("corrections")(corrections)
     app.command("worker")(worker)
     app.command("sweep")(sweep)
+    app.command("review-order")(review_order)
     app.command("backfill")(backfill)
     app.command("health")(health)

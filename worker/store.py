@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 
 from schemas.enrichment import Enrichment, TagSource
 from schemas.events import CorrectionEvent, ListingEvent
+from worker.review_order import uncertainty
 
 
 def content_hash(event: ListingEvent) -> str:
@@ -170,8 +171,9 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
                 if (item.listing_id, r.group) in corrected:
                     continue  # a person already decided this group: nothing to review
                 reason = None if r.reason is None else Jsonb(r.reason.model_dump(mode="json"))
+                # ranked at once by its own uncertainty (worker.review_order), re-ranked by the next refresh
                 review_rows.append((item.listing_id, r.group, Jsonb([list(c) for c in r.candidates]),
-                                    r.threshold, reason, enr.model_version))
+                                    r.threshold, reason, enr.model_version, uncertainty(r.candidates)))
             vec = np.ascontiguousarray(emb, dtype="<f4")
             emb_rows.append((item.listing_id, enr.model_version, int(vec.shape[0]), vec.tobytes()))
         with conn.cursor() as cur:
@@ -183,13 +185,14 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
                 tag_rows,
             )
             cur.executemany(
-                """INSERT INTO review_queue (listing_id, tag_group, candidates, threshold, reason, model_version)
-                   VALUES (%s, %s, %s, %s, %s, %s)
+                """INSERT INTO review_queue (listing_id, tag_group, candidates, threshold, reason, model_version,
+                                            priority)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s)
                    ON CONFLICT (listing_id, tag_group, model_version)
                    DO UPDATE SET candidates = EXCLUDED.candidates, threshold = EXCLUDED.threshold,
-                                 reason = EXCLUDED.reason, created_at = now(), resolved_at = NULL,
-                                 flagged_by = NULL, flag_note = NULL, flagged_at = NULL""",  # a new question
-                review_rows,
+                                 reason = EXCLUDED.reason, priority = EXCLUDED.priority, created_at = now(),
+                                 resolved_at = NULL, flagged_by = NULL, flag_note = NULL, flagged_at = NULL""",
+                review_rows,  # a conflict is a new question: reopened, unflagged, ranked again
             )
             cur.executemany(
                 """INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES (%s, %s, %s, %s)

@@ -1,5 +1,6 @@
 """Celery tasks of the workers: enrichment batches (queue "gpu"; lists of listing ids, never images), the
-pending sweep and beat's tick (queue "cpu"). The worker-process signals that start and stop `runtime` live here.
+pending sweep, the review order and beat's tick (queue "cpu"). The worker-process signals that start and stop
+`runtime` live here.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
 
 from core import metrics
-from core.celery_app import BEAT_TICK_TASK, ENRICH_TASK, SWEEP_TASK, app, send_enrich, task_settings
+from core.celery_app import (BEAT_TICK_TASK, ENRICH_TASK, REVIEW_ORDER_TASK, SWEEP_TASK, app, send_enrich,
+                             task_settings)
 from worker import runtime
 from worker.shadow import run_shadow
 
@@ -44,9 +46,9 @@ def _task_finished(**_kwargs) -> None:
     runtime.task_finished()
 
 
-def backoff_s(retries: int, base: float) -> float:
-    """Exponential backoff: base, 2·base, 4·base… capped at 10 minutes."""
-    return min(base * (2 ** retries), 600.0)
+def backoff_s(retries: int, base: float, cap: float = 600.0) -> float:
+    """Exponential backoff: base, 2·base, 4·base… at most ``cap``."""
+    return min(base * (2 ** retries), cap)
 
 
 @app.task(name=ENRICH_TASK, bind=True, acks_late=True, ignore_result=True)
@@ -73,8 +75,8 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
     log.info("batch of %d: %d enriched, %d failed, %d skipped, %d to retry (%d images)",
              len(listing_ids), len(out.enriched), len(out.failed), len(out.skipped), len(out.retry), out.images)
     if out.retry:
-        raise self.retry(args=(sorted(out.retry),), countdown=backoff_s(self.request.retries, settings.retry_backoff_s),
-                         max_retries=settings.task_max_retries)
+        delay = backoff_s(self.request.retries, settings.retry_backoff_s, settings.retry_backoff_max_s)
+        raise self.retry(args=(sorted(out.retry),), countdown=delay, max_retries=settings.task_max_retries)
     return {"enriched": len(out.enriched), "failed": len(out.failed), "skipped": len(out.skipped)}
 
 
@@ -105,6 +107,16 @@ def sweep_pending_task() -> int:
     settings = task_settings()
     with runtime.pool(settings).connection() as conn:
         return sweep_pending(conn, settings)
+
+
+@app.task(name=REVIEW_ORDER_TASK, ignore_result=True)
+def review_order_task() -> int:
+    """Beat, queue "cpu", every ENRICH_REVIEW_REPRIORITISE_S: rank the open review items by expected gain."""
+    from worker.review_priority import reprioritise
+
+    settings = task_settings()
+    with runtime.pool(settings).connection() as conn:
+        return reprioritise(conn, settings)
 
 
 def record_beat(conn: psycopg.Connection, details: dict) -> None:

@@ -114,7 +114,7 @@ def _jobs(conn, settings) -> tuple[list[dict], bool]:
 
 
 # what a job notes about its training run (training.jobs._Progress.note) that the page shows with its params
-_JOB_FACTS = ("preset", "dataset", "warm_start", "corrections", "correction_rows")
+_JOB_FACTS = ("preset", "dataset", "warm_start", "corrections", "correction_rows", "held_out")
 
 
 def _origins(conn) -> dict[str, dict]:

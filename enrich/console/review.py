@@ -19,6 +19,9 @@ version, or no row), deletes that action's ``corrections`` row so it never becom
 reopens the review items it resolved, leased to the reviewer again. It is refused when the tag was changed
 since (a later correction). Undoing a skip forgets the skip and leases the item again if it is still free.
 
+Order. ``ENRICH_REVIEW_ORDER``: "gain" serves the free item of highest ``priority`` first (the expected gain of
+asking it, ranked by ``worker.review_priority``), "fifo" the oldest; the page says which.
+
 Skips. ``s`` releases the lease and remembers the id in the session: the item is not shown again to this
 reviewer in this session (other reviewers still get it).
 
@@ -149,11 +152,20 @@ def release(conn: psycopg.Connection, user: str, item: int | None) -> None:
                      " WHERE id = %s AND leased_by = %s AND resolved_at IS NULL", (item, user))
 
 
+_ORDER_SQL = {
+    # most useful first (review_queue.priority, worker.review_priority); unranked items after, oldest first
+    "gain": "q.priority DESC NULLS LAST, q.created_at, q.id",
+    "fifo": "q.created_at, q.id",
+}
+ORDER_LINE = {"gain": "Order: most useful first", "fifo": "Order: oldest first"}
+
+
 def next_item(conn: psycopg.Connection, user: str, filters: Filters, skipped: list[int], lease_s: float,
-              current: int | None = None) -> int | None:
+              current: int | None = None, order: str = "gain") -> int | None:
     """The item this session works on now: `current` (the session's item) while it is still open, leased
-    to this reviewer and within the filters; else the oldest free one, leased to them (and `current` is
-    given back)."""
+    to this reviewer and within the filters; else the first free one in `order` (ENRICH_REVIEW_ORDER:
+    "gain" or "fifo"), leased to them (and `current` is given back)."""
+    order_by = _ORDER_SQL[order]
     join, conds, params = filters.sql()
     picked = None
     with conn.transaction():
@@ -174,7 +186,7 @@ def next_item(conn: psycopg.Connection, user: str, filters: Filters, skipped: li
                         SELECT q.id FROM review_queue q {join}
                          WHERE q.resolved_at IS NULL AND (q.leased_by IS NULL OR q.lease_until < now())
                            AND NOT (q.id = ANY(%s::bigint[])){conds}
-                         ORDER BY q.created_at, q.id LIMIT 1 FOR UPDATE OF q SKIP LOCKED)
+                         ORDER BY {order_by} LIMIT 1 FOR UPDATE OF q SKIP LOCKED)
                     UPDATE review_queue r SET leased_by = %s, lease_until = now() + make_interval(secs => %s)
                       FROM pick WHERE r.id = pick.id RETURNING r.id""",
                 (skipped, *params, user, lease_s)).fetchone()
@@ -512,9 +524,10 @@ def _render_item(request: Request, conn, user: User, filters: Filters, flash: st
                  show: int | None = None, full: bool = False):
     skipped = _session_list(request, "review_skipped")
     lease_s = request.app.state.settings.console_lease_s
+    order = request.app.state.settings.review_order
     current = show if show is not None else request.session.get("review_current")
     item_id = next_item(conn, user.name, filters, skipped, lease_s,
-                        current=current if isinstance(current, int) else None)
+                        current=current if isinstance(current, int) else None, order=order)
     request.session["review_current"] = item_id
     item = item_view(conn, item_id) if item_id is not None else None
     left, held = count_left(conn, user.name, filters, skipped)
@@ -525,7 +538,7 @@ def _render_item(request: Request, conn, user: User, filters: Filters, flash: st
            "flagged": count_flagged(conn) if user.is_admin else 0}
     if full:
         return render(request, "review.html", user=user, page="review",
-                      options=filter_options_cached(request.app, conn), **ctx)
+                      options=filter_options_cached(request.app, conn), order_line=ORDER_LINE[order], **ctx)
     return render(request, "_review_item.html", user=user, **ctx)
 
 

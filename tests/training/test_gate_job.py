@@ -96,7 +96,8 @@ def test_lineage_is_recorded_by_a_job_and_shown_by_models_show(db, pg_url, tiny_
     _active(db, tiny_model_dir)
     n = _corrections(db, fmnist_dir, tmp_path)
     job_id = jobs.create_job(db, trigger="admin", requested_by="alice", reason="lineage")
-    out = jobs.run_job(pg_url, job_id, _settings(tmp_path, fmnist_dir), send_backfill=lambda v: None)
+    out = jobs.run_job(pg_url, job_id, _settings(tmp_path, fmnist_dir, corrections_holdout=0),  # all train
+                       send_backfill=lambda v: None)
     assert out["status"] == "done", out["outcome"]
     version = out["model_version"]
     row = get_model(db, version)

@@ -103,7 +103,7 @@ def test_admin_retrain_runs_the_chain_promotes_and_sends_the_backfill(env, train
     from model.registry import get_model
 
     n = _store_corrections(db, fmnist_dir, tmp_path)
-    settings = env(ENRICH_AUTO_PROMOTE="true")
+    settings = env(ENRICH_AUTO_PROMOTE="true", ENRICH_CORRECTIONS_HOLDOUT="0")  # every correction trains
     with train_worker(settings):
         res = CliRunner().invoke(cli, ["retrain", "--reason", "shirts fixed by reviewers", "--by", "alice", "--wait"])
     assert res.exit_code == 0, res.output
