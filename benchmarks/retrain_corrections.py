@@ -7,15 +7,23 @@ the review queue's order against random and FIFO, and against the same number of
 What it does, as a retraining job does it (``training.train.train`` from the active model's weights, the answers
 as extra training rows through ``training.corrections.corrections_to_images``), in one process:
   1. the active model: the quick recipe at `--base-steps` classification steps (trained once, seed 0);
-  2. a catalogue: a random half of the Fashion-MNIST *test* garments as shop listings (one photo each); the
-     active model tags them, and those below its calibrated category threshold are the review queue; the
-     other half of the test garments (their rows of the fixed FMNIST-shop evaluation set) is measured;
+  2. a catalogue: a random half of the Fashion-MNIST *test* garments as listings with one photo each, taken
+     as the marketplace's sellers take them (`--domain seller`: a lighter background and a smaller, off-centre
+     garment — photos unlike the training set's, which is where people's labels can teach; `same`:
+     rendered as the training photos). The active model tags them; those below its calibrated category
+     threshold are the review queue (at least the 3 × `--answers` least sure); the other half of the
+     test garments, photographed the same way, is measured;
   3. per seed, retrainings of `--steps` classification steps from the active model (the same steps for
      every row, so more training alone is not credited to the labels):
        control          no new labels
-       pair ×R          the corrections of the confused pair (default Shirt vs T-shirt/top: every catalogue
+       pair fixes ×R    the corrections of the confused pair (default Shirt vs T-shirt/top: every catalogue
                         listing of the pair the active model tagged wrong), repeated R times in the training
                         set (R = 4 was the fixed factor; `--repeats` sweeps it)
+       pair answers ×R  as many of the pair's listings in the review queue answered, right tags confirmed too
+       … + replay       also the `--replay` catalogue listings the active model is surest of, with its own tags
+                        (the catalogue's photos for every category, so that the labels of one pair do not
+                        teach "a seller photo is a shirt")
+       replay only      those alone, without any person's label (what replay does by itself)
        queue:<order> ×R the first `--answers` review items in that order answered (the true category; a
                         confirmation is a label too): gain (worker.review_order, the console's default),
                         random, fifo (arrival order)
@@ -37,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _learning import RESULTS, bar_plot, clean_test, fmt, pair_accuracy, predict, spread
+from _learning import RESULTS, bar_plot, fmt, pair_accuracy, predict, spread
 
 CATALOGUE_SEED = 7
 
@@ -49,6 +57,29 @@ def cached_preparation(prepare, cache: dict):
             cache[cfg.seed] = prepare(cfg, taxonomy)
         return cache[cfg.seed]
     return prepared
+
+
+def seller_photos(garments: np.ndarray, colours: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Photos as a marketplace's sellers take them: the garment at 80–95 % of the frame, off-centre by up
+    to 3 px, on a lighter background (the training photos: full frame, centred ±2 px, grey 95–165)."""
+    import torch
+    import torch.nn.functional as F
+
+    from schemas.taxonomy import load_taxonomy
+    from training.fmnist_shop import COLOUR_GROUP, COLOUR_RGB, _compose
+
+    n = len(garments)
+    scale = rng.uniform(0.8, 0.95, n)
+    shift = rng.uniform(-3, 3, (n, 2)) * (2 / 28)
+    zero = np.zeros(n)
+    theta = np.stack([np.stack([1 / scale, zero, -shift[:, 0]], 1), np.stack([zero, 1 / scale, -shift[:, 1]], 1)], 1)
+    x = torch.from_numpy(garments).float()[:, None] / 255.0
+    grid = F.affine_grid(torch.from_numpy(theta).float(), [n, 1, 28, 28], align_corners=False)
+    intensity = (F.grid_sample(x, grid, align_corners=False)[:, 0].numpy() * 255.0).astype(np.uint8)
+    values = load_taxonomy("fashion-mnist").group(COLOUR_GROUP).values
+    rgb = np.array([COLOUR_RGB[values[c]] for c in colours], dtype=np.float32)
+    return _compose(intensity, rgb, rng.uniform(170, 210, n).astype(np.float32), np.ones(n, np.float32),
+                    np.zeros((n, 28, 28, 3), np.float32))
 
 
 def answers_as_rows(photos: np.ndarray, idx: np.ndarray, truth: np.ndarray, taxonomy, size: int):
@@ -67,11 +98,15 @@ def answers_as_rows(photos: np.ndarray, idx: np.ndarray, truth: np.ndarray, taxo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pair", default="Shirt,T-shirt/top", help="the confused pair (default: %(default)s)")
+    ap.add_argument("--domain", choices=["seller", "same"], default="seller", help="how listings are photographed")
     ap.add_argument("--base-steps", type=int, default=3000, help="the active model's classification steps")
+    ap.add_argument("--active", type=Path, default=None, help="an active model directory (default: train one)")
     ap.add_argument("--steps", type=int, default=600, help="classification steps of each retraining")
     ap.add_argument("--lr", type=float, default=1e-3, help="retraining learning rate (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, nargs="+", default=[4, 32, 128], help="how many times a label counts")
+    ap.add_argument("--repeats", type=int, nargs="+", default=[4, 16], help="how many times a label counts; the "
+                    "last is used for every run but the pair fixes (default: 4 16)")
     ap.add_argument("--answers", type=int, default=300, help="review answers per queue order (default: 300)")
+    ap.add_argument("--replay", type=int, default=2000, help="confidently tagged listings replayed (default: 2000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--only", choices=["pair", "queue"], default=None, help="run one part only")
     ap.add_argument("--out", type=Path, default=RESULTS / "retrain_corrections")
@@ -79,11 +114,12 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     import training.train as trainer
+    from model.checkpoint import read_manifest
     from schemas.taxonomy import load_taxonomy
     from training.config import QUICK
     from training.fmnist import load_fashion_mnist
     from training.fmnist_shop import build_shop
-    from model.checkpoint import read_manifest
+    from training.prepare import add_training_rows
     from worker.review_order import gain_order
 
     taxonomy = load_taxonomy("fashion-mnist")
@@ -95,38 +131,58 @@ def main() -> None:
     t_all = time.perf_counter()
 
     # 1. the active model
-    base_cfg = replace(QUICK, time_budget_s=None, stage_steps=(QUICK.stage_steps[0], args.base_steps,
-                                                               QUICK.stage_steps[2]),
-                       out_dir=work / "models", model_version="active", progress=False, seed=0)
-    active = trainer.train(base_cfg)
+    active = args.active
+    if active is None:
+        steps = (QUICK.stage_steps[0], args.base_steps, QUICK.stage_steps[2])
+        active = trainer.train(replace(QUICK, time_budget_s=None, stage_steps=steps, out_dir=work / "models",
+                                       model_version="active", progress=False, seed=0))
     threshold = read_manifest(active).thresholds.get("category", 0.5)
 
-    # 2. the catalogue and the measured half
-    xt, yt = load_fashion_mnist(base_cfg.data_dir, "test")
-    order = np.random.default_rng(CATALOGUE_SEED).permutation(len(xt))
-    listed, measured = np.sort(order[:len(xt) // 2]), np.sort(order[len(xt) // 2:])
-    shop = build_shop(xt[listed], yt[listed], taxonomy, photos_per_item=1, seed=CATALOGUE_SEED, size=28)
-    photos, truth = shop.images, shop.category
+    # 2. the catalogue and the measured half, photographed alike
+    xt, yt = load_fashion_mnist(QUICK.data_dir, "test")
+    rng = np.random.default_rng(CATALOGUE_SEED)
+    order = rng.permutation(len(xt))
+    halves = np.sort(order[:len(xt) // 2]), np.sort(order[len(xt) // 2:])
+    if args.domain == "seller":
+        colours = rng.integers(0, len(taxonomy.group("colour").values), len(xt))
+        shots = [seller_photos(xt[h], colours[h], rng) for h in halves]
+    else:
+        shots = [build_shop(xt[h], yt[h], taxonomy, photos_per_item=1, seed=CATALOGUE_SEED + i).images
+                 for i, h in enumerate(halves)]
+    photos, truth = shots[0], yt[halves[0]].astype(np.int64)
+    test_x, test_y = shots[1], yt[halves[1]].astype(np.int64)
     out = predict(active, photos)
     probs, emb = out.category, out.embedding
     tags = probs.argmax(axis=1)
-    test = clean_test(None)
-    rows = np.flatnonzero(np.isin(test.item_ids, measured))
-    test_x, test_y = test.images[rows], test.category[rows]
-    queue = np.flatnonzero(probs.max(axis=1) < threshold)
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    margin_u = 1 - (top2[:, 1] - top2[:, 0])
+    below = np.flatnonzero(probs.max(axis=1) < threshold)
+    least_sure = np.argsort(-margin_u)[:3 * args.answers]
+    queue = np.union1d(below, least_sure)  # arrival order (the FIFO order)
     pair_wrong = np.flatnonzero((np.isin(truth, pair) | np.isin(tags, pair)) & (tags != truth))
-    facts = {"catalogue": len(truth), "measured_rows": len(rows), "threshold": threshold, "review_queue": len(queue),
-             "queue_wrong": int((tags[queue] != truth[queue]).sum()), "pair_corrections": len(pair_wrong)}
+    pair_queue = queue[np.isin(truth[queue], pair) | np.isin(tags[queue], pair)]
+    sure = np.argsort(-probs.max(axis=1))[:args.replay]
+    sure = sure[~np.isin(sure, queue)]  # never the items people answer
     before = pair_accuracy(predict(active, test_x).category.argmax(axis=1), test_y, pair)
-    print(f"active model: top-1 {before['top1']:.4f}, {args.pair} {before['pair']:.4f} on {len(rows)} measured "
-          f"photos; catalogue {len(truth)} listings, review queue {len(queue)} ({facts['queue_wrong']} wrong), "
-          f"{len(pair_wrong)} corrections of the pair", flush=True)
+    facts = {"domain": args.domain, "catalogue": len(truth), "measured": len(test_y), "threshold": threshold,
+             "below_threshold": len(below), "review_queue": len(queue),
+             "queue_wrong": int((tags[queue] != truth[queue]).sum()), "pair_corrections": len(pair_wrong),
+             "pair_in_queue": len(pair_queue), "catalogue_top1": float((tags == truth).mean()),
+             "replay": len(sure), "replay_tags_right": float((tags[sure] == truth[sure]).mean())}
+    print(f"active model on {args.domain} photos: top-1 {before['top1']:.4f}, {args.pair} {before['pair']:.4f}; "
+          f"review queue {len(queue)} ({len(below)} below its threshold {threshold:.2f}, {facts['queue_wrong']} "
+          f"wrong), {len(pair_wrong)} pair tags wrong, {len(pair_queue)} pair listings in the queue; replay "
+          f"{len(sure)} listings, {facts['replay_tags_right']:.1%} of their tags right", flush=True)
 
-    def retrain(seed: int, label: str, idx: np.ndarray | None, repeats: int) -> dict:
+    def retrain(seed: int, label: str, idx: np.ndarray | None, repeats: int, replay: bool = False) -> dict:
         cfg = replace(QUICK, time_budget_s=None, stage_steps=(0, args.steps, 0), lr_classification=args.lr,
                       init_from=active, correction_repeats=repeats, seed=seed, out_dir=work / "models",
                       model_version=f"s{seed}-{label}".replace(" ", "_").replace(":", "-"), progress=False)
         extra = None if idx is None else answers_as_rows(photos, idx, truth, taxonomy, cfg.image_size)
+        if replay:  # the replayed rows count once each; the answers `repeats` times
+            rows = answers_as_rows(photos, sure, tags, taxonomy, cfg.image_size)
+            extra = rows if extra is None else add_training_rows(rows, extra, repeats)
+            cfg = replace(cfg, correction_repeats=1)
         t0 = time.perf_counter()
         model_dir = trainer.train(cfg, extra)
         m = pair_accuracy(predict(model_dir, test_x).category.argmax(axis=1), test_y, pair)
@@ -136,49 +192,52 @@ def main() -> None:
         return m
 
     results: dict[str, list[dict]] = {}
+    r = args.repeats[-1]
+    n = min(args.answers, len(queue))
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
-        runs: list[tuple[str, np.ndarray | None, int]] = [("control", None, 1)]
+        runs: list[tuple[str, np.ndarray | None, int, bool]] = [("control", None, 1, False),
+                                                                 ("replay only", None, 1, True)]
         if args.only in (None, "pair"):
-            runs += [(f"pair ×{r}", pair_wrong, r) for r in args.repeats]
-            runs += [(f"random labels ×{r}", rng.choice(len(truth), len(pair_wrong), replace=False), r)
-                     for r in args.repeats[-1:]]
+            runs += [(f"pair fixes ×{k}", pair_wrong, k, False) for k in args.repeats[:-1]]
+            answered = pair_queue[gain_order(margin_u[pair_queue], emb[pair_queue])[0][:len(pair_wrong)]]
+            runs += [(f"pair answers ×{r}", answered, r, False), (f"pair answers ×{r} + replay", answered, r, True)]
         if args.only in (None, "queue"):
-            n = min(args.answers, len(queue))
-            u = 1 - (np.sort(probs[queue], axis=1)[:, -1] - np.sort(probs[queue], axis=1)[:, -2])
-            gain = queue[gain_order(u, emb[queue])[0][:n]]
-            orders = {"gain": gain, "random": rng.permutation(queue)[:n], "fifo": queue[:n]}
-            r = args.repeats[-1]
-            runs += [(f"queue:{name} ×{r}", idx, r) for name, idx in orders.items()]
-        for label, idx, repeats in runs:
-            results.setdefault(label, []).append({"seed": seed, **retrain(seed, label, idx, repeats)})
+            orders = {"gain": queue[gain_order(margin_u[queue], emb[queue])[0][:n]],
+                      "random": rng.permutation(queue)[:n], "fifo": queue[:n]}
+            runs += [(f"queue:{name} ×{r} + replay", idx, r, True) for name, idx in orders.items()]
+            others = np.setdiff1d(np.arange(len(truth)), sure)
+            runs += [(f"random labels ×{r} + replay", rng.choice(others, n, replace=False), r, True)]
+        for label, idx, repeats, replay in runs:
+            results.setdefault(label, []).append({"seed": seed, **retrain(seed, label, idx, repeats, replay)})
 
-    control = {r["seed"]: r for r in results["control"]}
-    print(f"\n{args.steps} retraining steps from the active model (top-1 {before['top1']:.4f}, {args.pair} "
-          f"{before['pair']:.4f}); gains over the control of the same seed, percentage points, mean ± sd over "
-          f"seeds {args.seeds}")
+    control = {x["seed"]: x for x in results["control"]}
+    print(f"\n{args.steps} retraining steps from the active model (on {args.domain} photos: top-1 "
+          f"{before['top1']:.4f}, {args.pair} {before['pair']:.4f}); gains over the control of the same seed, "
+          f"percentage points, mean ± sd over seeds {args.seeds}")
     print(f"{'retraining':24s} {'labels':>6s} {'pair':>15s} {'pair gain':>15s} {'top-1 gain':>15s} "
-          f"{'pair gain/100':>14s}")
+          f"{'top-1 gain/100':>14s}")
     summary = {"facts": facts, "before": before, "steps": args.steps, "base_steps": args.base_steps,
                "seeds": args.seeds, "results": {}}
     for label, rs in results.items():
-        pg = [r["pair"] - control[r["seed"]]["pair"] for r in rs]
-        tg = [r["top1"] - control[r["seed"]]["top1"] for r in rs]
-        n = rs[0]["labels"]
-        per100 = f"{100 * spread(pg)[0] / n * 100:+14.2f}" if n else f"{'':14s}"
-        print(f"{label:24s} {n:6d} {fmt([r['pair'] for r in rs]):>15s} {fmt(pg):>15s} {fmt(tg):>15s} {per100}")
-        summary["results"][label] = {"labels": n, "pair": spread([r["pair"] for r in rs]), "pair_gain": spread(pg),
+        pg = [x["pair"] - control[x["seed"]]["pair"] for x in rs]
+        tg = [x["top1"] - control[x["seed"]]["top1"] for x in rs]
+        k = rs[0]["labels"]
+        per100 = f"{100 * spread(tg)[0] / k * 100:+14.2f}" if k else f"{'':14s}"
+        print(f"{label:24s} {k:6d} {fmt([x['pair'] for x in rs]):>15s} {fmt(pg):>15s} {fmt(tg):>15s} {per100}")
+        summary["results"][label] = {"labels": k, "pair": spread([x["pair"] for x in rs]), "pair_gain": spread(pg),
                                      "top1_gain": spread(tg), "runs": rs}
     summary["seconds"] = round(time.perf_counter() - t_all)
     trainer.prepare_data = prepare
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1, default=float))
     labels = [k for k in results if k != "control"]
-    bar_plot(args.out.with_suffix(".png"), f"Retraining with labels: gain over the control ({args.pair})", labels,
-             {"pair accuracy gain": [[r["pair"] - control[r["seed"]]["pair"] for r in results[k]] for k in labels],
-              "top-1 gain": [[r["top1"] - control[r["seed"]]["top1"] for r in results[k]] for k in labels]},
-             "gain over control (points)", baseline=0.0, baseline_label="control")
-    print(json.dumps({k: v["pair_gain"] for k, v in summary["results"].items()}))
+    bar_plot(args.out.with_suffix(".png"), f"Retraining with people's labels ({args.domain} photos): gain over "
+             f"the control", labels,
+             {f"{args.pair} accuracy": [[x["pair"] - control[x["seed"]]["pair"] for x in results[k]] for k in labels],
+              "top-1": [[x["top1"] - control[x["seed"]]["top1"] for x in results[k]] for k in labels]},
+             "gain over the control (points)", baseline=0.0, baseline_label="control")
+    print(json.dumps({k: {"pair": v["pair_gain"], "top1": v["top1_gain"]} for k, v in summary["results"].items()}))
 
 
 if __name__ == "__main__":
