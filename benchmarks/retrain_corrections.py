@@ -20,10 +20,6 @@ as extra training rows through ``training.corrections.corrections_to_images``), 
                         listing of the pair the active model tagged wrong), repeated R times in the training
                         set (R = 4 was the fixed factor; `--repeats` sweeps it)
        pair answers ×R  as many of the pair's listings in the review queue answered, right tags confirmed too
-       … + replay       also the `--replay` catalogue listings the active model is surest of, with its own tags
-                        (the catalogue's photos for every category, so that the labels of one pair do not
-                        teach "a seller photo is a shirt")
-       replay only      those alone, without any person's label (what replay does by itself)
        queue:<order> ×R the first `--answers` review items in that order answered (the true category; a
                         confirmation is a label too): gain (worker.review_order, the console's default),
                         random, fifo (arrival order)
@@ -103,12 +99,12 @@ def main() -> None:
     ap.add_argument("--active", type=Path, default=None, help="an active model directory (default: train one)")
     ap.add_argument("--steps", type=int, default=600, help="classification steps of each retraining")
     ap.add_argument("--lr", type=float, default=1e-3, help="retraining learning rate (default: %(default)s)")
-    ap.add_argument("--repeats", type=int, nargs="+", default=[4, 16], help="how many times a label counts; the "
-                    "last is used for every run but the pair fixes (default: 4 16)")
+    ap.add_argument("--repeats", type=int, nargs="+", default=[4, 16], help="how many times a label counts: pair "
+                    "fixes at all but the last, pair answers at each, the queue at the last (default: 4 16)")
     ap.add_argument("--answers", type=int, default=300, help="review answers per queue order (default: 300)")
-    ap.add_argument("--replay", type=int, default=2000, help="confidently tagged listings replayed (default: 2000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--only", choices=["pair", "queue"], default=None, help="run one part only")
+    ap.add_argument("--parts", nargs="+", choices=["fixes", "answers", "queue"], default=["fixes", "answers", "queue"],
+                    help="which retrainings besides the control (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS / "retrain_corrections")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -119,7 +115,6 @@ def main() -> None:
     from training.config import QUICK
     from training.fmnist import load_fashion_mnist
     from training.fmnist_shop import build_shop
-    from training.prepare import add_training_rows
     from worker.review_order import gain_order
 
     taxonomy = load_taxonomy("fashion-mnist")
@@ -161,28 +156,20 @@ def main() -> None:
     queue = np.union1d(below, least_sure)  # arrival order (the FIFO order)
     pair_wrong = np.flatnonzero((np.isin(truth, pair) | np.isin(tags, pair)) & (tags != truth))
     pair_queue = queue[np.isin(truth[queue], pair) | np.isin(tags[queue], pair)]
-    sure = np.argsort(-probs.max(axis=1))[:args.replay]
-    sure = sure[~np.isin(sure, queue)]  # never the items people answer
     before = pair_accuracy(predict(active, test_x).category.argmax(axis=1), test_y, pair)
     facts = {"domain": args.domain, "catalogue": len(truth), "measured": len(test_y), "threshold": threshold,
              "below_threshold": len(below), "review_queue": len(queue),
              "queue_wrong": int((tags[queue] != truth[queue]).sum()), "pair_corrections": len(pair_wrong),
-             "pair_in_queue": len(pair_queue), "catalogue_top1": float((tags == truth).mean()),
-             "replay": len(sure), "replay_tags_right": float((tags[sure] == truth[sure]).mean())}
+             "pair_in_queue": len(pair_queue), "catalogue_top1": float((tags == truth).mean())}
     print(f"active model on {args.domain} photos: top-1 {before['top1']:.4f}, {args.pair} {before['pair']:.4f}; "
           f"review queue {len(queue)} ({len(below)} below its threshold {threshold:.2f}, {facts['queue_wrong']} "
-          f"wrong), {len(pair_wrong)} pair tags wrong, {len(pair_queue)} pair listings in the queue; replay "
-          f"{len(sure)} listings, {facts['replay_tags_right']:.1%} of their tags right", flush=True)
+          f"wrong), {len(pair_wrong)} pair tags wrong, {len(pair_queue)} pair listings in the queue", flush=True)
 
-    def retrain(seed: int, label: str, idx: np.ndarray | None, repeats: int, replay: bool = False) -> dict:
+    def retrain(seed: int, label: str, idx: np.ndarray | None, repeats: int) -> dict:
         cfg = replace(QUICK, time_budget_s=None, stage_steps=(0, args.steps, 0), lr_classification=args.lr,
                       init_from=active, correction_repeats=repeats, seed=seed, out_dir=work / "models",
                       model_version=f"s{seed}-{label}".replace(" ", "_").replace(":", "-"), progress=False)
         extra = None if idx is None else answers_as_rows(photos, idx, truth, taxonomy, cfg.image_size)
-        if replay:  # the replayed rows count once each; the answers `repeats` times
-            rows = answers_as_rows(photos, sure, tags, taxonomy, cfg.image_size)
-            extra = rows if extra is None else add_training_rows(rows, extra, repeats)
-            cfg = replace(cfg, correction_repeats=1)
         t0 = time.perf_counter()
         model_dir = trainer.train(cfg, extra)
         m = pair_accuracy(predict(model_dir, test_x).category.argmax(axis=1), test_y, pair)
@@ -196,20 +183,19 @@ def main() -> None:
     n = min(args.answers, len(queue))
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
-        runs: list[tuple[str, np.ndarray | None, int, bool]] = [("control", None, 1, False),
-                                                                 ("replay only", None, 1, True)]
-        if args.only in (None, "pair"):
-            runs += [(f"pair fixes ×{k}", pair_wrong, k, False) for k in args.repeats[:-1]]
+        runs: list[tuple[str, np.ndarray | None, int]] = [("control", None, 1)]
+        if "fixes" in args.parts:
+            runs += [(f"pair fixes ×{k}", pair_wrong, k) for k in args.repeats[:-1]]
+        if "answers" in args.parts:
             answered = pair_queue[gain_order(margin_u[pair_queue], emb[pair_queue])[0][:len(pair_wrong)]]
-            runs += [(f"pair answers ×{r}", answered, r, False), (f"pair answers ×{r} + replay", answered, r, True)]
-        if args.only in (None, "queue"):
+            runs += [(f"pair answers ×{k}", answered, k) for k in args.repeats]
+        if "queue" in args.parts:
             orders = {"gain": queue[gain_order(margin_u[queue], emb[queue])[0][:n]],
                       "random": rng.permutation(queue)[:n], "fifo": queue[:n]}
-            runs += [(f"queue:{name} ×{r} + replay", idx, r, True) for name, idx in orders.items()]
-            others = np.setdiff1d(np.arange(len(truth)), sure)
-            runs += [(f"random labels ×{r} + replay", rng.choice(others, n, replace=False), r, True)]
-        for label, idx, repeats, replay in runs:
-            results.setdefault(label, []).append({"seed": seed, **retrain(seed, label, idx, repeats, replay)})
+            runs += [(f"queue:{name} ×{r}", idx, r) for name, idx in orders.items()]
+            runs += [(f"random labels ×{r}", rng.choice(len(truth), n, replace=False), r)]
+        for label, idx, repeats in runs:
+            results.setdefault(label, []).append({"seed": seed, **retrain(seed, label, idx, repeats)})
 
     control = {x["seed"]: x for x in results["control"]}
     print(f"\n{args.steps} retraining steps from the active model (on {args.domain} photos: top-1 "

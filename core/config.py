@@ -191,12 +191,6 @@ class Settings(BaseSettings):
     retrain_task_weights: bool = Field(default=False, description="the retrain job trains with seed 002's "
                                                                   "per-task weights (groups with few labels "
                                                                   "lifted; for noisy seller labels)")
-    retrain_replay: int = Field(default=2000, ge=0, description="a retraining job also trains on this many "
-                                "catalogue listings the active model tagged surest, with its own tags, so that "
-                                "corrections of a few values do not teach \"a marketplace photo is one of those\"; "
-                                "0: off")
-    retrain_replay_min_confidence: float = Field(default=0.9, ge=0, le=1, description="the least confidence of a "
-                                                 "replayed listing's category")
     job_heartbeat_s: float = Field(default=15.0, gt=0, description="how often a running training job records "
                                                                    "that it is alive (s)")
     job_stale_s: float = Field(default=180.0, gt=0, description="a running training job whose last heartbeat is "

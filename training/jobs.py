@@ -459,7 +459,6 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
     from schemas.taxonomy import load_taxonomy
     from training import gate
     from training.corrections import correction_labels, corrections_to_images
-    from training.replay import confident_labels
 
     if train_model is None:
         from training.train import train as train_model
@@ -487,16 +486,9 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
             extra = corrections_to_images(labels, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
         progress.note(corrections=len(labels), correction_rows=len(extra) if extra is not None else 0,
                       held_out=held)
-    replay = None
-    if extra is not None and active is not None and settings.retrain_replay:
-        sure = confident_labels(conn, taxonomy, active.model_version, settings.retrain_replay,
-                                settings.retrain_replay_min_confidence)
-        if sure:
-            replay = corrections_to_images(sure, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
-        progress.note(replayed=len(replay) if replay is not None else 0)
-    log.info("job #%d: training %s on %s (%s), %d corrected label(s), %d replayed listing(s)", job_id,
-             cfg.model_version, cfg.dataset, warm, len(labels), len(replay) if replay is not None else 0)
-    model_dir = Path(train_model(cfg, extra, progress=progress, replay=replay))
+    log.info("job #%d: training %s on %s (%s), %d corrected label(s)", job_id, cfg.model_version, cfg.dataset,
+             warm, len(labels))
+    model_dir = Path(train_model(cfg, extra, progress=progress))
     # lineage: the job, and which corrections it learnt (a digest of the labels, in a stable order)
     learnt = sorted(f"{lab.listing_id}\t{lab.group}\t{lab.value}" for lab in labels)
     record_lineage(model_dir, job=job_id, corrections=len(labels),

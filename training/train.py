@@ -254,21 +254,20 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
 
 
 def train(config: TrainConfig, extra_train: LabelledImages | None = None,
-          progress: ProgressFn | None = None, replay: LabelledImages | None = None) -> Path:
+          progress: ProgressFn | None = None) -> Path:
     """Train, evaluate, calibrate and save. Returns the model directory (model.safetensors,
     manifest.json, report/). ``extra_train``: more labelled rows for the training split only, e.g.
-    human corrections (``training.corrections``), each counted ``correction_repeats`` times; ``replay``:
-    rows counted once (``training.replay``); validation and test stay the fixed sets.
+    human corrections (``training.corrections``); validation and test stay the fixed sets.
     ``progress``: called with where the run is (``ProgressFn``), e.g. to show a retraining job's progress."""
     threads = torch.get_num_threads()
     try:
-        return _train(config, extra_train, progress, replay)
+        return _train(config, extra_train, progress)
     finally:
         torch.set_num_threads(threads)  # the caller's process (e.g. the quickstart) keeps its setting
 
 
 def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
-           progress: ProgressFn | None = None, replay: LabelledImages | None = None) -> Path:
+           progress: ProgressFn | None = None) -> Path:
     cfg = config
     report = progress or (lambda _: None)
     if cfg.augment not in AUGMENTATIONS:  # before minutes of data preparation, not after
@@ -286,13 +285,11 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     report({"stage": "prepare"})
     data = prepare_data(cfg, taxonomy)
     n_extra = len(extra_train) if extra_train is not None else 0
-    n_replay = len(replay) if replay is not None else 0
-    for rows, repeats in ((extra_train, cfg.correction_repeats), (replay, 1)):
-        if rows is not None and len(rows):
-            data.train = mask_not_applicable(add_training_rows(data.train, rows, repeats), taxonomy)
-    if n_extra or n_replay:
-        log.info("training set: %d extra row(s) ×%d and %d replayed added (%d in all)", n_extra,
-                 cfg.correction_repeats, n_replay, len(data.train))
+    if n_extra:
+        data.train = mask_not_applicable(add_training_rows(data.train, extra_train, cfg.correction_repeats),
+                                         taxonomy)
+        log.info("training set: %d extra row(s) ×%d added (%d in all)", n_extra, cfg.correction_repeats,
+                 len(data.train))
     model = build_model(cfg.backbone, taxonomy, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         embedding_dim=cfg.embedding_dim)
     started_from = ""
@@ -354,8 +351,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
                strategy=cfg.strategy, dataset=cfg.dataset, eval_set=eval_set_id(cfg, taxonomy, data.test),
                lineage=Lineage(started_from=started_from, started_at=started_at, extra_rows=n_extra))
     write_report(out_dir / "report", taxonomy=taxonomy,
-                 config={**config_dict(cfg), "model_version": version, "extra_training_rows": n_extra,
-                         "replayed_rows": n_replay},
+                 config={**config_dict(cfg), "model_version": version, "extra_training_rows": n_extra},
                  metrics=metrics,
                  stage_metrics=stage_metrics, history=history, test=test)
     log.info("model %s saved to %s (%.1fs): %s", version, out_dir, time.perf_counter() - t_start,

@@ -131,7 +131,7 @@ def test_the_console_the_cli_and_a_job_reach_the_same_verdict(browser, console_u
     settings = Settings(data_dir=tmp_path / "data", retrain_preset="tiny", retrain_data_dir=fmnist_dir,
                         device="cpu", torch_threads=1, auto_promote=True)
     job_copy = biased_copy(worse, tmp_path / "via-job", "via-job")
-    out = jobs.run_job(pg_url, job_id, settings, train_model=lambda cfg, extra, progress, replay=None: job_copy,
+    out = jobs.run_job(pg_url, job_id, settings, train_model=lambda cfg, extra, progress: job_copy,
                        send_backfill=lambda v: None)
     assert out["outcome"].startswith("rejected by the gate against base")
 

@@ -42,7 +42,7 @@ def test_a_retraining_jobs_failing_candidate_ends_rejected_with_its_reasons(db, 
     sent: list[str] = []
     job_id = jobs.create_job(db, trigger="admin", requested_by="alice", reason="new photos")
     out = jobs.run_job(pg_url, job_id, _settings(tmp_path, fmnist_dir, auto_promote=True),
-                       train_model=lambda cfg, extra, progress, replay=None: worse, send_backfill=sent.append)
+                       train_model=lambda cfg, extra, progress: worse, send_backfill=sent.append)
     assert out["status"] == "done" and out["model_version"] == "tiny-worse"
     assert out["outcome"].startswith("rejected by the gate against tiny-test (an admin may reconsider it: enrich "
                                      "models unreject tiny-worse --reason …): ")

@@ -165,7 +165,7 @@ def test_two_jobs_never_train_at_once(db, pg_url, tmp_path):
     settings = Settings(data_dir=tmp_path, retrain_preset="tiny")
     spans, lock = [], threading.Lock()
 
-    def fake_train(cfg, extra, progress, replay=None):
+    def fake_train(cfg, extra, progress):
         start = time.monotonic()
         progress({"stage": "1-retrieval", "step": 0, "of": 3})
         time.sleep(0.8)
