@@ -60,8 +60,8 @@ def configure(settings: Settings) -> Celery:
             "sweep-pending": {"task": SWEEP_TASK, "schedule": settings.pending_sweep_every_s,
                               "options": {"queue": settings.cpu_queue}},
             # the open review items ranked again for the console's "gain" order (worker.review_priority)
-            "review-order": {"task": REVIEW_ORDER_TASK, "schedule": settings.review_reprioritise_s,
-                             "options": {"queue": settings.cpu_queue}},
+            **({"review-order": {"task": REVIEW_ORDER_TASK, "schedule": settings.review_reprioritise_s,
+                                 "options": {"queue": settings.cpu_queue}}} if settings.review_order == "gain" else {}),
             # periodic retraining job (training.tasks; it skips, saying why, when too few corrections came)
             **({"scheduled-retrain": {"task": "enrich.retrain_scheduled",
                                       "schedule": crontab.from_string(settings.retrain_cron),

@@ -229,13 +229,12 @@ class Settings(BaseSettings):
                                                            "proxy): session cookies get the Secure flag")
     console_lease_s: float = Field(default=300.0, gt=0, description="how long a review item stays reserved for "
                                                                     "the reviewer who opened it (s)")
-    review_order: Literal["gain", "fifo"] = Field(default="gain", description="which open review item the "
-                                                  "console shows next: `gain`, the one whose answer settles the "
-                                                  "most (uncertain, with many uncertain look-alikes; near-"
-                                                  "duplicates of one already asked come later); `fifo`, the "
-                                                  "oldest")
-    review_reprioritise_s: float = Field(default=600.0, gt=0, description="how often beat ranks the open review "
-                                                                          "items for the `gain` order, as `enrich "
+    review_order: Literal["fifo", "gain"] = Field(default="fifo", description="which open review item the "
+                                                  "console shows next: `fifo`, the oldest; `gain`, the one whose "
+                                                  "answer settles the most (uncertain, with many uncertain look-"
+                                                  "alikes; near-duplicates of one already asked come later)")
+    review_reprioritise_s: float = Field(default=600.0, gt=0, description="with the `gain` order: how often beat "
+                                                                          "ranks the open review items, as `enrich "
                                                                           "review-order` does (s); a new item is "
                                                                           "ranked by its own uncertainty until then")
     console_session_idle_s: float = Field(default=3600.0, gt=0, description="a console session unused this long "

@@ -74,8 +74,10 @@ class TrainConfig:
     time_budget_s: float | None = None  # training budget (data preparation excluded); stages share it by steps
     loss_weights: LossWeights = field(default_factory=LossWeights)
     seed_002_task_weights: bool = False  # per-group weights from label counts (noisy seller labels)
-    label_loss: str = "ce"  # training.losses.LABEL_LOSSES: a loss that resists wrong labels, e.g. "gce"
-    correction_repeats: int = 4  # human-corrected rows count this many times (the cleanest labels we have)
+    label_loss: str = "ce"  # training.losses.LABEL_LOSSES: "bootstrap" etc. resist wrong labels
+    # human-corrected rows count this many times: the cleanest labels we have, and from the marketplace's own
+    # photos (benchmarks/retrain_corrections.py chose it over 4)
+    correction_repeats: int = 16
     # seed 003: dataset catalogue, a group without a seller/corrected label whose listing text names exactly
     # one of its values (not negated) gets that value as a weak label, its loss ×this factor; 0: off
     weak_label_weight: float = 0.3
@@ -169,7 +171,7 @@ FULL_GPU_LITE0 = replace(FULL_GPU, backbone="efficientnet_lite0", pretrained=Tru
                          lr_classification=FULL_LITE0.lr_classification, lr_joint=FULL_LITE0.lr_joint)
 # The label loss for a marketplace's own catalogue (seller tags, some wrong): `enrich train --catalogue` and
 # retraining jobs on the catalogue use it unless told otherwise (benchmarks/seller_noise.py chose it).
-CATALOGUE_LABEL_LOSS = "gce"
+CATALOGUE_LABEL_LOSS = "bootstrap"
 PRESETS = {"quick": QUICK, "quick-lite0": QUICK_LITE0, "tiny": TINY, "full": FULL, "full-lite0": FULL_LITE0,
            "full-gpu": FULL_GPU, "full-gpu-lite0": FULL_GPU_LITE0}
 

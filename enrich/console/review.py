@@ -161,7 +161,7 @@ ORDER_LINE = {"gain": "Order: most useful first", "fifo": "Order: oldest first"}
 
 
 def next_item(conn: psycopg.Connection, user: str, filters: Filters, skipped: list[int], lease_s: float,
-              current: int | None = None, order: str = "gain") -> int | None:
+              current: int | None = None, order: str = "fifo") -> int | None:
     """The item this session works on now: `current` (the session's item) while it is still open, leased
     to this reviewer and within the filters; else the first free one in `order` (ENRICH_REVIEW_ORDER:
     "gain" or "fifo"), leased to them (and `current` is given back)."""

@@ -67,6 +67,22 @@ def test_catalogue_retraining_uses_the_noise_robust_loss(tmp_path):
     assert job_config({"preset": "quick"}, Settings(data_dir=tmp_path), job_id=2).label_loss == "ce"
 
 
+def test_retraining_counts_each_correction_sixteen_times(tmp_path):
+    """What the corrections benchmark chose: a corrected listing is 16 rows of the training set, not 4."""
+    import numpy as np
+
+    from core.config import Settings
+    from training.data import LabelledImages
+    from training.jobs import job_config
+    from training.prepare import add_training_rows
+
+    cfg = job_config({"preset": "quick"}, Settings(data_dir=tmp_path), job_id=3)
+    assert cfg.correction_repeats == 16
+    base = LabelledImages(np.zeros((10, 8, 8, 3), np.uint8), np.zeros(10, np.int64), np.zeros(10, np.int64))
+    fix = LabelledImages(np.ones((1, 8, 8, 3), np.uint8), np.ones(1, np.int64), np.full(1, -1, np.int64))
+    assert (add_training_rows(base, fix, cfg.correction_repeats).category == 1).sum() == 16
+
+
 def test_enrich_train_on_a_catalogue_defaults_to_the_noise_robust_loss(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -159,11 +159,13 @@ def test_enrich_review_order_ranks_the_queue_and_says_how_many(db, pg_url):
     assert db.execute("SELECT count(*) FROM review_queue WHERE priority IS NULL").fetchone()[0] == 0
 
 
-def test_beat_ranks_the_review_queue_on_the_cpu_queue(use_celery):
+def test_beat_ranks_the_review_queue_on_the_cpu_queue_under_the_gain_order(use_celery):
     from core.celery_app import REVIEW_ORDER_TASK, app
     from core.config import Settings
 
-    use_celery(Settings(cpu_queue="cpu-x", review_reprioritise_s=120))
+    use_celery(Settings(cpu_queue="cpu-x", review_reprioritise_s=120, review_order="gain"))
     entry = app.conf.beat_schedule["review-order"]
     assert entry["task"] == REVIEW_ORDER_TASK and REVIEW_ORDER_TASK in app.tasks
     assert entry["options"]["queue"] == "cpu-x" and entry["schedule"] == 120.0
+    use_celery(Settings(cpu_queue="cpu-x", review_order="fifo"))  # the oldest first: nothing to rank
+    assert "review-order" not in app.conf.beat_schedule
