@@ -2,7 +2,7 @@
 the review queue's order against random and FIFO, and against the same number of randomly chosen new labels.
 
     nice python benchmarks/retrain_corrections.py            # 3 seeds (~30 min on 2 cores)
-    python benchmarks/retrain_corrections.py --seeds 0 --only pair
+    python benchmarks/retrain_corrections.py --seeds 0 --parts fixes answers --active DIR
 
 What it does, as a retraining job does it (``training.train.train`` from the active model's weights, the answers
 as extra training rows through ``training.corrections.corrections_to_images``), in one process:
@@ -21,7 +21,7 @@ as extra training rows through ``training.corrections.corrections_to_images``), 
                         set (R = 4 was the fixed factor; `--repeats` sweeps it)
        pair answers ×R  as many of the pair's listings in the review queue answered, right tags confirmed too
        queue:<order> ×R the first `--answers` review items in that order answered (the true category; a
-                        confirmation is a label too): gain (worker.review_order, the console's default),
+                        confirmation is a label too): gain (worker.review_order, ENRICH_REVIEW_ORDER=gain),
                         random, fifo (arrival order)
        random labels ×R as many catalogue listings chosen at random, labelled
   4. each model measured on the other half: the pair's mean per-class accuracy and top-1, as the gain over
