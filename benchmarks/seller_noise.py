@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _learning import RESULTS, bar_plot, clean_test, fmt, predict, spread
+from _learning import RESULTS, bar_plot, clean_test, fmt, pair_accuracy, predict, spread
 
 PARTNER = {"T-shirt/top": "Shirt", "Shirt": "T-shirt/top", "Pullover": "Coat", "Coat": "Pullover",
            "Sandal": "Sneaker", "Sneaker": "Sandal", "Ankle boot": "Sneaker", "Dress": "Coat",
@@ -107,8 +107,8 @@ def main() -> None:
                 t0 = time.perf_counter()
                 model_dir = trainer.train(cfg)
                 pred = predict(model_dir, test.images).category.argmax(axis=1)
-                top1 = float((pred == test.category).mean())
-                pair_acc = float(np.mean([(pred[test.category == c] == c).mean() for c in pair]))
+                m = pair_accuracy(pred, test.category, pair)
+                top1, pair_acc = m["top1"], m["pair"]
                 results[f"{noise}/{method}"].append({"seed": seed, "top1": top1, "pair": pair_acc,
                                                      "seconds": round(time.perf_counter() - t0, 1)})
                 print(f"seed {seed} {noise:9s} {method:10s} top-1 {top1:.4f}  Shirt/T-shirt {pair_acc:.4f}  "
