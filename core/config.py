@@ -150,6 +150,10 @@ class Settings(BaseSettings):
 
     # Similar items
     similar_k: int = Field(default=20, ge=1, le=1000, description="neighbours kept per listing")
+    reindex_shards: int = Field(default=1, ge=1, le=1024, description="shards of the nightly similar-items "
+                                                                     "reindex: 1 = one process; N > 1 = a chord of "
+                                                                     "N Celery tasks on the cpu queue (needs "
+                                                                     "ENRICH_CELERY_RESULT_BACKEND)")
     index_dir: Path | None = Field(default=None, description="where faiss snapshots are written (nightly) and read "
                                                              "(workers' online neighbours). Empty: "
                                                              "`<data dir>/index`")
@@ -191,6 +195,9 @@ class Settings(BaseSettings):
     retrain_task_weights: bool = Field(default=False, description="the retrain job trains with seed 002's "
                                                                   "per-task weights (groups with few labels "
                                                                   "lifted; for noisy seller labels)")
+    retrain_nproc: int = Field(default=1, ge=1, le=64, description="processes a retraining job trains with "
+                                                                  "(DistributedDataParallel under torchrun: one "
+                                                                  "per GPU, or gloo on CPU); 1 = one process")
     job_heartbeat_s: float = Field(default=15.0, gt=0, description="how often a running training job records "
                                                                    "that it is alive (s)")
     job_stale_s: float = Field(default=180.0, gt=0, description="a running training job whose last heartbeat is "

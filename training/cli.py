@@ -38,230 +38,277 @@ def _correction_rows(cfg, settings):
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the root `enrich` app."""
     app.command()(retrain)
+    app.command()(train)
+    app.command()(evaluate)
+    app.command()(promote)
 
-    @app.command()
-    def train(
-        preset: str = typer.Option("quick", help="starting configuration: quick, quick-lite0, tiny, full, "
-                                                 "full-lite0, full-gpu or full-gpu-lite0 (default: quick, ~4 min "
-                                                 "on 2 CPU cores; full-gpu: ResNet-18 at 28 px, ~7 min on one GPU)."),
-        strategy: str = typer.Option(None, help="staged (retrieval → classification → joint) or unified "
-                                                "(default: the preset's, staged)."),
-        backbone: str = typer.Option(None, help="registered backbone: small_cnn, resnet18_lowres, wrn16_8, wrn28_10, "
-                                                "efficientnet_lite0, resnet50 (default: the preset's)."),
-        weights: Path = typer.Option(None, help="backbone weights file (safetensors or state dict) — needed for "
-                                                "a pretrained resnet50 (default: none)."),
-        init_from: Path = typer.Option(None, help="start from a saved model directory's weights (same backbone and "
-                                                  "taxonomy), e.g. the active model (default: fresh weights)."),
-        image_size: int = typer.Option(None, help="square input size in pixels (default: the preset's)."),
-        steps: str = typer.Option(None, help="staged step counts 'retrieval,classification,joint' "
-                                             "(default: the preset's)."),
-        time_budget: float = typer.Option(None, help="seconds for the whole run; schedules follow whichever runs "
-                                                     "out first, steps or time (default: the preset's)."),
-        dataset: str = typer.Option(None, help="fmnist-shop, deepfashion or catalogue (a marketplace's own "
-                                               "listings with seller tags as noisy labels, any --taxonomy; "
-                                               "needs --catalogue) (default: fmnist-shop)."),
-        catalogue: str = typer.Option(None, "--catalogue", help="dataset catalogue: 'postgres' (the listings "
-                                      "in ENRICH_DATABASE_URL) or a JSONL export of ListingEvents (file or "
-                                      "folder); implies --dataset catalogue (default: none)."),
-        task_weights: bool = typer.Option(None, "--task-weights/--no-task-weights", help="seed 002's per-task "
-                                          "weights: attribute groups with few labels lifted, for noisy seller "
-                                          "labels (default: off)."),
-        label_loss: str = typer.Option(None, help="loss of the category and exclusive groups: ce (plain "
-                                       "cross-entropy), gce (generalised CE), bootstrap or small_loss — the last "
-                                       "three resist wrong labels (default: the preset's, ce; dataset catalogue: "
-                                       "training.config.CATALOGUE_LABEL_LOSS)."),
-        correction_repeats: int = typer.Option(None, min=1, help="with --with-corrections: each corrected "
-                                               "listing counts this many times (default: the preset's)."),
-        weak_label_weight: float = typer.Option(None, min=0.0, max=1.0, help="dataset catalogue: weak labels "
-                                                "from listing titles and descriptions (seed 003; the taxonomy's "
-                                                "vocabulary) count with this loss weight; 0 turns them off "
-                                                "(default: the preset's, 0.3)."),
-        data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory, or the DeepFashion root with "
-                                                 "category/ and inshop/ (default: /usr/share/datasets/fashion-mnist)."),
-        taxonomy: str = typer.Option(None, help="taxonomy name or JSON path (default: fashion-mnist)."),
-        out_dir: Path = typer.Option(None, help="where model directories go (default: <ENRICH_DATA_DIR>/models)."),
-        model_version: str = typer.Option(None, help="version name of the new model (default: derived + UTC time)."),
-        augment: str = typer.Option(None, help="seed (seed 000's crop, flip, rotation, jitter, erasing), shift "
-                                               "(translation instead of crop and rotation), light or none "
-                                               "(default: the preset's)."),
-        label_smoothing: float = typer.Option(None, help="label smoothing of the softmax heads (default: the "
-                                                         "preset's; 0 is seed 000's plain CE)."),
-        flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="the saved model predicts on each "
-                                      "photo and its mirror image, averaged: 2× the compute per photo (default: "
-                                      "the preset's)."),
-        grey_photos: bool = typer.Option(None, "--grey-photos/--no-grey-photos", help="fmnist-shop: also train on "
-                                         "each item's Fashion-MNIST image as published (grey, colour unknown), "
-                                         "the images published Fashion-MNIST figures use (default: the preset's)."),
-        grey_repeats: int = typer.Option(None, min=1, help="fmnist-shop: the grey photos count this many times "
-                                         "(their share of classification batches; default: the preset's)."),
-        amp: bool = typer.Option(None, "--amp/--no-amp", help="mixed-precision training: bf16/fp16 on CUDA, bf16 "
-                                 "on CPUs that compute it natively (AVX512-BF16, AMX) except for depthwise "
-                                 "convolutions (slower there); weights stay fp32 (default: on)."),
-        seed: int = typer.Option(None, help="random seed (default: 0)."),
-        device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
-        workers: int = typer.Option(None, help="DataLoader processes decoding image files (DeepFashion; "
-                                               "in-memory sets augment on the device instead; default: the preset's)."),
-        register_model: bool = typer.Option(False, "--register", help="record the new model as a candidate in "
-                                                                       "the models table (default: no)."),
-        with_corrections: bool = typer.Option(False, "--with-corrections", help="add the listings people "
-                                              "corrected (latest label per group, from Postgres; photos fetched "
-                                              "under the worker's allow-list and limits) to the training split "
-                                              "(default: no)."),
-    ) -> None:
-        """Train the multitask model, evaluate it, calibrate thresholds and save it with a report."""
-        from dataclasses import replace
 
-        from core.config import get_settings
-        from training.config import CATALOGUE_LABEL_LOSS, PRESETS
-        from training.losses import LABEL_LOSSES
-        from training.train import train as run
-        from training.transforms import AUGMENTATIONS
+def train(
+    ctx: typer.Context,
+    preset: str = typer.Option("quick", help="starting configuration: quick, quick-lite0, tiny, full, "
+                                             "full-lite0, full-gpu or full-gpu-lite0 (default: quick, ~4 min "
+                                             "on 2 CPU cores; full-gpu: ResNet-18 at 28 px, ~7 min on one GPU)."),
+    strategy: str = typer.Option(None, help="staged (retrieval → classification → joint) or unified "
+                                            "(default: the preset's, staged)."),
+    backbone: str = typer.Option(None, help="registered backbone: small_cnn, resnet18_lowres, wrn16_8, wrn28_10, "
+                                            "efficientnet_lite0, resnet50 (default: the preset's)."),
+    weights: Path = typer.Option(None, help="backbone weights file (safetensors or state dict) — needed for "
+                                            "a pretrained resnet50 (default: none)."),
+    init_from: Path = typer.Option(None, help="start from a saved model directory's weights (same backbone and "
+                                              "taxonomy), e.g. the active model (default: fresh weights)."),
+    image_size: int = typer.Option(None, help="square input size in pixels (default: the preset's)."),
+    steps: str = typer.Option(None, help="staged step counts 'retrieval,classification,joint' "
+                                         "(default: the preset's)."),
+    time_budget: float = typer.Option(None, help="seconds for the whole run; schedules follow whichever runs "
+                                                 "out first, steps or time (default: the preset's)."),
+    dataset: str = typer.Option(None, help="fmnist-shop, deepfashion or catalogue (a marketplace's own "
+                                           "listings with seller tags as noisy labels, any --taxonomy; "
+                                           "needs --catalogue) (default: fmnist-shop)."),
+    catalogue: str = typer.Option(None, "--catalogue", help="dataset catalogue: 'postgres' (the listings "
+                                  "in ENRICH_DATABASE_URL) or a JSONL export of ListingEvents (file or "
+                                  "folder); implies --dataset catalogue (default: none)."),
+    task_weights: bool = typer.Option(None, "--task-weights/--no-task-weights", help="seed 002's per-task "
+                                      "weights: attribute groups with few labels lifted, for noisy seller "
+                                      "labels (default: off)."),
+    label_loss: str = typer.Option(None, help="loss of the category and exclusive groups: ce (plain "
+                                   "cross-entropy), gce (generalised CE), bootstrap or small_loss — the last "
+                                   "three resist wrong labels (default: the preset's, ce; dataset catalogue: "
+                                   "training.config.CATALOGUE_LABEL_LOSS)."),
+    correction_repeats: int = typer.Option(None, min=1, help="with --with-corrections: each corrected "
+                                           "listing counts this many times (default: the preset's)."),
+    weak_label_weight: float = typer.Option(None, min=0.0, max=1.0, help="dataset catalogue: weak labels "
+                                            "from listing titles and descriptions (seed 003; the taxonomy's "
+                                            "vocabulary) count with this loss weight; 0 turns them off "
+                                            "(default: the preset's, 0.3)."),
+    data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory, or the DeepFashion root with "
+                                             "category/ and inshop/ (default: /usr/share/datasets/fashion-mnist)."),
+    taxonomy: str = typer.Option(None, help="taxonomy name or JSON path (default: fashion-mnist)."),
+    out_dir: Path = typer.Option(None, help="where model directories go (default: <ENRICH_DATA_DIR>/models)."),
+    model_version: str = typer.Option(None, help="version name of the new model (default: derived + UTC time)."),
+    augment: str = typer.Option(None, help="seed (seed 000's crop, flip, rotation, jitter, erasing), shift "
+                                           "(translation instead of crop and rotation), light or none "
+                                           "(default: the preset's)."),
+    label_smoothing: float = typer.Option(None, help="label smoothing of the softmax heads (default: the "
+                                                     "preset's; 0 is seed 000's plain CE)."),
+    flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="the saved model predicts on each "
+                                  "photo and its mirror image, averaged: 2× the compute per photo (default: "
+                                  "the preset's)."),
+    grey_photos: bool = typer.Option(None, "--grey-photos/--no-grey-photos", help="fmnist-shop: also train on "
+                                     "each item's Fashion-MNIST image as published (grey, colour unknown), "
+                                     "the images published Fashion-MNIST figures use (default: the preset's)."),
+    grey_repeats: int = typer.Option(None, min=1, help="fmnist-shop: the grey photos count this many times "
+                                     "(their share of classification batches; default: the preset's)."),
+    amp: bool = typer.Option(None, "--amp/--no-amp", help="mixed-precision training: bf16/fp16 on CUDA, bf16 "
+                             "on CPUs that compute it natively (AVX512-BF16, AMX) except for depthwise "
+                             "convolutions (slower there); weights stay fp32 (default: on)."),
+    seed: int = typer.Option(None, help="random seed (default: 0)."),
+    device: str = typer.Option(None, help="auto, cpu or cuda[:n] (default: auto)."),
+    workers: int = typer.Option(None, help="DataLoader processes decoding image files (DeepFashion; "
+                                           "in-memory sets augment on the device instead; default: the preset's)."),
+    register_model: bool = typer.Option(False, "--register", help="record the new model as a candidate in "
+                                                                   "the models table (default: no)."),
+    with_corrections: bool = typer.Option(False, "--with-corrections", help="add the listings people "
+                                          "corrected (latest label per group, from Postgres; photos fetched "
+                                          "under the worker's allow-list and limits) to the training split "
+                                          "(default: no)."),
+    resume: Path = typer.Option(None, help="go on from the stage checkpoint of an interrupted run "
+                                "(<out-dir>/<version>.checkpoint.pt, written after each stage; give the same "
+                                "options): its stages are not trained again, every process loads it "
+                                "(default: a new run)."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="train with N processes (DistributedDataParallel): "
+                              "re-runs this command under torchrun, as `torchrun --standalone "
+                              "--nproc_per_node=N -m training.launch [these options]` does — one process per "
+                              "GPU (NCCL), or gloo processes on the CPU. The preset's batch size stays the "
+                              "global batch, each process training on 1/N of it; rank 0 alone writes the model "
+                              "and registers it (default: 1, one plain process)."),
+) -> None:
+    """Train the multitask model, evaluate it, calibrate thresholds and save it with a report."""
+    from dataclasses import replace
 
-        if preset not in PRESETS:
-            raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        if augment is not None and augment not in AUGMENTATIONS:
-            raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
-        settings = get_settings()
-        overrides = {
-            "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
-            "init_from": init_from,
-            "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
-            "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
-            "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
-            "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
-            "out_dir": out_dir or settings.models_dir,
-            "catalogue_source": catalogue, "seed_002_task_weights": task_weights,
-            "weak_label_weight": weak_label_weight, "correction_repeats": correction_repeats,
-            "label_loss": label_loss,
-        }
-        if catalogue is not None and dataset is None:
-            overrides["dataset"] = "catalogue"
-        if (dataset or overrides["dataset"]) == "catalogue" and catalogue is None:
-            raise typer.BadParameter("dataset catalogue needs --catalogue PATH|postgres", param_hint="--catalogue")
-        if label_loss is not None and label_loss not in LABEL_LOSSES:
-            raise typer.BadParameter(f"unknown label loss {label_loss!r}; choose from {', '.join(LABEL_LOSSES)}")
-        if overrides["dataset"] == "catalogue" and label_loss is None:
-            overrides["label_loss"] = CATALOGUE_LABEL_LOSS  # seller labels are noisy
-        cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
-        if backbone == "resnet50" and weights is None:
-            typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)
-        extra = _correction_rows(cfg, settings) if with_corrections else None
+    from training import distributed
+
+    if nproc > 1 and not distributed.launched():
+        _relaunch(ctx, nproc)
+        return
+
+    from core.config import get_settings
+    from training.config import CATALOGUE_LABEL_LOSS, PRESETS
+    from training.losses import LABEL_LOSSES
+    from training.train import train as run
+    from training.transforms import AUGMENTATIONS
+
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
+    settings = get_settings()
+    overrides = {
+        "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
+        "init_from": init_from,
+        "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
+        "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
+        "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
+        "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
+        "out_dir": out_dir or settings.models_dir,
+        "catalogue_source": catalogue, "seed_002_task_weights": task_weights,
+        "weak_label_weight": weak_label_weight, "correction_repeats": correction_repeats,
+        "label_loss": label_loss,
+    }
+    if catalogue is not None and dataset is None:
+        overrides["dataset"] = "catalogue"
+    if (dataset or overrides["dataset"]) == "catalogue" and catalogue is None:
+        raise typer.BadParameter("dataset catalogue needs --catalogue PATH|postgres", param_hint="--catalogue")
+    if label_loss is not None and label_loss not in LABEL_LOSSES:
+        raise typer.BadParameter(f"unknown label loss {label_loss!r}; choose from {', '.join(LABEL_LOSSES)}")
+    if overrides["dataset"] == "catalogue" and label_loss is None:
+        overrides["label_loss"] = CATALOGUE_LABEL_LOSS  # seller labels are noisy
+    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+    if backbone == "resnet50" and weights is None:
+        typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)
+    if resume is not None:
+        cfg = replace(cfg, resume=resume)
+    with distributed.process_group(cfg.device) as world:
+        extra = None
+        if with_corrections:  # fetched once, the same rows for every process
+            extra = world.broadcast(_correction_rows(cfg, settings) if world.main else None)
         model_dir = run(cfg, extra)
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-        if register_model:
-            from core.db import connection, database_url
-            from model.artifacts import store_from_settings
-            from model.registry import register_candidate
-
-            with connection(database_url(settings)) as conn:
-                register_candidate(conn, model_dir, store_from_settings(settings), actor=getpass.getuser(),
-                                   reason=f"enrich train --preset {preset}")
-        typer.echo(json.dumps({"model_dir": str(model_dir), "model_version": manifest["model_version"],
-                               "metrics": manifest["metrics"]}, indent=2))
-
-    @app.command()
-    def evaluate(
-        model_dir: Path = typer.Argument(..., help="model directory (manifest.json + model.safetensors)."),
-        data_dir: Path = typer.Option(None, help="the dataset's directory: Fashion-MNIST idx files, or the DeepFashion "
-                                                 "root with category/ and inshop/ (default: as the model was trained)."),
-        test_items: int = typer.Option(None, help="FMNIST-shop: evaluate on this many test items, 0 for all 10 000 "
-                                                  "(default: as the model was trained)."),
-        seed: int = typer.Option(None, help="FMNIST-shop: seed of the fixed evaluation set (default: as the model "
-                                            "was trained)."),
-        device: str = typer.Option("auto", help="auto, cpu or cuda[:n] (default: auto)."),
-        flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="average each photo with its mirror "
-                                      "image, or not (default: as the model was saved)."),
-        mixed_precision: bool = typer.Option(True, "--mixed-precision/--fp32", help="predict as the worker does "
-                                             "with ENRICH_MIXED_PRECISION on (bf16 on CPUs that have it, fp16 on "
-                                             "CUDA), or in fp32 — to check a model loses nothing (default: mixed)."),
-        output: Path = typer.Option(None, help="also write the metrics as JSON to this file (default: no)."),
-    ) -> None:
-        """Measure a saved model on the fixed evaluation set of the dataset it was trained for."""
-        from dataclasses import replace
-
-        from training.evaluate import EvalSetError, evaluate_model, evaluation_config
-
-        try:
-            cfg = evaluation_config(model_dir, data_dir=data_dir, seed=seed, test_items=test_items or None)
-            if test_items == 0:
-                cfg = replace(cfg, test_items=None)
-            result = evaluate_model(model_dir, cfg, device=device, flip_tta=flip_tta,
-                                    mixed_precision=mixed_precision)
-        except EvalSetError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(1) from exc
-        typer.echo(f"{result.model_version}: {result.dataset}, taxonomy {result.taxonomy}, "
-                   f"evaluation set {result.eval_set}", err=True)
-        text = json.dumps(result.metrics, indent=2)
-        if output:
-            output.write_text(text)
-        typer.echo(text)
-
-    @app.command()
-    def promote(
-        model: str = typer.Argument(..., help="a model directory to register and promote, or the model_version "
-                                              "of a registered candidate."),
-        reason: str = typer.Option("", "--reason", help="why (recorded with the gate's verdict; --force needs one; "
-                                                        "default: none)."),
-        by: str = typer.Option(None, "--by", help="who promotes (recorded; default: the login name)."),
-        tolerance: float = typer.Option(None, min=0.0, max=1.0,
-                                        help="allowed drop on each gate metric (and on each category, where above "
-                                             "ENRICH_GATE_CLASS_MARGIN); one above ENRICH_GATE_TOLERANCE that lets a "
-                                             "failing candidate through is recorded as an override (default: "
-                                             "ENRICH_GATE_TOLERANCE, 0)."),
-        force: bool = typer.Option(False, "--force", help="promote even when the gate fails or refuses; needs "
-                                                          "--reason; recorded with who, why and the reasons "
-                                                          "overridden (default: no)."),
-        reevaluate: bool = typer.Option(False, help="re-measure candidate and active model on the fixed "
-                                                    "evaluation set instead of trusting stored metrics (default: no)."),
-        require_shadow: int = typer.Option(None, "--require-shadow", min=1,
-                                           help="also require the shadow figures: at least this many corrections "
-                                                "since the shadow run, the candidate right at least as often as the "
-                                                "active model (default: not required)."),
-        backfill: bool = typer.Option(True, "--backfill/--no-backfill",
-                                      help="after a promotion, enqueue the catalogue backfill (re-embed, re-tag, "
-                                           "then reindex) on the backfill queue (default: on)."),
-        database_url: DatabaseUrl = None,
-        embedded: Embedded = False,
-    ) -> None:
-        """Promote a candidate through the gate (overall metrics, each category, held-out corrections against
-        the active model); a candidate that fails is rejected, one not comparable stays a candidate."""
-        from core.config import get_settings
-        from core.db import connection, database_url as resolve
+    if not world.main:
+        return
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    if register_model:
+        from core.db import connection, database_url
         from model.artifacts import store_from_settings
         from model.registry import register_candidate
-        from training import gate
 
-        if force and not reason.strip():
-            raise typer.BadParameter("a forced promotion needs --reason", param_hint="--reason")
-        settings = get_settings()
-        url = database_url or resolve(settings, embedded_ok=embedded)
-        store = store_from_settings(settings)
-        actor = by or getpass.getuser()
-        with connection(url) as conn:
-            path = Path(model)
-            version = (register_candidate(conn, path, store, actor=actor, reason=reason).model_version
-                       if path.is_dir() else model)
-            try:
-                decision = gate.promote(conn, version, settings, actor=actor, reason=reason, tolerance=tolerance,
-                                        force=force, reevaluate=reevaluate, shadow_min_corrections=require_shadow,
-                                        store=store)
-            except LookupError as exc:
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(2) from exc
-        _print_decision(decision)
-        if not decision.promoted:
-            raise typer.Exit(1)
-        if backfill:
-            from model.registry import BackfillNotSent, backfill_after
+        with connection(database_url(settings)) as conn:
+            register_candidate(conn, model_dir, store_from_settings(settings), actor=getpass.getuser(),
+                               reason=f"enrich train --preset {preset}")
+    typer.echo(json.dumps({"model_dir": str(model_dir), "model_version": manifest["model_version"],
+                           "metrics": manifest["metrics"]}, indent=2))
 
-            try:
-                sent = backfill_after(decision, settings)  # the same step as the console's promote button
-            except BackfillNotSent as exc:
-                typer.echo(f"error: {exc}", err=True)
-                raise typer.Exit(1) from exc
-            if sent:
-                typer.echo(f"backfill of {decision.candidate} enqueued (enrich backfill --wait shows its progress)")
+def _relaunch(ctx: typer.Context, nproc: int) -> None:
+    """Run the `train` command being parsed again, in ``nproc`` processes under torchrun; exit with its status."""
+    import subprocess
+
+    from training import distributed
+
+    args: list[str] = []
+    for p in ctx.command.params:  # the options as given, --nproc left out
+        value = ctx.params.get(p.name)
+        if p.name == "nproc" or value is None or value == p.default:
+            continue
+        if getattr(p, "is_flag", False):
+            flag = p.opts[0] if value else (p.secondary_opts or [None])[0]
+            if flag:
+                args.append(flag)
+        else:
+            args += [p.opts[0], str(value)]
+    code = subprocess.call(distributed.torchrun_command(nproc, "training.launch", args))
+    if code:
+        raise typer.Exit(code)
+
+
+def evaluate(
+    model_dir: Path = typer.Argument(..., help="model directory (manifest.json + model.safetensors)."),
+    data_dir: Path = typer.Option(None, help="the dataset's directory: Fashion-MNIST idx files, or the DeepFashion "
+                                             "root with category/ and inshop/ (default: as the model was trained)."),
+    test_items: int = typer.Option(None, help="FMNIST-shop: evaluate on this many test items, 0 for all 10 000 "
+                                              "(default: as the model was trained)."),
+    seed: int = typer.Option(None, help="FMNIST-shop: seed of the fixed evaluation set (default: as the model "
+                                        "was trained)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:n] (default: auto)."),
+    flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="average each photo with its mirror "
+                                  "image, or not (default: as the model was saved)."),
+    mixed_precision: bool = typer.Option(True, "--mixed-precision/--fp32", help="predict as the worker does "
+                                         "with ENRICH_MIXED_PRECISION on (bf16 on CPUs that have it, fp16 on "
+                                         "CUDA), or in fp32 — to check a model loses nothing (default: mixed)."),
+    output: Path = typer.Option(None, help="also write the metrics as JSON to this file (default: no)."),
+) -> None:
+    """Measure a saved model on the fixed evaluation set of the dataset it was trained for."""
+    from dataclasses import replace
+
+    from training.evaluate import EvalSetError, evaluate_model, evaluation_config
+
+    try:
+        cfg = evaluation_config(model_dir, data_dir=data_dir, seed=seed, test_items=test_items or None)
+        if test_items == 0:
+            cfg = replace(cfg, test_items=None)
+        result = evaluate_model(model_dir, cfg, device=device, flip_tta=flip_tta,
+                                mixed_precision=mixed_precision)
+    except EvalSetError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"{result.model_version}: {result.dataset}, taxonomy {result.taxonomy}, "
+               f"evaluation set {result.eval_set}", err=True)
+    text = json.dumps(result.metrics, indent=2)
+    if output:
+        output.write_text(text)
+    typer.echo(text)
+
+def promote(
+    model: str = typer.Argument(..., help="a model directory to register and promote, or the model_version "
+                                          "of a registered candidate."),
+    reason: str = typer.Option("", "--reason", help="why (recorded with the gate's verdict; --force needs one; "
+                                                    "default: none)."),
+    by: str = typer.Option(None, "--by", help="who promotes (recorded; default: the login name)."),
+    tolerance: float = typer.Option(None, min=0.0, max=1.0,
+                                    help="allowed drop on each gate metric (and on each category, where above "
+                                         "ENRICH_GATE_CLASS_MARGIN); one above ENRICH_GATE_TOLERANCE that lets a "
+                                         "failing candidate through is recorded as an override (default: "
+                                         "ENRICH_GATE_TOLERANCE, 0)."),
+    force: bool = typer.Option(False, "--force", help="promote even when the gate fails or refuses; needs "
+                                                      "--reason; recorded with who, why and the reasons "
+                                                      "overridden (default: no)."),
+    reevaluate: bool = typer.Option(False, help="re-measure candidate and active model on the fixed "
+                                                "evaluation set instead of trusting stored metrics (default: no)."),
+    require_shadow: int = typer.Option(None, "--require-shadow", min=1,
+                                       help="also require the shadow figures: at least this many corrections "
+                                            "since the shadow run, the candidate right at least as often as the "
+                                            "active model (default: not required)."),
+    backfill: bool = typer.Option(True, "--backfill/--no-backfill",
+                                  help="after a promotion, enqueue the catalogue backfill (re-embed, re-tag, "
+                                       "then reindex) on the backfill queue (default: on)."),
+    database_url: DatabaseUrl = None,
+    embedded: Embedded = False,
+) -> None:
+    """Promote a candidate through the gate (overall metrics, each category, held-out corrections against
+    the active model); a candidate that fails is rejected, one not comparable stays a candidate."""
+    from core.config import get_settings
+    from core.db import connection, database_url as resolve
+    from model.artifacts import store_from_settings
+    from model.registry import register_candidate
+    from training import gate
+
+    if force and not reason.strip():
+        raise typer.BadParameter("a forced promotion needs --reason", param_hint="--reason")
+    settings = get_settings()
+    url = database_url or resolve(settings, embedded_ok=embedded)
+    store = store_from_settings(settings)
+    actor = by or getpass.getuser()
+    with connection(url) as conn:
+        path = Path(model)
+        version = (register_candidate(conn, path, store, actor=actor, reason=reason).model_version
+                   if path.is_dir() else model)
+        try:
+            decision = gate.promote(conn, version, settings, actor=actor, reason=reason, tolerance=tolerance,
+                                    force=force, reevaluate=reevaluate, shadow_min_corrections=require_shadow,
+                                    store=store)
+        except LookupError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    _print_decision(decision)
+    if not decision.promoted:
+        raise typer.Exit(1)
+    if backfill:
+        from model.registry import BackfillNotSent, backfill_after
+
+        try:
+            sent = backfill_after(decision, settings)  # the same step as the console's promote button
+        except BackfillNotSent as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        if sent:
+            typer.echo(f"backfill of {decision.candidate} enqueued (enrich backfill --wait shows its progress)")
 
 
 def _print_decision(decision) -> None:

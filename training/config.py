@@ -42,6 +42,9 @@ class TrainConfig:
     pretrained: bool = True
     weights_path: Path | None = None
     init_from: Path | None = None  # a saved model directory to start from (all weights), e.g. the active model
+    # a stage checkpoint of an interrupted run (<out_dir>/<version>.checkpoint.pt) to go on from: its stages
+    # are not trained again; the same version, weights, history and random state (training.train)
+    resume: Path | None = None
     image_size: int = 48
     embedding_dim: int = 256
     # the category's weight in the shelf embedding (model/inference.py shelf_embedding; 0: image embedding alone)

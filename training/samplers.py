@@ -1,5 +1,8 @@
-"""Batch samplers (seed 000): M photos per item for triplet mining, class-balanced draws otherwise."""
+"""Batch samplers (seed 000): M photos per item for triplet mining, class-balanced draws otherwise — and each
+process's share of them when several train together (``ShardedBatchSampler``)."""
 from __future__ import annotations
+
+from collections import deque
 
 import numpy as np
 import torch
@@ -20,7 +23,12 @@ class MPerItemSampler(Sampler[int]):
         self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
         self.n_items, self.m, self.per_batch = len(items), m, batch_size // m
         self.length = length
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The next pass draws from (seed, epoch) alone, as DistributedSampler.set_epoch."""
+        self.rng = np.random.default_rng([self.seed, epoch])
 
     def __len__(self) -> int:
         return self.length
@@ -49,9 +57,25 @@ def m_per_item_sampler(item_ids: np.ndarray, batch_size: int, m: int = 4,
     return MPerItemSampler(np.asarray(item_ids), batch_size, m, length, seed)
 
 
+class BalancedSampler(WeightedRandomSampler):
+    """WeightedRandomSampler (with replacement) that draws from a seed of its own, so that ``set_epoch``
+    can make a pass depend on (seed, epoch) alone."""
+
+    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int) -> None:
+        super().__init__(weights, num_samples, replacement=True, generator=torch.Generator().manual_seed(seed))
+        self.seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        self.generator.manual_seed(int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0]))
+
+
+def _seed_from(generator: torch.Generator | None) -> int:
+    return int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
+
+
 def class_balanced_sampler(labels: np.ndarray, num_classes: int, num_samples: int | None = None,
                            generator: torch.Generator | None = None,
-                           labelled: np.ndarray | None = None) -> WeightedRandomSampler:
+                           labelled: np.ndarray | None = None) -> BalancedSampler:
     """WeightedRandomSampler whose per-sample weight is its class's seed-000 weight. ``labelled`` marks
     rows with some label: those without a category (an attribute-only correction) weigh 1, the mean."""
     w = class_weights(labels, num_classes)
@@ -60,16 +84,15 @@ def class_balanced_sampler(labels: np.ndarray, num_classes: int, num_samples: in
     per_sample = np.where(labels >= 0, w[np.clip(labels, 0, None)], other)
     if not per_sample.any():
         per_sample = np.ones(len(labels))
-    return WeightedRandomSampler(torch.as_tensor(per_sample, dtype=torch.double),
-                                 num_samples=num_samples or len(labels), replacement=True, generator=generator)
+    return BalancedSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples or len(labels),
+                           _seed_from(generator))
 
 
 def make_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
                  m: int = 4, length: int | None = None, generator: torch.Generator | None = None,
                  labelled: np.ndarray | None = None) -> Sampler:
     if kind == "m_per_item":
-        seed = int(torch.randint(2**31 - 1, (1,), generator=generator)) if generator is not None else 0
-        return m_per_item_sampler(item_ids, batch_size, m, length, seed)
+        return m_per_item_sampler(item_ids, batch_size, m, length, _seed_from(generator))
     if kind == "balanced":
         return class_balanced_sampler(labels, num_classes, length, generator, labelled)
     raise RuntimeError(f"Invalid sampler {kind!r}. Only 'm_per_item' and 'balanced' are supported.")
@@ -114,11 +137,27 @@ class InterleavedBatchSampler(Sampler[list[int]]):
 
 def make_batch_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
                        m: int = 4, generator: torch.Generator | None = None,
-                       labelled: np.ndarray | None = None, classification: bool = True) -> Sampler[list[int]]:
-    """Batches for a stage. Triplet batches need item ids; where only some rows have them (DeepFashion
-    Category & Attribute + In-shop, human corrections), retrieval batches from those rows alternate with
-    class-balanced batches from the rows that have a label (``labelled``, default: a category) — unless
-    the stage trains no classification (``classification=False``), where such batches would add nothing."""
+                       labelled: np.ndarray | None = None, classification: bool = True,
+                       rank: int = 0, world: int = 1) -> "ShardedBatchSampler":
+    """Batches for a stage: this rank's share (``ShardedBatchSampler``) of global batches of ``batch_size``
+    (the same on every rank: ``generator`` starts in the same state there). Triplet batches need item ids;
+    where only some rows have them (DeepFashion Category & Attribute + In-shop, human corrections), retrieval
+    batches from those rows alternate with class-balanced batches from the rows that have a label
+    (``labelled``, default: a category) — unless the stage trains no classification
+    (``classification=False``), where such batches would add nothing."""
+    per_rank, rest = divmod(batch_size, world)
+    if rest or (kind == "m_per_item" and per_rank % m):
+        raise ValueError(f"batch size {batch_size} cannot be shared by {world} processes"
+                         + (f" in runs of m={m} photos per item" if kind == "m_per_item" else "")
+                         + f": make it a multiple of {world * (m if kind == 'm_per_item' else 1)}")
+    return ShardedBatchSampler(_global_batches(kind, labels=labels, item_ids=item_ids, num_classes=num_classes,
+                                               batch_size=batch_size, m=m, generator=generator, labelled=labelled,
+                                               classification=classification), rank, world)
+
+
+def _global_batches(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
+                    m: int, generator: torch.Generator | None, labelled: np.ndarray | None,
+                    classification: bool) -> Sampler[list[int]]:
     if kind != "m_per_item" or (item_ids >= 0).all():
         return BatchSampler(make_sampler(kind, labels=labels, item_ids=item_ids, num_classes=num_classes,
                                          batch_size=batch_size, m=m, generator=generator, labelled=labelled),
@@ -137,3 +176,47 @@ def make_batch_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, n
                                             batch_size,
                                             drop_last=True), cls_rows))
     return InterleavedBatchSampler(sources)
+
+
+def set_epoch(sampler, epoch: int) -> None:
+    """DistributedSampler's ``set_epoch`` through a tree of these samplers: the next pass of every seeded one
+    depends on its seed and ``epoch`` alone."""
+    if isinstance(sampler, (MPerItemSampler, BalancedSampler)):
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, BatchSampler):
+        set_epoch(sampler.sampler, epoch)
+    elif isinstance(sampler, _Subset):
+        set_epoch(sampler.batches, epoch)
+    elif isinstance(sampler, InterleavedBatchSampler):
+        for s in sampler.sources:
+            set_epoch(s, epoch)
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One process's share of global batches: every rank draws the same global batches (same seed) and rank r
+    of ``world`` keeps the r-th of ``world`` equal contiguous slices of each — disjoint shares that together
+    are the batch one process would train on; contiguous, so M-per-item runs stay whole when a share is a
+    multiple of m. Each pass is an epoch: pass e's batches depend on the seed and e alone (``set_epoch``
+    chooses the next one). ``taken`` queues the shares handed out, for the trainer to count what it used."""
+
+    def __init__(self, batches: Sampler[list[int]], rank: int = 0, world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside a world of {world}")
+        self.batches, self.rank, self.world = batches, rank, world
+        self.epoch = 0
+        self.taken: deque[list[int]] = deque(maxlen=2 * max(1, len(batches)))  # at most a pass ahead
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        set_epoch(self.batches, self.epoch)
+        self.epoch += 1
+        for b in self.batches:
+            k = len(b) // self.world
+            share = list(b[self.rank * k:(self.rank + 1) * k])
+            self.taken.append(share)
+            yield share

@@ -1,10 +1,18 @@
 """Training: seed 000's staged multitask recipe (or the unified one) — the stages, their loop, validation,
 and the run that evaluates, calibrates and saves the model (``train``). Configuration and presets:
 ``training.config``; data: ``training.prepare``.
+
+Under torchrun (``training.distributed``) each process trains on its share of every global batch
+(``cfg.batch_size`` is the global batch) with DistributedDataParallel averaging the gradients; validation is
+shared out and gathered, so every rank sees the same figures and takes the same early-stopping decisions.
+Rank 0 alone writes stage checkpoints (``<out_dir>/<version>.checkpoint.pt``, for ``cfg.resume``), the model
+and its report.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
+import inspect
 import logging
 import math
 import os
@@ -17,14 +25,16 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.checkpoint import load_model, save_model
-from model.inference import mixed_precision_dtype, resolve_device
+from model.inference import Predictions, mixed_precision_dtype, resolve_device
 from model.network import MultitaskModel, build_model
 from schemas.manifest import Lineage
 from schemas.taxonomy import Taxonomy, load_taxonomy
+from training import distributed
 from training.config import TINY, StageSpec, TrainConfig, config_dict
 from training.data import LabelledImages, PreparedData, Split, TensorBatches, TorchImages, mask_not_applicable
 from training.evaluate import (EvalResult, calibrate, compute_metrics, eval_set_id, fashion_mnist_metrics,
@@ -138,15 +148,31 @@ def _batches(loader: DataLoader):
         yield from loader
 
 
+def predict_shared(model: MultitaskModel, data: LabelledImages, image_size: int, device: torch.device,
+                   world: distributed.World, loader=None, progress: bool = False) -> Predictions:
+    """``predict_dataset`` on every row, each rank predicting its share; every rank gets all of them."""
+    if world.size == 1 or len(data) < world.size:
+        return predict_dataset(model, data, image_size, device, loader=loader, progress=progress)
+    rows = np.arange(len(data))[world.shard(len(data))]
+    parts = world.gather(predict_dataset(model, data.subset(rows), image_size, device, loader=loader,
+                                         progress=progress))
+    return Predictions(category=np.concatenate([p.category for p in parts]),
+                       groups={g: np.concatenate([p.groups[g] for p in parts]) for g in parts[0].groups},
+                       embedding=np.concatenate([p.embedding for p in parts]),
+                       type=None if parts[0].type is None else np.concatenate([p.type for p in parts]))
+
+
 def validate(model: MultitaskModel, split: Split, cfg: TrainConfig, taxonomy: Taxonomy, device: torch.device,
-             loader=None) -> EvalResult:
-    preds = predict_dataset(model, split.data, cfg.image_size, device, loader=loader)
+             loader=None, world: distributed.World = distributed.World()) -> EvalResult:
+    preds = predict_shared(model, split.data, cfg.image_size, device, world, loader=loader)
     return compute_metrics(taxonomy, preds, split.data, query_mask=split.query)
 
 
 def _validate_into(model: MultitaskModel, spec: StageSpec, data: PreparedData, cfg: TrainConfig,
-                   device: torch.device, history: list[dict], step: int) -> tuple[float, dict[str, float]]:
-    res = validate(model, data.val, cfg, data.taxonomy, device, data.loader)
+                   device: torch.device, history: list[dict], step: int,
+                   world: distributed.World) -> tuple[float, dict[str, float]]:
+    world.average_buffers(model)  # each rank's BatchNorm statistics saw its share of the batches
+    res = validate(model, data.val, cfg, data.taxonomy, device, data.loader, world)
     history.append({"stage": spec.name, "step": step, "val": res.metrics})
     log.info("stage %s step %d: val %s", spec.name, step,
              ", ".join(f"{k}={v:.4f}" for k, v in res.metrics.items()
@@ -156,9 +182,36 @@ def _validate_into(model: MultitaskModel, spec: StageSpec, data: PreparedData, c
     return (-math.inf if math.isnan(score) else score), res.metrics
 
 
+# DDP leaves the buffers alone in the steps (newer torch renamed the switch)
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                   else {"broadcast_buffers": False})
+
+
+class _TrainStep(torch.nn.Module):
+    """Forward and loss as one module, so that DistributedDataParallel sees the whole graph (the condition
+    masks enter the loss outside the model's forward) and finds the parameters a step leaves unused."""
+
+    def __init__(self, model: MultitaskModel, criterion: MultitaskLoss, spec: StageSpec,
+                 amp_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model, self.criterion, self.spec, self.amp_dtype = model, criterion, spec, amp_dtype
+
+    def forward(self, x: torch.Tensor, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.model(x)
+        return self.criterion(out, batch, use_cls=self.spec.use_cls, use_ret=self.spec.use_ret,
+                              masks=self.model.condition_masks() if self.spec.use_ret else None,
+                              group_names=self.model.group_names)
+
+
 def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criterion: MultitaskLoss,
               cfg: TrainConfig, device: torch.device, generator: torch.Generator, budget_s: float | None,
-              history: list[dict], progress: ProgressFn | None = None) -> dict[str, float]:
+              history: list[dict], progress: ProgressFn | None = None,
+              world: distributed.World = distributed.World(), rows_used: np.ndarray | None = None
+              ) -> dict[str, float]:
+    """Train one stage; returns the best validation's metrics (its weights are the model's at the end).
+    ``rows_used``: counts of the training rows this rank trained on, added to."""
     params = _set_trainable(model, spec, set(model.frozen_backbone))
     trunk = {id(p) for p in model.backbone.parameters()}
     groups = [{"params": [p for p in params if id(p) in trunk], "lr_scale": spec.trunk_lr_scale},
@@ -171,9 +224,14 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,
                                  num_classes=len(data.taxonomy.categories), batch_size=cfg.batch_size,
                                  m=cfg.m_per_item, generator=generator, labelled=data.train.labelled(),
-                                 classification=spec.use_cls)
+                                 classification=spec.use_cls, rank=world.rank, world=world.size)
+    step_fn: torch.nn.Module = _TrainStep(model, criterion, spec, amp_dtype)
+    if world.size > 1:  # gradients averaged over the ranks; BatchNorm statistics averaged at validations
+        step_fn = DistributedDataParallel(step_fn, device_ids=[device.index] if cuda else None,
+                                          find_unused_parameters=True, **_NO_BUFFER_SYNC)
     if data.loader is None and data.train.images.dtype == np.uint8:  # in memory: augment whole batches
-        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + len(history))
+        # each rank augments its share with draws of its own
+        aug_gen = torch.Generator(device=device).manual_seed(cfg.seed + len(history) + 7919 * world.rank)
         augment = BatchAugment(cfg.image_size, model.mean, model.std, colour_jitter=colour_jitter,
                                level=cfg.augment, generator=aug_gen)
         it = TensorBatches(data.train, augment, device).iterate(batches)
@@ -192,7 +250,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
 
     def read_losses() -> None:  # one device→host copy for many steps
         if pending:
-            values = torch.stack([v for _, _, v in pending]).tolist()
+            values = world.mean_(torch.stack([v for _, _, v in pending]).float()).tolist()  # the global figures
             history.extend({"stage": spec.name, "step": st, "lr": lr, **dict(zip(part_names, vals))}
                            for (st, lr, _), vals in zip(pending, values))
             bar.set_postfix(loss=f"{np.mean([h['total'] for h in history[-len(pending):]]):.4f}")
@@ -200,7 +258,8 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     for step in range(1, spec.steps + 1):
         frac = (step - 1) / spec.steps
         if budget_s is not None:  # the schedule follows whichever runs out first: steps or time
-            frac = max(frac, (time.perf_counter() - t0) / budget_s)
+            # the slowest rank's clock: every rank must follow the same schedule and stop at the same step
+            frac = world.max(max(frac, (time.perf_counter() - t0) / budget_s))
             if frac >= 1.0:
                 log.info("stage %s: time budget %.0fs reached after %d/%d steps", spec.name, budget_s, step - 1,
                          spec.steps)
@@ -209,13 +268,11 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
             g["lr"] = _lr_at(spec, frac) * g["lr_scale"]
         _set_modes(model, spec)
         batch = next(it)
+        if rows_used is not None:
+            np.add.at(rows_used, batches.taken.popleft(), 1)
         x = batch["image"].to(device, non_blocking=cuda).contiguous(memory_format=torch.channels_last)
         batch = {k: (v.to(device, non_blocking=cuda) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out = model(x)
-        loss, parts = criterion(out, batch, use_cls=spec.use_cls, use_ret=spec.use_ret,
-                                masks=model.condition_masks() if spec.use_ret else None,
-                                group_names=model.group_names)
+        loss, parts = step_fn(x, batch)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -232,7 +289,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == spec.steps:
             read_losses()
             validated_now = True
-            score, metrics = _validate_into(model, spec, data, cfg, device, history, step)
+            score, metrics = _validate_into(model, spec, data, cfg, device, history, step, world)
             if score > best_score:
                 best_score, best_metrics, bad_evals = score, metrics, 0
                 best_state = copy.deepcopy(model.state_dict())
@@ -244,7 +301,7 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     read_losses()
     bar.close()
     if not validated_now:  # stopped by the time budget: judge the final weights too
-        score, metrics = _validate_into(model, spec, data, cfg, device, history, done)
+        score, metrics = _validate_into(model, spec, data, cfg, device, history, done, world)
         if score > best_score or best_state is None:
             best_score, best_metrics, best_state = score, metrics, None
     if best_state is not None:  # the best validation's weights (may be the final ones)
@@ -258,16 +315,44 @@ def train(config: TrainConfig, extra_train: LabelledImages | None = None,
     """Train, evaluate, calibrate and save. Returns the model directory (model.safetensors,
     manifest.json, report/). ``extra_train``: more labelled rows for the training split only, e.g.
     human corrections (``training.corrections``); validation and test stay the fixed sets.
-    ``progress``: called with where the run is (``ProgressFn``), e.g. to show a retraining job's progress."""
+    ``progress``: called with where the run is (``ProgressFn``), e.g. to show a retraining job's progress.
+    Started by torchrun, this is one rank of a DistributedDataParallel run (``training.distributed``): every
+    rank returns the same directory, rank 0 alone writes it and reports progress."""
     threads = torch.get_num_threads()
     try:
-        return _train(config, extra_train, progress)
+        with distributed.process_group(config.device) as world:
+            return _train(config, extra_train, progress if world.main else None, world)
     finally:
         torch.set_num_threads(threads)  # the caller's process (e.g. the quickstart) keeps its setting
 
 
+def checkpoint_path(out_dir: Path, version: str) -> Path:
+    """Where a run writes its stage checkpoint (removed once the model is saved)."""
+    return Path(out_dir) / f"{version}.checkpoint.pt"
+
+
+# what must not change between a checkpoint and the run that resumes from it
+_RESUME_FIELDS = ("dataset", "taxonomy", "backbone", "image_size", "embedding_dim", "strategy", "stage_steps",
+                  "unified_steps", "batch_size", "m_per_item", "seed")
+
+
+def _load_checkpoint(cfg: TrainConfig) -> dict:
+    ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+    saved, now = ckpt["config"], config_dict(cfg)
+    differ = [k for k in _RESUME_FIELDS if saved.get(k) != now.get(k)]
+    if differ:
+        raise RuntimeError(f"cannot resume from {cfg.resume}: it was trained with other "
+                           + ", ".join(f"{k} ({saved.get(k)!r}, not {now.get(k)!r})" for k in differ))
+    return ckpt
+
+
+def _stage_seed(cfg: TrainConfig, stage: int, rank: int) -> int:
+    # dropout and the like: fresh per stage (a resumed run draws as an uninterrupted one), distinct per rank
+    return int(np.random.SeedSequence([cfg.seed, stage, rank]).generate_state(1)[0])
+
+
 def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
-           progress: ProgressFn | None = None) -> Path:
+           progress: ProgressFn | None = None, world: distributed.World = distributed.World()) -> Path:
     cfg = config
     report = progress or (lambda _: None)
     if cfg.augment not in AUGMENTATIONS:  # before minutes of data preparation, not after
@@ -275,11 +360,19 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     if cfg.flip_tta and cfg.augment == "none":  # test-time flips only pay for a model trained with them
         raise RuntimeError("flip_tta needs a model trained with flips; augmentation 'none' has none")
     t_start = time.perf_counter()
-    started_at = datetime.now(timezone.utc)  # corrections received after this are held out from the model
-    torch.set_num_threads(cfg.threads or auto_threads(cfg.workers))
+    ckpt = _load_checkpoint(cfg) if cfg.resume is not None else None
+    # corrections received after this are held out from the model
+    started_at = datetime.fromisoformat(ckpt["started_at"]) if ckpt else datetime.now(timezone.utc)
+    # one version for all ranks (their clocks may straddle a second)
+    version = world.broadcast(ckpt["version"] if ckpt else cfg.model_version or
+                              f"{cfg.taxonomy}-{cfg.backbone}-{cfg.strategy}-{started_at:%Y%m%dT%H%M%S}")
+    # several processes on one machine's CPU share its idle cores
+    torch.set_num_threads(cfg.threads or max(1, auto_threads(cfg.workers) // world.local_size))
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
+        if world.size > 1:
+            device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (training.distributed)
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     taxonomy = load_taxonomy(cfg.taxonomy)
     report({"stage": "prepare"})
@@ -290,10 +383,16 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
                                          taxonomy)
         log.info("training set: %d extra row(s) ×%d added (%d in all)", n_extra, cfg.correction_repeats,
                  len(data.train))
+    fingerprint = data.train.fingerprint()
+    if len(set(world.gather(fingerprint))) > 1:  # the shares of a batch would not be one batch
+        raise RuntimeError("the processes of this run prepared different training data")
+    if ckpt and ckpt["data_fingerprint"] != fingerprint:
+        raise RuntimeError(f"cannot resume from {cfg.resume}: the training data changed since (e.g. new "
+                           "corrections); start a new run")
     model = build_model(cfg.backbone, taxonomy, pretrained=cfg.pretrained, weights_path=cfg.weights_path,
                         embedding_dim=cfg.embedding_dim)
-    started_from = ""
-    if cfg.init_from is not None:  # warm start: same backbone and taxonomy (the manifest is checked)
+    started_from = ckpt["started_from"] if ckpt else ""
+    if cfg.init_from is not None and ckpt is None:  # warm start: same backbone and taxonomy (the manifest is checked)
         start, manifest = load_model(cfg.init_from, expected_taxonomy=taxonomy)
         started_from = manifest.model_version
         if manifest.backbone != cfg.backbone:
@@ -301,36 +400,58 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
         # a start without a type head leaves the new head as initialised
         model.load_state_dict(start.state_dict(), strict=start.type_head is not None)
         log.info("starting from the weights of %s (%s)", manifest.model_version, cfg.init_from)
+    history: list[dict] = []
+    stage_metrics: dict[str, dict[str, float]] = {}
+    spent = 0.0
+    if ckpt:  # every rank loads the same checkpoint
+        model.load_state_dict(ckpt["model"])
+        generator.set_state(ckpt["generator"])
+        history, stage_metrics, spent = ckpt["history"], ckpt["stage_metrics"], float(ckpt["train_seconds"])
+        log.info("rank %d resumed %s from %s: stages %s done", world.rank, version, cfg.resume,
+                 ", ".join(stage_metrics))
     model.freeze_backbone_layers(multitask=True)
     model = model.to(device).to(memory_format=torch.channels_last)
     criterion = build_criterion(data.train, taxonomy, cfg).to(device)
     stages = cfg.stages()
-    history: list[dict] = []
-    stage_metrics: dict[str, dict[str, float]] = {}
-    t_train = time.perf_counter()  # the budget is for training: data preparation is not in it
-    spent = 0.0
-    total_steps = sum(s.steps for s in stages)
-    for spec in stages:
+    rows_used = np.zeros(len(data.train), np.int64)  # what this rank trained on (report/rows_used.npz)
+    t_prepared = time.perf_counter()
+    t_train = t_prepared - spent  # the budget is for training: data preparation is not in it
+    total_steps = sum(s.steps for s in stages if s.name not in stage_metrics)
+    for index, spec in enumerate(stages):
+        if spec.name in stage_metrics:
+            continue  # done before the checkpoint this run resumed from
         budget = None
         if cfg.time_budget_s is not None:
             budget = max(1.0, (cfg.time_budget_s - spent) * spec.steps / max(1, total_steps))
         report({"stage": spec.name, "step": 0, "of": spec.steps,
                 **({"budget_s": round(budget, 1)} if budget is not None else {})})
+        torch.manual_seed(_stage_seed(cfg, index, world.rank))
         stage_metrics[spec.name] = run_stage(model, spec, data, criterion, cfg, device, generator, budget, history,
-                                             progress)
+                                             progress, world, rows_used)
         total_steps -= spec.steps
         spent = time.perf_counter() - t_train
+        world.average_buffers(model)
+        if world.main:
+            _save_checkpoint(checkpoint_path(cfg.out_dir, version), model, cfg, version=version,
+                             started_at=started_at, started_from=started_from, fingerprint=fingerprint,
+                             generator=generator, history=history, stage_metrics=stage_metrics, spent=spent)
     train_s = time.perf_counter() - t_train
-    prepare_s = t_train - t_start
+    if world.size > 1 and len(set(world.gather(_weights_digest(model)))) > 1:  # DDP keeps them equal: a broken run otherwise
+        raise RuntimeError("the processes of this run ended with different weights")
+    prepare_s = t_prepared - t_start
 
     model.flip_tta = cfg.flip_tta
     model.shelf_category_weight = cfg.shelf_category_weight
     report({"stage": "test"})
-    # calibrate on validation, then measure on test with those thresholds
-    val_preds = predict_dataset(model, data.val.data, cfg.image_size, device, loader=data.loader)
+    # calibrate on validation, then measure on test with those thresholds (each rank predicts its share)
+    val_preds = predict_shared(model, data.val.data, cfg.image_size, device, world, loader=data.loader)
+    test_preds = predict_shared(model, data.test.data, cfg.image_size, device, world, loader=data.loader,
+                                progress=cfg.progress)
+    used = world.gather(rows_used)
+    out_dir = Path(cfg.out_dir) / version
+    if not world.main:
+        return out_dir
     thresholds, label_thresholds = calibrate(taxonomy, val_preds, data.val.data)
-    test_preds = predict_dataset(model, data.test.data, cfg.image_size, device, loader=data.loader,
-                                 progress=cfg.progress)
     test = compute_metrics(taxonomy, test_preds, data.test.data, label_thresholds, query_mask=data.test.query,
                            shelf_category_weight=model.shelf_category_weight)
     metrics = {f"test/{k}": v for k, v in test.metrics.items() if not math.isnan(v)}
@@ -343,20 +464,44 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     metrics["eval/seed"] = float(cfg.seed)
     metrics["eval/test_rows"] = float(len(data.test.data))
     metrics["eval/test_photos_per_item"] = float(cfg.test_photos_per_item)
-    version = cfg.model_version or f"{cfg.taxonomy}-{cfg.backbone}-{cfg.strategy}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
-    out_dir = Path(cfg.out_dir) / version
     report({"stage": "save"})
     save_model(model, out_dir, model_version=version, image_size=cfg.image_size, thresholds=thresholds,
-               label_thresholds=label_thresholds, metrics=metrics, data_fingerprint=data.train.fingerprint(),
+               label_thresholds=label_thresholds, metrics=metrics, data_fingerprint=fingerprint,
                strategy=cfg.strategy, dataset=cfg.dataset, eval_set=eval_set_id(cfg, taxonomy, data.test),
                lineage=Lineage(started_from=started_from, started_at=started_at, extra_rows=n_extra))
     write_report(out_dir / "report", taxonomy=taxonomy,
-                 config={**config_dict(cfg), "model_version": version, "extra_training_rows": n_extra},
+                 config={**config_dict(cfg), "model_version": version, "extra_training_rows": n_extra,
+                         "processes": world.size},
                  metrics=metrics,
                  stage_metrics=stage_metrics, history=history, test=test)
+    # how often each process trained on each training row (this run's stages, not those before a resume)
+    np.savez_compressed(out_dir / "report" / "rows_used.npz", **{f"rank{r}": u for r, u in enumerate(used)})
+    checkpoint_path(cfg.out_dir, version).unlink(missing_ok=True)
     log.info("model %s saved to %s (%.1fs): %s", version, out_dir, time.perf_counter() - t_start,
              ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return out_dir
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, model: MultitaskModel, cfg: TrainConfig, *, version: str, started_at: datetime,
+                     started_from: str, fingerprint: str, generator: torch.Generator, history: list[dict],
+                     stage_metrics: dict, spent: float) -> None:
+    """After a stage: what a run needs to go on from here (``TrainConfig.resume``). Written whole, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"version": version, "started_at": started_at.isoformat(), "started_from": started_from,
+                "config": config_dict(cfg), "data_fingerprint": fingerprint,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "generator": generator.get_state(), "history": history, "stage_metrics": stage_metrics,
+                "train_seconds": spent}, tmp)
+    tmp.replace(path)
+    log.info("stages %s done: checkpoint %s (resume from it with --resume)", ", ".join(stage_metrics), path)
 
 
 def train_tiny(out_dir: Path | str, fmnist_dir: Path | str, **overrides) -> Path:
