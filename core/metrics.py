@@ -47,6 +47,9 @@ SNAPSHOT_BUILT = Gauge("enrich_similar_snapshot_built_timestamp_seconds",
 MODEL_SERVED = Gauge("enrich_model_served", "1 for the model version this worker serves (0 once replaced)",
                      ["model_version"], multiprocess_mode="max")
 INTAKE_PAUSED = Gauge("enrich_intake_paused", "1 while the intake stops polling for back-pressure")
+INTAKE_LAG = Gauge("enrich_intake_lag", "Events of a partition this intake holds not yet written and committed: "
+                   "end offset - committed offset (the series goes when a rebalance takes the partition away)",
+                   ["topic", "partition"])
 # catalogue backfill after a promotion (worker/backfill.py); progress is also in the `backfills` table
 BACKFILL_REMAINING = Gauge("enrich_backfill_remaining", "Listings the catalogue backfill has yet to re-embed under a "
                            "model version (0 once done or cancelled)", ["model_version"],

@@ -22,6 +22,10 @@ kind gets MAX_REPLAYS replays first.
 
 Partitions assigned while the intake is paused are paused at once (Kafka does not carry a pause across a
 rebalance), and whatever a poll returns while paused is fetched again later (a seek back), never dropped.
+
+Several `enrich consume` processes share the partitions of one consumer group. Producers key listing events by
+listing id, so all edits of a listing sit in one partition, in order, and one process writes them in that order.
+Each process exports its lag per partition it holds (`enrich_intake_lag`: end offset - committed offset).
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import psycopg
-from kafka import ConsumerRebalanceListener
+from kafka import AsyncConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
 
@@ -51,6 +55,9 @@ log = logging.getLogger(__name__)
 
 DEPTH_CHECK_S = 1.0  # the GPU queue's depth is asked for at most this often (a broker round trip each)
 MAX_REPLAYS = 3  # replays of a batch failing for an unknown reason before its events are written one at a time
+LAG_CHECK_S = 1.0  # partition end offsets are asked for at most this often (a broker round trip each)
+LAG_TIMEOUT_MS = 2000  # a broker that does not answer in time leaves the lag as it was
+HANDOVER_WAIT_S = 30.0  # a rebalance waits this long at most for the writer to finish the batches it holds
 
 
 def parse_listing(raw: bytes | None, max_bytes: int) -> ListingEvent | Rejected:
@@ -137,19 +144,30 @@ class Stored:
     refused: dict[int, Rejected] = field(default_factory=dict)  # index in the batch → why
 
 
-class _FollowPause(ConsumerRebalanceListener):
-    """Kafka does not keep a pause across a rebalance for newly assigned partitions: pause them at once.
+class _FollowPause(AsyncConsumerRebalanceListener):
+    """Before partitions move, the batches in flight are finished and their offsets committed, so the next owner
+    starts where this one stopped (read once, not replayed); events fetched but not handed over yet are left to
+    it. Kafka does not keep a pause across a rebalance for newly assigned partitions: pause them at once.
 
-    Batches in flight on revoked partitions are finished: their offsets are committed only once they are
-    written, so a peer that took the partition over replays them at worst (an idempotent no-op)."""
+    Async: the client runs these in its network loop, where only its non-blocking calls (commit_async) work."""
 
     def __init__(self, intake: "Intake") -> None:
         self.intake = intake
 
-    def on_partitions_revoked(self, revoked) -> None:
+    async def on_partitions_revoked(self, revoked) -> None:
+        await self.intake._finish_inflight()
+        self.intake._forget_partitions(revoked)
+        self.intake._revoked = True
         log.info("partitions revoked: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
 
-    def on_partitions_assigned(self, assigned) -> None:
+    async def on_partitions_lost(self, lost) -> None:
+        # the group already gave them to others: nothing can be committed for them
+        self.intake._forget_partitions(lost)
+        self.intake._revoked = True
+        log.info("partitions lost: %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in lost))
+
+    async def on_partitions_assigned(self, assigned) -> None:
+        self.intake._forget_partitions(assigned, keep_lag=True)  # a peer may have committed since we held them
         if self.intake.paused and assigned:
             self.intake.consumer.pause(*assigned)
         log.info("partitions assigned%s: %s", " (paused)" if self.intake.paused else "",
@@ -192,6 +210,12 @@ class Intake:
         self._done: queue.Queue = queue.Queue()
         self._inflight: deque[Prepared] = deque()
         self._generation = 0
+        # the lag gauge: the group's committed offset of each partition held (this member's commits, else asked
+        # for once), and the partitions it has a series for
+        self._committed: dict[TopicPartition, int] = {}
+        self._lag_at = float("-inf")
+        self._lag_series: set[TopicPartition] = set()
+        self._revoked = False  # set by a rebalance: events fetched from partitions lost since are dropped
 
     # ------------------------------------------------------------------------------------ control
     def stop(self, *_args) -> None:
@@ -222,6 +246,7 @@ class Intake:
         try:
             while not self.stopping:
                 self._settle()
+                self._report_lag()
                 if self._backpressure():
                     continue
                 batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
@@ -234,7 +259,9 @@ class Intake:
                         break
                     continue
                 last_data = time.monotonic()
-                records = self._fill(records)
+                records = self._held(self._fill(records))
+                if not records:
+                    continue
                 try:
                     prepared = self.prepare(records)
                 except Exception:  # noqa: BLE001 - replay the batch, never skip it
@@ -268,6 +295,18 @@ class Intake:
             more = self.consumer.poll(timeout_ms=left_ms, max_records=self.task_batch - len(records))
             records += [r for recs in more.values() for r in recs]
         return records
+
+    def _held(self, records: list) -> list:
+        """After a rebalance, drop the events fetched from partitions this member no longer holds: they are not
+        written, and their new owner reads them from the committed offset."""
+        if not self._revoked:
+            return records
+        self._revoked = False
+        held = self.consumer.assignment()
+        kept = [r for r in records if TopicPartition(r.topic, r.partition) in held]
+        if len(kept) < len(records):
+            log.info("%d fetched events left to the partitions' new owner", len(records) - len(kept))
+        return kept
 
     def _backpressure(self) -> bool:
         """Pause fetching while the GPU queue is deeper than allowed (heartbeats continue)."""
@@ -424,9 +463,64 @@ class Intake:
                 log.warning("fault injection: killed after a durable write, before its offset commit")
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    @staticmethod
+    def _offsets(prepared: Prepared) -> dict:
+        return {tp: OffsetAndMetadata(off, "", -1) for tp, off in prepared.next.items()}
+
     def _commit(self, prepared: Prepared) -> None:
-        self.consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in prepared.next.items()})
+        self.consumer.commit(self._offsets(prepared))
+        self._committed.update(prepared.next)
         self.stats.batches += 1
+
+    # -------------------------------------------------------------------------------- lag gauge
+    def _report_lag(self) -> None:
+        """Set enrich_intake_lag for each partition held: its end offset minus the group's committed offset."""
+        if time.monotonic() - self._lag_at < LAG_CHECK_S:
+            return
+        self._lag_at = time.monotonic()
+        held = set(self.consumer.assignment())
+        self._forget_partitions(self._lag_series - held)
+        if not held:
+            return
+        try:
+            ends = self.consumer.end_offsets(sorted(held), timeout_ms=LAG_TIMEOUT_MS)
+            unknown = sorted(tp for tp in held if tp not in self._committed)
+            for tp in unknown:
+                off = self.consumer.committed(tp, timeout_ms=LAG_TIMEOUT_MS)
+                if off is not None:
+                    self._committed[tp] = off
+            never = [tp for tp in unknown if tp not in self._committed]  # the group never committed there
+            if never:
+                self._committed.update(self.consumer.beginning_offsets(never, timeout_ms=LAG_TIMEOUT_MS))
+        except Exception:  # noqa: BLE001 - broker slow or rebalancing: the gauge keeps its last values
+            log.debug("partition offsets unknown for now; lag not updated", exc_info=True)
+            return
+        for tp in held:
+            done = self._committed.get(tp)
+            if done is None or tp not in ends:
+                continue
+            # the high watermark of the last fetch too: some brokers answer an end offset short of the log end,
+            # and a committed offset proves the log reaches it
+            end = max(ends[tp], self._highwater(tp), done)
+            metrics.INTAKE_LAG.labels(topic=tp.topic, partition=str(tp.partition)).set(end - done)
+            self._lag_series.add(tp)
+
+    def _highwater(self, tp: TopicPartition) -> int:
+        try:
+            return self.consumer.highwater(tp) or 0
+        except Exception:  # noqa: BLE001 - revoked meanwhile
+            return 0
+
+    def _forget_partitions(self, partitions, keep_lag: bool = False) -> None:
+        """Drop what is known of these partitions' offsets, and (unless keep_lag) their lag series."""
+        for tp in partitions:
+            self._committed.pop(tp, None)
+            if not keep_lag and tp in self._lag_series:
+                self._lag_series.discard(tp)
+                try:
+                    metrics.INTAKE_LAG.remove(tp.topic, str(tp.partition))
+                except KeyError:
+                    pass
 
     # ------------------------------------------------------------------------- the writer thread
     def _write_loop(self) -> None:
@@ -459,22 +553,52 @@ class Intake:
         """Commit the offsets of batches the writer finished; rewind on a failed one (consumer thread)."""
         while True:
             try:
-                prepared, exc, written = self._done.get_nowait()
+                report = self._done.get_nowait()
             except queue.Empty:
                 return
-            self._inflight.popleft()  # reports come back in hand-over order
-            if prepared.generation != self._generation:
-                continue  # dropped after a rewind; replayed already
-            if written:
-                self._maybe_crash()
+            done = self._settled(*report)
+            if done is not None:
                 try:
-                    self._commit(prepared)
+                    self._commit(done)
                 except Exception:  # noqa: BLE001 - e.g. partitions revoked: their new owner replays them
                     log.warning("offset commit failed; those events will be replayed", exc_info=True)
-            elif exc is not None:
-                log.error("batch of %d events failed; rewinding to replay it and %d later batches",
-                          len(prepared.offsets), len(self._inflight), exc_info=exc)
-                self._failed_batches([prepared, *self._inflight])
+
+    def _settled(self, prepared: Prepared, exc: BaseException | None, written: bool) -> Prepared | None:
+        """Take one report of the writer: the batch whose offsets are to be committed now, if any."""
+        self._inflight.popleft()  # reports come back in hand-over order
+        if prepared.generation != self._generation:
+            return None  # dropped after a rewind; replayed already
+        if written:
+            self._maybe_crash()
+            return prepared
+        if exc is not None:
+            log.error("batch of %d events failed; rewinding to replay it and %d later batches",
+                      len(prepared.offsets), len(self._inflight), exc_info=exc)
+            self._failed_batches([prepared, *self._inflight])
+        return None
+
+    async def _finish_inflight(self) -> None:
+        """Wait for the writer to finish the batches handed over, and commit them (in the client's network loop,
+        before a rebalance moves their partitions)."""
+        deadline = time.monotonic() + HANDOVER_WAIT_S
+        while self._inflight:
+            left = deadline - time.monotonic()
+            try:
+                # blocks the client's loop for one batch write at most: the group is rebalancing anyway
+                report = self._done.get(timeout=max(left, 0.001))
+            except queue.Empty:
+                log.warning("%d batches still being written at a rebalance: the partitions' next owner may "
+                            "replay them", len(self._inflight))
+                return
+            done = self._settled(*report)
+            if done is not None:
+                try:
+                    await self.consumer.commit_async(self._offsets(done))
+                    self._committed.update(done.next)
+                    self.stats.batches += 1
+                except Exception:  # noqa: BLE001 - the next owner replays them (an idempotent no-op)
+                    log.warning("offset commit before a rebalance failed; those events will be replayed",
+                                exc_info=True)
 
     def _failed(self, records, why: str) -> None:
         first: dict = {}
