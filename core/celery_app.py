@@ -54,7 +54,9 @@ def configure(settings: Settings) -> Celery:
             # beat's liveness (heartbeats('beat')); a tick that waited longer than one period is dropped
             "beat-tick": {"task": BEAT_TICK_TASK, "schedule": settings.beat_tick_s,
                           "options": {"queue": settings.cpu_queue, "expires": settings.beat_tick_s}},
+            # ENRICH_REINDEX_SHARDS > 1: a chord of shards over the cpu workers (needs the result backend)
             "nightly-similar-items": {"task": REINDEX_TASK, "schedule": crontab(hour=2, minute=30),
+                                      "kwargs": {"shards": settings.reindex_shards},
                                       "options": {"queue": settings.cpu_queue}},
             # listings whose enrichment task was lost are enqueued again (tasks are idempotent)
             "sweep-pending": {"task": SWEEP_TASK, "schedule": settings.pending_sweep_every_s,

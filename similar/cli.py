@@ -27,8 +27,21 @@ def reindex(
                                 help="faiss index-factory string, e.g. 'IVF4096,Flat' or 'HNSW32,Flat' "
                                      "(default: Flat up to 50,000 listings, else IVF with nlist ≈ 4·√n)."),
     nprobe: int = typer.Option(None, "--nprobe", min=1, help="IVF lists searched per query (default: 4)."),
-    index_dir: Path = typer.Option(None, "--index-dir", help="Snapshot directory (default: ENRICH_INDEX_DIR or <data dir>/index)."),
+    index_dir: Path = typer.Option(None, "--index-dir", help="Snapshot directory of a one-process run "
+                                                             "(default: ENRICH_INDEX_DIR or <data dir>/index)."),
     keep: int = typer.Option(1, "--keep", min=0, help="Retired versions kept for rollback (default: 1)."),
+    shards: int = typer.Option(None, "--shards", min=1, max=1024,
+                               help="1: recompute here, in this process. N > 1: enqueue the job on the cpu queue; "
+                                    "a cpu worker reads, builds and snapshots, then N shard tasks search on any "
+                                    "cpu workers and the last switches. Needs a Celery result backend "
+                                    "(ENRICH_CELERY_RESULT_BACKEND, Redis) here and on the workers, and a "
+                                    "snapshot every worker sees (ENRICH_INDEX_URI or a shared ENRICH_INDEX_DIR) "
+                                    "(default: ENRICH_REINDEX_SHARDS, 1)."),
+    wait: bool = typer.Option(False, "--wait", help="With N > 1 shards: follow the job until its version switches "
+                                                    "(exit 0) or fails (exit 1) (default: return once enqueued)."),
+    timeout: float = typer.Option(0.0, "--timeout", min=0.0, help="With --wait: give up waiting after this many "
+                                                                  "seconds, exit 1; the job goes on (default: 0 = "
+                                                                  "never)."),
     database_url: DatabaseUrl = None,
 ) -> None:
     """Recompute top-K similar items for the whole catalogue and switch to them atomically."""
@@ -40,6 +53,13 @@ def reindex(
 
     console = Console(stderr=True)
     settings = get_settings()
+    shards = settings.reindex_shards if shards is None else shards
+    if shards > 1:
+        if index_dir is not None:
+            raise typer.BadParameter("the workers' ENRICH_INDEX_DIR holds a sharded run's snapshot",
+                                     param_hint="--index-dir")
+        raise typer.Exit(_enqueue_sharded(console, settings, model_version, k, factory, nprobe, keep, shards,
+                                          wait, timeout, database_url))
     conn = _connect(database_url, settings)
     try:
         result = recompute(conn, model_version, settings=settings, k=k, factory=factory, nprobe=nprobe,
@@ -56,6 +76,78 @@ def reindex(
     finally:
         conn.close()
     console.print(result.summary())
+
+
+def _enqueue_sharded(console, settings: Settings, model_version, k, factory, nprobe, keep: int, shards: int,
+                     wait: bool, timeout: float, database_url) -> int:
+    """Send "enrich.reindex" with `shards` to the cpu queue; with `wait`, follow it. Returns the exit code."""
+    from core.celery_app import REINDEX_TASK, app, configure
+    from similar.tasks import chords_unavailable
+
+    configure(settings)
+    why = chords_unavailable()
+    if why:  # checked here: without a backend the chord could never join, and --wait would wait forever
+        console.print(f"[red]error:[/red] {why}")
+        return 2
+    result = app.send_task(REINDEX_TASK, queue=settings.cpu_queue,
+                           kwargs={"model_version": model_version, "k": k, "shards": shards, "factory": factory,
+                                   "nprobe": nprobe, "keep": keep})
+    console.print(f"similar-items reindex in {shards} shards enqueued on queue {settings.cpu_queue!r} (task "
+                  f"{result.id}); `enrich worker -Q {settings.cpu_queue}` workers run it"
+                  + ("" if wait else "; --wait follows it to the switch"))
+    if not wait:
+        return 0
+    return _follow_sharded(console, settings, result, timeout, database_url)
+
+
+def _follow_sharded(console, settings: Settings, result, timeout: float, database_url) -> int:
+    """Wait for the preparing task, then print the version's shard count until it switches or fails."""
+    import time
+
+    deadline = time.monotonic() + timeout if timeout else None
+
+    def waited_out() -> bool:
+        if deadline is not None and time.monotonic() > deadline:
+            console.print(f"[yellow]gave up waiting after {timeout:.0f}s; the job goes on[/yellow]")
+            return True
+        time.sleep(0.5)
+        return False
+
+    console.print("waiting for a cpu worker to read, build and snapshot the index…")
+    while not result.ready():
+        if waited_out():
+            return 1
+    if result.failed():
+        console.print(f"[red]error:[/red] the reindex failed before its shards started: {result.result!r}")
+        return 1
+    started = result.result
+    if started is None:
+        console.print("[yellow]another recompute of this model is running; this one was skipped[/yellow]")
+        return 1
+    version = started["version"]
+    shown = None
+    conn = _connect(database_url, settings)
+    try:
+        while True:
+            status, params = conn.execute("SELECT status, params FROM similar_items_versions WHERE version = %s",
+                                          (version,)).fetchone()
+            written = params.get("written", {})
+            line = (f"version {version}: {status}, {len(written)} of {started['shards']} shards written "
+                    f"({sum(written.values()):,} listings)")
+            if line != shown:
+                console.print(line)
+                shown = line
+            if status == "failed":
+                console.print(f"[red]error:[/red] version {version} failed: {params.get('error')}; the active "
+                              "similar items are unchanged")
+                return 1
+            if status != "building":
+                console.print(f"version {version} switched: its similar items serve now")
+                return 0
+            if waited_out():
+                return 1
+    finally:
+        conn.close()
 
 
 def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None, settings: Settings):

@@ -280,23 +280,28 @@ def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_ver
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         expected, _ = sdb.count_embeddings(conn, model_version)
+        # chosen before the read: a big catalogue's vectors are read as float16, never as float32
+        spec = ix.choose_spec(expected, factory=factory, nprobe=nprobe)
         with _bar(expected, "read", progress) as bar:
-            emb = sdb.read_embeddings(conn, model_version, expected=expected, progress=bar.update)
+            emb = sdb.read_embeddings(conn, model_version, expected=expected, progress=bar.update,
+                                      dtype=spec.vector_dtype)
         timings["read"] = time.perf_counter() - t0
         n = len(emb)
         log.info("read %d embeddings of %s in %.1fs", n, model_version, timings["read"])
         if n == 0:
             raise LookupError(f"no live embeddings for model {model_version!r}")
-        spec = ix.choose_spec(n, factory=factory, nprobe=nprobe)
 
         t0 = time.perf_counter()
         index, assignment = ix.build_index(emb.vectors, spec, keep_assignment=keep_assignment)
         timings["build"] = time.perf_counter() - t0
+        dim = emb.vectors.shape[1]
+        if spec.grouped:  # the index's lists hold the vectors now: free the second copy
+            emb.vectors = emb.vectors[:0]
 
         version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": n}, emb.read_at)
         saver = None
         try:
-            manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=emb.vectors.shape[1],
+            manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=dim,
                                            spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
                                            read_at=emb.read_at, similar_version=version,
                                            read_snapshot=emb.read_snapshot)
@@ -326,7 +331,10 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, set
         t0 = time.perf_counter()
         rows = np.arange(n, dtype=np.int64)
         kk = min(built.k + 1, n)
-        batches = ix.search_all(built.index, built.emb.vectors, kk, built.assignment)
+        if built.spec.grouped:
+            batches = ix.search_grouped(built.index, kk)
+        else:
+            batches = ix.search_all(built.index, built.emb.vectors, kk, built.assignment)
         with _bar(n, "search+write", progress) as bar, conn.transaction():
             written = _write_version(conn, version, built.emb.ids, batches, kk, rows, rows, bar, after_chunk)
         timings["search_write"] = time.perf_counter() - t0
@@ -377,6 +385,9 @@ def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: st
     if row is None or row[2] != "building":
         raise RuntimeError(f"similar-items version {version} is not building")
     model_version, k, _, params = row
+    planned = [tuple(b) for b in params.get("shards", [])]
+    if (lo, hi) not in planned:
+        raise ValueError(f"[{lo}, {hi}) is not one of version {version}'s shards {planned}")
     path = Path(params["snapshot"])
     if not (path / "manifest.json").exists():  # written on another machine: fetch it if it was published
         store = store_from_settings(settings)
@@ -393,6 +404,11 @@ def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: st
     all_ids = np.concatenate([snap.ids, extra]) if len(extra) else snap.ids
     query_pos = self_pos.copy()
     query_pos[~found] = len(snap.ids) + np.arange(len(extra))
+    import faiss
+
+    # queries in order of their nearest IVF list, as in one process: consecutive ones probe the same lists
+    ivf = faiss.downcast_index(snap.index)
+    assignment = ix.assign_lists(ivf, emb.vectors, ivf.nprobe) if isinstance(ivf, faiss.IndexIVF) else None
     with conn.transaction():
         clauses, args = ["version = %s"], [version]
         if lo is not None:
@@ -403,22 +419,37 @@ def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: st
             args.append(hi)
         conn.execute("DELETE FROM similar_items WHERE " + " AND ".join(clauses), args)
         kk = min(k + 1, snap.index.ntotal)
-        batches = ix.search_all(snap.index, emb.vectors, kk)
+        batches = ix.search_all(snap.index, emb.vectors, kk, assignment)
         written = _write_version(conn, version, all_ids, batches, kk, query_pos, self_pos)
+        # recorded with the rows (one commit): finish_shards switches only once every shard has its entry.
+        # A version failed meanwhile takes no rows: they would outlive its cleanup
+        done = conn.execute(
+            "UPDATE similar_items_versions SET params = jsonb_set(params, '{written}',"
+            " coalesce(params->'written', '{}') || jsonb_build_object(%s::text, %s::bigint))"
+            " WHERE version = %s AND status = 'building'", (str(planned.index((lo, hi))), written, version))
+        if done.rowcount != 1:
+            raise RuntimeError(f"similar-items version {version} stopped building while shard [{lo}, {hi}) ran")
     log.info("shard [%s, %s) of version %d: %d listings", lo, hi, version, written)
     return written
 
 
 def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1,
                   root: Path | str | None = None, keep_snapshots: int = 2, *, settings: Settings) -> RecomputeResult:
-    """Switch to a sharded version once every shard wrote its rows."""
+    """Switch to a sharded version once every shard wrote its rows (each records its count with them)."""
     row = conn.execute("SELECT model_version, k, params FROM similar_items_versions WHERE version = %s",
                        (version,)).fetchone()
     model_version, k, params = row
+    shards, done = params.get("shards") or [], params.get("written", {})
+    missing = [i for i in range(len(shards)) if str(i) not in done]
     written = sdb.version_row_count(conn, version)
-    if written < params["count"]:
-        sdb.mark_failed(conn, [version], f"only {written} of {params['count']} listings written")
-        raise RuntimeError(f"version {version}: only {written} of {params['count']} listings written")
+    # listings added or removed since the snapshot move the total away from params["count"]; the shards'
+    # own counts do not: every one reported, and the rows are exactly theirs
+    if not shards or missing or written != sum(done.values()):
+        reason = ("no shards were planned" if not shards else
+                  f"only {len(done)} of {len(shards)} shards wrote their rows (not {missing})" if missing else
+                  f"{written} rows but the shards reported {sum(done.values())}")
+        sdb.mark_failed(conn, [version], reason)
+        raise RuntimeError(f"similar-items version {version} not switched: {reason}")
     replaced = sdb.switch_active(conn, version)
     pruned = sdb.prune_versions(conn, model_version, keep_versions)
     _prune_snapshots(settings, root, model_version, keep_snapshots)
