@@ -8,6 +8,14 @@ Choice (faiss wiki, "Guidelines to choose an index"): exact `Flat` while a brute
 catalogue is cheap; beyond that `IVF{nlist},Flat` with nlist ≈ 4·√n, tuned by nprobe. Any
 index-factory string (e.g. "HNSW32,Flat", "IVF4096,SQ8") can be forced through `factory=`.
 
+Past COMPRESSED_MIN vectors (`IVF{n/LIST_SIZE},SQfp16`) float32 copies no longer fit a modest machine
+and one query at a time is too slow for the whole catalogue, so: the vectors are held once, as
+float16 inside the index's lists; the lists come from a two-level k-means (`two_level_centroids`:
+assigning n vectors to 64 top centroids and then to their own sub-centroids costs a sliver of a pass
+over all nlist); and the nightly search runs list by list (`search_grouped`): the members of one list
+are searched together, with one matrix product, among the members of the `nprobe` lists nearest to
+that list's centroid. Everything is a dense product on contiguous blocks, at BLAS speed.
+
 A snapshot is a directory `<root>/<model_version>/<name>/` holding `index.faiss`, `ids.npy`
 (listing ids in index order, fixed-width bytes) and `manifest.json`; `<root>/<model_version>/LATEST`
 names the newest one and is replaced atomically, so a reader never loads a half-written snapshot.
@@ -20,7 +28,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +45,10 @@ DEFAULT_EF_SEARCH = 64
 TRAIN_POINTS_PER_LIST = 40   # k-means sample per IVF list: 39 is faiss's minimum, 256 its default cap
 KMEANS_ITERATIONS = 10      # coarse centroids need not be converged for IVF recall (faiss default 25)
 SEARCH_BATCH = 16_384
+COMPRESSED_MIN = 2_000_000  # beyond: float16 lists, two-level k-means, list-by-list search
+LIST_SIZE = 1200            # vectors per list of such an index: a list searches nprobe × this many
+GROUPED_NPROBE = 8          # lists each list searches (recall@20 ≈ 0.95 on model vectors; RESULTS.md)
+TOP_LISTS = 64              # first level of the two-level k-means
 
 
 @dataclass(frozen=True)
@@ -48,11 +60,24 @@ class IndexSpec:
     ef_search: int = DEFAULT_EF_SEARCH
     train_points: int | None = None  # None = all vectors (or TRAIN_POINTS_PER_LIST × nlist for IVF)
 
+    @property
+    def grouped(self) -> bool:
+        """Float16 IVF lists built by two-level k-means and searched list by list (see module docstring)."""
+        return self.factory.startswith("IVF") and self.factory.endswith(",SQfp16")
+
+    @property
+    def vector_dtype(self) -> np.dtype:
+        """How the nightly job reads the vectors: float16 where the index keeps them so (no float32 copy)."""
+        return np.dtype(np.float16 if self.grouped else np.float32)
+
 
 def choose_factory(n: int, flat_max: int = FLAT_MAX) -> str:
-    """Exact for small catalogues, IVF-Flat beyond (nlist a power of two near 4·√n, ≥ 39 points per list)."""
+    """Exact for small catalogues, IVF-Flat beyond (nlist a power of two near 4·√n, ≥ 39 points per list),
+    float16 lists of about LIST_SIZE vectors past COMPRESSED_MIN."""
     if n <= flat_max:
         return "Flat"
+    if n > COMPRESSED_MIN:
+        return f"IVF{2 ** round(math.log2(n / LIST_SIZE))},SQfp16"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     nlist = max(16, min(nlist, n // 39))
     return f"IVF{nlist},Flat"
@@ -60,8 +85,8 @@ def choose_factory(n: int, flat_max: int = FLAT_MAX) -> str:
 
 def choose_spec(n: int, factory: str | None = None, nprobe: int | None = None,
                 ef_search: int | None = None, flat_max: int = FLAT_MAX) -> IndexSpec:
-    return IndexSpec(factory=factory or choose_factory(n, flat_max),
-                     nprobe=nprobe or DEFAULT_NPROBE, ef_search=ef_search or DEFAULT_EF_SEARCH)
+    spec = IndexSpec(factory=factory or choose_factory(n, flat_max), ef_search=ef_search or DEFAULT_EF_SEARCH)
+    return replace(spec, nprobe=nprobe or (GROUPED_NPROBE if spec.grouped else DEFAULT_NPROBE))
 
 
 def _nlist(index) -> int | None:
@@ -90,9 +115,12 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_
     once: its first column places the vector (what `add` would compute), and with
     `keep_assignment=True` the whole (n, nprobe) assignment is returned for `search_all`, which
     then needs no second quantizer pass. Returns (index, assignment or None).
+    A grouped spec (`IndexSpec.grouped`) takes float16 vectors and is built by `_build_grouped`.
     """
     import faiss
 
+    if spec.grouped:
+        return _build_grouped(vectors, spec, seed), None
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
@@ -127,6 +155,140 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_
     return index, assignment
 
 
+def _f32(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _knn(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k by blocked matrix products (faiss.knn: BLAS, then a heap per query)."""
+    import faiss
+
+    return faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
+
+
+def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, min_points_per_centroid=1)
+    km.train(_f32(x))
+    return km.centroids
+
+
+@dataclass
+class TwoLevel:
+    """Centroids of a two-level k-means: sub-centroids of top list t are rows offsets[t]:offsets[t+1]."""
+
+    top: np.ndarray
+    centroids: np.ndarray
+    offsets: np.ndarray
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """The list of each row of x: its nearest top centroid's nearest sub-centroid."""
+        x = _f32(x)
+        top = _knn(x, self.top, 1)[1][:, 0]
+        out = np.empty(len(x), np.int64)
+        order = np.argsort(top, kind="stable")
+        cuts = np.searchsorted(top[order], np.arange(len(self.top) + 1))
+        for t in range(len(self.top)):
+            rows = order[cuts[t]:cuts[t + 1]]
+            if len(rows):
+                lo, hi = self.offsets[t], self.offsets[t + 1]
+                out[rows] = lo + _knn(x[rows], self.centroids[lo:hi], 1)[1][:, 0]
+        return out
+
+
+def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 1234) -> TwoLevel:
+    """nlist centroids as TOP_LISTS top centroids, each split by its own k-means into a share of nlist
+    proportional to its members in the sample (at least one each)."""
+    top_n = max(1, min(TOP_LISTS, nlist, len(sample)))
+    top = _kmeans(sample, top_n, seed)
+    members = _knn(_f32(sample), top, 1)[1][:, 0]
+    counts = np.bincount(members, minlength=top_n)
+    share = np.maximum(1, np.floor(counts / max(1, counts.sum()) * nlist).astype(np.int64))
+    share = np.minimum(share, np.maximum(counts, 1))
+    for t in np.argsort(-(counts - share))[: max(0, nlist - share.sum())]:  # the remainder to the fullest
+        share[t] += 1
+    parts = []
+    for t in range(top_n):
+        mine = sample[members == t]
+        parts.append(top[t:t + 1] if share[t] == 1 or len(mine) <= share[t]
+                     else _kmeans(mine, int(share[t]), seed + t))
+    centroids = np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
+    return TwoLevel(top, centroids, np.concatenate([[0], np.cumsum([len(p) for p in parts])]))
+
+
+def _build_grouped(vectors: np.ndarray, spec: IndexSpec, seed: int):
+    """IVF with float16 lists: two-level centroids from a sample, then every vector added to its list."""
+    import faiss
+
+    n, d = vectors.shape
+    index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.extract_index_ivf(index)
+    budget = spec.train_points or TRAIN_POINTS_PER_LIST * ivf.nlist
+    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(budget, n), replace=False))
+    t0 = time.perf_counter()
+    levels = two_level_centroids(_f32(vectors[rows]), ivf.nlist, seed)
+    # float16 codes need no training; the lists are the two-level centroids (fewer when the sample was small)
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(levels.centroids)
+    index = faiss.IndexIVFScalarQuantizer(quantizer, d, len(levels.centroids), faiss.ScalarQuantizer.QT_fp16,
+                                          faiss.METRIC_INNER_PRODUCT)
+    index.own_fields = True  # the index frees its quantizer (as one from index_factory does)
+    quantizer.this.disown()
+    index.by_residual = False  # the codes are the vectors themselves: `list_members` reads them as they are
+    index.is_trained = True
+    log.info("two-level centroids for %d lists in %.1fs", len(levels.centroids), time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for s in range(0, n, SEARCH_BATCH):
+        batch = _f32(vectors[s:s + SEARCH_BATCH])
+        lists = levels.assign(batch)
+        ids = np.arange(s, s + len(batch), dtype=np.int64)
+        # named, so the arrays outlive the call that reads them through raw pointers
+        index.add_core(len(batch), faiss.swig_ptr(batch), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    apply_search_params(index, spec)
+    log.info("added %d vectors to %s in %.1fs", n, spec.factory, time.perf_counter() - t0)
+    return index
+
+
+def list_members(index, lst: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, float32 vectors) of one list of a float16 IVF index (copies: the lists may change later)."""
+    import faiss
+
+    inv = index.invlists
+    size = inv.list_size(lst)
+    if size == 0:
+        return np.empty(0, np.int64), np.empty((0, index.d), np.float32)
+    ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy()
+    codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * index.code_size)
+    return ids, codes.view(np.float16).reshape(size, index.d).astype(np.float32)
+
+
+def search_grouped(index, k: int, nprobe: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Top-k of every indexed vector, list by list: yields (ids, scores, ids of neighbours) per list.
+
+    The members of list L are searched exactly among the members of the `nprobe` lists whose centroids
+    are nearest L's (L first): one matrix product per list instead of one scan per query."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    nlist = index.nlist
+    centroids = index.quantizer.reconstruct_n(0, nlist)
+    probe = min(nprobe or index.nprobe, nlist)
+    near = _knn(centroids, centroids, probe)[1]
+    for lst in range(nlist):
+        ids, queries = list_members(index, lst)
+        if not len(ids):
+            continue
+        parts = [list_members(index, int(m)) for m in near[lst] if m >= 0]
+        base_ids = np.concatenate([p[0] for p in parts])
+        scores, pos = _knn(queries, np.concatenate([p[1] for p in parts]), min(k, len(base_ids)))
+        found = np.where(pos >= 0, base_ids[np.maximum(pos, 0)], -1)
+        if found.shape[1] < k:  # fewer candidates than k: pad as faiss does
+            found = np.pad(found, ((0, 0), (0, k - found.shape[1])), constant_values=-1)
+            scores = np.pad(scores, ((0, 0), (0, k - scores.shape[1])), constant_values=-np.inf)
+        yield ids, scores, found
+
+
 def assign_lists(ivf, vectors: np.ndarray, nprobe: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, lists): each vector's `nprobe` nearest IVF lists, in batches."""
     batch = batch or SEARCH_BATCH
@@ -134,7 +296,7 @@ def assign_lists(ivf, vectors: np.ndarray, nprobe: int, batch: int | None = None
     dq = np.empty((n, nprobe), np.float32)
     iq = np.empty((n, nprobe), np.int64)
     for s in range(0, n, batch):
-        dq[s:s + batch], iq[s:s + batch] = ivf.quantizer.search(vectors[s:s + batch], nprobe)
+        dq[s:s + batch], iq[s:s + batch] = ivf.quantizer.search(_f32(vectors[s:s + batch]), nprobe)
     return dq, iq
 
 

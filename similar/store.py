@@ -107,10 +107,10 @@ def count_embeddings(conn: psycopg.Connection, model_version: str, lo: str | Non
                      hi: str | None = None) -> tuple[int, int | None]:
     """(number of live embeddings, their dimension) for a model version / id range."""
     query, params = embeddings_query(model_version, lo, hi)
-    row = conn.execute(
-        sql.SQL("SELECT count(*), max(length(q.vector)) / 4 FROM ({}) q").format(query), params
-    ).fetchone()
-    return int(row[0]), (int(row[1]) if row[1] is not None else None)
+    count = conn.execute(sql.SQL("SELECT count(*) FROM ({}) q").format(query), params).fetchone()[0]
+    # one dimension per model version (the reader checks every row against it): no pass over the vectors
+    dim = conn.execute("SELECT dim FROM embeddings WHERE model_version = %s LIMIT 1", (model_version,)).fetchone()
+    return int(count), (int(dim[0]) if count and dim else None)
 
 
 class _CopyDecoder:
@@ -122,10 +122,11 @@ class _CopyDecoder:
     the messages. Messages that do not frame whole rows fall back to a row-by-row parse of the bytes.
     """
 
-    def __init__(self, dim: int, capacity: int, on_rows=None):
+    def __init__(self, dim: int, capacity: int, on_rows=None, dtype=np.float32):
         self.dim = dim
         self.vec_bytes = 4 * dim
-        self.vectors = np.empty((max(capacity, 1), dim), dtype="<f4")
+        self.dtype = np.dtype(dtype)
+        self.vectors = np.empty((max(capacity, 1), dim), dtype=self.dtype)
         self.id_parts: list[np.ndarray] = []
         self.n = 0
         self.carry = bytearray()  # bytes of rows not framed one per message (the slow path)
@@ -134,13 +135,17 @@ class _CopyDecoder:
         self.on_rows = on_rows
         self._pads: dict[int, bytes] = {}
 
-    def _room(self, rows: int) -> np.ndarray:
-        """The uint8 view of vectors[n:n + rows], growing the array first when needed."""
+    def _put(self, raw: np.ndarray) -> None:
+        """Store rows of little-endian float32 bytes at vectors[n:], growing the array first when needed."""
+        rows = len(raw)
         if self.n + rows > len(self.vectors):
-            new = np.empty((max(2 * len(self.vectors), self.n + rows, 1024), self.dim), dtype="<f4")
+            new = np.empty((max(2 * len(self.vectors), self.n + rows, 1024), self.dim), dtype=self.dtype)
             new[: self.n] = self.vectors[: self.n]
             self.vectors = new
-        return self.vectors[self.n:self.n + rows].view(np.uint8)
+        if self.dtype == np.float32:
+            self.vectors[self.n:self.n + rows].view(np.uint8)[:] = raw
+        else:
+            self.vectors[self.n:self.n + rows] = np.ascontiguousarray(raw).view("<f4")
 
     def feed(self, messages: list) -> None:
         """Decode a batch of COPY messages (bytes-like), in stream order."""
@@ -194,7 +199,7 @@ class _CopyDecoder:
             if not ((nfields == 2).all() and (vlen == vb).all()
                     and (idlen == np.asarray(lengths) - fixed).all()):
                 return False
-            self._room(len(rows))[:] = rows[:, 6:6 + vb]
+            self._put(rows[:, 6:6 + vb])
             self.id_parts.append(np.ascontiguousarray(rows[:, fixed:]).view(f"S{widest - fixed}")[:, 0])
             self.n += len(rows)
         self.done = self.done or trailer
@@ -221,7 +226,7 @@ class _CopyDecoder:
             idlen = int.from_bytes(buf[ipos - 4:ipos], "big")
             if ipos + idlen > end:
                 break
-            self._room(1)[0] = np.frombuffer(buf, np.uint8, vb, pos + 6)
+            self._put(np.frombuffer(buf, np.uint8, vb, pos + 6)[None, :])
             ids.append(bytes(buf[ipos:ipos + idlen]))
             self.n += 1
             pos = ipos + idlen
@@ -231,7 +236,7 @@ class _CopyDecoder:
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """Ids sorted bytewise and their vectors (one gather when rows came unsorted: the transient
-        copy is no larger than the index built from them next)."""
+        copy is no larger than the vectors themselves)."""
         if self.carry:
             raise ValueError(f"binary COPY stream ended inside a row ({len(self.carry)} bytes left)")
         width = max((p.dtype.itemsize for p in self.id_parts), default=1)
@@ -264,8 +269,12 @@ _READ_BATCH = 4096  # COPY messages (rows) decoded at a time
 def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None = None,
                     hi: str | None = None, *, created_after: str | None = None,
                     only_ids: list[str] | None = None, tag_filter: tuple[str, str] | None = None,
-                    not_visible_in: str | None = None, expected: int | None = None, progress=None) -> Embeddings:
+                    not_visible_in: str | None = None, expected: int | None = None, progress=None,
+                    dtype=np.float32) -> Embeddings:
     """Stream live embeddings of one model version (optionally an id range) into numpy.
+
+    `dtype` float16 halves the memory of a whole catalogue (rows are narrowed as they arrive, so no
+    float32 copy of it ever exists).
 
     Runs in one REPEATABLE READ transaction so the rows, `read_at` and `read_snapshot` come from one snapshot.
     `progress(n)` is called with the number of rows decoded per batch.
@@ -286,7 +295,7 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
         if not dims:
             return Embeddings(np.array([], dtype="S1"), np.empty((0, 0), np.float32), read_at, snapshot)
         dim = dims[0][0]
-        decoder = _CopyDecoder(dim, expected or 1024, on_rows=progress)
+        decoder = _CopyDecoder(dim, expected or 1024, on_rows=progress, dtype=dtype)
         # the vector first: at the same offset in every row, whatever the id's length
         copy_sql = sql.SQL("COPY (SELECT q.vector, q.listing_id FROM ({}) q) TO STDOUT (FORMAT binary)").format(query)
         with conn.cursor() as cur:

@@ -56,3 +56,42 @@ def test_snapshot_round_trip_and_latest_pointer(tmp_path):
     assert len(ix.prune_snapshots(tmp_path, "model/2026:1", keep=1)) == 2
     assert ix.latest_snapshot_dir(tmp_path, "model/2026:1") is not None
     assert ix.latest_snapshot_dir(tmp_path, "never") is None
+
+
+def test_past_compressed_min_the_lists_hold_float16_vectors_searched_list_by_list():
+    spec = ix.choose_spec(ix.COMPRESSED_MIN + 1)
+    assert spec.grouped and spec.factory.endswith(",SQfp16") and spec.vector_dtype == np.float16
+    assert spec.nprobe == ix.GROUPED_NPROBE
+    small = ix.choose_spec(ix.COMPRESSED_MIN)
+    assert not small.grouped and small.vector_dtype == np.float32
+
+
+def test_two_level_centroids_give_each_vector_a_list_near_its_nearest():
+    x = clustered(6000, dim=16, clusters=30, seed=9)
+    levels = ix.two_level_centroids(x, 96, seed=1)
+    assert len(levels.centroids) == 96 and levels.offsets[-1] == 96
+    lists = levels.assign(x)
+    assert lists.min() >= 0 and lists.max() < 96
+    sims = x @ levels.centroids.T
+    # the chosen list is the nearest of all for most vectors and never far off for the rest
+    assert np.mean(lists == sims.argmax(1)) > 0.9
+    assert np.mean(sims[np.arange(len(x)), lists] >= np.sort(sims, 1)[:, -4]) > 0.99
+
+
+def test_the_list_by_list_search_finds_the_exact_neighbours_when_it_probes_every_list():
+    x = clustered(3000, dim=16, clusters=20, seed=10)
+    spec = ix.IndexSpec("IVF24,SQfp16", nprobe=24)
+    index, assignment = ix.build_index(x.astype(np.float16), spec)
+    assert assignment is None and index.ntotal == len(x)
+    x16 = x.astype(np.float16).astype(np.float32)
+    exact_s, exact_p = ix.exact_topk(x16, x16, 6)
+    seen = np.zeros(len(x), bool)
+    for ids, scores, positions in ix.search_grouped(index, 6):
+        np.testing.assert_allclose(scores, exact_s[ids], rtol=1e-5, atol=1e-5)
+        assert np.mean(positions == exact_p[ids]) > 0.999  # exact up to ties
+        seen[ids] = True
+    assert seen.all()
+    # fewer lists probed: nearly as good (the lists nearest each list's centroid hold most neighbours)
+    hits = sum(len(set(p) & set(exact_p[i])) for ids, _, pos in ix.search_grouped(index, 6, nprobe=4)
+               for i, p in zip(ids, pos))
+    assert hits / (len(x) * 6) > 0.9
