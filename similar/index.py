@@ -8,13 +8,15 @@ Choice (faiss wiki, "Guidelines to choose an index"): exact `Flat` while a brute
 catalogue is cheap; beyond that `IVF{nlist},Flat` with nlist ≈ 4·√n, tuned by nprobe. Any
 index-factory string (e.g. "HNSW32,Flat", "IVF4096,SQ8") can be forced through `factory=`.
 
-Past COMPRESSED_MIN vectors (`IVF{n/LIST_SIZE},SQfp16`) float32 copies no longer fit a modest machine
-and one query at a time is too slow for the whole catalogue, so: the vectors are held once, as
-float16 inside the index's lists; the lists come from a two-level k-means (`two_level_centroids`:
-assigning n vectors to 64 top centroids and then to their own sub-centroids costs a sliver of a pass
-over all nlist); and the nightly search runs list by list (`search_grouped`): the members of one list
-are searched together, with one matrix product, among the members of the `nprobe` lists nearest to
-that list's centroid. Everything is a dense product on contiguous blocks, at BLAS speed.
+Past COMPRESSED_MIN vectors (a "grouped" `IVF{n/LIST_SIZE},Flat`) two float32 copies no longer fit a
+modest machine and one query at a time is too slow for the whole catalogue, so: the lists come from a
+two-level k-means (`TwoLevel`: assigning n vectors to 64 top centroids and then to their sub-centroids
+costs a sliver of a pass over all nlist) trained on a sample; the vectors stream from the database
+straight into the lists (`GroupedBuilder`), the only copy; and the nightly search runs list by list
+(`search_grouped`): the members of one list are searched together, with one matrix product, among the
+members of the `nprobe` lists nearest to that list's centroid — dense products on contiguous blocks,
+at BLAS speed. The vectors stay float32: near-duplicate photos' top-20 lie within 1e-3 of cosine, and
+float16 rounding alone would reorder a fifth of it.
 
 A snapshot is a directory `<root>/<model_version>/<name>/` holding `index.faiss`, `ids.npy`
 (listing ids in index order, fixed-width bytes) and `manifest.json`; `<root>/<model_version>/LATEST`
@@ -28,7 +30,7 @@ import math
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -45,10 +47,11 @@ DEFAULT_EF_SEARCH = 64
 TRAIN_POINTS_PER_LIST = 40   # k-means sample per IVF list: 39 is faiss's minimum, 256 its default cap
 KMEANS_ITERATIONS = 10      # coarse centroids need not be converged for IVF recall (faiss default 25)
 SEARCH_BATCH = 16_384
-COMPRESSED_MIN = 2_000_000  # beyond: float16 lists, two-level k-means, list-by-list search
+COMPRESSED_MIN = 2_000_000  # beyond: streamed into lists from a two-level k-means, searched list by list
 LIST_SIZE = 1200            # vectors per list of such an index: a list searches nprobe × this many
 GROUPED_NPROBE = 8          # lists each list searches (recall@20 ≈ 0.95 on model vectors; RESULTS.md)
 TOP_LISTS = 64              # first level of the two-level k-means
+TOP_PROBE = 3               # top centroids whose sub-centroids a vector is compared with
 
 
 @dataclass(frozen=True)
@@ -59,34 +62,30 @@ class IndexSpec:
     nprobe: int = DEFAULT_NPROBE
     ef_search: int = DEFAULT_EF_SEARCH
     train_points: int | None = None  # None = all vectors (or TRAIN_POINTS_PER_LIST × nlist for IVF)
-
-    @property
-    def grouped(self) -> bool:
-        """Float16 IVF lists built by two-level k-means and searched list by list (see module docstring)."""
-        return self.factory.startswith("IVF") and self.factory.endswith(",SQfp16")
-
-    @property
-    def vector_dtype(self) -> np.dtype:
-        """How the nightly job reads the vectors: float16 where the index keeps them so (no float32 copy)."""
-        return np.dtype(np.float16 if self.grouped else np.float32)
+    grouped: bool = False  # IVF-Flat from a two-level k-means, built by streaming, searched list by list
 
 
 def choose_factory(n: int, flat_max: int = FLAT_MAX) -> str:
     """Exact for small catalogues, IVF-Flat beyond (nlist a power of two near 4·√n, ≥ 39 points per list),
-    float16 lists of about LIST_SIZE vectors past COMPRESSED_MIN."""
+    lists of about LIST_SIZE vectors past COMPRESSED_MIN (searched list by list: `IndexSpec.grouped`)."""
     if n <= flat_max:
         return "Flat"
     if n > COMPRESSED_MIN:
-        return f"IVF{2 ** round(math.log2(n / LIST_SIZE))},SQfp16"
+        return f"IVF{2 ** round(math.log2(n / LIST_SIZE))},Flat"
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     nlist = max(16, min(nlist, n // 39))
     return f"IVF{nlist},Flat"
 
 
 def choose_spec(n: int, factory: str | None = None, nprobe: int | None = None,
-                ef_search: int | None = None, flat_max: int = FLAT_MAX) -> IndexSpec:
-    spec = IndexSpec(factory=factory or choose_factory(n, flat_max), ef_search=ef_search or DEFAULT_EF_SEARCH)
-    return replace(spec, nprobe=nprobe or (GROUPED_NPROBE if spec.grouped else DEFAULT_NPROBE))
+                ef_search: int | None = None, flat_max: int = FLAT_MAX, grouped: bool | None = None) -> IndexSpec:
+    """`grouped` (default: past COMPRESSED_MIN, when no factory is forced) needs an "IVF{nlist},Flat" factory."""
+    grouped = (factory is None and n > COMPRESSED_MIN) if grouped is None else grouped
+    factory = factory or choose_factory(n, flat_max)
+    if grouped and not re.fullmatch(r"IVF\d+,Flat", factory):
+        raise ValueError(f"a grouped index is an IVF-Flat, not {factory!r}")
+    return IndexSpec(factory=factory, nprobe=nprobe or (GROUPED_NPROBE if grouped else DEFAULT_NPROBE),
+                     ef_search=ef_search or DEFAULT_EF_SEARCH, grouped=grouped)
 
 
 def _nlist(index) -> int | None:
@@ -115,12 +114,17 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_
     once: its first column places the vector (what `add` would compute), and with
     `keep_assignment=True` the whole (n, nprobe) assignment is returned for `search_all`, which
     then needs no second quantizer pass. Returns (index, assignment or None).
-    A grouped spec (`IndexSpec.grouped`) takes float16 vectors and is built by `_build_grouped`.
+    A grouped spec (`IndexSpec.grouped`) goes through `GroupedBuilder` (no assignment).
     """
     import faiss
 
     if spec.grouped:
-        return _build_grouped(vectors, spec, seed), None
+        rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(sample_size(spec), len(vectors)),
+                                                          replace=False))
+        builder = GroupedBuilder(_f32(vectors[rows]), spec, seed)
+        for s in range(0, len(vectors), SEARCH_BATCH):
+            builder.add(None, vectors[s:s + SEARCH_BATCH])
+        return builder.index, None
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, d = vectors.shape
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
@@ -183,17 +187,19 @@ class TwoLevel:
     offsets: np.ndarray
 
     def assign(self, x: np.ndarray) -> np.ndarray:
-        """The list of each row of x: its nearest top centroid's nearest sub-centroid."""
+        """The list of each row of x: the nearest sub-centroid of its TOP_PROBE nearest top centroids (a
+        vector near the border of two top lists often belongs to a sub-list of the other one)."""
         x = _f32(x)
-        top = _knn(x, self.top, 1)[1][:, 0]
-        out = np.empty(len(x), np.int64)
-        order = np.argsort(top, kind="stable")
-        cuts = np.searchsorted(top[order], np.arange(len(self.top) + 1))
+        tops = _knn(x, self.top, min(TOP_PROBE, len(self.top)))[1]
+        best = np.full(len(x), -np.inf, np.float32)
+        out = np.zeros(len(x), np.int64)
         for t in range(len(self.top)):
-            rows = order[cuts[t]:cuts[t + 1]]
+            rows = np.flatnonzero((tops == t).any(axis=1))
             if len(rows):
                 lo, hi = self.offsets[t], self.offsets[t + 1]
-                out[rows] = lo + _knn(x[rows], self.centroids[lo:hi], 1)[1][:, 0]
+                score, pos = _knn(x[rows], self.centroids[lo:hi], 1)
+                better = score[:, 0] > best[rows]
+                best[rows[better]], out[rows[better]] = score[better, 0], lo + pos[better, 0]
         return out
 
 
@@ -217,41 +223,64 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 1234) -> Two
     return TwoLevel(top, centroids, np.concatenate([[0], np.cumsum([len(p) for p in parts])]))
 
 
-def _build_grouped(vectors: np.ndarray, spec: IndexSpec, seed: int):
-    """IVF with float16 lists: two-level centroids from a sample, then every vector added to its list."""
-    import faiss
+def _nlist_of(factory: str) -> int:
+    return int(re.match(r"IVF(\d+)", factory).group(1))
 
-    n, d = vectors.shape
-    index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
-    ivf = faiss.extract_index_ivf(index)
-    budget = spec.train_points or TRAIN_POINTS_PER_LIST * ivf.nlist
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=min(budget, n), replace=False))
-    t0 = time.perf_counter()
-    levels = two_level_centroids(_f32(vectors[rows]), ivf.nlist, seed)
-    # float16 codes need no training; the lists are the two-level centroids (fewer when the sample was small)
-    quantizer = faiss.IndexFlatIP(d)
-    quantizer.add(levels.centroids)
-    index = faiss.IndexIVFScalarQuantizer(quantizer, d, len(levels.centroids), faiss.ScalarQuantizer.QT_fp16,
-                                          faiss.METRIC_INNER_PRODUCT)
-    index.own_fields = True  # the index frees its quantizer (as one from index_factory does)
-    quantizer.this.disown()
-    index.by_residual = False  # the codes are the vectors themselves: `list_members` reads them as they are
-    index.is_trained = True
-    log.info("two-level centroids for %d lists in %.1fs", len(levels.centroids), time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for s in range(0, n, SEARCH_BATCH):
-        batch = _f32(vectors[s:s + SEARCH_BATCH])
-        lists = levels.assign(batch)
-        ids = np.arange(s, s + len(batch), dtype=np.int64)
+
+def sample_size(spec: IndexSpec) -> int:
+    """Vectors a grouped index's k-means trains on."""
+    return spec.train_points or TRAIN_POINTS_PER_LIST * _nlist_of(spec.factory)
+
+
+class GroupedBuilder:
+    """Builds a grouped index while the vectors stream in: `add` chunk after chunk (each vector's id is
+    its arrival position), then `finish` with every id read to renumber the lists in sorted-id order."""
+
+    def __init__(self, sample: np.ndarray, spec: IndexSpec, seed: int = 1234) -> None:
+        import faiss
+
+        t0 = time.perf_counter()
+        self.levels = two_level_centroids(_f32(sample), _nlist_of(spec.factory), seed)
+        d = sample.shape[1]
+        quantizer = faiss.IndexFlatIP(d)
+        quantizer.add(self.levels.centroids)
+        # the lists are the two-level centroids (fewer than asked when the sample was small)
+        self.index = faiss.IndexIVFFlat(quantizer, d, len(self.levels.centroids), faiss.METRIC_INNER_PRODUCT)
+        self.index.own_fields = True  # the index frees its quantizer, as one from index_factory does
+        quantizer.this.disown()
+        apply_search_params(self.index, spec)
+        self.added = 0
+        log.info("two-level centroids for %d lists in %.1fs", self.index.nlist, time.perf_counter() - t0)
+
+    def add(self, _ids, vectors: np.ndarray) -> None:
+        """Add a chunk to the lists (a `store.read_embeddings` sink; its ids are kept by the reader)."""
+        import faiss
+
+        batch = _f32(vectors)
+        lists = self.levels.assign(batch)
+        ids = np.arange(self.added, self.added + len(batch), dtype=np.int64)
         # named, so the arrays outlive the call that reads them through raw pointers
-        index.add_core(len(batch), faiss.swig_ptr(batch), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-    apply_search_params(index, spec)
-    log.info("added %d vectors to %s in %.1fs", n, spec.factory, time.perf_counter() - t0)
-    return index
+        self.index.add_core(len(batch), faiss.swig_ptr(batch), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        self.added += len(batch)
+
+    def finish(self, arrival_ids: np.ndarray, order: np.ndarray) -> None:
+        """Renumber the lists so a vector's id is its position in `arrival_ids[order]` (sorted ids)."""
+        import faiss
+
+        if len(arrival_ids) != self.added:
+            raise ValueError(f"{len(arrival_ids)} ids for {self.added} vectors")
+        position = np.empty(len(order), np.int64)
+        position[order] = np.arange(len(order))
+        inv = self.index.invlists
+        for lst in range(self.index.nlist):
+            size = inv.list_size(lst)
+            if size:
+                ids = faiss.rev_swig_ptr(inv.get_ids(lst), size)  # the list's own memory, renumbered in place
+                ids[:] = position[ids]
 
 
 def list_members(index, lst: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, float32 vectors) of one list of a float16 IVF index (copies: the lists may change later)."""
+    """(ids, vectors) of one list of an IVF-Flat index (copies: the lists may change later)."""
     import faiss
 
     inv = index.invlists
@@ -260,7 +289,7 @@ def list_members(index, lst: int) -> tuple[np.ndarray, np.ndarray]:
         return np.empty(0, np.int64), np.empty((0, index.d), np.float32)
     ids = faiss.rev_swig_ptr(inv.get_ids(lst), size).copy()
     codes = faiss.rev_swig_ptr(inv.get_codes(lst), size * index.code_size)
-    return ids, codes.view(np.float16).reshape(size, index.d).astype(np.float32)
+    return ids, codes.view(np.float32).reshape(size, index.d).copy()
 
 
 def search_grouped(index, k: int, nprobe: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

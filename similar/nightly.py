@@ -261,10 +261,30 @@ class _Built:
         return self.snapshot
 
 
+def _read_grouped(conn: psycopg.Connection, model_version: str, spec: ix.IndexSpec, expected: int,
+                  timings: dict[str, float], progress: bool) -> tuple[sdb.Embeddings, object, None]:
+    """A grouped index: k-means on a sample, then the vectors stream from the read into the lists
+    ("read" includes adding them; "build" the sample, the centroids and the renumbering)."""
+    t0 = time.perf_counter()
+    builder = ix.GroupedBuilder(sdb.sample_embeddings(conn, model_version, ix.sample_size(spec), expected), spec)
+    timings["build"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with _bar(expected, "read", progress) as bar:
+        emb = sdb.read_embeddings(conn, model_version, progress=bar.update, sink=builder.add)
+    timings["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    order = sdb.bytewise_order(emb.ids)
+    builder.finish(emb.ids, order)
+    emb.ids = emb.ids[order]
+    timings["build"] += time.perf_counter() - t0
+    return emb, builder.index, None
+
+
 @contextmanager
 def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_version: str | None, *,
                          k: int | None, factory: str | None, nprobe: int | None, root: Path | str | None,
-                         keep_assignment: bool = False, progress: bool = False) -> Iterator[_Built]:
+                         keep_assignment: bool = False, progress: bool = False,
+                         grouped: bool | None = None) -> Iterator[_Built]:
     """Open a new 'building' version and save (and publish) its snapshot in a thread; see the module
     docstring. `built.finish_snapshot(conn)` waits for the snapshot and records it on the version;
     the block must call it before anything needs the snapshot (leaving the block calls it too).
@@ -280,28 +300,27 @@ def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_ver
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         expected, _ = sdb.count_embeddings(conn, model_version)
-        # chosen before the read: a big catalogue's vectors are read as float16, never as float32
-        spec = ix.choose_spec(expected, factory=factory, nprobe=nprobe)
-        with _bar(expected, "read", progress) as bar:
-            emb = sdb.read_embeddings(conn, model_version, expected=expected, progress=bar.update,
-                                      dtype=spec.vector_dtype)
-        timings["read"] = time.perf_counter() - t0
+        # chosen before the read: a big catalogue streams into its index, never held twice
+        spec = ix.choose_spec(expected, factory=factory, nprobe=nprobe, grouped=grouped)
+        if spec.grouped and expected:
+            emb, index, assignment = _read_grouped(conn, model_version, spec, expected, timings, progress)
+        else:
+            with _bar(expected, "read", progress) as bar:
+                emb = sdb.read_embeddings(conn, model_version, expected=expected, progress=bar.update)
+            timings["read"] = time.perf_counter() - t0
         n = len(emb)
         log.info("read %d embeddings of %s in %.1fs", n, model_version, timings["read"])
         if n == 0:
             raise LookupError(f"no live embeddings for model {model_version!r}")
-
-        t0 = time.perf_counter()
-        index, assignment = ix.build_index(emb.vectors, spec, keep_assignment=keep_assignment)
-        timings["build"] = time.perf_counter() - t0
-        dim = emb.vectors.shape[1]
-        if spec.grouped:  # the index's lists hold the vectors now: free the second copy
-            emb.vectors = emb.vectors[:0]
+        if not spec.grouped:
+            t0 = time.perf_counter()
+            index, assignment = ix.build_index(emb.vectors, spec, keep_assignment=keep_assignment)
+            timings["build"] = time.perf_counter() - t0
 
         version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": n}, emb.read_at)
         saver = None
         try:
-            manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=dim,
+            manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=index.d,
                                            spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
                                            read_at=emb.read_at, similar_version=version,
                                            read_snapshot=emb.read_snapshot)
@@ -323,9 +342,12 @@ def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_ver
 def recompute(conn: psycopg.Connection, model_version: str | None = None, *, settings: Settings,
               k: int | None = None, factory: str | None = None, nprobe: int | None = None,
               root: Path | str | None = None, keep_versions: int = 1, keep_snapshots: int = 2,
-              progress: bool = False, after_chunk: Callable[[int], None] | None = None) -> RecomputeResult:
-    """Whole-catalogue top-k in one process; see the module docstring. `conn` must be autocommit."""
+              progress: bool = False, after_chunk: Callable[[int], None] | None = None,
+              grouped: bool | None = None) -> RecomputeResult:
+    """Whole-catalogue top-k in one process; see the module docstring. `conn` must be autocommit.
+    `grouped` forces (or rules out) the big-catalogue index (`similar.index.IndexSpec.grouped`)."""
     with _read_build_snapshot(conn, settings, model_version, k=k, factory=factory, nprobe=nprobe, root=root,
+                              grouped=grouped,
                               keep_assignment=True, progress=progress) as built:
         model_version, version, n, timings = built.model_version, built.version, len(built.emb), built.timings_s
         t0 = time.perf_counter()

@@ -24,7 +24,7 @@ import json
 import logging
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import psycopg
@@ -122,11 +122,10 @@ class _CopyDecoder:
     the messages. Messages that do not frame whole rows fall back to a row-by-row parse of the bytes.
     """
 
-    def __init__(self, dim: int, capacity: int, on_rows=None, dtype=np.float32):
+    def __init__(self, dim: int, capacity: int, on_rows=None):
         self.dim = dim
         self.vec_bytes = 4 * dim
-        self.dtype = np.dtype(dtype)
-        self.vectors = np.empty((max(capacity, 1), dim), dtype=self.dtype)
+        self.vectors = np.empty((max(capacity, 1), dim), dtype="<f4")
         self.id_parts: list[np.ndarray] = []
         self.n = 0
         self.carry = bytearray()  # bytes of rows not framed one per message (the slow path)
@@ -135,17 +134,13 @@ class _CopyDecoder:
         self.on_rows = on_rows
         self._pads: dict[int, bytes] = {}
 
-    def _put(self, raw: np.ndarray) -> None:
-        """Store rows of little-endian float32 bytes at vectors[n:], growing the array first when needed."""
-        rows = len(raw)
+    def _room(self, rows: int) -> np.ndarray:
+        """The uint8 view of vectors[n:n + rows], growing the array first when needed."""
         if self.n + rows > len(self.vectors):
-            new = np.empty((max(2 * len(self.vectors), self.n + rows, 1024), self.dim), dtype=self.dtype)
+            new = np.empty((max(2 * len(self.vectors), self.n + rows, 1024), self.dim), dtype="<f4")
             new[: self.n] = self.vectors[: self.n]
             self.vectors = new
-        if self.dtype == np.float32:
-            self.vectors[self.n:self.n + rows].view(np.uint8)[:] = raw
-        else:
-            self.vectors[self.n:self.n + rows] = np.ascontiguousarray(raw).view("<f4")
+        return self.vectors[self.n:self.n + rows].view(np.uint8)
 
     def feed(self, messages: list) -> None:
         """Decode a batch of COPY messages (bytes-like), in stream order."""
@@ -199,7 +194,7 @@ class _CopyDecoder:
             if not ((nfields == 2).all() and (vlen == vb).all()
                     and (idlen == np.asarray(lengths) - fixed).all()):
                 return False
-            self._put(rows[:, 6:6 + vb])
+            self._room(len(rows))[:] = rows[:, 6:6 + vb]
             self.id_parts.append(np.ascontiguousarray(rows[:, fixed:]).view(f"S{widest - fixed}")[:, 0])
             self.n += len(rows)
         self.done = self.done or trailer
@@ -226,7 +221,7 @@ class _CopyDecoder:
             idlen = int.from_bytes(buf[ipos - 4:ipos], "big")
             if ipos + idlen > end:
                 break
-            self._put(np.frombuffer(buf, np.uint8, vb, pos + 6)[None, :])
+            self._room(1)[0] = np.frombuffer(buf, np.uint8, vb, pos + 6)
             ids.append(bytes(buf[ipos:ipos + idlen]))
             self.n += 1
             pos = ipos + idlen
@@ -234,9 +229,18 @@ class _CopyDecoder:
             self.id_parts.append(np.array(ids, dtype=f"S{max(map(len, ids))}"))
         del buf[:pos]
 
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """The rows decoded so far, in arrival order, forgetting them (a streaming reader's chunk)."""
+        width = max((p.dtype.itemsize for p in self.id_parts), default=1)
+        ids = np.concatenate([p.astype(f"S{width}") for p in self.id_parts]) if self.id_parts \
+            else np.array([], dtype="S1")
+        vectors = self.vectors[: self.n].copy()
+        self.id_parts, self.n = [], 0
+        return ids, vectors
+
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         """Ids sorted bytewise and their vectors (one gather when rows came unsorted: the transient
-        copy is no larger than the vectors themselves)."""
+        copy is no larger than the index built from them next)."""
         if self.carry:
             raise ValueError(f"binary COPY stream ended inside a row ({len(self.carry)} bytes left)")
         width = max((p.dtype.itemsize for p in self.id_parts), default=1)
@@ -264,17 +268,18 @@ def bytewise_order(ids: np.ndarray) -> np.ndarray:
 
 
 _READ_BATCH = 4096  # COPY messages (rows) decoded at a time
+SINK_ROWS = 65_536  # rows per chunk a streaming read hands over
 
 
 def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None = None,
                     hi: str | None = None, *, created_after: str | None = None,
                     only_ids: list[str] | None = None, tag_filter: tuple[str, str] | None = None,
                     not_visible_in: str | None = None, expected: int | None = None, progress=None,
-                    dtype=np.float32) -> Embeddings:
+                    sink: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Embeddings:
     """Stream live embeddings of one model version (optionally an id range) into numpy.
 
-    `dtype` float16 halves the memory of a whole catalogue (rows are narrowed as they arrive, so no
-    float32 copy of it ever exists).
+    With `sink`, rows are handed to `sink(ids, vectors)` in chunks of about SINK_ROWS as they arrive and
+    not kept: the result holds the ids only, in arrival order (not sorted), and no vectors.
 
     Runs in one REPEATABLE READ transaction so the rows, `read_at` and `read_snapshot` come from one snapshot.
     `progress(n)` is called with the number of rows decoded per batch.
@@ -295,7 +300,15 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
         if not dims:
             return Embeddings(np.array([], dtype="S1"), np.empty((0, 0), np.float32), read_at, snapshot)
         dim = dims[0][0]
-        decoder = _CopyDecoder(dim, expected or 1024, on_rows=progress, dtype=dtype)
+        decoder = _CopyDecoder(dim, SINK_ROWS if sink else (expected or 1024), on_rows=progress)
+        streamed: list[np.ndarray] = []
+
+        def hand_over() -> None:
+            ids, vectors = decoder.take()
+            if len(ids):
+                streamed.append(ids)
+                sink(ids, vectors)
+
         # the vector first: at the same offset in every row, whatever the id's length
         copy_sql = sql.SQL("COPY (SELECT q.vector, q.listing_id FROM ({}) q) TO STDOUT (FORMAT binary)").format(query)
         with conn.cursor() as cur:
@@ -306,9 +319,30 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
                     if len(batch) == _READ_BATCH:
                         decoder.feed(batch)
                         batch = []
+                        if sink is not None and decoder.n >= SINK_ROWS:
+                            hand_over()
                 decoder.feed(batch)
-        ids, vectors = decoder.result()
-    return Embeddings(ids, vectors, read_at, snapshot)
+        if sink is None:
+            ids, vectors = decoder.result()
+            return Embeddings(ids, vectors, read_at, snapshot)
+        if decoder.carry:
+            raise ValueError(f"binary COPY stream ended inside a row ({len(decoder.carry)} bytes left)")
+        hand_over()
+    width = max((p.dtype.itemsize for p in streamed), default=1)
+    ids = np.concatenate([p.astype(f"S{width}") for p in streamed]) if streamed else np.array([], dtype="S1")
+    return Embeddings(ids, np.empty((0, dim), np.float32), read_at, snapshot)
+
+
+def sample_embeddings(conn: psycopg.Connection, model_version: str, rows: int, total: int,
+                      seed: int = 1234) -> np.ndarray:
+    """About `rows` vectors of the model version from random table pages (TABLESAMPLE SYSTEM): a training
+    sample for k-means without a pass over the whole table. Deleted listings may be in it (harmless)."""
+    percent = min(100.0, 100.0 * 1.2 * rows / max(total, 1))
+    got = conn.execute("SELECT vector FROM embeddings TABLESAMPLE SYSTEM (%s) REPEATABLE (%s)"
+                       " WHERE model_version = %s LIMIT %s", (percent, seed, model_version, rows)).fetchall()
+    if not got:
+        return np.empty((0, 0), np.float32)
+    return np.frombuffer(b"".join(r[0] for r in got), "<f4").reshape(len(got), -1)
 
 
 # ---------------------------------------------------------------------------------------------

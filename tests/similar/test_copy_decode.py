@@ -52,14 +52,3 @@ def test_a_vector_of_another_dimension_is_refused():
     with pytest.raises(ValueError, match="expected 24 bytes|mixed dimensions"):
         _decode([header + rows[0], rows[1], trailer], dim=6)
 
-
-def test_float16_reading_narrows_each_row_as_it_arrives():
-    rng = np.random.default_rng(5)
-    ids = [f"id-{i:03d}".encode() for i in range(40)]
-    vectors = rng.normal(size=(40, 8)).astype(np.float32)
-    header, rows, trailer = _stream(ids, vectors)
-    decoder = sdb._CopyDecoder(8, capacity=3, dtype=np.float16)
-    decoder.feed([header + rows[0], *rows[1:], trailer])
-    got_ids, got = decoder.result()
-    assert got.dtype == np.float16 and list(got_ids) == ids
-    np.testing.assert_array_equal(got, vectors.astype(np.float16))
