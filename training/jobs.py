@@ -7,7 +7,7 @@ evaluation set → register the candidate (artifact store; who and why from the 
 manifest) → the gate (training.gate: a failing candidate is rejected, with the reasons) → promote when it
 passes and ``ENRICH_AUTO_PROMOTE``, else wait for an admin (``enrich promote VERSION``) → after a promotion,
 enqueue the catalogue backfill by task name (the backfill enqueues the reindex when it is done). With
-``ENRICH_RETRAIN_NPROC`` N > 1 the training step runs in N processes under torchrun (``training.launch``).
+``ENRICH_RETRAIN_NPROC`` N > 1 the training step runs in N processes under torchrun (``training.processes``).
 
 One job trains at a time: a session-level Postgres advisory lock, taken with ``pg_try_advisory_lock`` on
 the job's connection and held for the whole run. A job that finds it taken stays ``queued`` (progress
@@ -464,7 +464,7 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
     if train_model is None and settings.retrain_nproc > 1:  # DistributedDataParallel under torchrun
         from functools import partial
 
-        from training.launch import train_processes
+        from training.processes import train_processes
 
         train_model = partial(train_processes, nproc=settings.retrain_nproc)
     elif train_model is None:

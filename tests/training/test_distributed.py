@@ -145,7 +145,7 @@ def test_job_launcher_relays_rank0_progress_stops_on_cancel_and_a_run_resumes_on
     """The retraining job's launcher: rank 0's progress reaches the job; what the job raises (a cancellation)
     stops every process. The stage checkpoint it leaves is where `enrich train --nproc 2 --resume` goes on."""
     from training.config import TINY
-    from training.launch import train_processes
+    from training.processes import train_processes
     from training.train import checkpoint_path
 
     out = tmp_path / "models"
