@@ -129,7 +129,6 @@ def run_k(k: int, args, base_env: dict, pg_admin: psycopg.Connection, tansu: psu
             time.sleep(0.5)
         time.sleep(2)  # a last rebalance round, if any, is over
         assert sum(scrape(p, "enrich_events_consumed_total") for p in ports) == 0, "read while paused"
-        me = psutil.Process()
         mine = watch.execute("SELECT pg_backend_pid()").fetchone()[0]
 
         def backends() -> list[psutil.Process]:

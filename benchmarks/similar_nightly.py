@@ -203,7 +203,8 @@ def child_algo(vec_path: str, k: int, factory: str | None, nprobe: int | None) -
     index, assignment = ix.build_index(vecs, spec, keep_assignment=True)
     t_build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in ix.search_all(index, vecs, k + 1, assignment):
+    batches = ix.search_grouped(index, k + 1) if spec.grouped else ix.search_all(index, vecs, k + 1, assignment)
+    for _ in batches:
         pass
     t_search = time.perf_counter() - t0
     return {"factory": spec.factory, "build_s": t_build, "search_s": t_search,

@@ -60,7 +60,8 @@ class Settings(BaseSettings):
     task_max_retries: int = Field(default=4, ge=0, le=20, description="retries of a task after a transient fault "
                                                                       "(image host down, database connection lost)")
     retry_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay after an image host "
-                                                              "was down (s); doubles per retry, up to "
+                                                              "was down or a reindex shard met a transient "
+                                                              "fault (s); doubles per retry, up to "
                                                               "ENRICH_RETRY_BACKOFF_MAX_S")
     retry_backoff_max_s: float = Field(default=600.0, gt=0, description="longest delay between two retries of "
                                                                         "a batch whose image host is down (s)")

@@ -214,6 +214,8 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 1234) -> Two
     share = np.minimum(share, np.maximum(counts, 1))
     for t in np.argsort(-(counts - share))[: max(0, nlist - share.sum())]:  # the remainder to the fullest
         share[t] += 1
+    while share.sum() > nlist:  # the one-each minimum overshot: take back from the biggest
+        share[np.argmax(share)] -= 1
     parts = []
     for t in range(top_n):
         mine = sample[members == t]
@@ -292,8 +294,19 @@ def list_members(index, lst: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, codes.view(np.float32).reshape(size, index.d).copy()
 
 
-def search_grouped(index, k: int, nprobe: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Top-k of every indexed vector, list by list: yields (ids, scores, ids of neighbours) per list.
+def list_ids(index, lst: int) -> np.ndarray:
+    """The ids in one list of an IVF index (a copy)."""
+    import faiss
+
+    inv = faiss.downcast_index(index).invlists
+    size = inv.list_size(lst)
+    return faiss.rev_swig_ptr(inv.get_ids(lst), size).copy() if size else np.empty(0, np.int64)
+
+
+def search_grouped(index, k: int, nprobe: int | None = None,
+                   lists: range | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Top-k of every indexed vector (or of the members of `lists`), list by list: yields (ids, scores, ids
+    of neighbours) per list.
 
     The members of list L are searched exactly among the members of the `nprobe` lists whose centroids
     are nearest L's (L first): one matrix product per list instead of one scan per query."""
@@ -304,7 +317,7 @@ def search_grouped(index, k: int, nprobe: int | None = None) -> Iterator[tuple[n
     centroids = index.quantizer.reconstruct_n(0, nlist)
     probe = min(nprobe or index.nprobe, nlist)
     near = _knn(centroids, centroids, probe)[1]
-    for lst in range(nlist):
+    for lst in range(nlist) if lists is None else lists:
         ids, queries = list_members(index, lst)
         if not len(ids):
             continue

@@ -4,17 +4,19 @@ One path opens every new version (`_read_build_snapshot`): take the model versio
 (a concurrent run gets ReindexBusy), mark a version still 'building' from an earlier run failed, read
 all live embeddings of the model version (binary COPY → numpy), build a faiss index chosen by
 catalogue size, open a new 'building' version, save the index as a snapshot (similar/index.py) and
-publish it (similar/snapshots.py, with ENRICH_INDEX_URI) in a thread of its own.
+publish it (similar/snapshots.py, with ENRICH_INDEX_URI) in a thread of its own. Past
+`index.COMPRESSED_MIN` listings the read streams straight into a "grouped" index (k-means on a table
+sample first), which is then the only copy of the vectors and is searched list by list.
 
 In one process (`recompute`), with the lock still held: search every listing's top-(K+1) in
 batches, drop itself, encode rows in numpy and binary-COPY them into the new version (a writer
 thread encodes and copies while the search goes on; the snapshot is saved meanwhile) → switch
 `similar_items_active` in one transaction → prune old versions and snapshots.
 Sharded (`prepare_shards` → `compute_shard` × N → `finish_shards`): `prepare_shards` opens the
-version and plans listing-id ranges, then releases the lock; each `compute_shard` (one per Celery
-worker) searches one range against the snapshot; `finish_shards` checks every listing was written
-and switches. Shards need the snapshot (ENRICH_INDEX_URI, or a directory all workers see) and a
-Celery result backend (the chord).
+version and plans listing-id ranges (list ranges of a grouped index), then releases the lock; each
+`compute_shard` (one per Celery worker) searches one range against the snapshot and records its row
+count with its rows; `finish_shards` switches once every planned shard has recorded its rows. Shards
+need the snapshot (ENRICH_INDEX_URI, or a directory all workers see) and a Celery result backend.
 
 Which model: the one asked for, else `common.reindex_model_version`: the active model once the
 catalogue backfill under it is done (or when it already serves, or nothing else could), otherwise the
@@ -387,21 +389,31 @@ def shard_bounds(ids: np.ndarray, shards: int) -> list[tuple[str | None, str | N
     return [(edges[i], edges[i + 1]) for i in range(shards)]
 
 
+def list_bounds(nlist: int, shards: int) -> list[tuple[int, int]]:
+    """Split a grouped index's lists into `shards` contiguous ranges [lo, hi) of about equal count."""
+    shards = max(1, min(shards, nlist))
+    cuts = [nlist * i // shards for i in range(shards + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(shards)]
+
+
 def prepare_shards(conn: psycopg.Connection, model_version: str | None, shards: int, *, settings: Settings,
                    k: int | None = None, factory: str | None = None, nprobe: int | None = None,
-                   root: Path | str | None = None) -> tuple[int, list[tuple[str | None, str | None]]]:
-    """Open a 'building' version (read + build + snapshot once) and plan its listing-id ranges."""
+                   root: Path | str | None = None, grouped: bool | None = None) -> tuple[int, list[tuple]]:
+    """Open a 'building' version (read + build + snapshot once) and plan its shards: listing-id ranges, or
+    for a grouped index ranges of its lists (each searched list by list, as in one process)."""
     with _read_build_snapshot(conn, settings, model_version, k=k, factory=factory, nprobe=nprobe,
-                              root=root) as built:
+                              root=root, grouped=grouped) as built:
         built.finish_snapshot(conn)  # the shards search it
-        bounds = shard_bounds(built.emb.ids, shards)
+        bounds = (list_bounds(built.index.nlist, shards) if built.spec.grouped
+                  else shard_bounds(built.emb.ids, shards))
         sdb.update_version_params(conn, built.version, {"shards": bounds})
         return built.version, bounds
 
 
-def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: str | None,
-                  root: Path | str | None = None, *, settings: Settings) -> int:
-    """Top-k for listings in [lo, hi) against the version's snapshot; re-running replaces the range."""
+def compute_shard(conn: psycopg.Connection, version: int, lo, hi, root: Path | str | None = None, *,
+                  settings: Settings) -> int:
+    """Top-k for listings in [lo, hi) against the version's snapshot (for a grouped index: the members of
+    lists [lo, hi)); re-running replaces the range."""
     row = conn.execute("SELECT model_version, k, status, params FROM similar_items_versions WHERE version = %s",
                        (version,)).fetchone()
     if row is None or row[2] != "building":
@@ -416,6 +428,10 @@ def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: st
         if store is not None:
             path = store.fetch(snapshot_root(settings, root), model_version, path.name)
     snap = ix.load_snapshot(path, model_version)
+    if params["spec"].get("grouped"):
+        written = _compute_list_shard(conn, version, snap, k, range(lo, hi), planned.index((lo, hi)))
+        log.info("lists [%s, %s) of version %d: %d listings", lo, hi, version, written)
+        return written
     emb = sdb.read_embeddings(conn, model_version, lo, hi)
     # listings embedded after the snapshot get neighbours too; they are appended to the id table
     pos = np.searchsorted(snap.ids, emb.ids)
@@ -443,15 +459,37 @@ def compute_shard(conn: psycopg.Connection, version: int, lo: str | None, hi: st
         kk = min(k + 1, snap.index.ntotal)
         batches = ix.search_all(snap.index, emb.vectors, kk, assignment)
         written = _write_version(conn, version, all_ids, batches, kk, query_pos, self_pos)
-        # recorded with the rows (one commit): finish_shards switches only once every shard has its entry.
-        # A version failed meanwhile takes no rows: they would outlive its cleanup
-        done = conn.execute(
-            "UPDATE similar_items_versions SET params = jsonb_set(params, '{written}',"
-            " coalesce(params->'written', '{}') || jsonb_build_object(%s::text, %s::bigint))"
-            " WHERE version = %s AND status = 'building'", (str(planned.index((lo, hi))), written, version))
-        if done.rowcount != 1:
-            raise RuntimeError(f"similar-items version {version} stopped building while shard [{lo}, {hi}) ran")
+        _record_shard(conn, version, planned.index((lo, hi)), written)
     log.info("shard [%s, %s) of version %d: %d listings", lo, hi, version, written)
+    return written
+
+
+def _record_shard(conn: psycopg.Connection, version: int, shard: int, written: int) -> None:
+    """Recorded with the rows (one commit): finish_shards switches only once every shard has its entry.
+    A version failed meanwhile takes no rows: they would outlive its cleanup."""
+    done = conn.execute(
+        "UPDATE similar_items_versions SET params = jsonb_set(params, '{written}',"
+        " coalesce(params->'written', '{}') || jsonb_build_object(%s::text, %s::bigint))"
+        " WHERE version = %s AND status = 'building'", (str(shard), written, version))
+    if done.rowcount != 1:
+        raise RuntimeError(f"similar-items version {version} stopped building while shard {shard} ran")
+
+
+def _compute_list_shard(conn: psycopg.Connection, version: int, snap: ix.Snapshot, k: int, lists: range,
+                        shard: int) -> int:
+    """The members of `lists` of a grouped snapshot, searched list by list. Listings embedded after the
+    snapshot are in no list: the online path gives them neighbours until the next night."""
+    members = [ix.list_ids(snap.index, lst) for lst in lists]
+    mine = decode_ids(snap.ids[np.concatenate(members)]) if members else []
+    rows = np.arange(len(snap.ids), dtype=np.int64)
+    kk = min(k + 1, snap.index.ntotal)
+    with conn.transaction():
+        for s in range(0, len(mine), sdb.ENCODE_CHUNK):  # a rerun replaces what an earlier try wrote
+            conn.execute("DELETE FROM similar_items WHERE version = %s AND listing_id = ANY(%s)",
+                         (version, mine[s:s + sdb.ENCODE_CHUNK]))
+        batches = ix.search_grouped(snap.index, kk, lists=lists)
+        written = _write_version(conn, version, snap.ids, batches, kk, rows, rows)
+        _record_shard(conn, version, shard, written)
     return written
 
 

@@ -2,11 +2,12 @@
 
 "enrich.reindex"        nightly (beat, queue "cpu"): shards <= 1 → the whole recompute in this
                         worker; shards > 1 → read/build/snapshot here, then a chord of
-                        "enrich.reindex_shard" (one per listing-id range, any worker that sees the
-                        snapshot directory or ENRICH_INDEX_URI) whose callback "enrich.reindex_finish"
+                        "enrich.reindex_shard" (one per listing-id range, or list range past 2 M
+                        listings; any worker that sees the snapshot directory or ENRICH_INDEX_URI)
+                        whose callback "enrich.reindex_finish"
                         switches versions. Shards default to ENRICH_REINDEX_SHARDS; more than one needs
                         a result backend that joins chords (ENRICH_CELERY_RESULT_BACKEND, Redis).
-"enrich.reindex_shard"  top-K for one id range into the building version; re-running it replaces the
+"enrich.reindex_shard"  top-K for one id (or list) range into the building version; re-running it replaces the
                         range, so acks_late redelivery is safe. A transient fault (database
                         connection, snapshot download) retries this shard alone, with backoff, at most
                         ENRICH_TASK_MAX_RETRIES times; the other shards keep what they wrote.

@@ -71,6 +71,8 @@ def test_two_level_centroids_give_each_vector_a_list_near_its_nearest():
     x = clustered(6000, dim=16, clusters=30, seed=9)
     levels = ix.two_level_centroids(x, 96, seed=1)
     assert len(levels.centroids) == 96 and levels.offsets[-1] == 96
+    for nlist in (12, 64, 65, 200):  # exactly as many lists as asked, however the sample splits
+        assert len(ix.two_level_centroids(x[:3000], nlist, seed=2).centroids) == nlist
     lists = levels.assign(x)
     assert lists.min() >= 0 and lists.max() < 96
     sims = x @ levels.centroids.T

@@ -259,6 +259,23 @@ def test_sharded_recompute_matches_single_process(db, root, settings):
     assert stored["item-999"][0] == "item-000"
 
 
+def test_a_grouped_index_is_sharded_by_lists_and_matches_one_process(db, root, settings):
+    vecs = clustered(600, seed=12)
+    ids = [f"x{i:04d}" for i in range(600)]
+    add_listings(db, ids, vecs)
+    one = nightly.recompute(db, "m1", k=6, factory="IVF12,Flat", nprobe=3, grouped=True, root=root,
+                            settings=settings)
+    single = _stored(db)
+    version, bounds = nightly.prepare_shards(db, "m1", 4, k=6, factory="IVF12,Flat", nprobe=3, grouped=True,
+                                             root=root, settings=settings)
+    assert bounds == [(0, 3), (3, 6), (6, 9), (9, 12)]  # list ranges, not listing-id ranges
+    written = [nightly.compute_shard(db, version, lo, hi, settings=settings) for lo, hi in bounds]
+    assert nightly.compute_shard(db, version, *bounds[2], settings=settings) == written[2]  # a rerun replaces
+    result = nightly.finish_shards(db, version, root=root, settings=settings)
+    assert sum(written) == result.count == len(ids) and result.version != one.version
+    assert _stored(db) == single  # the same lists probed the same way (3 of 12: not exact, but identical)
+
+
 def test_unfinished_shards_never_switch(db, root, settings):
     add_listings(db, IDS, clustered(len(IDS), seed=11))
     first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
