@@ -231,9 +231,7 @@ class _CopyDecoder:
 
     def take(self) -> tuple[np.ndarray, np.ndarray]:
         """The rows decoded so far, in arrival order, forgetting them (a streaming reader's chunk)."""
-        width = max((p.dtype.itemsize for p in self.id_parts), default=1)
-        ids = np.concatenate([p.astype(f"S{width}") for p in self.id_parts]) if self.id_parts \
-            else np.array([], dtype="S1")
+        ids = concat_ids(self.id_parts)
         vectors = self.vectors[: self.n].copy()
         self.id_parts, self.n = [], 0
         return ids, vectors
@@ -243,15 +241,19 @@ class _CopyDecoder:
         copy is no larger than the index built from them next)."""
         if self.carry:
             raise ValueError(f"binary COPY stream ended inside a row ({len(self.carry)} bytes left)")
-        width = max((p.dtype.itemsize for p in self.id_parts), default=1)
-        ids = np.concatenate([p.astype(f"S{width}") for p in self.id_parts]) if self.id_parts \
-            else np.array([], dtype="S1")
+        ids = concat_ids(self.id_parts)
         self.id_parts = []
         vectors = self.vectors[: self.n]
         if len(ids) > 1 and not (ids[1:] >= ids[:-1]).all():
             order = bytewise_order(ids)
             ids, vectors = ids[order], vectors[order]
         return ids, vectors
+
+
+def concat_ids(parts: list[np.ndarray]) -> np.ndarray:
+    """Fixed-width byte-string arrays joined at the widest width."""
+    width = max((p.dtype.itemsize for p in parts), default=1)
+    return np.concatenate([p.astype(f"S{width}") for p in parts]) if parts else np.array([], dtype="S1")
 
 
 def bytewise_order(ids: np.ndarray) -> np.ndarray:
@@ -328,9 +330,7 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
         if decoder.carry:
             raise ValueError(f"binary COPY stream ended inside a row ({len(decoder.carry)} bytes left)")
         hand_over()
-    width = max((p.dtype.itemsize for p in streamed), default=1)
-    ids = np.concatenate([p.astype(f"S{width}") for p in streamed]) if streamed else np.array([], dtype="S1")
-    return Embeddings(ids, np.empty((0, dim), np.float32), read_at, snapshot)
+    return Embeddings(concat_ids(streamed), np.empty((0, dim), np.float32), read_at, snapshot)
 
 
 def sample_embeddings(conn: psycopg.Connection, model_version: str, rows: int, total: int,

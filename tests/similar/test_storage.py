@@ -32,6 +32,25 @@ def test_read_streams_live_embeddings_of_one_model_in_id_order(db):
     assert len(sdb.read_embeddings(db, "nope")) == 0
 
 
+def test_a_streaming_read_hands_every_row_over_once_in_chunks_and_keeps_no_vectors(db, monkeypatch):
+    rng = np.random.default_rng(4)
+    ids = [f"S{i:04d}" for i in range(700)] + ["a-much-longer-listing-id:" + "x" * 30]
+    vecs = unit(rng.normal(size=(len(ids), 8)))
+    add_listings(db, ids, vecs, "m1")
+    add_listings(db, ["gone"], vecs[:1], "m1", status="deleted")
+    monkeypatch.setattr(sdb, "SINK_ROWS", 100)  # several chunks of this small catalogue
+    monkeypatch.setattr(sdb, "_READ_BATCH", 50)
+    chunks = []
+    emb = sdb.read_embeddings(db, "m1", sink=lambda i, v: chunks.append((i.copy(), v.copy())))
+    assert len(chunks) > 3 and emb.vectors.size == 0
+    got_ids = sdb.concat_ids([c[0] for c in chunks])
+    assert list(got_ids) == list(emb.ids)  # the result's ids: those handed over, in arrival order
+    got = dict(zip([i.decode() for i in got_ids], np.concatenate([c[1] for c in chunks])))
+    assert sorted(got) == sorted(ids)  # each live row once; the deleted listing left out
+    for lid, vec in zip(ids, vecs):
+        np.testing.assert_array_equal(got[lid], vec)
+
+
 @pytest.mark.parametrize("k", [1, 5])
 def test_encoded_rows_round_trip_through_copy(db, k):
     ids = np.array([b"a", b"bb", b"a-much-longer-listing-id:42", b"d"])
