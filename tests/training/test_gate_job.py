@@ -63,7 +63,10 @@ def test_a_retraining_jobs_failing_candidate_ends_rejected_with_its_reasons(db, 
     listed = CliRunner().invoke(app, ["models", "--database-url", pg_url], env={"COLUMNS": "400"})
     assert listed.exit_code == 0, listed.output
     line = next(ln for ln in listed.output.splitlines() if "tiny-worse" in ln)
-    assert "rejected" in line and f"category {name}: recall 0.0000" in line
+    assert "rejected" in line and "fail: " in line  # the list starts the reasons; `models show` has them all
+    shown = CliRunner().invoke(app, ["models", "show", "tiny-worse", "--database-url", pg_url], env={"COLUMNS": "400"})
+    assert shown.exit_code == 0, shown.output
+    assert f"category {name}: recall 0.0000" in shown.output
 
 
 def tiny_eval_set(model_dir) -> str:
