@@ -182,7 +182,7 @@ def main() -> None:
             for q in (gpu_q, bf_q, cpu_q):
                 try:
                     conn.default_channel.queue_delete(q)
-                except Exception:  # noqa: BLE001 - never declared
+                except Exception:
                     pass
         admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         admin.close()

@@ -58,8 +58,9 @@ def phone_photos(n: int, seed: int = 0) -> list[bytes]:
 
 def product_shots(n: int, fmnist_dir: Path) -> list[bytes]:
     """The 256 px FMNIST-shop JPEGs of benchmarks/pipeline_throughput.py."""
-    from benchmarks.pipeline_throughput import make_images
     import tempfile
+
+    from benchmarks.pipeline_throughput import make_images
 
     with tempfile.TemporaryDirectory() as tmp:
         return [p.read_bytes() for p in make_images(Path(tmp), n, 256, fmnist_dir)]

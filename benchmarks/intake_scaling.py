@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from intake_throughput import make_events, start_tansu  # noqa: E402 - after the path insert
+
 from tests.net import free_port  # noqa: E402
 
 PARTITIONS = 4

@@ -39,7 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 from tests.net import free_port, wait_port  # noqa: E402 - after the path insert
 
-
 WORDS = ("cotton wool linen denim silk leather vintage classic slim relaxed cropped oversized soft warm light "
          "summer winter everyday party office worn once great condition small mark on the sleeve washed kept "
          "smoke free home fits true to size measurements on request pockets zip buttons lined stretch").split()
@@ -275,7 +274,7 @@ def main() -> None:
 
             with Connection(args.broker) as broker:
                 broker.default_channel.queue_delete(queue)
-        except Exception as exc:  # noqa: BLE001 - cleanup only
+        except Exception as exc:
             print(f"could not delete queue {queue}: {exc}", file=sys.stderr)
 
     if len(digests["bare"] | digests["intake"]) != 1:

@@ -61,9 +61,9 @@ def _wait_port(port: int, timeout: float = 15) -> None:
 
 
 def make_model(out: Path, image_size: int, backbone: str) -> Path:
-    from schemas.taxonomy import load_taxonomy
     from model.checkpoint import save_model
     from model.network import build_model
+    from schemas.taxonomy import load_taxonomy
 
     model = build_model(backbone, load_taxonomy("fashion-mnist"), pretrained=backbone != "small_cnn")
     save_model(model, out, model_version=f"bench-{backbone}-{image_size}", image_size=image_size,

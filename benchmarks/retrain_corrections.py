@@ -36,11 +36,10 @@ import logging
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-
 from _learning import RESULTS, bar_plot, fmt, pair_accuracy, predict, spread
 
 CATALOGUE_SEED = 7
@@ -86,7 +85,7 @@ def answers_as_rows(photos: np.ndarray, idx: np.ndarray, truth: np.ndarray, taxo
     from training.corrections import CorrectionLabel, corrections_to_images
 
     names = taxonomy.category_names
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     labels = [CorrectionLabel(f"l{i}", CATEGORY_GROUP, names[truth[i]], int(truth[i]), [str(i)], now) for i in idx]
     return corrections_to_images(labels, taxonomy, lambda uri: Image.fromarray(photos[int(uri)]), size)
 

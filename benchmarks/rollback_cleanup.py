@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -138,7 +138,7 @@ def main() -> None:
 
         n = args.listings
         results = {
-            "listings": n, "cpu": cpu_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "listings": n, "cpu": cpu_name(), "date": datetime.now(UTC).isoformat(timespec="seconds"),
             "backbone": args.backbone, "image_size": args.image_size, "photo_size": args.photo_size,
             "batch_size": args.batch_size, "task_listings": args.task_listings, "threads": args.threads,
             "baseline_s": round(base_wall, 2), "baseline_cpu_s": round(base_cpu, 2),

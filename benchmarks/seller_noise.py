@@ -28,7 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 from _learning import RESULTS, bar_plot, clean_test, fmt, pair_accuracy, predict, spread
 
 PARTNER = {"T-shirt/top": "Shirt", "Shirt": "T-shirt/top", "Pullover": "Coat", "Coat": "Pullover",

@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from schemas.taxonomy import load_taxonomy  # noqa: E402
-from model.backbones import create_backbone  # noqa: E402
-from training.fmnist import load_fashion_mnist  # noqa: E402
-import training.fmnist_shop as shop_render  # noqa: E402
-from training.fmnist_shop import build_shop  # noqa: E402
-from training.transforms import BatchAugment  # noqa: E402
+import training.fmnist_shop as shop_render
+from model.backbones import create_backbone
+from schemas.taxonomy import load_taxonomy
+from training.fmnist import load_fashion_mnist
+from training.fmnist_shop import build_shop
+from training.transforms import BatchAugment
 
 HALF = ((0.5,) * 3, (0.5,) * 3)
 

@@ -108,10 +108,10 @@ def main() -> None:
     args = ap.parse_args()
 
     import psycopg
+    from similar_nightly import listing_ids
 
     from migrations import apply_all
     from similar import store as sdb
-    from similar_nightly import listing_ids
 
     name = f"enrich_bench_{uuid.uuid4().hex[:10]}"
     url = psycopg.conninfo.make_conninfo(ADMIN_URL, dbname=name)

@@ -106,7 +106,7 @@ def log(msg: str) -> None:
 def lscpu_head() -> str:
     try:
         return subprocess.run("lscpu | head -20", shell=True, capture_output=True, text=True, timeout=10).stdout
-    except Exception:  # noqa: BLE001 - informative only
+    except Exception:
         return ""
 
 
@@ -152,7 +152,7 @@ def rss_mib(pid: int) -> float | None:
         except psutil.Error:
             pass
         return total / 2**20
-    except Exception:  # noqa: BLE001 - no psutil, or it failed: /proc
+    except Exception:
         pass
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -352,7 +352,7 @@ class Producer(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception:  # noqa: BLE001 - reported in the summary
+        except Exception:
             self.error = traceback.format_exc()
             log(f"PRODUCER FAILED:\n{self.error}")
 
@@ -398,7 +398,7 @@ class Producer(threading.Thread):
                 self._send(key, value, reason)
             try:
                 self.producer.flush(60)
-            except Exception as exc:  # noqa: BLE001 - retried
+            except Exception as exc:
                 log(f"producer flush: {exc!r}")
             with self.lock:
                 if not self._retry and not self.extra:
@@ -411,7 +411,7 @@ class Producer(threading.Thread):
     def close(self) -> None:
         try:
             self.producer.close(10)
-        except Exception:  # noqa: BLE001
+        except Exception:
             pass
 
 
@@ -459,7 +459,7 @@ class Sampler(threading.Thread):
             try:
                 if c is not None:
                     c.close()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         self._consumer = self._admin = None
 
@@ -494,7 +494,7 @@ class Sampler(threading.Thread):
             end_sum = sum(end.values())
             com_sum = sum(committed.get(p, 0) for p in end)
             return end_sum - com_sum, end_sum, com_sum
-        except Exception:  # noqa: BLE001 - broker hung or restarting: no sample
+        except Exception:
             self._drop_clients()
             return None, None, None
 
@@ -505,7 +505,7 @@ class Sampler(threading.Thread):
             with psycopg.connect(self.stack.pg_url, autocommit=True, connect_timeout=3) as conn:
                 rows = conn.execute("SELECT status, count(*) FROM listings GROUP BY status").fetchall()
             return dict(rows)
-        except Exception:  # noqa: BLE001 - Postgres down
+        except Exception:
             return {}
 
     def sample(self) -> dict:
@@ -514,7 +514,7 @@ class Sampler(threading.Thread):
         lag, end, com = self.lag()
         try:
             depth = cluster.queue_depth(self.stack.amqp, self.stack.queue)
-        except Exception:  # noqa: BLE001 - RabbitMQ down
+        except Exception:
             depth = None
         counts = self.db_counts()
         s = {"t": t, "lag": lag, "end": end, "committed": com, "queue_depth": depth,
@@ -534,7 +534,7 @@ class Sampler(threading.Thread):
             t = now()
             try:
                 self.samples.append(self.sample())
-            except Exception:  # noqa: BLE001 - keep sampling
+            except Exception:
                 log(f"sampler: {traceback.format_exc(limit=2)}")
             self._halt.wait(max(0.0, self.every - (now() - t)))
         self._drop_clients()
@@ -547,7 +547,7 @@ def bring_back(start, what: str, tries: int = 4) -> int:
         try:
             start()
             return attempt
-        except Exception as exc:  # noqa: BLE001 - retried
+        except Exception as exc:
             log(f"{what} did not start (try {attempt}): {exc!r}")
             if attempt == tries:
                 raise
@@ -599,14 +599,14 @@ class Faults(threading.Thread):
                 log(f"FAULT {len(self.log)}: {kind}")
                 try:
                     getattr(self, kind)(rec)
-                except Exception:  # noqa: BLE001 - a fault that could not be injected is reported, not fatal
+                except Exception:
                     rec["error"] = traceback.format_exc(limit=4)
                     log(f"fault {kind} failed: {rec['error']}")
                 finally:
                     rec["end"] = now()
                     self.sup.current_fault = None
                     log(f"FAULT {len(self.log)} done: {kind} ({rec['end'] - rec['start']:.1f} s) {rec['note']}")
-        except Exception:  # noqa: BLE001
+        except Exception:
             self.error = traceback.format_exc()
 
     # (1)
@@ -700,7 +700,7 @@ class Faults(threading.Thread):
                     try:
                         if cluster.group_members(self.sup.stack.kafka, self.sup.stack.group) == ("Stable", 1):
                             break
-                    except Exception:  # noqa: BLE001
+                    except Exception:
                         pass
                     time.sleep(0.5)
                 rec["note"] += f"; survivor paused {survivor.proc.metric(PAUSED) if survivor.proc else None} after the rebalance"
@@ -1064,7 +1064,7 @@ def main(argv=None) -> int:
             sup.tick()
             try:
                 state = cluster.group_members(stack.kafka, stack.group)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 state = None
             ready = all("ready." in tail_bytes(s.proc.log, 1 << 16) for s in sup.slots if s.role == "worker")
             if state == ("Stable", args.consumers) and ready:
@@ -1219,12 +1219,12 @@ def main(argv=None) -> int:
             if thing is not None:
                 try:
                     thing.stop()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
         if kafka is not None and kafka.proc is not None:
             try:
                 kafka.resume()  # interrupted in a hang: processes stop faster against a live broker
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         if producer is not None:
             producer.close()
@@ -1236,7 +1236,7 @@ def main(argv=None) -> int:
                     if svc is kafka:
                         svc.resume()
                     svc.close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
         if problems or args.keep:
             print(f"kept {base} (process logs *.log, service data)")

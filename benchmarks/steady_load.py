@@ -57,7 +57,6 @@ import argparse
 import csv
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
@@ -68,15 +67,26 @@ import tempfile
 import time
 import traceback
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.soak import (  # noqa: E402 - after the path insert (soak.py also chdirs to ROOT)
-    Producer, Sampler, Supervisor, _interrupt, cpu_model, enriched_times, log, lscpu_head, now, pct, tail_bytes,
-    wait_drained)
+    Producer,
+    Sampler,
+    Supervisor,
+    _interrupt,
+    cpu_model,
+    enriched_times,
+    log,
+    lscpu_head,
+    now,
+    pct,
+    tail_bytes,
+    wait_drained,
+)
 from tests.faults import cluster  # noqa: E402
 
 MODEL_VERSION = "steady-small-v1"
@@ -148,7 +158,7 @@ def wait_ready(stack: cluster.Stack, sup: Supervisor, consumers: int = 1, timeou
         sup.tick()
         try:
             state = cluster.group_members(stack.kafka, stack.group)
-        except Exception:  # noqa: BLE001 - the group does not exist yet
+        except Exception:
             state = None
         ready = all("ready." in tail_bytes(s.proc.log, 1 << 16) for s in sup.slots if s.role == "worker")
         if state == ("Stable", consumers) and ready:
@@ -200,7 +210,7 @@ def seed_catalogue(pg_url: str, n: int, basis, uris: list[str], chunk: int = 20_
     noise = 0.25 * float(np.median(np.linalg.norm(pick[0] - pick[1], axis=1))) / dim ** 0.5
     # a day old: older than any snapshot's read time less the online path's slack, as a catalogue built up
     # before the last nightly reindex would be
-    written = datetime.now(timezone.utc) - timedelta(days=1)
+    written = datetime.now(UTC) - timedelta(days=1)
     with psycopg.connect(pg_url) as conn, conn.cursor() as cur:
         with cur.copy("COPY listings (listing_id, seller_id, event, content_hash, status, enriched_hash,"
                       " enriched_by, received_at, updated_at) FROM STDIN") as copy:
@@ -692,7 +702,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         log("interrupted")
         return 130
-    except Exception:  # noqa: BLE001 - reported; the cleanup below still runs
+    except Exception:
         log(f"FAILED:\n{traceback.format_exc()}")
         if sup is not None:
             for s in sup.slots:
@@ -711,7 +721,7 @@ def main(argv=None) -> int:
             if svc is not None:
                 try:
                     svc.close()
-                except Exception:  # noqa: BLE001
+                except Exception:
                     pass
         if tree is not None:
             remove_worktree(tree)

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def step_ms(backbone: str, dtype: torch.dtype | None, batch_size: int, image_size: int, device: torch.device,
             steps: int) -> float:
-    from schemas.taxonomy import load_taxonomy
     from model.network import build_model
+    from schemas.taxonomy import load_taxonomy
     from training.train import adamw
 
     torch.manual_seed(0)

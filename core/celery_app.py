@@ -73,12 +73,12 @@ def configure(settings: Settings) -> Celery:
     )
     app.conf.enrich_settings = settings
     # connections made under an earlier broker URL must not be reused (tests, CLI overrides)
-    app._pool = None  # noqa: SLF001 - Celery has no public "drop the pool" call
+    app._pool = None
     # nor a result backend made under an earlier one (cached on the app, or per thread)
-    app._backend_cache = None  # noqa: SLF001
-    app._local.__dict__.pop("backend", None)  # noqa: SLF001
+    app._backend_cache = None
+    app._local.__dict__.pop("backend", None)
     if "amqp" in app.__dict__:
-        app.amqp._producer_pool = None  # noqa: SLF001
+        app.amqp._producer_pool = None
     return app
 
 
@@ -127,7 +127,7 @@ def queue_depth(queue: str, connection=None) -> int:
         finally:
             try:
                 channel.close()
-            except Exception:  # noqa: BLE001 - already closed by the broker
+            except Exception:
                 pass
     finally:
         if own:

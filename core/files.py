@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +27,30 @@ def replaced_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def replaced_file(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `final` (same directory, so the rename is atomic); on success it
+    becomes `final`, on any error it is removed and `final` is left as it was."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{final.name}-", suffix=final.suffix)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace a file so a reader sees the old or the new content, never part."""
+    with replaced_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a small file (a pointer, a manifest) so a reader sees the old or the new content, never part."""
-    path = Path(path)
-    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Replace a small text file (a pointer, a manifest) so a reader sees the old or the new content, never part."""
+    with replaced_file(path) as tmp:
+        tmp.write_text(text)

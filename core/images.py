@@ -9,8 +9,8 @@ bombs and odd formats with a reason a person can read. Two error kinds matter to
 from __future__ import annotations
 
 import http.client
-import ipaddress
 import io
+import ipaddress
 import socket
 import ssl
 import time
@@ -62,7 +62,7 @@ class ImageLimits:
     formats: tuple[str, ...] = ALLOWED_FORMATS
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "ImageLimits":
+    def from_settings(cls, settings: Settings) -> ImageLimits:
         return cls(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
 
 
@@ -371,7 +371,7 @@ def _sniff_format(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.format
-    except Exception:  # noqa: BLE001 - only used to word an error message
+    except Exception:
         return None
 
 

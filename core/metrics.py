@@ -14,7 +14,15 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +94,7 @@ def run_checks(checks: dict[str, HealthCheck]) -> tuple[bool, dict[str, str]]:
         try:
             check()
             results[name] = "ok"
-        except Exception as exc:  # noqa: BLE001 - a health check reports every failure, never raises
+        except Exception as exc:
             ok = False
             results[name] = f"{type(exc).__name__}: {exc}"[:300]
     return ok, results
@@ -98,7 +106,7 @@ def serve(port: int, checks: dict[str, HealthCheck], host: str = "0.0.0.0") -> T
     registry = _registry()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
+        def do_GET(self) -> None:
             if self.path.startswith("/metrics"):
                 body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
             elif self.path.startswith("/healthz"):

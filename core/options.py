@@ -1,11 +1,11 @@
 """Command-line options shared by every package's commands (typer, annotated once)."""
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-DatabaseUrl = Annotated[Optional[str], typer.Option(
+DatabaseUrl = Annotated[str | None, typer.Option(
     "--database-url", envvar="ENRICH_DATABASE_URL",
     help="Postgres URL (default: ENRICH_DATABASE_URL, else the embedded Postgres under ENRICH_DATA_DIR, "
          "which some commands use only with --embedded).")]

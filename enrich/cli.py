@@ -11,8 +11,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from core.db import DatabaseUnavailable
 from core.config import get_settings
+from core.db import DatabaseUnavailable
 from core.options import DatabaseUrl
 
 _FMNIST_DEFAULT = Path(os.environ.get("ENRICH_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -74,7 +74,8 @@ def quickstart(
 @app.command()
 def migrate(database_url: DatabaseUrl = None) -> None:
     """Apply pending database migrations (safe to run again; forward-only)."""
-    from core.db import connect, database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
     from migrations import apply_all
 
     conn = connect(database_url or resolve(get_settings()))
@@ -87,11 +88,11 @@ def migrate(database_url: DatabaseUrl = None) -> None:
 
 def _register_subcommands() -> None:
     # Each package owns its commands; importing is cheap because heavy imports happen inside commands.
-    from training import cli as training_cli
-    from worker import cli as worker_cli
     from enrich import explain_cli, models_cli
     from enrich.console import cli as console_cli
     from similar import cli as similar_cli
+    from training import cli as training_cli
+    from worker import cli as worker_cli
 
     training_cli.register(app)
     worker_cli.register(app)

@@ -89,7 +89,8 @@ def explain_cmd(
     them."""
     from rich.console import Console
 
-    from core.db import connect, database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
     from model.artifacts import store_from_settings
     from model.inference import load_predictor
     from model.registry import model_dir_for

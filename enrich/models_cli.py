@@ -17,7 +17,8 @@ _BY_HELP = "Who asks (recorded with the change; default: the login name)."
 
 
 def _connect(database_url: str | None, embedded_ok: bool = True):
-    from core.db import connect, database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
 
     return connect(database_url or resolve(get_settings(), embedded_ok=embedded_ok), autocommit=True)
 

@@ -155,13 +155,13 @@ def run_quickstart(settings: Settings, fmnist_dir: Path, items: int = 300, retra
     from core.db import connect, database_url
     from core.images import ImageLimits
     from migrations import apply_all
-    from model.inference import load_predictor
     from model.artifacts import store_from_settings
+    from model.inference import load_predictor
     from model.registry import register_candidate
-    from training.gate import promote
     from similar.nightly import recompute
     from similar.query import read_neighbours
     from similar.sheet import contact_sheet
+    from training.gate import promote
     from worker.batch import read_listings, render_report, run_batch
     from worker.pipeline import Enricher
 

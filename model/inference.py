@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from schemas.manifest import ModelManifest
-from schemas.taxonomy import Taxonomy
 from model.checkpoint import load_model
 from model.network import MultitaskModel, joint_category
+from schemas.manifest import ModelManifest
+from schemas.taxonomy import Taxonomy
 
 
 @dataclass

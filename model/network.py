@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from schemas.taxonomy import Taxonomy
 from model.backbones import Backbone, create_backbone
+from schemas.taxonomy import Taxonomy
 
 
 @dataclass

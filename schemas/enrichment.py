@@ -38,7 +38,7 @@ class TagValue(BaseModel):
     evidence: TagEvidence | None = Field(default=None, description="set when the text contributed to a prediction")
 
     @model_validator(mode="after")
-    def _predicted_has_provenance(self) -> "TagValue":
+    def _predicted_has_provenance(self) -> TagValue:
         if self.source is TagSource.predicted and (self.confidence is None or self.model_version is None):
             raise ValueError("a predicted tag needs confidence and model_version")
         if self.evidence is not None and self.source is not TagSource.predicted:

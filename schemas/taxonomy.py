@@ -39,7 +39,7 @@ class Taxonomy(BaseModel):
     attribute_groups: list[AttributeGroup] = Field(default_factory=list)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Taxonomy":
+    def _consistent(self) -> Taxonomy:
         names = [c.name for c in self.categories]
         if len(set(names)) != len(names):
             raise ValueError("duplicate category names")
@@ -109,7 +109,7 @@ class Taxonomy(BaseModel):
         """Attribute groups that do not apply to this category (or type), in taxonomy order."""
         return [g.name for g in self.attribute_groups if not self.applies(g.name, category, type_)]
 
-    def applicability(self) -> "np.ndarray":
+    def applicability(self) -> np.ndarray:
         """(C, G) bool: category c has attribute group g (training masks the rest, seed 001)."""
         import numpy as np
 

@@ -13,7 +13,8 @@ if TYPE_CHECKING:
 
 
 def _connect(database_url: str | None, settings: Settings):
-    from core.db import connect, database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
 
     return connect(database_url or resolve(settings), autocommit=True)
 
@@ -185,8 +186,8 @@ def similar_cmd(
     from rich.table import Table
 
     from core.config import get_settings
-    from similar.common import resolve_model_version
     from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP
+    from similar.common import resolve_model_version
     from similar.query import listing_tag, read_neighbours, similar_to
 
     console = Console()

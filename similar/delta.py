@@ -159,7 +159,7 @@ def current_delta(conn: psycopg.Connection, model_version: str, snap: ix.Snapsho
         try:  # the reindex chooses the model itself: during a backfill it refreshes the shelves that serve
             app.send_task(REINDEX_TASK, queue=settings.cpu_queue)
             delta.reindex_requested = True
-        except Exception:  # noqa: BLE001 - broker away: the search goes on, the next task asks again
+        except Exception:
             log.warning("could not ask for a reindex", exc_info=True)
     return delta
 

@@ -30,10 +30,10 @@ import math
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -439,7 +439,7 @@ def save_snapshot(root: Path, index, ids: np.ndarray, manifest: SnapshotManifest
 
     base = Path(root) / safe_name(manifest.model_version)
     base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     name = f"{stamp}-v{manifest.similar_version}" if manifest.similar_version is not None else stamp
     final = base / name
     with replaced_dir(final) as tmp:

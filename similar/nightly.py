@@ -34,11 +34,11 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import psycopg
@@ -165,7 +165,7 @@ def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray,
     def write() -> None:
         try:
             sdb.copy_neighbours(conn, sdb.sql.Identifier("similar_items"), chunks())
-        except BaseException as exc:  # noqa: BLE001 - handed to the searching thread, which raises it
+        except BaseException as exc:
             write_failed.append(exc)
 
     def hand_over(item) -> None:
@@ -224,7 +224,7 @@ class _SnapshotSaver:
                 store.publish(path, manifest.model_version)
                 timings["publish"] = time.perf_counter() - t0
             self.path = path
-        except BaseException as exc:  # noqa: BLE001 - wait() raises it in the caller's thread
+        except BaseException as exc:
             self.error = exc
 
     def join(self) -> None:

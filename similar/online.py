@@ -27,9 +27,9 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import psycopg
@@ -57,7 +57,7 @@ _PULLING: dict[str, threading.Thread] = {}
 def _pull(store: SnapshotStore, root: Path, model_version: str) -> None:
     try:
         store.pull_latest(root, model_version)
-    except Exception:  # noqa: BLE001 - best effort: keep answering from the snapshot we have
+    except Exception:
         log.warning("could not check %s for a newer snapshot of %s; using the local one", store.uri, model_version,
                     exc_info=True)
 

@@ -42,7 +42,6 @@ from similar import index as ix
 from similar import store as sdb
 from similar.common import ACTIVE_MODEL_SQL, SHELF_MODEL_SQL, Neighbour, resolve_model_version
 
-
 COLOUR_FREE_RULES = ("complement", "drop-top")
 
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import psycopg

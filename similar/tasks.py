@@ -49,7 +49,7 @@ def _conn(settings: Settings) -> psycopg.Connection:
 def _prune_models(conn: psycopg.Connection, settings: Settings) -> None:
     try:
         nightly.prune_models(conn, settings=settings)
-    except Exception:  # noqa: BLE001 - the new version serves; pruning is tried again after the next switch
+    except Exception:
         log.exception("pruning old model versions failed")
 
 

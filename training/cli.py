@@ -274,7 +274,8 @@ def promote(
     """Promote a candidate through the gate (overall metrics, each category, held-out corrections against
     the active model); a candidate that fails is rejected, one not comparable stays a candidate."""
     from core.config import get_settings
-    from core.db import connection, database_url as resolve
+    from core.db import connection
+    from core.db import database_url as resolve
     from model.artifacts import store_from_settings
     from model.registry import register_candidate
     from training import gate
@@ -359,7 +360,8 @@ def retrain(
 
     from core.celery_app import configure
     from core.config import get_settings
-    from core.db import connect, database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
     from training.jobs import cancel_job, request_retrain, retrain_params
 
     settings = get_settings()

@@ -2,8 +2,8 @@
 prepared splits of a training run."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.category)
 
-    def subset(self, idx: np.ndarray) -> "LabelledImages":
+    def subset(self, idx: np.ndarray) -> LabelledImages:
         return LabelledImages(self.images[idx], self.category[idx], self.item_ids[idx],
                               {k: v[idx] for k, v in self.groups.items()},
                               {k: v[idx] for k, v in self.present.items()},
@@ -47,7 +47,7 @@ class LabelledImages:
             has = has | (self.present[g] if g in self.present else arr >= 0)
         return has
 
-    def concat(self, other: "LabelledImages") -> "LabelledImages":
+    def concat(self, other: LabelledImages) -> LabelledImages:
         """Rows of both (the same groups; in-memory photos must have the same size)."""
         if set(self.groups) != set(other.groups) or set(self.present) != set(other.present):
             raise ValueError("cannot concatenate image sets with different attribute groups")

@@ -14,16 +14,22 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.checkpoint import load_model, read_manifest
-from model.inference import (Predictions, mixed_precision_dtype, outputs_to_predictions, resolve_device,
-                             shelf_embedding)
+from model.inference import Predictions, mixed_precision_dtype, outputs_to_predictions, resolve_device, shelf_embedding
 from model.network import MultitaskModel
 from schemas.manifest import ModelManifest
 from schemas.taxonomy import CATEGORY_GROUP, Taxonomy, load_taxonomy
 from training.calibration import calibrate_exclusive, calibrate_multilabel
 from training.config import TrainConfig
 from training.data import LabelledImages, Split, TorchImages
-from training.metrics import (confusion_matrix, f1_scores, multilabel_metrics, per_attribute_f1,
-                              per_class_f1, retrieval_metrics, topk_accuracy)
+from training.metrics import (
+    confusion_matrix,
+    f1_scores,
+    multilabel_metrics,
+    per_attribute_f1,
+    per_class_f1,
+    retrieval_metrics,
+    topk_accuracy,
+)
 from training.prepare import DATASETS, EvaluationSet, evaluation_set
 from training.transforms import BatchAugment, EvalTransform
 

@@ -37,7 +37,7 @@ class ShopSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def subset(self, idx: np.ndarray) -> "ShopSet":
+    def subset(self, idx: np.ndarray) -> ShopSet:
         return ShopSet(self.images[idx], self.item_ids[idx], self.category[idx], self.colour[idx], self.is_query[idx])
 
 

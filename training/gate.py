@@ -206,7 +206,7 @@ def measure(candidate_dir: Path | str, active_dir: Path | str | None = None, *, 
 
     try:
         cand, act = reevaluate_for_gate(candidate_dir, active_dir, device=device)
-    except Exception as exc:  # noqa: BLE001 - whatever stops the comparison is the refusal's reason
+    except Exception as exc:
         if active_dir is None:
             raise
         cand, _ = reevaluate_for_gate(candidate_dir, None, device=device)  # the candidate's own errors raise
@@ -364,7 +364,7 @@ def _held_out_of(conn, cand: ModelRow, act: ModelRow, settings: Settings, dirs: 
     since = training_start(conn, act)
     try:
         return held_out_figures(conn, dirs(cand), dirs(act), since, settings)
-    except Exception as exc:  # noqa: BLE001 - unreadable files, a broken photo store: say so in the verdict
+    except Exception as exc:
         log.warning("gate: held-out corrections not measured: %s", exc)
         return {"since": since.isoformat() if since else None, "labels": 0,
                 "note": f"held-out corrections not measured: {exc}"}

@@ -26,10 +26,10 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import psycopg
 from psycopg.rows import dict_row
@@ -119,7 +119,7 @@ def describe(job: dict, now: datetime | None = None, age: bool = True) -> str:
             text += f" step {p.get('step', 0)}/{p['of']}"
     heard = _last_heard(job) if age and job["status"] == "running" else None
     if heard is not None:
-        text += f", {_ago((now or datetime.now(timezone.utc)) - heard)}"
+        text += f", {_ago((now or datetime.now(UTC)) - heard)}"
     if job["status"] == "running" and job.get("cancel_requested_by"):
         text += f"; cancelling (asked by {job['cancel_requested_by']})"
     return text
@@ -324,7 +324,7 @@ class _Heartbeat:
             try:
                 conn = conn or connect(self.url, autocommit=True)
                 self._beat(conn)
-            except Exception as exc:  # noqa: BLE001 - a lost connection: a new one next time; never die
+            except Exception as exc:
                 log.warning("job #%d: heartbeat not recorded: %s", self.job_id, exc)
                 if conn is not None:
                     conn.close()
@@ -374,7 +374,7 @@ class _Progress:
         if not force and stage == self.stage and now - self.last < PROGRESS_EVERY_S:
             return
         self.stage, self.last = stage, now
-        body = {**self.facts, **update, "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        body = {**self.facts, **update, "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
         try:
             self.conn.execute("UPDATE training_jobs SET progress = %s::jsonb WHERE id = %s",
                               (json.dumps(body, default=str), self.job_id))
@@ -419,7 +419,7 @@ def job_config(params: dict, settings: Settings, job_id: int):
     if settings.retrain_task_weights:  # seed 002's per-task weights (noisy seller labels)
         overrides["seed_002_task_weights"] = True
     cfg = replace(PRESETS[preset], **overrides)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     return replace(cfg, model_version=f"{load_taxonomy(cfg.taxonomy).name}-{cfg.backbone}-job{job_id}-{stamp}")
 
 
@@ -619,7 +619,7 @@ def _busy(conn: psycopg.Connection, job_id: int) -> dict:
         return {"job": job_id, "status": "failed", "ran": False, "model_version": None, "outcome": outcome}
     holder = conn.execute("SELECT id FROM training_jobs WHERE status = 'running' ORDER BY id LIMIT 1").fetchone()
     waiting = {"stage": "waiting for the lock", "behind": holder[0] if holder else None,
-               "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
     conn.execute("UPDATE training_jobs SET progress = %s::jsonb WHERE id = %s AND status = 'queued'",
                  (json.dumps(waiting), job_id))
     raise JobBusy(f"training job #{job_id} waits: " + (f"job #{holder[0]} is running" if holder

@@ -54,7 +54,7 @@ def task_weights(label_counts: dict[str, int], c: float = 3.0) -> dict[str, floa
         return {}
     top = max(label_counts.values())
     if top <= 0:
-        return {k: 1.0 for k in label_counts}
+        return dict.fromkeys(label_counts, 1.0)
     ratios = {k: v / top for k, v in label_counts.items()}
     floor = float(np.mean(list(ratios.values()))) / c
     return {k: max(r, floor) for k, r in ratios.items()}
@@ -167,7 +167,7 @@ class MultitaskLoss:
             raise ValueError(f"unknown label loss {self.label_loss!r}; choose from {', '.join(LABEL_LOSSES)}")
         self.triplet = BatchHardTriplet(self.margin)
 
-    def to(self, device: torch.device) -> "MultitaskLoss":
+    def to(self, device: torch.device) -> MultitaskLoss:
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         self.category_weight = move(self.category_weight)
         self.category_type = move(self.category_type)

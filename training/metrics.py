@@ -84,7 +84,7 @@ def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, gallery: np.ndar
     uniq, counts = np.unique(gallery_ids, return_counts=True)
     n_rel = dict(zip(uniq.tolist(), counts.tolist()))
     kmax = min(max(max(ks), counts.max() if len(counts) else 1), len(g))
-    hits = {k: 0 for k in ks}
+    hits = dict.fromkeys(ks, 0)
     ap_sum, n = 0.0, 0
     same_cat, n_cat = 0.0, 0
     for s in range(0, len(q), chunk):

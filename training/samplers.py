@@ -138,7 +138,7 @@ class InterleavedBatchSampler(Sampler[list[int]]):
 def make_batch_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
                        m: int = 4, generator: torch.Generator | None = None,
                        labelled: np.ndarray | None = None, classification: bool = True,
-                       rank: int = 0, world: int = 1) -> "ShardedBatchSampler":
+                       rank: int = 0, world: int = 1) -> ShardedBatchSampler:
     """Batches for a stage: this rank's share (``ShardedBatchSampler``) of global batches of ``batch_size``
     (the same on every rank: ``generator`` starts in the same state there). Triplet batches need item ids;
     where only some rows have them (DeepFashion Category & Attribute + In-shop, human corrections), retrieval

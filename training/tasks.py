@@ -56,7 +56,7 @@ def reap_dead_jobs(sender=None, **_) -> None:
     try:
         with connect(database_url(settings), autocommit=True) as conn:
             jobs.reap_dead(conn, settings.job_stale_s)
-    except Exception as exc:  # noqa: BLE001 - the next job, beat or reader reaps them instead
+    except Exception as exc:
         log.warning("dead training jobs not checked at start: %s", exc)
 
 

@@ -18,10 +18,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -37,8 +37,14 @@ from schemas.taxonomy import Taxonomy, load_taxonomy
 from training import distributed
 from training.config import TINY, StageSpec, TrainConfig, config_dict
 from training.data import LabelledImages, PreparedData, Split, TensorBatches, TorchImages, mask_not_applicable
-from training.evaluate import (EvalResult, calibrate, compute_metrics, eval_set_id, fashion_mnist_metrics,
-                               predict_dataset)
+from training.evaluate import (
+    EvalResult,
+    calibrate,
+    compute_metrics,
+    eval_set_id,
+    fashion_mnist_metrics,
+    predict_dataset,
+)
 from training.fmnist_shop import COLOUR_GROUP
 from training.losses import MultitaskLoss, class_weights, pos_weights, task_weights
 from training.prepare import add_training_rows, prepare_data
@@ -362,7 +368,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     t_start = time.perf_counter()
     ckpt = _load_checkpoint(cfg) if cfg.resume is not None else None
     # corrections received after this are held out from the model
-    started_at = datetime.fromisoformat(ckpt["started_at"]) if ckpt else datetime.now(timezone.utc)
+    started_at = datetime.fromisoformat(ckpt["started_at"]) if ckpt else datetime.now(UTC)
     # one version for all ranks (their clocks may straddle a second)
     version = world.broadcast(ckpt["version"] if ckpt else cfg.model_version or
                               f"{cfg.taxonomy}-{cfg.backbone}-{cfg.strategy}-{started_at:%Y%m%dT%H%M%S}")

@@ -11,7 +11,6 @@ from torchvision.transforms import v2
 
 from model.inference import image_to_tensor
 
-
 AUGMENTATIONS = ("seed", "shift", "light", "none")
 SHIFT = 0.1  # "shift": translation up to 10 % of the side (±2.8 px at 28 px)
 

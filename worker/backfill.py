@@ -325,7 +325,7 @@ def reset() -> None:
 def _live_traffic_waiting(settings: Settings) -> bool:
     try:
         return queue_depth(settings.gpu_queue) > 0
-    except Exception:  # noqa: BLE001 - a broker hiccup here must not stop the chain; the send will tell
+    except Exception:
         log.warning("could not read the depth of queue %r; going on", settings.gpu_queue, exc_info=True)
         return False
 
@@ -405,7 +405,7 @@ def _prune(conn: psycopg.Connection, settings: Settings) -> None:
 
     try:
         prune_models(conn, settings=settings)
-    except Exception:  # noqa: BLE001 - the backfill is done; pruning runs again after the reindex's switch
+    except Exception:
         log.exception("pruning old model versions failed")
 
 

@@ -44,7 +44,8 @@ def batch(
     with its line or listing and the reason; the other rows are enriched)."""
     from rich.console import Console
 
-    from core.db import connect, database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
     from migrations import apply_all
     from model.inference import load_predictor
     from model.registry import model_dir_for
@@ -84,9 +85,9 @@ def consume(
     embedded: Embedded = False,
 ) -> None:
     """Kafka intake: validate listing events, upsert them, enqueue enrichment (SIGTERM stops cleanly)."""
-    from core.db import connect, database_url
     from core import metrics
     from core.celery_app import configure, queue_depth, send_enrich
+    from core.db import connect, database_url
     from worker.intake import Intake
 
     _json_logs(json_logs)
@@ -152,8 +153,8 @@ def worker(
 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="enrich-prometheus-")
     from core import metrics
-    from worker import runtime
     from core.celery_app import app, beat_schedule_file, configure
+    from worker import runtime
 
     _json_logs(json_logs)
     configure(settings)
@@ -222,9 +223,9 @@ def sweep(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Enqueue again the listings left pending (a lost task, retries spent); beat runs this every 10 min."""
+    from core.celery_app import configure
     from core.db import connect
     from core.db import database_url as resolve
-    from core.celery_app import configure
     from worker.tasks import sweep_pending
 
     settings = get_settings()
@@ -323,8 +324,14 @@ def _wait_for_backfill(conn, version: str, console, interval: float, timeout: fl
     """A progress bar over the backfills row until it is done (0) or cancelled / timed out (1)."""
     import time
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from worker.backfill import progress
 
@@ -355,8 +362,8 @@ def health(
                               "ENRICH_BEAT_TICK_S (the process started with --beat; default: off)."),
 ) -> None:
     """Check that Postgres (and the Celery broker, and beat) answer; exit 0 when healthy, 1 otherwise."""
-    from core.db import database_url as resolve
     from core.celery_app import configure
+    from core.db import database_url as resolve
     from core.metrics import run_checks
 
     settings = get_settings()

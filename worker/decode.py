@@ -91,7 +91,7 @@ class TorchJpegDecoder(PillowDecoder):
         if img.format == "JPEG" and img.mode in ("RGB", "L") and img.width * img.height <= self.limits.max_pixels:
             try:
                 orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
-            except Exception:  # noqa: BLE001 - odd EXIF: let Pillow decide (it refuses it with a reason)
+            except Exception:
                 orientation = 0
             if orientation in range(1, 9):
                 return JpegBytes(data, orientation, uri)

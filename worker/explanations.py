@@ -10,8 +10,6 @@ already committed, so a failure here is logged and never fails or retries the ba
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -21,6 +19,7 @@ import psycopg
 from PIL import Image
 
 from core.config import Settings
+from core.files import replaced_file
 from schemas.enrichment import ReviewItem
 
 if TYPE_CHECKING:
@@ -44,15 +43,8 @@ def _write_atomic(path: Path, picture: Image.Image, heat: np.ndarray) -> None:
     """Write the PNG beside its final name, then rename: the console never reads half a file."""
     from model.explain import overlay_png
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
+    with replaced_file(path) as tmp:
         overlay_png(picture, heat, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _explain_items(predictor, items: Sequence[tuple], settings: Settings) -> list[tuple[str, str, str, str]]:
@@ -122,6 +114,6 @@ def store_explanations(conn: psycopg.Connection, predictor, items: Sequence[Revi
         if rows:
             record_explanations(conn, predictor.version, rows)
         return len(rows)
-    except Exception:  # noqa: BLE001 - tags are committed; a heat map must not fail the batch
+    except Exception:
         log.exception("explanations failed for %d listings", len(items))
         return 0

@@ -44,10 +44,10 @@ from kafka import AsyncConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
 
+from core import metrics
 from core.config import Settings
 from model.registry import taxonomy_of
 from schemas.events import CorrectionEvent, ListingEvent
-from core import metrics
 from worker.store import known_listings, record_correction, upsert_listings
 from worker.write_errors import PERMANENT, TRANSIENT, Rejected, classify, one_by_one
 
@@ -151,7 +151,7 @@ class _FollowPause(AsyncConsumerRebalanceListener):
 
     Async: the client runs these in its network loop, where only its non-blocking calls (commit_async) work."""
 
-    def __init__(self, intake: "Intake") -> None:
+    def __init__(self, intake: Intake) -> None:
         self.intake = intake
 
     async def on_partitions_revoked(self, revoked) -> None:
@@ -264,7 +264,7 @@ class Intake:
                     continue
                 try:
                     prepared = self.prepare(records)
-                except Exception:  # noqa: BLE001 - replay the batch, never skip it
+                except Exception:
                     self._failed(records, "could not be validated or dead-lettered")
                     continue
                 self._hand_over(prepared)
@@ -316,7 +316,7 @@ class Intake:
             sent = self._tasks_sent
             try:
                 self._depth = self.queue_depth()
-            except Exception:  # noqa: BLE001 - broker hiccup: treat as full and wait
+            except Exception:
                 log.warning("queue depth unknown (broker unreachable?); pausing", exc_info=True)
                 self._depth = self.settings.max_queue_depth + 1
             self._sent_at_read = sent
@@ -492,7 +492,7 @@ class Intake:
             never = [tp for tp in unknown if tp not in self._committed]  # the group never committed there
             if never:
                 self._committed.update(self.consumer.beginning_offsets(never, timeout_ms=LAG_TIMEOUT_MS))
-        except Exception:  # noqa: BLE001 - broker slow or rebalancing: the gauge keeps its last values
+        except Exception:
             log.debug("partition offsets unknown for now; lag not updated", exc_info=True)
             return
         for tp in held:
@@ -508,7 +508,7 @@ class Intake:
     def _highwater(self, tp: TopicPartition) -> int:
         try:
             return self.consumer.highwater(tp) or 0
-        except Exception:  # noqa: BLE001 - revoked meanwhile
+        except Exception:
             return 0
 
     def _forget_partitions(self, partitions, keep_lag: bool = False) -> None:
@@ -533,7 +533,7 @@ class Intake:
                 continue
             try:
                 self.write(prepared)
-            except Exception as exc:  # noqa: BLE001 - reported to the consumer thread, which replays
+            except Exception as exc:
                 failed_generation = prepared.generation
                 self._reset_db()
                 self._done.put((prepared, exc, False))
@@ -560,7 +560,7 @@ class Intake:
             if done is not None:
                 try:
                     self._commit(done)
-                except Exception:  # noqa: BLE001 - e.g. partitions revoked: their new owner replays them
+                except Exception:
                     log.warning("offset commit failed; those events will be replayed", exc_info=True)
 
     def _settled(self, prepared: Prepared, exc: BaseException | None, written: bool) -> Prepared | None:
@@ -596,7 +596,7 @@ class Intake:
                     await self.consumer.commit_async(self._offsets(done))
                     self._committed.update(done.next)
                     self.stats.batches += 1
-                except Exception:  # noqa: BLE001 - the next owner replays them (an idempotent no-op)
+                except Exception:
                     log.warning("offset commit before a rebalance failed; those events will be replayed",
                                 exc_info=True)
 
@@ -635,7 +635,7 @@ class Intake:
         for tp, off in first.items():
             try:
                 self.consumer.seek(tp, off)
-            except Exception:  # noqa: BLE001 - partition revoked meanwhile: the new owner replays it
+            except Exception:
                 log.warning("could not rewind %s", tp)
 
     def _reset_db(self) -> None:
@@ -649,7 +649,7 @@ class Intake:
         try:
             self.producer.flush(timeout=10)
             self.producer.close(timeout=10)
-        except Exception:  # noqa: BLE001 - shutting down
+        except Exception:
             log.warning("DLQ producer did not close cleanly", exc_info=True)
         self.consumer.close(autocommit=False)
         self._reset_db()

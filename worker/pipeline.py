@@ -32,14 +32,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import psycopg
 
-from core.config import Settings
-from schemas.enrichment import Enrichment
 from core import metrics
+from core.config import Settings
 from core.images import ImageError, ImageLimits, ImageRejected, ImageUnavailable, fetch_bytes
 from core.s3 import make_s3_client
+from schemas.enrichment import Enrichment
 from worker.decode import Prepared, make_decoder
-from worker.store import ListingToEnrich, listings_to_enrich, write_enrichments
 from worker.explanations import store_explanations
+from worker.store import ListingToEnrich, listings_to_enrich, write_enrichments
 from worker.tagging import combine_images, decide, shelf_vector
 
 log = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ class _Writer:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="enrich-writer", daemon=True)
 
-    def __enter__(self) -> "_Writer":
+    def __enter__(self) -> _Writer:
         self._thread.start()
         return self
 
@@ -306,7 +306,7 @@ class _Writer:
             try:
                 self._enricher.write(self._conn, part)
                 written += [item.listing_id for item, _, _ in part.rows]
-            except BaseException as exc:  # noqa: BLE001 - handed to the task's thread, raised there
+            except BaseException as exc:
                 self._error = exc
         if written and self._neighbours and self._error is None:
             e = self._enricher
@@ -327,7 +327,7 @@ def write_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_ver
     try:
         with conn.transaction():
             return write_online_neighbours(conn, listing_ids, model_version, settings=settings)
-    except Exception:  # noqa: BLE001 - tags are committed; neighbours must not fail the batch
+    except Exception:
         log.exception("online neighbours failed for %d listings", len(listing_ids))
         return 0
 

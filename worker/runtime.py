@@ -86,7 +86,7 @@ class _Slot:
                 with pool(settings).connection() as conn:
                     model_dir = _registered_dir(settings, conn, version)
                 loaded = _load(settings, model_dir)
-            except Exception:  # noqa: BLE001 - keep serving the current model; the next check tries again
+            except Exception:
                 log.exception("could not load %s model %s; still serving the current one", self.name, version)
                 return
             with _lock:
@@ -185,7 +185,7 @@ def start(settings: Settings, queues: list[str]) -> None:
     if serves_model(settings, _queues) and settings.model_dir is not None:
         try:
             enricher(settings)
-        except Exception:  # noqa: BLE001 - a task raises the same error with context; keep the process up
+        except Exception:
             log.exception("model could not be loaded at worker start")
     _start_timer(settings)
 
@@ -200,7 +200,7 @@ def stop(settings: Settings) -> None:
     try:
         with pool(settings).connection() as conn:
             conn.execute("DELETE FROM worker_status WHERE worker = %s", (_worker_name(),))
-    except Exception:  # noqa: BLE001 - the row ages out of the overview anyway
+    except Exception:
         log.warning("could not remove this worker from worker_status", exc_info=True)
 
 
@@ -245,7 +245,7 @@ def check(settings: Settings) -> None:
                     _switch()
         with pool(settings).connection() as conn:
             _report(conn, serving)
-    except Exception:  # noqa: BLE001 - a database hiccup must not stop the worker; check again later
+    except Exception:
         log.warning("registry check failed; trying again in %.0fs", settings.model_check_s, exc_info=True)
 
 

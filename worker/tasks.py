@@ -7,14 +7,13 @@ from __future__ import annotations
 import socket
 
 import psycopg
-from psycopg.types.json import Jsonb
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown, worker_shutdown
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
+from psycopg.types.json import Jsonb
 
 from core import metrics
-from core.celery_app import (BEAT_TICK_TASK, ENRICH_TASK, REVIEW_ORDER_TASK, SWEEP_TASK, app, send_enrich,
-                             task_settings)
+from core.celery_app import BEAT_TICK_TASK, ENRICH_TASK, REVIEW_ORDER_TASK, SWEEP_TASK, app, send_enrich, task_settings
 from worker import runtime
 from worker.shadow import run_shadow
 
@@ -83,7 +82,7 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
 def _shadow(conn, shadow, enriched, share: float) -> None:
     try:
         run_shadow(conn, shadow, enriched, share)
-    except Exception:  # noqa: BLE001 - the batch is written; a shadow failure must not fail or retry it
+    except Exception:
         log.exception("shadow model %s failed on this batch", shadow.model_version)
 
 

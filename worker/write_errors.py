@@ -71,7 +71,7 @@ def one_by_one(conn: psycopg.Connection, n: int, store: Callable[[int], T]) -> t
             try:
                 with conn.transaction():
                     done.append(store(i))
-            except Exception as exc:  # noqa: BLE001 - classified: transient ones abort the batch
+            except Exception as exc:
                 if classify(exc) == TRANSIENT:
                     raise
                 refused[i] = refusal(exc)

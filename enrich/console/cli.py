@@ -42,7 +42,8 @@ def _password(password_stdin: bool) -> str:
 @contextmanager
 def _accounts(database_url: str | None):
     """A migrated database connection; a refused change ends the command with its reason, not a traceback."""
-    from core.db import connect, database_url as resolve
+    from core.db import connect
+    from core.db import database_url as resolve
     from migrations import apply_all
 
     conn = connect(database_url or resolve(get_settings()), autocommit=True)

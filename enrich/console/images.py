@@ -16,8 +16,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +25,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from PIL import Image
 
+from core.files import write_bytes_atomic
 from core.images import ImageError, ImageRejected, load_image
 from enrich.console.auth import User, current_user
 from enrich.console.deps import connection
@@ -71,18 +70,6 @@ def placeholder() -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def make_thumbnail(uri: str, settings, s3_client=None) -> tuple[bytes, bool]:
     """(JPEG bytes, True) for a usable image; (placeholder, False) otherwise. Cached on disk."""
     key = hashlib.sha256(uri.encode()).hexdigest()
@@ -101,13 +88,13 @@ def make_thumbnail(uri: str, settings, s3_client=None) -> tuple[bytes, bool]:
     except ImageError as exc:
         log.info("no thumbnail for an image: %s", exc)
         if isinstance(exc, ImageRejected):  # permanent under these rules: not fetched again for a while
-            _write_atomic(refused, f"{rules}\n{exc.reason}".encode())
+            write_bytes_atomic(refused, f"{rules}\n{exc.reason}".encode())
         return placeholder(), False
     except Exception:  # a broken image must not break the page; the placeholder says so
         log.warning("thumbnail failed", exc_info=True)
         return placeholder(), False
     data = buf.getvalue()
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     return data, True
 
 

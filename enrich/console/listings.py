@@ -16,10 +16,10 @@ from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.responses import RedirectResponse, Response
 
-from schemas.taxonomy import CATEGORY_GROUP, NOT_APPLICABLE, TYPE_GROUP
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, listing_href, render
 from enrich.console.review import Conflict, apply_correction, group_values, listing_taxonomy, taxonomy_groups
+from schemas.taxonomy import CATEGORY_GROUP, NOT_APPLICABLE, TYPE_GROUP
 
 log = logging.getLogger(__name__)
 router = APIRouter()

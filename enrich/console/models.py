@@ -68,7 +68,7 @@ def report_plots(row, settings) -> tuple[list[str], str | None]:
     """The allow-listed plot names present in the model's report/, and why there are none when so."""
     try:
         folder = _model_dir(row, settings) / "report"
-    except Exception as exc:  # noqa: BLE001 - missing artifact, hash mismatch, S3 down: the page still shows
+    except Exception as exc:
         log.warning("report of %s not readable: %s", row.model_version, exc)
         return [], f"the model's files are not readable here: {exc}"
     names = [n for n in PLOTS if (folder / n).is_file()]
@@ -181,7 +181,8 @@ def confirmations(conn, selected, active, preview) -> dict[str, dict]:
 def models_page(request: Request, version: str | None = None, user: User = Depends(current_user)):
     from model.registry import history, list_models, verdicts
     from model.shadow import shadow_report
-    from training.gate import explain, preview as gate_preview, summary
+    from training.gate import explain, summary
+    from training.gate import preview as gate_preview
 
     settings = request.app.state.settings
     with connection(request) as conn:
@@ -400,7 +401,7 @@ def retrain(request: Request, reason: str = Form(""), preset: str = Form(""), fr
         try:
             configure(settings)
             job_id = request_retrain(conn, requested_by=user.name, reason=reason, params=params)
-        except Exception as exc:  # noqa: BLE001 - the broker is down: request_retrain marked the job failed
+        except Exception as exc:
             log.exception("retraining job not enqueued")
             log_action(conn, user.name, "retrain", reason=reason, params=params, error=str(exc))
             return _back(request, back, "error", f"Broker not reachable: the training job was not queued and is "

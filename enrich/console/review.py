@@ -41,20 +41,20 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import psycopg
-from psycopg.types.json import Jsonb
 from fastapi import APIRouter, Depends, Form, Request
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
 from enrich.console import users
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, render
 from enrich.console.guidelines import guidelines
+from model.registry import taxonomy_of
 from schemas.enrichment import ReviewReason, ReviewRule
 from schemas.events import CorrectionEvent
-from model.registry import taxonomy_of
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
 from worker.store import record_correction
 
@@ -313,7 +313,7 @@ def apply_correction(conn: psycopg.Connection, user: str, listing_id: str | None
         try:
             ev = CorrectionEvent(event_id=f"console:{uuid.uuid4().hex}", listing_id=listing_id, group=group,
                                  old_value=prev[0] if prev else None, new_value=value,
-                                 corrected_by=_corrector_id(user), corrected_at=datetime.now(timezone.utc))
+                                 corrected_by=_corrector_id(user), corrected_at=datetime.now(UTC))
         except ValidationError as exc:
             raise Conflict("not a valid correction: " + "; ".join(e["msg"] for e in exc.errors())) from exc
         record_correction(conn, ev)

@@ -23,9 +23,9 @@ def _fresh_login_limits():
     """The login rate limit is per process: one test's failed sign-ins must not lock out the next test."""
     from enrich.console import auth
 
-    auth._failures.clear()  # noqa: SLF001
+    auth._failures.clear()
     yield
-    auth._failures.clear()  # noqa: SLF001
+    auth._failures.clear()
 
 
 @pytest.fixture()

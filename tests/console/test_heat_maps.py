@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from model.explain import overlay_png
-from tests.console.test_review import MODEL, _http_login, _NoRedirect, seed_listings
 from tests.console.conftest import PASSWORDS
+from tests.console.test_review import MODEL, _http_login, _NoRedirect, seed_listings
 from worker.explanations import explanations_root, record_explanations
 
 

@@ -5,7 +5,7 @@ import hashlib
 import http.server
 import io
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import quote
 
 from PIL import Image
@@ -21,7 +21,7 @@ def test_the_listing_page_shows_provenance_and_history_and_corrects_a_tag_that_w
     seed_listings(db, tmp_path, 3, review_group="colour", candidates=[("blue", 0.4), ("purple", 0.3)])
     record_correction(db, CorrectionEvent(event_id="kafka-7", listing_id="L000", group="fabric", old_value=None,
                                           new_value="denim", corrected_by="ops-bot",
-                                          corrected_at=datetime(2024, 5, 1, 9, 30, tzinfo=timezone.utc)))
+                                          corrected_at=datetime(2024, 5, 1, 9, 30, tzinfo=UTC)))
     db.execute("INSERT INTO similar_items_online (model_version, listing_id, neighbour_ids, scores)"
                " VALUES (%s, 'L000', ARRAY['L001', 'L002'], ARRAY[0.91, 0.84]::real[])", (MODEL,))
     since = db.execute("SELECT coalesce(max(id), 0) FROM console_actions").fetchone()[0]

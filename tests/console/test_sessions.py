@@ -121,7 +121,7 @@ def test_a_link_from_another_site_keeps_the_session(browser, console_url):
     link_page = f'<a id="go" href="{console_url}/listings?q=shirt">to the console</a>'.encode()
 
     class Site(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.end_headers()

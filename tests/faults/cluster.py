@@ -392,7 +392,7 @@ class FlakyImageHost:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 body = host.objects.get(self.path.split("?")[0])
                 if body is None:
                     self.send_response(404)
@@ -595,7 +595,7 @@ class Stack:
                     proc.terminate(20)
                 elif proc.alive:
                     proc.kill9()
-            except Exception:  # noqa: BLE001 - best effort: the next ones must stop too
+            except Exception:
                 pass
 
 
@@ -612,7 +612,7 @@ def delete_queue(amqp: str, queue: str) -> None:
     try:
         with Connection(amqp, connect_timeout=5) as conn:
             conn.default_channel.queue_delete(queue)
-    except Exception:  # noqa: BLE001 - cleanup only
+    except Exception:
         pass
 
 
@@ -622,7 +622,7 @@ def queue_depth(amqp: str, queue: str) -> int:
     with Connection(amqp, connect_timeout=5) as conn:
         try:
             return conn.default_channel.queue_declare(queue=queue, passive=True).message_count
-        except Exception:  # noqa: BLE001 - not declared yet
+        except Exception:
             return 0
 
 
@@ -839,7 +839,7 @@ def delete_topics(bootstrap: str, topics: list[str]) -> None:
                 admin.delete_topics([t for t in topics if t in existing])
         finally:
             admin.close()
-    except Exception:  # noqa: BLE001 - cleanup only
+    except Exception:
         pass
 
 
@@ -869,7 +869,7 @@ def group_members(bootstrap: str, group: str) -> tuple[str, int]:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="fault-admin", request_timeout_ms=5000)
     try:
         # Tansu answers authorized operations kafka-python cannot name: leave them undecoded
-        admin._process_acl_operations = lambda result: result  # noqa: SLF001
+        admin._process_acl_operations = lambda result: result
         info = admin.describe_groups([group])[group]
         return info["group_state"], len(info["members"])
     finally:
@@ -1142,11 +1142,11 @@ class Lab:
         while self._undo:
             try:
                 self._undo.pop()()
-            except Exception:  # noqa: BLE001 - best effort: the rest must go too
+            except Exception:
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -1177,7 +1177,7 @@ class Lane:
             try:
                 with self._make_lab() as self._lab:
                     self._results[fn] = (True, fn(self._lab))
-            except BaseException as exc:  # noqa: BLE001 - handed to the test that asks for it
+            except BaseException as exc:
                 self._results[fn] = (False, exc)
             self._lab = None
             self._done[fn].set()

@@ -8,9 +8,21 @@ from __future__ import annotations
 
 import psycopg
 
-from tests.faults.cluster import (CORRECTION_POISON, LISTING_POISON, correction_event, encode, install_refusals,
-                                  mixed_listings, outcome, poison_correction, process_report, produce, read_topic,
-                                  settle, wait_for)
+from tests.faults.cluster import (
+    CORRECTION_POISON,
+    LISTING_POISON,
+    correction_event,
+    encode,
+    install_refusals,
+    mixed_listings,
+    outcome,
+    poison_correction,
+    process_report,
+    produce,
+    read_topic,
+    settle,
+    wait_for,
+)
 
 N = 300
 MAX_BYTES = 4096  # ENRICH_MAX_EVENT_BYTES: an oversized event stays small

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import threading
 
-from tests.faults.cluster import (create_topic, group_members, mixed_listings, outcome, process_report, produce,
-                                  queue_depth, settle, wait_for)
+from tests.faults.cluster import (
+    create_topic,
+    group_members,
+    mixed_listings,
+    outcome,
+    process_report,
+    produce,
+    queue_depth,
+    settle,
+    wait_for,
+)
 
 CONSUMED = "enrich_events_consumed_total"
 PAUSED = "enrich_intake_paused"

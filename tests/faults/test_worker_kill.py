@@ -7,8 +7,16 @@ still pending a second time while the redelivered task is still queued.
 """
 from __future__ import annotations
 
-from tests.faults.cluster import (count_enriched, mixed_listings, outcome, process_report, produce, settle,
-                                  wait_for, worker_mid_task)
+from tests.faults.cluster import (
+    count_enriched,
+    mixed_listings,
+    outcome,
+    process_report,
+    produce,
+    settle,
+    wait_for,
+    worker_mid_task,
+)
 
 N = 400  # 25 tasks of 16: the kill lands a third of the way in
 

@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from enrich.cli import app
 from core.config import Settings
 from core.db import DatabaseUnavailable, connect, database_url
+from enrich.cli import app
 
 
 def test_settings_read_prefixed_environment(monkeypatch):

@@ -1,9 +1,11 @@
 """Atomic writes: a reader sees the old content or the new, never a half-written directory or file."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from core.files import replaced_dir, write_text_atomic
+from core.files import replaced_dir, replaced_file, write_bytes_atomic, write_text_atomic
 
 
 def test_replaced_dir_appears_whole_on_success(tmp_path):
@@ -29,3 +31,27 @@ def test_write_text_atomic_replaces_and_leaves_no_temp(tmp_path):
     write_text_atomic(path, "two")
     assert path.read_text() == "two"
     assert [p.name for p in tmp_path.iterdir()] == ["LATEST"]
+
+
+def test_write_bytes_atomic_leaves_the_old_file_and_no_temp_when_the_write_fails(tmp_path, monkeypatch):
+    path = tmp_path / "thumb.jpg"
+    write_bytes_atomic(path, b"old")
+
+    def full_disk(self, data):
+        Path.write_text(self, "half")  # part of the file reaches the disk first
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    with pytest.raises(OSError):
+        write_bytes_atomic(path, b"new")
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["thumb.jpg"]
+
+
+def test_replaced_file_is_created_in_a_missing_directory(tmp_path):
+    path = tmp_path / "explanations" / "a.png"
+    with replaced_file(path) as tmp:
+        assert tmp.parent == path.parent and tmp.suffix == ".png"  # same directory: the rename is atomic
+        tmp.write_bytes(b"png")
+    assert path.read_bytes() == b"png"

@@ -5,7 +5,7 @@ version everywhere, its shelves at once."""
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from kombu import Connection
@@ -77,7 +77,7 @@ def test_corrections_retrain_promote_backfill_shelves_and_rollback(lifecycle, db
     assert shelf_model_version(db) == "base"
 
     # people correct the confused pair; the admin asks for a retrain
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for i, value in ((1, "Shirt"), (2, "T-shirt/top")):
         record_correction(db, CorrectionEvent(event_id=f"c{i}", listing_id=catalogue[i], group="category",
                                               new_value=value, corrected_by="reviewer", corrected_at=now))

@@ -5,6 +5,7 @@ nothing the worse model wrote: no predicted tag, no open review item, no shelf i
 from __future__ import annotations
 
 import uuid
+from datetime import UTC
 
 import pytest
 from kombu import Connection
@@ -55,7 +56,7 @@ def worker(use_celery, monkeypatch, pg_url, db, tmp_path):
             for q in queues:
                 try:
                     conn.default_channel.queue_delete(q)
-                except Exception:  # noqa: BLE001 - never declared
+                except Exception:
                     pass
 
 
@@ -83,7 +84,7 @@ def _backfill(db, model_version: str) -> str | None:
 
 
 def test_enrich_rollback_leaves_nothing_the_worse_model_wrote(worker, db, tmp_path):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from enrich.cli import app
     from schemas.events import CorrectionEvent
@@ -99,7 +100,7 @@ def test_enrich_rollback_leaves_nothing_the_worse_model_wrote(worker, db, tmp_pa
     _enrich(db, settings, catalogue[:1], image, category="Bag")  # the seller said what it is
     _enrich(db, settings, catalogue[1:], image)
     record_correction(db, CorrectionEvent(event_id="c1", listing_id=catalogue[1], group="category", new_value="Shirt",
-                                          corrected_by="reviewer", corrected_at=datetime.now(timezone.utc)))
+                                          corrected_by="reviewer", corrected_at=datetime.now(UTC)))
     recompute(db, GOOD, k=3, settings=settings)
     kept, good_shelves = _kept_tags(db), _shelf_version(db, GOOD)
 

@@ -8,8 +8,16 @@ from core.config import Settings
 from model.artifacts import ArtifactStore, store_from_settings
 from model.checkpoint import ModelMismatchError, save_model
 from model.network import build_model
-from model.registry import (active_model, get_model, history, local_dir, model_dir_for, promote, register_candidate,
-                            rollback)
+from model.registry import (
+    active_model,
+    get_model,
+    history,
+    local_dir,
+    model_dir_for,
+    promote,
+    register_candidate,
+    rollback,
+)
 from schemas.taxonomy import load_taxonomy
 
 

@@ -12,12 +12,12 @@ import boto3
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
-
-from core.config import Settings
 from similar_helpers import add_listings, clustered, exact_neighbours, unit
-from similar import index as ix
+
 import similar.nightly
 import similar.online
+from core.config import Settings
+from similar import index as ix
 from similar.snapshots import store_from_settings
 
 IDS = [f"old-{i:03d}" for i in range(200)]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from similar_helpers import add_embeddings, add_listings, clustered, exact_neighbours, unit
+
 from similar import index as ix
 from similar import nightly
 from similar import store as sdb

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import numpy as np
-
 from similar_helpers import add_listings, clustered, unit
+
 from similar import nightly, online, query
 from similar.common import Neighbour
 

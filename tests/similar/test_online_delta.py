@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 import psycopg
 from prometheus_client import REGISTRY
-
 from similar_helpers import add_listings, clustered, unit
+
 from similar import delta as dl
 from similar import nightly, online
 from tests.net import take_queued_tasks

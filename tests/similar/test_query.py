@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from similar_helpers import add_listings, unit
+
 from similar import query
 
 DIM = 16

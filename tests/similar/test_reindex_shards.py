@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from similar_helpers import add_listings, clustered, exact_neighbours
 from typer.testing import CliRunner
 
-from similar_helpers import add_listings, clustered, exact_neighbours
 from similar import nightly
 from similar import store as sdb
 

@@ -6,8 +6,8 @@ import json
 import threading
 
 import psycopg
-
 from similar_helpers import add_embeddings, add_listings, clustered
+
 from similar import index as ix
 from similar import nightly
 from similar.common import reindex_model_version, resolve_model_version, shelf_model_version

@@ -6,9 +6,9 @@ import uuid
 
 import pytest
 from PIL import Image
+from similar_helpers import add_listings, clustered, exact_neighbours
 from typer.testing import CliRunner
 
-from similar_helpers import add_listings, clustered, exact_neighbours
 from similar import store as sdb
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -109,10 +109,10 @@ def test_similar_by_attribute_uses_the_models_condition_mask(db, env, tmp_path):
     import torch
 
     from enrich.cli import app
-    from schemas.taxonomy import load_taxonomy
     from model.checkpoint import save_model
     from model.inference import load_predictor
     from model.network import build_model
+    from schemas.taxonomy import load_taxonomy
     from similar import query
 
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import LabelledImages, TensorBatches
 from model.inference import image_to_tensor
+from training.data import LabelledImages, TensorBatches
 from training.losses import MISSING
 from training.transforms import BatchAugment
 

@@ -7,8 +7,13 @@ import pytest
 
 from schemas.events import ListingEvent
 from schemas.taxonomy import load_taxonomy
-from training.calibration import (MAX_THRESHOLD, MIN_SUPPORT, best_f1_threshold, calibrate_exclusive,
-                                  calibrate_multilabel)
+from training.calibration import (
+    MAX_THRESHOLD,
+    MIN_SUPPORT,
+    best_f1_threshold,
+    calibrate_exclusive,
+    calibrate_multilabel,
+)
 from worker.tagging import decide
 
 

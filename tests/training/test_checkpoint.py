@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from schemas.taxonomy import load_taxonomy
 from model.checkpoint import ModelMismatchError, load_model, save_model
 from model.inference import Predictions, image_to_tensor, load_predictor
 from model.network import build_model, joint_category
+from schemas.taxonomy import load_taxonomy
 
 
 def _images(n=4, size=(40, 30)):
@@ -59,9 +59,9 @@ def test_mixed_precision_predictions_match_fp32(tmp_path, fmnist_dir):
     60 steps); exactly fp32 where the CPU has no native bf16."""
     from dataclasses import replace
 
-    from training.fmnist import load_fashion_mnist
     from model.inference import mixed_precision_dtype
     from training.config import TINY
+    from training.fmnist import load_fashion_mnist
     from training.train import train
 
     model_dir = train(replace(TINY, out_dir=tmp_path, data_dir=fmnist_dir, model_version="small", backbone="small_cnn",

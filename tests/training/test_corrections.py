@@ -1,7 +1,7 @@
 """Human corrections as training rows: labels from Postgres, photos through the worker's guarded fetcher."""
 import json
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ class Label:  # the fields of training.corrections.CorrectionLabel that matter h
     value: str
     index: int | None
     images: list[str] = field(default_factory=list)
-    corrected_at: datetime = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    corrected_at: datetime = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def _photo(rgb, size=40) -> Image.Image:

@@ -14,8 +14,16 @@ from typer.testing import CliRunner
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training.config import TINY
 from training.deepfashion import InShopRecords, inshop_partition, inshop_val_items, prepare_deepfashion
-from training.evaluate import (EvalSetError, eval_set_id, eval_set_mismatch, evaluate_model, evaluation_config,
-                               parse_eval_set_id, reevaluate_for_gate, same_eval_set)
+from training.evaluate import (
+    EvalSetError,
+    eval_set_id,
+    eval_set_mismatch,
+    evaluate_model,
+    evaluation_config,
+    parse_eval_set_id,
+    reevaluate_for_gate,
+    same_eval_set,
+)
 from training.prepare import evaluation_set, prepare_data
 
 DF = Path(__file__).parent / "fixtures" / "deepfashion"

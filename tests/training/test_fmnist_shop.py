@@ -59,8 +59,8 @@ def test_grey_photos_are_the_published_images(fmnist_dir, fmnist_taxonomy):
 
 
 def test_grey_repeats_raise_the_grey_share_only(fmnist_dir, fmnist_taxonomy):
-    from training.losses import MISSING
     from training.config import TrainConfig
+    from training.losses import MISSING
     from training.prepare import prepare_fmnist_shop
 
     def grey_rows(repeats: int):

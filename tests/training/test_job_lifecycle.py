@@ -11,7 +11,7 @@ import re
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -106,7 +106,7 @@ def test_beat_marks_a_job_without_heartbeat_failed_even_while_the_lock_is_held(d
 
 
 def test_describe_shows_how_long_ago_a_running_job_was_heard_of():
-    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
     job = {"id": 7, "status": "running", "trigger": "admin", "requested_by": "alice", "reason": "",
            "progress": {"stage": "2-classification", "step": 720, "of": 4800,
                         "updated_at": (now - timedelta(minutes=25)).isoformat()},

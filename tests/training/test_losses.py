@@ -5,9 +5,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import (MISSING, BatchHardTriplet, LossWeights, MultitaskLoss, class_weights, masked_bce,
-                             masked_group_ce, pos_weights, task_weights)
 from model.network import ModelOutput
+from training.losses import (
+    MISSING,
+    BatchHardTriplet,
+    LossWeights,
+    MultitaskLoss,
+    class_weights,
+    masked_bce,
+    masked_group_ce,
+    pos_weights,
+    task_weights,
+)
 
 
 def test_class_weights_inverse_frequency_clipped_mean_one():

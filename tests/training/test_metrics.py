@@ -2,8 +2,14 @@ import numpy as np
 import pytest
 
 from training.calibration import best_f1_threshold, calibrate_exclusive
-from training.metrics import (confusion_matrix, f1_scores, multilabel_metrics, per_attribute_f1, retrieval_metrics,
-                              topk_accuracy)
+from training.metrics import (
+    confusion_matrix,
+    f1_scores,
+    multilabel_metrics,
+    per_attribute_f1,
+    retrieval_metrics,
+    topk_accuracy,
+)
 
 
 def test_topk_accuracy_known_case():

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from schemas.taxonomy import load_taxonomy
-from training.deepfashion import (category_attribute_labels, inshop_labels, load_cropped, read_category_attribute,
-                                  read_inshop)
+from training.deepfashion import (
+    category_attribute_labels,
+    inshop_labels,
+    load_cropped,
+    read_category_attribute,
+    read_inshop,
+)
 from training.fmnist import load_fashion_mnist, read_idx
 from training.losses import MISSING
-
-
 
 DF = Path(__file__).parent / "fixtures" / "deepfashion"
 

@@ -1,14 +1,14 @@
 """Registry and corrections against the real Postgres (fixture `db`)."""
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from schemas.taxonomy import load_taxonomy
-from model.network import build_model
-from model.checkpoint import save_model
 from core.config import Settings
+from model.checkpoint import save_model
+from model.network import build_model
 from model.registry import active_model, get_model, register_candidate
+from schemas.taxonomy import load_taxonomy
 from training.corrections import correction_labels
 from training.gate import PASS, REFUSED, decide, promote
 
@@ -64,7 +64,7 @@ def test_register_is_idempotent_and_unknown_promote_fails(db, tmp_path):
 
 
 def test_correction_labels_latest_per_group(db):
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     db.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash) VALUES (%s, %s, %s::jsonb, %s)",
                ("l1", "s1", json.dumps({"images": ["s3://b/l1.jpg"]}), "h"))
     rows = [("e1", "l1", "category", "Shirt", t0), ("e2", "l1", "category", "Coat", t0 + timedelta(hours=1)),

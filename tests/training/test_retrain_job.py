@@ -60,8 +60,8 @@ def train_worker(monkeypatch, queues):
     """A real Celery worker in this process serving the test's train queue (the train role: training.tasks)."""
     from celery.contrib.testing.worker import start_worker
 
-    from core.celery_app import app, configure
     import training.tasks
+    from core.celery_app import app, configure
 
     monkeypatch.setattr(training.tasks, "LOCK_RETRY_S", 0.3)
     include = app.conf.include
@@ -232,8 +232,8 @@ def test_scheduled_retrain_skips_with_a_reason_until_enough_corrections(env, tra
 
 
 def test_beat_entry_follows_the_cron_setting():
-    from core.celery_app import app, configure
     import training.tasks
+    from core.celery_app import app, configure
 
     try:
         configure(Settings(retrain_cron="0 3 * * 0", train_queue="train-x"))

@@ -49,8 +49,8 @@ def test_staged_stages_train_the_right_parts(tmp_path, fmnist_dir):
     stage moves the backbone at ``joint_trunk_lr`` times the heads' rate (0 here: not at all)."""
     import torch
 
-    from schemas.taxonomy import load_taxonomy
     from model.network import build_model
+    from schemas.taxonomy import load_taxonomy
     from training.prepare import prepare_data
     from training.train import build_criterion, run_stage, seed_everything
 

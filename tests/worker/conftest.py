@@ -89,7 +89,7 @@ def gate_handler():
         arrived = threading.Event()
         gate = threading.Event()
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if type(self).hold.is_set():
                 type(self).arrived.set()
                 if not type(self).gate.wait(60):
@@ -109,7 +109,7 @@ def serve_gated(handler) -> tuple[ThreadingHTTPServer, str]:
 
     try:
         Connection(AMQP, connect_timeout=3).ensure_connection(max_retries=1)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         pytest.fail(f"RabbitMQ not reachable at {AMQP}: {exc}")
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -182,7 +182,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         if self.path.startswith("/redirect-loopback"):
             self.send_response(302)
             self.send_header("Location", "http://169.254.169.254/latest/meta-data")

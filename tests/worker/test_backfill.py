@@ -6,14 +6,24 @@ import os
 import signal
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from schemas.events import CorrectionEvent, ListingEvent
-from tests.worker.conftest import (AMQP, gate_handler, make_settings, png_bytes, save_small_model, serve_gated,
-                                  start_worker_process, stop_all, wait_until, worker_process_env)
+from tests.worker.conftest import (
+    AMQP,
+    gate_handler,
+    make_settings,
+    png_bytes,
+    save_small_model,
+    serve_gated,
+    start_worker_process,
+    stop_all,
+    wait_until,
+    worker_process_env,
+)
 from worker.store import record_correction, upsert_listings
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -67,7 +77,7 @@ def _catalogue(db, tmp_path: Path, n: int, image_of=None) -> list[str]:
 def _correct_category(db, lid: str) -> None:
     record_correction(db, CorrectionEvent(event_id=f"corr-{lid}", listing_id=lid, group="category",
                                           new_value="Coat", corrected_by="reviewer",
-                                          corrected_at=datetime.now(timezone.utc)))
+                                          corrected_at=datetime.now(UTC)))
 
 
 def _kept_tags(db) -> set[tuple]:
@@ -100,7 +110,7 @@ def _drop_queues(url: str, *queues: str) -> None:
         for q in queues:
             try:
                 channel.queue_delete(q)
-            except Exception:  # noqa: BLE001 - never declared
+            except Exception:
                 pass
 
 

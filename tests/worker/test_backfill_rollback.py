@@ -7,8 +7,17 @@ from typer.testing import CliRunner
 
 from schemas.events import ListingEvent
 from tests.worker.conftest import make_settings, png_bytes
-from tests.worker.test_backfill import (V1, V2, _activate, _catalogue, _correct_category, _enricher, _kept_tags,
-                                        _per_version, _worker, models, worker_env)  # noqa: F401 - fixtures
+from tests.worker.test_backfill import (
+    V1,
+    V2,
+    _activate,
+    _catalogue,
+    _correct_category,
+    _enricher,
+    _kept_tags,
+    _per_version,
+    _worker,
+)
 from worker.store import upsert_listings
 
 

@@ -79,7 +79,7 @@ class _FlakyHandler(BaseHTTPRequestHandler):
     served = 0
     lock = threading.Lock()
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         with self.lock:
             fail = type(self).failures_left > 0
             type(self).failures_left -= 1
@@ -96,8 +96,8 @@ class _FlakyHandler(BaseHTTPRequestHandler):
 
 def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_path):
     from core.celery_app import send_enrich
-    from worker.store import upsert_listings
     from schemas.events import ListingEvent
+    from worker.store import upsert_listings
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -139,7 +139,7 @@ def test_enrich_explain_writes_one_overlay_per_predicted_tag(db, pg_url, predict
     written = sorted(out_dir.iterdir())
     assert len(written) == len(predicted)
     for (group, value), path in zip(predicted, written):
-        assert path.name.startswith(f"x_1_") and f"-{group}-" in path.name and path.suffix == ".png"
+        assert path.name.startswith("x_1_") and f"-{group}-" in path.name and path.suffix == ".png"
         assert str(path) in result.output and f"{group}={value}" in result.output
         with Image.open(path) as png:
             assert png.format == "PNG" and png.size == (224, 299)  # the 60×80 photo, enlarged, not squashed

@@ -7,10 +7,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.images import (
+    ImageLimits,
+    ImageRejected,
+    ImageUnavailable,
+    check_address,
+    decode_image,
+    fetch_bytes,
+    host_allowed,
+    load_image,
+)
 from tests.net import free_port
 from tests.worker.conftest import jpeg_bytes, make_settings, png_bytes
-from core.images import (ImageLimits, ImageRejected, ImageUnavailable, check_address, decode_image,
-                           fetch_bytes, host_allowed, load_image)
 
 LIMITS = ImageLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000)
 

@@ -215,7 +215,7 @@ def test_lag_per_partition_is_exported_and_follows_rebalances(kafka_bootstrap, p
         assert a.consumed() == 0, "paused: the backlog is measured, not read"
         with Connection(REDIS) as conn:
             conn.SimpleQueue(s.queue).clear()  # the GPU queue drained: the intake resumes
-        wait_until(lambda: a.check_alive() and a.lag() == {p: 0 for p in backlog}, 120)
+        wait_until(lambda: a.check_alive() and a.lag() == dict.fromkeys(backlog, 0), 120)
         assert db.execute("SELECT count(*) FROM listings WHERE listing_id LIKE 'p%'").fetchone()[0] == 24
 
         b = s.consumer()

@@ -3,6 +3,7 @@ shadow candidate predicts apart and is measured against later corrections."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC
 
 import pytest
 
@@ -95,7 +96,7 @@ def test_promotion_reaches_a_running_worker_between_batches(following_worker, ru
 
 def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_corrections(following_worker, run_batch, db,
                                                                                  model_dir_v2):
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from model.artifacts import store_from_settings
     from model.registry import active_model, register_candidate, set_shadow
@@ -121,7 +122,7 @@ def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_correction
     db.execute("UPDATE models SET status = 'shadow' WHERE model_version = 'test-small-v2'")  # back in shadow
 
     # a person confirms what the shadow said: the candidate was right there, at least as often as the active
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for i, lid in enumerate(ids):
         record_correction(db, CorrectionEvent(event_id=f"c{i}", listing_id=lid, group="category",
                                               new_value=shadow["category"], corrected_by="reviewer",

@@ -117,8 +117,8 @@ def test_the_worker_ranks_a_new_item_by_its_own_uncertainty(db):
 
 
 def test_reprioritise_stores_the_gain_order_of_the_open_items(db):
-    from worker.review_priority import reprioritise
     from core.config import Settings
+    from worker.review_priority import reprioritise
 
     ids = seed_cluster_and_loner(db)
     db.execute("UPDATE review_queue SET resolved_at = now(), priority = -7 WHERE id = %s", (ids["c5"],))

@@ -1,13 +1,20 @@
 """Postgres store on the real server: idempotent upserts, one-transaction writes, corrections."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 
 from schemas.enrichment import Enrichment, ReviewItem, TagSource, TagValue
 from schemas.events import CorrectionEvent, ListingEvent
-from worker.store import content_hash, listings_to_enrich, record_correction, tags_of, upsert_listings, write_enrichments
+from worker.store import (
+    content_hash,
+    listings_to_enrich,
+    record_correction,
+    tags_of,
+    upsert_listings,
+    write_enrichments,
+)
 
 
 def _ev(lid="l1", **kw) -> ListingEvent:
@@ -105,7 +112,7 @@ def test_correction_becomes_current_value_and_survives_reenrichment(db):
     with db.transaction():
         write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
     ev = CorrectionEvent(event_id="c1", listing_id="l1", group="category", old_value="Dress", new_value="Coat",
-                         corrected_by="moderator-7", corrected_at=datetime(2026, 1, 2, tzinfo=timezone.utc))
+                         corrected_by="moderator-7", corrected_at=datetime(2026, 1, 2, tzinfo=UTC))
     with db.transaction():
         assert record_correction(db, ev) is True
         assert record_correction(db, ev) is False  # replay
@@ -127,7 +134,7 @@ def test_reenrichment_sends_no_review_item_for_a_group_a_person_corrected(db):
     with db.transaction():
         record_correction(db, CorrectionEvent(event_id="c1", listing_id="l1", group="type", new_value="top",
                                               corrected_by="moderator-7",
-                                              corrected_at=datetime(2026, 1, 2, tzinfo=timezone.utc)))
+                                              corrected_at=datetime(2026, 1, 2, tzinfo=UTC)))
     (item,) = listings_to_enrich(db, ["l1"], "m2")  # a new model re-enriches (backfill)
     with db.transaction():
         write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])

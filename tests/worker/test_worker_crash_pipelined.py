@@ -7,8 +7,16 @@ import signal
 import uuid
 
 from schemas.events import ListingEvent
-from tests.worker.conftest import (AMQP, gate_handler, png_bytes, serve_gated, start_worker_process, stop_all,
-                                   wait_until, worker_process_env)
+from tests.worker.conftest import (
+    AMQP,
+    gate_handler,
+    png_bytes,
+    serve_gated,
+    start_worker_process,
+    stop_all,
+    wait_until,
+    worker_process_env,
+)
 from worker.store import upsert_listings
 
 _GateHandler = gate_handler()

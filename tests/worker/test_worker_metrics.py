@@ -11,8 +11,7 @@ import pytest
 
 from schemas.events import ListingEvent
 from tests.net import free_port, scrape_metrics
-from tests.worker.conftest import png_bytes, wait_until
-from tests.worker.conftest import AMQP, ROOT
+from tests.worker.conftest import AMQP, ROOT, png_bytes, wait_until
 from worker.store import upsert_listings
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,15 @@ import uuid
 
 from schemas.events import ListingEvent
 from tests.faults.cluster import queue_depth
-from tests.worker.conftest import (AMQP, gate_handler, serve_gated, start_worker_process, stop_all, wait_until,
-                                  worker_process_env)
+from tests.worker.conftest import (
+    AMQP,
+    gate_handler,
+    serve_gated,
+    start_worker_process,
+    stop_all,
+    wait_until,
+    worker_process_env,
+)
 from worker.store import upsert_listings
 
 _GateHandler = gate_handler()
