@@ -9,12 +9,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_
 RUN apt-get update && apt-get install -y --no-install-recommends libjpeg62-turbo tini dataset-fashion-mnist \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-# Dependencies first so code edits don't re-download torch.
+# Dependencies first, at the lock's exact versions, so code edits don't re-download torch.
+COPY requirements.lock ./
+RUN pip install -r requirements.lock
 COPY pyproject.toml README.md ./
-ARG PACKAGES="schemas migrations core model training worker similar enrich"
-RUN pip install "torch>=2.4" "torchvision>=0.19" \
-    && for p in $PACKAGES; do mkdir -p "$p" && touch "$p/__init__.py"; done \
-    && pip install . && pip uninstall -y catalogue-enrich
 # the layers, bottom to top
 COPY schemas schemas
 COPY migrations migrations

@@ -61,21 +61,23 @@ def test_badly_named_file_is_refused(tmp_path):
 
 
 def test_one_current_tag_per_group_and_predicted_needs_provenance(db):
+    tag = "INSERT INTO listing_tags (listing_id, tag_group, value, source) VALUES ('L1', %s, %s, %s)"
     db.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash) VALUES ('L1','S1','{}','h')")
-    db.execute("INSERT INTO listing_tags (listing_id, tag_group, value, source) VALUES ('L1','category','Dress','seller')")
+    db.execute(tag, ("category", "Dress", "seller"))
     with pytest.raises(psycopg.errors.UniqueViolation):
-        db.execute("INSERT INTO listing_tags (listing_id, tag_group, value, source) VALUES ('L1','category','Tee','seller')")
+        db.execute(tag, ("category", "Tee", "seller"))
     with pytest.raises(psycopg.errors.CheckViolation):
-        db.execute("INSERT INTO listing_tags (listing_id, tag_group, value, source) VALUES ('L1','sleeve','x','predicted')")
+        db.execute(tag, ("sleeve", "x", "predicted"))
     with pytest.raises(psycopg.errors.CheckViolation):
-        db.execute("INSERT INTO listing_tags (listing_id, tag_group, value, source) VALUES ('L1','fit','x','guessed')")
+        db.execute(tag, ("fit", "x", "guessed"))
 
 
 def test_embedding_length_must_match_dim(db):
     db.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash) VALUES ('L1','S1','{}','h')")
     db.execute("INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES ('L1','m',2,%s)", (b"\0" * 8,))
     with pytest.raises(psycopg.errors.CheckViolation):
-        db.execute("INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES ('L1','m2',2,%s)", (b"\0" * 4,))
+        db.execute("INSERT INTO embeddings (listing_id, model_version, dim, vector) VALUES ('L1','m2',2,%s)",
+                   (b"\0" * 4,))
 
 
 def test_only_one_active_model(db):
