@@ -1,4 +1,4 @@
-"""Which attribute groups apply to which categories (seed 001's not-applicable groups)."""
+"""Which attribute groups apply to which categories (the not-applicable groups)."""
 from __future__ import annotations
 
 import hashlib
