@@ -118,7 +118,7 @@ def main() -> None:
         db = psycopg.connect(pg_url, autocommit=True)
         with db.transaction():
             upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="bench", images=[str(p)])
-                                 for lid, p in zip(ids, images)])
+                                 for lid, p in zip(ids, images, strict=False)])  # the last image is the warm-up's
         register_candidate(db, models["bench-a"], actor="bench")
         promote(db, "bench-a", actor="bench")
 
@@ -131,7 +131,8 @@ def main() -> None:
             assert not out.failed and not out.retry, (out.failed, out.retry)
         live_wall, live_cpu = time.perf_counter() - t0, time.process_time() - c0
         enricher.close()
-        print(f"{f'worker path (Enricher.run, {args.listings} listings):':<46}{rate(args.listings, live_wall, live_cpu)}")
+        label = f"worker path (Enricher.run, {args.listings} listings):"
+        print(f"{label:<46}{rate(args.listings, live_wall, live_cpu)}")
 
         # 2. the backfill chain on a real worker, under model B
         register_candidate(db, models["bench-b"], actor="bench")

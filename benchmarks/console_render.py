@@ -69,7 +69,8 @@ def seed(conn, n: int, model: str) -> None:
             picks = rng.sample(names, 5)
             confs = sorted((rng.random() for _ in range(5)), reverse=True)
             total = sum(confs) * 1.6
-            rows.append((f"B{i:07d}", Jsonb([[p, round(c / total, 4)] for p, c in zip(picks, confs)]), 0.6, model))
+            candidates = [[p, round(c / total, 4)] for p, c in zip(picks, confs, strict=True)]
+            rows.append((f"B{i:07d}", Jsonb(candidates), 0.6, model))
         cur.executemany("INSERT INTO review_queue (listing_id, tag_group, candidates, threshold, model_version)"
                         " VALUES (%s, 'category', %s, %s, %s)", rows)
         shelves = []
@@ -147,8 +148,8 @@ def main() -> None:
     import psycopg
 
     from enrich.console.users import add_user
+    from harness.net import free_port, wait_port
     from migrations import apply_all
-    from tests.net import free_port, wait_port
 
     dbname = f"bench_console_{uuid.uuid4().hex[:8]}"
     admin = psycopg.connect(args.pg_admin, autocommit=True)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from intake_throughput import make_events, start_tansu  # noqa: E402 - after the path insert
 
-from tests.net import free_port  # noqa: E402
+from harness.net import free_port  # noqa: E402
 
 PARTITIONS = 4
 HOLD_DEPTH = 5000  # ENRICH_MAX_QUEUE_DEPTH: above the tasks a run enqueues, below the placeholders

@@ -37,7 +37,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.net import free_port, wait_port  # noqa: E402 - after the path insert
+from harness.net import free_port, wait_port  # noqa: E402 - after the path insert
 
 WORDS = ("cotton wool linen denim silk leather vintage classic slim relaxed cropped oversized soft warm light "
          "summer winter everyday party office worn once great condition small mark on the sleeve washed kept "
@@ -133,7 +133,7 @@ def child_bare(n: int) -> dict:
             body["event_id"] = eid
             for col, v in zip(cols, (ev.listing_id, ev.seller_id, json.dumps(body), chash,
                                      "deleted" if ev.deleted else "pending",
-                                     eid or f"{ev.listing_id}:{chash[:16]}", r.partition, r.offset)):
+                                     eid or f"{ev.listing_id}:{chash[:16]}", r.partition, r.offset), strict=True):
                 col.append(v)
         with conn.transaction():
             conn.execute(BARE_UPSERT, cols[:5])
@@ -212,7 +212,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000, help="listing events per run (default: 20000)")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each loop, alternating (default: 3)")
     ap.add_argument("--broker", default=os.environ.get("ENRICH_CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-                    help="Celery broker the intake enqueues to (default: ENRICH_CELERY_BROKER_URL, else local RabbitMQ)")
+                    help="Celery broker the intake enqueues to "
+                         "(default: ENRICH_CELERY_BROKER_URL, else local RabbitMQ)")
     ap.add_argument("--profile", type=Path, default=None,
                     help="write cProfile stats of each child run into this folder (default: off)")
     ap.add_argument("--pg-admin", default="postgresql://postgres@127.0.0.1:5432/postgres",
@@ -281,7 +282,7 @@ def main() -> None:
         raise SystemExit(f"the two loops wrote different rows: bare {digests['bare']}, intake {digests['intake']}")
     rate = {m: statistics.median(args.events / o["s"] for o in runs[m]) for m in runs}
     per_cpu = {m: statistics.median(args.events / o["cpu_s"] for o in runs[m]) for m in runs}
-    ratios = [b["s"] / i["s"] for b, i in zip(runs["bare"], runs["intake"])]
+    ratios = [b["s"] / i["s"] for b, i in zip(runs["bare"], runs["intake"], strict=True)]
     print()
     print(f"machine: {os.cpu_count()} CPUs; {args.events} events × {args.rounds} rounds; "
           f"intake enqueued {runs['intake'][-1]['enqueued']} ids per run on {args.broker.split('@')[-1]}")

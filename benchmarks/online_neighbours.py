@@ -103,8 +103,9 @@ def main() -> None:
                "other_shelves_joined_per_batch": float(np.median(joined))}
     print(json.dumps(figures))
     print(f"\nbatch of {args.batch} new listings, catalogue {args.n:,}, top-{args.k} (medians of {args.batches - 1}):\n"
-          f"  search alone {figures['search_ms']} ms; search + own rows + joining {figures['other_shelves_joined_per_batch']:.0f}"
-          f" other shelves {figures['write_ms']} ms; ratio {figures['ratio_write_over_search']}")
+          f"  search alone {figures['search_ms']} ms; search + own rows + joining "
+          f"{figures['other_shelves_joined_per_batch']:.0f} other shelves {figures['write_ms']} ms; "
+          f"ratio {figures['ratio_write_over_search']}")
 
 
 def add_near(conn, prefix: str, vecs: np.ndarray, rng, n: int) -> list[str]:
@@ -117,7 +118,7 @@ def add_near(conn, prefix: str, vecs: np.ndarray, rng, n: int) -> list[str]:
             for i in ids:
                 cp.write_row((i, "s", "{}", "h", "enriched"))
         with cur.copy("COPY embeddings (listing_id, model_version, dim, vector) FROM STDIN") as cp:
-            for i, v in zip(ids, near):
+            for i, v in zip(ids, near, strict=True):
                 cp.write_row((i, MODEL, len(v), v.tobytes()))
     return ids
 
@@ -161,7 +162,7 @@ def growth(conn, args, vecs, rng, root: Path, settings) -> None:
         found = online_topk(conn, ids, MODEL, args.k, root, settings=settings)
         everything = sdb.read_embeddings(conn, MODEL)
         _, exact = ix.exact_topk(queries.vectors, everything.vectors, args.k + 1)
-        for qid, truth in zip(decode_ids(queries.ids), exact):
+        for qid, truth in zip(decode_ids(queries.ids), exact, strict=True):
             want = [everything.ids[p].decode() for p in truth if p >= 0 and everything.ids[p].decode() != qid][:args.k]
             recall.append(len(set(want) & {n.listing_id for n in found[qid]}) / len(want))
         new, old = float(np.median(new_ms)), float(np.median(old_ms))
@@ -176,7 +177,8 @@ def growth(conn, args, vecs, rng, root: Path, settings) -> None:
           f"{'re-read rows':>13} {'delta MiB':>10} {'recall@k':>9}")
     for r in table:
         print(f"{r['since_snapshot']:>15,} {r['delta_ms']:>13} {r['reread_ms']:>11} {r['ratio_reread_over_delta']:>6} "
-              f"{r['rows_read_delta']:>10.0f} {r['rows_read_reread']:>13.0f} {r['delta_mib']:>10} {r['recall_at_k']:>9}")
+              f"{r['rows_read_delta']:>10.0f} {r['rows_read_reread']:>13.0f} {r['delta_mib']:>10} "
+              f"{r['recall_at_k']:>9}")
 
 
 if __name__ == "__main__":

@@ -114,9 +114,10 @@ def raw_forward(model_dir: Path, batch_size: int, seconds: float = 8.0) -> tuple
 
 def raw_forward_fresh(model_dir: Path, batch_size: int, threads: int | None) -> tuple[float, float]:
     """raw_forward in a fresh process, so it runs under the same conditions as the worker process."""
-    code = ("import sys, json, torch; sys.path.insert(0, %r); from benchmarks.pipeline_throughput import raw_forward; "
-            "n = %r; n and torch.set_num_threads(n); print(json.dumps(raw_forward(%r, %d)))"
-            % (str(ROOT), threads, str(model_dir), batch_size))
+    code = (f"import sys, json, torch; sys.path.insert(0, {str(ROOT)!r}); "
+            "from benchmarks.pipeline_throughput import raw_forward; "
+            f"n = {threads!r}; n and torch.set_num_threads(n); "
+            f"print(json.dumps(raw_forward({str(model_dir)!r}, {batch_size:d})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     ips, ipc = json.loads(out.stdout.strip().splitlines()[-1])
     return ips, ipc
@@ -139,8 +140,8 @@ def wait_done(pg_url: str, ids: list[str], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     with psycopg.connect(pg_url, autocommit=True) as conn:
         while time.monotonic() < deadline:
-            n = conn.execute("SELECT count(*) FROM listings WHERE listing_id = ANY(%s) AND status IN ('enriched', 'failed')",
-                             (ids,)).fetchone()[0]
+            n = conn.execute("SELECT count(*) FROM listings WHERE listing_id = ANY(%s)"
+                             " AND status IN ('enriched', 'failed')", (ids,)).fetchone()[0]
             if n == len(ids):
                 return
             time.sleep(0.1)
@@ -149,15 +150,15 @@ def wait_done(pg_url: str, ids: list[str], timeout: float) -> None:
 
 def finished_at(pg_url: str, ids: list[str]) -> dict[str, float]:
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        rows = conn.execute("SELECT listing_id, extract(epoch FROM updated_at) FROM listings WHERE listing_id = ANY(%s)",
-                            (ids,)).fetchall()
+        rows = conn.execute("SELECT listing_id, extract(epoch FROM updated_at) FROM listings"
+                            " WHERE listing_id = ANY(%s)", (ids,)).fetchall()
     return {r[0]: float(r[1]) for r in rows}
 
 
 def produce(producer, topic: str, ids: list[str], images: list[Path], rate: float | None) -> dict[str, float]:
     sent = {}
     t0 = time.perf_counter()
-    for i, (lid, img) in enumerate(zip(ids, images)):
+    for i, (lid, img) in enumerate(zip(ids, images, strict=True)):
         if rate:
             delay = t0 + i / rate - time.perf_counter()
             if delay > 0:
@@ -336,11 +337,13 @@ def main() -> None:
         from core.config import Settings
 
         print()
-        print(f"machine: {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; model {args.backbone} {args.image_size}px; "
+        print(f"machine: {os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; "
+              f"model {args.backbone} {args.image_size}px; "
               f"JPEG {args.photo_size}px; batch {args.batch_size}; "
               f"{args.task_listings} listings per task; mixed precision "
               f"{'on' if Settings().mixed_precision else 'off (ENRICH_MIXED_PRECISION=false)'}")
-        print(f"raw batched forward          {raw:8.1f} img/s   (before {raw_before:.1f}, after {raw_after:.1f}; max used)")
+        print(f"raw batched forward          {raw:8.1f} img/s   "
+              f"(before {raw_before:.1f}, after {raw_after:.1f}; max used)")
         for r in results:
             print(f"[{r['label']}]")
             print(f"  end-to-end (Kafka→rows)    {r['e2e']:8.1f} events/s   ratio {r['e2e'] / raw:.3f}  (target ≥ 0.9; "
@@ -348,14 +351,15 @@ def main() -> None:
             print(f"  per CPU-second             raw {raw_cpu:.2f} img   end-to-end {r['e2e_cpu']:.2f} events   "
                   f"ratio {r['e2e_cpu'] / raw_cpu:.3f}  (worker + intake + Kafka broker CPU; Postgres and Redis not "
                   f"counted)")
-            print(f"  half load ({r['rate']:.1f} ev/s)     p50 {r['p50'] * 1000:7.0f} ms   p99 {r['p99'] * 1000:7.0f} ms")
+            print(f"  half load ({r['rate']:.1f} ev/s)     "
+                  f"p50 {r['p50'] * 1000:7.0f} ms   p99 {r['p99'] * 1000:7.0f} ms")
             print(f"  worker peak RSS            {r['rss']:8.0f} MiB  (target ≤ 2048 with lite0)")
             print(f"  listings not enriched      {r['failed']:8d}")
         if args.baseline:
             base = [r for r in results if r["label"] != "current"]
             cur = [r for r in results if r["label"] == "current"]
             for key, what in (("e2e", "wall clock"), ("e2e_cpu", "per CPU-second")):
-                ratios = [c[key] / b[key] for b, c in zip(base, cur)]
+                ratios = [c[key] / b[key] for b, c in zip(base, cur, strict=True)]
                 print(f"current ÷ baseline {args.baseline}, {what}: " + ", ".join(f"{x:.2f}" for x in ratios))
     finally:
         tansu.terminate()

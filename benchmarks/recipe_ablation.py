@@ -1,16 +1,14 @@
 """Which training choices raise the ceiling? One stage, small data, one variable changed per run.
 
-Classification (default). The long GPU run plateaus (val top-1 ~92.6 % after ~70 passes over the items while the training loss
-keeps falling), so the question is regularisation, not speed. This reproduces that regime on a CPU:
-few items (``--items``), many passes, the small CNN, one variable changed per run against the
-GPU preset's choices (seed 000's augmentation, plain CE) as the baseline in the same run.
+Classification (default). The long GPU run plateaus while the training loss keeps falling, so the question
+is regularisation, not speed. This reproduces that regime on a CPU: few items (``--items``), many passes,
+the small CNN, one variable changed per run against a pinned baseline (PINNED below) in the same run.
 
-Retrieval (``--stage retrieval``). On the GPU, stage 1 (triplet only, from scratch, batch 512) stalled
-at the margin (R@1 0.07): the same batch shape on the small CNN, the preset's learning rate against
-seed 000's 1e-4.
+Retrieval (``--stage retrieval``). Stage 1 (triplet only, from scratch, batch 512) can stall at the margin:
+the same batch shape on the small CNN, learning rate 1e-3 against 1e-4.
 
     python benchmarks/recipe_ablation.py                         # ~35 min on 2 cores
-    python benchmarks/recipe_ablation.py --variants seed,shift --steps 2000
+    python benchmarks/recipe_ablation.py --variants full,shift --steps 2000
     python benchmarks/recipe_ablation.py --stage retrieval       # ~4 min
 
 Joint (``--stage joint``). Stage 3 trades category accuracy for retrieval: the full preset's stages 1–2
@@ -36,13 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# stage -> name -> TrainConfig overrides; the first is the baseline (the presets' choices before these
-# measurements; BEFORE pins them, so reruns compare the same things whatever the presets say now)
-BEFORE = {"augment": "light", "label_smoothing": 0.0, "weight_decay": 1e-4, "loss_weights": {"cls": 0.2}}
+# stage -> name -> TrainConfig overrides; the first is the stage's baseline. PINNED fixes the classification and
+# retrieval runs' other choices, so reruns compare the same things whatever the presets say now.
+PINNED = {"augment": "light", "label_smoothing": 0.0, "weight_decay": 1e-4, "loss_weights": {"cls": 0.2}}
 CLASSIFICATION = {
-    "seed": {"augment": "seed"},
+    "full": {"augment": "full"},
     "shift": {"augment": "shift"},
-    "seed+ls": {"augment": "seed", "label_smoothing": 0.1},
+    "full+ls": {"augment": "full", "label_smoothing": 0.1},
     "shift+ls": {"augment": "shift", "label_smoothing": 0.1},
     "shift+wd": {"augment": "shift", "weight_decay": 0.05},
     "shift+ls+wd": {"augment": "shift", "label_smoothing": 0.1, "weight_decay": 0.05},
@@ -50,7 +48,7 @@ CLASSIFICATION = {
 }
 RETRIEVAL = {"lr1e-3": {"lr_retrieval": 1e-3}, "lr1e-4": {"lr_retrieval": 1e-4}}
 JOINT = {"cls0.2": {"loss_weights": {"cls": 0.2}}, "cls0.2+lr2e-4": {"loss_weights": {"cls": 0.2}, "lr_joint": 2e-4},
-         "cls1": {"loss_weights": {"cls": 1.0}},  # λcls: seed 000's 0.2, or 1.0
+         "cls1": {"loss_weights": {"cls": 1.0}},  # λcls 1.0 against the baseline's 0.2
          # the joint stage's first steps cost top-1 (fresh AdamW on tuned weights): a warm-up, or a lower lr
          "cls1+warmup0.1": {"loss_weights": {"cls": 1.0}, "joint_warmup": 0.1},
          "cls1+lr2e-4": {"loss_weights": {"cls": 1.0}, "lr_joint": 2e-4},
@@ -79,7 +77,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="data split, sampling and test renders (default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle cores)")
     p.add_argument("--grey-photos", action="store_true", help="train on the grey Fashion-MNIST images too, "
-                   "as the presets now do (default: renders only, as the first measurements)")
+                   "as the presets do (default: renders only)")
     p.add_argument("--joint-start", type=Path, help="joint: a saved stage 1–2 model to start every variant from "
                    "(default: train one; it is saved under --out as ablation-joint-start)")
     p.add_argument("--data-dir", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
@@ -96,8 +94,8 @@ def main() -> None:
         p.error(f"unknown {args.stage} variants {unknown}; known: {', '.join(variants)}")
     common = dict(time_budget_s=None, threads=args.threads, data_dir=args.data_dir, out_dir=args.out, progress=False,
                   workers=0, seed=args.seed, flip_tta=False,  # training choices only: no test-time flip
-                  amp=False,  # fp32, as the README's ablation figures were measured
-                  grey_photos=args.grey_photos)  # renders only, as then, unless asked
+                  amp=False,  # fp32, as benchmarks/RESULTS.md's ablation figures
+                  grey_photos=args.grey_photos)  # renders only unless asked
     metrics = {"renders top-1": "test_plain/top1", "R@1": "test/recall@1"}
     if args.grey_photos:
         metrics["FMNIST top-1"] = "test_grey/top1"
@@ -115,7 +113,7 @@ def main() -> None:
         metrics = {"R@1": metrics["R@1"]} if retrieval else {"renders top-1": metrics["renders top-1"]}
         base = replace(FULL, stage_steps=(steps, 0, 0) if retrieval else (0, steps, 0), train_items=items,
                        photos_per_item=4, m_per_item=4, val_items=1000, test_items=2000 if retrieval else None,
-                       test_photos_per_item=2, batch_size=batch, eval_every=0, **common, **_overrides(BEFORE))
+                       test_photos_per_item=2, batch_size=batch, eval_every=0, **common, **_overrides(PINNED))
     rows = []
     for name in names:
         t0 = time.perf_counter()
@@ -132,8 +130,8 @@ def main() -> None:
         print(f"{r['variant']:14s}" + "".join(f"{r[label]:14.4f} {100 * (r[label] - first[label]):+7.2f}pt"
                                               for label in metrics))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.stage}-seed{args.seed}.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                        "rows": rows}, indent=2))
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    (args.out / f"{args.stage}-seed{args.seed}.json").write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

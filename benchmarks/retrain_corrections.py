@@ -18,7 +18,7 @@ as extra training rows through ``training.corrections.corrections_to_images``), 
        control          no new labels
        pair fixes ×R    the corrections of the confused pair (default Shirt vs T-shirt/top: every catalogue
                         listing of the pair the active model tagged wrong), repeated R times in the training
-                        set (R = 4 was the fixed factor; `--repeats` sweeps it)
+                        set (`--repeats` sweeps R)
        pair answers ×R  as many of the pair's listings in the review queue answered, right tags confirmed too
        queue:<order> ×R the first `--answers` review items in that order answered (the true category; a
                         confirmation is a label too): gain (worker.review_order, ENRICH_REVIEW_ORDER=gain),

@@ -121,7 +121,7 @@ def main() -> None:
     print(f"{'labels':10s} {'loss':11s} {'top-1':>15s} {'vs ceiling':>15s} {'Shirt/T-shirt':>15s}")
     for key, rows in results.items():
         noise, method = key.split("/")
-        gap = [r["top1"] - c for r, c in zip(rows, ceiling)]
+        gap = [r["top1"] - c for r, c in zip(rows, ceiling, strict=True)]
         print(f"{noise:10s} {method:11s} {fmt([r['top1'] for r in rows]):>15s} {fmt(gap):>15s} "
               f"{fmt([r['pair'] for r in rows]):>15s}")
     summary = {"wrong": args.wrong, "steps": args.steps, "seeds": args.seeds,

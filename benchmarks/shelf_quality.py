@@ -1,4 +1,4 @@
-"""Issue 24: do similar-items shelves stay in the category, and is "this one in another colour" found?
+"""Similar-items shelves: do they stay in the category, and is "this one in another colour" found?
 
     python benchmarks/shelf_quality.py --model-dir DIR                    # a trained fashion-mnist model
     python benchmarks/shelf_quality.py --model-dir DIR --weights 0,0.1,0.2,0.3,0.5 --colourways 1000
@@ -7,7 +7,7 @@ One model, one run, three sets:
 - FMNIST-shop test (the training run's evaluation set: Fashion-MNIST test items, a query photo and a gallery
   photo each): item R@1 (the other photo of the same item ranks first) and same-category precision@5 of the
   gallery's top 5, per shelf category weight w (model/inference.py ``shelf_embedding``: the one-hot of the
-  predicted category; w = 0 is the image embedding alone, the shelves before issue 24), and with the
+  predicted category; w = 0 is the image embedding alone, without the category), and with the
   category probabilities in place of the one-hot ("soft", the alternative);
 - the quickstart catalogue (enrich/quickstart.py ``build_catalogue``: 300 listings, two PNG photos each,
   combined per listing as the worker does): same-category precision@5 of each listing's shelf among the
@@ -15,7 +15,7 @@ One model, one run, three sets:
 - colourways: ``--colourways`` Fashion-MNIST test garments, each rendered in three different colours, one
   listing per (garment, colour). For every listing, "other colours" ranks the listings whose predicted colour
   differs, and a hit is the same garment among the top 5. Per colour-free rule: the embedding as it is, or
-  with the colour dimensions of seed 001's colour condition mask taken out (``similar.query.colour_free``).
+  with the colour dimensions of the model's colour condition mask taken out (``similar.query.colour_free``).
 Prints tables and one JSON line.
 """
 from __future__ import annotations
@@ -175,7 +175,8 @@ def main() -> None:
           f"{ways['colour_accuracy']:.4f}):")
     for rule, r in ways.items():
         if rule != "colour_accuracy":
-            print(f"  {rule:>12}: same garment in another colour in the top 5 {r['hit@5']:.4f}, at rank 1 {r['hit@1']:.4f}")
+            print(f"  {rule:>12}: same garment in another colour in the top 5 {r['hit@5']:.4f}, "
+                  f"at rank 1 {r['hit@1']:.4f}")
     print(json.dumps({"model": predictor.version, "fmnist_shop": shop, "quickstart": qs, "colourways": ways}))
 
 

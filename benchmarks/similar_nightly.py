@@ -84,7 +84,7 @@ def embed_shop_photos(model_dir: Path, data_dir: Path, photos_per_item: int = 2,
 
     predictor = load_predictor(model_dir, device="cpu")
     man = predictor.manifest
-    xs, ys = zip(*(load_fashion_mnist(data_dir, split) for split in ("train", "test")))
+    xs, ys = zip(*(load_fashion_mnist(data_dir, split) for split in ("train", "test")), strict=True)
     shop = build_shop(np.concatenate(xs), np.concatenate(ys), predictor.taxonomy, photos_per_item=photos_per_item,
                       seed=11)
     mean = torch.tensor(man.normalisation.mean).view(1, 3, 1, 1)

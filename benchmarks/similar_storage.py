@@ -69,7 +69,8 @@ def write_rows(conn, ids: np.ndarray, k: int, version: int) -> float:
     rng = np.random.default_rng(1)
     t0 = time.perf_counter()
     with conn.transaction(), conn.cursor() as cur, cur.copy(
-            "COPY similar_items_rows (version, listing_id, rank, neighbour_id, score) FROM STDIN (FORMAT binary)") as copy:
+            "COPY similar_items_rows (version, listing_id, rank, neighbour_id, score)"
+            " FROM STDIN (FORMAT binary)") as copy:
         copy.write(b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8)
         for s in range(0, n, CHUNK):
             m = min(CHUNK, n - s)

@@ -4,12 +4,12 @@
                                         [--faults worker_kill,postgres_crash,...] [--out benchmarks/results/soak]
 
 Run from anywhere (it puts the repository root on sys.path, as benchmarks/intake_throughput.py does) and
-uses the fault suite's harness, tests/faults/cluster.py, as is.
+uses the fault suite's harness, harness/cluster.py, as is.
 
 What runs (all private to this script, so it never disturbs other work on the machine):
   Postgres 15 (initdb on a free port, fsync off), a RabbitMQ node, Tansu (Kafka protocol, in memory) and
   moto (S3, serving a handful of real PNG/JPEG images from its first request after every start); a small
-  real model (tests/worker/conftest.py's save_small_model: the fault suite's small CNN, 32 px); a topic of
+  real model (harness/models.py's save_small_model: the fault suite's small CNN, 32 px); a topic of
   4 partitions; `enrich consume` x2 (one group) and `enrich worker` x1 (solo pool, 1 torch thread).
 
 Phases
@@ -33,7 +33,7 @@ Phases
      its audit triggers and the DLQ topic), p50/p99 latency, lag and RSS figures, faults by kind; printed as
      a table and written to <out>/summary.json, <out>/samples.csv and <out>/soak.png.
 
-Faults (--faults, default all; the numbers of the issue):
+Faults (--faults, default all; the numbers mark their code below):
   worker_kill                   (1) `enrich worker` kill -9 while its log says it is inside a task
   consumer_crash_before_commit  (2) a consumer stopped cleanly and started again with
                                     ENRICH_TEST_CRASH_BEFORE_COMMIT=N (N 1..3): it SIGKILLs itself after its
@@ -87,7 +87,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)  # cluster.Stack starts its processes with cwd=ROOT; relative --out paths are from here too
 
-from tests.faults import cluster  # noqa: E402 - after the path insert
+from harness import cluster  # noqa: E402 - after the path insert
+from harness.models import save_small_model  # noqa: E402 - after the path insert
 
 FAULT_KINDS = ("worker_kill", "consumer_crash_before_commit", "consumer_peer_kill", "postgres_crash",
                "rabbit_kill", "kafka_hang", "s3_down", "poison_burst")
@@ -626,7 +627,8 @@ class Faults(threading.Thread):
             mid = worker_mid_task(p.log)
             slot.expect_exit = "fault: worker kill -9" + (" mid-task" if mid else " (idle)")
             p.kill9()
-        rec["note"] = f"killed {slot.name}#{slot.incarnation} " + ("mid-task" if mid else "while idle (no task in 30 s)")
+        rec["note"] = (f"killed {slot.name}#{slot.incarnation} "
+                       + ("mid-task" if mid else "while idle (no task in 30 s)"))
         rec["slot"] = slot.name
 
     # (2)
@@ -703,7 +705,8 @@ class Faults(threading.Thread):
                     except Exception:
                         pass
                     time.sleep(0.5)
-                rec["note"] += f"; survivor paused {survivor.proc.metric(PAUSED) if survivor.proc else None} after the rebalance"
+                paused = survivor.proc.metric(PAUSED) if survivor.proc else None
+                rec["note"] += f"; survivor paused {paused} after the rebalance"
         finally:
             if stopped is not None:
                 try:
@@ -891,7 +894,7 @@ def plot(path: Path, samples: list[dict], faults: list[dict], names: list[str], 
         for s in samples:
             if s.get(f"rss:{name}") is not None:
                 incs.setdefault(int(s[f"inc:{name}"]), []).append((m(s["t"]), s[f"rss:{name}"]))
-        for j, (inc, pts) in enumerate(sorted(incs.items())):
+        for j, (_inc, pts) in enumerate(sorted(incs.items())):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[k % len(colours)], lw=1.2,
                     label=name if j == 0 else None)
             ax.plot([pts[0][0]], [pts[0][1]], marker="o", ms=3, color=colours[k % len(colours)])
@@ -908,7 +911,8 @@ def plot(path: Path, samples: list[dict], faults: list[dict], names: list[str], 
     fc = {k: cmap(i % 8) for i, k in enumerate(kinds)}
     for ax in axes:
         for f in faults:
-            ax.axvspan(m(f["start"]), m(max(f.get("end") or f["start"], f["start"] + 4)), color=fc[f["kind"]], alpha=0.3)
+            end = max(f.get("end") or f["start"], f["start"] + 4)
+            ax.axvspan(m(f["start"]), m(end), color=fc[f["kind"]], alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=fc[k], alpha=0.45) for k in kinds]
     fig.legend(handles, kinds, loc="lower center", ncol=4, fontsize=8, title="faults (shaded while injected)")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
@@ -960,13 +964,15 @@ def parse_args(argv=None):
     p.add_argument("--task-listings", type=int, default=16, help="ENRICH_TASK_LISTINGS (listing ids per task)")
     p.add_argument("--batch-size", type=int, default=16, help="ENRICH_BATCH_SIZE (images per forward pass)")
     p.add_argument("--poison-every", type=int, default=200, help="a poison event after every N good ones (0: none)")
-    p.add_argument("--restart-delay", type=float, default=2.0, help="seconds before the supervisor restarts a dead process")
+    p.add_argument("--restart-delay", type=float, default=2.0,
+                   help="seconds before the supervisor restarts a dead process")
     p.add_argument("--sample-every", type=float, default=5.0, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=300,
                    help="RSS warm-up of each process incarnation (s; at most a sixth of the run)")
     p.add_argument("--min-judged", type=float, default=120,
                    help="an incarnation's RSS growth is judged only over at least this many s after its warm-up")
-    p.add_argument("--drain-timeout", type=float, default=1800, help="most seconds to wait for the backlog after the producer stops")
+    p.add_argument("--drain-timeout", type=float, default=1800,
+                   help="most seconds to wait for the backlog after the producer stops")
     p.add_argument("--stall", type=float, default=240, help="give up draining after this many seconds without progress")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "soak", help="results folder")
     p.add_argument("--replot", type=Path, default=None, metavar="DIR",
@@ -1029,8 +1035,6 @@ def main(argv=None) -> int:
                                                            for k, v in vars(args).items()},
                      "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     try:
-        from tests.worker.conftest import save_small_model
-
         model_dir = save_small_model(base / "model", "soak-small-v1", seed=0)
         objects = cluster.image_objects(f"soak-{uuid.uuid4().hex[:8]}")
         pg = cluster.PrivatePostgres(base)
@@ -1096,7 +1100,8 @@ def main(argv=None) -> int:
         summary["capacity"] = {"events": len(burst_ids), "events_per_s": round(capacity, 1),
                                "measured": "slope of the settled count between 10% and 90% of a burst produced at once",
                                "burst_wall_s": round(points[-1][0] - t_burst, 1)}
-        log(f"capacity {capacity:.1f} events/s (10-90 % of the burst in {hi - lo:.1f} s); soak rate {rate:.1f} events/s")
+        log(f"capacity {capacity:.1f} events/s (10-90 % of the burst in {hi - lo:.1f} s); "
+            f"soak rate {rate:.1f} events/s")
 
         # 2. soak
         duration = args.minutes * 60
@@ -1159,9 +1164,11 @@ def main(argv=None) -> int:
         for f in faults.log:
             by_kind[f["kind"]] = by_kind.get(f["kind"], 0) + 1
         logs = [base / f"{s.name}.log" for s in sup.slots]
-        lost_detail = investigate(stack.pg_url, res.lost, producer.sent_at, faults.log, logs) if res.lost else []
-        doubled_detail = investigate(stack.pg_url, res.doubled, producer.sent_at, faults.log, logs) if res.doubled else []
-        pending_detail = investigate(stack.pg_url, res.pending, producer.sent_at, faults.log, logs) if res.pending else []
+
+        def detail(ids: list) -> list:
+            return investigate(stack.pg_url, ids, producer.sent_at, faults.log, logs) if ids else []
+
+        lost_detail, doubled_detail, pending_detail = detail(res.lost), detail(res.doubled), detail(res.pending)
         dlq_doubled_detail = []
         for key in res.dlq_doubled:
             t = producer.poison_sent_at.get(key)
@@ -1175,7 +1182,8 @@ def main(argv=None) -> int:
                          "poison": len(producer.poison), "failed_sends_resent": producer.failed_sends},
             "enriched": res.enriched, "dead_lettered": res.dlq_count, "lost": len(res.lost),
             "doubled": len(res.doubled), "pending": len(res.pending),
-            "dlq_missing": res.dlq_missing, "dlq_wrong": res.dlq_wrong, "dlq_doubled": res.dlq_doubled, "dlq_doubled_detail": dlq_doubled_detail,
+            "dlq_missing": res.dlq_missing, "dlq_wrong": res.dlq_wrong, "dlq_doubled": res.dlq_doubled,
+            "dlq_doubled_detail": dlq_doubled_detail,
             "dlq_good": res.dlq_good, "outcome_problems": res.problems(),
             "needed_sweep": swept,
             "latency_s": {"n": len(lat), "p50": pct(lat, 0.5), "p90": pct(lat, 0.9), "p99": pct(lat, 0.99),
@@ -1267,7 +1275,8 @@ def print_summary(s: dict) -> None:
                                           f"(n={lat['n']})"),
         ("latency away from faults p50 / p99", f"{f(lat['quiet']['p50'])} / {f(lat['quiet']['p99'])} s "
                                                f"(n={lat['quiet']['n']})"),
-        ("consumer lag p50 / p99 / max", f"{f(lag['p50'], '.0f')} / {f(lag['p99'], '.0f')} / {f(lag['max'], '.0f')} events"),
+        ("consumer lag p50 / p99 / max",
+         f"{f(lag['p50'], '.0f')} / {f(lag['p99'], '.0f')} / {f(lag['max'], '.0f')} events"),
         ("faults", ", ".join(f"{k} {v}" for k, v in sorted(s["faults"]["by_kind"].items())) or "none"),
         ("restarts", ", ".join(f"{k} {v}" for k, v in s["restarts"].items())),
         ("unplanned exits", len(s["unplanned_exits"])),

@@ -1,18 +1,18 @@
-"""Steady load: phases of constant traffic at shares of the measured capacity, no faults (issue 38).
+"""Steady load: phases of constant traffic at shares of the measured capacity, no faults.
 
     .venv/bin/python benchmarks/steady_load.py [--shares 0.25,0.5,0.8] [--minutes 10] [--catalogue 0]
         [--capacity EV_PER_S] [--baseline] [--baseline-rev 3b18662] [--out benchmarks/results/steady_load]
         [--sample-every 5] [--window 30]
 
-Issue 38: at a steady fifth of capacity the system fell behind, because each worker task re-read every
-embedding written since the last similar-items snapshot (task time grew with the listings since it) and
-tasks carried few listings under moderate load. This measures both: task time and listings per task over
-time, window by window, with the lag and the event → row latency they cause. Run it on the current tree
-and with --baseline (the code of --baseline-rev) to compare before and after.
+Does the system keep up at a steady share of its capacity? Two things can make it fall behind: worker
+tasks whose time grows with the catalogue (the embeddings written since the last similar-items snapshot),
+and tasks that carry few listings under moderate load. This measures both: task time and listings per task
+over time, window by window, with the lag and the event → row latency they cause. Run it on the current
+tree and with --baseline (the code of --baseline-rev) to compare two versions.
 
 What runs (private to this script, as in benchmarks/soak.py, whose Producer, Sampler and Supervisor it uses):
   Postgres (migrated by the current tree, no audit triggers), a RabbitMQ node, Tansu (Kafka) and moto (S3)
-  serving a handful of real images; the small real model of tests/worker/conftest.py; a topic of 4
+  serving a handful of real images; the small real model of harness/models.py; a topic of 4
   partitions; ONE `enrich consume`, ONE `enrich worker` (solo pool, 1 torch thread) and a worker for the cpu
   queue (the reindex a worker may ask for). With --baseline they run from a git worktree of --baseline-rev
   (same Python, the worktree as cwd and PYTHONPATH), removed at the end; the database schema is still the
@@ -23,7 +23,7 @@ Steps
   2. --catalogue N > 0: N listings seeded by COPY as already enriched by the model (status 'enriched',
      enriched_hash, enriched_by), each embedding one of the warm-up's plus noise (the model's own
      distribution, so the snapshot's IVF lists fit what the model writes next), written a day ago (older
-     than any snapshot's read time less the old online path's slack), then `enrich reindex` (from the code tree
+     than any snapshot's read time less similar.delta.ONLINE_SLACK), then `enrich reindex` (from the code tree
      under test) builds a similar-items snapshot. N = 0: the catalogue grows from empty, no snapshot.
   3. capacity: a burst of --burst events produced at once; capacity = the slope of the settled count
      between 10 % and 90 % of the burst (as soak.py measures it), unless --capacity gives it.
@@ -87,7 +87,8 @@ from benchmarks.soak import (  # noqa: E402 - after the path insert (soak.py als
     tail_bytes,
     wait_drained,
 )
-from tests.faults import cluster  # noqa: E402
+from harness import cluster  # noqa: E402 - after the path insert
+from harness.models import save_small_model  # noqa: E402 - after the path insert
 
 MODEL_VERSION = "steady-small-v1"
 TASK_DONE = re.compile(r"Task enrich\.listings\[[^\]]+\] succeeded in ([0-9.eE+-]+)s")
@@ -133,7 +134,8 @@ def remove_worktree(path: Path) -> None:
 
 def code_origin(stack: cluster.Stack) -> str:
     """Where the processes' interpreter finds the project's code (proves a baseline really runs the worktree)."""
-    done = subprocess.run([sys.executable, "-c", "import similar.online, worker.intake; print(similar.online.__file__)"],
+    code = "import similar.online, worker.intake; print(similar.online.__file__)"
+    done = subprocess.run([sys.executable, "-c", code],
                           cwd=stack.root or ROOT, env=stack.env(), capture_output=True, text=True, timeout=120)
     return (done.stdout.strip() or done.stderr.strip()[-300:])
 
@@ -218,7 +220,8 @@ def seed_catalogue(pg_url: str, n: int, basis, uris: list[str], chunk: int = 20_
                 lid = f"cat-{i:08d}"
                 event = json.dumps(cluster.listing_event(lid, [uris[i % len(uris)]]), separators=(",", ":"))
                 h = hashlib.sha256(event.encode()).hexdigest()
-                copy.write_row((lid, f"seller-{i % 5000:05d}", event, h, "enriched", h, MODEL_VERSION, written, written))
+                copy.write_row((lid, f"seller-{i % 5000:05d}", event, h, "enriched", h, MODEL_VERSION, written,
+                                written))
         with cur.copy("COPY embeddings (listing_id, model_version, dim, vector, created_at) FROM STDIN"
                       " (FORMAT BINARY)") as copy:
             copy.set_types(["text", "text", "int4", "bytea", "timestamptz"])
@@ -397,8 +400,8 @@ def print_summary(summary: dict) -> None:
     print(f"capacity {cap['events_per_s']} ev/s ({cap['how']}); settings {given}, the rest the code's defaults")
     if summary.get("seed"):
         sd = summary["seed"]
-        print(f"catalogue seeded: {sd['listings']} listings in {sd['seconds']} s; reindex {sd['reindex']['seconds']} s: "
-              f"{sd['reindex']['output']}")
+        print(f"catalogue seeded: {sd['listings']} listings in {sd['seconds']} s; "
+              f"reindex {sd['reindex']['seconds']} s: {sd['reindex']['output']}")
     head = (f"{'share':>5} {'ev/s':>6} {'catalogue':>10} {'since snap':>10} {'enr/s':>6} {'kept up':>7} "
             f"{'lag max':>7} {'lag end':>7} {'queue':>5} {'p50 s':>6} {'p99 s':>6} {'worst p99':>9} "
             f"{'task s 1st→last':>16} {'trend':>7} {'/task':>5} {'busy':>5} {'RSS c MiB':>11} {'RSS w MiB':>11}")
@@ -479,7 +482,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Steady traffic at shares of the measured capacity, no faults, on private services (issue 38): "
+        description="Steady traffic at shares of the measured capacity, no faults, on private services: "
                     "per window lag, event→row latency, worker task time and listings per task, RSS; per phase "
                     "whether it kept up. Writes <out>/<label>/summary.json, windows.csv and steady_load.png. "
                     "See the module docstring for definitions.",
@@ -559,8 +562,6 @@ def main(argv=None) -> int:
         else:
             rev = git("rev-parse", "--short", "HEAD") + (" + uncommitted changes" if git("status", "--porcelain",
                                                                                        "--untracked-files=no") else "")
-        from tests.worker.conftest import save_small_model
-
         model_dir = save_small_model(base / "model", MODEL_VERSION, seed=0)
         objects = cluster.image_objects(f"steady-{uuid.uuid4().hex[:8]}", n=args.images)
         pg = cluster.PrivatePostgres(base)

@@ -1,4 +1,4 @@
-"""Issue 23: does the listing's text help the image model? Image only, text only and fused, per group.
+"""Does the listing's text help the image model? Image only, text only and fused, per group.
 
     python benchmarks/text_fusion.py                                  # newest quick model under /tmp/qs-run/models
     python benchmarks/text_fusion.py --model-dir DIR --items 10000 --quickstart-items 300
@@ -11,7 +11,7 @@ with the photo, 15 % French or German, 15 % no colour word, 10 % mentioning anot
   seller's own tags), scored on the groups its sellers left out, as the quickstart fills them.
 
 Per group (category, colour) and method:
-- image: ``worker.tagging.decide`` on the listing without its text (what the worker did before issue 23);
+- image: ``worker.tagging.decide`` on the listing without its text (the photos alone);
 - text: the vocabulary match alone (model/text.py): the value the text names first is the prediction,
   further named values follow it; no match, no prediction;
 - fused: ``decide`` on the listing with its text (the calibrated prior of worker/tagging.py).
@@ -80,7 +80,7 @@ def evaluate(events, truth, scored, cat, groups, index, manifest, default_thresh
     from worker.tagging import combine_images
 
     stats = {(g, m): np.zeros(4) for g in GROUPS for m in METHODS}  # n, tags, right tags, truth in top-3
-    for ev, t, sc, rows in zip(events, truth, scored, index):
+    for ev, t, sc, rows in zip(events, truth, scored, index, strict=True):
         c, gp, _ = combine_images(cat[rows], {k: v[rows] for k, v in groups.items()},
                                   np.zeros((len(rows), 1), np.float32))
         silent = ev.model_copy(update={"title": "", "description": ""})
@@ -123,7 +123,7 @@ def shop_set(model_dir: Path, fmnist_dir: Path, items: int, seed: int):
     events = [ListingEvent(listing_id=f"shop-{i}", seller_id="s", title=t.title, description=t.description,
                            images=[f"shop-{i}.png"]) for i, t in enumerate(texts)]
     truth = [{"category": tax.categories[int(c)].name, "colour": colours[int(k)]}
-             for c, k in zip(shop.category, shop.colour)]
+             for c, k in zip(shop.category, shop.colour, strict=True)]
     index = [np.array([i]) for i in range(len(events))]
     return predictor, events, truth, [GROUPS] * len(events), cat, groups, index, texts
 
@@ -182,7 +182,8 @@ def main() -> None:
     missing = sum(t.missing for t in texts) / len(texts)
     print(f"model {m.model_version} ({m.backbone}, {m.image_size}px) from {model_dir}; text noise on FMNIST-shop: "
           f"{missing:.0%} missing, {sum(t.language != 'en' and not t.missing for t in texts) / len(texts):.0%} fr/de")
-    print(f"{'set':28s} {'group':9s} {'method':6s} {'n':>6s} {'coverage':>9s} {'precision':>10s} {'R@1':>7s} {'R@3':>7s}")
+    print(f"{'set':28s} {'group':9s} {'method':6s} {'n':>6s} {'coverage':>9s} {'precision':>10s} "
+          f"{'R@1':>7s} {'R@3':>7s}")
     for name, stats, _ in rows:
         for g in GROUPS:
             for meth in METHODS:

@@ -1,11 +1,11 @@
-"""Training quality runs: the QUICK preset, the long staged run, staged vs unified (seed 000's table).
+"""Training quality runs: the QUICK preset, the long staged run, staged vs unified training.
 
     python benchmarks/train_quality.py quick                    # ≥ 90 % FMNIST top-1 in ≤ ~4 min?
     python benchmarks/train_quality.py compare --budget 900     # staged vs unified, same time budget
     nice -n 10 python benchmarks/train_quality.py full          # long staged run (hours on 2 cores)
     python benchmarks/train_quality.py full-lite0 --budget 7500 # the same recipe on pretrained Lite0 at 64 px
     python benchmarks/train_quality.py full-gpu                 # the quality run on one GPU (~6 min)
-    python benchmarks/train_quality.py compare --base full-gpu --budget 150   # seed 000's table on a GPU
+    python benchmarks/train_quality.py compare --base full-gpu --budget 150   # staged vs unified on a GPU
 
 Prints each run's wall time, the CPU seconds this process used (on a shared machine wall time
 swings with other load; CPU seconds do not), the machine (cores, load average) and the test metrics
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 # FMNIST top-1: the Fashion-MNIST test images as published (grey); renders: their plain tinted renderings
 KEYS = [("test_grey/top1", "FMNIST top-1"), ("test_plain/top1", "renders top-1"), ("test/top1", "shop top-1"),
-        ("test/macro_f1", "macro-F1"), ("test/weighted_f1", "W-F1"), ("test/attr/exact_match", "colour EM"), ("test/attr/hamming", "Hamming"),
+        ("test/macro_f1", "macro-F1"), ("test/weighted_f1", "W-F1"), ("test/attr/exact_match", "colour EM"),
+        ("test/attr/hamming", "Hamming"),
         ("test/recall@1", "R@1"), ("test/recall@5", "R@5"), ("test/map@r", "mAP@R"),
         ("no_flip/top1", "top-1 w/o flip"), ("no_flip/recall@1", "R@1 w/o flip")]  # flip_tta models only
 

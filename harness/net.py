@@ -1,8 +1,11 @@
-"""Loopback helpers for tests that start their own servers."""
+"""Loopback helpers for tests and benchmarks that start their own servers."""
 from __future__ import annotations
 
 import socket
 import time
+import urllib.request
+
+from core.celery_app import app
 
 
 def free_port() -> int:
@@ -25,8 +28,6 @@ def wait_port(host: str, port: int, timeout: float = 15.0) -> None:
 
 def scrape_metrics(port: int) -> str | None:
     """A process's Prometheus `/metrics` text on a loopback port; None while it does not answer."""
-    import urllib.request
-
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
             return r.read().decode()
@@ -37,8 +38,6 @@ def scrape_metrics(port: int) -> str | None:
 def take_queued_tasks(queue: str) -> list[dict]:
     """Every task message waiting on a Celery queue of the configured broker, taken off it (acked):
     [{"task": name, "args": [...], "kwargs": {...}}] in queue order."""
-    from core.celery_app import app
-
     out = []
     with app.connection_for_read() as conn:
         q = conn.SimpleQueue(queue)

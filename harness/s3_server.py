@@ -1,4 +1,4 @@
-"""An S3 API server (moto) that holds its objects before its port opens: `python -m tests.faults.s3_server`.
+"""An S3 API server (moto) that holds its objects before its port opens: `python -m harness.s3_server`.
 
 moto keeps everything in memory, so a restarted moto_server is empty, and an image fetched in the moment
 between the port opening and a re-upload would be refused as "not found" (a permanent error: the listing

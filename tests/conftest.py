@@ -17,7 +17,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.net import free_port, wait_port
+from harness.net import free_port, wait_port
+from migrations import apply_all
+from similar import delta
 
 PG_ADMIN_URL = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 # a test that asks for one of these talks to a real service: it is marked `integration`, so that
@@ -49,8 +51,6 @@ def _url_for(dbname: str) -> str:
 @pytest.fixture(scope="session")
 def pg_url() -> str:
     """A fresh, migrated database on the real Postgres server; dropped at the end of the session."""
-    from migrations import apply_all
-
     name = f"enrich_test_{uuid.uuid4().hex[:10]}"
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
@@ -80,8 +80,6 @@ def empty_db_url() -> str:
 def db(pg_url: str):
     """A connection to the session database with all listing data wiped before the test (and the online
     delta this process held of it)."""
-    from similar import delta
-
     delta.forget()
     with psycopg.connect(pg_url, autocommit=True) as conn:
         conn.execute(

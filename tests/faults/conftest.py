@@ -2,7 +2,7 @@
 
 Tests share the session's Kafka-protocol broker, S3 server and Postgres server, with a topic, consumer group,
 bucket and database of their own (make_stack); a fault that kills or hangs a service gets a private instance of
-it (lab.private_pg() and the like, tests/faults/cluster.py). RabbitMQ is a node of the suite's own (fault_amqp),
+it (lab.private_pg() and the like, harness/cluster.py). RabbitMQ is a node of the suite's own (fault_amqp),
 not the shared one: Celery names every `enrich worker` on a host alike (celery@<host>), and a second worker on
 the same broker dies at start (RESOURCE_LOCKED on its remote-control queue), so a worker of another test run
 on the shared broker would kill ours, and ours theirs.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from harness import cluster
+from harness.models import save_small_model
 from tests.conftest import PG_ADMIN_URL
-from tests.faults import cluster
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,15 +42,13 @@ def pytest_collection_modifyitems(items) -> None:
     # tests that collect a background scenario's result go last, so the lane overlaps the others
     tests = [items[i] for i in ours]
     for i, item in zip(ours, [t for t in tests if not t.get_closest_marker("early")]
-                       + [t for t in tests if t.get_closest_marker("early")]):
+                       + [t for t in tests if t.get_closest_marker("early")], strict=True):
         items[i] = item
 
 
 @pytest.fixture(scope="session")
 def fault_model_dir(tmp_path_factory) -> Path:
     """The small real model the workers serve (ENRICH_MODEL_DIR)."""
-    from tests.worker.conftest import save_small_model
-
     return save_small_model(tmp_path_factory.mktemp("fault-model"), "fault-small-v1", seed=0)
 
 

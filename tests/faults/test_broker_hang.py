@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.faults.cluster import count_enriched, mixed_listings, outcome, process_report, produce, settle, wait_for
+from harness.cluster import count_enriched, mixed_listings, outcome, process_report, produce, settle, wait_for
 
 N = 500
 HANG_S = 30

@@ -11,7 +11,7 @@ import threading
 
 import psycopg
 
-from tests.faults.cluster import committed_offsets, mixed_listings, outcome, process_report, produce, settle, wait_for
+from harness.cluster import committed_offsets, mixed_listings, outcome, process_report, produce, settle, wait_for
 
 N = 600  # the 3rd batch ends long before the topic does
 

@@ -5,8 +5,8 @@ import uuid
 
 import psycopg
 
+from harness.cluster import TAG_GROUPS, create_database, drop_database, outcome, produce
 from tests.conftest import PG_ADMIN_URL
-from tests.faults.cluster import TAG_GROUPS, create_database, drop_database, outcome, produce
 
 
 def _listing(conn, lid: str, status: str) -> None:

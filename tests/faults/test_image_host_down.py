@@ -1,6 +1,6 @@
 """Fault 7: the image host (the S3 endpoint) goes down for longer than the first retries, then comes back
 (a private moto, killed -9 and restarted: the shared one is never touched; it serves the same images again
-from its first request after the restart, see tests/faults/s3_server.py). Runs in the background lane (it
+from its first request after the restart, see harness/s3_server.py). Runs in the background lane (it
 mostly waits).
 
 Fetches fail as "unavailable" (transient): each task re-enqueues the affected listings with backoff (0.5, 1,
@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.faults.cluster import count_enriched, mixed_listings, outcome, process_report, produce, settle, wait_for
+from harness.cluster import count_enriched, mixed_listings, outcome, process_report, produce, settle, wait_for
 
 N = 400
 DOWN_S = 10  # the retries after 0.5, 1, 2 and 4 s (7.5 s in all) meet the outage

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import psycopg
 
-from tests.faults.cluster import (
+from harness.cluster import (
     CORRECTION_POISON,
     LISTING_POISON,
     correction_event,
@@ -23,6 +23,9 @@ from tests.faults.cluster import (
     settle,
     wait_for,
 )
+from model.registry import promote, register_candidate
+from schemas.events import ListingEvent
+from worker.store import upsert_listings
 
 N = 300
 MAX_BYTES = 4096  # ENRICH_MAX_EVENT_BYTES: an oversized event stays small
@@ -73,10 +76,6 @@ def test_listing_poison_of_every_kind_on_one_partition(make_stack):
 
 
 def test_correction_poison_of_every_kind_on_one_partition(make_stack, fault_model_dir):
-    from model.registry import promote, register_candidate
-    from schemas.events import ListingEvent
-    from worker.store import upsert_listings
-
     stack = make_stack(max_event_bytes=MAX_BYTES)
     install_refusals(stack.pg_url)
     listings = [f"cl-{i:04d}" for i in range(120)]

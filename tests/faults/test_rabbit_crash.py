@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.faults.cluster import count_enriched, mixed_listings, outcome, process_report, produce, settle, wait_for
+from harness.cluster import count_enriched, mixed_listings, outcome, process_report, produce, settle, wait_for
 
 N = 500
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 
-from tests.faults.cluster import (
+from harness.cluster import (
     create_topic,
     group_members,
     mixed_listings,

@@ -7,7 +7,7 @@ still pending a second time while the redelivered task is still queued.
 """
 from __future__ import annotations
 
-from tests.faults.cluster import (
+from harness.cluster import (
     count_enriched,
     mixed_listings,
     outcome,

@@ -5,14 +5,28 @@ nothing the worse model wrote: no predicted tag, no open review item, no shelf i
 from __future__ import annotations
 
 import uuid
-from datetime import UTC
+from datetime import UTC, datetime
 
 import pytest
+from celery.contrib.testing.worker import start_worker
 from kombu import Connection
 from typer.testing import CliRunner
 
+from core.celery_app import app as celery_app
+from core.config import Settings
+from enrich.cli import app
+from harness.images import png_bytes
+from harness.models import save_small_model
+from model.artifacts import store_from_settings
+from model.registry import promote, register_candidate
+from schemas.events import CorrectionEvent
+from similar.common import shelf_model_version
+from similar.nightly import recompute
+from similar.query import read_neighbours
 from tests.lifecycle.conftest import enrich_via_worker as _enrich
-from tests.worker.conftest import png_bytes, save_small_model, wait_until
+from tests.worker.conftest import wait_until
+from worker import backfill, runtime
+from worker.store import record_correction
 
 BROKER = "redis://127.0.0.1:6379/0"
 GOOD, BAD = "good", "worse"
@@ -21,14 +35,6 @@ GOOD, BAD = "good", "worse"
 @pytest.fixture()
 def worker(use_celery, monkeypatch, pg_url, db, tmp_path):
     """A worker on queues of this test's own, serving the registry's active model (GOOD, promoted here)."""
-    from celery.contrib.testing.worker import start_worker
-
-    from core.celery_app import app
-    from core.config import Settings
-    from model.artifacts import store_from_settings
-    from model.registry import promote, register_candidate
-    from worker import backfill, runtime
-
     tag = uuid.uuid4().hex[:8]
     env = {"ENRICH_DATABASE_URL": pg_url, "ENRICH_DATA_DIR": str(tmp_path / "data"), "ENRICH_MODEL_CHECK_S": "0.2",
            "ENRICH_ALLOW_LOCAL_PATHS": "true", "ENRICH_CELERY_BROKER_URL": BROKER, "ENRICH_DEVICE": "cpu",
@@ -47,7 +53,7 @@ def worker(use_celery, monkeypatch, pg_url, db, tmp_path):
     use_celery(settings)
     queues = [settings.gpu_queue, settings.backfill_queue, settings.cpu_queue]
     try:
-        with start_worker(app, pool="solo", perform_ping_check=False, queues=queues, shutdown_timeout=60):
+        with start_worker(celery_app, pool="solo", perform_ping_check=False, queues=queues, shutdown_timeout=60):
             yield settings
     finally:
         runtime.reset()
@@ -84,15 +90,6 @@ def _backfill(db, model_version: str) -> str | None:
 
 
 def test_enrich_rollback_leaves_nothing_the_worse_model_wrote(worker, db, tmp_path):
-    from datetime import datetime
-
-    from enrich.cli import app
-    from schemas.events import CorrectionEvent
-    from similar.common import shelf_model_version
-    from similar.nightly import recompute
-    from similar.query import read_neighbours
-    from worker.store import record_correction
-
     settings, cli = worker, CliRunner()
     image = tmp_path / "photo.png"
     image.write_bytes(png_bytes((200, 30, 30), size=(64, 64)))

@@ -1,8 +1,6 @@
 """Worker fixtures: real images made with Pillow, a real (small, random-init) model on disk, settings."""
 from __future__ import annotations
 
-import io
-import os
 import subprocess
 import sys
 import threading
@@ -10,11 +8,13 @@ import time
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from core.config import Settings
+from harness.cluster import worker_process_env as worker_process_env  # re-exported for the worker tests
+from harness.images import jpeg_bytes as jpeg_bytes  # re-exported for the worker and core tests
+from harness.images import png_bytes
+from harness.models import save_small_model
 
 ROOT = Path(__file__).resolve().parents[2]
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -37,19 +37,6 @@ def send_png(handler, colour) -> None:
     handler.send_header("Content-Length", str(len(body)))
     handler.end_headers()
     handler.wfile.write(body)
-
-
-def png_bytes(colour=(200, 30, 30), size=(40, 48), mode="RGB") -> bytes:
-    buf = io.BytesIO()
-    Image.new(mode, size, colour).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jpeg_bytes(size=(64, 48), seed=0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def make_settings(tmp_path: Path | None = None, **overrides) -> Settings:
@@ -126,38 +113,10 @@ def stop_all(procs, server) -> None:
     server.server_close()
 
 
-def worker_process_env(pg_url: str, queue: str, **settings) -> dict[str, str]:
-    """The environment of an `enrich worker` test process: this database, RabbitMQ, `queue` as its gpu queue,
-    local paths and the loopback image server allowed, the CPU; ``settings`` as ENRICH_<NAME> values."""
-    env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_CELERY_BROKER_URL": AMQP, "ENRICH_GPU_QUEUE": queue,
-           "ENRICH_ALLOW_LOCAL_PATHS": "true", "ENRICH_ALLOWED_HOSTS": '["127.0.0.1"]',
-           "ENRICH_ALLOW_PRIVATE_NETWORKS": "true", "ENRICH_DEVICE": "cpu", "PYTHONPATH": str(ROOT)}
-    env.update({f"ENRICH_{name.upper()}": str(value) for name, value in settings.items()})
-    return env
-
-
 def start_worker_process(env: dict, log: Path, *args: str) -> subprocess.Popen:
     """`enrich worker` as a real process (its stderr appended to `log`), for kill -9 tests."""
     return subprocess.Popen([sys.executable, "-m", "enrich.cli", "worker", *args, "--loglevel=INFO"], cwd=ROOT,
                             env=env, stdout=subprocess.DEVNULL, stderr=log.open("a"))
-
-
-def save_small_model(out: Path, version: str, seed: int, colour_threshold: float = 0.0) -> Path:
-    """A real model directory (small CNN, random init, fashion-mnist taxonomy) written by the model package."""
-    import torch
-
-    from model.checkpoint import save_model
-    from model.network import build_model
-    from schemas.taxonomy import load_taxonomy
-
-    torch.manual_seed(seed)
-    model = build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False)
-    # thresholds 0: every missing group is filled, so provenance rules are checked on real outputs; each
-    # later seed scores higher, so the registry's gate lets it replace an earlier one
-    save_model(model, out, model_version=version, image_size=32,
-               thresholds={"category": 0.0, "type": 0.0, "colour": colour_threshold},
-               metrics={"test/top1": 0.1 * (seed + 1)})
-    return out
 
 
 @pytest.fixture(scope="session")
