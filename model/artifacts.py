@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from core.config import Settings
 from core.files import replaced_dir
+from core.s3 import S3Client, make_s3_client
 from model.checkpoint import MANIFEST_FILE, ModelMismatchError, file_sha256, read_manifest
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def _files(model_dir: Path) -> list[Path]:
 class ArtifactStore:
     """Put a model directory under its version and weights hash; fetch it back, verified."""
 
-    def __init__(self, root: str | Path, cache_dir: Path, s3_client=None) -> None:
+    def __init__(self, root: str | Path, cache_dir: Path, s3_client: S3Client | None = None) -> None:
         self.root = str(root)
         self.cache_dir = Path(cache_dir)
         parts = urlsplit(self.root)
@@ -43,6 +44,8 @@ class ArtifactStore:
         if self.s3:
             if not parts.netloc:
                 raise ValueError(f"model URI must look like s3://bucket/prefix, got {self.root!r}")
+            if s3_client is None:
+                raise ValueError(f"model URI {self.root!r} needs an S3 client")
             self.bucket, self.prefix = parts.netloc, parts.path.strip("/")
             self.client = s3_client
         else:
@@ -113,7 +116,5 @@ def store_from_settings(settings: Settings) -> ArtifactStore:
     """ENRICH_MODEL_URI (s3://…) when set, else `<data dir>/model-store`; the S3 cache under the data dir."""
     cache = settings.data_dir / "model-cache"
     if settings.model_uri:
-        from core.s3 import make_s3_client
-
         return ArtifactStore(settings.model_uri, cache, make_s3_client(settings))
     return ArtifactStore(settings.data_dir / "model-store", cache)

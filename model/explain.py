@@ -16,8 +16,8 @@ Why this method:
   each ReLU on the way back, so what reaches the pixels is mostly the image's own edges, whatever the
   classifier above learned: it looks crisp and explains nothing. Grad-CAM's weights and feature maps both
   come from the trained layers, so a map that looks right is evidence about the model;
-- cheap enough for a worker: one backward per tag, where seed 004's SHAP needs many perturbed
-  forward passes per photo for a comparable picture.
+- cheap enough for a worker: one backward per tag, where SHAP needs many perturbed forward passes per
+  photo for a comparable picture.
 Its limit: the resolution of the last feature map (7×7 for EfficientNet-Lite0 at 224 px, 3×3 for the
 small CNN at 28 px), so a map says "this region", not "these pixels".
 """
@@ -28,17 +28,21 @@ import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
-from model.network import MultitaskModel
+from model.network import ModelOutput, MultitaskModel
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP
 
 Target = tuple[str, int]  # (group, index of the value in that group's head)
+HeatMap = npt.NDArray[np.float32]  # (H, W) in [0, 1]
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
@@ -63,15 +67,14 @@ def target_for(model: MultitaskModel, group: str, value: str) -> Target:
     return group, names.index(value)
 
 
-def _scores(model: MultitaskModel, out, group: str) -> torch.Tensor:
+def _scores(model: MultitaskModel, out: ModelOutput, group: str) -> torch.Tensor:
     """(N, V) logits of one group. A model without a type head derives the type from the category (as
     the worker does): its score is the log-sum-exp of the type's categories, log P(type) up to a constant."""
     if group == CATEGORY_GROUP:
         return out.category
     if group == TYPE_GROUP:
-        head = getattr(out, "type", None)
-        if head is not None:
-            return head
+        if out.type is not None:
+            return out.type
         tax = model.taxonomy
         cols = [[i for i, c in enumerate(tax.categories) if c.type == t] for t in tax.types]
         never = torch.full_like(out.category[:, 0], -torch.inf)  # a type no category has
@@ -95,7 +98,7 @@ class _LastFeatureMap:
         self._thread = threading.get_ident()
         self._handles = [m.register_forward_pre_hook(self._keep) for m in pools]
 
-    def _keep(self, _module, args) -> None:
+    def _keep(self, _module: nn.Module, args: tuple[Any, ...]) -> None:
         if threading.get_ident() == self._thread and args and isinstance(args[0], torch.Tensor) \
                 and args[0].ndim == 4:
             self.maps = args[0]
@@ -106,7 +109,7 @@ class _LastFeatureMap:
 
 
 def explain_batch(model: MultitaskModel, images: torch.Tensor, targets: Sequence[Sequence[Target]]
-                  ) -> list[list[np.ndarray]]:
+                  ) -> list[list[HeatMap]]:
     """Heat maps for a batch: ``images`` (N, 3, H, W) preprocessed as for prediction, ``targets[i]`` the
     tags of image i. Returns, per image, one (H, W) float32 map in [0, 1] per target, in order.
 
@@ -119,7 +122,7 @@ def explain_batch(model: MultitaskModel, images: torch.Tensor, targets: Sequence
     if len(targets) != len(images):
         raise ValueError(f"{len(images)} images but {len(targets)} target lists")
     n, _, h, w = images.shape
-    heat: list[list[np.ndarray]] = [[np.zeros((h, w), np.float32)] * len(t) for t in targets]
+    heat: list[list[HeatMap]] = [[np.zeros((h, w), np.float32)] * len(t) for t in targets]
     rounds = max((len(t) for t in targets), default=0)
     if rounds == 0:
         return heat
@@ -131,7 +134,7 @@ def explain_batch(model: MultitaskModel, images: torch.Tensor, targets: Sequence
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
             # a leaf that needs its gradient: the graph reaches the feature map even with a frozen trunk
             x = images.detach().clone().to(device=device, dtype=torch.float32).requires_grad_(True)
-            out = model(x)
+            out: ModelOutput = model(x)
             maps = hook.maps
             if maps is None:
                 raise ValueError("the backbone's pooling never ran: no feature map to explain")
@@ -150,9 +153,9 @@ def explain_batch(model: MultitaskModel, images: torch.Tensor, targets: Sequence
                 cam = F.interpolate(cam, size=(h, w), mode="bilinear", align_corners=False)[:, 0]
                 low = cam.flatten(1).amin(dim=1).view(-1, 1, 1)
                 span = (cam.flatten(1).amax(dim=1).view(-1, 1, 1) - low).clamp_min(1e-12)
-                cam = ((cam - low) / span).clamp_(0, 1).cpu().numpy().astype(np.float32)
+                scaled = ((cam - low) / span).clamp_(0, 1).cpu().numpy().astype(np.float32)
                 for j, i in enumerate(rows):
-                    heat[i][r] = cam[j]
+                    heat[i][r] = scaled[j]
     finally:
         hook.close()
         model.train(was_training)
@@ -160,13 +163,13 @@ def explain_batch(model: MultitaskModel, images: torch.Tensor, targets: Sequence
 
 
 def explain(model: MultitaskModel, image: torch.Tensor, targets: Sequence[Target]
-            ) -> dict[tuple[str, str], np.ndarray]:
+            ) -> dict[tuple[str, str], HeatMap]:
     """One photo's heat maps: ``image`` (3, H, W) preprocessed, ``targets`` [(group, index), …] →
     {(group, value): (H, W) float32 in [0, 1]}. An all-zero map: no region raised that logit more than another."""
     if image.ndim != 3:
         raise ValueError(f"expected a (3, H, W) image, got {tuple(image.shape)}")
     maps = explain_batch(model, image.unsqueeze(0), [list(targets)])[0]
-    return {(g, value_names(model, g)[i]): m for (g, i), m in zip(targets, maps)}
+    return {(g, value_names(model, g)[i]): m for (g, i), m in zip(targets, maps, strict=True)}
 
 
 def mass_inside(heat: np.ndarray, box: tuple[int, int, int, int]) -> float:
@@ -204,8 +207,6 @@ def explanation_filename(listing_id: str, group: str, value: str) -> str:
 def overlay(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> Image.Image:
     """The photo with the heat map blended over it (matplotlib's "jet": blue cold, red hot), at the
     photo's size; a map of another size is resized bilinearly."""
-    from matplotlib import colormaps
-
     base = image.convert("RGB")
     if heat.shape != (base.height, base.width):
         heat = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F")

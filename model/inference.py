@@ -11,22 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from model.checkpoint import load_model
-from model.network import MultitaskModel, joint_category
+from model.network import ModelOutput, MultitaskModel, joint_category
 from schemas.manifest import ModelManifest
 from schemas.taxonomy import Taxonomy
 
 
 @dataclass
 class Predictions:
-    category: np.ndarray  # (N, C) probabilities, columns = manifest.taxonomy.categories (joint with the type)
-    groups: dict[str, np.ndarray]  # group -> (N, V): softmax if exclusive, sigmoid otherwise
-    embedding: np.ndarray  # (N, D) float32, L2-normalised
-    type: np.ndarray | None = None  # (N, T) probabilities, columns = manifest.taxonomy.types
+    category: npt.NDArray[np.float32]  # (N, C) probabilities, columns = taxonomy.categories (joint with the type)
+    groups: dict[str, npt.NDArray[np.float32]]  # group -> (N, V): softmax if exclusive, sigmoid otherwise
+    embedding: npt.NDArray[np.float32]  # (N, D), L2-normalised
+    type: npt.NDArray[np.float32] | None = None  # (N, T) probabilities, columns = manifest.taxonomy.types
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -74,7 +75,7 @@ def image_to_tensor(image: Image.Image, size: int, mean: tuple[float, ...], std:
     return (x - m) / s
 
 
-def outputs_to_predictions(model: MultitaskModel, out) -> Predictions:
+def outputs_to_predictions(model: MultitaskModel, out: ModelOutput) -> Predictions:
     groups = {}
     for name, logits in out.groups.items():
         probs = logits.float().softmax(dim=1) if model.exclusive[name] else logits.float().sigmoid()
@@ -89,7 +90,8 @@ def outputs_to_predictions(model: MultitaskModel, out) -> Predictions:
     )
 
 
-def shelf_embedding(embedding: np.ndarray, category: np.ndarray, n_categories: int, weight: float) -> np.ndarray:
+def shelf_embedding(embedding: npt.ArrayLike, category: npt.ArrayLike, n_categories: int,
+                    weight: float) -> npt.NDArray[np.float32]:
     """The vector similar items are ranked by: [√(1−w)·e, √w·onehot(category)], ``category`` (N,) the
     listing's category index (its tag where it has one, else the predicted one).
 
@@ -138,8 +140,9 @@ class Predictor:
     def predict_images(self, images: list[Image.Image]) -> Predictions:
         return self.predict(torch.stack([self.preprocess(im) for im in images]))
 
-    def condition_masks(self) -> dict[str, np.ndarray]:
-        """Seed 001: attribute group → (D,) non-negative mask; conditioned embedding = normalize(e * mask)."""
+    def condition_masks(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Attribute group → its (D,) non-negative mask of the conditional similarity; the embedding conditioned
+        on the group is normalize(e * mask)."""
         with torch.no_grad():
             masks = self.model.condition_masks().float().cpu().numpy()
         return {g: masks[i].copy() for i, g in enumerate(self.model.group_names)}

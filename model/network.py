@@ -1,11 +1,11 @@
-"""The one multitask model (seed 000), imported by the worker through model.inference.
+"""The one multitask model, imported by the worker through model.inference.
 
 backbone → pooled features ─┬─ shared MLP (feat→1024→512, BN, ReLU, Dropout 0.3) ─┬─ category head
-                            │                                                    ├─ type head (seed 004)
+                            │                                                    ├─ type head
                             │                                                    └─ one head per attribute group
                             └─ retrieval head (BN, ReLU, Dropout, Linear→256) → L2-normalised embedding
-Attribute groups: a softmax per mutually exclusive group (seed 001), sigmoid outputs otherwise (seed 000).
-Seed 001's conditional similarity: one learned non-negative mask per attribute group over the embedding.
+Attribute groups: a softmax per mutually exclusive group, sigmoid outputs otherwise (multi-label groups).
+Conditional similarity: one learned non-negative mask per attribute group over the embedding.
 Type and category are made consistent at prediction (`joint_category`).
 """
 from __future__ import annotations
@@ -34,13 +34,15 @@ def _mlp_block(cin: int, cout: int, dropout: float) -> list[nn.Module]:
 
 
 class MultitaskModel(nn.Module):
+    category_type: torch.Tensor  # a buffer, (C,): index of each category's type
+
     def __init__(self, backbone: Backbone, taxonomy: Taxonomy, embedding_dim: int = 256,
                  hidden: tuple[int, int] = (1024, 512), dropout: float = 0.3, type_head: bool = True) -> None:
         super().__init__()
         self.backbone_name = backbone.name
         self.mean, self.std = backbone.mean, backbone.std
         self._backbone_spec = backbone
-        self.frozen_backbone: list[str] = []  # parameter names kept frozen in every stage (seed 000)
+        self.frozen_backbone: list[str] = []  # parameter names kept frozen in every training stage
         self.taxonomy = taxonomy
         self.embedding_dim = embedding_dim
         self.group_names = taxonomy.group_names
@@ -58,7 +60,7 @@ class MultitaskModel(nn.Module):
                                           for g in taxonomy.attribute_groups})
         self.retrieval_head = nn.Sequential(nn.BatchNorm1d(backbone.feat_dim), nn.ReLU(inplace=True),
                                             nn.Dropout(dropout), nn.Linear(backbone.feat_dim, embedding_dim))
-        # seed 001: masks start near 0.9 (their init), kept non-negative through softplus
+        # the condition masks start near 0.9, kept non-negative through softplus
         n_groups = max(1, len(self.group_names))
         init = torch.full((n_groups, embedding_dim), 0.9) + 0.1 * torch.randn(n_groups, embedding_dim)
         self.condition_logits = nn.Parameter(torch.log(torch.expm1(init.clamp_min(0.05))))
@@ -99,8 +101,9 @@ class MultitaskModel(nn.Module):
         """The forward pass for prediction: with ``flip_tta`` the photo and its mirror image go through
         as one batch, their logits are averaged and the embeddings' sum re-normalised."""
         if not self.flip_tta:
-            return self(x)
-        out = self(torch.cat([x, x.flip(3)]))
+            plain: ModelOutput = self(x)
+            return plain
+        out: ModelOutput = self(torch.cat([x, x.flip(3)]))
         n = len(x)
 
         def mean(t: torch.Tensor) -> torch.Tensor:
@@ -113,7 +116,7 @@ class MultitaskModel(nn.Module):
 
 def joint_category(category_probs: torch.Tensor, type_probs: torch.Tensor | None, category_type: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Category and type probabilities that agree (seed 004 predicts type beside the category).
+    """Category and type probabilities that agree (a type head predicts the type beside the category).
 
     The two heads vote as a product of experts over categories: p(c) ∝ p_cat(c) · p_type(type(c)), and the
     type is the marginal of that, p(t) = Σ_{c of type t} p(c). The argmax category's type is then the

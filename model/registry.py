@@ -14,16 +14,20 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, class_row, dict_row
 from pydantic import ValidationError
 
-from model.checkpoint import read_manifest
+from core import celery_app
+from core.config import Settings
+from model.artifacts import ArtifactStore
+from model.checkpoint import ModelMismatchError, read_manifest
 from schemas.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -46,7 +50,7 @@ class ModelRow:
     reason: str | None = None
     data_fingerprint: str | None = None
     eval_set: str | None = None  # the fixed evaluation set its stored metrics were measured on
-    lineage: dict = field(default_factory=dict)  # the manifest's: job, started_from, corrections, …
+    lineage: dict[str, Any] = field(default_factory=dict)  # the manifest's: job, started_from, corrections, …
 
 
 _COLUMNS = ("model_version, path, status, metrics, created_at, promoted_at, artifact_uri, sha256, was_active,"
@@ -61,17 +65,42 @@ class Decision:
     previous: str | None  # the active model before (when promoted) or compared with
     reasons: list[str] = field(default_factory=list)  # why not (or what was compared)
     status: str | None = None  # the candidate's status afterwards
-    details: dict = field(default_factory=dict)  # what was recorded with the event (the gate's verdict)
+    details: dict[str, Any] = field(default_factory=dict)  # what was recorded with the event (the gate's verdict)
 
 
-def _row(r: dict) -> ModelRow:
+@dataclass(frozen=True)
+class Move:
+    """One recorded move of the alias (a row of model_events)."""
+    model_version: str
+    action: str  # register, promote, rollback, reject, unreject, shadow, unshadow or gate
+    previous: str | None  # the active model before the move
+    actor: str
+    reason: str
+    details: dict[str, Any]  # what was recorded with it (the gate's verdict under "gate")
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gate's verdict as recorded with an event."""
+    id: int
+    model_version: str
+    action: str
+    previous: str | None
+    actor: str
+    reason: str
+    gate: dict[str, Any]  # the verdict (training/gate.py)
+    at: datetime
+
+
+def _row(r: DictRow) -> ModelRow:
     return ModelRow(r["model_version"], r["path"], r["status"], dict(r["metrics"] or {}), r["created_at"],
                     r["promoted_at"], r["artifact_uri"], r["sha256"], r["was_active"], r["registered_by"],
                     r["reason"], r["data_fingerprint"], r["eval_set"] or None, dict(r["lineage"] or {}))
 
 
 def record(conn: psycopg.Connection, model_version: str, action: str, actor: str, reason: str,
-           previous: str | None = None, details: dict | None = None) -> None:
+           previous: str | None = None, details: dict[str, Any] | None = None) -> None:
     """Append to model_events (actions: register, promote, rollback, reject, unreject, shadow, unshadow, and
     gate: a verdict that moved nothing)."""
     conn.execute("INSERT INTO model_events (model_version, action, previous, actor, reason, details)"
@@ -79,9 +108,8 @@ def record(conn: psycopg.Connection, model_version: str, action: str, actor: str
                  (model_version, action, previous, actor, reason, json.dumps(details or {}, default=str)))
 
 
-
-def register_candidate(conn: psycopg.Connection, model_dir: Path | str, store=None, *, actor: str = "cli",
-                       reason: str = "") -> ModelRow:
+def register_candidate(conn: psycopg.Connection, model_dir: Path | str, store: ArtifactStore | None = None, *,
+                       actor: str = "cli", reason: str = "") -> ModelRow:
     """Insert the model directory's manifest as a candidate (idempotent on model_version).
 
     With an ArtifactStore the files are stored by version and sha256 first, and the row points there.
@@ -103,7 +131,10 @@ def register_candidate(conn: psycopg.Connection, model_dir: Path | str, store=No
             (manifest.model_version, manifest.model_dump_json(), json.dumps(manifest.metrics), path, uri, sha,
              actor, reason),
         )
-        row = _row(cur.fetchone())
+        inserted = cur.fetchone()
+        if inserted is None:  # INSERT … ON CONFLICT DO UPDATE … RETURNING gives a row either way
+            raise RuntimeError(f"registering {manifest.model_version} returned no row")
+        row = _row(inserted)
         record(conn, row.model_version, "register", actor, reason, details={"artifact_uri": uri})
     log.info("registered %s (%s) from %s", row.model_version, row.status, model_dir)
     return row
@@ -180,23 +211,27 @@ def list_models(conn: psycopg.Connection) -> list[ModelRow]:
         return [_row(r) for r in cur.fetchall()]
 
 
-def history(conn: psycopg.Connection, limit: int = 50) -> list[dict]:
-    """The latest moves of the alias: version, action, previous, actor, reason, at."""
-    with conn.cursor(row_factory=dict_row) as cur:
+def history(conn: psycopg.Connection, limit: int = 50) -> list[Move]:
+    """The latest moves of the alias, newest first."""
+    with conn.cursor(row_factory=class_row(Move)) as cur:
         cur.execute("SELECT model_version, action, previous, actor, reason, details, at FROM model_events"
                     " ORDER BY id DESC LIMIT %s", (limit,))
         return cur.fetchall()
 
 
-def local_dir(row: ModelRow, store=None) -> Path:
+def local_dir(row: ModelRow, store: ArtifactStore | None = None) -> Path:
     """A directory holding the row's files: fetched from the artifact store and verified when it has one."""
     if row.artifact_uri and store is not None:
+        if not row.sha256:
+            raise ModelMismatchError(f"model {row.model_version} has an artifact ({row.artifact_uri}) but no sha256 to "
+                             "check it against")
         return store.fetch(row.artifact_uri, row.sha256)
     return Path(row.path)
 
 
 def model_dir_for(conn: psycopg.Connection | None, override: Path | str | None = None, *,
-                  version: str | None = None, newest_under: Path | None = None, store=None) -> Path:
+                  version: str | None = None, newest_under: Path | None = None,
+                  store: ArtifactStore | None = None) -> Path:
     """Where a model's files are, the one answer for every command and worker.
 
     `override` (ENRICH_MODEL_DIR, --model-dir) wins unless a `version` is asked for; then the registry's
@@ -235,7 +270,7 @@ def locked(conn: psycopg.Connection, model_version: str) -> Iterator[tuple[Model
 
 
 def activate(conn: psycopg.Connection, target: ModelRow, current: ModelRow | None, *, actor: str, reason: str,
-             details: dict | None = None) -> Decision:
+             details: dict[str, Any] | None = None) -> Decision:
     """Inside ``locked``: make ``target`` the active model (``current`` retires) and record the promotion."""
     _activate(conn, target, current)
     previous = current.model_version if current else None
@@ -245,7 +280,7 @@ def activate(conn: psycopg.Connection, target: ModelRow, current: ModelRow | Non
 
 
 def reject(conn: psycopg.Connection, model_version: str, *, actor: str, reason: str, previous: str | None = None,
-           details: dict | None = None) -> None:
+           details: dict[str, Any] | None = None) -> None:
     """Mark a candidate rejected and record why (inside ``locked`` when a decision led to it)."""
     conn.execute("UPDATE models SET status = 'rejected' WHERE model_version = %s", (model_version,))
     record(conn, model_version, "reject", actor, reason, previous, details)
@@ -263,7 +298,7 @@ def reject_by_hand(conn: psycopg.Connection, model_version: str, *, actor: str, 
 
 
 def promote(conn: psycopg.Connection, model_version: str, *, actor: str = "cli", reason: str = "",
-            details: dict | None = None) -> Decision:
+            details: dict[str, Any] | None = None) -> Decision:
     """Make a registered version active WITHOUT the gate: for setting up a first model (tests, demos,
     benchmarks). Admins and jobs promote through training.gate.promote, which decides first."""
     with locked(conn, model_version) as (cand, act):
@@ -283,21 +318,21 @@ def unreject(conn: psycopg.Connection, model_version: str, *, actor: str, reason
         conn.execute("UPDATE models SET status = 'candidate' WHERE model_version = %s", (model_version,))
         record(conn, model_version, "unreject", actor, reason, act.model_version if act else None)
     log.info("un-rejected %s by %s: %s", model_version, actor, reason)
-    return get_model(conn, model_version)
+    return replace(row, status="candidate")
 
 
-def verdicts(conn: psycopg.Connection, model_version: str | None = None, *, last: bool = False) -> list[dict]:
+def verdicts(conn: psycopg.Connection, model_version: str | None = None, *, last: bool = False) -> list[Verdict]:
     """The gate's verdicts as recorded (events whose details hold one), newest first: model_version, action,
     previous, actor, reason, at and ``gate`` (the verdict). ``last``: only each version's latest."""
     where = "details ? 'gate'" + (" AND model_version = %s" if model_version else "")
     order = "model_version, id DESC" if last else "id DESC"
     distinct = "DISTINCT ON (model_version) " if last else ""
-    with conn.cursor(row_factory=dict_row) as cur:
+    with conn.cursor(row_factory=class_row(Verdict)) as cur:
         cur.execute(f"SELECT {distinct}id, model_version, action, previous, actor, reason, details->'gate' AS gate,"
                     f" at FROM model_events WHERE {where} ORDER BY {order}",
                     (model_version,) if model_version else ())
         rows = cur.fetchall()
-    return sorted(rows, key=lambda r: r["id"], reverse=True)
+    return sorted(rows, key=lambda r: r.id, reverse=True)
 
 
 def rollback(conn: psycopg.Connection, model_version: str | None = None, *, actor: str = "cli",
@@ -331,16 +366,15 @@ class BackfillNotSent(RuntimeError):
     """The alias moved, but the catalogue backfill of the new active version could not be enqueued."""
 
 
-def backfill_after(decision: Decision, settings=None, send: Callable[[str], None] | None = None) -> bool:
+def backfill_after(decision: Decision, settings: Settings | None = None,
+                   send: Callable[[str], None] | None = None) -> bool:
     """After a promotion or rollback, enqueue the catalogue backfill of the version now active, as `enrich
     promote`, `enrich rollback` and the console do. True when sent; False when the alias did not move (a
-    refused promotion, or the version was active already). With `settings` (core.config.Settings) the Celery
-    app is configured for them first; `send` replaces core.celery_app.send_backfill (tests). Raises
-    BackfillNotSent, saying the model is active and how to send the backfill again, when the broker refuses."""
+    refused promotion, or the version was active already). With `settings` the Celery app is configured for
+    them first; `send` replaces core.celery_app.send_backfill (tests). Raises BackfillNotSent, saying the model
+    is active and how to send the backfill again, when the broker refuses."""
     if not decision.promoted or decision.previous == decision.candidate:
         return False
-    from core import celery_app
-
     if settings is not None:
         celery_app.configure(settings)
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import psycopg
+from psycopg.rows import class_row
 
 
 @dataclass
@@ -21,27 +22,49 @@ class ShadowReport:
     active_accuracy: float | None = None
 
 
+@dataclass(frozen=True)
+class _Agreement:
+    tag_group: str
+    rows: int
+    agreeing: float  # share of the rows where the candidate and the active model gave the same value
+
+
+@dataclass(frozen=True)
+class _Judged:
+    corrections: int  # shadow predictions a person corrected afterwards
+    candidate_right: float | None  # share of them the candidate had right; None without corrections
+    active_right: float | None  # the same for the active model
+
+
 def shadow_report(conn: psycopg.Connection, candidate: str) -> ShadowReport:
     report = ShadowReport(candidate)
-    report.listings = conn.execute("SELECT count(DISTINCT listing_id) FROM shadow_predictions WHERE model_version = %s",
-                                   (candidate,)).fetchone()[0]
-    for group, n, agree in conn.execute(
-            "SELECT tag_group, count(*), avg((value = active_value)::int) FROM shadow_predictions"
-            " WHERE model_version = %s AND active_value IS NOT NULL GROUP BY tag_group ORDER BY tag_group",
-            (candidate,)).fetchall():
-        report.agreement[group] = (int(n), float(agree))
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(DISTINCT listing_id) FROM shadow_predictions WHERE model_version = %s",
+                    (candidate,))
+        listings = cur.fetchone()
+    report.listings = int(listings[0]) if listings else 0
+    with conn.cursor(row_factory=class_row(_Agreement)) as cur:
+        cur.execute("SELECT tag_group, count(*) AS rows, avg((value = active_value)::int)::float8 AS agreeing"
+                    " FROM shadow_predictions WHERE model_version = %s AND active_value IS NOT NULL"
+                    " GROUP BY tag_group ORDER BY tag_group", (candidate,))
+        for a in cur.fetchall():
+            report.agreement[a.tag_group] = (a.rows, a.agreeing)
     # the latest correction per listing and group, made after the shadow predicted it
-    row = conn.execute(
-        """SELECT count(*), avg((s.value = c.new_value)::int), avg((s.active_value IS NOT DISTINCT FROM c.new_value)::int)
-             FROM shadow_predictions s
-             JOIN LATERAL (SELECT new_value FROM corrections c
-                            WHERE c.listing_id = s.listing_id AND c.tag_group = s.tag_group
-                              AND c.received_at > s.created_at
-                            ORDER BY c.corrected_at DESC LIMIT 1) c ON true
-            WHERE s.model_version = %s""", (candidate,)).fetchone()
-    report.corrections = int(row[0])
-    if report.corrections:
-        report.candidate_accuracy, report.active_accuracy = float(row[1]), float(row[2])
+    with conn.cursor(row_factory=class_row(_Judged)) as cur:
+        cur.execute(
+            """SELECT count(*) AS corrections,
+                      avg((s.value = c.new_value)::int)::float8 AS candidate_right,
+                      avg((s.active_value IS NOT DISTINCT FROM c.new_value)::int)::float8 AS active_right
+                 FROM shadow_predictions s
+                 JOIN LATERAL (SELECT new_value FROM corrections c
+                                WHERE c.listing_id = s.listing_id AND c.tag_group = s.tag_group
+                                  AND c.received_at > s.created_at
+                                ORDER BY c.corrected_at DESC LIMIT 1) c ON true
+                WHERE s.model_version = %s""", (candidate,))
+        judged = cur.fetchone()
+    if judged is not None and judged.corrections:
+        report.corrections = judged.corrections
+        report.candidate_accuracy, report.active_accuracy = judged.candidate_right, judged.active_right
     return report
 
 
@@ -49,7 +72,9 @@ def shadow_gate(report: ShadowReport, min_corrections: int) -> tuple[bool, list[
     """At least `min_corrections` fresh corrections, and the candidate right at least as often as the active."""
     if report.corrections < min_corrections:
         return False, [f"shadow: {report.corrections} corrections since the shadow run, {min_corrections} needed"]
-    if report.candidate_accuracy < report.active_accuracy:
-        return False, [f"shadow: right on {report.candidate_accuracy:.1%} of corrections, the active model on "
-                       f"{report.active_accuracy:.1%}"]
+    candidate, active = report.candidate_accuracy, report.active_accuracy
+    if candidate is None or active is None:  # no corrections yet, and none were required
+        return True, []
+    if candidate < active:
+        return False, [f"shadow: right on {candidate:.1%} of corrections, the active model on {active:.1%}"]
     return True, []

@@ -1,6 +1,6 @@
 """Text → taxonomy values: a per-taxonomy vocabulary and a matcher (pure Python, no heavy dependencies).
 
-Used by training (weak labels from titles and descriptions, seed 003) and by the worker (text evidence
+Used by training (weak labels from listing text: titles and descriptions) and by the worker (text evidence
 fused with the image probabilities at prediction time, worker/tagging.py).
 
 The vocabulary is a data file beside the taxonomy, ``schemas/taxonomies/<taxonomy>.vocab.json``::

@@ -1,7 +1,7 @@
 """What the worker writes per listing: every tag keeps its provenance."""
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.events import GroupName, Id, TagText
 
 
-class TagSource(str, Enum):
+class TagSource(StrEnum):
     seller = "seller"
     predicted = "predicted"
     corrected = "corrected"
@@ -46,7 +46,7 @@ class TagValue(BaseModel):
         return self
 
 
-class ReviewRule(str, Enum):
+class ReviewRule(StrEnum):
     below_threshold = "below_threshold"  # the best guess is below the threshold of its value
     text_conflict = "text_conflict"  # the listing's text names another value than the photo's, or rules it out
     no_value_applies = "no_value_applies"  # a multi-label group: no value reaches its own threshold
@@ -85,5 +85,6 @@ class Enrichment(BaseModel):
     tags: dict[GroupName, TagValue] = Field(default_factory=dict)
     review: list[ReviewItem] = Field(default_factory=list)
     not_applicable: list[GroupName] = Field(
-        default_factory=list, description="attribute groups that do not apply to the listing's category (seed 001)")
+        default_factory=list, description="attribute groups that do not apply to the listing's category (shown as "
+                                          "n/a)")
     embedding_ref: str | None = Field(default=None, description="'<listing_id>@<model_version>' in embeddings")

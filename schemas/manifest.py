@@ -49,7 +49,7 @@ class ModelManifest(BaseModel):
     lineage: Lineage = Field(default_factory=Lineage)  # with dataset, data_fingerprint and eval_set: its origin
     strategy: str = "staged"
     flip_tta: bool = False  # predictions average each photo with its mirror image (2× the compute)
-    type_head: bool = False  # a head predicts the garment type (seed 004); false: derived from the category
+    type_head: bool = False  # a head of its own predicts the garment type; false: derived from the category
     # weight of the category in the shelf embedding (model/inference.py shelf_embedding); above 0 the
     # stored embedding has embedding_dim + number of categories dimensions
     shelf_category_weight: float = Field(default=0.0, ge=0.0, lt=1.0)

@@ -5,13 +5,15 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 TAXONOMY_DIR = Path(__file__).parent / "taxonomies"
 CATEGORY_GROUP = "category"  # the tag group name under which the category is stored
-TYPE_GROUP = "type"  # the garment type: its own model head (seed 004), consistent with the category
+TYPE_GROUP = "type"  # the garment type: its own model output, kept consistent with the category
 COLOUR_GROUP = "colour"  # the attribute group "the same item in another colour" refers to
-NOT_APPLICABLE = "n/a"  # how a group that does not apply to a listing's category is shown (seed 001)
+NOT_APPLICABLE = "n/a"  # how a group that does not apply to a listing's category is shown
 
 
 class Category(BaseModel):
@@ -26,8 +28,8 @@ class AttributeGroup(BaseModel):
     exclusive: bool = Field(description="values are mutually exclusive: one softmax per group")
     values: list[str] = Field(min_length=2, max_length=256)
     applies_to: list[str] | None = Field(
-        default=None, description="types or categories the group applies to (seed 001: the rest are masked "
-                                  "in training and shown as n/a); null: every category")
+        default=None, description="types or categories the group applies to (the rest are masked in "
+                                  "training and shown as n/a); null: every category")
 
 
 class Taxonomy(BaseModel):
@@ -109,10 +111,8 @@ class Taxonomy(BaseModel):
         """Attribute groups that do not apply to this category (or type), in taxonomy order."""
         return [g.name for g in self.attribute_groups if not self.applies(g.name, category, type_)]
 
-    def applicability(self) -> np.ndarray:
-        """(C, G) bool: category c has attribute group g (training masks the rest, seed 001)."""
-        import numpy as np
-
+    def applicability(self) -> npt.NDArray[np.bool_]:
+        """(C, G) bool: category c has attribute group g (training masks the loss of the rest)."""
         return np.array([[self.applies(g.name, c.name) for g in self.attribute_groups] for c in self.categories],
                         dtype=bool).reshape(len(self.categories), len(self.attribute_groups))
 

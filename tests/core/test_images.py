@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 
+import boto3
 import numpy as np
 import pytest
 from PIL import Image
@@ -17,8 +18,9 @@ from core.images import (
     host_allowed,
     load_image,
 )
-from tests.net import free_port
-from tests.worker.conftest import jpeg_bytes, make_settings, png_bytes
+from harness.images import jpeg_bytes, png_bytes
+from harness.net import free_port
+from tests.worker.conftest import make_settings
 
 LIMITS = ImageLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000)
 
@@ -208,8 +210,6 @@ def test_http_errors_split_into_permanent_and_transient(http_dir):
 
 
 def test_s3_fetch(s3_endpoint):
-    import boto3
-
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     client.create_bucket(Bucket="imgs-test")
     client.put_object(Bucket="imgs-test", Key="a/b.png", Body=png_bytes((9, 8, 7)))

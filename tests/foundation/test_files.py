@@ -1,6 +1,8 @@
 """Atomic writes: a reader sees the old content or the new, never a half-written directory or file."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,13 @@ def test_replaced_file_is_created_in_a_missing_directory(tmp_path):
         assert tmp.parent == path.parent and tmp.suffix == ".png"  # same directory: the rename is atomic
         tmp.write_bytes(b"png")
     assert path.read_bytes() == b"png"
+
+
+def test_an_atomic_write_gets_the_usual_permissions_not_a_private_temp_files(tmp_path):
+    path = tmp_path / "LATEST"
+    old = os.umask(0o022)
+    try:
+        write_text_atomic(path, "v1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # readable by the other containers on a shared volume

@@ -1,4 +1,8 @@
+"""Checkpoints and the predictor: saved weights load back to the same outputs, a mismatch is refused."""
+from __future__ import annotations
+
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -6,9 +10,12 @@ import torch
 from PIL import Image
 
 from model.checkpoint import ModelMismatchError, load_model, save_model
-from model.inference import Predictions, image_to_tensor, load_predictor
+from model.inference import Predictions, image_to_tensor, load_predictor, mixed_precision_dtype
 from model.network import build_model, joint_category
 from schemas.taxonomy import load_taxonomy
+from training.config import TINY
+from training.fmnist import load_fashion_mnist
+from training.train import train
 
 
 def _images(n=4, size=(40, 30)):
@@ -57,13 +64,6 @@ def test_mixed_precision_predictions_match_fp32(tmp_path, fmnist_dir):
     """The worker predicts under bf16 autocast where the CPU has it: the same tags, near-identical scores
     and embeddings as fp32 on real garments, from a model trained enough to have opinions (a small CNN,
     60 steps); exactly fp32 where the CPU has no native bf16."""
-    from dataclasses import replace
-
-    from model.inference import mixed_precision_dtype
-    from training.config import TINY
-    from training.fmnist import load_fashion_mnist
-    from training.train import train
-
     model_dir = train(replace(TINY, out_dir=tmp_path, data_dir=fmnist_dir, model_version="small", backbone="small_cnn",
                               pretrained=False, image_size=28, stage_steps=(0, 60, 0), batch_size=64,
                               train_items=2000, lr_classification=2e-3, augment="none"))

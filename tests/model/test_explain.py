@@ -10,6 +10,8 @@ must lie on its own garment, which an explanation that ignores the tag (edges, a
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,7 @@ from model.explain import (
 from model.inference import image_to_tensor
 from model.network import build_model
 from schemas.taxonomy import load_taxonomy
+from training.fmnist import load_fashion_mnist
 
 CANVAS, SIDE = 48, 24  # the garment's box covers a quarter of the canvas
 TROUSER, BAG = 1, 8  # Fashion-MNIST labels = category indices of the fashion-mnist taxonomy
@@ -56,8 +59,6 @@ def _box(x: int, y: int) -> tuple[int, int, int, int]:
 @pytest.fixture(scope="module")
 def garments(fmnist_dir) -> dict[int, np.ndarray]:
     """label → its 28×28 images; the first TRAIN of each train the model, the rest are held out."""
-    from training.fmnist import load_fashion_mnist
-
     images, labels = load_fashion_mnist(fmnist_dir, "test")
     return {label: images[labels == label] for label in (TROUSER, BAG)}
 
@@ -77,7 +78,7 @@ def placed_model(garments):
         else:
             spots = [rng.integers(0, CANVAS - SIDE + 1, 2) for _ in which]
         pictures.append(_canvas(*[(garments[(TROUSER, BAG)[w]][k], tuple(int(v) for v in xy))
-                                  for w, xy in zip(which, spots)]))
+                                  for w, xy in zip(which, spots, strict=True)]))
         present[k, which] = 1.0
     xs = torch.stack(pictures)
     model = build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False)
@@ -133,11 +134,6 @@ def test_each_tag_is_explained_by_its_own_garment(placed_model, garments):
 
 # ------------------------------------------------------------------------------------------ the interface
 
-@pytest.fixture(scope="module")
-def fmnist_taxonomy():
-    return load_taxonomy("fashion-mnist")
-
-
 @pytest.mark.parametrize("backbone, size", [("small_cnn", 28), ("resnet18_lowres", 32), ("efficientnet_lite0", 64)])
 def test_every_kind_of_trunk_gives_one_map_per_tag_at_the_image_size(backbone, size, fmnist_taxonomy):
     torch.manual_seed(0)
@@ -162,16 +158,14 @@ def test_one_batched_call_gives_the_maps_of_single_calls(fmnist_taxonomy):
     targets = [[("category", 0), ("colour", 2)], [], [("category", 5)]]
     batched = explain_batch(model, images, targets)
     assert [len(b) for b in batched] == [2, 0, 1]
-    for image, tags, maps in zip(images, targets, batched):
+    for image, tags, maps in zip(images, targets, batched, strict=True):
         single = list(explain(model, image, tags).values())
-        for a, b in zip(maps, single):
+        for a, b in zip(maps, single, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_a_forward_pass_on_another_thread_meanwhile_does_not_change_the_map(fmnist_taxonomy):
     """A worker may predict with the model on one thread while another draws a heat map."""
-    import threading
-
     torch.manual_seed(3)
     model = build_model("small_cnn", fmnist_taxonomy, pretrained=False).eval()
     image, other = torch.randn(3, 32, 32), torch.randn(5, 3, 32, 32)
@@ -192,25 +186,22 @@ def test_a_forward_pass_on_another_thread_meanwhile_does_not_change_the_map(fmni
 
 
 def test_a_type_head_is_used_when_the_model_has_one(fmnist_taxonomy):
-    """Models with a type output explain `type` through it; older ones through their category scores."""
+    """A model with a type output explains `type` through it; one without derives the type from its category
+    scores. The same weights but for the type head give another map, and the map follows the type head."""
     torch.manual_seed(2)
-    model = build_model("small_cnn", fmnist_taxonomy, pretrained=False).eval()
+    headed = build_model("small_cnn", fmnist_taxonomy, pretrained=False).eval()
+    assert headed.type_head is not None
+    derived = build_model("small_cnn", fmnist_taxonomy, pretrained=False, type_head=False).eval()
+    derived.load_state_dict({k: v for k, v in headed.state_dict().items() if not k.startswith("type_head.")})
     image = torch.randn(3, 32, 32)
-    derived = explain(model, image, [("type", 0)])[("type", fmnist_taxonomy.types[0])]
-    n_types = len(fmnist_taxonomy.types)
-    type_head = torch.nn.Linear(192, n_types)
-    forward = model.forward
-
-    def with_type(x):
-        out = forward(x)
-        feats = model.backbone(x)
-        # only what a type field adds matters here: any class (the dataclass may or may not have it yet)
-        return type("Out", (), {"category": out.category, "groups": out.groups, "embedding": out.embedding,
-                                "type": type_head(feats)})()
-
-    model.forward = with_type
-    headed = explain(model, image, [("type", 0)])[("type", fmnist_taxonomy.types[0])]
-    assert not np.allclose(derived, headed)
+    tag, key = [("type", 0)], ("type", fmnist_taxonomy.types[0])
+    by_head = explain(headed, image, tag)[key]
+    by_category = explain(derived, image, tag)[key]
+    assert by_head.max() > 0 and by_category.max() > 0  # both maps show something
+    assert not np.allclose(by_head, by_category, atol=1e-3)
+    with torch.no_grad():  # other weights for the type head alone
+        headed.type_head.weight.copy_(torch.randn_like(headed.type_head.weight))
+    assert not np.allclose(explain(headed, image, tag)[key], by_head, atol=1e-3)
 
 
 def test_targets_are_named_as_stored_and_unknown_ones_refused(fmnist_taxonomy):

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import boto3
 import pytest
+from typer.testing import CliRunner
 
 from core.config import Settings
+from enrich.cli import app
 from model.artifacts import ArtifactStore, store_from_settings
 from model.checkpoint import ModelMismatchError, save_model
 from model.network import build_model
@@ -19,6 +21,7 @@ from model.registry import (
     rollback,
 )
 from schemas.taxonomy import load_taxonomy
+from training import gate
 
 
 def _model_dir(tmp_path, version, top1, eval_set=""):
@@ -63,7 +66,7 @@ def test_rollback_moves_the_alias_back_without_a_gate_and_keeps_history(db, tmp_
     d = rollback(db, actor="carol", reason="shelves look wrong")  # m-a would fail the gate against m-b
     assert d.promoted and (d.candidate, d.previous) == ("m-a", "m-b")
     assert active_model(db).model_version == "m-a" and get_model(db, "m-b").status == "retired"
-    moves = [(m["action"], m["model_version"], m["previous"], m["actor"]) for m in history(db)]
+    moves = [(m.action, m.model_version, m.previous, m.actor) for m in history(db)]
     assert moves[:3] == [("rollback", "m-a", "m-b", "carol"), ("promote", "m-b", "m-a", "bob"),
                          ("promote", "m-a", None, "alice")]
     assert rollback(db, "m-b", actor="carol", reason="fixed").promoted  # and forward again
@@ -82,10 +85,6 @@ def test_rollback_refuses_a_version_that_was_never_active(db, tmp_path):
 
 
 def test_rollback_and_models_commands(db, pg_url, tmp_path):
-    from typer.testing import CliRunner
-
-    from enrich.cli import app
-
     for version, top1 in (("m-a", 0.90), ("m-b", 0.95)):
         register_candidate(db, _model_dir(tmp_path, version, top1), actor="alice", reason="weekly")
         promote(db, version, actor="alice", reason="weekly")
@@ -105,8 +104,6 @@ def test_rollback_and_models_commands(db, pg_url, tmp_path):
 
 
 def test_gate_refuses_figures_from_another_evaluation_set_without_rejecting(db, tmp_path):
-    from training import gate
-
     settings = Settings(data_dir=tmp_path / "data")
     register_candidate(db, _model_dir(tmp_path, "m-a", 0.90, eval_set="fmnist-shop:fashion-mnist:test:aaaa"))
     promote(db, "m-a")

@@ -1,11 +1,20 @@
+"""The backbones and the multitask model: head sizes, frozen layers, weights from files, presets."""
+from __future__ import annotations
+
+import math
+
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
+from skimage import data
 
 from model.backbones import build_lite0_classifier, create_backbone, list_backbones
+from model.inference import mixed_precision_dtype
 from model.network import build_model
-from training.config import PRESETS
+from training.config import PRESETS, TrainConfig
+from training.train import _lr_at, _set_trainable
 
 
 def test_registry_lists_backbones_and_rejects_unknown():
@@ -25,22 +34,19 @@ def test_head_sizes_follow_the_taxonomy(mixed_taxonomy):
     assert masks.shape == (3, 64) and bool((masks >= 0).all())
 
 
-def test_shared_mlp_is_the_seed_shape(fmnist_taxonomy):
+def test_shared_mlp_is_1024_then_512_wide_with_dropout(fmnist_taxonomy):
     model = build_model("small_cnn", fmnist_taxonomy, pretrained=False)
     linear = [m for m in model.shared if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linear] == [(192, 1024), (1024, 512)]
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.shared)
 
 
-def test_resnet50_freezes_seed_layers(fmnist_taxonomy):
+def test_resnet50_keeps_its_early_layers_frozen(fmnist_taxonomy):
     model = build_model("resnet50", fmnist_taxonomy, pretrained=False)
     frozen = model.freeze_backbone_layers(multitask=True)
     assert any(n.startswith("backbone.net.layer2.") for n in frozen)
     assert any(n.startswith("backbone.net.conv1.") for n in frozen)
     # every training stage keeps them frozen
-    from training.config import TrainConfig
-    from training.train import _set_trainable
-
     for spec in TrainConfig().stages():
         _set_trainable(model, spec, set(model.frozen_backbone))
         assert not any(p.requires_grad for n, p in model.named_parameters() if n in set(frozen))
@@ -51,8 +57,6 @@ def test_resnet50_freezes_seed_layers(fmnist_taxonomy):
 
 
 def test_resnet50_loads_weights_from_a_file(tmp_path, fmnist_taxonomy):
-    import torchvision
-
     ref = torchvision.models.resnet50(weights=None)
     torch.save(ref.state_dict(), tmp_path / "r50.pth")
     bb = create_backbone("resnet50", weights_path=tmp_path / "r50.pth")
@@ -64,8 +68,6 @@ def test_resnet50_loads_weights_from_a_file(tmp_path, fmnist_taxonomy):
 
 def test_lite0_weights_are_real_imagenet_weights():
     """A real photo of a cat (skimage's chelsea) must land in ImageNet's cat classes (281-285)."""
-    from skimage import data
-
     net = build_lite0_classifier(pretrained=True).eval()
     img = Image.fromarray(data.chelsea()).convert("RGB").resize((224, 224))
     x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255).sub(0.5).div(0.5)
@@ -86,8 +88,6 @@ def test_wide_resnets_pool_28px_garments_to_their_width(name, params_m):
 def test_cpu_training_skips_bf16_for_depthwise_convolutions(monkeypatch):
     """bf16 training on the CPU only where it is faster: not for grouped (depthwise) convolutions, whose
     oneDNN bf16 backward is slower than fp32; prediction keeps bf16 for every model."""
-    from model.inference import mixed_precision_dtype
-
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # as on this EPYC
     cpu = torch.device("cpu")
     lite0 = create_backbone("efficientnet_lite0", pretrained=False).module
@@ -112,11 +112,6 @@ def test_presets_build_their_model_at_their_image_size(name, fmnist_taxonomy):
 
 
 def test_joint_warmup_ramps_only_the_joint_stage_lr():
-    import math
-
-    from training.config import TrainConfig
-    from training.train import _lr_at
-
     cfg = TrainConfig(joint_warmup=0.1, lr_joint=3e-4)
     stages = {s.name: s for s in cfg.stages()}
     joint = stages["3-joint"]

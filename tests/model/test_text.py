@@ -1,4 +1,4 @@
-"""Text → taxonomy values (issue 23): the bundled vocabularies and the matcher's rules."""
+"""Text → taxonomy values: the bundled vocabularies and the matcher's rules."""
 from __future__ import annotations
 
 import json
