@@ -238,17 +238,16 @@ def child_e2e(url: str, root: str, k: int, factory: str | None, nprobe: int | No
 def child_pull(root: str, nightly_snapshot: str) -> dict:
     """A worker on another machine: download the published snapshot and map it, vs. mapping the local one."""
     from core.config import get_settings
-    from similar import index as ix
-    from similar.snapshots import store_from_settings
+    from similar.snapshots import load_snapshot, store_from_settings
 
     t0 = time.perf_counter()
-    ix.load_snapshot(Path(nightly_snapshot), MODEL, mmap=True)
+    load_snapshot(Path(nightly_snapshot), MODEL, mmap=True)
     local_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     path = store_from_settings(get_settings()).pull_latest(Path(root), MODEL)
     pull_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ix.load_snapshot(path, MODEL, mmap=True)
+    load_snapshot(path, MODEL, mmap=True)
     mib = sum(f.stat().st_size for f in path.iterdir()) / 2**20
     return {"pull_s": pull_s, "load_s": time.perf_counter() - t0, "local_load_s": local_s, "mib": mib}
 

@@ -6,7 +6,7 @@
 A throwaway database (Postgres at ENRICH_TEST_PG_ADMIN_URL), n listings with random neighbours (ids and
 scores; what is stored, not how it was found, is measured):
   arrays  `similar_items` (version, listing_id, neighbour_ids text[], scores real[]), written as the nightly
-          job writes it (`similar.store.encode_rows`, binary COPY, one transaction);
+          job writes it (`similar.pgcopy.encode_neighbour_rows`, binary COPY, one transaction);
   rows    (version, listing_id, rank, neighbour_id, score) with the primary key (version, listing_id, rank),
           written by binary COPY of rows built in numpy the same way;
 then each table's size (heap + TOAST + indexes) and the read of 2 000 random listings' shelves one at a time
@@ -43,9 +43,9 @@ def fake_results(n: int, k: int, rng: np.random.Generator, m: int) -> tuple[np.n
 
 
 def write_arrays(conn, ids: np.ndarray, k: int, version: int) -> float:
-    from similar import store as sdb
+    from similar import pgcopy
 
-    fields = sdb.encode_id_fields(ids)
+    fields = pgcopy.encode_id_fields(ids)
     rng = np.random.default_rng(1)
     n = len(ids)
 
@@ -53,11 +53,11 @@ def write_arrays(conn, ids: np.ndarray, k: int, version: int) -> float:
         for s in range(0, n, CHUNK):
             m = min(CHUNK, n - s)
             pos, scores = fake_results(n, k, rng, m)
-            yield sdb.encode_rows(version, np.arange(s, s + m), pos, scores, *fields)
+            yield pgcopy.encode_neighbour_rows(version, np.arange(s, s + m), pos, scores, fields)
 
     t0 = time.perf_counter()
     with conn.transaction():
-        sdb.copy_neighbours(conn, sdb.sql.Identifier("similar_items"), chunks())
+        pgcopy.copy_neighbours_in(conn, "similar_items", chunks())
     return time.perf_counter() - t0
 
 

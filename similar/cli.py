@@ -1,22 +1,32 @@
 """Similar-items subcommands: `enrich reindex` and `enrich similar`."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
+import numpy as np
+import psycopg
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from core.config import Settings, get_settings
+from core.db import connect
+from core.db import database_url as resolve_database_url
+from core.images import ImageLimits
 from core.options import DatabaseUrl
+from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP
+from similar.common import Neighbour, resolve_model_version
+from similar.nightly import ReindexBusy, recompute
+from similar.query import listing_tag, read_neighbours, similar_to
+from similar.sheet import contact_sheet
+from similar.snapshots import PublishError
+from similar.store import version_info
 
-if TYPE_CHECKING:
-    from core.config import Settings
 
-
-def _connect(database_url: str | None, settings: Settings):
-    from core.db import connect
-    from core.db import database_url as resolve
-
-    return connect(database_url or resolve(settings), autocommit=True)
+def _connect(database_url: str | None, settings: Settings) -> psycopg.Connection:
+    return connect(database_url or resolve_database_url(settings), autocommit=True)
 
 
 def reindex(
@@ -46,12 +56,6 @@ def reindex(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Recompute top-K similar items for the whole catalogue and switch to them atomically."""
-    from rich.console import Console
-
-    from core.config import get_settings
-    from similar.nightly import ReindexBusy, recompute
-    from similar.snapshots import PublishError
-
     console = Console(stderr=True)
     settings = get_settings()
     shards = settings.reindex_shards if shards is None else shards
@@ -67,21 +71,23 @@ def reindex(
                            root=index_dir, keep_versions=keep, progress=True)
     except ReindexBusy as exc:
         console.print(f"[yellow]{exc}[/yellow]")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from exc
     except PublishError as exc:
         console.print(f"[red]error:[/red] {exc}; the active similar items are unchanged")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from exc
     except LookupError as exc:
         console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from exc
     finally:
         conn.close()
     console.print(result.summary())
 
 
-def _enqueue_sharded(console, settings: Settings, model_version, k, factory, nprobe, keep: int, shards: int,
-                     wait: bool, timeout: float, database_url) -> int:
+def _enqueue_sharded(console: Console, settings: Settings, model_version: str | None, k: int | None,
+                     factory: str | None, nprobe: int | None, keep: int, shards: int, wait: bool, timeout: float,
+                     database_url: str | None) -> int:
     """Send "enrich.reindex" with `shards` to the cpu queue; with `wait`, follow it. Returns the exit code."""
+    # lazy: these import celery, which the other commands do without
     from core.celery_app import REINDEX_TASK, app, configure
     from similar.tasks import chords_unavailable
 
@@ -101,10 +107,10 @@ def _enqueue_sharded(console, settings: Settings, model_version, k, factory, npr
     return _follow_sharded(console, settings, result, timeout, database_url)
 
 
-def _follow_sharded(console, settings: Settings, result, timeout: float, database_url) -> int:
-    """Wait for the preparing task, then print the version's shard count until it switches or fails."""
-    import time
-
+def _follow_sharded(console: Console, settings: Settings, result: Any, timeout: float,
+                    database_url: str | None) -> int:
+    """Wait for the preparing task (`result`, a Celery AsyncResult), then print the version's shard count
+    until it switches or fails."""
     deadline = time.monotonic() + timeout if timeout else None
 
     def waited_out() -> bool:
@@ -130,8 +136,11 @@ def _follow_sharded(console, settings: Settings, result, timeout: float, databas
     conn = _connect(database_url, settings)
     try:
         while True:
-            status, params = conn.execute("SELECT status, params FROM similar_items_versions WHERE version = %s",
-                                          (version,)).fetchone()
+            info = version_info(conn, version)
+            if info is None:
+                console.print(f"[red]error:[/red] version {version} is gone")
+                return 1
+            status, params = info.status, info.params
             written = params.get("written", {})
             line = (f"version {version}: {status}, {len(written)} of {started['shards']} shards written "
                     f"({sum(written.values()):,} listings)")
@@ -151,8 +160,10 @@ def _follow_sharded(console, settings: Settings, result, timeout: float, databas
         conn.close()
 
 
-def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None, settings: Settings):
-    """The model's seed-001 mask for `group` (loads the model once; CPU is enough)."""
+def _condition_mask(conn: psycopg.Connection, model_version: str, group: str, model_dir: Path | None,
+                    settings: Settings) -> np.ndarray:
+    """The model's mask of the attribute group `group` (loads the model once; CPU is enough)."""
+    # lazy: these load torch, which the other commands do without
     from model.inference import load_predictor
     from model.registry import model_dir_for
 
@@ -169,32 +180,31 @@ def _condition_mask(conn, model_version: str, group: str, model_dir: Path | None
 
 def similar_cmd(
     listing_id: str = typer.Argument(..., help="Listing to find neighbours of."),
-    model_version: str = typer.Option(None, "--model-version", "-m", help="Model version (default: the model whose shelves serve)."),
+    model_version: str = typer.Option(None, "--model-version", "-m",
+                                      help="Model version (default: the model whose shelves serve)."),
     k: int = typer.Option(10, "--k", min=1, max=1000, help="Neighbours to show (default: 10)."),
-    by: str = typer.Option(None, "--by", help="Similar by one attribute group (seed 001 condition mask), e.g. 'colour'."),
+    by: str = typer.Option(None, "--by", help="Similar by one attribute group (the model's mask of that group), "
+                                               "e.g. 'colour'."),
     same_category: bool = typer.Option(False, "--same-category", help="Only listings with the same category tag."),
     same_type: bool = typer.Option(False, "--same-type", help="Only listings with the same type tag."),
     other_colours: bool = typer.Option(False, "--other-colours", help="This one in another colour: ranked with the "
                                        "colour dimensions masked out, only listings whose colour tag differs."),
-    live: bool = typer.Option(False, "--live", help="Compute now by exact search instead of reading the stored shelf."),
-    model_dir: Path = typer.Option(None, "--model-dir", help="Model directory for --by (default: from the models registry)."),
+    live: bool = typer.Option(False, "--live",
+                              help="Compute now by exact search instead of reading the stored shelf."),
+    model_dir: Path = typer.Option(None, "--model-dir",
+                                   help="Model directory for --by (default: from the models registry)."),
     png: Path = typer.Option(None, "--png", help="Also write a contact sheet (query + neighbours) to this PNG."),
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Print a listing's neighbours with scores (stored shelf by default; live with --by/--same-*/--other-colours/--live)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from core.config import get_settings
-    from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP
-    from similar.common import resolve_model_version
-    from similar.query import listing_tag, read_neighbours, similar_to
-
+    """Print a listing's neighbours with scores (stored shelf by default; live with
+    --by/--same-*/--other-colours/--live)."""
     console = Console()
     settings = get_settings()
     conn = _connect(database_url, settings)
     try:
         mv = resolve_model_version(conn, model_version)
+        neighbours: list[Neighbour]
+        source: str | None
         if by or same_category or same_type or other_colours or live:
             if by and other_colours:
                 raise LookupError("--by and --other-colours do not go together")
@@ -218,14 +228,11 @@ def similar_cmd(
                           listing_tag(conn, n.listing_id, COLOUR_GROUP) or "")
         console.print(table)
         if png is not None:
-            from core.images import ImageLimits
-            from similar.sheet import contact_sheet
-
             shown = contact_sheet(conn, listing_id, neighbours, png, limits=ImageLimits.from_settings(settings))
             console.print(f"contact sheet: {png} ({shown} of {len(neighbours) + 1} images found)")
     except LookupError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from exc
     finally:
         conn.close()
 

@@ -1,12 +1,15 @@
 """What the nightly, online and query paths share: the neighbour type, which model version to use,
-where snapshots live, and the advisory-lock namespace."""
+where snapshots live, the advisory-lock namespace, fixed-width listing-id arrays and small query helpers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg.abc import Params, QueryNoTemplate
+from psycopg.rows import scalar_row
 
 from core.config import Settings
 
@@ -36,11 +39,30 @@ SHELF_MODEL_SQL = (
 ACTIVE_MODEL_SQL = "SELECT model_version FROM models WHERE status = 'active'"
 
 
+def fetch_one(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> tuple[Any, ...]:
+    """The row a statement always returns (an aggregate, a function call, INSERT ... RETURNING)."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise RuntimeError(f"no row from {query!r}")
+    return row
+
+
+def fetch_value(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> Any:
+    """The first column of the first row; None when there is no row."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query, params).fetchone()
+
+
+def fetch_values(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> list[Any]:
+    """The first column of every row."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query, params).fetchall()
+
+
 def shelf_model_version(conn: psycopg.Connection) -> str | None:
     """The model whose similar-items version shelves serve (see SHELF_MODEL_SQL); None when no model
     that was ever active has one."""
-    row = conn.execute(SHELF_MODEL_SQL).fetchone()
-    return row[0] if row else None
+    return fetch_value(conn, SHELF_MODEL_SQL)
 
 
 def resolve_model_version(conn: psycopg.Connection, model_version: str | None = None) -> str:
@@ -48,9 +70,9 @@ def resolve_model_version(conn: psycopg.Connection, model_version: str | None = 
     active model's (no shelves yet: online rows only), else the one with the most embeddings."""
     if model_version:
         return model_version
-    row = conn.execute(f"SELECT coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))").fetchone()
-    if row[0] is not None:
-        return row[0]
+    (serving,) = fetch_one(conn, f"SELECT coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))")
+    if serving is not None:
+        return serving
     return _most_embedded(conn)
 
 
@@ -65,11 +87,11 @@ def reindex_model_version(conn: psycopg.Connection, model_version: str | None = 
     """
     if model_version:
         return model_version
-    row = conn.execute(
+    active, shelf, backfill = fetch_one(
+        conn,
         f"SELECT ({ACTIVE_MODEL_SQL}), ({SHELF_MODEL_SQL}),"
-        " (SELECT b.status FROM backfills b JOIN models m USING (model_version) WHERE m.status = 'active')"
-    ).fetchone()
-    active, shelf, backfill = row
+        " (SELECT b.status FROM backfills b JOIN models m USING (model_version) WHERE m.status = 'active')",
+    )
     if active is not None and (shelf is None or shelf == active or backfill == "done"):
         return active
     if shelf is not None:
@@ -78,12 +100,11 @@ def reindex_model_version(conn: psycopg.Connection, model_version: str | None = 
 
 
 def _most_embedded(conn: psycopg.Connection) -> str:
-    row = conn.execute(
-        "SELECT model_version FROM embeddings GROUP BY model_version ORDER BY count(*) DESC LIMIT 1"
-    ).fetchone()
-    if row is None:
+    model_version = fetch_value(
+        conn, "SELECT model_version FROM embeddings GROUP BY model_version ORDER BY count(*) DESC LIMIT 1")
+    if model_version is None:
         raise LookupError("no embeddings in the database: nothing to index")
-    return row[0]
+    return model_version
 
 
 def snapshot_root(settings: Settings, root: Path | str | None = None) -> Path:
@@ -96,3 +117,16 @@ def snapshot_root(settings: Settings, root: Path | str | None = None) -> Path:
 def decode_ids(ids: np.ndarray) -> list[str]:
     """Listing ids as str from the fixed-width bytes that snapshots and `store.Embeddings` hold."""
     return [i.decode() for i in ids]
+
+
+def bytewise_order(ids: np.ndarray) -> np.ndarray:
+    """np.argsort of fixed-width byte strings, sorting 8-byte big-endian words as integers
+    (several times faster than comparing numpy strings)."""
+    n, width = len(ids), ids.dtype.itemsize
+    words = max(1, -(-width // 8))
+    raw = np.zeros((n, 8 * words), np.uint8)
+    raw[:, :width] = ids.view(np.uint8).reshape(n, width)
+    keys = raw.view(">u8")
+    if words == 1:
+        return np.argsort(keys[:, 0], kind="stable")
+    return np.lexsort(keys.T[::-1])  # lexsort's last key is the primary one

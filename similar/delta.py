@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psycopg
@@ -34,6 +35,10 @@ from core.celery_app import REINDEX_TASK, app
 from core.config import Settings
 from similar import index as ix
 from similar import store as sdb
+from similar.snapshots import Snapshot
+
+if TYPE_CHECKING:
+    import faiss
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +54,15 @@ class Delta:
     snapshot's own recall.
     """
 
-    def __init__(self, model_version: str, snapshot: ix.Snapshot | None) -> None:
+    def __init__(self, model_version: str, snapshot: Snapshot | None) -> None:
         self.model_version = model_version
         self.snapshot_path = snapshot.path if snapshot is not None else None
         self.ids: list[bytes] = []          # per row
         self.pos: dict[bytes, int] = {}     # listing id → its current row
-        self._vectors: np.ndarray | None = None
+        self._vectors = np.empty((0, 0), np.float32)  # searched exactly: row i holds the vector of ids[i]
         self._ivf = _ivf_beside(snapshot)
-        self._snapshot_index = snapshot.index if self._ivf is not None else None  # owns the quantizer
+        # the snapshot's index owns the quantizer the delta's lists use: keep it alive as long as they are
+        self._snapshot_index = snapshot.index if snapshot is not None and self._ivf is not None else None
         self.seen: str | None = None        # the pg_snapshot of the last read
         self.last_read = 0                  # rows the last top-up read
         self.reindex_requested = False
@@ -87,9 +93,9 @@ class Delta:
         if self._ivf is not None:
             self._ivf.add_with_ids(vectors, np.arange(n, need, dtype=np.int64))
         else:
-            if self._vectors is None or need > len(self._vectors):  # doubling: O(1) per append over a day
+            if need > len(self._vectors):  # doubling: O(1) per append over a day
                 grown = np.empty((max(need, 1024, 2 * n), vectors.shape[1]), np.float32)
-                if self._vectors is not None:
+                if n:
                     grown[:n] = self._vectors[:n]
                 self._vectors = grown
             self._vectors[n:need] = vectors
@@ -106,13 +112,14 @@ class Delta:
             scores, rows = self._ivf.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         else:
             scores, rows = ix.exact_topk(queries, self._vectors[: len(self.ids)], k)
-        return [[(self.ids[p].decode(), float(s)) for s, p in zip(sq, rq) if p >= 0 and self.pos[self.ids[p]] == p]
-                for sq, rq in zip(scores, rows)]
+        return [[(self.ids[p].decode(), float(s))
+                 for s, p in zip(sq, rq, strict=True) if p >= 0 and self.pos[self.ids[p]] == p]
+                for sq, rq in zip(scores, rows, strict=True)]
 
 
-def _ivf_beside(snapshot: ix.Snapshot | None):
+def _ivf_beside(snapshot: Snapshot | None) -> faiss.IndexIVFFlat | None:
     """An empty IVF-Flat index on the snapshot's coarse quantizer and search settings; None for an exact one."""
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     ivf = faiss.try_extract_index_ivf(snapshot.index) if snapshot is not None else None
     if ivf is None:
@@ -126,7 +133,7 @@ _DELTAS: dict[str, Delta] = {}
 LOCK = threading.Lock()  # held by a task from its top-up to the end of its search (threaded pools)
 
 
-def _first_read(conn: psycopg.Connection, model_version: str, snap: ix.Snapshot | None) -> sdb.Embeddings:
+def _first_read(conn: psycopg.Connection, model_version: str, snap: Snapshot | None) -> sdb.Embeddings:
     if snap is None:
         return sdb.read_embeddings(conn, model_version)
     if snap.manifest.read_snapshot:
@@ -135,7 +142,7 @@ def _first_read(conn: psycopg.Connection, model_version: str, snap: ix.Snapshot 
     return sdb.read_embeddings(conn, model_version, created_after=after.isoformat() if after else None)
 
 
-def current_delta(conn: psycopg.Connection, model_version: str, snap: ix.Snapshot | None, *,
+def current_delta(conn: psycopg.Connection, model_version: str, snap: Snapshot | None, *,
                   settings: Settings) -> Delta:
     """This process's delta for the snapshot `snap`, topped up to what is committed now. Hold `LOCK` from this
     call to the end of the search over it."""

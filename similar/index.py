@@ -1,7 +1,4 @@
-"""faiss indexes for similar items: choose by catalogue size, build, search in batches, snapshot.
-
-One index per model version: vectors of different models live in different spaces and are never
-mixed (the snapshot manifest records the model version and loading checks it).
+"""faiss indexes for similar items: choose one by catalogue size, build it, search it in batches.
 
 Vectors are L2-normalised, so inner product = cosine; every index uses METRIC_INNER_PRODUCT.
 Choice (faiss wiki, "Guidelines to choose an index"): exact `Flat` while a brute-force pass over the
@@ -15,29 +12,25 @@ costs a sliver of a pass over all nlist) trained on a sample; the vectors stream
 straight into the lists (`GroupedBuilder`), the only copy; and the nightly search runs list by list
 (`search_grouped`): the members of one list are searched together, with one matrix product, among the
 members of the `nprobe` lists nearest to that list's centroid — dense products on contiguous blocks,
-at BLAS speed. The vectors stay float32: near-duplicate photos' top-20 lie within 1e-3 of cosine, and
-float16 rounding alone would reorder a fifth of it.
+at BLAS speed. The vectors stay float32: near-duplicate photos' top-20 lie so close in cosine that
+float16 rounding alone reorders it (benchmarks/RESULTS.md, similar items).
 
-A snapshot is a directory `<root>/<model_version>/<name>/` holding `index.faiss`, `ids.npy`
-(listing ids in index order, fixed-width bytes) and `manifest.json`; `<root>/<model_version>/LATEST`
-names the newest one and is replaced atomically, so a reader never loads a half-written snapshot.
+Saving and loading an index with its ids is similar/snapshots.py.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from core.files import replaced_dir, write_text_atomic
+if TYPE_CHECKING:
+    import faiss
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +42,7 @@ KMEANS_ITERATIONS = 10      # coarse centroids need not be converged for IVF rec
 SEARCH_BATCH = 16_384
 COMPRESSED_MIN = 2_000_000  # beyond: streamed into lists from a two-level k-means, searched list by list
 LIST_SIZE = 1200            # vectors per list of such an index: a list searches nprobe × this many
-GROUPED_NPROBE = 8          # lists each list searches (recall@20 ≈ 0.95 on model vectors; RESULTS.md)
+GROUPED_NPROBE = 8          # lists each list searches: recall against time (benchmarks/RESULTS.md)
 TOP_LISTS = 64              # first level of the two-level k-means
 TOP_PROBE = 3               # top centroids whose sub-centroids a vector is compared with
 
@@ -88,16 +81,17 @@ def choose_spec(n: int, factory: str | None = None, nprobe: int | None = None,
                      ef_search=ef_search or DEFAULT_EF_SEARCH, grouped=grouped)
 
 
-def _nlist(index) -> int | None:
-    import faiss
+def ivf_nlist(index: faiss.Index) -> int | None:
+    """The number of lists of an IVF index (inside whatever wraps it); None for any other index."""
+    import faiss  # lazy: the CLI starts without faiss
 
     ivf = faiss.try_extract_index_ivf(index)
     return None if ivf is None else ivf.nlist
 
 
-def apply_search_params(index, spec: IndexSpec) -> None:
+def apply_search_params(index: faiss.Index, spec: IndexSpec) -> None:
     """Set nprobe / efSearch on whatever the factory string built."""
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -107,7 +101,8 @@ def apply_search_params(index, spec: IndexSpec) -> None:
         hnsw.efSearch = spec.ef_search
 
 
-def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_assignment: bool = False):
+def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_assignment: bool = False
+                ) -> tuple[faiss.Index, tuple[np.ndarray, np.ndarray] | None]:
     """Train (when the index needs it) on a sample and add all vectors; row i of `vectors` gets id i.
 
     For an IVF index the coarse assignment of every vector to its `nprobe` nearest lists is computed
@@ -116,7 +111,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_
     then needs no second quantizer pass. Returns (index, assignment or None).
     A grouped spec (`IndexSpec.grouped`) goes through `GroupedBuilder` (no assignment).
     """
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     if spec.grouped:
         rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=min(sample_size(spec), len(vectors)),
@@ -130,7 +125,7 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_
     index = faiss.index_factory(d, spec.factory, faiss.METRIC_INNER_PRODUCT)
     ivf = faiss.try_extract_index_ivf(index)
     if not index.is_trained:
-        nlist = _nlist(index)
+        nlist = ivf_nlist(index)
         budget = spec.train_points or (TRAIN_POINTS_PER_LIST * nlist if nlist else n)
         if budget < n:
             rows = np.sort(np.random.default_rng(seed).choice(n, size=budget, replace=False))
@@ -147,10 +142,11 @@ def build_index(vectors: np.ndarray, spec: IndexSpec, seed: int = 1234, *, keep_
     apply_search_params(index, spec)
     t0 = time.perf_counter()
     assignment = None
-    if isinstance(faiss.downcast_index(index), faiss.IndexIVF):  # a bare IVF: no transform or refine around it
-        assignment = assign_lists(ivf, vectors, ivf.nprobe)
+    bare = faiss.downcast_index(index)
+    if isinstance(bare, faiss.IndexIVF):  # a bare IVF: no transform or refine around it
+        assignment = assign_lists(bare, vectors, bare.nprobe)
         first = np.ascontiguousarray(assignment[1][:, 0])
-        ivf.add_core(n, faiss.swig_ptr(vectors), None, faiss.swig_ptr(first))
+        bare.add_core(n, faiss.swig_ptr(vectors), None, faiss.swig_ptr(first))
         if not keep_assignment:
             assignment = None
     else:
@@ -165,16 +161,17 @@ def _f32(x: np.ndarray) -> np.ndarray:
 
 def _knn(queries: np.ndarray, base: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k by blocked matrix products (faiss.knn: BLAS, then a heap per query)."""
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     return faiss.knn(queries, base, k, metric=faiss.METRIC_INNER_PRODUCT)
 
 
 def _kmeans(x: np.ndarray, k: int, seed: int) -> np.ndarray:
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     km = faiss.Kmeans(x.shape[1], k, niter=KMEANS_ITERATIONS, seed=seed, spherical=True, min_points_per_centroid=1)
     km.train(_f32(x))
+    assert km.centroids is not None, "training sets the centroids"
     return km.centroids
 
 
@@ -226,7 +223,10 @@ def two_level_centroids(sample: np.ndarray, nlist: int, seed: int = 1234) -> Two
 
 
 def _nlist_of(factory: str) -> int:
-    return int(re.match(r"IVF(\d+)", factory).group(1))
+    found = re.match(r"IVF(\d+)", factory)
+    if found is None:
+        raise ValueError(f"a grouped index is an IVF-Flat, not {factory!r}")
+    return int(found.group(1))
 
 
 def sample_size(spec: IndexSpec) -> int:
@@ -239,7 +239,7 @@ class GroupedBuilder:
     its arrival position), then `finish` with every id read to renumber the lists in sorted-id order."""
 
     def __init__(self, sample: np.ndarray, spec: IndexSpec, seed: int = 1234) -> None:
-        import faiss
+        import faiss  # lazy: the CLI starts without faiss
 
         t0 = time.perf_counter()
         self.levels = two_level_centroids(_f32(sample), _nlist_of(spec.factory), seed)
@@ -249,14 +249,14 @@ class GroupedBuilder:
         # the lists are the two-level centroids (fewer than asked when the sample was small)
         self.index = faiss.IndexIVFFlat(quantizer, d, len(self.levels.centroids), faiss.METRIC_INNER_PRODUCT)
         self.index.own_fields = True  # the index frees its quantizer, as one from index_factory does
-        quantizer.this.disown()
+        quantizer.this.disown()  # type: ignore[attr-defined]  # every SWIG proxy has `this`; the stubs omit it
         apply_search_params(self.index, spec)
         self.added = 0
         log.info("two-level centroids for %d lists in %.1fs", self.index.nlist, time.perf_counter() - t0)
 
-    def add(self, _ids, vectors: np.ndarray) -> None:
+    def add(self, _ids: np.ndarray | None, vectors: np.ndarray) -> None:
         """Add a chunk to the lists (a `store.read_embeddings` sink; its ids are kept by the reader)."""
-        import faiss
+        import faiss  # lazy: the CLI starts without faiss
 
         batch = _f32(vectors)
         lists = self.levels.assign(batch)
@@ -267,13 +267,14 @@ class GroupedBuilder:
 
     def finish(self, arrival_ids: np.ndarray, order: np.ndarray) -> None:
         """Renumber the lists so a vector's id is its position in `arrival_ids[order]` (sorted ids)."""
-        import faiss
+        import faiss  # lazy: the CLI starts without faiss
 
         if len(arrival_ids) != self.added:
             raise ValueError(f"{len(arrival_ids)} ids for {self.added} vectors")
         position = np.empty(len(order), np.int64)
         position[order] = np.arange(len(order))
         inv = self.index.invlists
+        assert inv is not None, "an IndexIVFFlat owns its lists"
         for lst in range(self.index.nlist):
             size = inv.list_size(lst)
             if size:
@@ -281,11 +282,12 @@ class GroupedBuilder:
                 ids[:] = position[ids]
 
 
-def list_members(index, lst: int) -> tuple[np.ndarray, np.ndarray]:
+def list_members(index: faiss.IndexIVF, lst: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids, vectors) of one list of an IVF-Flat index (copies: the lists may change later)."""
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     inv = index.invlists
+    assert inv is not None, "an IVF index read or built here owns its lists"
     size = inv.list_size(lst)
     if size == 0:
         return np.empty(0, np.int64), np.empty((0, index.d), np.float32)
@@ -294,34 +296,35 @@ def list_members(index, lst: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, codes.view(np.float32).reshape(size, index.d).copy()
 
 
-def list_ids(index, lst: int) -> np.ndarray:
+def list_ids(index: faiss.Index, lst: int) -> np.ndarray:
     """The ids in one list of an IVF index (a copy)."""
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
-    inv = faiss.downcast_index(index).invlists
+    inv = faiss.extract_index_ivf(index).invlists
+    assert inv is not None, "an IVF index read or built here owns its lists"
     size = inv.list_size(lst)
     return faiss.rev_swig_ptr(inv.get_ids(lst), size).copy() if size else np.empty(0, np.int64)
 
 
-def search_grouped(index, k: int, nprobe: int | None = None,
+def search_grouped(index: faiss.Index, k: int, nprobe: int | None = None,
                    lists: range | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Top-k of every indexed vector (or of the members of `lists`), list by list: yields (ids, scores, ids
     of neighbours) per list.
 
     The members of list L are searched exactly among the members of the `nprobe` lists whose centroids
     are nearest L's (L first): one matrix product per list instead of one scan per query."""
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
-    index = faiss.downcast_index(index)
-    nlist = index.nlist
-    centroids = index.quantizer.reconstruct_n(0, nlist)
-    probe = min(nprobe or index.nprobe, nlist)
+    ivf = faiss.extract_index_ivf(index)
+    nlist = ivf.nlist
+    centroids = ivf.quantizer.reconstruct_n(0, nlist)
+    probe = min(nprobe or ivf.nprobe, nlist)
     near = _knn(centroids, centroids, probe)[1]
     for lst in range(nlist) if lists is None else lists:
-        ids, queries = list_members(index, lst)
+        ids, queries = list_members(ivf, lst)
         if not len(ids):
             continue
-        parts = [list_members(index, int(m)) for m in near[lst] if m >= 0]
+        parts = [list_members(ivf, int(m)) for m in near[lst] if m >= 0]
         base_ids = np.concatenate([p[0] for p in parts])
         scores, pos = _knn(queries, np.concatenate([p[1] for p in parts]), min(k, len(base_ids)))
         found = np.where(pos >= 0, base_ids[np.maximum(pos, 0)], -1)
@@ -331,7 +334,8 @@ def search_grouped(index, k: int, nprobe: int | None = None,
         yield ids, scores, found
 
 
-def assign_lists(ivf, vectors: np.ndarray, nprobe: int, batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def assign_lists(ivf: faiss.IndexIVF, vectors: np.ndarray, nprobe: int,
+                 batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(scores, lists): each vector's `nprobe` nearest IVF lists, in batches."""
     batch = batch or SEARCH_BATCH
     n = len(vectors)
@@ -342,7 +346,7 @@ def assign_lists(ivf, vectors: np.ndarray, nprobe: int, batch: int | None = None
     return dq, iq
 
 
-def search_batches(index, queries: np.ndarray, k: int,
+def search_batches(index: faiss.Index, queries: np.ndarray, k: int,
                    batch: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (start row, scores, positions) per batch so the caller can write as it goes."""
     batch = batch or SEARCH_BATCH
@@ -371,7 +375,8 @@ def exact_topk(queries: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.nda
     return scores.astype(np.float32), positions
 
 
-def search_all(index, vectors: np.ndarray, k: int, assignment: tuple[np.ndarray, np.ndarray] | None = None,
+def search_all(index: faiss.Index, vectors: np.ndarray, k: int,
+               assignment: tuple[np.ndarray, np.ndarray] | None = None,
                batch: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Top-k of every row of `vectors` (the indexed vectors themselves): yields (rows, scores, positions).
 
@@ -380,7 +385,7 @@ def search_all(index, vectors: np.ndarray, k: int, assignment: tuple[np.ndarray,
     is memory-bound), and the coarse quantizer is not run a second time. Same results as
     `index.search` with the same nprobe.
     """
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     batch = batch or SEARCH_BATCH
     ivf = faiss.downcast_index(index)
@@ -392,111 +397,30 @@ def search_all(index, vectors: np.ndarray, k: int, assignment: tuple[np.ndarray,
     order = np.argsort(iq[:, 0], kind="stable")
     for start in range(0, len(order), batch):
         rows = order[start:start + batch]
-        scores, positions = ivf.search_preassigned(vectors[rows], k, iq[rows], dq[rows])
+        # the stubs list the raw SWIG signature before the numpy wrapper's overloads, and mypy takes the first
+        scores, positions = ivf.search_preassigned(  # type: ignore[call-arg, func-returns-value, misc]
+            vectors[rows], k, iq[rows], dq[rows])  # type: ignore[arg-type]
         yield rows, scores, positions
 
 
-# ---------------------------------------------------------------------------------------------
-# snapshots
-
-_SAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def safe_name(model_version: str) -> str:
-    """A directory name for a model version (no separators, no '..')."""
-    name = _SAFE.sub("_", model_version)
-    if name in ("", ".", ".."):
-        raise ValueError(f"unusable model version {model_version!r}")
-    return name
-
-
-@dataclass
-class SnapshotManifest:
-    model_version: str
-    count: int
-    dim: int
-    spec: dict
-    built_at: str
-    # When the embeddings were read: the online path searches those created after it (minus a
-    # slack for transactions still open then) exactly, on top of this index.
-    read_at: str | None
-    similar_version: int | None = None
-    read_snapshot: str | None = None  # the pg_snapshot of that read: the online delta is what it did not see
-    timings_s: dict = field(default_factory=dict)
+def drop_self(positions: np.ndarray, scores: np.ndarray, self_pos: np.ndarray,
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+    """From k+1 results per row remove the query itself (or the last one when it is absent)."""
+    is_self = positions == self_pos[:, None]
+    drop = is_self.copy()
+    no_self = ~is_self.any(axis=1)
+    drop[no_self, -1] = True
+    # a row could contain itself twice only with duplicated ids; keep exactly k columns
+    first = np.argmax(drop, axis=1)
+    keep = np.ones_like(drop)
+    keep[np.arange(len(drop)), first] = False
+    return positions[keep].reshape(len(drop), k), scores[keep].reshape(len(drop), k)
 
 
-@dataclass
-class Snapshot:
-    index: object
-    ids: np.ndarray          # fixed-width bytes, index order
-    manifest: SnapshotManifest
-    path: Path | None = None
-
-
-def save_snapshot(root: Path, index, ids: np.ndarray, manifest: SnapshotManifest) -> Path:
-    """Write a snapshot into a temporary directory, rename it in place, then repoint LATEST."""
-    import faiss
-
-    base = Path(root) / safe_name(manifest.model_version)
-    base.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    name = f"{stamp}-v{manifest.similar_version}" if manifest.similar_version is not None else stamp
-    final = base / name
-    with replaced_dir(final) as tmp:
-        faiss.write_index(index, str(tmp / "index.faiss"))
-        np.save(tmp / "ids.npy", np.asarray(ids), allow_pickle=False)
-        (tmp / "manifest.json").write_text(json.dumps(asdict(manifest), indent=2))
-    point_latest(root, manifest.model_version, name)
-    log.info("saved snapshot %s (%d vectors)", final, manifest.count)
-    return final
-
-
-def point_latest(root: Path, model_version: str, name: str) -> None:
-    """Atomically make `<root>/<model_version>/<name>` the snapshot LATEST names."""
-    write_text_atomic(Path(root) / safe_name(model_version) / "LATEST", name)
-
-
-def latest_snapshot_dir(root: Path, model_version: str) -> Path | None:
-    pointer = Path(root) / safe_name(model_version) / "LATEST"
-    try:
-        name = pointer.read_text().strip()
-    except FileNotFoundError:
-        return None
-    path = pointer.parent / name
-    return path if (path / "manifest.json").exists() else None
-
-
-def load_snapshot(path: Path, model_version: str | None = None, mmap: bool = False) -> Snapshot:
-    import faiss
-
-    path = Path(path)
-    manifest = SnapshotManifest(**json.loads((path / "manifest.json").read_text()))
-    if model_version is not None and manifest.model_version != model_version:
-        # never answer queries of one model with vectors of another
-        raise ValueError(f"snapshot {path} is for model {manifest.model_version!r}, not {model_version!r}")
-    flags = 0
-    if mmap:  # vectors stay in the page cache, shared by worker processes, not in each one's RSS
-        ivf = "IVF" in manifest.spec.get("factory", "")
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if ivf else faiss.IO_FLAG_MMAP_IFC
-    index = faiss.read_index(str(path / "index.faiss"), flags)
-    apply_search_params(index, IndexSpec(**manifest.spec))
-    ids = np.load(path / "ids.npy", allow_pickle=False)
-    if index.ntotal != len(ids) or index.ntotal != manifest.count:
-        raise ValueError(f"snapshot {path} is inconsistent: {index.ntotal} vectors, {len(ids)} ids")
-    return Snapshot(index=index, ids=ids, manifest=manifest, path=path)
-
-
-def prune_snapshots(root: Path, model_version: str, keep: int = 2) -> list[Path]:
-    """Remove all but the newest `keep` snapshots of a model version (never the one LATEST names)."""
-    base = Path(root) / safe_name(model_version)
-    if not base.exists():
-        return []
-    latest = latest_snapshot_dir(root, model_version)
-    dirs = sorted((p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True)
-    removed = []
-    for p in dirs[keep:]:
-        if latest is not None and p.resolve() == latest.resolve():
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-    return removed
+def pack_left(positions: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Move valid results (position ≥ 0) to the left of each row, keeping their order."""
+    invalid = positions < 0
+    if not invalid.any():
+        return positions, scores
+    order = np.argsort(invalid, axis=1, kind="stable")
+    return np.take_along_axis(positions, order, axis=1), np.take_along_axis(scores, order, axis=1)

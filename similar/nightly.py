@@ -3,8 +3,8 @@
 One path opens every new version (`_read_build_snapshot`): take the model version's advisory lock
 (a concurrent run gets ReindexBusy), mark a version still 'building' from an earlier run failed, read
 all live embeddings of the model version (binary COPY → numpy), build a faiss index chosen by
-catalogue size, open a new 'building' version, save the index as a snapshot (similar/index.py) and
-publish it (similar/snapshots.py, with ENRICH_INDEX_URI) in a thread of its own. Past
+catalogue size, open a new 'building' version, save the index as a snapshot and publish it
+(similar/snapshots.py, with ENRICH_INDEX_URI) in a thread of its own. Past
 `index.COMPRESSED_MIN` listings the read streams straight into a "grouped" index (k-means on a table
 sample first), which is then the only copy of the vectors and is searched list by list.
 
@@ -34,24 +34,51 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import psycopg
+from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
 from core.config import Settings
 from similar import index as ix
+from similar import pgcopy
 from similar import store as sdb
-from similar.common import ADVISORY_NAMESPACE, decode_ids, reindex_model_version, snapshot_root
-from similar.snapshots import store_from_settings
+from similar.common import (
+    ADVISORY_NAMESPACE,
+    bytewise_order,
+    decode_ids,
+    fetch_one,
+    reindex_model_version,
+    snapshot_root,
+)
+from similar.snapshots import (
+    Snapshot,
+    SnapshotManifest,
+    load_snapshot,
+    prune_snapshots,
+    safe_name,
+    save_snapshot,
+    store_from_settings,
+)
+
+if TYPE_CHECKING:
+    import faiss
 
 log = logging.getLogger(__name__)
 
 WRITE_QUEUE = 2  # search batches waiting for the writer thread (memory: a few batches of results)
+DELETE_BATCH = 16_384  # listing ids per DELETE of an earlier try's rows
+
+# one search batch: (query rows, scores, positions of the neighbours)
+SearchBatch = tuple[np.ndarray, np.ndarray, np.ndarray]
+# one end of a shard's range [lo, hi): a listing id (None: open) or, for a grouped index, a list number
+Bound = str | int | None
 
 
 class ReindexBusy(RuntimeError):
@@ -61,7 +88,7 @@ class ReindexBusy(RuntimeError):
 @dataclass
 class RecomputeResult:
     model_version: str
-    version: int | None
+    version: int
     count: int
     k: int
     factory: str
@@ -73,21 +100,24 @@ class RecomputeResult:
     def summary(self) -> str:
         t = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings_s.items())
         return (f"model {self.model_version}: version {self.version} active with top-{self.k} for "
-                f"{self.count} listings ({self.factory}); replaced {self.replaced}; pruned {self.pruned or 'none'}; {t}")
+                f"{self.count} listings ({self.factory}); replaced {self.replaced}; "
+                f"pruned {self.pruned or 'none'}; {t}")
 
 
 # ---------------------------------------------------------------------------------------------
 # helpers
 
 def _lock_key(conn: psycopg.Connection, model_version: str) -> int:
-    return conn.execute("SELECT hashtextextended(%s, 0)", (f"{ADVISORY_NAMESPACE}:{model_version}",)).fetchone()[0]
+    (key,) = fetch_one(conn, "SELECT hashtextextended(%s, 0)", (f"{ADVISORY_NAMESPACE}:{model_version}",))
+    return int(key)
 
 
 @contextmanager
 def _reindex_lock(conn: psycopg.Connection, model_version: str) -> Iterator[None]:
     """One run per model version at a time: a second would abandon the first one's building version."""
     key = _lock_key(conn, model_version)
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+    (locked,) = fetch_one(conn, "SELECT pg_try_advisory_lock(%s)", (key,))
+    if not locked:
         raise ReindexBusy(f"a recompute of model {model_version!r} is already running")
     try:
         yield
@@ -96,14 +126,12 @@ def _reindex_lock(conn: psycopg.Connection, model_version: str) -> Iterator[None
             conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
-def _bar(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
+def _bar(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="item", unit_scale=True, disable=not enabled, leave=False)
 
 
 def _prune_snapshots(settings: Settings, root: Path | str | None, model_version: str, keep: int) -> None:
-    ix.prune_snapshots(snapshot_root(settings, root), model_version, keep)
+    prune_snapshots(snapshot_root(settings, root), model_version, keep)
     store = store_from_settings(settings)
     if store is not None:
         store.prune(model_version, keep)
@@ -122,8 +150,8 @@ class _SearchFailed(Exception):
     """Tells the writer thread that the search stopped early: roll the COPY back."""
 
 
-def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray, batches, kk: int,
-                   query_pos: np.ndarray, self_pos: np.ndarray, bar=None,
+def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray, batches: Iterable[SearchBatch],
+                   kk: int, query_pos: np.ndarray, self_pos: np.ndarray, bar: Any = None,
                    after_chunk: Callable[[int], None] | None = None) -> int:
     """Encode search results in numpy and COPY them into `version` (in the caller's transaction).
 
@@ -137,23 +165,24 @@ def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray,
     the search never waits for the database. A bounded queue holds at most WRITE_QUEUE batches. An
     error on either side rolls the COPY back and is raised here once the writer has stopped.
     """
-    ids = sdb.encode_id_fields(snap_ids)
-    todo: queue.Queue = queue.Queue(maxsize=WRITE_QUEUE)
+    ids = pgcopy.encode_id_fields(snap_ids)
+    todo: queue.Queue[SearchBatch | None] = queue.Queue(maxsize=WRITE_QUEUE)
     search_failed = threading.Event()
     write_failed: list[BaseException] = []
     written = 0
 
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         nonlocal written
         while (item := todo.get()) is not None:
             if search_failed.is_set():
                 raise _SearchFailed()
             rows, scores, pos = item
-            pos, scores = sdb.drop_self(pos, scores, self_pos[rows], kk - 1)
-            pos, scores = sdb.pack_left(pos, scores)
+            pos, scores = ix.drop_self(pos, scores, self_pos[rows], kk - 1)
+            pos, scores = ix.pack_left(pos, scores)
             qpos = query_pos[rows]
-            for sl in sdb.iter_id_chunks(len(pos), sdb.ENCODE_CHUNK):
-                yield sdb.encode_rows(version, qpos[sl], pos[sl], scores[sl], *ids)
+            for s in range(0, len(pos), pgcopy.ENCODE_CHUNK):
+                sl = slice(s, s + pgcopy.ENCODE_CHUNK)
+                yield pgcopy.encode_neighbour_rows(version, qpos[sl], pos[sl], scores[sl], ids)
             written += len(pos)
             if bar is not None:
                 bar.update(len(pos))
@@ -164,11 +193,11 @@ def _write_version(conn: psycopg.Connection, version: int, snap_ids: np.ndarray,
 
     def write() -> None:
         try:
-            sdb.copy_neighbours(conn, sdb.sql.Identifier("similar_items"), chunks())
+            pgcopy.copy_neighbours_in(conn, "similar_items", chunks())
         except BaseException as exc:
             write_failed.append(exc)
 
-    def hand_over(item) -> None:
+    def hand_over(item: SearchBatch | None) -> None:
         while True:
             if write_failed:
                 raise write_failed[0]
@@ -205,18 +234,19 @@ class _SnapshotSaver:
     """Saves (and with ENRICH_INDEX_URI publishes) a snapshot in a thread: the disk write and the
     upload overlap the search, which only reads the same index."""
 
-    def __init__(self, settings: Settings, root: Path | str | None, index, ids: np.ndarray,
-                 manifest: ix.SnapshotManifest, timings: dict[str, float]) -> None:
+    def __init__(self, settings: Settings, root: Path | str | None, index: faiss.Index, ids: np.ndarray,
+                 manifest: SnapshotManifest, timings: dict[str, float]) -> None:
         self.path: Path | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._save, args=(settings, root, index, ids, manifest, timings),
                                         name="similar-snapshot", daemon=True)
         self._thread.start()
 
-    def _save(self, settings, root, index, ids, manifest, timings) -> None:
+    def _save(self, settings: Settings, root: Path | str | None, index: faiss.Index, ids: np.ndarray,
+              manifest: SnapshotManifest, timings: dict[str, float]) -> None:
         try:
             t0 = time.perf_counter()
-            path = ix.save_snapshot(snapshot_root(settings, root), index, ids, manifest)
+            path = save_snapshot(snapshot_root(settings, root), index, ids, manifest)
             timings["snapshot"] = time.perf_counter() - t0
             store = store_from_settings(settings)
             if store is not None:  # workers (and shards) on other machines download it by name
@@ -246,11 +276,20 @@ class _Built:
     version: int
     emb: sdb.Embeddings
     spec: ix.IndexSpec
-    index: object
+    index: faiss.Index | None  # None once taken (`take_index`)
     assignment: tuple[np.ndarray, np.ndarray] | None
     saver: _SnapshotSaver
     timings_s: dict[str, float]
     snapshot: Path | None = None
+
+    def take_index(self) -> tuple[faiss.Index, tuple[np.ndarray, np.ndarray] | None]:
+        """The index and its IVF assignment, no longer held here: once the caller drops them their
+        memory goes (the snapshot on disk keeps the index)."""
+        if self.index is None:
+            raise RuntimeError("the index was taken already")
+        index, assignment = self.index, self.assignment
+        self.index = self.assignment = None
+        return index, assignment
 
     def finish_snapshot(self, conn: psycopg.Connection) -> Path:
         """Wait for the snapshot and record it on the version (`conn` must be free: no COPY running)."""
@@ -264,7 +303,7 @@ class _Built:
 
 
 def _read_grouped(conn: psycopg.Connection, model_version: str, spec: ix.IndexSpec, expected: int,
-                  timings: dict[str, float], progress: bool) -> tuple[sdb.Embeddings, object, None]:
+                  timings: dict[str, float], progress: bool) -> tuple[sdb.Embeddings, faiss.Index, None]:
     """A grouped index: k-means on a sample, then the vectors stream from the read into the lists
     ("read" includes adding them; "build" the sample, the centroids and the renumbering)."""
     t0 = time.perf_counter()
@@ -275,7 +314,7 @@ def _read_grouped(conn: psycopg.Connection, model_version: str, spec: ix.IndexSp
         emb = sdb.read_embeddings(conn, model_version, progress=bar.update, sink=builder.add)
     timings["read"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    order = sdb.bytewise_order(emb.ids)
+    order = bytewise_order(emb.ids)
     builder.finish(emb.ids, order)
     emb.ids = emb.ids[order]
     timings["build"] += time.perf_counter() - t0
@@ -322,10 +361,10 @@ def _read_build_snapshot(conn: psycopg.Connection, settings: Settings, model_ver
         version = sdb.create_version(conn, model_version, k, {"spec": asdict(spec), "count": n}, emb.read_at)
         saver = None
         try:
-            manifest = ix.SnapshotManifest(model_version=model_version, count=n, dim=index.d,
-                                           spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
-                                           read_at=emb.read_at, similar_version=version,
-                                           read_snapshot=emb.read_snapshot)
+            manifest = SnapshotManifest(model_version=model_version, count=n, dim=index.d,
+                                        spec=asdict(spec), built_at=datetime.now().astimezone().isoformat(),
+                                        read_at=emb.read_at, similar_version=version,
+                                        read_snapshot=emb.read_snapshot)
             saver = _SnapshotSaver(settings, root, index, emb.ids, manifest, timings)
             built = _Built(model_version, k, version, emb, spec, index, assignment, saver, timings)
             del emb, index, assignment  # the caller may drop the index (and its memory) early
@@ -355,14 +394,15 @@ def recompute(conn: psycopg.Connection, model_version: str | None = None, *, set
         t0 = time.perf_counter()
         rows = np.arange(n, dtype=np.int64)
         kk = min(built.k + 1, n)
+        index, assignment = built.take_index()
         if built.spec.grouped:
-            batches = ix.search_grouped(built.index, kk)
+            batches = ix.search_grouped(index, kk)
         else:
-            batches = ix.search_all(built.index, built.emb.vectors, kk, built.assignment)
+            batches = ix.search_all(index, built.emb.vectors, kk, assignment)
         with _bar(n, "search+write", progress) as bar, conn.transaction():
             written = _write_version(conn, version, built.emb.ids, batches, kk, rows, rows, bar, after_chunk)
         timings["search_write"] = time.perf_counter() - t0
-        built.index = built.assignment = None  # free them before the switch and prune
+        del index, assignment, batches  # free them before the switch and prune
         built.finish_snapshot(conn)  # saved while the search ran; workers need it before the switch
 
         t0 = time.perf_counter()
@@ -398,27 +438,29 @@ def list_bounds(nlist: int, shards: int) -> list[tuple[int, int]]:
 
 def prepare_shards(conn: psycopg.Connection, model_version: str | None, shards: int, *, settings: Settings,
                    k: int | None = None, factory: str | None = None, nprobe: int | None = None,
-                   root: Path | str | None = None, grouped: bool | None = None) -> tuple[int, list[tuple]]:
+                   root: Path | str | None = None,
+                   grouped: bool | None = None) -> tuple[int, Sequence[tuple[Bound, Bound]]]:
     """Open a 'building' version (read + build + snapshot once) and plan its shards: listing-id ranges, or
     for a grouped index ranges of its lists (each searched list by list, as in one process)."""
     with _read_build_snapshot(conn, settings, model_version, k=k, factory=factory, nprobe=nprobe,
                               root=root, grouped=grouped) as built:
         built.finish_snapshot(conn)  # the shards search it
-        bounds = (list_bounds(built.index.nlist, shards) if built.spec.grouped
-                  else shard_bounds(built.emb.ids, shards))
+        index, _ = built.take_index()
+        nlist = ix.ivf_nlist(index) if built.spec.grouped else None  # a grouped index is an IVF-Flat
+        bounds: Sequence[tuple[Bound, Bound]] = (list_bounds(nlist, shards) if nlist is not None
+                                                 else shard_bounds(built.emb.ids, shards))
         sdb.update_version_params(conn, built.version, {"shards": bounds})
         return built.version, bounds
 
 
-def compute_shard(conn: psycopg.Connection, version: int, lo, hi, root: Path | str | None = None, *,
+def compute_shard(conn: psycopg.Connection, version: int, lo: Bound, hi: Bound, root: Path | str | None = None, *,
                   settings: Settings) -> int:
     """Top-k for listings in [lo, hi) against the version's snapshot (for a grouped index: the members of
     lists [lo, hi)); re-running replaces the range."""
-    row = conn.execute("SELECT model_version, k, status, params FROM similar_items_versions WHERE version = %s",
-                       (version,)).fetchone()
-    if row is None or row[2] != "building":
+    info = sdb.version_info(conn, version)
+    if info is None or info.status != "building":
         raise RuntimeError(f"similar-items version {version} is not building")
-    model_version, k, _, params = row
+    model_version, k, params = info.model_version, info.k, info.params
     planned = [tuple(b) for b in params.get("shards", [])]
     if (lo, hi) not in planned:
         raise ValueError(f"[{lo}, {hi}) is not one of version {version}'s shards {planned}")
@@ -427,11 +469,15 @@ def compute_shard(conn: psycopg.Connection, version: int, lo, hi, root: Path | s
         store = store_from_settings(settings)
         if store is not None:
             path = store.fetch(snapshot_root(settings, root), model_version, path.name)
-    snap = ix.load_snapshot(path, model_version)
+    snap = load_snapshot(path, model_version)
     if params["spec"].get("grouped"):
+        if not (isinstance(lo, int) and isinstance(hi, int)):
+            raise ValueError(f"a grouped index's shards are ranges of its lists, not [{lo!r}, {hi!r})")
         written = _compute_list_shard(conn, version, snap, k, range(lo, hi), planned.index((lo, hi)))
         log.info("lists [%s, %s) of version %d: %d listings", lo, hi, version, written)
         return written
+    if isinstance(lo, int) or isinstance(hi, int):
+        raise ValueError(f"shards are ranges of listing ids, not [{lo!r}, {hi!r})")
     emb = sdb.read_embeddings(conn, model_version, lo, hi)
     # listings embedded after the snapshot get neighbours too; they are appended to the id table
     pos = np.searchsorted(snap.ids, emb.ids)
@@ -442,13 +488,14 @@ def compute_shard(conn: psycopg.Connection, version: int, lo, hi, root: Path | s
     all_ids = np.concatenate([snap.ids, extra]) if len(extra) else snap.ids
     query_pos = self_pos.copy()
     query_pos[~found] = len(snap.ids) + np.arange(len(extra))
-    import faiss
+    import faiss  # lazy: the CLI starts without faiss
 
     # queries in order of their nearest IVF list, as in one process: consecutive ones probe the same lists
     ivf = faiss.downcast_index(snap.index)
     assignment = ix.assign_lists(ivf, emb.vectors, ivf.nprobe) if isinstance(ivf, faiss.IndexIVF) else None
     with conn.transaction():
-        clauses, args = ["version = %s"], [version]
+        clauses: list[str] = ["version = %s"]
+        args: list[object] = [version]
         if lo is not None:
             clauses.append('listing_id COLLATE "C" >= %s')
             args.append(lo)
@@ -475,7 +522,7 @@ def _record_shard(conn: psycopg.Connection, version: int, shard: int, written: i
         raise RuntimeError(f"similar-items version {version} stopped building while shard {shard} ran")
 
 
-def _compute_list_shard(conn: psycopg.Connection, version: int, snap: ix.Snapshot, k: int, lists: range,
+def _compute_list_shard(conn: psycopg.Connection, version: int, snap: Snapshot, k: int, lists: range,
                         shard: int) -> int:
     """The members of `lists` of a grouped snapshot, searched list by list. Listings embedded after the
     snapshot are in no list: the online path gives them neighbours until the next night."""
@@ -484,9 +531,9 @@ def _compute_list_shard(conn: psycopg.Connection, version: int, snap: ix.Snapsho
     rows = np.arange(len(snap.ids), dtype=np.int64)
     kk = min(k + 1, snap.index.ntotal)
     with conn.transaction():
-        for s in range(0, len(mine), sdb.ENCODE_CHUNK):  # a rerun replaces what an earlier try wrote
+        for s in range(0, len(mine), DELETE_BATCH):  # a rerun replaces what an earlier try wrote
             conn.execute("DELETE FROM similar_items WHERE version = %s AND listing_id = ANY(%s)",
-                         (version, mine[s:s + sdb.ENCODE_CHUNK]))
+                         (version, mine[s:s + DELETE_BATCH]))
         batches = ix.search_grouped(snap.index, kk, lists=lists)
         written = _write_version(conn, version, snap.ids, batches, kk, rows, rows)
         _record_shard(conn, version, shard, written)
@@ -496,9 +543,10 @@ def _compute_list_shard(conn: psycopg.Connection, version: int, snap: ix.Snapsho
 def finish_shards(conn: psycopg.Connection, version: int, keep_versions: int = 1,
                   root: Path | str | None = None, keep_snapshots: int = 2, *, settings: Settings) -> RecomputeResult:
     """Switch to a sharded version once every shard wrote its rows (each records its count with them)."""
-    row = conn.execute("SELECT model_version, k, params FROM similar_items_versions WHERE version = %s",
-                       (version,)).fetchone()
-    model_version, k, params = row
+    info = sdb.version_info(conn, version)
+    if info is None:
+        raise LookupError(f"no similar-items version {version}")
+    model_version, k, params = info.model_version, info.k, info.params
     shards, done = params.get("shards") or [], params.get("written", {})
     missing = [i for i in range(len(shards)) if str(i) not in done]
     written = sdb.version_row_count(conn, version)
@@ -539,7 +587,7 @@ def prune_models(conn: psycopg.Connection, *, settings: Settings, keep: int | No
             log.info("model %s is being reindexed; pruning it later", model_version)
             continue
         pruned.append(model_version)
-        shutil.rmtree(snapshot_root(settings, root) / ix.safe_name(model_version), ignore_errors=True)
+        shutil.rmtree(snapshot_root(settings, root) / safe_name(model_version), ignore_errors=True)
         store = store_from_settings(settings)
         if store is not None:  # published snapshots too (the one LATEST names stays, as store.prune does)
             store.prune(model_version, 0)

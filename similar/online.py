@@ -27,19 +27,19 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import psycopg
 
+from core import metrics
 from core.config import Settings
 from similar import delta as dl
-from similar import index as ix
 from similar import store as sdb
-from similar.common import ADVISORY_NAMESPACE, Neighbour, decode_ids, snapshot_root
-from similar.snapshots import SnapshotStore, store_from_settings
+from similar.common import ADVISORY_NAMESPACE, Neighbour, decode_ids, fetch_one, fetch_values, snapshot_root
+from similar.snapshots import Snapshot, SnapshotStore, latest_snapshot_dir, load_snapshot, store_from_settings
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ SHELF_LOCK_BUCKETS = 4096              # advisory locks on online rows: listing 
 # ---------------------------------------------------------------------------------------------
 # the snapshot this process searches
 
-_SNAPSHOT_CACHE: dict[str, ix.Snapshot] = {}
+_SNAPSHOT_CACHE: dict[str, Snapshot] = {}
 _LAST_PULL: dict[str, float] = {}  # model version → time.monotonic() of the last look at the published LATEST
 _PULLING: dict[str, threading.Thread] = {}
 
@@ -76,7 +76,9 @@ def _follow_published(settings: Settings, root: Path, model_version: str) -> Non
         return
     _LAST_PULL[model_version] = now
     store = store_from_settings(settings)
-    if ix.latest_snapshot_dir(root, model_version) is None:
+    if store is None:
+        return
+    if latest_snapshot_dir(root, model_version) is None:
         _pull(store, root, model_version)
         return
     _PULLING[model_version] = threading.Thread(target=_pull, args=(store, root, model_version), daemon=True,
@@ -85,19 +87,17 @@ def _follow_published(settings: Settings, root: Path, model_version: str) -> Non
 
 
 def cached_snapshot(model_version: str, root: Path | str | None = None, *,
-                    settings: Settings) -> ix.Snapshot | None:
+                    settings: Settings) -> Snapshot | None:
     """The latest snapshot of a model version, loaded once per process and reloaded when LATEST moves
     (locally, or where ENRICH_INDEX_URI publishes it)."""
     root = snapshot_root(settings, root)
     _follow_published(settings, root, model_version)
-    path = ix.latest_snapshot_dir(root, model_version)
+    path = latest_snapshot_dir(root, model_version)
     if path is None:
         return None
     snap = _SNAPSHOT_CACHE.get(model_version)
     if snap is None or snap.path != path:
-        from core import metrics
-
-        snap = ix.load_snapshot(path, model_version, mmap=True)
+        snap = load_snapshot(path, model_version, mmap=True)
         _SNAPSHOT_CACHE[model_version] = snap
         metrics.SNAPSHOT_BUILT.labels(model_version=model_version).set(
             datetime.fromisoformat(snap.manifest.built_at).timestamp())
@@ -107,19 +107,18 @@ def cached_snapshot(model_version: str, root: Path | str | None = None, *,
 # ---------------------------------------------------------------------------------------------
 # search
 
-def _live_ids(conn: psycopg.Connection, ids: Sequence[str]) -> set[str]:
-    rows = conn.execute("SELECT listing_id FROM listings WHERE listing_id = ANY(%s) AND status <> 'deleted'",
-                        (list(ids),)).fetchall()
-    return {r[0] for r in rows}
+def _live_ids(conn: psycopg.Connection, ids: Collection[str]) -> set[str]:
+    return set(fetch_values(conn, "SELECT listing_id FROM listings WHERE listing_id = ANY(%s)"
+                                  " AND status <> 'deleted'", (list(ids),)))
 
 
 def _too_many_without_snapshot(conn: psycopg.Connection, model_version: str, settings: Settings) -> bool:
     held = dl.held(model_version)
     if held is not None:
         return held > settings.online_delta_max
-    row = conn.execute("SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_version = %s LIMIT %s) t",
-                       (model_version, settings.online_delta_max + 1)).fetchone()
-    return row[0] > settings.online_delta_max
+    (count,) = fetch_one(conn, "SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_version = %s LIMIT %s) t",
+                         (model_version, settings.online_delta_max + 1))
+    return bool(count > settings.online_delta_max)
 
 
 def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version: str, k: int,
@@ -144,7 +143,7 @@ def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version:
         delta = dl.current_delta(conn, model_version, snap, settings=settings)
         if snap is not None and snap.index.ntotal:
             for q in range(len(queries)):
-                for s, p in zip(scores[q], pos[q]):
+                for s, p in zip(scores[q], pos[q], strict=True):
                     # the delta holds the current vector of a listing re-embedded since the snapshot
                     if p >= 0 and snap.ids[p] not in delta.pos:
                         candidates[q].append((snap.ids[p].decode(), float(s)))
@@ -168,7 +167,7 @@ def online_topk(conn: psycopg.Connection, listing_ids: list[str], model_version:
 # ---------------------------------------------------------------------------------------------
 # writing rows and merging shelves
 
-def _lock_shelves(cur: psycopg.Cursor, model_version: str, listing_ids) -> None:
+def _lock_shelves(cur: psycopg.Cursor, model_version: str, listing_ids: Collection[str]) -> None:
     """Serialise read-merge-writes of these listings' online rows across workers (until commit);
     buckets are taken in one order, so two writers never wait on each other in a cycle."""
     cur.execute(
@@ -193,7 +192,7 @@ def merge_shelf(ids: Sequence[str], scores: Sequence[float], incoming: list[Neig
                 ) -> list[tuple[str, float]] | None:
     """A shelf with the incoming listings ranked in, at most max(k, its length) long; None when no
     new one ranks high enough (those already on the shelf stay as they are: replays write nothing)."""
-    merged = dict(zip(ids, scores))
+    merged = dict(zip(ids, scores, strict=True))
     new = {n.listing_id: n.score for n in incoming if n.listing_id not in merged}
     top = sorted({**merged, **new}.items(), key=lambda t: (-t[1], t[0]))[:max(k, len(ids))]
     return top if any(c in new for c, _ in top) else None

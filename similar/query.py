@@ -20,8 +20,8 @@ once.
 
 Attribute-aware ("similar, but by <group>")
 -------------------------------------------
-Seed 001 (modified CSN): a per-group mask m over the embedding; conditioned similarity is the inner
-product of L2-normalise(e ⊙ m). `similar_to(..., mask=...)` takes the mask as an array (the model's
+Each attribute group has a mask m over the embedding (conditional similarity): conditioned similarity
+is the inner product of L2-normalise(e ⊙ m). `similar_to(..., mask=...)` takes the mask as an array (the model's
 `Predictor.condition_masks()[group]`), so this module never loads the model. A shelf embedding longer
 than the mask (its category part, model/network.py shelf_embedding) is conditioned on the mask's
 dimensions alone.
@@ -34,13 +34,24 @@ uses it; the category part kept) and keeps only listings whose colour tag differ
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import psycopg
+from psycopg.rows import class_row
 
 from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP, TYPE_GROUP
 from similar import index as ix
 from similar import store as sdb
-from similar.common import ACTIVE_MODEL_SQL, SHELF_MODEL_SQL, Neighbour, resolve_model_version
+from similar.common import (
+    ACTIVE_MODEL_SQL,
+    SHELF_MODEL_SQL,
+    Neighbour,
+    fetch_one,
+    fetch_value,
+    fetch_values,
+    resolve_model_version,
+)
 
 COLOUR_FREE_RULES = ("complement", "drop-top")
 
@@ -57,8 +68,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def condition(vectors: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Seed 001's conditioned embedding: L2-normalise(e ⊙ m) over the mask's dimensions. No mask → the
-    vectors unchanged."""
+    """The embedding conditioned on an attribute group's mask: L2-normalise(e ⊙ m) over the mask's
+    dimensions. No mask → the vectors unchanged."""
     if mask is None:
         return vectors
     mask = _mask_for(vectors, mask)
@@ -66,7 +77,7 @@ def condition(vectors: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 def colour_free(vectors: np.ndarray, mask: np.ndarray, rule: str = "complement") -> np.ndarray:
-    """The embedding with seed 001's colour dimensions taken out, for "the same item in another colour".
+    """The embedding with the colour mask's dimensions taken out, for "the same item in another colour".
 
     ``complement``: each dimension weighted by 1 − m/max(m), so the dimensions the colour condition
     leans on count least; ``drop-top``: the top quarter of the mask's dimensions zeroed. The image part
@@ -82,7 +93,8 @@ def colour_free(vectors: np.ndarray, mask: np.ndarray, rule: str = "complement")
         raise ValueError(f"unknown rule {rule!r}; rules: {COLOUR_FREE_RULES}")
     head = vectors[..., :d]
     masked = head * weight
-    scale = np.linalg.norm(head, axis=-1, keepdims=True) / np.maximum(np.linalg.norm(masked, axis=-1, keepdims=True), 1e-12)
+    scale = (np.linalg.norm(head, axis=-1, keepdims=True)
+             / np.maximum(np.linalg.norm(masked, axis=-1, keepdims=True), 1e-12))
     return _unit(np.concatenate([masked * scale, vectors[..., d:]], axis=-1))
 
 
@@ -97,28 +109,39 @@ def read_neighbours(conn: psycopg.Connection, listing_id: str, model_version: st
     if model_version is None:
         shelf_model = f"coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))"
         rows = _read_shelf(conn, shelf_model, [], listing_id, k)
-        if not rows and conn.execute(f"SELECT {shelf_model} IS NULL").fetchone()[0]:
-            rows = _read_shelf(conn, "%s", [resolve_model_version(conn)], listing_id, k)  # no registry
+        if not rows:
+            (no_model,) = fetch_one(conn, f"SELECT {shelf_model} IS NULL")
+            if no_model:  # no registry
+                rows = _read_shelf(conn, "%s", [resolve_model_version(conn)], listing_id, k)
     else:
         rows = _read_shelf(conn, "%s", [model_version], listing_id, k)
-    source = rows[0][0] if rows else None
-    return [Neighbour(r[1], float(r[2])) for r in rows], source
+    source = rows[0].source if rows else None
+    return [Neighbour(r.listing_id, float(r.score)) for r in rows], source
 
 
-def _read_shelf(conn: psycopg.Connection, which: str, params: list, listing_id: str, k: int | None) -> list[tuple]:
-    return conn.execute(
-        "SELECT c.source, n.id, n.score FROM similar_items_current c"
-        " CROSS JOIN LATERAL unnest(c.neighbour_ids, c.scores) WITH ORDINALITY AS n(id, score, ord)"
-        " JOIN listings l ON l.listing_id = n.id AND l.status <> 'deleted'"
-        f" WHERE c.model_version = ({which}) AND c.listing_id = %s ORDER BY n.ord LIMIT %s",
-        (*params, listing_id, k or 1000),
-    ).fetchall()
+@dataclass(frozen=True)
+class _ShelfEntry:
+    source: str  # 'online' or 'nightly'
+    listing_id: str
+    score: float
+
+
+def _read_shelf(conn: psycopg.Connection, which: str, params: list[str], listing_id: str,
+                k: int | None) -> list[_ShelfEntry]:
+    with conn.cursor(row_factory=class_row(_ShelfEntry)) as cur:
+        return cur.execute(
+            "SELECT c.source, n.id AS listing_id, n.score FROM similar_items_current c"
+            " CROSS JOIN LATERAL unnest(c.neighbour_ids, c.scores) WITH ORDINALITY AS n(id, score, ord)"
+            " JOIN listings l ON l.listing_id = n.id AND l.status <> 'deleted'"
+            f" WHERE c.model_version = ({which}) AND c.listing_id = %s ORDER BY n.ord LIMIT %s",
+            (*params, listing_id, k or 1000),
+        ).fetchall()
 
 
 def listing_tag(conn: psycopg.Connection, listing_id: str, group: str) -> str | None:
-    row = conn.execute("SELECT value FROM listing_tags WHERE listing_id = %s AND tag_group = %s",
-                       (listing_id, group)).fetchone()
-    return row[0] if row else None
+    """The listing's tag value in `group`; None when it has none."""
+    return fetch_value(conn, "SELECT value FROM listing_tags WHERE listing_id = %s AND tag_group = %s",
+                       (listing_id, group))
 
 
 def similar_to(conn: psycopg.Connection, listing_id: str, model_version: str | None = None, k: int = 20, *,
@@ -126,7 +149,7 @@ def similar_to(conn: psycopg.Connection, listing_id: str, model_version: str | N
                same_type: bool = False, other_colours: bool = False) -> list[Neighbour]:
     """Exact top-k of one listing over live listings of its model version, computed now.
 
-    `mask`: seed 001 condition mask of an attribute group ("similar, but by colour") — both sides
+    `mask`: the attribute group's mask ("similar, but by colour") — both sides
     are conditioned as L2-normalise(e ⊙ mask). `same_category` / `same_type` keep only listings
     whose 'category' / 'type' tag equals the query listing's. `other_colours`: "this one in another
     colour" — `mask` is the colour group's; ranks by `colour_free` and keeps only listings whose
@@ -152,18 +175,19 @@ def similar_to(conn: psycopg.Connection, listing_id: str, model_version: str | N
         colour = listing_tag(conn, listing_id, COLOUR_GROUP)
         if colour is None:
             raise LookupError(f"listing {listing_id!r} has no {COLOUR_GROUP!r} tag to compare colours with")
-        others = {r[0] for r in conn.execute(
-            "SELECT listing_id FROM listing_tags WHERE tag_group = %s AND value <> %s", (COLOUR_GROUP, colour))}
+        others = set(fetch_values(conn, "SELECT listing_id FROM listing_tags WHERE tag_group = %s AND value <> %s",
+                                  (COLOUR_GROUP, colour)))
         keep = np.array([i.decode() in others for i in cands.ids], dtype=bool)
         cands = sdb.Embeddings(cands.ids[keep], cands.vectors[keep])
     if len(cands) == 0:
         return []
-    shape = (lambda v: colour_free(v, mask)) if other_colours else (lambda v: condition(v, mask))
-    q = shape(query.vectors)
-    c = shape(cands.vectors)
+    if other_colours and mask is not None:  # (other_colours without a mask was refused above)
+        q, c = colour_free(query.vectors, mask), colour_free(cands.vectors, mask)
+    else:
+        q, c = condition(query.vectors, mask), condition(cands.vectors, mask)
     scores, pos = ix.exact_topk(q, c, k + 1)
     out = []
-    for s, p in zip(scores[0], pos[0]):
+    for s, p in zip(scores[0], pos[0], strict=True):
         if p < 0:
             continue
         cid = cands.ids[p].decode()

@@ -7,6 +7,7 @@ HTTP, a missing or hostile file — gets a grey "no image" tile instead; the she
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,6 +15,7 @@ import psycopg
 from PIL import Image, ImageDraw, ImageOps
 
 from core.images import ImageError, ImageLimits, decode_image
+from similar.common import Neighbour, fetch_value
 
 log = logging.getLogger(__name__)
 TILE = 160
@@ -36,14 +38,13 @@ def _local_image(uri: str, limits: ImageLimits) -> Image.Image | None:
 
 
 def _first_image_uri(conn: psycopg.Connection, listing_id: str) -> str | None:
-    row = conn.execute("SELECT event->'images'->>0 FROM listings WHERE listing_id = %s", (listing_id,)).fetchone()
-    return row[0] if row else None
+    return fetch_value(conn, "SELECT event->'images'->>0 FROM listings WHERE listing_id = %s", (listing_id,))
 
 
-def contact_sheet(conn: psycopg.Connection, listing_id: str, neighbours, out: Path, *, limits: ImageLimits,
-                  columns: int = 6) -> int:
+def contact_sheet(conn: psycopg.Connection, listing_id: str, neighbours: Sequence[Neighbour], out: Path, *,
+                  limits: ImageLimits, columns: int = 6) -> int:
     """Write the sheet; returns how many tiles had a real image. `limits`: ImageLimits.from_settings(settings)."""
-    items = [(listing_id, None)] + [(n.listing_id, n.score) for n in neighbours]
+    items: list[tuple[str, float | None]] = [(listing_id, None)] + [(n.listing_id, n.score) for n in neighbours]
     rows = (len(items) + columns - 1) // columns
     sheet = Image.new("RGB", (columns * TILE, rows * (TILE + LABEL)), "white")
     draw = ImageDraw.Draw(sheet)

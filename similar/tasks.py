@@ -20,6 +20,9 @@ the one serving). The catalogue backfill enqueues "enrich.reindex" for its model
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import psycopg
 from botocore.exceptions import BotoCoreError, ClientError
 from celery import chord
@@ -31,6 +34,7 @@ from core.config import Settings
 from core.db import DatabaseUnavailable, connect, database_url
 from similar import nightly
 from similar import store as sdb
+from similar.nightly import Bound
 
 log = get_task_logger(__name__)
 
@@ -66,15 +70,15 @@ def chords_unavailable() -> str | None:
     return None
 
 
-def dispatch_shards(version: int, bounds: list, keep: int = 1):
-    """Start the chord over a prepared version's ranges; returns its result (the finish task's)."""
+def dispatch_shards(version: int, bounds: Sequence[tuple[Bound, Bound]], keep: int = 1) -> Any:
+    """Start the chord over a prepared version's ranges; returns its result (the finish task's AsyncResult)."""
     finish = reindex_finish.si(version, keep).on_error(reindex_failed.s(version))
     return chord(reindex_shard.s(version, lo, hi) for lo, hi in bounds)(finish)
 
 
 @app.task(name=REINDEX_TASK, time_limit=3 * 3600, soft_time_limit=3 * 3600 - 60)
 def reindex(model_version: str | None = None, k: int | None = None, shards: int | None = None,
-            factory: str | None = None, nprobe: int | None = None, keep: int = 1) -> dict | None:
+            factory: str | None = None, nprobe: int | None = None, keep: int = 1) -> dict[str, int] | None:
     settings = task_settings()
     shards = settings.reindex_shards if shards is None else shards
     if shards > 1 and (why := chords_unavailable()):
@@ -102,7 +106,7 @@ def reindex(model_version: str | None = None, k: int | None = None, shards: int 
 
 
 @app.task(name=SHARD_TASK, bind=True, acks_late=True, time_limit=3600, soft_time_limit=3540)
-def reindex_shard(self, version: int, lo: str | None, hi: str | None) -> int:
+def reindex_shard(self: Any, version: int, lo: Bound, hi: Bound) -> int:
     settings = task_settings()
     try:
         conn = _conn(settings)
@@ -116,11 +120,11 @@ def reindex_shard(self, version: int, lo: str | None, hi: str | None) -> int:
                                                  settings.retry_backoff_max_s, full_jitter=False)
         log.warning("shard [%s, %s) of version %d: %r; retry %d of %d in %.0fs", lo, hi, version, exc,
                     self.request.retries + 1, settings.task_max_retries, delay)
-        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries)
+        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries) from exc
 
 
 @app.task(name=FINISH_TASK)
-def reindex_finish(version: int, keep: int = 1) -> dict:
+def reindex_finish(version: int, keep: int = 1) -> dict[str, int]:
     settings = task_settings()
     conn = _conn(settings)
     try:
@@ -133,7 +137,7 @@ def reindex_finish(version: int, keep: int = 1) -> dict:
 
 
 @app.task(name=FAILED_TASK)
-def reindex_failed(request, exc, traceback, version: int) -> None:
+def reindex_failed(request: Any, exc: BaseException, traceback: Any, version: int) -> None:
     """Error callback of the chord (called with the failure first): a shard failed for good, so this
     version will never switch; record why instead of leaving it 'building' until the next run."""
     settings = task_settings()

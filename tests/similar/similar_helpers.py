@@ -33,7 +33,7 @@ def add_embeddings(db, ids, vectors, model_version="m1"):
     with db.cursor() as cur, cur.copy(
         "COPY embeddings (listing_id, model_version, dim, vector) FROM STDIN"
     ) as cp:
-        for lid, v in zip(ids, vectors):
+        for lid, v in zip(ids, vectors, strict=True):
             cp.write_row((lid, model_version, vectors.shape[1], v.tobytes()))
 
 

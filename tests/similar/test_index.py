@@ -1,11 +1,13 @@
-"""faiss index choice, build, search-all and snapshots (no database)."""
+"""faiss index choice, build, search-all and local snapshots (no database)."""
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 from similar_helpers import clustered
 
 from similar import index as ix
+from similar import snapshots
 
 
 def test_index_is_chosen_by_catalogue_size():
@@ -18,8 +20,6 @@ def test_index_is_chosen_by_catalogue_size():
 
 @pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8", "HNSW16,Flat"])
 def test_search_all_gives_what_faiss_search_gives(factory):
-    import faiss
-
     x = clustered(3000, dim=32, clusters=30, seed=3)
     spec = ix.IndexSpec(factory, nprobe=3, ef_search=64)
     index, assignment = ix.build_index(x, spec, keep_assignment=True)
@@ -30,7 +30,7 @@ def test_search_all_gives_what_faiss_search_gives(factory):
     for rows, scores, positions in ix.search_all(index, x, 6, assignment, batch=700):
         ref_scores, ref_positions = reference.search(x[rows], 6)
         np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
-        agree = np.mean([len(set(a) & set(b)) / 6 for a, b in zip(positions, ref_positions)])
+        agree = np.mean([len(set(a) & set(b)) / 6 for a, b in zip(positions, ref_positions, strict=True)])
         assert agree > 0.999
         seen[rows] = True
     assert seen.all()  # every row answered once, in whatever order
@@ -41,21 +41,21 @@ def test_snapshot_round_trip_and_latest_pointer(tmp_path):
     ids = np.array([f"id{i:03d}".encode() for i in range(200)])
     spec = ix.IndexSpec("Flat")
     index, _ = ix.build_index(x, spec)
-    m = ix.SnapshotManifest(model_version="model/2026:1", count=200, dim=8, spec={"factory": "Flat"},
-                            built_at="now", read_at="2026-01-01T00:00:00+00:00", similar_version=3)
-    first = ix.save_snapshot(tmp_path, index, ids, m)
+    m = snapshots.SnapshotManifest(model_version="model/2026:1", count=200, dim=8, spec={"factory": "Flat"},
+                                   built_at="now", read_at="2026-01-01T00:00:00+00:00", similar_version=3)
+    first = snapshots.save_snapshot(tmp_path, index, ids, m)
     assert first.parent.name == "model_2026_1"  # the model version cannot escape the directory
-    second = ix.save_snapshot(tmp_path, index, ids, m)
-    assert ix.latest_snapshot_dir(tmp_path, "model/2026:1") == second
-    snap = ix.load_snapshot(second, "model/2026:1")
+    second = snapshots.save_snapshot(tmp_path, index, ids, m)
+    assert snapshots.latest_snapshot_dir(tmp_path, "model/2026:1") == second
+    snap = snapshots.load_snapshot(second, "model/2026:1")
     assert snap.index.ntotal == 200 and list(snap.ids) == list(ids)
     assert snap.manifest.read_at == m.read_at
     with pytest.raises(ValueError, match="is for model"):
-        ix.load_snapshot(second, "other")
-    ix.save_snapshot(tmp_path, index, ids, m)
-    assert len(ix.prune_snapshots(tmp_path, "model/2026:1", keep=1)) == 2
-    assert ix.latest_snapshot_dir(tmp_path, "model/2026:1") is not None
-    assert ix.latest_snapshot_dir(tmp_path, "never") is None
+        snapshots.load_snapshot(second, "other")
+    snapshots.save_snapshot(tmp_path, index, ids, m)
+    assert len(snapshots.prune_snapshots(tmp_path, "model/2026:1", keep=1)) == 2
+    assert snapshots.latest_snapshot_dir(tmp_path, "model/2026:1") is not None
+    assert snapshots.latest_snapshot_dir(tmp_path, "never") is None
 
 
 def test_past_compressed_min_the_index_is_built_by_streaming_and_searched_list_by_list():
@@ -110,5 +110,21 @@ def test_the_list_by_list_search_finds_the_exact_neighbours_when_it_probes_every
     assert seen.all()
     # fewer lists probed: nearly as good (the lists nearest each list's centroid hold most neighbours)
     hits = sum(len(set(p) & set(exact_p[i])) for ids, _, pos in ix.search_grouped(index, 6, nprobe=4)
-               for i, p in zip(ids, pos))
+               for i, p in zip(ids, pos, strict=True))
     assert hits / (len(x) * 6) > 0.9
+
+
+def test_drop_self_removes_the_query_or_the_last():
+    pos = np.array([[0, 3, 4], [5, 6, 7], [2, 1, 9]])
+    scores = np.arange(9, dtype=np.float32).reshape(3, 3)
+    p, s = ix.drop_self(pos, scores, np.array([0, 1, 1]), 2)
+    assert p.tolist() == [[3, 4], [5, 6], [2, 9]]
+    assert s.tolist() == [[1, 2], [3, 4], [6, 8]]
+
+
+def test_pack_left_moves_missing_neighbours_to_the_end_keeping_the_order():
+    pos = np.array([[-1, 4, -1, 2], [1, 2, 3, 0]])
+    scores = np.array([[9, 8, 7, 6], [5, 4, 3, 2]], np.float32)
+    p, s = ix.pack_left(pos, scores)
+    assert p.tolist() == [[4, 2, -1, -1], [1, 2, 3, 0]]
+    assert s.tolist() == [[8, 6, 9, 7], [5, 4, 3, 2]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -17,14 +18,14 @@ from similar_helpers import add_listings, clustered, exact_neighbours, unit
 import similar.nightly
 import similar.online
 from core.config import Settings
-from similar import index as ix
-from similar.snapshots import store_from_settings
+from similar import store as sdb
+from similar.snapshots import PublishError, load_snapshot, store_from_settings
 
 IDS = [f"old-{i:03d}" for i in range(200)]
 
 
 @pytest.fixture()
-def settings(s3_endpoint, tmp_path) -> Settings:
+def settings(s3_endpoint, tmp_path) -> Iterator[Settings]:
     """ENRICH_INDEX_URI on a fresh bucket, checked on every call (sync interval 0); replaces conftest's."""
     bucket = f"index-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -64,7 +65,7 @@ def test_a_worker_on_another_machine_follows_the_published_snapshot(db, tmp_path
     assert similar.online.write_online_neighbours(db, ["new"], "m1", k=5, root=worker, settings=settings) == 1
     snap = similar.online.cached_snapshot("m1", worker, settings=settings)
     assert snap.path.parent.parent == worker and snap.manifest.similar_version == first.version
-    assert np.array_equal(snap.ids, ix.load_snapshot(first.snapshot).ids)
+    assert np.array_equal(snap.ids, load_snapshot(first.snapshot).ids)
     neighbours = db.execute("SELECT neighbour_ids FROM similar_items_online WHERE listing_id = 'new'").fetchone()[0]
     assert neighbours[0] == "old-007"
 
@@ -128,9 +129,6 @@ def test_shards_on_other_machines_download_the_snapshot_by_name(db, tmp_path, st
 
 
 def test_a_failed_publish_fails_the_run_and_keeps_the_active_version(db, tmp_path, store, settings):
-    from similar import store as sdb
-    from similar.snapshots import PublishError
-
     add_listings(db, IDS, clustered(len(IDS), seed=33))
     first = similar.nightly.recompute(db, "m1", k=5, root=tmp_path, settings=settings)
     broken = settings.model_copy(update={"index_uri": f"s3://no-such-bucket-{uuid.uuid4().hex[:6]}/similar"})

@@ -5,16 +5,19 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import pytest
 from similar_helpers import add_embeddings, add_listings, clustered, exact_neighbours, unit
 
 from similar import index as ix
 from similar import nightly
 from similar import store as sdb
+from similar.snapshots import latest_snapshot_dir, load_snapshot
 
 IDS = [f"item-{i:03d}" for i in range(120)]
 
@@ -22,7 +25,7 @@ IDS = [f"item-{i:03d}" for i in range(120)]
 def _stored(db, model_version="m1") -> dict[str, list[str]]:
     rows = db.execute("SELECT listing_id, neighbour_ids FROM similar_items_current WHERE model_version = %s",
                       (model_version,)).fetchall()
-    return {r[0]: r[1] for r in rows}
+    return dict(rows)
 
 
 def test_flat_recompute_equals_exact_search_and_excludes_self(db, root, settings):
@@ -56,7 +59,7 @@ def test_a_big_catalogue_streamed_into_its_lists_and_searched_list_by_list_equal
     assert params["spec"]["grouped"]
     assert _stored(db) == exact_neighbours(vecs, ids, 10)  # every list probed: exact
     # the snapshot serves the online path like any other index: its ids are in sorted order
-    snap = ix.load_snapshot(Path(result.snapshot), "m1", mmap=True)
+    snap = load_snapshot(Path(result.snapshot), "m1", mmap=True)
     _, pos = snap.index.search(vecs[:5].astype(np.float32), 1)
     assert [snap.ids[p[0]].decode() for p in pos] == ids[:5]
     # nothing but the index holds the vectors
@@ -89,12 +92,10 @@ def test_model_versions_never_mix(db, root, settings):
     assert all(set(n) <= set(IDS[:60]) for n in stored2.values())
     assert _stored(db, "m1") == exact_neighbours(vecs, IDS, 5)
     with pytest.raises(ValueError, match="is for model"):
-        ix.load_snapshot(ix.latest_snapshot_dir(root, "m1"), "m2")
+        load_snapshot(latest_snapshot_dir(root, "m1"), "m2")
 
 
 def test_readers_see_the_old_version_whole_until_the_switch(db, pg_url, root, monkeypatch, settings):
-    import psycopg
-
     old_vecs = clustered(len(IDS), seed=6)
     add_listings(db, IDS, old_vecs)
     first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
@@ -128,10 +129,6 @@ def test_readers_see_the_old_version_whole_until_the_switch(db, pg_url, root, mo
 
 def test_a_reader_polling_through_the_switch_always_sees_one_whole_version(db, pg_url, root, monkeypatch,
                                                                            settings):
-    import threading
-
-    import psycopg
-
     add_listings(db, IDS, clustered(len(IDS), seed=12))
     nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     monkeypatch.setattr(ix, "SEARCH_BATCH", 10)
@@ -211,8 +208,6 @@ def test_a_late_failure_never_empties_the_version_that_serves(db, root, settings
 
 
 def test_one_run_per_model_version_at_a_time(db, pg_url, root, settings):
-    import psycopg
-
     add_listings(db, IDS, clustered(len(IDS), seed=9))
     with psycopg.connect(pg_url, autocommit=True) as other:
         key = nightly._lock_key(other, "m1")
@@ -222,8 +217,6 @@ def test_one_run_per_model_version_at_a_time(db, pg_url, root, settings):
 
 
 def test_sharded_runs_take_the_same_lock(db, pg_url, root, settings):
-    import psycopg
-
     add_listings(db, IDS, clustered(len(IDS), seed=9))
     first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     with psycopg.connect(pg_url, autocommit=True) as other:
@@ -351,8 +344,6 @@ def test_a_failing_search_stops_the_writer_and_keeps_the_old_version(db, root, m
 
 def test_losing_the_database_while_the_writer_copies_fails_the_run_and_keeps_the_old_version(db, pg_url, root,
                                                                                           monkeypatch, settings):
-    import psycopg
-
     vecs = clustered(len(IDS), seed=16)
     add_listings(db, IDS, vecs)
     first = nightly.recompute(db, "m1", k=5, root=root, settings=settings)
@@ -385,7 +376,7 @@ def test_a_snapshot_that_cannot_be_saved_fails_the_run_before_the_switch(db, roo
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ix, "save_snapshot", no_space)  # saved in a thread while the search runs
+    monkeypatch.setattr(nightly, "save_snapshot", no_space)  # saved in a thread while the search runs
     with pytest.raises(OSError, match="No space"):
         nightly.recompute(db, "m1", k=5, root=root, settings=settings)
     assert sdb.active_version(db, "m1") == first.version and _stored(db) == old

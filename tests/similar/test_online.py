@@ -1,11 +1,14 @@
 """Online neighbours for freshly embedded listings: snapshot + exact delta, deleted filtered, shelf view."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import psycopg
 from similar_helpers import add_listings, clustered, unit
 
 from similar import nightly, online, query
-from similar.common import Neighbour
+from similar.common import Neighbour, fetch_value
 
 IDS = [f"old-{i:03d}" for i in range(200)]
 
@@ -123,10 +126,6 @@ def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root, setting
     """While one writer holds a shelf's lock, another waits for it instead of merging into a copy that
     is about to change; the shelf ends with both new listings. (Real writers take all their locks in
     one ordered statement; taking more after waiting, as a test could, would deadlock.)"""
-    import threading
-
-    import psycopg
-
     vecs = _catalogue_after_nightly(db, root, settings, seed=26)
     add_listings(db, ["new-a", "new-b"], [_near(vecs[7], 7), _near(vecs[7], 8)])
     with psycopg.connect(pg_url, autocommit=True) as first, psycopg.connect(pg_url, autocommit=True) as second:
@@ -137,11 +136,11 @@ def test_two_workers_merging_into_one_shelf_take_turns(db, pg_url, root, setting
                                     kwargs={"k": 5, "root": root, "settings": settings})
             done.start()
             for _ in range(600):  # until the second writer waits on the advisory lock
-                row = db.execute("SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-                if row and row[0] == "advisory":
+                waiting = fetch_value(db, "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", (pid,))
+                if waiting == "advisory":
                     break
                 done.join(0.05)
-            assert row and row[0] == "advisory" and done.is_alive()
+            assert waiting == "advisory" and done.is_alive()
         done.join(30)  # the first writer committed: the second goes on
         assert not done.is_alive()
         online.write_online_neighbours(first, ["new-a"], "m1", k=5, root=root, settings=settings)
@@ -160,8 +159,6 @@ def test_merge_shelf_ranks_incoming_listings_in_and_reports_no_change():
 def test_the_nightly_switch_does_not_wait_for_a_shelf_a_worker_is_writing(db, pg_url, root, settings):
     """The switch's cleanup skips online rows locked by an open writer instead of waiting (which could
     deadlock the two); the view shows the new nightly row all the same."""
-    import psycopg
-
     vecs = _catalogue_after_nightly(db, root, settings, seed=27)
     add_listings(db, ["new"], [_near(vecs[7], 9)])
     online.write_online_neighbours(db, ["new"], "m1", k=5, root=root, settings=settings)

@@ -3,6 +3,7 @@ exact against a brute-force search of everything written, late commits and re-em
 new snapshot starts a small delta, and an oversized one asks for a reindex."""
 from __future__ import annotations
 
+import json
 import uuid
 
 import numpy as np
@@ -10,9 +11,11 @@ import psycopg
 from prometheus_client import REGISTRY
 from similar_helpers import add_listings, clustered, unit
 
+from core.celery_app import REINDEX_TASK, configure
+from core.config import Settings
+from harness.net import take_queued_tasks
 from similar import delta as dl
 from similar import nightly, online
-from tests.net import take_queued_tasks
 
 K = 5
 
@@ -38,7 +41,7 @@ def _catalogue(db, root, settings, n=200, seed=40, factory="Flat", nprobe=None) 
     add_listings(db, ids, vecs)
     nightly.recompute(db, "m1", k=K, root=root, factory=factory, nprobe=nprobe, settings=settings)
     online._SNAPSHOT_CACHE.clear()
-    return dict(zip(ids, vecs))
+    return dict(zip(ids, vecs, strict=True))
 
 
 def _tasks(db, root, settings, written: dict, prefix: str, tasks: int, size: int, seed: int) -> list[float]:
@@ -49,7 +52,7 @@ def _tasks(db, root, settings, written: dict, prefix: str, tasks: int, size: int
     for t in range(tasks):
         ids, vecs = [f"{prefix}-{t}-{i}" for i in range(size)], fresh[size * t:size * (t + 1)]
         add_listings(db, ids, vecs)
-        written.update(zip(ids, vecs))
+        written.update(zip(ids, vecs, strict=True))
         before = _rows_read()
         found = online.online_topk(db, ids, "m1", K, root, settings=settings)
         reads.append(_rows_read() - before)
@@ -107,9 +110,6 @@ def test_a_new_snapshot_starts_a_small_delta(db, root, settings):
 
 
 def test_a_delta_past_its_bound_asks_for_one_reindex(db, root, settings):
-    from core.celery_app import REINDEX_TASK, configure
-    from core.config import Settings
-
     queue = f"cpu-delta-{uuid.uuid4().hex[:8]}"
     settings = settings.model_copy(update={"online_delta_max": 10, "cpu_queue": queue,
                                            "celery_broker_url": "redis://127.0.0.1:6379/0"})
@@ -126,8 +126,6 @@ def test_a_delta_past_its_bound_asks_for_one_reindex(db, root, settings):
 def test_the_first_read_after_an_old_snapshot_falls_back_to_its_read_time(db, root, settings):
     """A snapshot built before migration 0008 has no pg_snapshot in its manifest: the delta starts at its read
     time (less the slack), so nothing written after it is missed."""
-    import json
-
     written = _catalogue(db, root, settings, seed=48)
     manifest = next(root.rglob("manifest.json"))
     data = json.loads(manifest.read_text())

@@ -1,4 +1,4 @@
-"""Live queries: same-category/type filters and attribute-conditioned similarity (seed 001)."""
+"""Live queries: same-category/type filters and similarity conditioned on an attribute group's mask."""
 from __future__ import annotations
 
 import numpy as np
@@ -72,7 +72,7 @@ def test_a_shelf_embeddings_category_part_is_left_out_of_the_condition():
 
 
 def test_other_colours_finds_the_same_shape_in_another_colour(db):
-    """Seed 001's colour mask: the query's own colourways rank first once colour is taken out, and only
+    """With the colour group's mask: the query's own colourways rank first once colour is taken out, and only
     listings whose colour tag differs are shown."""
     rng = np.random.default_rng(1)
     items = {"q": (0, 0, "red"), "q-blue": (0, 3, "blue"), "q-green": (0, 4, "green"),

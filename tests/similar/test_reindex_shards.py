@@ -18,11 +18,17 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
+from celery import chord
 from similar_helpers import add_listings, clustered, exact_neighbours
 from typer.testing import CliRunner
 
+from core.celery_app import app as celery_app
+from core.celery_app import configure
+from core.config import Settings, get_settings
+from enrich.cli import app as cli
 from similar import nightly
 from similar import store as sdb
+from similar.tasks import dispatch_shards, reindex_failed, reindex_finish, reindex_shard
 
 ROOT = Path(__file__).resolve().parents[2]
 AMQP = "amqp://guest:guest@127.0.0.1:5672//"
@@ -56,9 +62,6 @@ class Cluster:
 def cluster(monkeypatch, pg_url, root, tmp_path):
     """2 `enrich worker -Q <cpu queue> --concurrency 1` processes sharing one snapshot directory (one machine),
     and this process configured like them (the CLI reads the same environment)."""
-    from core.celery_app import configure
-    from core.config import Settings, get_settings
-
     env = {"ENRICH_DATABASE_URL": pg_url, "ENRICH_CELERY_BROKER_URL": AMQP,
            "ENRICH_CELERY_RESULT_BACKEND": REDIS_BACKEND, "ENRICH_CPU_QUEUE": f"cpu-shards-{uuid.uuid4().hex[:8]}",
            "ENRICH_INDEX_DIR": str(root), "ENRICH_DATA_DIR": str(tmp_path / "data"),
@@ -99,21 +102,21 @@ def rows_of(db, version: int) -> dict[str, tuple[list[str], list[float]]]:
         "SELECT listing_id, neighbour_ids, scores FROM similar_items WHERE version = %s", (version,)).fetchall()}
 
 
-def status_of(db, version: int) -> tuple[str, dict]:
-    return db.execute("SELECT status, params FROM similar_items_versions WHERE version = %s", (version,)).fetchone()
+def finished(db, version: int) -> sdb.Version | None:
+    """The version once it no longer builds (switched or failed)."""
+    info = sdb.version_info(db, version)
+    return info if info is not None and info.status != "building" else None
 
 
 SHARD = r"Task enrich\.reindex_shard\[[^\]]+\] "
 
 
 def test_two_workers_write_the_same_rows_as_one_process(db, cluster, settings):
-    from enrich.cli import app
-
     catalogue(db)
     one = nightly.recompute(db, "m1", k=K, factory="Flat", settings=settings)  # exact: deterministic
     single = rows_of(db, one.version)
 
-    out = CliRunner().invoke(app, ["reindex", "-m", "m1", "--k", str(K), "--factory", "Flat", "--shards", "4",
+    out = CliRunner().invoke(cli, ["reindex", "-m", "m1", "--k", str(K), "--factory", "Flat", "--shards", "4",
                                    "--wait"])
     assert out.exit_code == 0, out.output
     assert "4 of 4 shards written" in out.output and "switched" in out.output
@@ -131,10 +134,10 @@ def test_two_workers_write_the_same_rows_as_one_process(db, cluster, settings):
 
 def _shard_waiting_on_lock(db) -> int | None:
     """The backend of a shard blocked deleting its range (the row lock below), if any."""
-    row = db.execute(
+    pids = [pid for (pid,) in db.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        " AND query LIKE 'DELETE FROM similar_items WHERE version = %listing_id%'").fetchone()
-    return row[0] if row else None
+        " AND query LIKE 'DELETE FROM similar_items WHERE version = %listing_id%'")]
+    return pids[0] if pids else None
 
 
 def _lock_a_row_of_shard(db, pg_url: str, version: int, bounds, shard: int):
@@ -151,8 +154,6 @@ def _lock_a_row_of_shard(db, pg_url: str, version: int, bounds, shard: int):
 
 
 def test_a_shard_that_loses_its_connection_is_retried_alone(db, pg_url, cluster, settings):
-    from similar.tasks import dispatch_shards
-
     vecs = catalogue(db)
     version, bounds = nightly.prepare_shards(db, "m1", 4, k=K, factory="Flat", settings=settings)
     locker, victim = _lock_a_row_of_shard(db, pg_url, version, bounds, 2)
@@ -172,13 +173,11 @@ def test_a_shard_that_loses_its_connection_is_retried_alone(db, pg_url, cluster,
     # 4 shards + 1 retry of the one that failed: the others were not run again
     assert sum(cluster.count(SHARD + "received")) == 5
     assert sum(cluster.count(SHARD + "succeeded")) == 4
-    _, params = status_of(db, version)
-    assert sorted(params["written"]) == ["0", "1", "2", "3"]
+    info = sdb.version_info(db, version)
+    assert info is not None and sorted(info.params["written"]) == ["0", "1", "2", "3"]
 
 
 def test_a_shard_that_keeps_failing_leaves_the_version_failed(db, pg_url, cluster, settings):
-    from similar.tasks import dispatch_shards
-
     catalogue(db)
     first = nightly.recompute(db, "m1", k=K, factory="Flat", settings=settings)
     version, bounds = nightly.prepare_shards(db, "m1", 4, k=K, factory="Flat", settings=settings)
@@ -188,14 +187,14 @@ def test_a_shard_that_keeps_failing_leaves_the_version_failed(db, pg_url, cluste
         for _ in range(1 + MAX_RETRIES):  # every try of that shard loses its connection
             pid = wait_until(lambda: _shard_waiting_on_lock(db))
             db.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            wait_until(lambda: _shard_waiting_on_lock(db) != pid)
+            wait_until(lambda killed=pid: _shard_waiting_on_lock(db) != killed)
     finally:
         locker.rollback()
         locker.close()
-    status, params = wait_until(lambda: (s := status_of(db, version))[0] != "building" and s)
+    info = wait_until(lambda: finished(db, version))
 
-    assert status == "failed"
-    assert "a shard failed" in params["error"] and "terminating connection" in params["error"]
+    assert info.status == "failed"
+    assert "a shard failed" in info.params["error"] and "terminating connection" in info.params["error"]
     assert sdb.active_version(db, "m1") == first.version  # never switched
     assert rows_of(db, version) == {}
     assert sum(cluster.count(SHARD + r"retry: Retry in")) == MAX_RETRIES
@@ -203,30 +202,22 @@ def test_a_shard_that_keeps_failing_leaves_the_version_failed(db, pg_url, cluste
 
 
 def test_the_version_switches_only_when_every_shard_wrote(db, cluster, settings):
-    from celery import chord
-
-    from similar.tasks import reindex_failed, reindex_finish, reindex_shard
-
     catalogue(db)
     first = nightly.recompute(db, "m1", k=K, factory="Flat", settings=settings)
     version, bounds = nightly.prepare_shards(db, "m1", 4, k=K, factory="Flat", settings=settings)
     # a dispatcher that lost one range: the chord's 3 shards succeed, so its callback runs
     chord(reindex_shard.s(version, lo, hi) for lo, hi in bounds[:3])(
         reindex_finish.si(version, 1).on_error(reindex_failed.s(version)))
-    status, params = wait_until(lambda: (s := status_of(db, version))[0] != "building" and s)
+    info = wait_until(lambda: finished(db, version))
 
-    assert status == "failed"
-    assert "only 3 of 4 shards wrote their rows" in params["error"]
+    assert info.status == "failed"
+    assert "only 3 of 4 shards wrote their rows" in info.params["error"]
     assert sdb.active_version(db, "m1") == first.version
     assert rows_of(db, version) == {}
 
 
 @pytest.mark.parametrize("backend", [None, "rpc://"])
 def test_shards_without_a_chord_backend_fail_at_once(db, pg_url, monkeypatch, backend):
-    from core.celery_app import configure
-    from core.config import Settings
-    from enrich.cli import app
-
     catalogue(db)
     monkeypatch.setenv("ENRICH_DATABASE_URL", pg_url)
     monkeypatch.setenv("ENRICH_CELERY_BROKER_URL", AMQP)
@@ -236,7 +227,7 @@ def test_shards_without_a_chord_backend_fail_at_once(db, pg_url, monkeypatch, ba
     else:
         monkeypatch.delenv("ENRICH_CELERY_RESULT_BACKEND", raising=False)
     try:
-        out = CliRunner().invoke(app, ["reindex", "--shards", "2", "--wait"])
+        out = CliRunner().invoke(cli, ["reindex", "--shards", "2", "--wait"])
     finally:
         configure(Settings())
     assert out.exit_code == 2, out.output
@@ -245,13 +236,10 @@ def test_shards_without_a_chord_backend_fail_at_once(db, pg_url, monkeypatch, ba
 
 
 def test_the_nightly_beat_entry_uses_the_shards_setting():
-    from core.celery_app import app, configure
-    from core.config import Settings
-
     try:
         configure(Settings(reindex_shards=3, celery_result_backend=REDIS_BACKEND))
-        assert app.conf.beat_schedule["nightly-similar-items"]["kwargs"] == {"shards": 3}
+        assert celery_app.conf.beat_schedule["nightly-similar-items"]["kwargs"] == {"shards": 3}
         configure(Settings())
-        assert app.conf.beat_schedule["nightly-similar-items"]["kwargs"] == {"shards": 1}
+        assert celery_app.conf.beat_schedule["nightly-similar-items"]["kwargs"] == {"shards": 1}
     finally:
         configure(Settings())

@@ -8,10 +8,10 @@ import threading
 import psycopg
 from similar_helpers import add_embeddings, add_listings, clustered
 
-from similar import index as ix
 from similar import nightly
 from similar.common import reindex_model_version, resolve_model_version, shelf_model_version
 from similar.query import read_neighbours
+from similar.snapshots import latest_snapshot_dir
 
 IDS = [f"sh-{i:02d}" for i in range(30)]
 
@@ -109,13 +109,13 @@ def test_pruning_keeps_the_last_active_models_the_serving_one_and_never_candidat
     _model(db, "cand", "candidate")  # "adhoc" is not registered at all (ENRICH_MODEL_DIR)
     nightly.recompute(db, "cand", settings=settings, k=4, root=root)
     assert nightly.prune_models(db, settings=settings, keep=1) == ["m2"]  # m1 serves, m3 is active
-    assert ix.latest_snapshot_dir(root, "m1") is not None
+    assert latest_snapshot_dir(root, "m1") is not None
     nightly.recompute(db, "m3", settings=settings, k=4, root=root)
     assert nightly.prune_models(db, settings=settings, keep=1) == ["m1"]
     versions = {r[0] for r in db.execute("SELECT DISTINCT model_version FROM embeddings")}
     assert versions == {"m3", "cand", "adhoc"}
     assert {r[0] for r in db.execute("SELECT model_version FROM similar_items_active")} == {"m3", "cand"}
-    assert ix.latest_snapshot_dir(root, "m1") is None and not (root / "m1").exists()
+    assert latest_snapshot_dir(root, "m1") is None and not (root / "m1").exists()
 
 
 def test_a_reader_never_sees_an_empty_shelf_while_the_new_model_switches_in_and_the_old_is_pruned(

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from similar_helpers import add_listings, unit
+from similar_helpers import add_embeddings, add_listings, unit
 
+from similar import index as ix
+from similar import pgcopy
 from similar import store as sdb
 
 
@@ -15,9 +17,7 @@ def test_read_streams_live_embeddings_of_one_model_in_id_order(db):
     add_listings(db, ids, vecs, "m1")
     add_listings(db, ["gone"], vecs[:1], "m1", status="deleted")
     add_listings(db, ["other"])
-    sdb_vecs_m2 = unit(rng.normal(size=(1, 8)))
-    from similar_helpers import add_embeddings
-    add_embeddings(db, ["other"], sdb_vecs_m2, "m2")
+    add_embeddings(db, ["other"], unit(rng.normal(size=(1, 8))), "m2")
 
     seen = []
     emb = sdb.read_embeddings(db, "m1", expected=10, progress=seen.append)  # capacity grows past 10
@@ -38,16 +38,16 @@ def test_a_streaming_read_hands_every_row_over_once_in_chunks_and_keeps_no_vecto
     vecs = unit(rng.normal(size=(len(ids), 8)))
     add_listings(db, ids, vecs, "m1")
     add_listings(db, ["gone"], vecs[:1], "m1", status="deleted")
-    monkeypatch.setattr(sdb, "SINK_ROWS", 100)  # several chunks of this small catalogue
-    monkeypatch.setattr(sdb, "_READ_BATCH", 50)
+    monkeypatch.setattr(pgcopy, "SINK_ROWS", 100)  # several chunks of this small catalogue
+    monkeypatch.setattr(pgcopy, "READ_BATCH", 50)
     chunks = []
     emb = sdb.read_embeddings(db, "m1", sink=lambda i, v: chunks.append((i.copy(), v.copy())))
     assert len(chunks) > 3 and emb.vectors.size == 0
-    got_ids = sdb.concat_ids([c[0] for c in chunks])
+    got_ids = pgcopy.concat_ids([c[0] for c in chunks])
     assert list(got_ids) == list(emb.ids)  # the result's ids: those handed over, in arrival order
-    got = dict(zip([i.decode() for i in got_ids], np.concatenate([c[1] for c in chunks])))
+    got = dict(zip([i.decode() for i in got_ids], np.concatenate([c[1] for c in chunks]), strict=True))
     assert sorted(got) == sorted(ids)  # each live row once; the deleted listing left out
-    for lid, vec in zip(ids, vecs):
+    for lid, vec in zip(ids, vecs, strict=True):
         np.testing.assert_array_equal(got[lid], vec)
 
 
@@ -60,12 +60,11 @@ def test_encoded_rows_round_trip_through_copy(db, k):
     if k > 1:
         pos[2, -1] = -1       # fewer than k
     scores = rng.random((len(ids), k)).astype(np.float32)
-    pos, scores = sdb.pack_left(pos, scores)
+    pos, scores = ix.pack_left(pos, scores)
     db.execute("INSERT INTO similar_items_versions (version, model_version, k) VALUES (7, 'm', %s)", (k,))
-    buf, off, lens = sdb.encode_id_fields(ids)
-    data = sdb.encode_rows(7, np.arange(len(ids)), pos, scores, buf, off, lens)
-    sdb.copy_neighbours(db, sdb.sql.Identifier("similar_items"), [data])
-    got = {r[0]: (r[1], r[2]) for r in db.execute(
+    data = pgcopy.encode_neighbour_rows(7, np.arange(len(ids)), pos, scores, pgcopy.encode_id_fields(ids))
+    pgcopy.copy_neighbours_in(db, "similar_items", [data])
+    got = {lid: (names, sc) for lid, names, sc in db.execute(
         "SELECT listing_id, neighbour_ids, scores FROM similar_items WHERE version = 7")}
     for i, lid in enumerate(ids):
         valid = pos[i] >= 0
@@ -73,10 +72,3 @@ def test_encoded_rows_round_trip_through_copy(db, k):
         assert names == [ids[j].decode() for j in pos[i][valid]]
         np.testing.assert_allclose(sc, scores[i][valid], rtol=1e-6)
 
-
-def test_drop_self_removes_the_query_or_the_last():
-    pos = np.array([[0, 3, 4], [5, 6, 7], [2, 1, 9]])
-    scores = np.arange(9, dtype=np.float32).reshape(3, 3)
-    p, s = sdb.drop_self(pos, scores, np.array([0, 1, 1]), 2)
-    assert p.tolist() == [[3, 4], [5, 6], [2, 9]]
-    assert s.tolist() == [[1, 2], [3, 4], [6, 8]]

@@ -5,10 +5,21 @@ import time
 import uuid
 
 import pytest
+import torch
+from celery.contrib.testing.worker import start_worker
 from PIL import Image
 from similar_helpers import add_listings, clustered, exact_neighbours
 from typer.testing import CliRunner
 
+from core.celery_app import app as celery_app
+from core.celery_app import configure
+from core.config import Settings, get_settings
+from enrich.cli import app as cli
+from model.checkpoint import save_model
+from model.inference import load_predictor
+from model.network import build_model
+from schemas.taxonomy import load_taxonomy
+from similar import query
 from similar import store as sdb
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -18,8 +29,6 @@ IDS = [f"cli-{i:02d}" for i in range(40)]
 @pytest.fixture()
 def env(monkeypatch, pg_url, root):
     """The commands and tasks here read their settings from the environment, as a process start does."""
-    from core.config import get_settings
-
     monkeypatch.setenv("ENRICH_DATABASE_URL", pg_url)
     monkeypatch.setenv("ENRICH_INDEX_DIR", str(root))
     monkeypatch.setenv("COLUMNS", "200")  # rich would wrap the lines we look for
@@ -27,8 +36,6 @@ def env(monkeypatch, pg_url, root):
 
 
 def test_reindex_then_similar_with_contact_sheet(db, env, tmp_path):
-    from enrich.cli import app
-
     images = []
     for i in range(len(IDS)):
         path = tmp_path / f"{i}.png"
@@ -39,12 +46,12 @@ def test_reindex_then_similar_with_contact_sheet(db, env, tmp_path):
     add_listings(db, IDS, vecs, images=images, tags={i: {"category": "Dress"} for i in IDS})
     runner = CliRunner()
 
-    out = runner.invoke(app, ["reindex", "--k", "5"])
+    out = runner.invoke(cli, ["reindex", "--k", "5"])
     assert out.exit_code == 0, out.output
     assert f"top-5 for {len(IDS)} listings" in out.output
 
     sheet = tmp_path / "sheet.png"
-    out = runner.invoke(app, ["similar", "cli-00", "--k", "3", "--png", str(sheet)])
+    out = runner.invoke(cli, ["similar", "cli-00", "--k", "3", "--png", str(sheet)])
     assert out.exit_code == 0, out.output
     expected = exact_neighbours(vecs, IDS, 3)["cli-00"]
     for lid in expected:
@@ -57,47 +64,42 @@ def test_reindex_then_similar_with_contact_sheet(db, env, tmp_path):
     shown = 4 - int("cli-01" in expected)
     assert f"({shown} of 4 images found)" in out.output
 
-    out = runner.invoke(app, ["similar", "cli-00", "--same-category", "--k", "3"])
+    out = runner.invoke(cli, ["similar", "cli-00", "--same-category", "--k", "3"])
     assert out.exit_code == 0 and "live" in out.output
-    out = runner.invoke(app, ["similar", "nope"])
+    out = runner.invoke(cli, ["similar", "nope"])
     assert out.exit_code == 2 and "no live embedding" in out.output
 
 
 def test_reindex_without_embeddings_says_so(db, env):
-    from enrich.cli import app
-
-    out = CliRunner().invoke(app, ["reindex"])
+    out = CliRunner().invoke(cli, ["reindex"])
     assert out.exit_code == 2 and "no embeddings" in out.output
 
 
 def test_nightly_task_shards_over_a_real_worker(db, env, monkeypatch):
-    from celery.contrib.testing.worker import start_worker
-
-    from core.celery_app import app, configure
-    from core.config import Settings, get_settings
-
     vecs = clustered(len(IDS), seed=31)
     add_listings(db, IDS, vecs)
     queue = f"cpu-test-{uuid.uuid4().hex[:8]}"
     monkeypatch.setenv("ENRICH_CELERY_BROKER_URL", REDIS)
     monkeypatch.setenv("ENRICH_CELERY_RESULT_BACKEND", REDIS)  # a chord needs a result backend
     configure(get_settings())
-    app.conf.task_default_queue = queue  # shards go where this test's worker listens
+    celery_app.conf.task_default_queue = queue  # shards go where this test's worker listens
     try:
-        _run_sharded(app, start_worker, queue, db)
+        _run_sharded(queue, db)
     finally:
         monkeypatch.undo()
         configure(Settings())
     version = sdb.active_version(db, "m1")
-    params = db.execute("SELECT params FROM similar_items_versions WHERE version = %s", (version,)).fetchone()[0]
-    assert len(params["shards"]) == 3
-    rows = dict(db.execute("SELECT listing_id, neighbour_ids FROM similar_items WHERE version = %s", (version,)).fetchall())
+    assert version is not None
+    info = sdb.version_info(db, version)
+    assert info is not None and len(info.params["shards"]) == 3
+    rows = dict(db.execute("SELECT listing_id, neighbour_ids FROM similar_items WHERE version = %s",
+                           (version,)).fetchall())
     assert rows == exact_neighbours(vecs, IDS, 4)
 
 
-def _run_sharded(app, start_worker, queue, db):
-    with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], shutdown_timeout=30):
-        app.send_task("enrich.reindex", kwargs={"model_version": "m1", "k": 4, "shards": 3}, queue=queue)
+def _run_sharded(queue: str, db) -> None:
+    with start_worker(celery_app, pool="solo", perform_ping_check=False, queues=[queue], shutdown_timeout=30):
+        celery_app.send_task("enrich.reindex", kwargs={"model_version": "m1", "k": 4, "shards": 3}, queue=queue)
         deadline = time.monotonic() + 60
         while sdb.active_version(db, "m1") is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -105,16 +107,7 @@ def _run_sharded(app, start_worker, queue, db):
 
 
 def test_similar_by_attribute_uses_the_models_condition_mask(db, env, tmp_path):
-    """`--by colour` loads the real model's seed-001 mask (small CNN, random init) and ranks with it."""
-    import torch
-
-    from enrich.cli import app
-    from model.checkpoint import save_model
-    from model.inference import load_predictor
-    from model.network import build_model
-    from schemas.taxonomy import load_taxonomy
-    from similar import query
-
+    """`--by colour` loads the real model's mask of the colour group (small CNN, random init) and ranks with it."""
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
     save_model(build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False), model_dir,
@@ -124,12 +117,12 @@ def test_similar_by_attribute_uses_the_models_condition_mask(db, env, tmp_path):
     add_listings(db, IDS, vecs, model_version="sim-test-v1")
     expected = query.similar_to(db, "cli-00", "sim-test-v1", 3, mask=mask)
 
-    out = CliRunner().invoke(app, ["similar", "cli-00", "-m", "sim-test-v1", "--by", "colour", "--k", "3",
+    out = CliRunner().invoke(cli, ["similar", "cli-00", "-m", "sim-test-v1", "--by", "colour", "--k", "3",
                                    "--model-dir", str(model_dir)])
     assert out.exit_code == 0, out.output
     assert "by colour" in out.output
     for n in expected:
         assert n.listing_id in out.output and f"{n.score:.4f}" in out.output
-    out = CliRunner().invoke(app, ["similar", "cli-00", "-m", "sim-test-v1", "--by", "sleeve",
+    out = CliRunner().invoke(cli, ["similar", "cli-00", "-m", "sim-test-v1", "--by", "sleeve",
                                    "--model-dir", str(model_dir)])
     assert out.exit_code == 2 and "no attribute group 'sleeve'" in out.output
