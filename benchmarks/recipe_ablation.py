@@ -59,7 +59,7 @@ STAGES = {"classification": CLASSIFICATION, "retrieval": RETRIEVAL, "joint": JOI
 
 
 def _overrides(variant: dict) -> dict:
-    from training.losses import LossWeights
+    from training.config import LossWeights
 
     return {k: (LossWeights(**v) if k == "loss_weights" else v) for k, v in variant.items()}
 

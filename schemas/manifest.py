@@ -45,7 +45,7 @@ class ModelManifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     data_fingerprint: str = ""
     dataset: str = ""  # what it was trained for: fmnist-shop, deepfashion, …
-    eval_set: str = ""  # the fixed evaluation set its metrics were measured on (training/evaluate.py eval_set_id)
+    eval_set: str = ""  # the fixed evaluation set its metrics were measured on (training/eval_sets.py eval_set_id)
     lineage: Lineage = Field(default_factory=Lineage)  # with dataset, data_fingerprint and eval_set: its origin
     strategy: str = "staged"
     flip_tta: bool = False  # predictions average each photo with its mirror image (2× the compute)

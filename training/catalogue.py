@@ -1,12 +1,12 @@
-"""A marketplace's own catalogue as a labelled set: seller-given tags as noisy labels (seed 002).
+"""A marketplace's own catalogue as a labelled set: seller-given tags as noisy labels.
 
 Rows come from Postgres (``listings.event`` with its images, ``listing_tags`` source ``seller`` and
 ``corrected``) or from a JSONL export of ListingEvents (and, optionally, CorrectionEvents in the same
 file; a folder export: every ``*.jsonl`` file in it, in name order). Any taxonomy file works: values are
-mapped to the taxonomy's, unknown groups and values are masked (MISSING: seed 001's masks add no loss).
+mapped to the taxonomy's, unknown groups and values are masked (MISSING: a masked group adds no loss).
 
 - Noisy labels: the seller's category and attributes. Corrected labels (people) override the seller's
-  for their group and count at full weight: seed 002's per-task weights (``TrainConfig.seed_002_task_weights``)
+  for their group and count at full weight: the per-task weights (``TrainConfig.task_weights``)
   scale the losses of groups by how many labels they have, and a training listing with a correction is
   repeated ``TrainConfig.correction_repeats`` times, as ``enrich train --with-corrections`` does.
 - Split: deterministic by a hash of the listing id (sha256), so a listing stays in its split as the
@@ -14,9 +14,9 @@ mapped to the taxonomy's, unknown groups and values are masked (MISSING: seed 00
   range, ``val`` for the next VAL_SHARE, the rest ``train``.
 - Photos: up to ``photos_per_item`` loadable photos per listing (2 in val and test: the first is the
   retrieval query, the others the gallery), loaded through a ``load(uri) -> PIL.Image`` function
-  (default: ``core.images.load_image`` with the environment's settings — the worker's allow-list and
-  limits), resized to image_size×image_size RGB.
-- Weak labels (seed 003): in the training split, a group (the category or an exclusive attribute group)
+  (default: ``core.images.load_image`` with the settings given — the worker's allow-list and limits),
+  resized to image_size×image_size RGB.
+- Weak labels from listing text: in the training split, a group (the category or an exclusive attribute group)
   without a seller or corrected label whose title + description names exactly one of its values, not
   negated (``model.text``, the taxonomy's vocabulary), gets that value as a label whose loss counts
   ``TrainConfig.weak_label_weight`` times (``LabelledImages.weights``); a text that names none, several
@@ -32,13 +32,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from psycopg import Connection
+from psycopg.rows import class_row
 
+from core.config import Settings
+from core.db import connection, database_url
+from core.images import load_image
 from model.text import Vocabulary, load_vocabulary
 from schemas.events import CorrectionEvent, ListingEvent
 from schemas.taxonomy import CATEGORY_GROUP, TYPE_GROUP, Taxonomy
+from training.config import TrainConfig
 from training.data import LabelledImages, PreparedData, Split
 from training.losses import MISSING
 
@@ -57,7 +64,7 @@ class CatalogueRow:
     images: list[str]
     seller: dict[str, str] = field(default_factory=dict)  # group -> seller-given value
     corrected: dict[str, str] = field(default_factory=dict)  # group -> latest corrected value
-    text: str = ""  # the listing's title and description (seed 003's weak labels)
+    text: str = ""  # the listing's title and description (for weak labels from listing text)
 
     @property
     def labels(self) -> dict[str, str]:
@@ -82,22 +89,36 @@ def _text(event: dict) -> str:
     return "\n".join(t for t in (event.get("title") or "", event.get("description") or "") if t)
 
 
-def rows_from_postgres(conn) -> list[CatalogueRow]:
+@dataclass
+class _StoredListing:
+    """A row of rows_from_postgres's query."""
+    listing_id: str
+    event: dict[str, Any]  # the ListingEvent as stored
+    seller: dict[str, str]  # listing_tags source=seller: group -> value
+    corrected: dict[str, str]  # listing_tags source=corrected: group -> value
+
+
+def rows_from_postgres(conn: Connection[Any]) -> list[CatalogueRow]:
     """Live listings with their seller tags (the event's, updated by listing_tags source=seller) and
     corrected tags (listing_tags source=corrected), ordered by listing id. SQL only (no worker code)."""
-    cur = conn.execute(
-        "SELECT l.listing_id, l.event,"
-        " COALESCE(jsonb_object_agg(t.tag_group, t.value) FILTER (WHERE t.source = 'seller'), '{}'::jsonb),"
-        " COALESCE(jsonb_object_agg(t.tag_group, t.value) FILTER (WHERE t.source = 'corrected'), '{}'::jsonb)"
-        " FROM listings l LEFT JOIN listing_tags t ON t.listing_id = l.listing_id"
-        " WHERE l.status <> 'deleted' AND NOT COALESCE((l.event ->> 'deleted')::boolean, false)"
-        " GROUP BY l.listing_id, l.event ORDER BY l.listing_id")
+    with conn.cursor(row_factory=class_row(_StoredListing)) as cur:
+        cur.execute(
+            "SELECT l.listing_id, l.event,"
+            " COALESCE(jsonb_object_agg(t.tag_group, t.value) FILTER (WHERE t.source = 'seller'), '{}'::jsonb)"
+            " AS seller,"
+            " COALESCE(jsonb_object_agg(t.tag_group, t.value) FILTER (WHERE t.source = 'corrected'), '{}'::jsonb)"
+            " AS corrected"
+            " FROM listings l LEFT JOIN listing_tags t ON t.listing_id = l.listing_id"
+            " WHERE l.status <> 'deleted' AND NOT COALESCE((l.event ->> 'deleted')::boolean, false)"
+            " GROUP BY l.listing_id, l.event ORDER BY l.listing_id")
+        stored = cur.fetchall()
     out = []
-    for listing_id, event, seller, corrected in cur.fetchall():
-        tags = {**_seller_tags(event), **seller}
+    for row in stored:
+        tags = {**_seller_tags(row.event), **row.seller}
         tags.pop(TYPE_GROUP, None)
-        corrected = {k: v for k, v in corrected.items() if k != TYPE_GROUP}
-        out.append(CatalogueRow(listing_id, list(event.get("images") or []), tags, corrected, _text(event)))
+        corrected = {k: v for k, v in row.corrected.items() if k != TYPE_GROUP}
+        out.append(CatalogueRow(row.listing_id, list(row.event.get("images") or []), tags, corrected,
+                                _text(row.event)))
     return out
 
 
@@ -147,25 +168,16 @@ def rows_from_jsonl(path: Path | str) -> list[CatalogueRow]:
     return out
 
 
-def read_rows(source: str | Path, conn=None) -> list[CatalogueRow]:
-    """``source``: "postgres" (``conn``, else the settings' database) or a JSONL file / export folder."""
+def read_rows(source: str | Path, settings: Settings) -> list[CatalogueRow]:
+    """``source``: "postgres" (the database of ``settings``) or a JSONL file / export folder."""
     if str(source) == POSTGRES:
-        if conn is not None:
+        with connection(database_url(settings)) as conn:
             return rows_from_postgres(conn)
-        from core.config import get_settings
-        from core.db import connection, database_url
-
-        with connection(database_url(get_settings())) as c:
-            return rows_from_postgres(c)
     return rows_from_jsonl(source)
 
 
-def default_loader() -> Callable[[str], Image.Image]:
-    """core.images.load_image with the environment's settings (the worker's allow-list and limits)."""
-    from core.config import get_settings
-    from core.images import load_image
-
-    settings = get_settings()
+def image_loader(settings: Settings) -> Callable[[str], Image.Image]:
+    """core.images.load_image under ``settings`` (the worker's allow-list and limits)."""
     return lambda uri: load_image(uri, settings)
 
 
@@ -206,9 +218,9 @@ def _encode(labels: dict[str, str], taxonomy: Taxonomy, stats: dict[str, int]) -
 
 
 def weak_labels(row: CatalogueRow, taxonomy: Taxonomy, vocabulary: Vocabulary) -> dict[str, str]:
-    """Seed 003: group → the one value the listing's text names (not negated), for the category and the
-    exclusive groups the seller and the corrections leave empty. Groups whose text names no value,
-    several, or a value it also negates are left out (they stay masked)."""
+    """Weak labels from listing text: group → the one value the listing's text names (not negated), for the
+    category and the exclusive groups the seller and the corrections leave empty. Groups whose text names no
+    value, several, or a value it also negates are left out (they stay masked)."""
     if not row.text:
         return {}
     found = vocabulary.match(row.text)
@@ -230,17 +242,16 @@ def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[
     label are skipped). Returns the rows, the query mask (each listing's first photo where it has
     more than one) and how many listings became rows. Item ids: the listing's position in ``rows``
     (the retrieval identity). A listing with corrected labels appears ``repeats_corrected`` times.
-    With a ``vocabulary`` and ``weak_weight`` > 0: seed 003's weak labels from the listing text
+    With a ``vocabulary`` and ``weak_weight`` > 0: weak labels from the listing text
     (:func:`weak_labels`), weighted ``weak_weight`` in ``LabelledImages.weights`` (strong labels 1)."""
     images, category, item_ids, query = [], [], [], []
     groups: dict[str, list] = {g: [] for g in taxonomy.group_names}
     row_w: dict[str, list[float]] = {g: [] for g in [CATEGORY_GROUP, *taxonomy.group_names]}
-    weak_on = vocabulary is not None and weak_weight > 0
     weak_made: dict[str, int] = {}
     stats = {"unknown": 0, "unknown_groups": 0, "no_photo": 0, "no_label": 0}
     listings = 0
     for item, row in enumerate(rows):
-        weak = weak_labels(row, taxonomy, vocabulary) if weak_on else {}
+        weak = weak_labels(row, taxonomy, vocabulary) if vocabulary is not None and weak_weight > 0 else {}
         enc = _encode({**weak, **row.labels}, taxonomy, stats)
         weak = {g: v for g, v in weak.items()  # a weak value always exists in the taxonomy; kept if encoded
                 if (enc.category if g == CATEGORY_GROUP else enc.groups[g]) != MISSING}
@@ -248,7 +259,7 @@ def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[
                                            for v in enc.groups.values()):
             stats["no_label"] += 1
             continue
-        photos = []
+        photos: list[np.ndarray] = []
         for uri in row.images:
             if len(photos) >= photos_per_item:
                 break
@@ -281,18 +292,20 @@ def rows_to_images(rows: list[CatalogueRow], taxonomy: Taxonomy, load: Callable[
         log.info("catalogue: weak labels from listing text (×%g): %s", weak_weight,
                  ", ".join(f"{g} {k}" for g, k in sorted(weak_made.items())))
     n = len(images)
-    out_groups, present = {}, {}
-    for g in taxonomy.attribute_groups:
-        vals = groups[g.name]
-        if g.exclusive:
-            out_groups[g.name] = np.asarray(vals, dtype=np.int64).reshape(n)
+    out_groups: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
+    for group in taxonomy.attribute_groups:
+        vals = groups[group.name]
+        if group.exclusive:
+            out_groups[group.name] = np.asarray(vals, dtype=np.int64).reshape(n)
         else:
-            present[g.name] = np.array([v is not None for v in vals], dtype=bool).reshape(n)
-            out_groups[g.name] = (np.stack([v if v is not None else np.zeros(len(g.values), np.float32)
-                                            for v in vals]) if n else np.zeros((0, len(g.values)), np.float32))
+            none = np.zeros(len(group.values), np.float32)
+            present[group.name] = np.array([v is not None for v in vals], dtype=bool).reshape(n)
+            out_groups[group.name] = (np.stack([none if v is None else v for v in vals]) if n
+                                      else np.zeros((0, len(group.values)), np.float32))
     data = LabelledImages(np.stack(images) if n else np.zeros((0, size, size, 3), np.uint8),
-                          np.asarray(category, dtype=np.int64).reshape(n), np.asarray(item_ids, dtype=np.int64).reshape(n),
-                          out_groups, present,
+                          np.asarray(category, dtype=np.int64).reshape(n),
+                          np.asarray(item_ids, dtype=np.int64).reshape(n), out_groups, present,
                           {g: np.asarray(row_w[g], dtype=np.float32).reshape(n) for g in sorted(weak_made)})
     return data, np.asarray(query, dtype=bool).reshape(n), listings
 
@@ -304,27 +317,29 @@ def split_rows(rows: list[CatalogueRow]) -> dict[str, list[CatalogueRow]]:
     return out
 
 
-def _source(cfg) -> str:
-    source = getattr(cfg, "catalogue_source", None)
-    if not source:
+def _source(cfg: TrainConfig) -> str:
+    if not cfg.catalogue_source:
         raise ValueError("dataset 'catalogue' needs a catalogue source: 'postgres' or a JSONL export "
                          "(enrich train --catalogue PATH|postgres)")
-    return str(source)
+    return str(cfg.catalogue_source)
 
 
-def catalogue_test(cfg, taxonomy: Taxonomy, load: Callable[[str], Image.Image] | None = None,
+def catalogue_test(cfg: TrainConfig, taxonomy: Taxonomy, settings: Settings,
+                   load: Callable[[str], Image.Image] | None = None,
                    rows: list[CatalogueRow] | None = None) -> Split:
-    """The fixed evaluation set: the catalogue's test listings, 2 photos each (query + gallery)."""
-    rows = rows if rows is not None else read_rows(_source(cfg))
-    data, query, _ = rows_to_images(split_rows(rows)["test"], taxonomy, load or default_loader(), cfg.image_size, 2)
+    """The fixed evaluation set: the catalogue's test listings, 2 photos each (query + gallery). ``settings``:
+    the database of source "postgres", and the default ``load``'s allow-list and limits."""
+    rows = rows if rows is not None else read_rows(_source(cfg), settings)
+    data, query, _ = rows_to_images(split_rows(rows)["test"], taxonomy, load or image_loader(settings),
+                                    cfg.image_size, 2)
     return Split(data, query)
 
 
-def training_vocabulary(cfg, taxonomy: Taxonomy) -> Vocabulary | None:
-    """The vocabulary for seed 003's weak labels, or None (weak labels off, or the taxonomy has none):
+def training_vocabulary(cfg: TrainConfig, taxonomy: Taxonomy) -> Vocabulary | None:
+    """The vocabulary for weak labels from listing text, or None (weak labels off, or the taxonomy has none):
     a taxonomy given as a JSON path has it beside the file (``<name>.vocab.json``), a bundled one in
     ``schemas/taxonomies``."""
-    if getattr(cfg, "weak_label_weight", 0.0) <= 0:
+    if cfg.weak_label_weight <= 0:
         return None
     path = Path(str(cfg.taxonomy))
     if path.suffix:
@@ -332,16 +347,18 @@ def training_vocabulary(cfg, taxonomy: Taxonomy) -> Vocabulary | None:
     return load_vocabulary(taxonomy)
 
 
-def prepare_catalogue(cfg, taxonomy: Taxonomy, load: Callable[[str], Image.Image] | None = None,
+def prepare_catalogue(cfg: TrainConfig, taxonomy: Taxonomy, settings: Settings,
+                      load: Callable[[str], Image.Image] | None = None,
                       rows: list[CatalogueRow] | None = None) -> PreparedData:
-    rows = rows if rows is not None else read_rows(_source(cfg))
-    load = load or default_loader()
+    """The catalogue's train, val and test splits (as ``catalogue_test``)."""
+    rows = rows if rows is not None else read_rows(_source(cfg), settings)
+    load = load or image_loader(settings)
     parts = split_rows(rows)
     train, _, n_train = rows_to_images(parts["train"], taxonomy, load, cfg.image_size, cfg.photos_per_item,
                                        cfg.correction_repeats, training_vocabulary(cfg, taxonomy),
-                                       getattr(cfg, "weak_label_weight", 0.0))
+                                       cfg.weak_label_weight)
     val, val_q, _ = rows_to_images(parts["val"], taxonomy, load, cfg.image_size, 2)
-    test = catalogue_test(cfg, taxonomy, load, rows)
+    test = catalogue_test(cfg, taxonomy, settings, load, rows)
     if not len(train) or not len(val) or not len(test.data):
         raise ValueError(f"catalogue {_source(cfg)}: too few labelled listings with photos for a train/val/test "
                          f"split ({len(train)}/{len(val)}/{len(test.data)} photos)")

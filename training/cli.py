@@ -1,14 +1,41 @@
 """Training subcommands: `enrich train`, `enrich evaluate`, `enrich promote`, `enrich retrain` (also
-`enrich retrain --cancel JOB`)."""
+`enrich retrain --cancel JOB`).
+
+Modules that import torch (training.train, training.evaluate, training.gate, training.jobs, model.registry …) are
+imported inside the commands that need them, so `enrich --help` and the other commands start without torch.
+"""
 from __future__ import annotations
 
 import getpass
 import json
+import subprocess
+import time
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import psycopg
 import typer
 
+from core.config import Settings, get_settings
+from core.db import connect, connection
+from core.db import database_url as resolve_database_url
+from core.images import load_image
 from core.options import DatabaseUrl, Embedded
+from schemas.taxonomy import load_taxonomy
+from training.config import AUGMENTATIONS, CATALOGUE_LABEL_LOSS, LABEL_LOSSES, PRESETS, TrainConfig
+
+if TYPE_CHECKING:
+    from model.registry import Decision
+    from training.data import LabelledImages
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the root `enrich` app."""
+    app.command()(retrain)
+    app.command()(train)
+    app.command()(evaluate)
+    app.command()(promote)
 
 
 def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
@@ -20,27 +47,38 @@ def _parse_steps(text: str | None) -> tuple[int, int, int] | None:
     return parts[0], parts[1], parts[2]
 
 
-def _correction_rows(cfg, settings):
+def _train_config(preset: str, options: dict[str, Any]) -> TrainConfig:
+    """The preset with the options given (None: the preset's value), checked before any data is read."""
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}", param_hint="--preset")
+    options = dict(options)
+    augment, label_loss = options.get("augment"), options.get("label_loss")
+    if augment is not None and augment not in AUGMENTATIONS:
+        raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}",
+                                 param_hint="--augment")
+    if label_loss is not None and label_loss not in LABEL_LOSSES:
+        raise typer.BadParameter(f"unknown label loss {label_loss!r}; choose from {', '.join(LABEL_LOSSES)}",
+                                 param_hint="--label-loss")
+    if options.get("catalogue_source") is not None and options.get("dataset") is None:
+        options["dataset"] = "catalogue"
+    if (options.get("dataset") or PRESETS[preset].dataset) == "catalogue":
+        if options.get("catalogue_source") is None:
+            raise typer.BadParameter("dataset catalogue needs --catalogue PATH|postgres", param_hint="--catalogue")
+        if label_loss is None:
+            options["label_loss"] = CATALOGUE_LABEL_LOSS  # seller labels are noisy
+    return replace(PRESETS[preset], **{k: v for k, v in options.items() if v is not None})
+
+
+def _correction_rows(cfg: TrainConfig, settings: Settings) -> LabelledImages:
     """Corrected listings as training rows: labels from Postgres, photos through the worker's fetcher."""
-    from core.db import connection, database_url
-    from core.images import load_image
-    from schemas.taxonomy import load_taxonomy
-    from training.corrections import correction_labels, corrections_to_images
+    from training.corrections import correction_labels, corrections_to_images  # lazy: imports torch
 
     taxonomy = load_taxonomy(cfg.taxonomy)
-    with connection(database_url(settings)) as conn:
+    with connection(resolve_database_url(settings)) as conn:
         # the hold-out share stays out, as in a retraining job: the gate measures models on it
         labels = correction_labels(conn, taxonomy, holdout="train", share=settings.corrections_holdout)
     typer.echo(f"{len(labels)} corrected label(s) in the database to train on", err=True)
     return corrections_to_images(labels, taxonomy, lambda uri: load_image(uri, settings), cfg.image_size)
-
-
-def register(app: typer.Typer) -> None:
-    """Add this package's commands to the root `enrich` app."""
-    app.command()(retrain)
-    app.command()(train)
-    app.command()(evaluate)
-    app.command()(promote)
 
 
 def train(
@@ -67,9 +105,10 @@ def train(
     catalogue: str = typer.Option(None, "--catalogue", help="dataset catalogue: 'postgres' (the listings "
                                   "in ENRICH_DATABASE_URL) or a JSONL export of ListingEvents (file or "
                                   "folder); implies --dataset catalogue (default: none)."),
-    task_weights: bool = typer.Option(None, "--task-weights/--no-task-weights", help="seed 002's per-task "
-                                      "weights: attribute groups with few labels lifted, for noisy seller "
-                                      "labels (default: off)."),
+    task_weights: bool = typer.Option(None, "--task-weights/--no-task-weights", help="per-task loss "
+                                      "weights from label counts: attribute groups with few labels weigh by "
+                                      "their share, but lifted to a floor; for noisy seller labels (default: "
+                                      "off)."),
     label_loss: str = typer.Option(None, help="loss of the category and exclusive groups: ce (plain "
                                    "cross-entropy), gce (generalised CE), bootstrap or small_loss — the last "
                                    "three resist wrong labels (default: the preset's, ce; dataset catalogue: "
@@ -77,7 +116,7 @@ def train(
     correction_repeats: int = typer.Option(None, min=1, help="with --with-corrections: each corrected "
                                            "listing counts this many times (default: the preset's)."),
     weak_label_weight: float = typer.Option(None, min=0.0, max=1.0, help="dataset catalogue: weak labels "
-                                            "from listing titles and descriptions (seed 003; the taxonomy's "
+                                            "from listing titles and descriptions (the taxonomy's "
                                             "vocabulary) count with this loss weight; 0 turns them off "
                                             "(default: the preset's, 0.3)."),
     data_dir: Path = typer.Option(None, help="Fashion-MNIST idx directory, or the DeepFashion root with "
@@ -85,11 +124,11 @@ def train(
     taxonomy: str = typer.Option(None, help="taxonomy name or JSON path (default: fashion-mnist)."),
     out_dir: Path = typer.Option(None, help="where model directories go (default: <ENRICH_DATA_DIR>/models)."),
     model_version: str = typer.Option(None, help="version name of the new model (default: derived + UTC time)."),
-    augment: str = typer.Option(None, help="seed (seed 000's crop, flip, rotation, jitter, erasing), shift "
+    augment: str = typer.Option(None, help="full (crop, flip, rotation, jitter, erasing), shift "
                                            "(translation instead of crop and rotation), light or none "
                                            "(default: the preset's)."),
     label_smoothing: float = typer.Option(None, help="label smoothing of the softmax heads (default: the "
-                                                     "preset's; 0 is seed 000's plain CE)."),
+                                                     "preset's; 0: plain cross-entropy)."),
     flip_tta: bool = typer.Option(None, "--flip-tta/--no-flip-tta", help="the saved model predicts on each "
                                   "photo and its mirror image, averaged: 2× the compute per photo (default: "
                                   "the preset's)."),
@@ -123,84 +162,57 @@ def train(
                               "and registers it (default: 1, one plain process)."),
 ) -> None:
     """Train the multitask model, evaluate it, calibrate thresholds and save it with a report."""
-    from dataclasses import replace
-
-    from training import distributed
+    from training import distributed  # lazy: imports torch
 
     if nproc > 1 and not distributed.launched():
         _relaunch(ctx, nproc)
         return
 
-    from core.config import get_settings
-    from training.config import CATALOGUE_LABEL_LOSS, PRESETS
-    from training.losses import LABEL_LOSSES
-    from training.train import train as run
-    from training.transforms import AUGMENTATIONS
+    from training.train import train as run  # lazy: imports torch
 
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    if augment is not None and augment not in AUGMENTATIONS:
-        raise typer.BadParameter(f"unknown augmentation {augment!r}; choose from {', '.join(AUGMENTATIONS)}")
     settings = get_settings()
-    overrides = {
+    cfg = _train_config(preset, {
         "strategy": strategy, "backbone": backbone, "weights_path": weights, "image_size": image_size,
-        "init_from": init_from,
-        "stage_steps": _parse_steps(steps), "time_budget_s": time_budget, "dataset": dataset,
-        "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version, "seed": seed,
-        "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
+        "init_from": init_from, "stage_steps": _parse_steps(steps), "time_budget_s": time_budget,
+        "dataset": dataset, "data_dir": data_dir, "taxonomy": taxonomy, "model_version": model_version,
+        "seed": seed, "augment": augment, "label_smoothing": label_smoothing, "flip_tta": flip_tta,
         "grey_photos": grey_photos, "grey_repeats": grey_repeats, "amp": amp, "device": device, "workers": workers,
-        "out_dir": out_dir or settings.models_dir,
-        "catalogue_source": catalogue, "seed_002_task_weights": task_weights,
-        "weak_label_weight": weak_label_weight, "correction_repeats": correction_repeats,
-        "label_loss": label_loss,
-    }
-    if catalogue is not None and dataset is None:
-        overrides["dataset"] = "catalogue"
-    if (dataset or overrides["dataset"]) == "catalogue" and catalogue is None:
-        raise typer.BadParameter("dataset catalogue needs --catalogue PATH|postgres", param_hint="--catalogue")
-    if label_loss is not None and label_loss not in LABEL_LOSSES:
-        raise typer.BadParameter(f"unknown label loss {label_loss!r}; choose from {', '.join(LABEL_LOSSES)}")
-    if overrides["dataset"] == "catalogue" and label_loss is None:
-        overrides["label_loss"] = CATALOGUE_LABEL_LOSS  # seller labels are noisy
-    cfg = replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+        "out_dir": out_dir or settings.models_dir, "catalogue_source": catalogue, "task_weights": task_weights,
+        "weak_label_weight": weak_label_weight, "correction_repeats": correction_repeats, "label_loss": label_loss,
+        "resume": resume,
+    })
     if backbone == "resnet50" and weights is None:
         typer.echo("note: resnet50 without --weights trains from random init (no hub downloads here)", err=True)
-    if resume is not None:
-        cfg = replace(cfg, resume=resume)
     with distributed.process_group(cfg.device) as world:
         extra = None
         if with_corrections:  # fetched once, the same rows for every process
             extra = world.broadcast(_correction_rows(cfg, settings) if world.main else None)
-        model_dir = run(cfg, extra)
+        model_dir = run(cfg, extra, settings=settings)
     if not world.main:
         return
     manifest = json.loads((model_dir / "manifest.json").read_text())
     if register_model:
-        from core.db import connection, database_url
-        from model.artifacts import store_from_settings
+        from model.artifacts import store_from_settings  # lazy: imports torch
         from model.registry import register_candidate
 
-        with connection(database_url(settings)) as conn:
+        with connection(resolve_database_url(settings)) as conn:
             register_candidate(conn, model_dir, store_from_settings(settings), actor=getpass.getuser(),
                                reason=f"enrich train --preset {preset}")
     typer.echo(json.dumps({"model_dir": str(model_dir), "model_version": manifest["model_version"],
                            "metrics": manifest["metrics"]}, indent=2))
 
+
 def _relaunch(ctx: typer.Context, nproc: int) -> None:
     """Run the `train` command being parsed again, in ``nproc`` processes under torchrun; exit with its status."""
-    import subprocess
-
-    from training import distributed
+    from training import distributed  # lazy: imports torch
 
     args: list[str] = []
     for p in ctx.command.params:  # the options as given, --nproc left out
-        value = ctx.params.get(p.name)
+        value = ctx.params.get(p.name or "")
         if p.name == "nproc" or value is None or value == p.default:
             continue
-        if getattr(p, "is_flag", False):
-            flag = p.opts[0] if value else (p.secondary_opts or [None])[0]
-            if flag:
-                args.append(flag)
+        if getattr(p, "is_flag", False):  # an --x/--no-x switch: the one given
+            args += (p.opts if value else p.secondary_opts)[:1]
         else:
             args += [p.opts[0], str(value)]
     code = subprocess.call(distributed.torchrun_command(nproc, "training.launch", args))
@@ -225,16 +237,15 @@ def evaluate(
     output: Path = typer.Option(None, help="also write the metrics as JSON to this file (default: no)."),
 ) -> None:
     """Measure a saved model on the fixed evaluation set of the dataset it was trained for."""
-    from dataclasses import replace
-
-    from training.evaluate import EvalSetError, evaluate_model, evaluation_config
+    from training.eval_sets import EvalSetError, model_eval_config  # lazy: imports torch
+    from training.evaluate import evaluate_model
 
     try:
-        cfg = evaluation_config(model_dir, data_dir=data_dir, seed=seed, test_items=test_items or None)
+        cfg = model_eval_config(model_dir, data_dir=data_dir, seed=seed, test_items=test_items or None)
         if test_items == 0:
             cfg = replace(cfg, test_items=None)
         result = evaluate_model(model_dir, cfg, device=device, flip_tta=flip_tta,
-                                mixed_precision=mixed_precision)
+                                mixed_precision=mixed_precision, settings=get_settings())
     except EvalSetError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -244,6 +255,7 @@ def evaluate(
     if output:
         output.write_text(text)
     typer.echo(text)
+
 
 def promote(
     model: str = typer.Argument(..., help="a model directory to register and promote, or the model_version "
@@ -273,17 +285,14 @@ def promote(
 ) -> None:
     """Promote a candidate through the gate (overall metrics, each category, held-out corrections against
     the active model); a candidate that fails is rejected, one not comparable stays a candidate."""
-    from core.config import get_settings
-    from core.db import connection
-    from core.db import database_url as resolve
-    from model.artifacts import store_from_settings
-    from model.registry import register_candidate
+    from model.artifacts import store_from_settings  # lazy: imports torch
+    from model.registry import BackfillNotSent, backfill_after, register_candidate
     from training import gate
 
     if force and not reason.strip():
         raise typer.BadParameter("a forced promotion needs --reason", param_hint="--reason")
     settings = get_settings()
-    url = database_url or resolve(settings, embedded_ok=embedded)
+    url = database_url or resolve_database_url(settings, embedded_ok=embedded)
     store = store_from_settings(settings)
     actor = by or getpass.getuser()
     with connection(url) as conn:
@@ -301,8 +310,6 @@ def promote(
     if not decision.promoted:
         raise typer.Exit(1)
     if backfill:
-        from model.registry import BackfillNotSent, backfill_after
-
         try:
             sent = backfill_after(decision, settings)  # the same step as the console's promote button
         except BackfillNotSent as exc:
@@ -312,7 +319,7 @@ def promote(
             typer.echo(f"backfill of {decision.candidate} enqueued (enrich backfill --wait shows its progress)")
 
 
-def _print_decision(decision) -> None:
+def _print_decision(decision: Decision) -> None:
     """What `enrich promote` says: the move, the gate's reasons (or what an override overrode) and notes."""
     verdict = decision.details.get("gate") or {}
     if verdict.get("measured") == "re-measured":
@@ -356,18 +363,13 @@ def retrain(
 ) -> None:
     """Enqueue a retraining job on the train queue: train with the corrections, evaluate, register, gate, then
     promote (ENRICH_AUTO_PROMOTE) or wait for an admin; one job runs at a time. `--cancel JOB` cancels one."""
-    import getpass
-
-    from core.celery_app import configure
-    from core.config import get_settings
-    from core.db import connect
-    from core.db import database_url as resolve
-    from training.jobs import cancel_job, request_retrain, retrain_params
+    from core.celery_app import configure  # lazy: imports celery
+    from training.jobs import cancel_job, request_retrain, retrain_params  # lazy: imports torch
 
     settings = get_settings()
     if cancel is None and not (reason or "").strip():
         raise typer.BadParameter("say why the job is needed (recorded with it and its model)", param_hint="--reason")
-    conn = connect(database_url or resolve(settings, embedded_ok=embedded), autocommit=True)
+    conn = connect(database_url or resolve_database_url(settings, embedded_ok=embedded), autocommit=True)
     try:
         if cancel is not None:
             try:
@@ -398,17 +400,18 @@ def retrain(
         raise typer.Exit(1)
 
 
-def _follow(conn, job_id: int, settings) -> dict:
+def _follow(conn: psycopg.Connection, job_id: int, settings: Settings) -> dict[str, Any]:
     """Print the job's line whenever it changes, until it ends (a job whose worker died ends failed once its
     heartbeat is older than ENRICH_JOB_STALE_S); returns its row."""
-    import time
-
-    from training.jobs import FINISHED, describe, get_job, reap_silent
+    from training.jobs import FINISHED, describe, get_job, reap_silent  # lazy: imports torch
 
     shown = None
     while True:
         reap_silent(conn, settings.job_stale_s)
         job = get_job(conn, job_id)
+        if job is None:  # deleted while followed
+            typer.echo(f"error: training job #{job_id} no longer exists", err=True)
+            raise typer.Exit(1)
         line = describe(job, age=False)  # the age would change the line every second
         if line != shown:
             typer.echo(line)
@@ -418,9 +421,9 @@ def _follow(conn, job_id: int, settings) -> dict:
         time.sleep(1.0)
 
 
-def _verdict(conn, job: dict) -> tuple[bool, str]:
+def _verdict(conn: psycopg.Connection, job: dict[str, Any]) -> tuple[bool, str]:
     """(whether the job's model is the active one now, the line saying so)."""
-    from model.registry import active_version
+    from model.registry import active_version  # lazy: imports torch
 
     name = f"job #{job['id']}"
     if job["status"] == "done":

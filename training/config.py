@@ -2,17 +2,32 @@
 
 Stages (strategy ``staged``): 1 retrieval only (triplet, classification heads frozen), 2 classification
 with the retrieval head frozen, 3 joint fine-tuning with λcls 0.2 / λret 1.0. Strategy ``unified``
-trains everything at once from the start (the seed's weaker variant, kept for the comparison).
+trains everything at once from the start (the weaker variant, kept for the comparison).
+
+A saved configuration (``config_dict``: a training report's ``config``, a stage checkpoint's) is read back with
+``saved_config`` or ``config_from_dict``, which also take keys and values saved under an earlier name.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-
-from training.losses import LossWeights
+from typing import Any
 
 STRATEGIES = ("staged", "unified")
+# TrainConfig.augment: training.transforms implements them
+AUGMENTATIONS = ("full", "shift", "light", "none")
+# TrainConfig.label_loss: training.losses implements them ("ce" plain cross-entropy; the others resist wrong labels)
+LABEL_LOSSES = ("ce", "gce", "bootstrap", "small_loss")
+
+
+@dataclass
+class LossWeights:
+    """The factors of the loss terms (training.losses.MultitaskLoss)."""
+    cls: float = 0.2  # λcls: classification relative to retrieval
+    ret: float = 1.0  # λret
+    condition: float = 0.1  # conditional-similarity triplets (per attribute group), within the retrieval term
+    mask_l1: float = 5e-4  # λ2 on the condition masks' L1 norm
 
 
 @dataclass
@@ -23,7 +38,7 @@ class StageSpec:
     use_cls: bool
     use_ret: bool
     sampler: str  # "m_per_item" (triplet batches) or "balanced" (WeightedRandomSampler)
-    schedule: str = "cosine"  # "cosine" (to 1e-5) or "step" (halve at each quarter: seed's StepLR 5 of 20)
+    schedule: str = "cosine"  # "cosine" (to 1e-5) or "step" (halve at each quarter, as StepLR every 5 of 20 epochs)
     train_cls: bool = True
     train_ret: bool = True
     select_on: str = "macro_f1"  # validation metric for early stopping / best checkpoint
@@ -52,8 +67,8 @@ class TrainConfig:
     strategy: str = "staged"
     stage_steps: tuple[int, int, int] = (3000, 3000, 6000)  # staged: retrieval, classification, joint
     unified_steps: int = 12000
-    lr_retrieval: float = 1e-4  # seed 000: retrieval AdamW 1e-4, StepLR
-    lr_classification: float = 1e-3  # seed 000: classification AdamW 1e-3, cosine
+    lr_retrieval: float = 1e-4  # AdamW, step schedule
+    lr_classification: float = 1e-3  # AdamW, cosine schedule
     lr_joint: float = 3e-4
     lr_unified: float = 1e-3
     # Two knobs against the top-1 the joint stage costs at its start (its AdamW starts fresh on tuned
@@ -76,22 +91,24 @@ class TrainConfig:
     patience: int = 5  # validations without improvement before a stage stops early
     time_budget_s: float | None = None  # training budget (data preparation excluded); stages share it by steps
     loss_weights: LossWeights = field(default_factory=LossWeights)
-    seed_002_task_weights: bool = False  # per-group weights from label counts (noisy seller labels)
-    label_loss: str = "ce"  # training.losses.LABEL_LOSSES: "bootstrap" etc. resist wrong labels
+    task_weights: bool = False  # per-group loss weights from label counts (training.losses.task_weights)
+    label_loss: str = "ce"  # LABEL_LOSSES: "bootstrap" etc. resist wrong labels
     # human-corrected rows count this many times: the cleanest labels we have, and from the marketplace's own
     # photos (benchmarks/retrain_corrections.py chose it over 4)
     correction_repeats: int = 16
-    # seed 003: dataset catalogue, a group without a seller/corrected label whose listing text names exactly
-    # one of its values (not negated) gets that value as a weak label, its loss ×this factor; 0: off
+    # weak labels from listing text (dataset catalogue): a group without a seller/corrected label whose listing
+    # text names exactly one of its values (not negated) gets that value as a label, its loss ×this factor; 0: off
     weak_label_weight: float = 0.3
     # Fixed per-group loss factors. Colour is learnt from raw pixel statistics within a few steps and
     # at full weight its gradients swamp the category's, which then stays at chance for a while.
     group_loss_weights: dict[str, float] = field(default_factory=lambda: {"colour": 0.1})
     colour_jitter: bool | None = None  # None: off when the taxonomy predicts colour
-    augment: str = "seed"  # seed (seed 000's full set), shift, light, none (training.transforms)
-    label_smoothing: float = 0.0  # on the softmax heads; 0 is seed 000's plain weighted CE
+    augment: str = "full"  # AUGMENTATIONS: full (crop, flip, rotation, jitter, erasing), shift, light, none
+    label_smoothing: float = 0.0  # on the softmax heads; 0: plain (class-weighted) cross-entropy
     flip_tta: bool = False  # the saved model predicts on each photo and its mirror image (not in validations)
-    amp: bool = True  # mixed-precision training steps: CUDA, CPUs with native bf16; weights stay fp32 (evaluation predicts as the worker does)
+    # mixed-precision training steps: CUDA, CPUs with native bf16; weights stay fp32 (evaluation predicts as the
+    # worker does)
+    amp: bool = True
     seed: int = 0
     threads: int | None = None  # None: the cores other processes leave idle (load average), at least 1
     workers: int = 0
@@ -143,10 +160,10 @@ TINY = TrainConfig(
 )
 # FULL: the long staged run for the quality targets. Steps are upper bounds; give it a time budget on a
 # CPU (the schedules then follow the clock). Regularised for many passes over the items
-# (benchmarks/recipe_ablation.py): translation instead of the seed's resized crop, label smoothing 0.1
-# and weight decay 0.05. Retrieval at seed 000's 1e-4: at 1e-3 batch-hard triplets from scratch stall at
-# the margin. Joint stage with λcls 1.0, not the seed's 0.2 (which "prioritises retrieval"): it trades a
-# little R@1 for top-1, the right trade while top-1 is the target we miss.
+# (benchmarks/recipe_ablation.py): translation instead of the full set's resized crop, label smoothing 0.1
+# and weight decay 0.05. Retrieval at 1e-4: at 1e-3 batch-hard triplets from scratch stall at the margin.
+# Joint stage with λcls 1.0, not the default 0.2 (which prioritises retrieval): it trades a little R@1 for
+# top-1, the right trade while top-1 is the target we miss.
 FULL = TrainConfig(
     backbone="small_cnn", pretrained=False, image_size=28, strategy="staged", stage_steps=(4000, 24000, 12000),
     lr_retrieval=1e-4, lr_classification=2e-3, lr_joint=5e-4, photos_per_item=4, m_per_item=4, val_items=5000,
@@ -179,6 +196,43 @@ PRESETS = {"quick": QUICK, "quick-lite0": QUICK_LITE0, "tiny": TINY, "full": FUL
            "full-gpu": FULL_GPU, "full-gpu-lite0": FULL_GPU_LITE0}
 
 
-def config_dict(cfg: TrainConfig) -> dict:
-    d = asdict(cfg)
-    return json.loads(json.dumps(d, default=str))
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg`` as JSON values (paths as strings, tuples as lists): what reports and checkpoints save."""
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+# Names a saved configuration may carry from before a rename, and the names they have now.
+_RENAMED_KEYS = {"seed_002_task_weights": "task_weights"}
+_RENAMED_VALUES = {"augment": {"seed": "full"}}
+_PATH_FIELDS = ("out_dir", "data_dir", "weights_path", "init_from", "resume")
+
+
+def saved_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved configuration (``config_dict``'s JSON) under today's names: a renamed key or value reads as
+    its new name (a key saved under both names keeps the new one's value); other keys pass unchanged."""
+    out = {_RENAMED_KEYS[k]: v for k, v in saved.items() if k in _RENAMED_KEYS}
+    out.update({k: v for k, v in saved.items() if k not in _RENAMED_KEYS})
+    for key, renamed in _RENAMED_VALUES.items():
+        value = out.get(key)
+        if isinstance(value, str) and value in renamed:
+            out[key] = renamed[value]
+    return out
+
+
+def config_from_dict(saved: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """The TrainConfig a saved configuration describes, over ``base`` (default: ``TrainConfig()``): names read
+    as ``saved_config`` gives them, keys TrainConfig does not have ignored, empty paths left as ``base``'s,
+    and paths, step counts and loss weights given their types back."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: v for k, v in saved_config(saved).items() if k in known}
+    for key in _PATH_FIELDS:
+        if key in values:
+            if values[key]:
+                values[key] = Path(values[key])
+            else:
+                del values[key]
+    if values.get("stage_steps") is not None:
+        values["stage_steps"] = tuple(values["stage_steps"])
+    if isinstance(values.get("loss_weights"), dict):
+        values["loss_weights"] = LossWeights(**values["loss_weights"])
+    return replace(base or TrainConfig(), **values)

@@ -3,7 +3,7 @@
 ``correction_labels`` reads the latest corrected labels from Postgres; ``corrections_to_images`` turns
 them into rows, given a ``load`` function for image URIs (the CLI passes the worker's guarded fetcher, so
 training obeys the same allow-list and limits as enrichment). Groups a listing has no correction for stay
-MISSING (seed 001's masks: they add no loss); listings have no retrieval identity here (item id MISSING).
+MISSING (masked: they add no loss); listings have no retrieval identity here (item id MISSING).
 
 A share of the corrected listings is held out of training (``is_held_out``, ENRICH_CORRECTIONS_HOLDOUT): the
 gate measures candidates on them, so the figure is one the candidate never trained on.
@@ -85,14 +85,14 @@ def correction_labels(conn: psycopg.Connection, taxonomy: Taxonomy | None = None
     return out
 
 
-def corrections_to_images(labels, taxonomy: Taxonomy, load: Callable[[str], Image.Image],
+def corrections_to_images(labels: list[CorrectionLabel], taxonomy: Taxonomy, load: Callable[[str], Image.Image],
                           size: int) -> LabelledImages:
     """One row per corrected listing: its first loadable photo, resized to size×size RGB uint8.
 
     ``labels`` need taxonomy indices (``correction_labels(conn, taxonomy)``). Listings none of whose
     photos load are skipped and counted in the log, with the first reason.
     """
-    by_listing: dict[str, list] = defaultdict(list)
+    by_listing: dict[str, list[CorrectionLabel]] = defaultdict(list)
     for lab in labels:
         if lab.index is None:
             raise ValueError(f"correction for {lab.listing_id}/{lab.group} has no taxonomy index; "
@@ -122,14 +122,15 @@ def corrections_to_images(labels, taxonomy: Taxonomy, load: Callable[[str], Imag
         log.warning("corrections: %d listing(s) without a loadable photo skipped (first: %s)", skipped, first_reason)
     log.info("corrections: %d listing(s) become training rows", len(images))
     n = len(images)
-    out_groups, present = {}, {}
-    for g in taxonomy.attribute_groups:
-        idx = np.asarray(groups[g.name], dtype=np.int64)
-        if g.exclusive:
-            out_groups[g.name] = idx
+    out_groups: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
+    for group in taxonomy.attribute_groups:
+        idx = np.asarray(groups[group.name], dtype=np.int64)
+        if group.exclusive:
+            out_groups[group.name] = idx
         else:  # one corrected value says nothing about the group's other values: no label
-            out_groups[g.name] = np.zeros((n, len(g.values)), np.float32)
-            present[g.name] = np.zeros(n, dtype=bool)
+            out_groups[group.name] = np.zeros((n, len(group.values)), np.float32)
+            present[group.name] = np.zeros(n, dtype=bool)
     return LabelledImages(
         images=np.stack(images) if n else np.zeros((0, size, size, 3), np.uint8),
         category=np.asarray(category, dtype=np.int64), item_ids=np.full(n, MISSING, np.int64),

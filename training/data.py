@@ -2,8 +2,10 @@
 prepared splits of a training run."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,6 +13,10 @@ from torch.utils.data import Dataset
 
 from schemas.taxonomy import Taxonomy
 from training.losses import MISSING
+
+# Reads one row's image from what LabelledImages.images holds for it (a file reference such as DeepFashion's
+# (path, box), or a photo already in memory): RGB uint8 (H, W, 3).
+ImageLoader = Callable[[Any], np.ndarray]
 
 
 @dataclass
@@ -23,7 +29,7 @@ class LabelledImages:
     groups: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) int64 or (N, V) float32
     present: dict[str, np.ndarray] = field(default_factory=dict)  # non-exclusive: (N,) bool
     # per-row loss factors of "category" and exclusive groups, (N,) float32; a group not here: all 1
-    # (seed 003: weak labels read from listing text count with TrainConfig.weak_label_weight)
+    # (weak labels read from listing text count with TrainConfig.weak_label_weight)
     weights: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -64,13 +70,11 @@ class LabelledImages:
 
     def fingerprint(self) -> str:
         """A cheap content hash: the same data gives the same string (recorded in the manifest)."""
-        import hashlib
-
         h = hashlib.sha256()
         h.update(str(len(self)).encode())
         for arr in (self.category, self.item_ids, *[self.groups[k] for k in sorted(self.groups)]):
             h.update(np.ascontiguousarray(arr).tobytes())
-        for k in sorted(self.weights):  # none in the plain case: the same hash as before
+        for k in sorted(self.weights):  # none in the plain case: its hash is that of the labels alone
             h.update(k.encode())
             h.update(np.ascontiguousarray(self.weights[k], dtype=np.float32).tobytes())
         if self.images.dtype == np.uint8:
@@ -95,12 +99,12 @@ class PreparedData:
     train: LabelledImages
     val: Split
     test: Split
-    loader: object = None  # image loader for path-based datasets (DeepFashion)
+    loader: ImageLoader | None = None  # for sets of image files (DeepFashion)
     plain_test: np.ndarray | None = None  # rows of test that are the plain rendering of each test image
     grey_test: LabelledImages | None = None  # the test images as published (Fashion-MNIST's own benchmark)
 
 def mask_not_applicable(data: LabelledImages, taxonomy: Taxonomy) -> LabelledImages:
-    """Seed 001's missing-group mask for groups that do not apply: a row whose category has no such group
+    """Masks the groups that do not apply: a row whose category has no such group
     (the taxonomy's ``applies_to``) gets no label for it, so it adds no loss and is not scored. Rows
     without a category keep their labels."""
     table = taxonomy.applicability()
@@ -129,7 +133,7 @@ def from_shop(shop, taxonomy: Taxonomy) -> LabelledImages:
 
 class TorchImages(Dataset):
     def __init__(self, data: LabelledImages, transform: Callable[[np.ndarray], torch.Tensor],
-                 loader: Callable[[object], np.ndarray] | None = None) -> None:
+                 loader: ImageLoader | None = None) -> None:
         self.data, self.transform, self.loader = data, transform, loader
 
     def __len__(self) -> int:

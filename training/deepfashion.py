@@ -12,7 +12,7 @@ Files (as distributed, first line a count, second line the column names, then wh
 In-shop has no validation partition: a seeded tenth of its train items is held out for it
 (``inshop_partition``); query/gallery stays the test set.
 Labels are mapped onto a taxonomy by name; a group an image has no (or an ambiguous) value for is
-MISSING, so it adds no loss (seed 001).
+MISSING, so it adds no loss.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from training.losses import MISSING
 
 def _rows(path: Path, min_cols: int) -> list[list[str]]:
     """Skip the count and header lines; check the declared count."""
-    lines = [ln for ln in path.read_text().splitlines()]
+    lines = path.read_text().splitlines()
     if len(lines) < 2:
         raise ValueError(f"{path}: expected a count line and a header line")
     try:
@@ -160,7 +160,7 @@ def category_attribute_labels(rec: CategoryAttributeRecords, taxonomy: Taxonomy,
             groups[g.name] = sub.astype(np.float32)
             present[g.name] = np.full(len(rec.images), any(have), dtype=bool)
     paths = np.empty(len(rec.images), dtype=object)
-    for i, (im, b) in enumerate(zip(rec.images, rec.bbox)):
+    for i, (im, b) in enumerate(zip(rec.images, rec.bbox, strict=True)):
         paths[i] = (str(root / im), tuple(int(v) for v in b))
     return LabelledImages(paths, category, np.full(len(rec.images), MISSING, np.int64), groups, present), rec.partition
 
@@ -186,10 +186,10 @@ def load_cropped(ref: tuple[str, tuple[int, int, int, int] | None] | np.ndarray,
     if isinstance(ref, np.ndarray):
         return ref
     path, box = ref
-    with Image.open(path) as im:
-        if im.width * im.height > max_pixels:
-            raise ValueError(f"{path}: {im.width}x{im.height} exceeds {max_pixels} pixels")
-        im = im.convert("RGB")
+    with Image.open(path) as file:
+        if file.width * file.height > max_pixels:
+            raise ValueError(f"{path}: {file.width}x{file.height} exceeds {max_pixels} pixels")
+        im = file.convert("RGB")
         if box is not None:
             x1, y1, x2, y2 = box
             x1, y1 = max(0, min(x1, im.width - 1)), max(0, min(y1, im.height - 1))
@@ -217,7 +217,7 @@ def inshop_val_items(item_ids: list[str], partition: np.ndarray, seed: int,
                      fraction: float = INSHOP_VAL_FRACTION) -> set[str]:
     """The train-partition items held out for validation: a seeded draw of whole items (all their photos
     go together), ``fraction`` of them, at least one and never all (training keeps one item at least)."""
-    train_items = sorted({k for k, p in zip(item_ids, partition) if p == "train"})
+    train_items = sorted({k for k, p in zip(item_ids, partition, strict=True) if p == "train"})
     n = len(train_items)
     if n < 2:
         return set()
@@ -233,7 +233,7 @@ def inshop_partition(rec: InShopRecords, seed: int, fraction: float = INSHOP_VAL
     held = inshop_val_items(rec.item_ids, rec.partition, seed, fraction)
     part = rec.partition.astype(object).copy()
     seen: set[str] = set()
-    for i, (item, p) in enumerate(zip(rec.item_ids, rec.partition)):
+    for i, (item, p) in enumerate(zip(rec.item_ids, rec.partition, strict=True)):
         if p == "train" and item in held:
             part[i] = "val_gallery" if item in seen else "val_query"
             seen.add(item)

@@ -11,10 +11,14 @@ images published Fashion-MNIST figures are measured on; category only (colour an
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from model.text import vocabulary_path
 from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP, Taxonomy
 from training.losses import MISSING
 
@@ -44,9 +48,6 @@ class ShopSet:
 def _geometry(garments: np.ndarray, rng: np.random.Generator, augmented: np.ndarray, size: int) -> np.ndarray:
     """Intensity maps (B, size, size): augmented photos get a small rotation (±8°), scale (0.9–1.08) and
     shift (±2 px) — one batched affine warp; plain photos are the garment itself."""
-    import torch
-    import torch.nn.functional as F
-
     b = len(garments)
     angle = np.deg2rad(rng.uniform(-8, 8, size=b)) * augmented
     scale = np.where(augmented, rng.uniform(0.9, 1.08, size=b), 1.0)
@@ -130,17 +131,17 @@ def grey_photos(images: np.ndarray, labels: np.ndarray) -> ShopSet:
                    colour=np.full(n, MISSING, np.int64), is_query=np.zeros(n, bool))
 
 
-# --- listing text (issue 23): titles and descriptions written from the truth, with realistic noise -----------
+# --- listing text: titles and descriptions written from the truth, with realistic noise -----------
 
 TEXT_LANGUAGES = ("en", "fr", "de")
 _BRANDS = ("Zara", "Mango", "Uniqlo", "H&M", "Vinted find", "Vintage", "Handmade", "Basic")
 _SIZES = ("XS", "S", "M", "L", "XL", "36", "38", "40", "42")
-_TITLE = {
+_TITLE: dict[str, tuple[str, ...]] = {
     "en": ("{Colour} {cat}", "{brand} {colour} {cat}", "{Colour} {cat}, size {size}", "{Cat} in {colour}"),
     "fr": ("{Cat} {colour}", "{brand} {cat} {colour}", "{Cat} {colour}, taille {size}"),
     "de": ("{Cat} in {colour}", "{brand} {cat} in {colour}", "{Cat} {colour}, Größe {size}"),
 }
-_TITLE_NO_COLOUR = {"en": ("{Cat}", "{brand} {cat}", "{Cat}, size {size}"),
+_TITLE_NO_COLOUR: dict[str, tuple[str, ...]] = {"en": ("{Cat}", "{brand} {cat}", "{Cat}, size {size}"),
                     "fr": ("{Cat}", "{brand} {cat}", "{Cat}, taille {size}"),
                     "de": ("{Cat}", "{brand} {cat}", "{Cat}, Größe {size}")}
 _DESCRIPTION = {
@@ -181,10 +182,6 @@ class ListingText:
 
 def _vocab_words(taxonomy: Taxonomy) -> dict[str, dict[str, dict[str, list[str]]]]:
     """group → value → language → phrases, from the vocabulary file beside the taxonomy."""
-    import json
-
-    from model.text import vocabulary_path
-
     path = vocabulary_path(taxonomy.name)
     if not path.is_file():
         raise ValueError(f"taxonomy {taxonomy.name!r} has no vocabulary file ({path}) to write listing text from")
@@ -216,9 +213,10 @@ def listing_texts(category: np.ndarray, colour: np.ndarray, taxonomy: Taxonomy, 
     colours = taxonomy.group(COLOUR_GROUP).values
     rng = np.random.default_rng([seed, 23])  # its own stream: never shifts the photos' randomness
     out: list[ListingText] = []
-    for c, k in zip(category.tolist(), colour.tolist()):
+    for c, k in zip(category.tolist(), colour.tolist(), strict=True):
         u = rng.random(7)
-        lang_pick, brand, size = rng.random(), _BRANDS[int(rng.integers(len(_BRANDS)))], _SIZES[int(rng.integers(len(_SIZES)))]
+        lang_pick = rng.random()
+        brand, size = _BRANDS[int(rng.integers(len(_BRANDS)))], _SIZES[int(rng.integers(len(_SIZES)))]
         if u[0] < noise.missing:
             out.append(ListingText("", "", "", None, None))
             continue
@@ -261,4 +259,4 @@ def shop_texts(shop: ShopSet, taxonomy: Taxonomy, seed: int = 0, noise: TextNois
     ids, first = np.unique(shop.item_ids[shop.item_ids != MISSING], return_index=True)
     rows = np.flatnonzero(shop.item_ids != MISSING)[first]
     texts = listing_texts(shop.category[rows], shop.colour[rows], taxonomy, seed=seed, noise=noise)
-    return dict(zip(ids.tolist(), texts))
+    return dict(zip(ids.tolist(), texts, strict=True))

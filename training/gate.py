@@ -25,18 +25,28 @@ failing verdict (``force``, or a tolerance above the setting) records who, why a
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 
 import psycopg
+from PIL import Image
 
 from core.config import Settings
+from core.images import load_image
 from model import registry
+from model.artifacts import ArtifactStore, store_from_settings
+from model.checkpoint import load_model, read_manifest
+from model.inference import resolve_device
 from model.registry import Decision, ModelRow
 from model.shadow import shadow_gate, shadow_report
-from training.evaluate import CLASS_RECALL as _CLASS_KEY
+from schemas.taxonomy import CATEGORY_GROUP, Taxonomy
+from training.corrections import CorrectionLabel, correction_labels, corrections_to_images
+from training.eval_sets import EvalSetError
+from training.evaluate import predict_dataset, reevaluate_for_gate
+from training.scores import CLASS_RECALL as _CLASS_KEY
 
 log = logging.getLogger(__name__)
 
@@ -198,18 +208,18 @@ class Measured:
     refusal: str | None = None
 
 
-def measure(candidate_dir: Path | str, active_dir: Path | str | None = None, *, device: str = "auto") -> Measured:
+def measure(candidate_dir: Path | str, active_dir: Path | str | None = None, *, device: str = "auto",
+            settings: Settings | None = None) -> Measured:
     """Measure the candidate and the active model on the candidate's dataset's fixed evaluation set
     (training.evaluate.reevaluate_for_gate). When the active model cannot be measured there (another dataset
-    or taxonomy, unreadable files), the candidate alone is, and ``refusal`` says why."""
-    from training.evaluate import EvalSetError, reevaluate_for_gate
-
+    or taxonomy, unreadable files), the candidate alone is, and ``refusal`` says why. ``settings``: where the
+    dataset needs them (a catalogue's database and image loader)."""
     try:
-        cand, act = reevaluate_for_gate(candidate_dir, active_dir, device=device)
+        cand, act = reevaluate_for_gate(candidate_dir, active_dir, device=device, settings=settings)
     except Exception as exc:
         if active_dir is None:
             raise
-        cand, _ = reevaluate_for_gate(candidate_dir, None, device=device)  # the candidate's own errors raise
+        cand, _ = reevaluate_for_gate(candidate_dir, None, device=device, settings=settings)  # its own errors raise
         why = str(exc) if isinstance(exc, EvalSetError) else \
             f"the active model cannot be measured on this evaluation set: {exc}"
         log.warning("gate: %s", why)
@@ -220,13 +230,14 @@ def measure(candidate_dir: Path | str, active_dir: Path | str | None = None, *, 
     return Measured(metrics, cand.eval_set)
 
 
-def training_start(conn: psycopg.Connection, row: ModelRow) -> datetime | None:
+def training_start(conn: psycopg.Connection, model: ModelRow) -> datetime | None:
     """When a model's training began: its lineage says, else its job's start, else when it was saved."""
-    return conn.execute(
+    row = conn.execute(
         "SELECT coalesce((manifest->'lineage'->>'started_at')::timestamptz,"
         " (SELECT started_at FROM training_jobs WHERE model_version = m.model_version AND started_at IS NOT NULL"
         "  ORDER BY id DESC LIMIT 1), (manifest->>'created_at')::timestamptz)"
-        " FROM models m WHERE model_version = %s", (row.model_version,)).fetchone()[0]
+        " FROM models m WHERE model_version = %s", (model.model_version,)).fetchone()
+    return row[0] if row is not None else None
 
 
 def held_out_figures(conn: psycopg.Connection, candidate_dir: Path | str, active_dir: Path | str,
@@ -237,10 +248,6 @@ def held_out_figures(conn: psycopg.Connection, candidate_dir: Path | str, active
     (``groups``: {group: {labels, candidate, active, delta}}), their photos fetched as the worker fetches them.
     Share 0: every correction since then (the candidate may have trained on them). Fewer than MIN_HELD_OUT
     labels: {since, share, labels, note}, and no model is loaded."""
-    from core.images import load_image
-    from model.checkpoint import read_manifest
-    from training.corrections import correction_labels
-
     share = settings.corrections_holdout
     out: dict = {"since": since.isoformat() if since else None, "share": share, "labels": 0}
     taxonomy = read_manifest(candidate_dir).taxonomy
@@ -272,15 +279,10 @@ def held_out_figures(conn: psycopg.Connection, candidate_dir: Path | str, active
     return out
 
 
-def _right_on(labels, model_dir, taxonomy, load, device: str) -> dict[str, tuple[int, int]]:
+def _right_on(labels: list[CorrectionLabel], model_dir: Path | str, taxonomy: Taxonomy,
+              load: Callable[[str], Image.Image], device: str) -> dict[str, tuple[int, int]]:
     """Per group (the category and each exclusive attribute group): (labels the model gets right, labels
     measured) on the corrected listings' first loadable photo."""
-    from model.checkpoint import load_model
-    from model.inference import resolve_device
-    from schemas.taxonomy import CATEGORY_GROUP
-    from training.corrections import corrections_to_images
-    from training.evaluate import predict_dataset
-
     model, manifest = load_model(model_dir)
     dev = resolve_device(device)
     rows = corrections_to_images(labels, taxonomy, load, manifest.image_size)
@@ -302,7 +304,7 @@ def _right_on(labels, model_dir, taxonomy, load, device: str) -> dict[str, tuple
 def promote(conn: psycopg.Connection, model_version: str, settings: Settings, *, actor: str, reason: str = "",
             tolerance: float | None = None, force: bool = False, reevaluate: bool = False,
             measured: Measured | None = None, shadow_min_corrections: int | None = None, activate: bool = True,
-            store=None) -> Decision:
+            store: ArtifactStore | None = None) -> Decision:
     """Judge a registered candidate against the active model and carry the verdict out: promote it (pass),
     reject it (fail) or leave it a candidate (refused); the verdict is recorded with the event either way.
 
@@ -321,13 +323,13 @@ def promote(conn: psycopg.Connection, model_version: str, settings: Settings, *,
         return Decision(True, model_version, model_version, ["already active"], status="active")
     dirs = _Dirs(settings, store)
     if reevaluate and measured is None and act is not None:
-        measured = measure(dirs(cand), dirs(act), device=settings.device)
+        measured = measure(dirs(cand), dirs(act), device=settings.device, settings=settings)
     held = _held_out_of(conn, cand, act, settings, dirs) if act is not None else None
     shadow = shadow_report(conn, model_version) if shadow_min_corrections is not None else None
 
     def judge(tol: float) -> Verdict:
         v = _verdict(cand, act, measured, held, tol, settings.gate_class_margin)
-        if shadow is not None and act is not None and v.outcome != REFUSED:
+        if shadow is not None and shadow_min_corrections is not None and act is not None and v.outcome != REFUSED:
             ok, why = shadow_gate(shadow, shadow_min_corrections)
             v.shadow = {"required": shadow_min_corrections, "corrections": shadow.corrections,
                         "candidate": shadow.candidate_accuracy, "active": shadow.active_accuracy}
@@ -337,25 +339,23 @@ def promote(conn: psycopg.Connection, model_version: str, settings: Settings, *,
 
     strict = judge(settings.gate_tolerance)
     verdict = strict if tolerance is None or tolerance == settings.gate_tolerance else judge(tolerance)
-    with registry.locked(conn, model_version) as (cand, now):
+    with registry.locked(conn, model_version) as (locked_cand, now):
         if (now.model_version if now else None) != (act.model_version if act else None):
             verdict = Verdict(REFUSED, model_version, now.model_version if now else None,
                               [f"the active model changed while the gate measured ({act.model_version if act else None}"
                                f" → {now.model_version if now else None}); try again"])
             strict = verdict
-        return _carry_out(conn, cand, now, verdict, strict, tolerance, settings, actor, reason, force, activate)
+        return _carry_out(conn, locked_cand, now, verdict, strict, tolerance, settings, actor, reason, force, activate)
 
 
 class _Dirs:
     """A registered model's local directory (fetched from the artifact store once, when it has an artifact)."""
 
-    def __init__(self, settings: Settings, store) -> None:
+    def __init__(self, settings: Settings, store: ArtifactStore | None) -> None:
         self.settings, self.store = settings, store
 
     def __call__(self, row: ModelRow) -> Path:
         if row.artifact_uri and self.store is None:
-            from model.artifacts import store_from_settings
-
             self.store = store_from_settings(self.settings)
         return registry.local_dir(row, self.store)
 

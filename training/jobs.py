@@ -22,19 +22,35 @@ tasks and ``enrich retrain`` creates jobs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import replace
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import class_row, dict_row, scalar_row
 
+from core import celery_app
 from core.config import Settings
+from core.db import connect
+from core.images import load_image
+from model.artifacts import store_from_settings
+from model.checkpoint import read_manifest, record_lineage
+from model.registry import active_model, local_dir, register_candidate
+from schemas.taxonomy import Taxonomy, load_taxonomy
+from training import gate
+from training.config import CATALOGUE_LABEL_LOSS, PRESETS, TrainConfig
+from training.corrections import correction_labels, corrections_to_images
+from training.eval_sets import DATASET_TAXONOMY
+from training.processes import train_processes
+from training.train import train
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +62,16 @@ FINISHED = ("done", "failed", "skipped", "cancelled")
 # what a job's params may set (everything else comes from the settings of the worker that runs it)
 PARAM_KEYS = ("preset", "dataset", "data_dir", "warm_start", "corrections", "time_budget_s")
 SCHEDULE_ACTOR = "schedule"
-# the taxonomy each dataset is labelled with
-_DATASET_TAXONOMY = {"fmnist-shop": "fashion-mnist", "deepfashion": "deepfashion"}
 _COLUMNS = ("id, status, trigger, requested_by, reason, params, progress, model_version, outcome, created_at,"
             " started_at, finished_at, heartbeat_at, cancel_requested_by")
+
+
+@dataclass(frozen=True)
+class _JobState:
+    """Where a job stands, as the lock and the schedule look at it."""
+    id: int
+    status: str
+    overdue: bool = False  # queued for longer than MAX_WAIT_S
 
 
 class JobBusy(RuntimeError):
@@ -66,6 +88,18 @@ class JobCancelled(Exception):
 
 # ---- rows ----------------------------------------------------------------------------------------------
 
+def _value(conn: psycopg.Connection, query: str, params: Sequence[object] = ()) -> Any:
+    """The first column of the first row a query returns (None: no row)."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query, params).fetchone()
+
+
+def _values(conn: psycopg.Connection, query: str, params: Sequence[object] = ()) -> list[Any]:
+    """The first column of every row a query returns."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query, params).fetchall()
+
+
 def create_job(conn: psycopg.Connection, *, trigger: str, requested_by: str, reason: str = "",
                params: dict | None = None, status: str = "queued", outcome: str | None = None) -> int:
     """Insert a job row (committed when ``conn`` autocommits) and return its id."""
@@ -75,11 +109,10 @@ def create_job(conn: psycopg.Connection, *, trigger: str, requested_by: str, rea
         raise ValueError(f"unknown job parameter(s) {unknown}; a job may set {', '.join(PARAM_KEYS)}")
     if status not in ("queued", "skipped"):
         raise ValueError(f"a new job is queued or skipped, not {status!r}")
-    row = conn.execute(
-        "INSERT INTO training_jobs (status, trigger, requested_by, reason, params, outcome, finished_at)"
+    return int(_value(
+        conn, "INSERT INTO training_jobs (status, trigger, requested_by, reason, params, outcome, finished_at)"
         " VALUES (%s, %s, %s, %s, %s::jsonb, %s, CASE WHEN %s = 'skipped' THEN now() END) RETURNING id",
-        (status, trigger, requested_by, reason, json.dumps(params, default=str), outcome, status)).fetchone()
-    return int(row[0])
+        (status, trigger, requested_by, reason, json.dumps(params, default=str), outcome, status)))
 
 
 def get_job(conn: psycopg.Connection, job_id: int) -> dict | None:
@@ -127,18 +160,17 @@ def describe(job: dict, now: datetime | None = None, age: bool = True) -> str:
 
 def _last_heard(job: dict) -> datetime | None:
     """The latest of the job's heartbeat, progress write and start."""
-    times = [job.get("heartbeat_at"), job.get("started_at")]
+    times: list[datetime] = [t for t in (job.get("heartbeat_at"), job.get("started_at")) if t is not None]
     stamp = (job.get("progress") or {}).get("updated_at")
     if stamp:
         try:
             times.append(datetime.fromisoformat(stamp))
         except ValueError:
             pass  # a hand-written row: the other times still tell
-    times = [t for t in times if t is not None]
     return max(times) if times else None
 
 
-def _ago(delta) -> str:
+def _ago(delta: timedelta) -> str:
     s = max(0, int(delta.total_seconds()))
     return f"{s} s ago" if s < 120 else f"{s // 60} min ago" if s < 7200 else f"{s // 3600} h ago"
 
@@ -154,16 +186,15 @@ def reap_stale(conn: psycopg.Connection, keep: int | None = None) -> list[int]:
 
     A ``running`` row then belongs to a worker that died (OOM, kill -9, a lost node); a ``queued`` row older
     than ``MAX_WAIT_S`` lost its task message or has no worker serving the train queue."""
-    rows = conn.execute(
-        "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = CASE WHEN status = 'running'"
+    ids = _values(
+        conn, "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = CASE WHEN status = 'running'"
         " THEN 'failed: its worker stopped before the job finished (nobody held the training lock)'"
         " ELSE 'failed: not started within ' || %s || ' h (task lost, or no worker serves the train queue)' END,"
         " progress = CASE WHEN status = 'running' THEN progress || jsonb_build_object('stage', 'failed at '"
         " || coalesce(progress->>'stage', 'start')) ELSE progress END"
         " WHERE id IS DISTINCT FROM %s AND (status = 'running' OR (status = 'queued' AND"
         " created_at < now() - make_interval(secs => %s))) RETURNING id",
-        (f"{MAX_WAIT_S / 3600:g}", keep, MAX_WAIT_S)).fetchall()
-    ids = [r[0] for r in rows]
+        (f"{MAX_WAIT_S / 3600:g}", keep, MAX_WAIT_S))
     if ids:
         log.warning("training jobs %s marked failed: their worker stopped or they never started", ids)
     return ids
@@ -173,15 +204,14 @@ def reap_silent(conn: psycopg.Connection, stale_s: float) -> list[int]:
     """Fail the running jobs that gave no sign of life (heartbeat, else their start) for more than ``stale_s``:
     their worker died (killed, out of memory, its machine lost — which may keep its Postgres session, and the
     lock, for hours). Safe at any time, lock or not: a live job beats every ENRICH_JOB_HEARTBEAT_S."""
-    rows = conn.execute(
-        "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = 'failed: no heartbeat for '"
+    ids = _values(
+        conn, "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = 'failed: no heartbeat for '"
         " || round(extract(epoch FROM now() - coalesce(heartbeat_at, started_at, created_at)))::bigint"
         " || ' s — its worker died (killed, out of memory or its machine lost; ENRICH_JOB_STALE_S is '"
         " || %s || ' s)', progress = progress || jsonb_build_object('stage', 'failed at '"
         " || coalesce(progress->>'stage', 'start')) WHERE status = 'running'"
         " AND coalesce(heartbeat_at, started_at, created_at) < now() - make_interval(secs => %s) RETURNING id",
-        (f"{stale_s:g}", stale_s)).fetchall()
-    ids = [r[0] for r in rows]
+        (f"{stale_s:g}", stale_s))
     if ids:
         log.warning("training jobs %s marked failed: no heartbeat for more than %gs", ids, stale_s)
     return ids
@@ -191,7 +221,7 @@ def reap_dead(conn: psycopg.Connection, stale_s: float) -> list[int]:
     """What a train worker's start does: fail the silent jobs (``reap_silent``) and, when the training lock is
     free (so nothing runs), every running one and the queued ones too old to start (``reap_stale``)."""
     ids = reap_silent(conn, stale_s)
-    if conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+    if _value(conn, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)):
         try:
             ids += reap_stale(conn)
         finally:
@@ -205,36 +235,32 @@ def cancel_job(conn: psycopg.Connection, job_id: int, by: str) -> str:
     heartbeat sees it and the job stops at its next training step or stage, ending 'cancelled' without
     registering the model it had not registered yet. Returns the status now ('cancelled' or 'running').
     LookupError: no such job; ValueError: it has finished, nothing to cancel."""
-    row = conn.execute(
-        "UPDATE training_jobs SET cancel_requested_by = coalesce(cancel_requested_by, %s),"
+    status = _value(
+        conn, "UPDATE training_jobs SET cancel_requested_by = coalesce(cancel_requested_by, %s),"
         " status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,"
         " finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,"
         " outcome = CASE WHEN status = 'queued' THEN 'cancelled by ' || %s || ' before it started' ELSE outcome END"
-        " WHERE id = %s AND status IN ('queued', 'running') RETURNING status", (by, by, job_id)).fetchone()
-    if row is None:
+        " WHERE id = %s AND status IN ('queued', 'running') RETURNING status", (by, by, job_id))
+    if status is None:
         job = get_job(conn, job_id)
         if job is None:
             raise LookupError(f"no training job #{job_id}")
         raise ValueError(f"job #{job_id} is already {job['status']}: nothing to cancel")
-    log.info("training job #%d: cancelled by %s (%s)", job_id, by, "at once" if row[0] == "cancelled"
+    log.info("training job #%d: cancelled by %s (%s)", job_id, by, "at once" if status == "cancelled"
              else "it stops at its next step")
-    return row[0]
+    return str(status)
 
 
 # ---- sending jobs ---------------------------------------------------------------------------------------
 
 def enqueue(job_id: int) -> None:
     """Send the job to the train queue by task name (training never imports the worker)."""
-    from core import celery_app
-
     celery_app.app.send_task(celery_app.RETRAIN_TASK, args=[job_id], queue=celery_app.task_settings().train_queue)
 
 
 def retrain_params(settings: Settings, preset: str | None = None, fresh: bool = False) -> dict:
     """The params of an admin's retraining job, as `enrich retrain` and the console ask for it: the preset
     (default ``settings.retrain_preset``) and, with ``fresh``, no warm start. ValueError for an unknown preset."""
-    from training.config import PRESETS
-
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     return {"preset": preset or settings.retrain_preset, **({"warm_start": False} if fresh else {})}
@@ -257,12 +283,11 @@ def corrections_since(conn: psycopg.Connection) -> tuple[int, datetime | None]:
     """Corrections received since the last job that trained (its start; None: no job has), and when that was.
 
     Skipped and failed jobs do not count: what they skipped or failed on still waits to be learnt."""
-    since = conn.execute("SELECT max(coalesce(started_at, created_at)) FROM training_jobs"
-                         " WHERE status = 'done'").fetchone()[0]
+    since = _value(conn, "SELECT max(coalesce(started_at, created_at)) FROM training_jobs WHERE status = 'done'")
     if since is None:
-        n = conn.execute("SELECT count(*) FROM corrections").fetchone()[0]
+        n = _value(conn, "SELECT count(*) FROM corrections")
     else:
-        n = conn.execute("SELECT count(*) FROM corrections WHERE received_at >= %s", (since,)).fetchone()[0]
+        n = _value(conn, "SELECT count(*) FROM corrections WHERE received_at >= %s", (since,))
     return int(n), since
 
 
@@ -274,15 +299,16 @@ def schedule_retrain(conn: psycopg.Connection, settings: Settings,
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEDULE_LOCK_KEY,))
         reap_silent(conn, settings.job_stale_s)  # a silent job is dead even while its session holds the lock
-        if conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+        if _value(conn, "SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)):
             reap_stale(conn)  # nothing runs: clear what dead workers left, or it would block every tick
-        busy = conn.execute("SELECT id, status FROM training_jobs WHERE status IN ('queued', 'running')"
-                            " ORDER BY id LIMIT 1").fetchone()
+        with conn.cursor(row_factory=class_row(_JobState)) as cur:
+            busy = cur.execute("SELECT id, status FROM training_jobs WHERE status IN ('queued', 'running')"
+                               " ORDER BY id LIMIT 1").fetchone()
         n, since = corrections_since(conn)
         when = f"since {since:%Y-%m-%d %H:%M} UTC" if since else "in all (no job has trained yet)"
         outcome = None
         if busy is not None:
-            outcome = f"skipped: job #{busy[0]} is still {busy[1]}"
+            outcome = f"skipped: job #{busy.id} is still {busy.status}"
         elif n < settings.retrain_min_corrections:
             outcome = (f"skipped: {n} correction(s) {when}, fewer than {settings.retrain_min_corrections} "
                        "(ENRICH_RETRAIN_MIN_CORRECTIONS)")
@@ -317,8 +343,6 @@ class _Heartbeat:
         self._thread.start()
 
     def _run(self) -> None:
-        from core.db import connect
-
         conn = None
         while not self._quit.wait(self.every_s):  # run_job wrote the first beat with the 'running' status
             try:
@@ -382,20 +406,17 @@ class _Progress:
             log.warning("job #%d: progress not recorded: %s", self.job_id, exc)
 
 
-def job_config(params: dict, settings: Settings, job_id: int):
+def job_config(params: dict, settings: Settings, job_id: int) -> TrainConfig:
     """The TrainConfig of a job: its preset, dataset (and that dataset's taxonomy) and data directory (params,
     else the settings), models under ``settings.models_dir``, the worker's device and threads, a version
     naming the job."""
-    from schemas.taxonomy import load_taxonomy
-    from training.config import CATALOGUE_LABEL_LOSS, PRESETS
-
     preset = params.get("preset") or settings.retrain_preset
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     dataset = params.get("dataset") or settings.retrain_dataset
-    overrides: dict = {"dataset": dataset, "out_dir": settings.models_dir, "progress": False}
-    if dataset in _DATASET_TAXONOMY:  # the presets name FMNIST-shop's taxonomy
-        overrides["taxonomy"] = _DATASET_TAXONOMY[dataset]
+    overrides: dict[str, Any] = {"dataset": dataset, "out_dir": settings.models_dir, "progress": False}
+    if dataset in DATASET_TAXONOMY:  # the presets name FMNIST-shop's taxonomy
+        overrides["taxonomy"] = DATASET_TAXONOMY[dataset]
     elif dataset == "catalogue":
         overrides["catalogue_source"] = params.get("catalogue") or settings.retrain_catalogue
         taxonomy = params.get("taxonomy") or settings.retrain_taxonomy
@@ -416,25 +437,15 @@ def job_config(params: dict, settings: Settings, job_id: int):
         overrides["device"] = settings.device
     if settings.torch_threads:
         overrides["threads"] = settings.torch_threads
-    if settings.retrain_task_weights:  # seed 002's per-task weights (noisy seller labels)
-        overrides["seed_002_task_weights"] = True
+    if settings.retrain_task_weights:  # per-group loss weights from label counts (noisy seller labels)
+        overrides["task_weights"] = True
     cfg = replace(PRESETS[preset], **overrides)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     return replace(cfg, model_version=f"{load_taxonomy(cfg.taxonomy).name}-{cfg.backbone}-job{job_id}-{stamp}")
 
 
-def evaluation_cfg(cfg):
-    """The fixed evaluation set a job measures candidate and active model on: the test split the preset's
-    own training run measures (dataset, data, taxonomy, seed, test items, photos per item)."""
-    from training.config import TrainConfig
-    from training.evaluate import EVAL_FIELDS
-
-    return replace(TrainConfig(), **{k: getattr(cfg, k) for k in EVAL_FIELDS})
-
-
-def _warm_start(active_dir: Path | None, active_version: str | None, cfg, taxonomy) -> tuple[Path | None, str]:
-    from model.checkpoint import read_manifest
-
+def _warm_start(active_dir: Path | None, active_version: str | None, cfg: TrainConfig,
+                taxonomy: Taxonomy) -> tuple[Path | None, str]:
     if active_dir is None:
         return None, "fresh weights: no active model"
     m = read_manifest(active_dir)
@@ -451,26 +462,12 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
               ) -> tuple[str, str]:
     """Train → evaluate → register → gate (training.gate: a failing candidate is rejected) → promote or wait
     → backfill. Returns (model_version, outcome); the outcome says promoted, rejected (why) or waiting."""
-    import hashlib
-
-    from core.images import load_image
-    from model.artifacts import store_from_settings
-    from model.checkpoint import record_lineage
-    from model.registry import active_model, local_dir, register_candidate
-    from schemas.taxonomy import load_taxonomy
-    from training import gate
-    from training.corrections import correction_labels, corrections_to_images
-
     if train_model is None and settings.retrain_nproc > 1:  # DistributedDataParallel under torchrun
-        from functools import partial
-
-        from training.processes import train_processes
-
-        train_model = partial(train_processes, nproc=settings.retrain_nproc)
+        train_model = partial(train_processes, nproc=settings.retrain_nproc, settings=settings)
     elif train_model is None:
-        from training.train import train as train_model
+        train_model = partial(train, settings=settings)
     if send_backfill is None:
-        from core.celery_app import send_backfill
+        send_backfill = celery_app.send_backfill
     params, job_id = job["params"], job["id"]
     cfg = job_config(params, settings, job_id)
     taxonomy = load_taxonomy(cfg.taxonomy)
@@ -503,7 +500,7 @@ def run_chain(conn: psycopg.Connection, job: dict, settings: Settings, progress:
                    corrections_sha256=hashlib.sha256("\n".join(learnt).encode()).hexdigest() if labels else "")
 
     progress({"stage": "evaluate"})  # both on the candidate's fixed evaluation set
-    measured = gate.measure(model_dir, active_dir, device=settings.device)
+    measured = gate.measure(model_dir, active_dir, device=settings.device, settings=settings)
     shown = ("test/top1", "test/macro_f1", "test/recall@1")
     progress.note(metrics={v: {k: round(m[k], 4) for k in shown if k in m} for v, m in measured.metrics.items()})
 
@@ -546,11 +543,9 @@ def run_job(url: str, job_id: int, settings: Settings, *, train_model: Callable 
     and ends 'cancelled' (returned, not raised). Any error marks the job failed with the error (and is raised
     again). ``train_model`` and ``send_backfill``: for tests.
     Returns {job, status, model_version, outcome, ran}."""
-    from core.db import connect
-
     conn = connect(url, autocommit=True)
     try:
-        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:
+        if not _value(conn, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)):
             return _busy(conn, job_id)
         try:
             reap_stale(conn, keep=job_id)
@@ -607,30 +602,29 @@ def _cancelled(conn: psycopg.Connection, url: str, job_id: int, stage: str | Non
 
 
 def _busy(conn: psycopg.Connection, job_id: int) -> dict:
-    row = conn.execute("SELECT status, now() - created_at > make_interval(secs => %s) FROM training_jobs"
-                       " WHERE id = %s", (MAX_WAIT_S, job_id)).fetchone()
-    if row is None or row[0] != "queued":
-        return {"job": job_id, "status": row[0] if row else None, "ran": False, "model_version": None,
+    with conn.cursor(row_factory=class_row(_JobState)) as cur:
+        job = cur.execute("SELECT id, status, now() - created_at > make_interval(secs => %s) AS overdue"
+                          " FROM training_jobs WHERE id = %s", (MAX_WAIT_S, job_id)).fetchone()
+    if job is None or job.status != "queued":
+        return {"job": job_id, "status": job.status if job else None, "ran": False, "model_version": None,
                 "outcome": None}
-    if row[1]:
+    if job.overdue:
         outcome = f"failed: another training job held the lock for more than {MAX_WAIT_S / 3600:g} h"
         _finish(conn, job_id, "failed", outcome)
         log.warning("training job #%d: %s", job_id, outcome)
         return {"job": job_id, "status": "failed", "ran": False, "model_version": None, "outcome": outcome}
-    holder = conn.execute("SELECT id FROM training_jobs WHERE status = 'running' ORDER BY id LIMIT 1").fetchone()
-    waiting = {"stage": "waiting for the lock", "behind": holder[0] if holder else None,
+    holder = _value(conn, "SELECT id FROM training_jobs WHERE status = 'running' ORDER BY id LIMIT 1")
+    waiting = {"stage": "waiting for the lock", "behind": holder,
                "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
     conn.execute("UPDATE training_jobs SET progress = %s::jsonb WHERE id = %s AND status = 'queued'",
                  (json.dumps(waiting), job_id))
-    raise JobBusy(f"training job #{job_id} waits: " + (f"job #{holder[0]} is running" if holder
+    raise JobBusy(f"training job #{job_id} waits: " + (f"job #{holder} is running" if holder is not None
                                                         else "another process holds the training lock"))
 
 
 def _finish_anyhow(conn: psycopg.Connection, url: str, job_id: int, status: str, outcome: str,
                    progress: dict) -> None:
     """Record the end even when the job's connection was lost during hours of training."""
-    from core.db import connect
-
     try:
         _finish(conn, job_id, status, outcome, progress)
         return

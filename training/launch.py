@@ -13,16 +13,12 @@ from pathlib import Path
 
 import typer
 
+from training.cli import train
 from training.processes import run_spec
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="`enrich train` as one process of a torchrun run (DistributedDataParallel).")
-
-
-def _register() -> None:
-    from training.cli import train
-
-    app.command()(train)
+app.command()(train)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +28,6 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["--spec"]:
         run_spec(Path(argv[1]))
         return
-    _register()
     app(argv)
 
 

@@ -1,8 +1,9 @@
-"""Losses and their weights (seed 000, with seed 001's group masking, seed 002's task weights and seed 004's
-type output)."""
+"""Losses and their weights: class-weighted softmax and BCE heads with groups masked where a row has no label,
+per-task weights from label counts, batch-hard triplets with conditional similarity, and the type output."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,12 +12,13 @@ import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners
 from torch import nn
 
+from training.config import LABEL_LOSSES, LossWeights
+
 MISSING = -1  # target of an exclusive attribute group the sample has no label for
-# Per-row losses for softmax heads. "ce" is seed 000's; the others resist wrong labels (seller tags):
+# Per-row losses for softmax heads (LABEL_LOSSES). "ce" plain cross-entropy; the others resist wrong labels:
 # "gce" generalised cross-entropy (Zhang & Sabuncu 2018) is bounded, so a confidently wrong label cannot
 # dominate; "bootstrap" (Reed et al. 2015, hard) mixes the given label with the model's own prediction;
 # "small_loss" trains on the rows of a batch with the smallest losses only (co-teaching's selection).
-LABEL_LOSSES = ("ce", "gce", "bootstrap", "small_loss")
 GCE_Q = 0.7
 BOOTSTRAP_BETA = 0.8
 SMALL_LOSS_KEEP = 0.8  # share of each batch's labelled rows kept (the expected share of right labels)
@@ -24,7 +26,7 @@ SMALL_LOSS_KEEP = 0.8  # share of each batch's labelled rows kept (the expected 
 
 def class_weights(labels: np.ndarray, num_classes: int, clip: tuple[float, float] = (0.5, 5.0),
                   eps: float = 1.0) -> np.ndarray:
-    """Seed 000: inverse class frequency, clipped to [0.5, 5], normalised to mean 1.
+    """Class weights: inverse class frequency, clipped to [0.5, 5], normalised to mean 1.
 
     Raw 1/count values are tiny, so they are first scaled to mean 1 (otherwise the clip would flatten
     every class to 0.5), then clipped, then renormalised to mean 1. Missing labels (< 0) are ignored.
@@ -38,17 +40,18 @@ def class_weights(labels: np.ndarray, num_classes: int, clip: tuple[float, float
 
 
 def pos_weights(multi_hot: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Seed 000: BCE positive weight per label = negatives / positives."""
+    """BCE positive weight per label = negatives / positives."""
     y = np.asarray(multi_hot, dtype=np.float64)
     pos = y.sum(axis=0)
     neg = y.shape[0] - pos
     return (neg / (pos + eps)).astype(np.float32)
 
 
-def task_weights(label_counts: dict[str, int], c: float = 3.0) -> dict[str, float]:
-    """Seed 002's smoothed per-task weights: r_n = count_n / max count, w_n = max(r_n, r_avg / c).
+def task_weights(label_counts: Mapping[str, float], c: float = 3.0) -> dict[str, float]:
+    """Smoothed per-task loss weights: r_n = count_n / max count, w_n = max(r_n, r_avg / c).
 
-    Tasks (attribute groups) with few labels are lifted to r_avg / c instead of being drowned out.
+    Tasks (attribute groups) with few labels (sparse, noisy seller tags) weigh by their share of labels, but
+    at least r_avg / c: lifted instead of being drowned out.
     """
     if not label_counts:
         return {}
@@ -83,13 +86,13 @@ def _small_loss_rows(per_row: torch.Tensor, present: torch.Tensor) -> torch.Tens
 def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                     label_smoothing: float = 0.0, row_weight: torch.Tensor | None = None,
                     label_loss: str = "ce") -> torch.Tensor:
-    """Softmax loss over one exclusive group; rows with target MISSING add nothing (seed 001).
+    """Softmax loss over one exclusive group; rows with target MISSING add nothing.
 
     The weighted mean over the rows that have the group, computed with masks rather than boolean
     indexing so that a training step never waits for the GPU. A batch in which nobody has the group
     gives an exact zero that still carries a graph.
 
-    ``row_weight`` (N,): a per-row factor on the loss (seed 003's weak labels from listing text: their
+    ``row_weight`` (N,): a per-row factor on the loss (weak labels from listing text: their
     ``weak_label_weight``, strong labels 1). It scales each row's term but not the normaliser, which
     stays the (class-weighted) count of rows that have the group: weak labels act as a task of their
     own with a lower weight, even in a batch where every label of the group is weak. None: plain.
@@ -108,14 +111,14 @@ def masked_group_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Te
 
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor,
                pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Sigmoid BCE (seed 000's pos_weight) for a non-exclusive group, the mean over the rows that have it."""
+    """Sigmoid BCE (with ``pos_weights``) for a non-exclusive group, the mean over the rows that have it."""
     per = F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=pos_weight, reduction="none")
     rows = present.float()[:, None]
     return (per * rows).sum() / (rows.sum() * per.shape[1]).clamp_min(1e-12)
 
 
 class BatchHardTriplet(nn.Module):
-    """Seed 000's triplet loss: margin 0.3, squared Euclidean distance, batch-hard mining."""
+    """Triplet loss: margin 0.3, squared Euclidean distance, batch-hard mining."""
 
     def __init__(self, margin: float = 0.3) -> None:
         super().__init__()
@@ -132,16 +135,8 @@ class BatchHardTriplet(nn.Module):
 
 
 def conditional_embedding(embedding: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Seed 001 (modified CSN): L2-normalise the masked embedding."""
+    """Conditional similarity (a modified conditional similarity network): the L2-normalised masked embedding."""
     return F.normalize(embedding * mask, dim=-1)
-
-
-@dataclass
-class LossWeights:
-    cls: float = 0.2  # λcls (seed 000)
-    ret: float = 1.0  # λret
-    condition: float = 0.1  # conditional-similarity triplets (seed 001), within the retrieval term
-    mask_l1: float = 5e-4  # seed 001's λ2 on the masks' L1 norm
 
 
 @dataclass
@@ -154,11 +149,11 @@ class MultitaskLoss:
     category_weight: torch.Tensor | None = None  # (C,) class weights for the weighted CE
     group_weight: dict[str, torch.Tensor] = field(default_factory=dict)  # exclusive: class weights
     group_pos_weight: dict[str, torch.Tensor] = field(default_factory=dict)  # non-exclusive: pos_weight
-    group_task_weight: dict[str, float] = field(default_factory=dict)  # seed 002 (default 1)
+    group_task_weight: dict[str, float] = field(default_factory=dict)  # per-group loss factor (default 1)
     exclusive: dict[str, bool] = field(default_factory=dict)
     weights: LossWeights = field(default_factory=LossWeights)
     margin: float = 0.3
-    label_smoothing: float = 0.0  # softmax targets (category, exclusive groups); 0: the seed's plain CE
+    label_smoothing: float = 0.0  # softmax targets (category, exclusive groups); 0: plain cross-entropy
     category_type: torch.Tensor | None = None  # (C,) type index of each category: the type head's target
     label_loss: str = "ce"  # LABEL_LOSSES: on the category, type and exclusive groups
 
@@ -168,11 +163,12 @@ class MultitaskLoss:
         self.triplet = BatchHardTriplet(self.margin)
 
     def to(self, device: torch.device) -> MultitaskLoss:
-        move = lambda t: t.to(device) if t is not None else None  # noqa: E731
-        self.category_weight = move(self.category_weight)
-        self.category_type = move(self.category_type)
-        self.group_weight = {k: move(v) for k, v in self.group_weight.items()}
-        self.group_pos_weight = {k: move(v) for k, v in self.group_pos_weight.items()}
+        if self.category_weight is not None:
+            self.category_weight = self.category_weight.to(device)
+        if self.category_type is not None:
+            self.category_type = self.category_type.to(device)
+        self.group_weight = {k: v.to(device) for k, v in self.group_weight.items()}
+        self.group_pos_weight = {k: v.to(device) for k, v in self.group_pos_weight.items()}
         return self
 
     def classification(self, out, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -183,7 +179,7 @@ class MultitaskLoss:
         parts["cat"] = cat.detach()
         total = cat
         if getattr(out, "type", None) is not None and self.category_type is not None:
-            # seed 004: the type as its own output, its target the labelled category's type
+            # the type as its own output, its target the labelled category's type
             known = batch["category"] >= 0
             target = torch.where(known, self.category_type[batch["category"].clamp(min=0)], MISSING)
             lt = masked_group_ce(out.type, target, None, ls, batch.get("weight/category"), self.label_loss)

@@ -1,4 +1,6 @@
-"""Evaluation metrics: classification (seed 000), multi-label (seed 000/004), retrieval (Recall@K, mAP@R)."""
+"""Metrics over arrays of predictions and labels: classification (top-k, F1, confusion), multi-label (Hamming,
+micro-F1, exact match), ranking (average precision) and retrieval (Recall@K, mAP@R). Numbers in, numbers out:
+which rows and outputs of a taxonomy they are applied to is training.scores's business."""
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +46,7 @@ def f1_scores(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[st
 
 
 def multilabel_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Binary (N, A) predictions vs targets: Hamming loss, micro-F1, exact-match ratio (seed 004)."""
+    """Binary (N, A) predictions vs targets: Hamming loss, micro-F1, exact-match ratio."""
     pred = pred.astype(bool)
     target = target.astype(bool)
     tp = float((pred & target).sum())
@@ -68,6 +70,17 @@ def per_attribute_f1(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
 
 
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AP of one label: the mean precision at the rank of each positive (NaN without positives)."""
+    positive = np.asarray(positive, dtype=bool)
+    if not positive.any():
+        return float("nan")
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = positive[order]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].mean())
+
+
 def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, gallery: np.ndarray, gallery_ids: np.ndarray,
                       ks: tuple[int, ...] = (1, 5, 10, 20), chunk: int = 1024,
                       query_category: np.ndarray | None = None, gallery_category: np.ndarray | None = None
@@ -79,22 +92,30 @@ def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, gallery: np.ndar
     Queries whose item has no gallery photo are skipped. With categories: ``category_precision@5``, the
     share of the top 5 in the query's category (how well a shelf stays in the category).
     """
+    categories = None
+    if query_category is not None or gallery_category is not None:
+        if query_category is None or gallery_category is None:
+            raise ValueError("category precision needs the categories of both the queries and the gallery")
+        categories = (query_category, gallery_category)
     q = query / np.linalg.norm(query, axis=1, keepdims=True).clip(1e-12)
     g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True).clip(1e-12)
     uniq, counts = np.unique(gallery_ids, return_counts=True)
-    n_rel = dict(zip(uniq.tolist(), counts.tolist()))
+    n_rel = dict(zip(uniq.tolist(), counts.tolist(), strict=True))
     kmax = min(max(max(ks), counts.max() if len(counts) else 1), len(g))
     hits = dict.fromkeys(ks, 0)
     ap_sum, n = 0.0, 0
     same_cat, n_cat = 0.0, 0
     for s in range(0, len(q), chunk):
         sims = q[s:s + chunk] @ g.T
-        top = np.argpartition(-sims, kmax - 1, axis=1)[:, :kmax] if kmax < len(g) else np.tile(np.arange(len(g)), (len(sims), 1))
+        if kmax < len(g):
+            top = np.argpartition(-sims, kmax - 1, axis=1)[:, :kmax]
+        else:
+            top = np.tile(np.arange(len(g)), (len(sims), 1))
         top_s = np.take_along_axis(sims, top, axis=1)
         top = np.take_along_axis(top, np.argsort(-top_s, axis=1, kind="stable"), axis=1)
-        for i, (row, qid) in enumerate(zip(top, query_ids[s:s + chunk])):
-            if query_category is not None and query_category[s + i] >= 0:
-                same_cat += float((gallery_category[row[:5]] == query_category[s + i]).mean())
+        for i, (row, qid) in enumerate(zip(top, query_ids[s:s + chunk], strict=True)):
+            if categories is not None and categories[0][s + i] >= 0:
+                same_cat += float((categories[1][row[:5]] == categories[0][s + i]).mean())
                 n_cat += 1
             r = n_rel.get(int(qid), 0)
             if r == 0:
@@ -108,6 +129,6 @@ def retrieval_metrics(query: np.ndarray, query_ids: np.ndarray, gallery: np.ndar
             ap_sum += float((prec * rel_r).sum() / r)
     out = {f"recall@{k}": hits[k] / n if n else float("nan") for k in ks}
     out["map@r"] = ap_sum / n if n else float("nan")
-    if query_category is not None:
+    if categories is not None:
         out["category_precision@5"] = same_cat / n_cat if n_cat else float("nan")
     return out

@@ -1,6 +1,6 @@
 """Dataset preparation for a training run: the train/validation/test splits of FMNIST-shop, DeepFashion or a
-marketplace's own catalogue (training.catalogue),
-the fixed evaluation set every model is measured on, and extra training rows (grey photos, corrections)."""
+marketplace's own catalogue (training.catalogue), the fixed evaluation set every model is measured on, and extra
+training rows (grey photos, corrections)."""
 from __future__ import annotations
 
 import logging
@@ -10,10 +10,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from core.config import Settings
 from schemas.taxonomy import Taxonomy
 from training.catalogue import catalogue_test, prepare_catalogue
 from training.config import TrainConfig
-from training.data import LabelledImages, PreparedData, Split, from_shop, mask_not_applicable
+from training.data import ImageLoader, LabelledImages, PreparedData, Split, from_shop, mask_not_applicable
 from training.deepfashion import deepfashion_test, load_cropped, prepare_deepfashion
 from training.fmnist import load_fashion_mnist
 from training.fmnist_shop import COLOUR_GROUP, build_shop, grey_photos
@@ -38,21 +39,28 @@ def _no_reader(dataset: str) -> NoReaderError:
 class EvaluationSet:
     """The fixed test split of a dataset, and what measuring on it needs."""
     split: Split
-    loader: object = None  # image loader for file references (DeepFashion)
+    loader: ImageLoader | None = None  # for sets of image files (DeepFashion)
     plain: np.ndarray | None = None  # FMNIST-shop: rows that are the plain rendering of each test image
     grey: LabelledImages | None = None  # FMNIST-shop: the test images as published
 
 
-def evaluation_set(cfg: TrainConfig, taxonomy: Taxonomy) -> EvaluationSet:
+def _catalogue_settings(settings: Settings | None) -> Settings:
+    if settings is None:
+        raise ValueError("dataset 'catalogue' needs the settings: its database (source 'postgres') and the "
+                         "image loader's allow-list and limits")
+    return settings
+
+
+def evaluation_set(cfg: TrainConfig, taxonomy: Taxonomy, settings: Settings | None = None) -> EvaluationSet:
     """The fixed evaluation set of ``cfg.dataset`` without building any training rows: the rows
-    ``prepare_data(cfg, taxonomy).test`` has."""
+    ``prepare_data(cfg, taxonomy, settings).test`` has. ``settings``: needed by dataset "catalogue" only."""
     if cfg.dataset == "fmnist-shop":
         split, plain, grey = fmnist_shop_test(cfg, taxonomy)
         ev = EvaluationSet(split, None, plain, grey)
     elif cfg.dataset == "deepfashion":
         ev = EvaluationSet(deepfashion_test(cfg, taxonomy), load_cropped)
     elif cfg.dataset == "catalogue":
-        ev = EvaluationSet(catalogue_test(cfg, taxonomy))
+        ev = EvaluationSet(catalogue_test(cfg, taxonomy, _catalogue_settings(settings)))
     else:
         raise _no_reader(cfg.dataset)
     ev.split = _masked(ev.split, taxonomy)
@@ -101,14 +109,15 @@ def prepare_fmnist_shop(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
                         grey_test=grey)
 
 
-def prepare_data(cfg: TrainConfig, taxonomy: Taxonomy) -> PreparedData:
-    """The splits of ``cfg.dataset``, with groups that do not apply to a row's category masked (seed 001)."""
+def prepare_data(cfg: TrainConfig, taxonomy: Taxonomy, settings: Settings | None = None) -> PreparedData:
+    """The splits of ``cfg.dataset``, with groups that do not apply to a row's category masked (no label: no
+    loss, not scored). ``settings``: needed by dataset "catalogue" only (its database and image loader)."""
     if cfg.dataset == "fmnist-shop":
         data = prepare_fmnist_shop(cfg, taxonomy)
     elif cfg.dataset == "deepfashion":
         data = prepare_deepfashion(cfg, taxonomy)
     elif cfg.dataset == "catalogue":
-        data = prepare_catalogue(cfg, taxonomy)
+        data = prepare_catalogue(cfg, taxonomy, _catalogue_settings(settings))
     else:
         raise _no_reader(cfg.dataset)
     return replace(data, train=mask_not_applicable(data.train, taxonomy), val=_masked(data.val, taxonomy),

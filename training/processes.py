@@ -1,5 +1,5 @@
 """Training in N processes under torchrun for a retraining job (ENRICH_RETRAIN_NPROC > 1): `train_processes`
-writes the job's TrainConfig and corrected rows (pickled, to a private temporary directory) and starts
+writes the job's TrainConfig, corrected rows and settings (pickled, to a private temporary directory) and starts
 `python -m training.launch --spec DIR` N times; each process runs `run_spec`, rank 0 writing progress lines
 the job relays to its row.
 """
@@ -16,36 +16,41 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from core.config import Settings
+from training import distributed
+from training.config import TrainConfig
+from training.data import LabelledImages
+from training.train import train
+
 log = logging.getLogger(__name__)
 
 
 def run_spec(spec_dir: Path) -> None:
-    """Train the pickled (config, extra rows); rank 0 appends progress to progress.jsonl and writes result.json."""
-    from training import distributed
-    from training.train import train
-
+    """Train the pickled (config, extra rows, settings); rank 0 appends progress to progress.jsonl and writes
+    result.json."""
     with open(spec_dir / "spec.pkl", "rb") as f:
-        cfg, extra = pickle.load(f)  # written by train_processes for this run, in a private temp directory
+        # written by train_processes for this run, in a private temp directory
+        cfg, extra, settings = pickle.load(f)
 
     def progress(update: dict) -> None:
         with open(spec_dir / "progress.jsonl", "a") as out:
             out.write(json.dumps(update, default=str) + "\n")
 
-    model_dir = train(cfg, extra, progress=progress)
+    model_dir = train(cfg, extra, progress=progress, settings=settings)
     if distributed.is_main():
         (spec_dir / "result.json").write_text(json.dumps({"model_dir": str(model_dir)}))
 
 
-def train_processes(cfg, extra=None, progress: Callable[[dict], None] | None = None, *, nproc: int) -> Path:
+def train_processes(cfg: TrainConfig, extra: LabelledImages | None = None,
+                    progress: Callable[[dict], None] | None = None, *, nproc: int,
+                    settings: Settings | None = None) -> Path:
     """``training.train.train`` in ``nproc`` processes under torchrun; the same contract (returns the model
     directory). Rank 0's progress reaches ``progress`` here; whatever it raises (a cancelled job) stops the
     processes and is raised again. A failed run raises RuntimeError with the end of its output."""
-    from training import distributed
-
     with tempfile.TemporaryDirectory(prefix="enrich-train-") as tmp:
         spec_dir = Path(tmp)
         with open(spec_dir / "spec.pkl", "wb") as f:
-            pickle.dump((cfg, extra), f)
+            pickle.dump((cfg, extra, settings), f)
         (spec_dir / "progress.jsonl").touch()
         with open(spec_dir / "output.log", "wb") as out:
             proc = subprocess.Popen(distributed.torchrun_command(nproc, "training.launch", ["--spec", str(spec_dir)]),

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from schemas.taxonomy import Taxonomy
+from training.scores import EvalResult
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # lazy: the backend must be chosen before pyplot is first imported
 
     matplotlib.use("Agg")  # no display here or on servers
     import matplotlib.pyplot as plt
@@ -95,11 +96,11 @@ def _fmt(v: float) -> str:
 
 
 def write_report(out: Path, *, taxonomy: Taxonomy, config: dict, metrics: dict[str, float],
-                 stage_metrics: dict[str, dict[str, float]], history: list[dict], test) -> Path:
+                 stage_metrics: dict[str, dict[str, float]], history: list[dict], test: EvalResult) -> Path:
     """Write metrics.json, summary.md, loss.png, confusion.png, per_label_f1.png, recall_at_k.png."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    per_class = dict(zip(taxonomy.category_names, test.per_class_f1.tolist()))
+    per_class = dict(zip(taxonomy.category_names, test.per_class_f1.tolist(), strict=True))
     (out / "metrics.json").write_text(json.dumps({
         "test": metrics, "stages_best_validation": stage_metrics, "per_class_f1": per_class,
         "per_label_f1": test.per_label_f1,
@@ -119,7 +120,7 @@ def write_report(out: Path, *, taxonomy: Taxonomy, config: dict, metrics: dict[s
              "## Test metrics", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if k != "train_seconds"]
     group_map = {k.split("/map/", 1)[1]: v for k, v in metrics.items() if k.startswith("test/map/")}
-    if group_map:  # seed 002's evaluation: mean average precision per group
+    if group_map:
         lines += ["", "## Per-group mAP (test)", "", "| group | mAP |", "|---|---|"]
         lines += [f"| {g} | {_fmt(v)} |" for g, v in group_map.items()]
     lines += ["", "## Best validation per stage", ""]

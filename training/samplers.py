@@ -1,14 +1,24 @@
-"""Batch samplers (seed 000): M photos per item for triplet mining, class-balanced draws otherwise — and each
+"""Batch samplers: M photos per item for triplet mining, class-balanced draws otherwise — and each
 process's share of them when several train together (``ShardedBatchSampler``)."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Sampler, WeightedRandomSampler
 
 from training.losses import class_weights
+
+
+class Batches(Protocol):
+    """A sized iterable of batches (lists of dataset indices): what the batch samplers here take and give."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[list[int]]: ...
 
 
 class MPerItemSampler(Sampler[int]):
@@ -61,7 +71,7 @@ class BalancedSampler(WeightedRandomSampler):
     """WeightedRandomSampler (with replacement) that draws from a seed of its own, so that ``set_epoch``
     can make a pass depend on (seed, epoch) alone."""
 
-    def __init__(self, weights: torch.Tensor, num_samples: int, seed: int) -> None:
+    def __init__(self, weights: Sequence[float], num_samples: int, seed: int) -> None:
         super().__init__(weights, num_samples, replacement=True, generator=torch.Generator().manual_seed(seed))
         self.seed = seed
 
@@ -76,7 +86,7 @@ def _seed_from(generator: torch.Generator | None) -> int:
 def class_balanced_sampler(labels: np.ndarray, num_classes: int, num_samples: int | None = None,
                            generator: torch.Generator | None = None,
                            labelled: np.ndarray | None = None) -> BalancedSampler:
-    """WeightedRandomSampler whose per-sample weight is its class's seed-000 weight. ``labelled`` marks
+    """WeightedRandomSampler whose per-sample weight is its class's weight (``class_weights``). ``labelled`` marks
     rows with some label: those without a category (an attribute-only correction) weigh 1, the mean."""
     w = class_weights(labels, num_classes)
     other = 0.0 if labelled is None else np.where(labelled, 1.0, 0.0)
@@ -84,8 +94,7 @@ def class_balanced_sampler(labels: np.ndarray, num_classes: int, num_samples: in
     per_sample = np.where(labels >= 0, w[np.clip(labels, 0, None)], other)
     if not per_sample.any():
         per_sample = np.ones(len(labels))
-    return BalancedSampler(torch.as_tensor(per_sample, dtype=torch.double), num_samples or len(labels),
-                           _seed_from(generator))
+    return BalancedSampler(per_sample.astype(np.float64).tolist(), num_samples or len(labels), _seed_from(generator))
 
 
 def make_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
@@ -107,16 +116,16 @@ class _Subset(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         for b in self.batches:
             yield self.rows[np.asarray(b)].tolist()
 
 
 class InterleavedBatchSampler(Sampler[list[int]]):
-    """Alternate batches from several sources, restarting any that runs out (seed 000 interleaves
-    classification batches and retrieval batches when they come from different datasets)."""
+    """Alternate batches from several sources, restarting any that runs out (classification batches and
+    retrieval batches, when they come from different rows or datasets)."""
 
-    def __init__(self, sources: list[Sampler[list[int]]]) -> None:
+    def __init__(self, sources: list[Batches]) -> None:
         if not sources:
             raise ValueError("need at least one batch source")
         self.sources = sources
@@ -124,7 +133,7 @@ class InterleavedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.sources) * max(len(s) for s in self.sources)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         its = [iter(s) for s in self.sources]
         for i in range(len(self)):
             k = i % len(self.sources)
@@ -157,14 +166,14 @@ def make_batch_sampler(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, n
 
 def _global_batches(kind: str, *, labels: np.ndarray, item_ids: np.ndarray, num_classes: int, batch_size: int,
                     m: int, generator: torch.Generator | None, labelled: np.ndarray | None,
-                    classification: bool) -> Sampler[list[int]]:
+                    classification: bool) -> Batches:
     if kind != "m_per_item" or (item_ids >= 0).all():
         return BatchSampler(make_sampler(kind, labels=labels, item_ids=item_ids, num_classes=num_classes,
                                          batch_size=batch_size, m=m, generator=generator, labelled=labelled),
                             batch_size, drop_last=True)
     ret_rows = np.flatnonzero(item_ids >= 0)
     cls_rows = np.flatnonzero(labels >= 0 if labelled is None else labelled) if classification else ret_rows[:0]
-    sources: list[Sampler[list[int]]] = []
+    sources: list[Batches] = []
     if len(ret_rows):
         ret = make_sampler(kind, labels=labels[ret_rows], item_ids=item_ids[ret_rows], num_classes=num_classes,
                            batch_size=batch_size, m=m, generator=generator)
@@ -199,7 +208,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     multiple of m. Each pass is an epoch: pass e's batches depend on the seed and e alone (``set_epoch``
     chooses the next one). ``taken`` queues the shares handed out, for the trainer to count what it used."""
 
-    def __init__(self, batches: Sampler[list[int]], rank: int = 0, world: int = 1) -> None:
+    def __init__(self, batches: Batches, rank: int = 0, world: int = 1) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside a world of {world}")
         self.batches, self.rank, self.world = batches, rank, world
@@ -212,7 +221,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[list[int]]:
         set_epoch(self.batches, self.epoch)
         self.epoch += 1
         for b in self.batches:

@@ -20,6 +20,7 @@ from celery.utils.log import get_task_logger
 
 from core.celery_app import RETRAIN_TASK, app, task_settings
 from core.db import connect, database_url
+from training import jobs
 
 log = get_task_logger(__name__)
 
@@ -31,8 +32,6 @@ TRAIN_TIME_LIMIT_S = 24 * 3600  # prefork pools only (the solo pool has no time 
 @app.task(name=RETRAIN_TASK, bind=True, acks_late=False, max_retries=None, ignore_result=True,
           time_limit=TRAIN_TIME_LIMIT_S, soft_time_limit=TRAIN_TIME_LIMIT_S - 300)
 def retrain(self, job_id: int) -> dict:
-    from training import jobs
-
     settings = task_settings()
     try:
         return jobs.run_job(database_url(settings), int(job_id), settings)
@@ -40,15 +39,13 @@ def retrain(self, job_id: int) -> dict:
         log.info("%s; trying again in %.0fs", exc, LOCK_RETRY_S)
         # back onto the queue it came from (a deployment or a test may use another than "train")
         queue = (self.request.delivery_info or {}).get("routing_key")
-        raise self.retry(countdown=LOCK_RETRY_S, **({"queue": queue} if queue else {}))
+        raise self.retry(countdown=LOCK_RETRY_S, **({"queue": queue} if queue else {})) from exc
 
 
 @worker_ready.connect
 def reap_dead_jobs(sender=None, **_) -> None:
     """A train worker's start: the jobs whose worker died are marked failed now, not at the next job or tick.
     Never stops the worker from starting (the database may be down: it is logged)."""
-    from training import jobs
-
     settings = task_settings()
     queues = sender.app.amqp.queues.consume_from if sender is not None else None
     if not queues or settings.train_queue not in queues:
@@ -62,8 +59,6 @@ def reap_dead_jobs(sender=None, **_) -> None:
 
 @app.task(name=RETRAIN_SCHEDULED_TASK, ignore_result=True)
 def retrain_scheduled() -> dict:
-    from training import jobs
-
     settings = task_settings()
     conn = connect(database_url(settings), autocommit=True)
     try:

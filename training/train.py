@@ -1,4 +1,4 @@
-"""Training: seed 000's staged multitask recipe (or the unified one) — the stages, their loop, validation,
+"""Training: the staged multitask recipe (or the unified one) — the stages, their loop, validation,
 and the run that evaluates, calibrates and saves the model (``train``). Configuration and presets:
 ``training.config``; data: ``training.prepare``.
 
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from core.config import Settings
 from model.checkpoint import load_model, save_model
 from model.inference import Predictions, mixed_precision_dtype, resolve_device
 from model.network import MultitaskModel, build_model
@@ -36,20 +38,23 @@ from schemas.manifest import Lineage
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training import distributed
 from training.config import TINY, StageSpec, TrainConfig, config_dict
-from training.data import LabelledImages, PreparedData, Split, TensorBatches, TorchImages, mask_not_applicable
-from training.evaluate import (
-    EvalResult,
-    calibrate,
-    compute_metrics,
-    eval_set_id,
-    fashion_mnist_metrics,
-    predict_dataset,
+from training.data import (
+    ImageLoader,
+    LabelledImages,
+    PreparedData,
+    Split,
+    TensorBatches,
+    TorchImages,
+    mask_not_applicable,
 )
+from training.eval_sets import eval_set_id
+from training.evaluate import fashion_mnist_metrics, predict_dataset
 from training.fmnist_shop import COLOUR_GROUP
 from training.losses import MultitaskLoss, class_weights, pos_weights, task_weights
 from training.prepare import add_training_rows, prepare_data
 from training.report import write_report
 from training.samplers import make_batch_sampler
+from training.scores import EvalResult, calibrate, compute_metrics
 from training.transforms import AUGMENTATIONS, BatchAugment, train_transform
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ log = logging.getLogger(__name__)
 # (stages "prepare", each training stage — with "budget_s" at its start when time decides —, "test",
 # "save"); it is called at most once every 20 steps.
 ProgressFn = Callable[[dict], None]
+_ONE_PROCESS = distributed.World()  # a run that is not under torchrun
 
 
 def _idle_cores(window_s: float = 0.5) -> float | None:
@@ -99,7 +105,7 @@ def build_criterion(train: LabelledImages, taxonomy: Taxonomy, cfg: TrainConfig)
         t = train.groups[g.name]
         if g.exclusive:
             group_w[g.name] = torch.from_numpy(class_weights(t, len(g.values)))
-            # weak labels (seed 003) count by their loss weight; without any: the plain count
+            # weak labels (read from listing text) count by their loss weight; without any: the plain count
             counts[g.name] = (float(train.weights[g.name][t >= 0].sum()) if g.name in train.weights
                               else int((t >= 0).sum()))
         else:
@@ -109,7 +115,7 @@ def build_criterion(train: LabelledImages, taxonomy: Taxonomy, cfg: TrainConfig)
     return MultitaskLoss(
         category_weight=torch.from_numpy(class_weights(train.category, len(taxonomy.categories))),
         group_weight=group_w, group_pos_weight={k: v for k, v in group_pw.items() if v is not None},
-        group_task_weight={g: (task_weights(counts).get(g, 1.0) if cfg.seed_002_task_weights else 1.0)
+        group_task_weight={g: (task_weights(counts).get(g, 1.0) if cfg.task_weights else 1.0)
                            * cfg.group_loss_weights.get(g, 1.0) for g in counts},
         exclusive=exclusive, weights=cfg.loss_weights, label_smoothing=cfg.label_smoothing, label_loss=cfg.label_loss,
         category_type=torch.tensor([taxonomy.types.index(c.type) for c in taxonomy.categories], dtype=torch.int64),
@@ -155,7 +161,8 @@ def _batches(loader: DataLoader):
 
 
 def predict_shared(model: MultitaskModel, data: LabelledImages, image_size: int, device: torch.device,
-                   world: distributed.World, loader=None, progress: bool = False) -> Predictions:
+                   world: distributed.World, loader: ImageLoader | None = None,
+                   progress: bool = False) -> Predictions:
     """``predict_dataset`` on every row, each rank predicting its share; every rank gets all of them."""
     if world.size == 1 or len(data) < world.size:
         return predict_dataset(model, data, image_size, device, loader=loader, progress=progress)
@@ -169,7 +176,8 @@ def predict_shared(model: MultitaskModel, data: LabelledImages, image_size: int,
 
 
 def validate(model: MultitaskModel, split: Split, cfg: TrainConfig, taxonomy: Taxonomy, device: torch.device,
-             loader=None, world: distributed.World = distributed.World()) -> EvalResult:
+             loader: ImageLoader | None = None, world: distributed.World = _ONE_PROCESS
+             ) -> EvalResult:
     preds = predict_shared(model, split.data, cfg.image_size, device, world, loader=loader)
     return compute_metrics(taxonomy, preds, split.data, query_mask=split.query)
 
@@ -189,7 +197,7 @@ def _validate_into(model: MultitaskModel, spec: StageSpec, data: PreparedData, c
 
 
 # DDP leaves the buffers alone in the steps (newer torch renamed the switch)
-_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+_NO_BUFFER_SYNC: dict[str, Any] = ({"forward_sync_buffers": False}
                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                    else {"broadcast_buffers": False})
 
@@ -214,7 +222,7 @@ class _TrainStep(torch.nn.Module):
 def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criterion: MultitaskLoss,
               cfg: TrainConfig, device: torch.device, generator: torch.Generator, budget_s: float | None,
               history: list[dict], progress: ProgressFn | None = None,
-              world: distributed.World = distributed.World(), rows_used: np.ndarray | None = None
+              world: distributed.World = _ONE_PROCESS, rows_used: np.ndarray | None = None
               ) -> dict[str, float]:
     """Train one stage; returns the best validation's metrics (its weights are the model's at the end).
     ``rows_used``: counts of the training rows this rank trained on, added to."""
@@ -226,7 +234,8 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     cuda = device.type == "cuda"
     amp_dtype = mixed_precision_dtype(device, training=True, model=model) if cfg.amp else None
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and amp_dtype == torch.float16)
-    colour_jitter = cfg.colour_jitter if cfg.colour_jitter is not None else COLOUR_GROUP not in data.taxonomy.group_names
+    colour_jitter = (cfg.colour_jitter if cfg.colour_jitter is not None
+                     else COLOUR_GROUP not in data.taxonomy.group_names)
     batches = make_batch_sampler(spec.sampler, labels=data.train.category, item_ids=data.train.item_ids,
                                  num_classes=len(data.taxonomy.categories), batch_size=cfg.batch_size,
                                  m=cfg.m_per_item, generator=generator, labelled=data.train.labelled(),
@@ -257,8 +266,8 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
     def read_losses() -> None:  # one device→host copy for many steps
         if pending:
             values = world.mean_(torch.stack([v for _, _, v in pending]).float()).tolist()  # the global figures
-            history.extend({"stage": spec.name, "step": st, "lr": lr, **dict(zip(part_names, vals))}
-                           for (st, lr, _), vals in zip(pending, values))
+            history.extend({"stage": spec.name, "step": st, "lr": lr, **dict(zip(part_names, vals, strict=True))}
+                           for (st, lr, _), vals in zip(pending, values, strict=True))
             bar.set_postfix(loss=f"{np.mean([h['total'] for h in history[-len(pending):]]):.4f}")
             pending.clear()
     for step in range(1, spec.steps + 1):
@@ -317,17 +326,18 @@ def run_stage(model: MultitaskModel, spec: StageSpec, data: PreparedData, criter
 
 
 def train(config: TrainConfig, extra_train: LabelledImages | None = None,
-          progress: ProgressFn | None = None) -> Path:
+          progress: ProgressFn | None = None, settings: Settings | None = None) -> Path:
     """Train, evaluate, calibrate and save. Returns the model directory (model.safetensors,
     manifest.json, report/). ``extra_train``: more labelled rows for the training split only, e.g.
     human corrections (``training.corrections``); validation and test stay the fixed sets.
     ``progress``: called with where the run is (``ProgressFn``), e.g. to show a retraining job's progress.
+    ``settings``: where the dataset needs them (the catalogue's database and image loader: training.prepare).
     Started by torchrun, this is one rank of a DistributedDataParallel run (``training.distributed``): every
     rank returns the same directory, rank 0 alone writes it and reports progress."""
     threads = torch.get_num_threads()
     try:
         with distributed.process_group(config.device) as world:
-            return _train(config, extra_train, progress if world.main else None, world)
+            return _train(config, extra_train, progress if world.main else None, world, settings)
     finally:
         torch.set_num_threads(threads)  # the caller's process (e.g. the quickstart) keeps its setting
 
@@ -342,8 +352,9 @@ _RESUME_FIELDS = ("dataset", "taxonomy", "backbone", "image_size", "embedding_di
                   "unified_steps", "batch_size", "m_per_item", "seed")
 
 
-def _load_checkpoint(cfg: TrainConfig) -> dict:
-    ckpt = torch.load(cfg.resume, map_location="cpu", weights_only=True)
+def _load_checkpoint(cfg: TrainConfig, path: Path) -> dict:
+    """The checkpoint ``path`` (``cfg.resume``), if ``cfg`` may go on from it."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     saved, now = ckpt["config"], config_dict(cfg)
     differ = [k for k in _RESUME_FIELDS if saved.get(k) != now.get(k)]
     if differ:
@@ -358,7 +369,8 @@ def _stage_seed(cfg: TrainConfig, stage: int, rank: int) -> int:
 
 
 def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
-           progress: ProgressFn | None = None, world: distributed.World = distributed.World()) -> Path:
+           progress: ProgressFn | None = None, world: distributed.World = _ONE_PROCESS,
+           settings: Settings | None = None) -> Path:
     cfg = config
     report = progress or (lambda _: None)
     if cfg.augment not in AUGMENTATIONS:  # before minutes of data preparation, not after
@@ -366,7 +378,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     if cfg.flip_tta and cfg.augment == "none":  # test-time flips only pay for a model trained with them
         raise RuntimeError("flip_tta needs a model trained with flips; augmentation 'none' has none")
     t_start = time.perf_counter()
-    ckpt = _load_checkpoint(cfg) if cfg.resume is not None else None
+    ckpt = _load_checkpoint(cfg, cfg.resume) if cfg.resume is not None else None
     # corrections received after this are held out from the model
     started_at = datetime.fromisoformat(ckpt["started_at"]) if ckpt else datetime.now(UTC)
     # one version for all ranks (their clocks may straddle a second)
@@ -382,9 +394,9 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick its fastest kernels
     taxonomy = load_taxonomy(cfg.taxonomy)
     report({"stage": "prepare"})
-    data = prepare_data(cfg, taxonomy)
+    data = prepare_data(cfg, taxonomy, settings)
     n_extra = len(extra_train) if extra_train is not None else 0
-    if n_extra:
+    if extra_train is not None and n_extra:
         data.train = mask_not_applicable(add_training_rows(data.train, extra_train, cfg.correction_repeats),
                                          taxonomy)
         log.info("training set: %d extra row(s) ×%d added (%d in all)", n_extra, cfg.correction_repeats,
@@ -442,7 +454,8 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
                              started_at=started_at, started_from=started_from, fingerprint=fingerprint,
                              generator=generator, history=history, stage_metrics=stage_metrics, spent=spent)
     train_s = time.perf_counter() - t_train
-    if world.size > 1 and len(set(world.gather(_weights_digest(model)))) > 1:  # DDP keeps them equal: a broken run otherwise
+    # DistributedDataParallel keeps the ranks' weights equal: a broken run otherwise
+    if world.size > 1 and len(set(world.gather(_weights_digest(model)))) > 1:
         raise RuntimeError("the processes of this run ended with different weights")
     prepare_s = t_prepared - t_start
 
@@ -461,7 +474,7 @@ def _train(config: TrainConfig, extra_train: LabelledImages | None = None,
     test = compute_metrics(taxonomy, test_preds, data.test.data, label_thresholds, query_mask=data.test.query,
                            shelf_category_weight=model.shelf_category_weight)
     metrics = {f"test/{k}": v for k, v in test.metrics.items() if not math.isnan(v)}
-    if data.plain_test is not None:
+    if data.plain_test is not None and data.grey_test is not None:
         metrics.update(fashion_mnist_metrics(model, test_preds, data.test, data.plain_test, data.grey_test,
                                              cfg.image_size, device))
     metrics["train_seconds"] = train_s  # the stages, validations included

@@ -1,4 +1,5 @@
-"""Augmentation (seed 000) and the eval transform, on uint8 HWC arrays → normalised CHW tensors."""
+"""Training augmentation (the levels of ``TrainConfig.augment``) and the eval transform, on uint8 HWC arrays →
+normalised CHW tensors."""
 from __future__ import annotations
 
 import math
@@ -10,15 +11,15 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from model.inference import image_to_tensor
+from training.config import AUGMENTATIONS
 
-AUGMENTATIONS = ("seed", "shift", "light", "none")
 SHIFT = 0.1  # "shift": translation up to 10 % of the side (±2.8 px at 28 px)
 
 
 def train_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...], colour_jitter: bool = True,
-                    scale: tuple[float, float] = (0.7, 1.0), erasing: float = 0.5, level: str = "seed") -> v2.Compose:
-    """``seed``: flip, ±10° rotation, colour jitter (off when colour is a predicted attribute), random
-    resized crop, random erasing (seed 000). ``shift``: the seed's set with translation instead of the
+                    scale: tuple[float, float] = (0.7, 1.0), erasing: float = 0.5, level: str = "full") -> v2.Compose:
+    """``full``: flip, ±10° rotation, colour jitter (off when colour is a predicted attribute), random
+    resized crop, random erasing. ``shift``: the full set with translation instead of the
     resized crop and rotation — garments keep their scale and shape (the long-run choice for small,
     centred photos such as Fashion-MNIST). ``light``: flip and a mild crop only — converges faster in
     a minutes-long CPU budget. ``none``: the eval transform. Then the backbone's normalisation."""
@@ -63,10 +64,10 @@ class BatchAugment:
 
     Why: per-image v2 transforms in DataLoader workers were the bottleneck — on 2 CPU cores they
     cost as much as the small CNN's step, and on a GPU they starve it. Hue jitter is left out (the
-    seed's other jitters are kept); rotation and crop pad with the border (the photo's background)."""
+    other jitters are kept); rotation and crop pad with the border (the photo's background)."""
 
     def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], colour_jitter: bool = True,
-                 scale: tuple[float, float] = (0.7, 1.0), erasing: float = 0.5, level: str = "seed",
+                 scale: tuple[float, float] = (0.7, 1.0), erasing: float = 0.5, level: str = "full",
                  generator: torch.Generator | None = None) -> None:
         if level not in AUGMENTATIONS:
             raise RuntimeError(f"Invalid augmentation {level!r}. Only {', '.join(AUGMENTATIONS)} are supported.")
@@ -111,7 +112,7 @@ class BatchAugment:
                              torch.stack([w * sin * flip, h * cos, cy], 1)], 1)
         grid = F.affine_grid(theta, [b, 3, self.size, self.size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        if self.jitter:  # brightness, contrast, saturation ±0.2 (seed 000), per image
+        if self.jitter:  # brightness, contrast, saturation ±0.2, per image
             j = 0.8 + 0.4 * self._rand(3, b, 1, 1, 1, device=dev)
             x = x * j[0]
             grey = x.mean(dim=(1, 2, 3), keepdim=True)

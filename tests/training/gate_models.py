@@ -6,16 +6,17 @@ import json
 import shutil
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
+from model.checkpoint import file_sha256, read_manifest
+from training.gate import CLASS_RECALL
+
 
 def biased_copy(src: Path, dest: Path, version: str, category: int | None = None, shift: float = 0.0,
                 metrics: dict | None = None, eval_set: str | None = None) -> Path:
     """A copy of the model directory ``src`` under another version; ``shift`` added to ``category``'s logit
     (-100: it never predicts that category, +100: it predicts nothing else); ``metrics`` and ``eval_set``
     replace the stored ones when given."""
-    from safetensors.torch import load_file, save_file
-
-    from model.checkpoint import file_sha256
-
     shutil.copytree(src, dest)
     weights = dest / "model.safetensors"
     if category is not None:
@@ -34,9 +35,6 @@ def biased_copy(src: Path, dest: Path, version: str, category: int | None = None
 
 def best_category(model_dir: Path) -> tuple[int, str]:
     """(index, name) of the category the model recalls best on its fixed evaluation set (stored figures)."""
-    from model.checkpoint import read_manifest
-    from training.gate import CLASS_RECALL
-
     manifest = read_manifest(model_dir)
     names = manifest.taxonomy.category_names
     recall = {n: manifest.metrics.get(CLASS_RECALL + n, -1.0) for n in names}

@@ -23,7 +23,7 @@ def test_level_none_is_exactly_the_predictors_preprocessing():
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("level", ["none", "light", "shift", "seed"])
+@pytest.mark.parametrize("level", ["none", "light", "shift", "full"])
 def test_shapes_and_resizing(level):
     out = BatchAugment(32, *HALF, level=level)(torch.from_numpy(_photos(size=28)))
     assert out.shape == (6, 3, 32, 32) and out.dtype == torch.float32
@@ -32,9 +32,9 @@ def test_shapes_and_resizing(level):
 
 def test_same_generator_seed_same_batch_and_new_seed_differs():
     x = torch.from_numpy(_photos())
-    a = BatchAugment(28, *HALF, level="seed", generator=torch.Generator().manual_seed(3))(x)
-    b = BatchAugment(28, *HALF, level="seed", generator=torch.Generator().manual_seed(3))(x)
-    c = BatchAugment(28, *HALF, level="seed", generator=torch.Generator().manual_seed(4))(x)
+    a = BatchAugment(28, *HALF, level="full", generator=torch.Generator().manual_seed(3))(x)
+    b = BatchAugment(28, *HALF, level="full", generator=torch.Generator().manual_seed(3))(x)
+    c = BatchAugment(28, *HALF, level="full", generator=torch.Generator().manual_seed(4))(x)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
 
@@ -44,19 +44,19 @@ def test_geometry_without_jitter_keeps_a_garments_colour():
     red = np.zeros((16, 28, 28, 3), np.uint8)
     red[..., 0] = 215
     red[..., 1:] = 30
-    aug = BatchAugment(28, *HALF, level="seed", colour_jitter=False, erasing=0.0,
+    aug = BatchAugment(28, *HALF, level="full", colour_jitter=False, erasing=0.0,
                        generator=torch.Generator().manual_seed(0))
     out = aug(torch.from_numpy(red))
     want = (torch.tensor([215, 30, 30]) / 255.0 - 0.5) / 0.5
     assert torch.allclose(out, want.view(1, 3, 1, 1).expand_as(out), atol=1e-5)
-    jittered = BatchAugment(28, *HALF, level="seed", colour_jitter=True, erasing=0.0,
+    jittered = BatchAugment(28, *HALF, level="full", colour_jitter=True, erasing=0.0,
                             generator=torch.Generator().manual_seed(0))(torch.from_numpy(red))
     assert (jittered - want.view(1, 3, 1, 1)).abs().amax(dim=(1, 2, 3)).min() > 0.01  # every photo changed
 
 
 def test_shift_moves_a_garment_without_resizing_it():
     # a 10×6 white block on black: "shift" keeps its size (area) and moves it at most 10 % of the side;
-    # the seed's resized crop zooms it
+    # the full set's resized crop zooms it
     block = np.zeros((64, 28, 28, 3), np.uint8)
     block[:, 9:19, 11:17] = 255
     def areas_and_centres(level):
@@ -71,13 +71,13 @@ def test_shift_moves_a_garment_without_resizing_it():
     assert torch.allclose(area, torch.full_like(area, 60.0), atol=0.5)
     assert float((cy - 13.5).abs().max()) <= 2.8 + 1e-3 and float((cx - 13.5).abs().max()) <= 2.8 + 1e-3
     assert float((cy - 13.5).abs().max()) > 1.0  # it does move
-    zoomed, _, _ = areas_and_centres("seed")
+    zoomed, _, _ = areas_and_centres("full")
     assert float(zoomed.max()) > 66.0  # crops of 70–100 % of the photo enlarge the garment
 
 
 def test_random_erasing_blanks_one_rectangle_of_2_to_15_percent():
     white = np.full((32, 28, 28, 3), 255, np.uint8)
-    out = BatchAugment(28, *HALF, level="seed", colour_jitter=False, erasing=1.0,
+    out = BatchAugment(28, *HALF, level="full", colour_jitter=False, erasing=1.0,
                        generator=torch.Generator().manual_seed(1))(torch.from_numpy(white))
     erased = (out == 0).all(dim=1)  # (B, H, W): normalised value 0 in every channel
     frac = erased.float().mean(dim=(1, 2))
@@ -85,7 +85,7 @@ def test_random_erasing_blanks_one_rectangle_of_2_to_15_percent():
     for m in erased:  # a rectangle: its bounding box is completely erased
         rows, cols = torch.nonzero(m.any(1)).flatten(), torch.nonzero(m.any(0)).flatten()
         assert bool(m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all())
-    kept = BatchAugment(28, *HALF, level="seed", colour_jitter=False, erasing=0.0)(torch.from_numpy(white))
+    kept = BatchAugment(28, *HALF, level="full", colour_jitter=False, erasing=0.0)(torch.from_numpy(white))
     assert torch.allclose(kept, torch.ones_like(kept), atol=1e-5)
 
 
@@ -105,7 +105,7 @@ def test_tensor_batches_gather_rows_with_their_labels():
     assert b["group/colour"].tolist() == [2, 2, 2]
     assert torch.equal(b["image"][0], image_to_tensor(Image.fromarray(data.images[7]), 28, *HALF))
     # endless: more batches than one pass of the sampler holds
-    batches = list(zip(range(5), tb.iterate([[0, 1], [2, 3]])))
+    batches = list(zip(range(5), tb.iterate([[0, 1], [2, 3]]), strict=False))  # the first 5 of an endless stream
     assert [b["category"].tolist() for _, b in batches] == [[0, 1], [2, 0], [0, 1], [2, 0], [0, 1]]
 
 

@@ -1,4 +1,4 @@
-"""Calibrated thresholds never shut a label out (issue 37): a per-label threshold needs MIN_SUPPORT validation
+"""Calibrated thresholds never shut a label out: a per-label threshold needs MIN_SUPPORT validation
 examples, and no threshold exceeds MAX_THRESHOLD."""
 from __future__ import annotations
 

@@ -1,13 +1,15 @@
-"""Seller labels as noisy data (seed 002): the catalogue reader over Postgres and a JSONL export, and
-`enrich train --dataset catalogue` with a marketplace's own taxonomy, task weights on and off."""
+"""Seller labels as noisy data: the catalogue reader over Postgres and a JSONL export, and
+`enrich train --dataset catalogue` with a marketplace's own taxonomy, per-task loss weights on and off."""
 import hashlib
 import json
+from dataclasses import replace
 
 import pytest
 from PIL import Image
 from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
+from core.config import Settings
 from schemas.events import ListingEvent
 from schemas.taxonomy import Taxonomy
 from training.catalogue import (
@@ -19,6 +21,7 @@ from training.catalogue import (
     split_of,
     split_rows,
 )
+from training.config import TINY
 from training.losses import MISSING
 
 TAXONOMY = {
@@ -51,7 +54,7 @@ def _listings(tmp_path):
             img.save(path)
             uris.append(str(path))
         attrs = {"colour": colour}
-        if i % 3 == 0:  # a sparse group: seed 002's task weights lift it
+        if i % 3 == 0:  # a sparse group: the per-task weights weigh it by its share of labels, with a floor
             attrs["style"] = "casual" if i % 2 else "formal,sport"
         if i == 0:
             attrs["colour"] = "purple"
@@ -104,7 +107,7 @@ def _load(uri):
     return Image.open(uri)
 
 
-def test_reader_labels_corrections_masks_and_splits(db, catalogue):
+def test_reader_labels_corrections_masks_and_splits(db, pg_url, catalogue, tmp_path):
     events, _, export, _ = catalogue
     rows = rows_from_postgres(db)
     assert [r.listing_id for r in rows] == sorted(ev.listing_id for ev in events)
@@ -112,7 +115,9 @@ def test_reader_labels_corrections_masks_and_splits(db, catalogue):
     assert by_id["l20"].seller["colour"] == "red" and by_id["l20"].labels["colour"] == "blue"  # corrected wins
     assert "type" not in by_id["l20"].labels  # predicted tags are no labels
     # the JSONL export gives the same rows
-    assert rows_from_jsonl(export) == rows and read_rows(export.parent) == rows  # a file, a folder export
+    settings = Settings(data_dir=tmp_path / "data", database_url=pg_url)
+    assert read_rows("postgres", settings) == rows  # the database of the settings given
+    assert rows_from_jsonl(export) == rows and read_rows(export.parent, settings) == rows  # a file, a folder export
     taxonomy = Taxonomy.model_validate(TAXONOMY)
     data, query, n = rows_to_images(rows[:4], taxonomy, _load, size=16, photos_per_item=2)
     assert n == 4 and data.images.shape == (8, 16, 16, 3) and query.tolist() == [True, False] * 4
@@ -128,15 +133,12 @@ def test_reader_labels_corrections_masks_and_splits(db, catalogue):
     assert not rows_to_images(odd, taxonomy, _load, 16, 1)[0].present["style"].any()
     # corrected listings repeat at full weight in training
     assert len(rows_to_images(rows[:6], taxonomy, _load, 16, 1, repeats_corrected=3)[0]) == 6 + 2 * 2
-    # seed 002's per-task weights: the sparse style group is lifted relative to its label share
-    from dataclasses import replace
-
-    from training.config import TINY
+    # the per-task weights: the sparse style group weighs by its share of labels
     from training.train import build_criterion
 
     all_rows = rows_to_images(rows, taxonomy, _load, 16, 1)[0]
     off = build_criterion(all_rows, taxonomy, replace(TINY, group_loss_weights={})).group_task_weight
-    on = build_criterion(all_rows, taxonomy, replace(TINY, group_loss_weights={}, seed_002_task_weights=True))
+    on = build_criterion(all_rows, taxonomy, replace(TINY, group_loss_weights={}, task_weights=True))
     assert off == {"colour": 1.0, "style": 1.0}
     assert on.group_task_weight["colour"] == 1.0 and 0.3 < on.group_task_weight["style"] < 0.4  # 16 of 47
     # deterministic split by listing id
@@ -144,6 +146,22 @@ def test_reader_labels_corrections_masks_and_splits(db, catalogue):
     assert all(parts[s] for s in ("train", "val", "test"))
     assert [split_of(r.listing_id) for r in rows] == [split_of(r.listing_id) for r in rows_from_jsonl(export)]
     assert {r.listing_id for r in parts["test"]} == {r.listing_id for r in rows if split_of(r.listing_id) == "test"}
+
+
+def _style_weights(model_dir) -> list[float]:
+    """The style group's loss factor each classification step of a training run used, solved from the losses its
+    report recorded: a step's total is λret·(triplet + λcond·condition) + λcls·(cat + type + Σ_g w_g·L_g), the
+    parts unweighted. Colour's factor is the preset's fixed 0.1 (colour has the most labels: per-task weight 1)."""
+    history = json.loads((model_dir / "report" / "metrics.json").read_text())["history"]
+    w, colour = TINY.loss_weights, TINY.group_loss_weights["colour"]
+    out = []
+    for step in history:
+        if step.get("attr/style", 0.0) < 1e-3:  # no classification in the step, or no style label in its batch
+            continue
+        cls = step["total"] - w.ret * (step.get("triplet", 0.0) + w.condition * step.get("condition", 0.0))
+        out.append((cls / w.cls - step["cat"] - step.get("type", 0.0) - colour * step["attr/colour"])
+                   / step["attr/style"])
+    return out
 
 
 def test_train_on_seller_labels_with_task_weights_on_and_off(db, pg_url, catalogue, tmp_path, monkeypatch):
@@ -167,9 +185,15 @@ def test_train_on_seller_labels_with_task_weights_on_and_off(db, pg_url, catalog
         manifest = json.loads((model_dir / "manifest.json").read_text())
         assert manifest["dataset"] == "catalogue" and manifest["eval_set"].startswith("catalogue:shop-2026:test:")
         report = json.loads((model_dir / "report" / "metrics.json").read_text())
-        assert report["config"]["seed_002_task_weights"] is (flag == "--task-weights")
+        assert report["config"]["task_weights"] is (flag == "--task-weights")
         assert "map/colour" not in report["per_group_map"] and "colour" in report["per_group_map"]
         assert "## Per-group mAP (test)" in (model_dir / "report" / "summary.md").read_text()
+    # the flag reaches the loss: with it, the sparse style group trained at its share of the labels (about a
+    # third of colour's), without it at 1
+    on_w, off_w = _style_weights(tmp_path / "models" / "tw-on"), _style_weights(tmp_path / "models" / "tw-off")
+    assert on_w and off_w
+    assert off_w == pytest.approx([1.0] * len(off_w), abs=1e-3)
+    assert on_w == pytest.approx([on_w[0]] * len(on_w), abs=1e-3) and 0.2 < on_w[0] < 0.6
     # the same test split from either source: the same evaluation set
     on = json.loads((tmp_path / "models" / "tw-on" / "manifest.json").read_text())
     off = json.loads((tmp_path / "models" / "tw-off" / "manifest.json").read_text())
@@ -197,18 +221,19 @@ def test_retrain_job_honours_task_weight_setting(tmp_path):
 
     for flag in (False, True):
         cfg = job_config({"preset": "tiny"}, Settings(data_dir=tmp_path, retrain_task_weights=flag), job_id=1)
-        assert cfg.seed_002_task_weights is flag
+        assert cfg.task_weights is flag
 
 
 def test_retrain_job_trains_on_the_catalogue_when_configured(tmp_path):
     from core.config import Settings
-    from training.jobs import evaluation_cfg, job_config
+    from training.eval_sets import eval_config
+    from training.jobs import job_config
 
     settings = Settings(data_dir=tmp_path, retrain_dataset="catalogue", retrain_catalogue="/exports/shop.jsonl",
                         retrain_taxonomy="fashion-mnist")
     cfg = job_config({"preset": "tiny"}, settings, job_id=3)
     assert (cfg.dataset, cfg.catalogue_source, cfg.taxonomy) == ("catalogue", "/exports/shop.jsonl", "fashion-mnist")
-    assert evaluation_cfg(cfg).catalogue_source == "/exports/shop.jsonl"  # candidate and active on one set
+    assert eval_config(cfg).catalogue_source == "/exports/shop.jsonl"  # candidate and active on one set
     with pytest.raises(ValueError, match="ENRICH_RETRAIN_TAXONOMY"):
         job_config({"preset": "tiny"}, Settings(data_dir=tmp_path, retrain_dataset="catalogue"), job_id=4)
 

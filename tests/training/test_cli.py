@@ -87,7 +87,7 @@ def test_promote_cli_records_who_and_why_and_starts_the_backfill(db, pg_url, tin
         assert "backfill of tiny-test enqueued" in res.output
         assert queue_depth("backfill") == 1
         move = history(db)[0]
-        assert (move["action"], move["model_version"], move["actor"], move["reason"]) == \
+        assert (move.action, move.model_version, move.actor, move.reason) == \
             ("promote", "tiny-test", "alice", "first model")
     finally:
         with Connection(broker) as conn:

@@ -93,7 +93,7 @@ def test_a_retraining_jobs_training_rows_exclude_held_out_listings(db, pg_url, t
         _correct(db, lid, "category", "Shirt", photo)
     received = []
 
-    def fake_train(cfg, extra, progress):
+    def fake_train(cfg, extra, progress, settings=None):
         received.append(extra)
         raise _Trained
 

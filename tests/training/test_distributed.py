@@ -40,7 +40,7 @@ def test_sharded_batches_are_disjoint_cover_the_global_batch_and_follow_the_seed
     sampler = "balanced" if kind == "balanced" else "m_per_item"
     (whole,), (r0, r1) = _shares(sampler, 1, **data), _shares(sampler, 2, **data)
     assert len(r0) == len(r1) == len(whole) > 4
-    for b, s0, s1 in zip(whole, r0, r1):
+    for b, s0, s1 in zip(whole, r0, r1, strict=True):
         assert len(s0) == len(s1) == 4
         assert s0 + s1 == b  # together: the batch one process trains on
         if kind == "m_per_item":  # M-per-item runs stay whole on each rank, and no photo is on both
@@ -101,7 +101,7 @@ def _losses(model_dir) -> np.ndarray:
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one_with_the_same_global_batch(tmp_path, fmnist_dir, db, pg_url):
     env = _env(tmp_path, ENRICH_DATABASE_URL=pg_url, ENRICH_FMNIST_DIR=str(fmnist_dir))
-    one = _enrich_train(tmp_path, tmp_path / "one", "tiny-1proc", env=env)
+    _enrich_train(tmp_path, tmp_path / "one", "tiny-1proc", env=env)
     two = _enrich_train(tmp_path, tmp_path / "two", "tiny-2proc", "--nproc", "2", "--register", env=env)
     d1, d2 = tmp_path / "one" / "tiny-1proc", tmp_path / "two" / "tiny-2proc"
 

@@ -11,20 +11,25 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from enrich.cli import app
+from model.checkpoint import read_manifest
 from schemas.taxonomy import Taxonomy, load_taxonomy
-from training.config import TINY
+from training.config import TINY, TrainConfig
 from training.deepfashion import InShopRecords, inshop_partition, inshop_val_items, prepare_deepfashion
-from training.evaluate import (
+from training.eval_sets import (
+    DATASET_TAXONOMY,
     EvalSetError,
+    eval_config,
     eval_set_id,
     eval_set_mismatch,
-    evaluate_model,
-    evaluation_config,
+    model_dataset,
+    model_eval_config,
     parse_eval_set_id,
-    reevaluate_for_gate,
     same_eval_set,
 )
+from training.evaluate import evaluate_model, reevaluate_for_gate
 from training.prepare import evaluation_set, prepare_data
+from training.train import train
 
 DF = Path(__file__).parent / "fixtures" / "deepfashion"
 DF_CFG = replace(TINY, dataset="deepfashion", data_dir=DF, taxonomy="deepfashion", backbone="small_cnn",
@@ -32,8 +37,6 @@ DF_CFG = replace(TINY, dataset="deepfashion", data_dir=DF, taxonomy="deepfashion
 
 
 def _train(out_dir: Path, version: str, **overrides) -> Path:
-    from training.train import train
-
     return train(replace(DF_CFG, out_dir=out_dir, model_version=version, **overrides))
 
 
@@ -85,8 +88,8 @@ def test_inshop_val_items_are_train_items_held_out_whole():
     test = set(items[np.isin(part, ("query", "gallery"))])
     assert len(val) == 5  # a tenth of the 50 train items
     assert not val & train and not val & test and not train & test  # items, not photos, are split
-    assert val | train == {k for k, p in zip(rec.item_ids, rec.partition) if p == "train"}
-    assert test == {k for k, p in zip(rec.item_ids, rec.partition) if p != "train"}  # the test as published
+    assert val | train == {k for k, p in zip(rec.item_ids, rec.partition, strict=True) if p == "train"}
+    assert test == {k for k, p in zip(rec.item_ids, rec.partition, strict=True) if p != "train"}  # as published
     assert (part[rec.partition != "train"] == rec.partition[rec.partition != "train"]).all()
     for item in val:  # one query per held-out item, the rest gallery
         assert (part[items == item] == "val_query").sum() == 1
@@ -105,7 +108,7 @@ def test_deepfashion_validation_never_sees_a_test_item(tmp_path):
     (root / "inshop" / "Eval").mkdir(parents=True)
     (root / "inshop" / "Eval" / "list_eval_partition.txt").write_text(
         f"{len(rec.images)}\nimage_name item_id evaluation_status\n"
-        + "".join(f"{im} {k} {p}\n" for im, k, p in zip(rec.images, rec.item_ids, rec.partition)))
+        + "".join(f"{im} {k} {p}\n" for im, k, p in zip(rec.images, rec.item_ids, rec.partition, strict=True)))
     cfg = replace(DF_CFG, data_dir=root)
     data = prepare_deepfashion(cfg, load_taxonomy("deepfashion"))
 
@@ -167,8 +170,6 @@ def test_evaluate_a_deepfashion_model(df_model):
 
 
 def test_evaluate_cli_on_a_deepfashion_model(df_model, tmp_path):
-    from enrich.cli import app
-
     out = tmp_path / "m.json"
     res = CliRunner().invoke(app, ["evaluate", str(df_model), "--device", "cpu", "--output", str(out)])
     assert res.exit_code == 0, res.output
@@ -178,8 +179,6 @@ def test_evaluate_cli_on_a_deepfashion_model(df_model, tmp_path):
 
 
 def test_a_custom_taxonomy_without_a_reader_is_a_clear_error(df_model, tmp_path):
-    from enrich.cli import app
-
     custom = _relabelled_copy(df_model, tmp_path / "custom", version="custom", taxonomy_name="shop-2025",
                               report=False)
     with pytest.raises(EvalSetError, match="taxonomy 'shop-2025' and records no dataset.*catalogue reader"):
@@ -198,7 +197,37 @@ def test_a_custom_taxonomy_without_a_reader_is_a_clear_error(df_model, tmp_path)
         evaluate_model(catalogue, device="cpu", progress=False)
     # a custom taxonomy trained on DeepFashion (labels mapped by name) is measured on DeepFashion
     renamed = _relabelled_copy(df_model, tmp_path / "renamed", version="renamed", taxonomy_name="shop-2025")
-    assert evaluation_config(renamed).dataset == "deepfashion"
+    assert model_eval_config(renamed).dataset == "deepfashion"
+
+
+# --- the evaluation set of a training configuration and of a saved model ---------------------------------
+
+def test_a_job_measures_on_the_set_its_model_records(df_model, tmp_path):
+    """A retraining job measures candidate and active model on ``eval_config`` of its training configuration:
+    the very set the model it trains records, and the one its saved directory is measured on again."""
+    job_set = eval_config(replace(DF_CFG, batch_size=7, stage_steps=(9, 9, 9), label_smoothing=0.1))
+    assert job_set == eval_config(DF_CFG) and job_set.batch_size == TrainConfig().batch_size  # the rest: defaults
+    assert model_eval_config(df_model) == job_set
+    assert eval_set_id(job_set) == eval_set_id(df_model)  # the id its manifest records
+    # a model without its manifest's id: the set is rebuilt from its training report alone
+    bare = _relabelled_copy(df_model, tmp_path / "bare", version="bare")
+    manifest = json.loads((bare / "manifest.json").read_text())
+    manifest.pop("eval_set")
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    assert eval_set_id(bare) == eval_set_id(df_model)
+    # overrides win; a base for another dataset than the model's is refused
+    assert model_eval_config(df_model, seed=3).seed == 3
+    with pytest.raises(EvalSetError, match="trained for 'deepfashion'"):
+        model_eval_config(df_model, replace(DF_CFG, dataset="fmnist-shop"))
+
+
+def test_a_bundled_taxonomy_names_its_dataset(df_model, tiny_model_dir, tmp_path):
+    """A model that records no dataset (no manifest field, no report) is taken for the dataset its bundled
+    taxonomy was made for: the inverse of the taxonomy a retraining job gives each dataset."""
+    for model_dir, dataset in ((df_model, "deepfashion"), (tiny_model_dir, "fmnist-shop")):
+        old = _relabelled_copy(model_dir, tmp_path / dataset, version=f"old-{dataset}", report=False)
+        assert read_manifest(old).taxonomy.name == DATASET_TAXONOMY[dataset]
+        assert model_dataset(old) == dataset == model_eval_config(old).dataset
 
 
 # --- the gate: one set, or no comparison --------------------------------------------------------------
@@ -219,14 +248,13 @@ def test_reevaluation_refuses_models_for_different_datasets_or_taxonomies(df_mod
 
 @pytest.mark.integration
 def test_promote_reevaluate_refuses_a_model_for_another_dataset(db, pg_url, tiny_model_dir, df_model, tmp_path):
-    from enrich.cli import app
-
     runner = CliRunner()
     res = runner.invoke(app, ["promote", str(df_model), "--no-backfill", "--database-url", pg_url])
     assert res.exit_code == 0, res.output  # first model: nothing to compare with
     twin = _relabelled_copy(df_model, tmp_path / "twin", version="df-twin")
     res = runner.invoke(app, ["promote", str(twin), "--reevaluate", "--no-backfill", "--database-url", pg_url])
     assert res.exit_code == 0 and "promoted df-twin" in res.output, res.output  # same set, same numbers
-    res = runner.invoke(app, ["promote", str(tiny_model_dir), "--reevaluate", "--no-backfill", "--database-url", pg_url])
+    res = runner.invoke(app, ["promote", str(tiny_model_dir), "--reevaluate", "--no-backfill",
+                              "--database-url", pg_url])
     assert res.exit_code == 1 and "refused tiny-test" in res.output and "different datasets" in res.output
     assert db.execute("SELECT model_version FROM models WHERE status = 'active'").fetchall() == [("df-twin",)]

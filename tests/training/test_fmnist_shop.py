@@ -29,7 +29,7 @@ def test_tint_is_on_the_garment(fmnist_dir, fmnist_taxonomy):
     values = fmnist_taxonomy.group("colour").values
     red = values.index("red")
     shop = build_shop(x[:5], y[:5], fmnist_taxonomy, photos_per_item=1, colours=np.full(5, red))
-    for img, src in zip(shop.images, x[:5]):
+    for img, src in zip(shop.images, x[:5], strict=True):
         garment = img[src > 200].astype(float).mean(axis=0)
         background = img[src == 0].astype(float)
         assert garment[0] > garment[1] + 80 and garment[0] > garment[2] + 80  # red
@@ -79,11 +79,12 @@ def test_grey_repeats_raise_the_grey_share_only(fmnist_dir, fmnist_taxonomy):
     assert np.tile(g1.category, 3).tolist() == g3.category.tolist()
 
 
-# --- listing text (issue 23) ----------------------------------------------------------------------------------
+# --- listing text ----------------------------------------------------------------------------------------
 
 def _truths(n: int, fmnist_taxonomy, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, len(fmnist_taxonomy.categories), n), rng.integers(0, len(fmnist_taxonomy.group("colour").values), n)
+    colours = len(fmnist_taxonomy.group("colour").values)
+    return rng.integers(0, len(fmnist_taxonomy.categories), n), rng.integers(0, colours, n)
 
 
 def test_listing_texts_are_deterministic_per_seed(fmnist_taxonomy):
@@ -103,7 +104,7 @@ def test_listing_text_noise_shares_are_within_tolerance(fmnist_taxonomy):
     cat, col = _truths(4000, fmnist_taxonomy, seed=1)
     texts = listing_texts(cat, col, fmnist_taxonomy, seed=2, noise=noise)
     names, colours = fmnist_taxonomy.category_names, fmnist_taxonomy.group("colour").values
-    present = [(t, c, k) for t, c, k in zip(texts, cat, col) if not t.missing]
+    present = [(t, c, k) for t, c, k in zip(texts, cat, col, strict=True) if not t.missing]
     n = len(present)
     assert abs(1 - n / 4000 - noise.missing) < 0.025
     assert abs(sum(t.category != names[c] for t, c, _ in present) / n - noise.wrong_category) < 0.02
@@ -125,7 +126,7 @@ def test_clean_listing_text_is_understood_by_the_matcher(fmnist_taxonomy):
     cat, col = _truths(1500, fmnist_taxonomy, seed=3)
     texts = listing_texts(cat, col, fmnist_taxonomy, seed=4)
     names, colours = fmnist_taxonomy.category_names, fmnist_taxonomy.group("colour").values
-    clean = [(t, names[c], colours[k]) for t, c, k in zip(texts, cat, col)
+    clean = [(t, names[c], colours[k]) for t, c, k in zip(texts, cat, col, strict=True)
              if not t.missing and t.distractor is None and t.category == names[c] and t.colour == colours[k]]
     assert len(clean) > 700 and {t.language for t, _, _ in clean} == {"en", "fr", "de"}
     for t, category, colour in clean:

@@ -4,12 +4,20 @@ promotions recorded with who, why and what they overrode, the per-class and held
 from __future__ import annotations
 
 import json
+from itertools import count, islice
 
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from core.config import Settings
+from enrich.cli import app
+from model.registry import active_version, get_model, promote, register_candidate
 from tests.training.gate_models import biased_copy
+from tests.worker.conftest import save_small_model
+from training import gate
+from training.corrections import is_held_out
+from training.gate import FAIL, PASS, REFUSED, decide
 
 SET_A = "fmnist-shop:fashion-mnist:test:aaaa"
 CATEGORIES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -31,21 +39,15 @@ def _events(db, version: str) -> list[tuple[str, str, str, dict]]:
 @pytest.fixture()
 def small(tmp_path):
     """A saved (random) small model; its copies carry the figures a test gives them."""
-    from tests.worker.conftest import save_small_model
-
     return save_small_model(tmp_path / "small", "small", seed=0)
 
 
 def _register(db, small, tmp_path, version, metrics, eval_set=SET_A, **bias):
-    from model.registry import register_candidate
-
     register_candidate(db, biased_copy(small, tmp_path / version, version, metrics=metrics, eval_set=eval_set,
                                        **bias), actor="trainer", reason=f"seeded {version}")
 
 
 def _seed_active(db, small, tmp_path, metrics=None, **bias):
-    from model.registry import promote
-
     _register(db, small, tmp_path, "m-a", metrics or _figures(0.80), **bias)
     assert promote(db, "m-a", actor="seed", reason="first").promoted
 
@@ -53,8 +55,6 @@ def _seed_active(db, small, tmp_path, metrics=None, **bias):
 # ---- the decision itself ------------------------------------------------------------------------------
 
 def test_the_per_class_check_refuses_a_candidate_better_overall_but_worse_on_one_category():
-    from training.gate import FAIL, PASS, decide
-
     active = _figures(0.80)
     worse_on_shirts = _figures(0.85, {"Shirt": 0.70})  # better top-1, 0.10 lower on one category
     v = decide(worse_on_shirts, active, tolerance=0.0, class_margin=0.05)
@@ -69,8 +69,6 @@ def test_the_per_class_check_refuses_a_candidate_better_overall_but_worse_on_one
 
 
 def test_held_out_corrections_count_when_there_are_enough():
-    from training.gate import FAIL, PASS, decide
-
     active = _figures(0.80)
     lost = {"labels": 30, "candidate": 0.40, "active": 0.70, "delta": -0.30}
     v = decide(_figures(0.90), active, held_out=lost)
@@ -83,8 +81,6 @@ def test_held_out_corrections_count_when_there_are_enough():
 
 
 def test_figures_from_different_evaluation_sets_are_not_compared():
-    from training.gate import REFUSED, decide
-
     v = decide(_figures(0.99), _figures(0.5), eval_sets=(SET_A, SET_A.replace("aaaa", "bbbb")))
     assert v.outcome == REFUSED and "different evaluation sets" in v.reasons[0] and not v.metrics
     v = decide({"test/top1": 0.99, "eval/test_rows": 20000.0}, {"test/top1": 0.5, "eval/test_rows": 30000.0})
@@ -94,9 +90,6 @@ def test_figures_from_different_evaluation_sets_are_not_compared():
 # ---- verdicts recorded, shown, overridden and set aside -------------------------------------------------
 
 def test_a_failing_candidate_is_rejected_with_its_reasons_recorded_and_listed(db, pg_url, small, tmp_path):
-    from enrich.cli import app
-    from model.registry import get_model
-
     _seed_active(db, small, tmp_path)
     _register(db, small, tmp_path, "m-b", _figures(0.85, {"Shirt": 0.70}))
     res = CliRunner().invoke(app, ["promote", "m-b", "--reason", "weekly", "--by", "alice", "--no-backfill",
@@ -121,9 +114,6 @@ def test_a_failing_candidate_is_rejected_with_its_reasons_recorded_and_listed(db
 
 
 def test_a_refusal_for_different_evaluation_sets_is_recorded(db, pg_url, small, tmp_path):
-    from enrich.cli import app
-    from model.registry import get_model
-
     _seed_active(db, small, tmp_path)
     other = SET_A.replace("aaaa", "bbbb")
     _register(db, small, tmp_path, "m-b", _figures(0.99), eval_set=other)
@@ -137,9 +127,6 @@ def test_a_refusal_for_different_evaluation_sets_is_recorded(db, pg_url, small, 
 
 
 def test_a_forced_promotion_records_who_why_and_what_was_overridden(db, pg_url, small, tmp_path):
-    from enrich.cli import app
-    from model.registry import active_version
-
     _seed_active(db, small, tmp_path, _figures(0.938))
     _register(db, small, tmp_path, "m-low", _figures(0.198, base=0.2))
     res = CliRunner().invoke(app, ["promote", "m-low", "--tolerance", "1.0", "--reason", "demo of a new backbone",
@@ -167,9 +154,6 @@ def test_a_forced_promotion_records_who_why_and_what_was_overridden(db, pg_url, 
 
 
 def test_an_admin_unrejects_a_rejected_candidate_and_it_is_recorded(db, pg_url, small, tmp_path):
-    from enrich.cli import app
-    from model.registry import get_model
-
     _seed_active(db, small, tmp_path)
     _register(db, small, tmp_path, "m-b", _figures(0.70))
     assert CliRunner().invoke(app, ["promote", "m-b", "--no-backfill", "--database-url", pg_url]).exit_code == 1
@@ -190,10 +174,6 @@ def test_an_admin_unrejects_a_rejected_candidate_and_it_is_recorded(db, pg_url, 
 
 def _listing_ids(n: int, held: bool, share: float = 0.2) -> list[str]:
     """The first n listing ids held out at ``share`` (or, ``held`` False, kept for training)."""
-    from itertools import count, islice
-
-    from training.corrections import is_held_out
-
     return list(islice((f"held-{i}" for i in count() if is_held_out(f"held-{i}", share) == held), n))
 
 
@@ -213,10 +193,6 @@ def test_held_out_corrections_refuse_a_candidate_better_overall(db, small, tmp_p
     """The active model says "Bag" to everything, people corrected listings to "Bag" after it was trained; the
     candidate never says "Bag": better stored top-1, but wrong on every held-out correction. Corrections of
     listings retraining learns from (not held out) are not counted, however many."""
-    from core.config import Settings
-    from model.registry import get_model
-    from training import gate
-
     bag = CATEGORIES.index("Bag")
     settings = Settings(data_dir=tmp_path / "data", allow_local_paths=True, device="cpu")
     assert settings.corrections_holdout == 0.2

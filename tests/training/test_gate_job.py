@@ -11,8 +11,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from core.config import Settings
+from enrich.cli import app
+from model.checkpoint import read_manifest
+from model.registry import active_version, get_model, promote, register_candidate
 from tests.training.gate_models import best_category, biased_copy
 from training import jobs
+from training.fmnist import load_fashion_mnist
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +27,6 @@ def _settings(tmp_path, fmnist_dir, **overrides) -> Settings:
 
 
 def _active(db, tiny_model_dir) -> None:
-    from model.registry import promote, register_candidate
-
     register_candidate(db, tiny_model_dir, actor="seed", reason="the model in service")
     assert promote(db, "tiny-test", actor="seed").promoted
 
@@ -33,9 +35,6 @@ def test_a_retraining_jobs_failing_candidate_ends_rejected_with_its_reasons(db, 
                                                                            tmp_path):
     """The job's candidate never predicts the category the active model recalls best: the gate (both measured
     on the fixed set) rejects it, and says why, in the job's outcome, the event and `enrich models`."""
-    from enrich.cli import app
-    from model.registry import active_version, get_model
-
     _active(db, tiny_model_dir)
     index, name = best_category(tiny_model_dir)
     worse = biased_copy(tiny_model_dir, tmp_path / "worse", "tiny-worse", category=index, shift=-100.0)
@@ -70,15 +69,11 @@ def test_a_retraining_jobs_failing_candidate_ends_rejected_with_its_reasons(db, 
 
 
 def tiny_eval_set(model_dir) -> str:
-    from model.checkpoint import read_manifest
-
     return read_manifest(model_dir).eval_set
 
 
 def _corrections(db, fmnist_dir, tmp_path) -> int:
     """Two listings of real test photos whose category people corrected."""
-    from training.fmnist import load_fashion_mnist
-
     x, y = load_fashion_mnist(fmnist_dir, "test")
     for truth, label in ((6, "Shirt"), (0, "T-shirt/top")):
         i = int(np.flatnonzero(y == truth)[0])
@@ -93,9 +88,6 @@ def _corrections(db, fmnist_dir, tmp_path) -> int:
 
 
 def test_lineage_is_recorded_by_a_job_and_shown_by_models_show(db, pg_url, tiny_model_dir, fmnist_dir, tmp_path):
-    from enrich.cli import app
-    from model.registry import get_model
-
     _active(db, tiny_model_dir)
     n = _corrections(db, fmnist_dir, tmp_path)
     job_id = jobs.create_job(db, trigger="admin", requested_by="alice", reason="lineage")

@@ -14,24 +14,29 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 from typer.testing import CliRunner
 
+from core.celery_app import configure
 from core.config import Settings
-from tests.training.test_retrain_job import env, queues, train_worker, wait_until  # noqa: F401 - fixtures
+from enrich.cli import app as cli
+from model.registry import active_version
+from tests.training import test_retrain_job
 from tests.worker.conftest import start_worker_process
 from training import jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 LONG = {"preset": "quick", "time_budget_s": 600}  # a job that trains for minutes unless stopped
 FAST_BEATS = {"ENRICH_JOB_HEARTBEAT_S": "0.5", "ENRICH_JOB_STALE_S": "3"}
+# the retraining tests' fixtures, under their names here
+env, queues, train_worker = test_retrain_job.env, test_retrain_job.queues, test_retrain_job.train_worker
+wait_until = test_retrain_job.wait_until
 
 
 @pytest.fixture()
 def celery_for():
     """Configure this process's Celery app as a process start would (to send jobs); reset it afterwards."""
-    from core.celery_app import configure
-
     def use(settings: Settings) -> Settings:
         configure(settings)
         return settings
@@ -87,8 +92,6 @@ def test_a_job_whose_worker_is_killed_is_marked_failed(noticed_by, env, queues, 
 
 def test_beat_marks_a_job_without_heartbeat_failed_even_while_the_lock_is_held(db, pg_url, tmp_path):
     """A worker on a lost machine may keep its Postgres session (and the lock) for hours: its silence decides."""
-    import psycopg
-
     db.execute("TRUNCATE training_jobs CASCADE")
     settings = Settings(data_dir=tmp_path, job_stale_s=3, retrain_min_corrections=1000)
     dead = jobs.create_job(db, trigger="admin", requested_by="ops", reason="lost node")
@@ -119,8 +122,6 @@ def test_describe_shows_how_long_ago_a_running_job_was_heard_of():
 
 
 def test_a_queued_job_is_cancelled_at_once_and_its_task_does_nothing(env, train_worker, queues, db, celery_for):
-    from enrich.cli import app as cli
-
     settings = celery_for(env())
     cancelled = jobs.request_retrain(db, requested_by="alice", reason="typo in the reason")  # no worker yet
     res = CliRunner().invoke(cli, ["retrain", "--cancel", str(cancelled), "--by", "bob"])
@@ -142,7 +143,6 @@ def test_a_queued_job_is_cancelled_at_once_and_its_task_does_nothing(env, train_
 
 def test_a_running_job_is_cancelled_registers_nothing_and_frees_the_lock(env, train_worker, queues, db, tmp_path,
                                                                           celery_for):
-    from enrich.cli import app as cli
 
     settings = celery_for(env(ENRICH_JOB_HEARTBEAT_S="0.5"))
     with train_worker(settings):
@@ -171,9 +171,6 @@ def test_a_running_job_is_cancelled_registers_nothing_and_frees_the_lock(env, tr
 
 @pytest.mark.parametrize("case", ["promoted", "waits for an admin", "failed"])
 def test_retrain_wait_exits_zero_only_when_the_jobs_model_was_promoted(case, env, train_worker, queues, db):
-    from enrich.cli import app as cli
-    from model.registry import active_version
-
     overrides = {"promoted": {"ENRICH_AUTO_PROMOTE": "true"}, "waits for an admin": {},
                  "failed": {"ENRICH_RETRAIN_DATASET": "catalogue"}}[case]  # catalogue without a taxonomy: fails
     settings = env(**overrides)

@@ -92,7 +92,7 @@ def test_enrich_train_on_a_catalogue_defaults_to_the_noise_robust_loss(tmp_path,
 
     seen = {}
 
-    def fake_train(cfg, extra=None):  # the command's configuration is what is under test, not training
+    def fake_train(cfg, extra=None, settings=None):  # the command's configuration is under test, not training
         seen["cfg"] = cfg
         raise SystemExit(0)
 

@@ -42,7 +42,7 @@ def test_pos_weights_are_neg_over_pos():
     np.testing.assert_allclose(pos_weights(y), [3.0, 1.0], rtol=1e-5)
 
 
-def test_task_weights_seed_002():
+def test_task_weights_follow_label_share_with_a_floor_for_sparse_groups():
     # ratios 1.0, 0.5, 0.01 → r_avg = 0.5033, floor = r_avg / 3 = 0.1678
     w = task_weights({"colour": 1000, "sleeve": 500, "fabric": 10})
     floor = (1.0 + 0.5 + 0.01) / 3 / 3

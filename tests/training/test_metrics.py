@@ -1,8 +1,14 @@
+import math
+
 import numpy as np
 import pytest
 
+from model.inference import Predictions
+from schemas.taxonomy import load_taxonomy
 from training.calibration import best_f1_threshold, calibrate_exclusive
+from training.data import LabelledImages
 from training.metrics import (
+    average_precision,
     confusion_matrix,
     f1_scores,
     multilabel_metrics,
@@ -10,6 +16,7 @@ from training.metrics import (
     retrieval_metrics,
     topk_accuracy,
 )
+from training.scores import class_recall, group_map
 
 
 def test_topk_accuracy_known_case():
@@ -50,6 +57,40 @@ def test_retrieval_recall_and_map_at_r():
     # query 1 ranking: g0, g1, g2, g3(C) → hit only at 4; R = 1 → AP@R = 0
     assert m["recall@1"] == 0.5 and m["recall@2"] == 0.5 and m["recall@4"] == 1.0
     assert m["map@r"] == pytest.approx((0.5 + 0.0) / 2)
+
+
+def test_retrieval_category_precision_needs_both_sides():
+    g = np.array([[1, 0], [0, 1]], dtype=np.float32)
+    m = retrieval_metrics(g, np.array([0, 1]), g, np.array([0, 1]),
+                          query_category=np.array([3, -1]), gallery_category=np.array([3, 4]))
+    assert m["category_precision@5"] == 0.5  # the one query with a category: 1 of its 2 neighbours shares it
+    with pytest.raises(ValueError, match="categories of both"):
+        retrieval_metrics(g, np.array([0, 1]), g, np.array([0, 1]), query_category=np.array([3, 4]))
+
+
+def test_average_precision_known_case():
+    # positives at ranks 1 and 3: precision 1 and 2/3
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.6]), np.array([1, 0, 1, 0])) == pytest.approx(5 / 6)
+    assert math.isnan(average_precision(np.array([0.9, 0.8]), np.array([0, 0])))
+
+
+def test_group_map_and_class_recall_count_only_labelled_rows():
+    tax = load_taxonomy("fashion-mnist")  # 10 categories, one exclusive group: colour (8 values)
+    n = 4
+    category = np.full((n, 10), 0.01)
+    category[[0, 1, 2, 3], [0, 0, 1, 1]] = 0.9  # predicted: T-shirt/top, T-shirt/top, Trouser, Trouser
+    colour = np.zeros((n, 8))
+    colour[:, 2] = [0.8, 0.99, 0.3, 0.5]  # row 1 has no colour label: its top score must not count
+    colour[:, 3] = [0.1, 0.0, 0.6, 0.2]
+    preds = Predictions(category=category, groups={"colour": colour}, embedding=np.zeros((n, 2), np.float32))
+    data = LabelledImages(images=np.zeros((n, 1, 1, 3), np.uint8), category=np.array([0, 1, 1, -1]),
+                          item_ids=np.full(n, -1), groups={"colour": np.array([2, -1, 2, 3])})
+    # category over rows 0-2: T-shirt/top AP 1; Trouser ranked rows 2, 0, 1 → AP (1 + 2/3) / 2
+    # colour over rows 0, 2, 3: value 2 ranked 0, 3, 2 → (1 + 2/3) / 2; value 3 ranked 2, 3, 0 → 1/2
+    assert group_map(tax, preds, data) == pytest.approx({"map/category": (1 + 5 / 6) / 2,
+                                                          "map/colour": (5 / 6 + 1 / 2) / 2})
+    cm = confusion_matrix(category.argmax(1), data.category, 10)
+    assert class_recall(cm, tax) == {"class_recall/T-shirt/top": 1.0, "class_recall/Trouser": 0.5}
 
 
 def test_best_f1_threshold():

@@ -11,12 +11,19 @@ import uuid
 import numpy as np
 import psycopg
 import pytest
+from celery.contrib.testing.worker import start_worker
 from PIL import Image
 from typer.testing import CliRunner
 
+import training.tasks
+from core.celery_app import BACKFILL_TASK, app, configure, queue_depth
 from core.config import Settings
-from tests.net import take_queued_tasks
+from enrich.cli import app as cli
+from harness.net import take_queued_tasks
+from model.registry import active_version, get_model, promote, register_candidate
 from training import jobs
+from training.fmnist import load_fashion_mnist
+from training.tasks import RETRAIN_SCHEDULED_TASK
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -58,11 +65,6 @@ def env(monkeypatch, pg_url, fmnist_dir, tmp_path, db, queues):
 @pytest.fixture()
 def train_worker(monkeypatch, queues):
     """A real Celery worker in this process serving the test's train queue (the train role: training.tasks)."""
-    from celery.contrib.testing.worker import start_worker
-
-    import training.tasks
-    from core.celery_app import app, configure
-
     monkeypatch.setattr(training.tasks, "LOCK_RETRY_S", 0.3)
     include = app.conf.include
     app.conf.include = ("training.tasks",)  # the modules this role needs
@@ -78,8 +80,6 @@ def train_worker(monkeypatch, queues):
 
 def _store_corrections(db, fmnist_dir, tmp_path, n_per_class: int = 3, skip: int = 0) -> int:
     """Listings of shirts tagged as T-shirts and the reverse, corrected to the truth (photos: real test images)."""
-    from training.fmnist import load_fashion_mnist
-
     x, y = load_fashion_mnist(fmnist_dir, "test")
     count = 0
     for truth, label in ((6, "Shirt"), (0, "T-shirt/top")):
@@ -98,9 +98,6 @@ def _store_corrections(db, fmnist_dir, tmp_path, n_per_class: int = 3, skip: int
 
 def test_admin_retrain_runs_the_chain_promotes_and_sends_the_backfill(env, train_worker, queues, db, fmnist_dir,
                                                                       tmp_path):
-    from core.celery_app import BACKFILL_TASK, queue_depth
-    from enrich.cli import app as cli
-    from model.registry import get_model
 
     n = _store_corrections(db, fmnist_dir, tmp_path)
     settings = env(ENRICH_AUTO_PROMOTE="true", ENRICH_CORRECTIONS_HOLDOUT="0")  # every correction trains
@@ -128,8 +125,6 @@ def test_admin_retrain_runs_the_chain_promotes_and_sends_the_backfill(env, train
 
 def test_a_second_job_waits_for_the_lock_then_warm_starts_and_waits_for_an_admin(env, train_worker, queues, db,
                                                                                    pg_url, tiny_model_dir):
-    from core.celery_app import queue_depth
-    from model.registry import active_version, get_model, promote, register_candidate
 
     register_candidate(db, tiny_model_dir)
     promote(db, "tiny-test")
@@ -198,8 +193,6 @@ def test_two_jobs_never_train_at_once(db, pg_url, tmp_path):
 
 def test_scheduled_retrain_skips_with_a_reason_until_enough_corrections(env, train_worker, queues, db, fmnist_dir,
                                                                         tmp_path):
-    from core.celery_app import app
-    from training.tasks import RETRAIN_SCHEDULED_TASK
 
     _store_corrections(db, fmnist_dir, tmp_path, n_per_class=1)
     settings = env(ENRICH_RETRAIN_MIN_CORRECTIONS="5")
@@ -232,9 +225,6 @@ def test_scheduled_retrain_skips_with_a_reason_until_enough_corrections(env, tra
 
 
 def test_beat_entry_follows_the_cron_setting():
-    import training.tasks
-    from core.celery_app import app, configure
-
     try:
         configure(Settings(retrain_cron="0 3 * * 0", train_queue="train-x"))
         entry = app.conf.beat_schedule["scheduled-retrain"]

@@ -37,14 +37,14 @@ def test_augmentation_levels_and_colour_jitter_switch():
     from training.transforms import train_transform
 
     img = np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8)
-    for level in ("seed", "light", "none"):
+    for level in ("full", "light", "none"):
         t = train_transform(32, (0.5,) * 3, (0.5,) * 3, colour_jitter=True, level=level)
         x = t(img)
         assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and float(x.min()) >= -1.0 - 1e-6
     kinds = lambda t: {type(s) for s in t.transforms}  # noqa: E731
     assert v2.ColorJitter in kinds(train_transform(32, (0.5,) * 3, (0.5,) * 3, colour_jitter=True))
     assert v2.ColorJitter not in kinds(train_transform(32, (0.5,) * 3, (0.5,) * 3, colour_jitter=False))
-    assert v2.RandomErasing in kinds(train_transform(32, (0.5,) * 3, (0.5,) * 3, level="seed"))
+    assert v2.RandomErasing in kinds(train_transform(32, (0.5,) * 3, (0.5,) * 3, level="full"))
     with pytest.raises(RuntimeError, match="Invalid augmentation"):
         train_transform(32, (0.5,) * 3, (0.5,) * 3, level="heavy")
 

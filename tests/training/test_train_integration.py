@@ -134,6 +134,7 @@ def test_init_from_starts_with_a_saved_models_weights(tmp_path, fmnist_dir):
     a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     fresh = train(replace(base, model_version="fresh", stage_steps=(0, 0, 0)))
-    assert not torch.equal(load_file(str(fresh / "model.safetensors"))["category_head.weight"], a["category_head.weight"])
+    fresh_weights = load_file(str(fresh / "model.safetensors"))
+    assert not torch.equal(fresh_weights["category_head.weight"], a["category_head.weight"])
     with pytest.raises(RuntimeError, match="cannot start a efficientnet_lite0 model"):
         train(replace(base, backbone="efficientnet_lite0", model_version="x", init_from=first))

@@ -1,4 +1,5 @@
-"""Seed 004's type output, seed 001's not-applicable groups in training and scoring, the shelf embedding."""
+"""The type output, attribute groups that do not apply to a category (masked in training and scoring), and the
+shelf embedding."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,9 +13,9 @@ from model.network import ModelOutput, build_model, joint_category
 from schemas.taxonomy import load_taxonomy
 from training.data import LabelledImages, mask_not_applicable
 from training.deepfashion import category_attribute_labels, read_category_attribute
-from training.evaluate import exact_match
 from training.losses import MISSING, MultitaskLoss
 from training.metrics import retrieval_metrics
+from training.scores import exact_match
 
 DF = Path(__file__).parent / "fixtures" / "deepfashion"
 

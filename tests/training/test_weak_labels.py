@@ -1,4 +1,4 @@
-"""Seed 003's weak labels from listing text (issue 23): the catalogue reader makes them only where the text
+"""Weak labels from listing text: the catalogue reader makes them only where the text
 names one value and no seller/corrected label exists, the loss weighs them by TrainConfig.weak_label_weight,
 and `enrich train --dataset catalogue` trains with them."""
 import json
@@ -47,7 +47,10 @@ def _row(photo, text, **seller):
 def test_weak_labels_only_where_the_text_names_one_value(tmp_path, taxonomy, vocabulary):
     events, _ = _listings(tmp_path)
     photo = events[0].images[0]
-    wl = lambda row: weak_labels(row, taxonomy, vocabulary)
+
+    def wl(row):
+        return weak_labels(row, taxonomy, vocabulary)
+
     assert wl(_row(photo, "Red tee, not blue", category="tee")) == {"colour": "red"}  # seller's category kept
     assert wl(_row(photo, "red hoodie")) == {"category": "hoodie", "colour": "red"}
     assert wl(_row(photo, "red and blue")) == {}  # two values: masked
@@ -68,9 +71,10 @@ def test_weak_labels_only_where_the_text_names_one_value(tmp_path, taxonomy, voc
     assert n == 4
     assert data.groups["colour"].tolist() == [0, 1, MISSING, 1]
     assert data.category.tolist() == [0, 1, 2, 2]
-    assert np.allclose(data.weights["colour"], [0.3, 1, 1, 0.3]) and np.allclose(data.weights["category"], [1, 1, 1, 0.3])
+    assert np.allclose(data.weights["colour"], [0.3, 1, 1, 0.3])
+    assert np.allclose(data.weights["category"], [1, 1, 1, 0.3])
     assert "style" not in data.weights and not data.present["style"].any()
-    # off (no vocabulary, or weight 0): as before, no weights, the text-only listing skipped
+    # off (no vocabulary, or weight 0): no weights, the text-only listing skipped
     for kw in ({}, {"vocabulary": vocabulary, "weak_weight": 0.0}):
         plain, _, n = rows_to_images(rows, taxonomy, _load, 16, 1, **kw)
         assert n == 3 and plain.weights == {} and plain.groups["colour"].tolist() == [MISSING, 1, MISSING]
@@ -140,8 +144,8 @@ def test_train_with_weak_labels(tmp_path, monkeypatch):
                                 weak_weight=0.3)
     weak = data.weights["colour"] < 1
     assert weak.sum() > 10 and (data.groups["colour"][weak] >= 0).all()
-    # seed 002's label counts take weak labels at their weight
-    on = build_criterion(data, taxonomy, replace(TINY, group_loss_weights={}, seed_002_task_weights=True))
+    # the per-task weights' label counts take weak labels at their weight
+    on = build_criterion(data, taxonomy, replace(TINY, group_loss_weights={}, task_weights=True))
     assert on.group_task_weight["colour"] == 1.0
 
     monkeypatch.setenv("ENRICH_ALLOW_LOCAL_PATHS", "true")
