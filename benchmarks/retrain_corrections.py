@@ -109,7 +109,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     import training.train as trainer
-    from model.checkpoint import read_manifest
+    from model.manifest import read_manifest
     from schemas.taxonomy import load_taxonomy
     from training.config import QUICK
     from training.fmnist import load_fashion_mnist

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from core.config import Settings
 from core.files import replaced_dir
 from core.s3 import S3Client, make_s3_client
-from model.checkpoint import MANIFEST_FILE, ModelMismatchError, file_sha256, read_manifest
+from model.manifest import MANIFEST_FILE, ModelMismatchError, file_sha256, read_manifest
 
 log = logging.getLogger(__name__)
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from core import celery_app
 from core.config import Settings
 from model.artifacts import ArtifactStore
-from model.checkpoint import ModelMismatchError, read_manifest
+from model.manifest import ModelMismatchError, read_manifest
 from schemas.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)

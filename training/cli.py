@@ -1,8 +1,8 @@
 """Training subcommands: `enrich train`, `enrich evaluate`, `enrich promote`, `enrich retrain` (also
 `enrich retrain --cancel JOB`).
 
-Modules that import torch (training.train, training.evaluate, training.gate, training.jobs, model.registry …) are
-imported inside the commands that need them, so `enrich --help` and the other commands start without torch.
+Modules that import torch (training.train, training.evaluate, training.gate, training.jobs …) or celery
+(model.registry) are imported inside the commands that need them, so `enrich --help` starts without either.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from core.db import connect, connection
 from core.db import database_url as resolve_database_url
 from core.images import load_image
 from core.options import DatabaseUrl, Embedded
+from model.artifacts import store_from_settings
 from schemas.taxonomy import load_taxonomy
 from training.config import AUGMENTATIONS, CATALOGUE_LABEL_LOSS, LABEL_LOSSES, PRESETS, TrainConfig
 
@@ -192,7 +193,6 @@ def train(
         return
     manifest = json.loads((model_dir / "manifest.json").read_text())
     if register_model:
-        from model.artifacts import store_from_settings  # lazy: imports torch
         from model.registry import register_candidate
 
         with connection(resolve_database_url(settings)) as conn:
@@ -285,7 +285,6 @@ def promote(
 ) -> None:
     """Promote a candidate through the gate (overall metrics, each category, held-out corrections against
     the active model); a candidate that fails is rejected, one not comparable stays a candidate."""
-    from model.artifacts import store_from_settings  # lazy: imports torch
     from model.registry import BackfillNotSent, backfill_after, register_candidate
     from training import gate
 
@@ -423,7 +422,7 @@ def _follow(conn: psycopg.Connection, job_id: int, settings: Settings) -> dict[s
 
 def _verdict(conn: psycopg.Connection, job: dict[str, Any]) -> tuple[bool, str]:
     """(whether the job's model is the active one now, the line saying so)."""
-    from model.registry import active_version  # lazy: imports torch
+    from model.registry import active_version  # lazy: imports celery
 
     name = f"job #{job['id']}"
     if job["status"] == "done":

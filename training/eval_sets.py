@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from core.config import Settings
-from model.checkpoint import read_manifest
+from model.manifest import read_manifest
 from schemas.manifest import ModelManifest
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training.config import TrainConfig, config_from_dict, saved_config

@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from core.config import Settings
-from model.checkpoint import load_model, read_manifest
+from model.checkpoint import load_model
 from model.inference import Predictions, mixed_precision_dtype, outputs_to_predictions, resolve_device
+from model.manifest import read_manifest
 from model.network import MultitaskModel
 from training.config import TrainConfig
 from training.data import ImageLoader, LabelledImages, Split, TorchImages

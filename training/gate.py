@@ -38,8 +38,9 @@ from core.config import Settings
 from core.images import load_image
 from model import registry
 from model.artifacts import ArtifactStore, store_from_settings
-from model.checkpoint import load_model, read_manifest
+from model.checkpoint import load_model
 from model.inference import resolve_device
+from model.manifest import read_manifest
 from model.registry import Decision, ModelRow
 from model.shadow import shadow_gate, shadow_report
 from schemas.taxonomy import CATEGORY_GROUP, Taxonomy

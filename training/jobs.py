@@ -42,7 +42,7 @@ from core.config import Settings
 from core.db import connect
 from core.images import load_image
 from model.artifacts import store_from_settings
-from model.checkpoint import read_manifest, record_lineage
+from model.manifest import read_manifest, record_lineage
 from model.registry import active_model, local_dir, register_candidate
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training import gate

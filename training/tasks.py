@@ -20,7 +20,6 @@ from celery.utils.log import get_task_logger
 
 from core.celery_app import RETRAIN_TASK, app, task_settings
 from core.db import connect, database_url
-from training import jobs
 
 log = get_task_logger(__name__)
 
@@ -32,6 +31,8 @@ TRAIN_TIME_LIMIT_S = 24 * 3600  # prefork pools only (the solo pool has no time 
 @app.task(name=RETRAIN_TASK, bind=True, acks_late=False, max_retries=None, ignore_result=True,
           time_limit=TRAIN_TIME_LIMIT_S, soft_time_limit=TRAIN_TIME_LIMIT_S - 300)
 def retrain(self, job_id: int) -> dict:
+    from training import jobs  # lazy: every worker loads this module, only a train worker needs torch
+
     settings = task_settings()
     try:
         return jobs.run_job(database_url(settings), int(job_id), settings)
@@ -44,6 +45,8 @@ def retrain(self, job_id: int) -> dict:
 
 @worker_ready.connect
 def reap_dead_jobs(sender=None, **_) -> None:
+    from training import jobs  # lazy: every worker loads this module, only a train worker needs torch
+
     """A train worker's start: the jobs whose worker died are marked failed now, not at the next job or tick.
     Never stops the worker from starting (the database may be down: it is logged)."""
     settings = task_settings()
@@ -59,6 +62,8 @@ def reap_dead_jobs(sender=None, **_) -> None:
 
 @app.task(name=RETRAIN_SCHEDULED_TASK, ignore_result=True)
 def retrain_scheduled() -> dict:
+    from training import jobs  # lazy: every worker loads this module, only a train worker needs torch
+
     settings = task_settings()
     conn = connect(database_url(settings), autocommit=True)
     try:

@@ -62,14 +62,25 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING, LiteralString
 
 import psycopg
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
+from psycopg.abc import Params
+from psycopg.rows import class_row
 
 from core import metrics
 from core.celery_app import BACKFILL_TASK, REINDEX_TASK, app, queue_depth, task_settings
 from core.config import Settings
+from core.db import connect, database_url
+from model.registry import active_version
+from similar.nightly import prune_models
+from worker import runtime
+from worker.store import ids_of, value_of
+
+if TYPE_CHECKING:
+    from worker.pipeline import Enricher  # imports torch, which cpu and train workers never load
 
 log = get_task_logger(__name__)
 _log = logging.getLogger(__name__)
@@ -92,8 +103,10 @@ TODO_SQL = (
 # ---------------------------------------------------------------------------------------------
 # progress rows
 
-@dataclass
+@dataclass(frozen=True)
 class Progress:
+    """A `backfills` row."""
+
     model_version: str
     status: str
     total: int
@@ -110,32 +123,42 @@ class Progress:
 _PROGRESS_COLUMNS = "model_version, status, total, done, started_at, updated_at, finished_at"
 
 
+def _progress_rows(conn: psycopg.Connection, query: LiteralString, params: Params | None = None) -> list[Progress]:
+    with conn.cursor(row_factory=class_row(Progress)) as cur:
+        return cur.execute(query, params).fetchall()
+
+
+def _progress_row(conn: psycopg.Connection, query: LiteralString, params: Params | None = None) -> Progress | None:
+    rows = _progress_rows(conn, query, params)
+    return rows[0] if rows else None
+
+
 def progress(conn: psycopg.Connection, model_version: str) -> Progress | None:
-    row = conn.execute(f"SELECT {_PROGRESS_COLUMNS} FROM backfills WHERE model_version = %s",
-                       (model_version,)).fetchone()
-    return Progress(*row) if row else None
+    return _progress_row(conn, f"SELECT {_PROGRESS_COLUMNS} FROM backfills WHERE model_version = %s",
+                         (model_version,))
 
 
 def all_progress(conn: psycopg.Connection) -> list[Progress]:
     """Every backfill, the latest first."""
-    rows = conn.execute(f"SELECT {_PROGRESS_COLUMNS} FROM backfills ORDER BY started_at DESC, model_version")
-    return [Progress(*r) for r in rows.fetchall()]
+    return _progress_rows(conn, f"SELECT {_PROGRESS_COLUMNS} FROM backfills ORDER BY started_at DESC, model_version")
+
+
+def _count_live(conn: psycopg.Connection) -> int:
+    return int(value_of(conn, "SELECT count(*) FROM listings WHERE status <> 'deleted'"))
 
 
 def count_todo(conn: psycopg.Connection, model_version: str) -> int:
     """Listings whose current enrichment is not the version's (one scan of the catalogue)."""
-    return int(conn.execute(f"SELECT count(*) FROM listings l WHERE {TODO_SQL}", (model_version,)).fetchone()[0])
+    return int(value_of(conn, f"SELECT count(*) FROM listings l WHERE {TODO_SQL}", (model_version,)))
 
 
 def next_chunk(conn: psycopg.Connection, model_version: str, after: str | None, limit: int) -> list[str]:
     """The next `limit` listing ids after `after` (id order) whose current enrichment is not the version's."""
     if after is None:
-        rows = conn.execute(f"SELECT l.listing_id FROM listings l WHERE {TODO_SQL}"
-                            " ORDER BY l.listing_id LIMIT %s", (model_version, limit))
-    else:
-        rows = conn.execute(f"SELECT l.listing_id FROM listings l WHERE l.listing_id > %s AND {TODO_SQL}"
-                            " ORDER BY l.listing_id LIMIT %s", (after, model_version, limit))
-    return [r[0] for r in rows.fetchall()]
+        return ids_of(conn, f"SELECT l.listing_id FROM listings l WHERE {TODO_SQL} ORDER BY l.listing_id LIMIT %s",
+                      (model_version, limit))
+    return ids_of(conn, f"SELECT l.listing_id FROM listings l WHERE l.listing_id > %s AND {TODO_SQL}"
+                  " ORDER BY l.listing_id LIMIT %s", (after, model_version, limit))
 
 
 def _publish(p: Progress | None, model_version: str) -> None:
@@ -146,17 +169,17 @@ def _publish(p: Progress | None, model_version: str) -> None:
 def start(conn: psycopg.Connection, model_version: str) -> Progress:
     """(Re)start the version's row: 'running', total = live listings, done = total − still to do."""
     with conn.transaction():
-        total = int(conn.execute("SELECT count(*) FROM listings WHERE status <> 'deleted'").fetchone()[0])
+        total = _count_live(conn)
         todo = count_todo(conn, model_version)
-        row = conn.execute(
+        [p] = _progress_rows(  # an upsert returns its one row
+            conn,
             "INSERT INTO backfills (model_version, status, total, done) VALUES (%s, 'running', %s, %s)"
             " ON CONFLICT (model_version) DO UPDATE SET status = 'running', total = EXCLUDED.total,"
             " done = EXCLUDED.done, updated_at = now(), finished_at = NULL,"
             " started_at = CASE WHEN backfills.status = 'running' THEN backfills.started_at ELSE now() END"
             f" RETURNING {_PROGRESS_COLUMNS}",
             (model_version, total, max(0, total - todo)),
-        ).fetchone()
-    p = Progress(*row)
+        )
     _publish(p, model_version)
     _log.info("backfill of %s: %d of %d listings to rewrite", model_version, p.remaining, p.total)
     return p
@@ -173,36 +196,35 @@ def cancel(conn: psycopg.Connection, model_version: str) -> bool:
 
 def touch(conn: psycopg.Connection, model_version: str) -> Progress | None:
     """A heartbeat while the chain waits (what `enrich backfill` reads to tell a live chain from a dead one)."""
-    row = conn.execute(f"UPDATE backfills SET updated_at = now() WHERE model_version = %s AND status = 'running'"
-                       f" RETURNING {_PROGRESS_COLUMNS}", (model_version,)).fetchone()
-    return Progress(*row) if row else None
+    return _progress_row(conn, "UPDATE backfills SET updated_at = now() WHERE model_version = %s"
+                         f" AND status = 'running' RETURNING {_PROGRESS_COLUMNS}", (model_version,))
 
 
 def _advance(conn: psycopg.Connection, model_version: str, n: int) -> Progress | None:
-    row = conn.execute(f"UPDATE backfills SET done = least(total, done + %s), updated_at = now()"
-                       f" WHERE model_version = %s AND status = 'running' RETURNING {_PROGRESS_COLUMNS}",
-                       (n, model_version)).fetchone()
-    return Progress(*row) if row else None
+    return _progress_row(conn, "UPDATE backfills SET done = least(total, done + %s), updated_at = now()"
+                         f" WHERE model_version = %s AND status = 'running' RETURNING {_PROGRESS_COLUMNS}",
+                         (n, model_version))
 
 
 def finish(conn: psycopg.Connection, model_version: str) -> Progress | None:
     """Mark the backfill done with exact figures; the returned row only for the call that did it."""
     with conn.transaction():
-        total = int(conn.execute("SELECT count(*) FROM listings WHERE status <> 'deleted'").fetchone()[0])
+        total = _count_live(conn)
         todo = count_todo(conn, model_version)
-        row = conn.execute(
+        p = _progress_row(
+            conn,
             "UPDATE backfills SET status = 'done', total = %s, done = %s, updated_at = now(), finished_at = now()"
             f" WHERE model_version = %s AND status = 'running' RETURNING {_PROGRESS_COLUMNS}",
             (total, max(0, total - todo), model_version),
-        ).fetchone()
+        )
     metrics.BACKFILL_REMAINING.labels(model_version=model_version).set(0)
-    if row is None:
+    if p is None:
         return None
     if todo:
         _log.warning("backfill of %s done with %d listing(s) not rewritten under it (image host down "
                      "through %d passes?); they are rewritten when next edited, or by `enrich backfill`",
                      model_version, todo, MAX_PASSES)
-    return Progress(*row)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +262,11 @@ class Step:
 
 
 def _lock_key(conn: psycopg.Connection, model_version: str) -> int:
-    return conn.execute("SELECT hashtextextended(%s, 0)", (f"{_LOCK_NAMESPACE}:{model_version}",)).fetchone()[0]
+    return int(value_of(conn, "SELECT hashtextextended(%s, 0)", (f"{_LOCK_NAMESPACE}:{model_version}",)))
 
 
-def run_chunk(conn: psycopg.Connection, enricher, model_version: str, cursor: Cursor, limit: int) -> Step:
+def run_chunk(conn: psycopg.Connection, enricher: Enricher, model_version: str, cursor: Cursor,
+              limit: int) -> Step:
     """Re-embed the next chunk after `cursor` with `enricher` (which must serve `model_version`).
 
     `conn` must be autocommit. Transient image faults are not retried here (the listing is left for the
@@ -252,7 +275,7 @@ def run_chunk(conn: psycopg.Connection, enricher, model_version: str, cursor: Cu
     if enricher.model_version != model_version:
         raise ValueError(f"enricher serves {enricher.model_version}, not {model_version}")
     key = _lock_key(conn, model_version)
-    if not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+    if not value_of(conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
         return Step("busy", cursor)
     try:
         ids = next_chunk(conn, model_version, cursor.after, limit)
@@ -275,7 +298,7 @@ def run_chunk(conn: psycopg.Connection, enricher, model_version: str, cursor: Cu
                 len(out.failed), len(out.retry), len(out.skipped), p, ids)
 
 
-def run_inline(conn: psycopg.Connection, enricher, settings: Settings) -> Progress | None:
+def run_inline(conn: psycopg.Connection, enricher: Enricher, settings: Settings) -> Progress | None:
     """The whole backfill of `enricher`'s model in this process, no broker (benchmarks, tools, tests):
     start → chunks → finish. Does not send the reindex nor prune. `conn` must be autocommit."""
     model_version = enricher.model_version
@@ -301,8 +324,6 @@ _conn_url: str | None = None
 def _connection(settings: Settings) -> psycopg.Connection:
     """One autocommit connection per worker process for the chain (the chunk lock is a session advisory
     lock: a pooled connection would carry it on to other work)."""
-    from core.db import connect, database_url
-
     global _conn, _conn_url
     url = database_url(settings)
     with _conn_lock:
@@ -337,9 +358,6 @@ def backfill_task(self, model_version: str, cursor: dict | None = None, reindex_
     `cursor` is None for a fresh request and carried by the chain's own messages; `reindex_queue`
     (default: the app's default queue, "cpu") is where the reindex goes when the backfill is done.
     """
-    from model.registry import active_version
-    from worker import runtime
-
     settings = task_settings()
 
     def again(next_cursor: Cursor, countdown: float | None = None) -> None:
@@ -397,12 +415,10 @@ def backfill_task(self, model_version: str, cursor: dict | None = None, reindex_
     except psycopg.OperationalError as exc:
         reset()
         delay = get_exponential_backoff_interval(5, self.request.retries, 300, full_jitter=True)
-        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries)
+        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries) from exc
 
 
 def _prune(conn: psycopg.Connection, settings: Settings) -> None:
-    from similar.nightly import prune_models
-
     try:
         prune_models(conn, settings=settings)
     except Exception:

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from pydantic import ValidationError
+from rich.console import Console, JustifyMethod
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from schemas.enrichment import Enrichment
 from schemas.events import ListingEvent
@@ -48,7 +53,7 @@ class BatchReport:
         self.images += out.images
 
 
-def _resolve_images(event: dict, base: Path) -> dict:
+def _resolve_images(event: dict[str, Any], base: Path) -> dict[str, Any]:
     images = []
     for uri in event.get("images") or []:
         if isinstance(uri, str) and "://" not in uri and not Path(uri).is_absolute():
@@ -99,10 +104,6 @@ def run_batch(conn: psycopg.Connection, enricher: Enricher, events: list[Listing
 
     Rows the database refuses are reported in ``report.refused`` (where: ``origins[i]``, else the listing id)
     and left out; the rest is enriched."""
-    import time
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     t0 = time.perf_counter()
     report = BatchReport(read=len(events))
     try:
@@ -134,18 +135,19 @@ def run_batch(conn: psycopg.Connection, enricher: Enricher, events: list[Listing
     return report
 
 
-def render_report(report: BatchReport, console, max_rows: int = 40) -> None:
+def render_report(report: BatchReport, console: Console, max_rows: int = 40) -> None:
     """A rich table of the tags the model filled, then totals."""
-    from rich.table import Table
-
     table = Table(title="tags filled by the model", show_lines=False)
-    for col, just in (("listing", "left"), ("group", "left"), ("value", "left"), ("confidence", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("listing", "left"), ("group", "left"), ("value", "left"), ("confidence", "right"))
+    for col, just in columns:
         table.add_column(col, justify=just)
-    shown, filled, not_applicable = [], 0, 0
+    shown: list[tuple[str, str, str, str]] = []
+    filled = not_applicable = 0
     for e in report.enrichments:
         predicted = [(e.listing_id, g, t.value, f"{t.confidence:.2f}") for g, t in e.tags.items()
                      if t.source.value == "predicted"]
-        # seed 001: a group the listing's category has not is shown as n/a, not as missing
+        # a group the listing's category has not is shown as n/a, not as missing
         shown += predicted + [(e.listing_id, g, NOT_APPLICABLE, "") for g in e.not_applicable]
         filled, not_applicable = filled + len(predicted), not_applicable + len(e.not_applicable)
     for row in shown[:max_rows]:

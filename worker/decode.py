@@ -70,7 +70,12 @@ class PillowDecoder:
         return self.predictor.preprocess(decode_opened(img, self.limits, target_size=self.size, uri=uri))
 
     def finish(self, prepared: list[Prepared]) -> list[torch.Tensor | ImageError]:
-        return list(prepared)
+        out: list[torch.Tensor | ImageError] = []
+        for p in prepared:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{type(p).__name__} is not what {type(self).__name__}.prepare makes")
+            out.append(p)
+        return out
 
 
 class TorchJpegDecoder(PillowDecoder):
@@ -98,25 +103,25 @@ class TorchJpegDecoder(PillowDecoder):
         return self._pillow(img, uri)
 
     def finish(self, prepared: list[Prepared]) -> list[torch.Tensor | ImageError]:
-        out: list[torch.Tensor | ImageError] = [
-            p.to(self.device, non_blocking=True) if isinstance(p, torch.Tensor) else p for p in prepared]
-        jpegs = [i for i, p in enumerate(prepared) if isinstance(p, JpegBytes)]
-        if not jpegs:
-            return out
-        try:
-            images = decode_jpeg([prepared[i].data for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            # one undecodable file fails the whole call: Pillow, the reference decoder, takes each in turn
-            for i in jpegs:
-                out[i] = self._pillow_fallback(prepared[i])
-            return out
-        for i, image in zip(jpegs, images):
-            out[i] = self._to_input(image, prepared[i].orientation)
-        return out
+        out: dict[int, torch.Tensor | ImageError] = {
+            i: p.to(self.device, non_blocking=True) for i, p in enumerate(prepared) if isinstance(p, torch.Tensor)}
+        jpegs = [(i, p) for i, p in enumerate(prepared) if isinstance(p, JpegBytes)]
+        if jpegs:
+            try:
+                images = decode_jpeg([p.data for _, p in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                # one undecodable file fails the whole call: Pillow, the reference decoder, takes each in turn
+                for i, p in jpegs:
+                    out[i] = self._pillow_fallback(p)
+            else:
+                for (i, p), image in zip(jpegs, images, strict=True):
+                    out[i] = self._to_input(image, p.orientation)
+        return [out[i] for i in range(len(prepared))]
 
     def _pillow_fallback(self, jpeg: JpegBytes) -> torch.Tensor | ImageError:
         try:
-            return PillowDecoder.prepare(self, jpeg.data.numpy().tobytes(), jpeg.uri).to(self.device)
+            img = open_image(jpeg.data.numpy().tobytes(), self.limits, jpeg.uri)
+            return self._pillow(img, jpeg.uri).to(self.device)
         except ImageError as exc:
             return exc
 

@@ -12,18 +12,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import psycopg
+import torch
 from PIL import Image
 
 from core.config import Settings
 from core.files import replaced_file
+from model.explain import (
+    Target,
+    explain_batch,
+    explanation_filename,
+    overlay_png,
+    safe_name,
+    target_for,
+    tensor_to_image,
+)
 from schemas.enrichment import ReviewItem
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger(__name__)
 METHOD = "grad-cam"
@@ -41,21 +48,17 @@ def explanations_root(settings: Settings) -> Path:
 
 def _write_atomic(path: Path, picture: Image.Image, heat: np.ndarray) -> None:
     """Write the PNG beside its final name, then rename: the console never reads half a file."""
-    from model.explain import overlay_png
-
     with replaced_file(path) as tmp:
         overlay_png(picture, heat, tmp)
 
 
-def _explain_items(predictor, items: Sequence[tuple], settings: Settings) -> list[tuple[str, str, str, str]]:
+def _explain_items(predictor, items: Sequence[ReviewToExplain], settings: Settings
+                   ) -> list[tuple[str, str, str, str]]:
     """Heat maps → PNG files; returns (listing_id, group, value, uri) per file written."""
-    import torch
-
-    from model.explain import explain_batch, explanation_filename, safe_name, target_for, tensor_to_image
-
     model, manifest = predictor.model, predictor.manifest
     norm = manifest.normalisation
-    jobs = []  # (listing_id, image tensor, [(group, value, target)])
+    # (listing id, photo, [(group, value, target)])
+    jobs: list[tuple[str, torch.Tensor, list[tuple[str, str, Target]]]] = []
     for listing_id, image, review in items:
         picks = []
         for r in review:
@@ -72,9 +75,9 @@ def _explain_items(predictor, items: Sequence[tuple], settings: Settings) -> lis
     for start in range(0, len(jobs), step):
         chunk = jobs[start:start + step]
         heat = explain_batch(model, torch.stack([j[1] for j in chunk]), [[p[2] for p in j[2]] for j in chunk])
-        for (listing_id, image, picks), maps in zip(chunk, heat):
+        for (listing_id, image, picks), maps in zip(chunk, heat, strict=True):
             picture = tensor_to_image(image, norm.mean, norm.std)
-            for (group, value, _), m in zip(picks, maps):
+            for (group, value, _), m in zip(picks, maps, strict=True):
                 path = root / explanation_filename(listing_id, group, value)
                 _write_atomic(path, picture, m)
                 written.append((listing_id, group, value, str(path.resolve())))
@@ -95,7 +98,7 @@ def record_explanations(conn: psycopg.Connection, model_version: str,
                 [(lid, group, model_version, value, METHOD, uri) for lid, group, value, uri in rows])
 
 
-def store_explanations(conn: psycopg.Connection, predictor, items: Sequence[ReviewToExplain | tuple],
+def store_explanations(conn: psycopg.Connection, predictor, items: Sequence[ReviewToExplain],
                        settings: Settings) -> int:
     """Explain and record the top candidate of every review item of ``items``; returns the heat maps stored.
 
@@ -106,14 +109,14 @@ def store_explanations(conn: psycopg.Connection, predictor, items: Sequence[Revi
     """
     if not settings.explain_review:
         return 0
-    items = [it for it in items if it[2]]
-    if not items:
+    with_review = [it for it in items if it.review]
+    if not with_review:
         return 0
     try:
-        rows = _explain_items(predictor, items, settings)
+        rows = _explain_items(predictor, with_review, settings)
         if rows:
             record_explanations(conn, predictor.version, rows)
         return len(rows)
     except Exception:
-        log.exception("explanations failed for %d listings", len(items))
+        log.exception("explanations failed for %d listings", len(with_review))
         return 0

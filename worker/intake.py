@@ -38,9 +38,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import psycopg
-from kafka import AsyncConsumerRebalanceListener
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.structs import OffsetAndMetadata, TopicPartition
 from pydantic import ValidationError
 
@@ -69,7 +70,10 @@ def parse_correction(raw: bytes | None, max_bytes: int) -> CorrectionEvent | Rej
     return _parse(raw, max_bytes, CorrectionEvent)
 
 
-def _parse(raw: bytes | None, max_bytes: int, model):
+EventT = TypeVar("EventT", ListingEvent, CorrectionEvent)
+
+
+def _parse(raw: bytes | None, max_bytes: int, model: type[EventT]) -> EventT | Rejected:
     if raw is None or len(raw) == 0:
         return Rejected("empty", "no value (tombstone or empty message)")
     if len(raw) > max_bytes:
@@ -84,10 +88,8 @@ def _parse(raw: bytes | None, max_bytes: int, model):
         return Rejected("invalid", errs[:500])
 
 
-def make_consumer(settings: Settings, topic: str, group: str, **overrides):
-    from kafka import KafkaConsumer
-
-    kwargs = dict(
+def make_consumer(settings: Settings, topic: str, group: str, **overrides: Any) -> KafkaConsumer:
+    kwargs: dict[str, Any] = dict(
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=group,
         enable_auto_commit=False,  # we commit after Postgres + enqueue, never before
@@ -103,9 +105,7 @@ def make_consumer(settings: Settings, topic: str, group: str, **overrides):
     return KafkaConsumer(topic, **kwargs)
 
 
-def make_producer(settings: Settings):
-    from kafka import KafkaProducer
-
+def make_producer(settings: Settings) -> KafkaProducer:
     return KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
                          client_id="enrich-dlq")
 
@@ -661,7 +661,8 @@ class CorrectionsIntake(Intake):
 
     def __init__(self, settings: Settings, conn_factory: Callable[[], psycopg.Connection], consumer=None,
                  producer=None, poll_timeout_ms: int = 500) -> None:
-        consumer = consumer or make_consumer(settings, settings.corrections_topic, settings.consumer_group + "-corrections")
+        consumer = consumer or make_consumer(settings, settings.corrections_topic,
+                                             settings.consumer_group + "-corrections")
         super().__init__(settings, conn_factory, enqueue=lambda ids: None, consumer=consumer, producer=producer,
                          poll_timeout_ms=poll_timeout_ms)
         self.dlq_topic = settings.corrections_topic + ".dlq"

@@ -26,19 +26,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
+import torch
 
 from core import metrics
 from core.config import Settings
 from core.images import ImageError, ImageLimits, ImageRejected, ImageUnavailable, fetch_bytes
 from core.s3 import make_s3_client
 from schemas.enrichment import Enrichment
+from similar.online import write_online_neighbours
 from worker.decode import Prepared, make_decoder
-from worker.explanations import store_explanations
+from worker.explanations import ReviewToExplain, store_explanations
 from worker.store import ListingToEnrich, listings_to_enrich, write_enrichments
 from worker.tagging import combine_images, decide, shelf_vector
 
@@ -54,8 +56,7 @@ class Settled:
     failed: list[tuple[ListingToEnrich, str]] = field(default_factory=list)  # permanent, with reasons
     retry: dict[str, str] = field(default_factory=dict)  # listing id → reasons (transient)
     images: int = 0
-    # with ENRICH_EXPLAIN_REVIEW: (listing id, its first photo's tensor, review items) for the heat maps
-    explain: list[tuple] = field(default_factory=list)
+    explain: list[ReviewToExplain] = field(default_factory=list)  # with ENRICH_EXPLAIN_REVIEW: for the heat maps
 
     def __bool__(self) -> bool:
         return bool(self.rows or self.failed or self.retry)
@@ -87,7 +88,7 @@ class _InFlight:
     left: int  # images not through a forward pass yet
     errors: list[ImageError]
     outputs: list[tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]] = field(default_factory=list)  # per image
-    first: object = None  # its first photo's tensor, kept only when review items get heat maps
+    first: torch.Tensor | None = None  # its first photo's tensor, kept only when review items get heat maps
 
 
 class Enricher:
@@ -123,11 +124,11 @@ class Enricher:
         finally:
             metrics.FETCH_LATENCY.observe(time.perf_counter() - t0)
 
-    def _fetched(self, items: list[ListingToEnrich]) -> Iterator[tuple[ListingToEnrich, list]]:
+    def _fetched(self, items: list[ListingToEnrich]) -> Iterator[tuple[ListingToEnrich, list[Prepared | ImageError]]]:
         """Each listing with its images' results, in order. Fetching and decoding run ahead on the I/O pool
         by at most two forward batches of images: enough to keep the model fed, bounded in memory."""
         ahead = 2 * self.settings.batch_size
-        window: deque = deque()
+        window: deque[tuple[ListingToEnrich, list[Future[Prepared | ImageError]]]] = deque()
         queued = 0
         todo = iter(items)
         while True:
@@ -141,10 +142,8 @@ class Enricher:
             queued -= len(futures)
             yield item, [f.result() for f in futures]
 
-    def forward(self, tensors: list) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    def forward(self, tensors: list[torch.Tensor]) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
         """One forward pass over a list of preprocessed CHW tensors."""
-        import torch
-
         chunk = torch.stack(tensors)
         if chunk.device.type == "cpu" and getattr(self.predictor, "device", None) is not None \
                 and self.predictor.device.type == "cuda":
@@ -185,8 +184,9 @@ class Enricher:
 
     def _predict(self, batch: list[tuple[_InFlight, Prepared]], part: Settled) -> None:
         """One forward pass; the listings whose last image it held are decided into `part`."""
-        owners, tensors = [], []
-        for (listing, _), x in zip(batch, self.decoder.finish([p for _, p in batch])):
+        owners: list[_InFlight] = []
+        tensors: list[torch.Tensor] = []
+        for (listing, _), x in zip(batch, self.decoder.finish([p for _, p in batch]), strict=True):
             if isinstance(x, ImageError):  # a JPEG only the batch step could decode, and could not
                 metrics.IMAGES_REJECTED.labels(reason=x.reason).inc()
                 listing.errors.append(x)
@@ -210,9 +210,9 @@ class Enricher:
         if not listing.outputs:
             part.failed.append((item, "no usable image: " + "; ".join(str(e) for e in listing.errors)))
             return
-        for e in listing.errors:
-            log.info("image skipped for listing %s: %s", item.listing_id, e,
-                     extra={"listing_id": item.listing_id, "reason": e.reason})
+        for error in listing.errors:
+            log.info("image skipped for listing %s: %s", item.listing_id, error,
+                     extra={"listing_id": item.listing_id, "reason": error.reason})
         cat = np.stack([o[0] for o in listing.outputs])
         groups = {g: np.stack([o[1][g] for o in listing.outputs]) for g in listing.outputs[0][1]}
         emb = np.stack([o[2] for o in listing.outputs])
@@ -223,11 +223,13 @@ class Enricher:
         part.rows.append((item, enr, shelf_vector(enr, m.taxonomy, e, c, m.shelf_category_weight)))
         part.images += len(listing.outputs)
         if enr.review and listing.first is not None:
-            part.explain.append((item.listing_id, listing.first, enr.review))
+            part.explain.append(ReviewToExplain(item.listing_id, listing.first, enr.review))
 
-    def infer(self, items: list[ListingToEnrich], accept_partial: bool = False) -> tuple[BatchOutcome, list]:
+    def infer(self, items: list[ListingToEnrich], accept_partial: bool = False
+              ) -> tuple[BatchOutcome, list[tuple[ListingToEnrich, Enrichment, np.ndarray]]]:
         """Images + model + rules, no database. Returns the outcome and rows for write_enrichments."""
-        out, rows = BatchOutcome(), []
+        out = BatchOutcome()
+        rows: list[tuple[ListingToEnrich, Enrichment, np.ndarray]] = []
         for part in self.settle(items, accept_partial=accept_partial):
             out.add(part)
             rows += part.rows
@@ -322,8 +324,6 @@ class _Writer:
 def write_neighbours(conn: psycopg.Connection, listing_ids: list[str], model_version: str,
                      settings: Settings) -> int:
     """Online top-K for fresh listings. Best effort: the nightly reindex fills anything missed here."""
-    from similar.online import write_online_neighbours
-
     try:
         with conn.transaction():
             return write_online_neighbours(conn, listing_ids, model_version, settings=settings)

@@ -41,7 +41,7 @@ def _normalised(embeddings: np.ndarray) -> np.ndarray:
 
 def _neighbours(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(indices, cosine similarities), shape (n, k): each row's k nearest others, self left out."""
-    import faiss  # here, not at module level: start-up time of the worker and the CLI
+    import faiss  # lazy: the workers and the CLI start without it
 
     n, d = x.shape
     index = faiss.IndexFlatIP(d)
@@ -96,7 +96,7 @@ def gain_order(uncertainty: np.ndarray, embeddings: np.ndarray, k: int = 10,
         picked[i] = True
         order[r], at_pick[r] = i, gain[i]
         r += 1
-        for j, s in zip(idx[i].tolist(), sims[i].tolist()):
+        for j, s in zip(idx[i].tolist(), sims[i].tolist(), strict=True):
             if not picked[j] and s > 0 and diversity > 0:
                 gain[j] *= 1.0 - diversity * s
                 heapq.heappush(heap, (-gain[j], j))

@@ -9,11 +9,16 @@ uncertainty (a zero vector is similar to nothing).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from datetime import datetime
 from itertools import groupby
+from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg.rows import class_row
 
+from core.config import Settings
 from worker.review_order import gain_order, uncertainty
 
 log = logging.getLogger(__name__)
@@ -22,30 +27,44 @@ NEIGHBOURS = 10  # similar open items one answer is expected to settle, at most
 DIVERSITY = 0.5
 
 
-def _open_items(conn: psycopg.Connection) -> list[tuple]:
-    """(id, created_at, tag_group, model_version, candidates, dim, vector) of every open item, grouped."""
-    return conn.execute(
-        """SELECT q.id, q.created_at, q.tag_group, q.model_version, q.candidates, e.dim, e.vector
-             FROM review_queue q
-             LEFT JOIN embeddings e ON e.listing_id = q.listing_id AND e.model_version = q.model_version
-            WHERE q.resolved_at IS NULL
-            ORDER BY q.tag_group, q.model_version, q.id""").fetchall()
+@dataclass(frozen=True)
+class OpenItem:
+    """An open review item with its listing's embedding of the item's model version (None: it has none)."""
+
+    id: int
+    created_at: datetime
+    tag_group: str
+    model_version: str
+    candidates: list[list[Any]]  # [[value, probability], ...]
+    dim: int | None
+    vector: bytes | None
 
 
-def _rank_group(rows: list[tuple]) -> np.ndarray:
-    """Priorities of one group's items, in row order."""
-    dims = [r[5] for r in rows if r[5]]
+def _open_items(conn: psycopg.Connection) -> list[OpenItem]:
+    """Every open item, by (tag group, model version)."""
+    with conn.cursor(row_factory=class_row(OpenItem)) as cur:
+        return cur.execute(
+            """SELECT q.id, q.created_at, q.tag_group, q.model_version, q.candidates, e.dim, e.vector
+                 FROM review_queue q
+                 LEFT JOIN embeddings e ON e.listing_id = q.listing_id AND e.model_version = q.model_version
+                WHERE q.resolved_at IS NULL
+                ORDER BY q.tag_group, q.model_version, q.id""").fetchall()
+
+
+def _rank_group(items: list[OpenItem]) -> np.ndarray:
+    """Priorities of one group's items, in order."""
+    dims = [it.dim for it in items if it.dim]
     dim = max(set(dims), key=dims.count) if dims else 1
-    emb = np.zeros((len(rows), dim), dtype=np.float32)
-    for i, r in enumerate(rows):
-        if r[5] == dim:
-            emb[i] = np.frombuffer(r[6], dtype="<f4")
-    u = np.array([uncertainty(r[4]) for r in rows])
+    emb = np.zeros((len(items), dim), dtype=np.float32)
+    for i, it in enumerate(items):
+        if it.dim == dim and it.vector is not None:
+            emb[i] = np.frombuffer(it.vector, dtype="<f4")
+    u = np.array([uncertainty(it.candidates) for it in items])
     _, priority = gain_order(u, emb, k=NEIGHBOURS, diversity=DIVERSITY)
     return priority
 
 
-def reprioritise(conn: psycopg.Connection, settings=None) -> int:
+def reprioritise(conn: psycopg.Connection, settings: Settings | None = None) -> int:
     """Rank the open review items and store their priorities in one statement. Returns how many items hold
     a priority from this pass. An item answered, re-queued (new created_at) or locked meanwhile is left as
     it is; the next pass ranks it. Ranked under either ENRICH_REVIEW_ORDER, so switching to "gain" finds
@@ -55,16 +74,17 @@ def reprioritise(conn: psycopg.Connection, settings=None) -> int:
 
 
 def _reprioritise(conn: psycopg.Connection) -> int:
-    rows = _open_items(conn)
-    ids, created, priorities = [], [], []
-    for _, group in groupby(rows, key=lambda r: (r[2], r[3])):
-        group = list(group)
-        ids += [r[0] for r in group]
-        created += [r[1] for r in group]
-        priorities += _rank_group(group).tolist()
+    ids: list[int] = []
+    created: list[datetime] = []
+    priorities: list[float] = []
+    for _, grouped in groupby(_open_items(conn), key=lambda it: (it.tag_group, it.model_version)):
+        items = list(grouped)
+        ids += [it.id for it in items]
+        created += [it.created_at for it in items]
+        priorities += _rank_group(items).tolist()
     if not ids:
         return 0
-    ranked, changed = conn.execute(
+    [(ranked, changed)] = conn.execute(
         """WITH u AS (SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::real[]) AS u(id, created_at, p)),
                 mine AS (SELECT q.id, u.p, q.priority IS DISTINCT FROM u.p AS changed
                            FROM review_queue q JOIN u ON u.id = q.id AND u.created_at = q.created_at
@@ -73,6 +93,6 @@ def _reprioritise(conn: psycopg.Connection) -> int:
                 upd AS (UPDATE review_queue q SET priority = mine.p FROM mine
                          WHERE q.id = mine.id AND mine.changed RETURNING q.id)
            SELECT (SELECT count(*) FROM mine), (SELECT count(*) FROM upd)""",
-        (ids, created, priorities)).fetchone()
+        (ids, created, priorities)).fetchall()
     log.info("review order: %d open item(s) ranked, %d priorit(ies) changed", ranked, changed)
     return int(ranked)

@@ -24,13 +24,23 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg_pool import ConnectionPool
 
 from core import metrics
 from core.config import Settings
+from core.db import make_pool
+from model.artifacts import store_from_settings
+from model.registry import active_version, model_dir_for, shadow_version
+
+if TYPE_CHECKING:
+    from worker.pipeline import Enricher  # imports torch: see _load
 
 log = logging.getLogger(__name__)
 _lock = threading.RLock()  # enricher() reaches pool() while holding it
-_pool = None
+_pool: ConnectionPool | None = None
 _LOAD_WAIT_S = 300.0  # a task waits this long at most for a load it has seen, then runs on the current model
 _MIN_CHECK_S = 0.1
 
@@ -40,9 +50,10 @@ class _Slot:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.enricher = None
+        self.enricher: Enricher | None = None
         self.wanted: str | None = None  # the version the registry names, when it is not the one served
-        self.ready = None  # `wanted`, loaded in the background, waiting until no task holds the current one
+        # `wanted`, loaded in the background, waiting until no task holds the current one
+        self.ready: Enricher | None = None
         self.drop = False  # the registry names none any more: let the current one go at the next switch
         self.loading: threading.Thread | None = None
 
@@ -112,36 +123,32 @@ class _Slot:
 _active = _Slot("active")
 _shadow = _Slot("shadow")
 _in_task = False  # a Celery task is running in this process (task_started … task_finished)
-_held = None  # the Enricher the running task got: the same one until the task ends
+_held: Enricher | None = None  # the Enricher the running task got: the same one until the task ends
 _queues: list[str] | None = None  # what this process consumes, for worker_status (None: not told)
 _timer: threading.Thread | None = None
 _stop = threading.Event()
 
 
-def _load(settings: Settings, model_dir: Path):
+def _load(settings: Settings, model_dir: Path) -> Enricher:
+    # lazy: torch, and the modules that import it, load only in processes that serve a model (gpu, backfill)
+    import faiss
+    import torch
+
     from model.inference import load_predictor
     from worker.pipeline import Enricher
 
     if settings.torch_threads:
-        import faiss
-        import torch
-
         torch.set_num_threads(settings.torch_threads)
         faiss.omp_set_num_threads(settings.torch_threads)  # the online neighbour search's threads
     t0 = time.perf_counter()
     predictor = load_predictor(model_dir, device=settings.device, mixed_precision=settings.mixed_precision)
-    import torch
-
     log.info("model %s loaded from %s on %s, %s in %.1fs (torch intra-op threads: %d)", predictor.version,
              model_dir, predictor.device, predictor.amp_dtype or "fp32", time.perf_counter() - t0,
              torch.get_num_threads())
     return Enricher(predictor, settings)
 
 
-def _registered_dir(settings: Settings, conn, version: str | None = None) -> Path:
-    from model.artifacts import store_from_settings
-    from model.registry import model_dir_for
-
+def _registered_dir(settings: Settings, conn: psycopg.Connection, version: str | None = None) -> Path:
     return model_dir_for(conn, version=version, store=store_from_settings(settings))
 
 
@@ -232,8 +239,6 @@ def check(settings: Settings) -> None:
         versions = None
         with pool(settings).connection() as conn:
             if serving and settings.model_dir is None:
-                from model.registry import active_version, shadow_version
-
                 versions = active_version(conn), shadow_version(conn)
         if versions is not None:
             with _lock:
@@ -249,7 +254,7 @@ def check(settings: Settings) -> None:
         log.warning("registry check failed; trying again in %.0fs", settings.model_check_s, exc_info=True)
 
 
-def _report(conn, serving: bool) -> None:
+def _report(conn: psycopg.Connection, serving: bool) -> None:
     """What this process consumes and serves, for the console's overview."""
     with _lock:
         active, shadow = (_active.version, _shadow.version) if serving else (None, None)
@@ -283,7 +288,7 @@ def _wait_for_seen_load() -> None:
         loading.join(_LOAD_WAIT_S)
 
 
-def enricher(settings: Settings):
+def enricher(settings: Settings) -> Enricher:
     """The Enricher the current task runs on: the same one until the task ends; loaded on first use."""
     global _held
     with _lock:
@@ -306,7 +311,7 @@ def enricher(settings: Settings):
     return current
 
 
-def shadow_enricher():
+def shadow_enricher() -> Enricher | None:
     """The shadow candidate's Enricher, when the registry names one and it is loaded; else None."""
     with _lock:
         return _shadow.enricher
@@ -316,12 +321,10 @@ def is_loaded() -> bool:
     return _active.enricher is not None
 
 
-def pool(settings: Settings):
+def pool(settings: Settings) -> ConnectionPool:
     global _pool
     with _lock:
         if _pool is None:
-            from core.db import make_pool
-
             _pool = make_pool(settings, size=min(settings.db_pool_size, 2))
         return _pool
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import TYPE_CHECKING
 
 import psycopg
 
-from schemas.enrichment import Enrichment
+from schemas.enrichment import Enrichment, TagSource
 from worker.store import listings_by_id
+
+if TYPE_CHECKING:
+    from worker.pipeline import Enricher  # imports torch, which cpu and train workers never load
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +30,14 @@ def in_share(listing_id: str, share: float) -> bool:
 
 def answers(enr: Enrichment) -> dict[str, tuple[str, float]]:
     """What a model said per group: its tag where confident, else its best review candidate."""
-    out = {g: (t.value, float(t.confidence)) for g, t in enr.tags.items() if t.source.value == "predicted"}
+    out = {g: (t.value, t.confidence) for g, t in enr.tags.items()
+           if t.source is TagSource.predicted and t.confidence is not None}  # TagValue: predicted ones have one
     for r in enr.review:
         out.setdefault(r.group, (r.candidates[0][0], float(r.candidates[0][1])))
     return out
 
 
-def run_shadow(conn: psycopg.Connection, shadow, active: list[Enrichment], share: float) -> int:
+def run_shadow(conn: psycopg.Connection, shadow: Enricher, active: list[Enrichment], share: float) -> int:
     """Predict the sampled listings of a finished batch with the shadow Enricher; returns rows stored."""
     chosen = {e.listing_id: e for e in active if in_share(e.listing_id, share)}
     if not chosen:

@@ -10,14 +10,31 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Any, LiteralString
 
 import numpy as np
 import psycopg
+from psycopg.abc import Params
+from psycopg.rows import class_row, kwargs_row, scalar_row
 from psycopg.types.json import Jsonb
 
 from schemas.enrichment import Enrichment, TagSource
 from schemas.events import CorrectionEvent, ListingEvent
 from worker.review_order import uncertainty
+
+
+def value_of(conn: psycopg.Connection, query: LiteralString, params: Params | None = None) -> Any:
+    """The first column of the query's first row (a count, a lock, an age); LookupError when it returns none."""
+    row = conn.execute(query, params).fetchone()
+    if row is None:
+        raise LookupError("the query returned no row")
+    return row[0]
+
+
+def ids_of(conn: psycopg.Connection, query: LiteralString, params: Params | None = None) -> list[str]:
+    """The first column of every row: listing ids."""
+    with conn.cursor(row_factory=scalar_row) as cur:
+        return cur.execute(query, params).fetchall()
 
 
 def content_hash(event: ListingEvent) -> str:
@@ -57,7 +74,8 @@ def upsert_listings(conn: psycopg.Connection, events: list[ListingEvent], topic:
         bodies.append(ev.model_dump_json())
         hashes.append(content_hash(ev))
         statuses.append("deleted" if ev.deleted else "pending")
-    changed = [r[0] for r in conn.execute(
+    changed = ids_of(
+        conn,
         """INSERT INTO listings (listing_id, seller_id, event, content_hash, status)
            SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::text[], %s::text[])
            ON CONFLICT (listing_id) DO UPDATE
@@ -67,17 +85,19 @@ def upsert_listings(conn: psycopg.Connection, events: list[ListingEvent], topic:
             WHERE listings.content_hash <> EXCLUDED.content_hash
            RETURNING listing_id""",
         (ids, sellers, bodies, hashes, statuses),
-    ).fetchall()]
-    pending = [r[0] for r in conn.execute(
+    )
+    pending = ids_of(
+        conn,
         "SELECT listing_id FROM listings WHERE listing_id = ANY(%s) AND status = 'pending' ORDER BY listing_id",
         (ids,),
-    ).fetchall()]
-    deleted = [i for i, s in zip(ids, statuses) if s == "deleted" and i in set(changed)]
+    )
+    edited = set(changed)
+    deleted = [i for i, s in zip(ids, statuses, strict=True) if s == "deleted" and i in edited]
     if deleted:
         # a removed listing leaves the similar-items candidates at once; history (tags) is kept
         conn.execute("DELETE FROM embeddings WHERE listing_id = ANY(%s)", (deleted,))
         conn.execute("DELETE FROM review_queue WHERE listing_id = ANY(%s) AND resolved_at IS NULL", (deleted,))
-    eids = [event_id(ev, h) for (ev, _), h in zip(latest.values(), hashes)]
+    eids = [event_id(ev, h) for (ev, _), h in zip(latest.values(), hashes, strict=True)]
     picked = [offsets[i] if offsets else (None, None) for _, i in latest.values()]
     parts, offs = [p for p, _ in picked], [o for _, o in picked]
     conn.execute(
@@ -95,17 +115,19 @@ def claim_stale_pending(conn: psycopg.Connection, older_than_s: float, limit: in
     sets their updated_at to now, so the next sweep leaves them to this one's task for another
     ``older_than_s`` instead of queueing a duplicate every run under a long backlog; SKIP LOCKED
     lets two sweeps run at once without claiming the same rows."""
-    rows = conn.execute(
+    return ids_of(
+        conn,
         """WITH stale AS (
                SELECT listing_id, updated_at FROM listings
                 WHERE status = 'pending' AND updated_at < now() - make_interval(secs => %s)
-                ORDER BY updated_at, listing_id LIMIT %s FOR UPDATE SKIP LOCKED)
-           UPDATE listings l SET updated_at = now() FROM stale
-            WHERE l.listing_id = stale.listing_id
-        RETURNING l.listing_id, stale.updated_at""",
+                ORDER BY updated_at, listing_id LIMIT %s FOR UPDATE SKIP LOCKED),
+           claimed AS (
+               UPDATE listings l SET updated_at = now() FROM stale
+                WHERE l.listing_id = stale.listing_id
+            RETURNING l.listing_id, stale.updated_at)
+           SELECT listing_id FROM claimed ORDER BY updated_at, listing_id""",
         (older_than_s, limit),
-    ).fetchall()
-    return [lid for lid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+    )
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,11 @@ class ListingToEnrich:
     listing_id: str
     content_hash: str
     event: ListingEvent
+
+    @classmethod
+    def from_row(cls, listing_id: str, content_hash: str, event: dict[str, Any]) -> ListingToEnrich:
+        """A `listings` row (its event as stored JSON) → a validated event."""
+        return cls(listing_id, content_hash, ListingEvent.model_validate(event))
 
 
 def listings_to_enrich(conn: psycopg.Connection, listing_ids: list[str], model_version: str) -> list[ListingToEnrich]:
@@ -126,22 +153,22 @@ def listings_to_enrich(conn: psycopg.Connection, listing_ids: list[str], model_v
     image error (a 403 from a misconfigured bucket) must never wipe a catalogue's tags. `worker.backfill.TODO_SQL`
     is the same rule for the whole catalogue (a test keeps them equal). A pending listing always needs work: it
     may have been edited back to the content it was enriched on, and only a write marks it done again."""
-    rows = conn.execute(
-        """SELECT l.listing_id, l.content_hash, l.event FROM listings l
-            WHERE l.listing_id = ANY(%s) AND l.status <> 'deleted'
-              AND NOT (l.status <> 'pending' AND l.enriched_hash IS NOT DISTINCT FROM l.content_hash
-                       AND (l.status = 'failed' OR l.enriched_by IS NOT DISTINCT FROM %s))
-            ORDER BY l.listing_id""",
-        (listing_ids, model_version),
-    ).fetchall()
-    return [ListingToEnrich(r[0], r[1], ListingEvent.model_validate(r[2])) for r in rows]
+    with conn.cursor(row_factory=kwargs_row(ListingToEnrich.from_row)) as cur:
+        return cur.execute(
+            """SELECT l.listing_id, l.content_hash, l.event FROM listings l
+                WHERE l.listing_id = ANY(%s) AND l.status <> 'deleted'
+                  AND NOT (l.status <> 'pending' AND l.enriched_hash IS NOT DISTINCT FROM l.content_hash
+                           AND (l.status = 'failed' OR l.enriched_by IS NOT DISTINCT FROM %s))
+                ORDER BY l.listing_id""",
+            (listing_ids, model_version),
+        ).fetchall()
 
 
 def listings_by_id(conn: psycopg.Connection, listing_ids: list[str]) -> list[ListingToEnrich]:
     """The live listings among these ids, as they are now (shadow predictions, re-runs)."""
-    rows = conn.execute("SELECT listing_id, content_hash, event FROM listings WHERE listing_id = ANY(%s)"
-                        " AND status <> 'deleted' ORDER BY listing_id", (listing_ids,)).fetchall()
-    return [ListingToEnrich(r[0], r[1], ListingEvent.model_validate(r[2])) for r in rows]
+    with conn.cursor(row_factory=kwargs_row(ListingToEnrich.from_row)) as cur:
+        return cur.execute("SELECT listing_id, content_hash, event FROM listings WHERE listing_id = ANY(%s)"
+                           " AND status <> 'deleted' ORDER BY listing_id", (listing_ids,)).fetchall()
 
 
 def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnrich, Enrichment, np.ndarray]],
@@ -159,8 +186,9 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
         ids = [item.listing_id for item, _, _ in results]
         conn.execute("DELETE FROM listing_tags WHERE listing_id = ANY(%s) AND source <> 'corrected'", (ids,))
         conn.execute("DELETE FROM review_queue WHERE listing_id = ANY(%s) AND resolved_at IS NULL", (ids,))
-        corrected = set(conn.execute("SELECT listing_id, tag_group FROM listing_tags WHERE listing_id = ANY(%s)"
-                                     " AND source = 'corrected'", (ids,)).fetchall())
+        corrected: set[tuple[str, str]] = set(conn.execute(
+            "SELECT listing_id, tag_group FROM listing_tags WHERE listing_id = ANY(%s) AND source = 'corrected'",
+            (ids,)).fetchall())
         tag_rows, review_rows, emb_rows = [], [], []
         for item, enr, emb in results:
             for group, tag in enr.tags.items():
@@ -220,8 +248,7 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
 
 def known_listings(conn: psycopg.Connection, listing_ids: list[str]) -> set[str]:
     """Those of these listings the catalogue has (deleted ones included)."""
-    return {r[0] for r in conn.execute("SELECT listing_id FROM listings WHERE listing_id = ANY(%s)",
-                                       (list(listing_ids),)).fetchall()}
+    return set(ids_of(conn, "SELECT listing_id FROM listings WHERE listing_id = ANY(%s)", (list(listing_ids),)))
 
 
 def record_correction(conn: psycopg.Connection, ev: CorrectionEvent) -> bool:
@@ -250,10 +277,20 @@ def record_correction(conn: psycopg.Connection, ev: CorrectionEvent) -> bool:
     return True
 
 
-def tags_of(conn: psycopg.Connection, listing_id: str) -> dict[str, tuple[str, str, float | None, str | None]]:
-    """group → (value, source, confidence, model_version); used by batch mode, tests and the CLI."""
-    rows = conn.execute(
-        "SELECT tag_group, value, source, confidence, model_version FROM listing_tags WHERE listing_id = %s",
-        (listing_id,),
-    ).fetchall()
-    return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+@dataclass(frozen=True)
+class StoredTag:
+    """A `listing_tags` row: a listing's current value of one group and where it came from."""
+
+    tag_group: str
+    value: str
+    source: str  # a TagSource value: seller, predicted or corrected
+    confidence: float | None
+    model_version: str | None
+
+
+def tags_of(conn: psycopg.Connection, listing_id: str) -> dict[str, StoredTag]:
+    """A listing's stored tags by group."""
+    with conn.cursor(row_factory=class_row(StoredTag)) as cur:
+        rows = cur.execute("SELECT tag_group, value, source, confidence, model_version FROM listing_tags"
+                           " WHERE listing_id = %s", (listing_id,)).fetchall()
+    return {tag.tag_group: tag for tag in rows}

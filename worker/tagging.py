@@ -6,12 +6,12 @@ Pure functions (data in, data out) so the rules are tested without a model or a 
   known; the model's category and type probabilities already agree (model/network.py joint_category), so
   the type of an unsure category is the sum over its categories;
 - an attribute group that does not apply to the listing's category (or, without one, its type) is
-  neither written nor sent to review: it is listed as not applicable (seed 001; the taxonomy's applies_to);
+  neither written nor sent to review: it is listed as not applicable (the taxonomy's applies_to);
 - a prediction at or above its calibrated threshold becomes a tag (source=predicted, confidence,
   model_version); below it goes to the review queue with its top candidates instead, and the one rule that
   explains why (`review_reason`: the text contradicts the photo, no value of a multi-label group applies,
   or plainly below the threshold);
-- text fusion (issue 23): what the title and description name or negate (model/text.py, the vocabulary
+- text fusion: what the title and description name or negate (model/text.py, the vocabulary
   beside the taxonomy) reweights the image probabilities of the groups the seller left empty, before the
   threshold rule; a tag the text contributed to keeps source=predicted and carries its evidence.
 
@@ -83,18 +83,20 @@ def review_reason(values: list[str], probs: np.ndarray, prior: np.ndarray | None
     look at both. Otherwise a multi-label group none of whose values reaches its threshold has no value that
     applies; anything else is plainly below the threshold."""
     best = int(np.argmax(probs))
-    guess = {"value": values[best], "probability": _unit(probs[best]), "threshold": _unit(threshold_of(values[best]))}
+    value, probability, threshold = values[best], _unit(probs[best]), _unit(threshold_of(values[best]))
     if prior is not None:
         top = int(np.argmax(prior))
         seen = values[top]
         words = {v: list(w) for v, w in named.items() if v != seen}
         against = {seen: list(negated[seen])} if seen in negated else {}
         if words or against:
-            return ReviewReason(rule=ReviewRule.text_conflict, image_value=seen, image_probability=_unit(prior[top]),
-                                words=words, negated=against, **guess)
-    if not exclusive and all(float(p) < threshold_of(v) for v, p in zip(values, probs)):
-        return ReviewReason(rule=ReviewRule.no_value_applies, **guess)
-    return ReviewReason(rule=ReviewRule.below_threshold, **guess)
+            return ReviewReason(rule=ReviewRule.text_conflict, value=value, probability=probability,
+                                threshold=threshold, image_value=seen, image_probability=_unit(prior[top]),
+                                words=words, negated=against)
+    if not exclusive and all(float(p) < threshold_of(v) for v, p in zip(values, probs, strict=True)):
+        return ReviewReason(rule=ReviewRule.no_value_applies, value=value, probability=probability,
+                            threshold=threshold)
+    return ReviewReason(rule=ReviewRule.below_threshold, value=value, probability=probability, threshold=threshold)
 
 
 def _by_type(taxonomy: Taxonomy, said: Mapping[str, list[str]]) -> dict[str, list[str]]:
@@ -223,8 +225,9 @@ def decide(event: ListingEvent, taxonomy: Taxonomy, model_version: str,
             types, tp = _type_probs(taxonomy, cat_probs)
             fill(TYPE_GROUP, types, tp, _type_probs(taxonomy, image_cat)[1], evidence_group=CATEGORY_GROUP)
 
-    category, type_ = tags.get(CATEGORY_GROUP), tags.get(TYPE_GROUP)
-    not_applicable = [g for g in taxonomy.not_applicable(category and category.value, type_ and type_.value)
+    category_tag, type_tag = tags.get(CATEGORY_GROUP), tags.get(TYPE_GROUP)
+    not_applicable = [g for g in taxonomy.not_applicable(category_tag.value if category_tag else None,
+                                                         type_tag.value if type_tag else None)
                       if g not in tags]
     for group in taxonomy.attribute_groups:
         if group.name in tags or group.name in not_applicable:

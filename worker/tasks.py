@@ -5,17 +5,26 @@ pending sweep, the review order and beat's tick (queue "cpu"). The worker-proces
 from __future__ import annotations
 
 import socket
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown, worker_shutdown
 from celery.utils.log import get_task_logger
 from celery.utils.time import get_exponential_backoff_interval
+from psycopg.rows import scalar_row
 from psycopg.types.json import Jsonb
 
 from core import metrics
 from core.celery_app import BEAT_TICK_TASK, ENRICH_TASK, REVIEW_ORDER_TASK, SWEEP_TASK, app, send_enrich, task_settings
+from core.config import Settings
+from schemas.enrichment import Enrichment
 from worker import runtime
+from worker.review_priority import reprioritise
 from worker.shadow import run_shadow
+from worker.store import claim_stale_pending
+
+if TYPE_CHECKING:
+    from worker.pipeline import Enricher  # imports torch, which cpu and train workers never load
 
 log = get_task_logger(__name__)
 
@@ -70,7 +79,7 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
                 _shadow(conn, shadow, out.enriched, settings.shadow_share)
     except psycopg.OperationalError as exc:
         delay = get_exponential_backoff_interval(5, self.request.retries, 300, full_jitter=True)
-        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries)
+        raise self.retry(exc=exc, countdown=delay, max_retries=settings.task_max_retries) from exc
     log.info("batch of %d: %d enriched, %d failed, %d skipped, %d to retry (%d images)",
              len(listing_ids), len(out.enriched), len(out.failed), len(out.skipped), len(out.retry), out.images)
     if out.retry:
@@ -79,17 +88,15 @@ def enrich_listings(self, listing_ids: list[str]) -> dict[str, int]:
     return {"enriched": len(out.enriched), "failed": len(out.failed), "skipped": len(out.skipped)}
 
 
-def _shadow(conn, shadow, enriched, share: float) -> None:
+def _shadow(conn: psycopg.Connection, shadow: Enricher, enriched: list[Enrichment], share: float) -> None:
     try:
         run_shadow(conn, shadow, enriched, share)
     except Exception:
         log.exception("shadow model %s failed on this batch", shadow.model_version)
 
 
-def sweep_pending(conn: psycopg.Connection, settings, older_than_s: float | None = None) -> int:
+def sweep_pending(conn: psycopg.Connection, settings: Settings, older_than_s: float | None = None) -> int:
     """Enqueue again, in task-sized chunks, the listings left pending too long. Returns how many."""
-    from worker.store import claim_stale_pending
-
     after = settings.pending_sweep_after_s if older_than_s is None else older_than_s
     with conn.transaction():  # a failed send leaves the rows unclaimed for the next sweep
         ids = claim_stale_pending(conn, after)
@@ -111,14 +118,12 @@ def sweep_pending_task() -> int:
 @app.task(name=REVIEW_ORDER_TASK, ignore_result=True)
 def review_order_task() -> int:
     """Beat, queue "cpu", every ENRICH_REVIEW_REPRIORITISE_S: rank the open review items by expected gain."""
-    from worker.review_priority import reprioritise
-
     settings = task_settings()
     with runtime.pool(settings).connection() as conn:
         return reprioritise(conn, settings)
 
 
-def record_beat(conn: psycopg.Connection, details: dict) -> None:
+def record_beat(conn: psycopg.Connection, details: dict[str, Any]) -> None:
     """Beat was seen now (its tick ran on a cpu worker)."""
     conn.execute("INSERT INTO heartbeats (name, seen_at, details) VALUES ('beat', now(), %s)"
                  " ON CONFLICT (name) DO UPDATE SET seen_at = now(), details = EXCLUDED.details",
@@ -127,8 +132,9 @@ def record_beat(conn: psycopg.Connection, details: dict) -> None:
 
 def beat_age_s(conn: psycopg.Connection) -> float | None:
     """Seconds since beat's last tick ran; None when it never did."""
-    row = conn.execute("SELECT extract(epoch FROM now() - seen_at) FROM heartbeats WHERE name = 'beat'").fetchone()
-    return float(row[0]) if row else None
+    with conn.cursor(row_factory=scalar_row) as cur:
+        age = cur.execute("SELECT extract(epoch FROM now() - seen_at) FROM heartbeats WHERE name = 'beat'").fetchone()
+    return None if age is None else float(age)
 
 
 @app.task(name=BEAT_TICK_TASK, ignore_result=True)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import ModelMismatchError, load_model, save_model
+from model.checkpoint import load_model, save_model
 from model.inference import Predictions, image_to_tensor, load_predictor, mixed_precision_dtype
+from model.manifest import ModelMismatchError
 from model.network import build_model, joint_category
 from schemas.taxonomy import load_taxonomy
 from training.config import TINY

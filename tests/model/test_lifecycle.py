@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from core.config import Settings
 from enrich.cli import app
 from model.artifacts import ArtifactStore, store_from_settings
-from model.checkpoint import ModelMismatchError, save_model
+from model.checkpoint import save_model
+from model.manifest import ModelMismatchError
 from model.network import build_model
 from model.registry import (
     active_model,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from model.checkpoint import file_sha256, read_manifest
+from model.manifest import file_sha256, read_manifest
 from training.gate import CLASS_RECALL
 
 

@@ -114,7 +114,7 @@ def _biased(src, dest, version: str, bag_shift: float, red_shift: float, metrics
     """A copy of ``src`` pushed towards (+) or away from (-) category "Bag" and colour "red"."""
     from safetensors.torch import load_file, save_file
 
-    from model.checkpoint import file_sha256
+    from model.manifest import file_sha256
     from schemas.taxonomy import load_taxonomy
     from tests.training.gate_models import biased_copy
 

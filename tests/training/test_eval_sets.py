@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from enrich.cli import app
-from model.checkpoint import read_manifest
+from model.manifest import read_manifest
 from schemas.taxonomy import Taxonomy, load_taxonomy
 from training.config import TINY, TrainConfig
 from training.deepfashion import InShopRecords, inshop_partition, inshop_val_items, prepare_deepfashion

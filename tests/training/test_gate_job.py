@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from core.config import Settings
 from enrich.cli import app
-from model.checkpoint import read_manifest
+from model.manifest import read_manifest
 from model.registry import active_version, get_model, promote, register_candidate
 from tests.training.gate_models import best_category, biased_copy
 from training import jobs

@@ -8,10 +8,26 @@ import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import psycopg
 import pytest
+from celery.contrib.testing.worker import start_worker
+from kombu import Connection
+from prometheus_client import REGISTRY
+from typer.testing import CliRunner
 
+from core.celery_app import app, send_enrich
+from core.config import Settings
+from enrich.cli import app as cli
+from model.inference import load_predictor
+from model.registry import promote, register_candidate, rollback
 from schemas.events import CorrectionEvent, ListingEvent
+from similar import nightly
+from similar.common import shelf_model_version
+from similar.query import read_neighbours
+from similar.snapshots import latest_snapshot_dir
 from tests.worker.conftest import (
     AMQP,
     gate_handler,
@@ -24,7 +40,10 @@ from tests.worker.conftest import (
     wait_until,
     worker_process_env,
 )
-from worker.store import record_correction, upsert_listings
+from worker import backfill, runtime
+from worker.backfill import Cursor, _lock_key, backfill_task, count_todo, next_chunk, run_chunk, run_inline, start
+from worker.pipeline import Enricher
+from worker.store import listings_to_enrich, record_correction, upsert_listings
 
 REDIS = "redis://127.0.0.1:6379/0"
 V1, V2, V3 = "bf-v1", "bf-v2", "bf-v3"
@@ -35,20 +54,16 @@ V1, V2, V3 = "bf-v1", "bf-v2", "bf-v3"
 
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> dict[str, Path]:
-    return {v: save_small_model(tmp_path_factory.mktemp(v), v, seed, colour_threshold=1.0) for seed, v in enumerate((V1, V2, V3))}
+    return {v: save_small_model(tmp_path_factory.mktemp(v), v, seed, colour_threshold=1.0)
+            for seed, v in enumerate((V1, V2, V3))}
 
 
 def _activate(db, models: dict[str, Path], version: str) -> None:
-    from model.registry import promote, register_candidate
-
     register_candidate(db, models[version], actor="test", reason="test")
     assert promote(db, version, actor="test", reason="test").promoted
 
 
 def _enricher(models: dict[str, Path], version: str, settings):
-    from model.inference import load_predictor
-    from worker.pipeline import Enricher
-
     return Enricher(load_predictor(models[version], device="cpu"), settings)
 
 
@@ -61,7 +76,7 @@ def _catalogue(db, tmp_path: Path, n: int, image_of=None) -> list[str]:
         path = tmp_path / f"{lid}.png"
         path.write_bytes(b"not an image" if i == 4 else png_bytes((20 * i % 256, 120, 250 - 15 * i % 256)))
         image = image_of(lid) if image_of and image_of(lid) else str(path)
-        kw = {}
+        kw: dict[str, Any] = {}
         if i == 0:
             kw = {"category": "Bag", "attributes": {"colour": "red"}}
         elif i == 1:
@@ -103,8 +118,6 @@ def _status(db) -> str | None:
 
 
 def _drop_queues(url: str, *queues: str) -> None:
-    from kombu import Connection
-
     with Connection(url) as conn:
         channel = conn.default_channel
         for q in queues:
@@ -121,9 +134,6 @@ def _drop_queues(url: str, *queues: str) -> None:
 def worker_env(use_celery, monkeypatch, pg_url, tmp_path):
     """Settings of a worker with no ENRICH_MODEL_DIR (it serves the registry's active model), on queues of its
     own; the environment too, because the tests run `enrich backfill` here as well."""
-    from core.config import Settings
-    from worker import backfill, runtime
-
     tag = uuid.uuid4().hex[:8]
     queues = {"gpu": f"gpu-bf-{tag}", "backfill": f"backfill-bf-{tag}", "cpu": f"cpu-bf-{tag}"}
     env = {"ENRICH_DATABASE_URL": pg_url, "ENRICH_DATA_DIR": str(tmp_path / "data"), "ENRICH_MODEL_CHECK_S": "0.2",
@@ -144,17 +154,11 @@ def worker_env(use_celery, monkeypatch, pg_url, tmp_path):
 
 @contextmanager
 def _worker(queues: list[str]):
-    from celery.contrib.testing.worker import start_worker
-
-    from core.celery_app import app
-
     with start_worker(app, pool="solo", perform_ping_check=False, queues=queues, shutdown_timeout=30):
         yield
 
 
 def _metric(name: str, **labels) -> float:
-    from prometheus_client import REGISTRY
-
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
@@ -165,12 +169,6 @@ def test_backfill_re_embeds_every_listing_and_rewrites_only_predicted_tags(worke
     """After a promotion `enrich backfill --wait` runs the chain on a worker that still served the old model:
     every live listing gets the new version's embedding, predicted tags and open review items move to it,
     seller and corrected tags stay as they were, then the reindex switches the shelves to the new model."""
-    from typer.testing import CliRunner
-
-    from core.celery_app import send_enrich
-    from enrich.cli import app as cli
-    from similar.common import shelf_model_version
-
     settings, queues = worker_env
     _activate(db, models, V1)
     live = _catalogue(db, tmp_path, 10)
@@ -215,8 +213,6 @@ def test_backfill_re_embeds_every_listing_and_rewrites_only_predicted_tags(worke
 
 
 def test_backfill_steps_aside_while_live_enrichment_is_queued(worker_env, db, models, tmp_path):
-    from core.celery_app import app, send_enrich
-
     settings, queues = worker_env
     _activate(db, models, V1)
     live = _catalogue(db, tmp_path, 6)
@@ -238,8 +234,6 @@ def test_backfill_steps_aside_while_live_enrichment_is_queued(worker_env, db, mo
 def test_a_duplicated_chain_writes_each_listing_once_and_reindexes_once(worker_env, db, models, tmp_path):
     """Two messages of one backfill (a worker killed between sending the successor and acking): both chains
     take "the next listings still to do", one marks the row done, the reindex is sent once."""
-    from core.celery_app import app
-
     settings, queues = worker_env
     _activate(db, models, V1)
     live = _catalogue(db, tmp_path, 12)
@@ -258,10 +252,6 @@ def test_a_duplicated_chain_writes_each_listing_once_and_reindexes_once(worker_e
 
 
 def test_a_copy_that_finds_the_chunk_lock_taken_steps_aside(db, pg_url, models, tmp_path):
-    import psycopg
-
-    from worker.backfill import Cursor, _lock_key, run_chunk, start
-
     settings = make_settings(tmp_path, task_listings=4)
     _activate(db, models, V1)
     _catalogue(db, tmp_path, 6)
@@ -279,8 +269,6 @@ def test_a_copy_that_finds_the_chunk_lock_taken_steps_aside(db, pg_url, models, 
 
 
 def test_backfill_of_a_model_that_is_no_longer_active_is_cancelled(worker_env, db, models, tmp_path):
-    from worker.backfill import backfill_task, start
-
     _activate(db, models, V1)
     _catalogue(db, tmp_path, 3)
     _activate(db, models, V2)
@@ -295,11 +283,6 @@ def test_backfill_of_a_model_that_is_no_longer_active_is_cancelled(worker_env, d
 def test_the_backfill_rule_is_the_one_listings_to_enrich_applies(db, tmp_path):
     """next_chunk/count_todo select exactly what `listings_to_enrich` would still work on: live listings whose
     current enrichment is not the version's (nor a failure on this very content)."""
-    import numpy as np
-
-    from worker.backfill import count_todo, next_chunk
-    from worker.store import listings_to_enrich
-
     ids = _catalogue(db, tmp_path, 8)
     db.execute("UPDATE listings SET status = 'enriched', enriched_hash = content_hash WHERE listing_id IN"
                " ('bf-00', 'bf-01', 'bf-02', 'bf-05')")
@@ -317,12 +300,6 @@ def test_the_backfill_rule_is_the_one_listings_to_enrich_applies(db, tmp_path):
 
 
 def test_shelves_serve_the_old_model_until_the_new_models_reindex_and_rollback_switches_back(db, models, tmp_path):
-    from model.registry import rollback
-    from similar import nightly
-    from similar.common import shelf_model_version
-    from similar.query import read_neighbours
-    from worker.backfill import Cursor, run_chunk, run_inline, start
-
     settings = make_settings(tmp_path, task_listings=3, index_dir=tmp_path / "index")
     _activate(db, models, V1)
     live = _catalogue(db, tmp_path, 12)
@@ -357,12 +334,6 @@ def test_shelves_serve_the_old_model_until_the_new_models_reindex_and_rollback_s
 
 def test_versions_beyond_the_kept_ones_lose_embeddings_and_shelves_never_the_active_or_serving(db, models,
                                                                                                tmp_path):
-    from model.registry import rollback
-    from similar import index as ix
-    from similar import nightly
-    from similar.common import shelf_model_version
-    from worker.backfill import run_inline
-
     settings = make_settings(tmp_path, task_listings=50, index_dir=tmp_path / "index", keep_model_versions=2)
     _activate(db, models, V1)
     live = _catalogue(db, tmp_path, 6)
@@ -379,7 +350,7 @@ def test_versions_beyond_the_kept_ones_lose_embeddings_and_shelves_never_the_act
     assert nightly.prune_models(db, settings=settings) == []
     assert set(_per_version(db, "embeddings")) == {V2, V3}
     assert {r[0] for r in db.execute("SELECT model_version FROM similar_items_versions")} == {V2, V3}
-    assert ix.latest_snapshot_dir(settings.index_dir, V1) is None and ix.latest_snapshot_dir(settings.index_dir, V2)
+    assert latest_snapshot_dir(settings.index_dir, V1) is None and latest_snapshot_dir(settings.index_dir, V2)
 
     rollback(db, V2, actor="test", reason="back")
     assert shelf_model_version(db) == V2  # its shelves were kept
@@ -395,7 +366,7 @@ def _shelf(db, version: str) -> dict[str, list[tuple[str, float]]]:
     """The nightly rows of a model's active similar-items version: listing → [(neighbour, score)]."""
     rows = db.execute("SELECT s.listing_id, s.neighbour_ids, s.scores FROM similar_items s JOIN similar_items_active a"
                       " USING (version) WHERE a.model_version = %s", (version,)).fetchall()
-    return {lid: [(n, round(sc, 5)) for n, sc in zip(ids, scores)] for lid, ids, scores in rows}
+    return {lid: [(n, round(sc, 5)) for n, sc in zip(ids, scores, strict=True)] for lid, ids, scores in rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,8 +377,6 @@ _GateHandler = gate_handler()
 
 def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(db, pg_url, models, tmp_path,
                                                                               use_celery):
-    from core.config import Settings
-
     server, base = serve_gated(_GateHandler)
     gated = f"{base}/slow.png"
     tag = uuid.uuid4().hex[:6]
@@ -431,7 +400,6 @@ def test_kill_9_mid_backfill_a_second_worker_finishes_it_writing_each_row_once(d
     second = None
     try:
         use_celery(Settings(celery_broker_url=AMQP, gpu_queue=gpu_q))
-        from core.celery_app import app
 
         app.send_task("enrich.backfill", args=[V2], kwargs={"reindex_queue": cpu_q}, queue=bf_q)
         assert _GateHandler.arrived.wait(120), log.read_text()[-3000:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from enrich.cli import app as cli
+from model.registry import promote, rollback
 from schemas.events import ListingEvent
 from tests.worker.conftest import make_settings, png_bytes
 from tests.worker.test_backfill import (
@@ -18,6 +20,9 @@ from tests.worker.test_backfill import (
     _per_version,
     _worker,
 )
+from tests.worker.test_backfill import models as models  # a fixture: pytest finds it by its name here
+from tests.worker.test_backfill import worker_env as worker_env  # a fixture
+from worker.backfill import Cursor, count_todo, progress, run_chunk, run_inline, start
 from worker.store import upsert_listings
 
 
@@ -25,7 +30,8 @@ class _Recording:
     """An Enricher that remembers every listing it wrote (to tell that a backfill wrote each listing once)."""
 
     def __init__(self, enricher) -> None:
-        self.enricher, self.written = enricher, []
+        self.enricher = enricher
+        self.written: list[str] = []
 
     @property
     def model_version(self) -> str:
@@ -61,9 +67,6 @@ def test_the_backfill_after_a_rollback_rewrites_every_row_the_rolled_back_model_
     """v1 enriches the catalogue, v2 is promoted, backfilled and tags a new listing, then v1 is rolled back to: its
     backfill leaves no predicted tag nor open review item of v2, keeps seller and corrected tags, writes every
     listing once, and a second run writes nothing."""
-    from model.registry import rollback
-    from worker.backfill import count_todo, run_inline
-
     settings = make_settings(tmp_path, task_listings=4)
     _activate(db, models, V1)
     live = _catalogue(db, tmp_path, 12)
@@ -102,10 +105,6 @@ def test_a_promotion_whose_earlier_backfill_was_interrupted_finishes_on_a_fresh_
     v2 had embedded is edited under v1; v2 is promoted again and its backfill stops mid-way once more (a dead
     chain: the row stops moving). `enrich backfill --wait` sends a fresh request that a real worker finishes:
     every listing carries v2, the edited one included although a (stale) v2 embedding of it existed."""
-    from enrich.cli import app as cli
-    from model.registry import promote, rollback
-    from worker.backfill import Cursor, progress, run_chunk, run_inline, start
-
     settings, queues = worker_env
     _activate(db, models, V1)
     live = _catalogue(db, tmp_path, 12)

@@ -5,11 +5,17 @@ import json
 import shutil
 
 import pytest
+from PIL import Image
+from rich.console import Console
 from typer.testing import CliRunner
 
+from core.config import Settings
 from enrich.cli import app
+from enrich.quickstart import run_quickstart
+from schemas.enrichment import Enrichment, TagSource, TagValue
 from tests.worker.conftest import png_bytes
-from worker.batch import read_listings
+from tests.worker.test_intake_poison import refused_by_database
+from worker.batch import BatchReport, read_listings, render_report
 
 
 def test_read_listings_jsonl_folder_and_images(tmp_path):
@@ -50,8 +56,6 @@ def test_batch_command_fills_tags_and_rerun_is_a_no_op(tmp_path, pg_url, db, mod
 
 
 def test_batch_reports_bad_rows_by_line_and_enriches_the_rest(tmp_path, pg_url, db, model_dir, monkeypatch):
-    from tests.worker.test_intake_poison import refused_by_database
-
     monkeypatch.setenv("COLUMNS", "200")
     (tmp_path / "p.png").write_bytes(png_bytes())
     rows = [{"listing_id": f"r{i}", "seller_id": "s", "images": ["p.png"]} for i in range(4)]
@@ -78,11 +82,6 @@ def test_batch_refuses_local_paths_when_disabled(tmp_path, pg_url, db, model_dir
 @pytest.mark.integration  # embedded Postgres: a real server process
 def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, monkeypatch):
     """Everything but training (a quickstart model already in the data folder is reused)."""
-    from rich.console import Console
-
-    from core.config import Settings
-    from enrich.quickstart import run_quickstart
-
     monkeypatch.delenv("ENRICH_DATABASE_URL", raising=False)
     data = tmp_path / "data"
     shutil.copytree(model_dir, data / "models" / "quickstart-test")
@@ -95,15 +94,13 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
     assert acc["filled"] + acc["review"] == acc["hidden"] == 16
     assert "accuracy of the filled tags" in text and "similar to qs-0000" in text
     assert "is the active model" in text  # registered and promoted through the training registry
-    # issue 24: the share of each shelf in the listing's true category, measured on the stored shelves
+    # the share of each shelf in the listing's true category, measured on the stored shelves
     assert "shelf precision:" in text and 0.0 < out["shelf_precision"] <= 1.0
-    # issue 23: the listings carry noisy titles; the line says how many filled tags the text contributed to
+    # the listings carry noisy titles; the line says how many filled tags the text contributed to
     assert "text evidence (titles/descriptions) on" in text
     filled = sum(int(a["filled"]) for a in out["accuracy"].values())
     assert out["text"]["filled"] == filled and 0 < out["text"]["total"] <= filled
     for sheet in out["sheets"]:
-        from PIL import Image
-
         assert Image.open(sheet).size[0] > 100
     # a second run reuses the model and the rows: nothing is enriched twice
     again = run_quickstart(Settings(data_dir=data), fmnist_dir, items=24, examples=1,
@@ -112,11 +109,6 @@ def test_quickstart_flow_on_embedded_postgres(tmp_path, model_dir, fmnist_dir, m
 
 
 def test_the_batch_report_shows_groups_that_do_not_apply_as_n_a():
-    from rich.console import Console
-
-    from schemas.enrichment import Enrichment, TagSource, TagValue
-    from worker.batch import BatchReport, render_report
-
     tags = {"texture": TagValue(value="solid", source=TagSource.predicted, confidence=0.9, model_version="m")}
     report = BatchReport(enrichments=[Enrichment(listing_id="jeans-1", model_version="m", tags=tags,
                                                  not_applicable=["sleeve", "neckline"])])

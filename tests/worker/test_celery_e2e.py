@@ -8,10 +8,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 import pytest
+from celery.contrib.testing.worker import start_worker
 from kafka import KafkaProducer
+from typer.testing import CliRunner
 
+import worker.tasks  # noqa: F401 - registers the tasks
+from core.celery_app import SWEEP_TASK, app, queue_depth, send_enrich
+from core.config import Settings
+from enrich.cli import app as cli
+from schemas.events import ListingEvent
 from tests.worker.conftest import png_bytes, send_png, wait_until
-from worker.store import tags_of
+from worker import runtime
+from worker.intake import Intake, make_consumer
+from worker.store import StoredTag, tags_of, upsert_listings
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -20,12 +29,6 @@ REDIS = "redis://127.0.0.1:6379/0"
 def celery_env(use_celery, monkeypatch, pg_url, model_dir, kafka_bootstrap):
     """A real worker in this process; the environment is set too, because tests here also run CLI commands
     (`enrich sweep`) in this process, which read their settings from it as a process start does."""
-    from celery.contrib.testing.worker import start_worker
-
-    from core.celery_app import app
-    from core.config import Settings
-    from worker import runtime
-
     queue = f"gpu-test-{uuid.uuid4().hex[:8]}"
     topic = f"listings-{uuid.uuid4().hex[:8]}"
     env = {"ENRICH_DATABASE_URL": pg_url, "ENRICH_MODEL_DIR": str(model_dir), "ENRICH_ALLOW_LOCAL_PATHS": "true",
@@ -44,9 +47,6 @@ def celery_env(use_celery, monkeypatch, pg_url, model_dir, kafka_bootstrap):
 
 
 def test_kafka_to_rows_through_a_real_celery_worker(celery_env, pg_url, db, tmp_path):
-    from core.celery_app import queue_depth, send_enrich
-    from worker.intake import Intake, make_consumer
-
     settings = celery_env
     for i in range(6):
         (tmp_path / f"{i}.png").write_bytes(png_bytes((40 * i, 100, 200 - 30 * i)))
@@ -70,8 +70,8 @@ def test_kafka_to_rows_through_a_real_celery_worker(celery_env, pg_url, db, tmp_
     wait_until(done)
     assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] == 6
     assert db.execute("SELECT count(*) FROM listing_tags").fetchone()[0] == 18  # category, type, colour each
-    assert tags_of(db, "k0")["category"] == ("Bag", "seller", None, None)
-    assert tags_of(db, "k1")["category"][1] == "predicted"
+    assert tags_of(db, "k0")["category"] == StoredTag("category", "Bag", "seller", None, None)
+    assert tags_of(db, "k1")["category"].source == "predicted"
 
 
 class _FlakyHandler(BaseHTTPRequestHandler):
@@ -95,10 +95,6 @@ class _FlakyHandler(BaseHTTPRequestHandler):
 
 
 def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_path):
-    from core.celery_app import send_enrich
-    from schemas.events import ListingEvent
-    from worker.store import upsert_listings
-
     server = ThreadingHTTPServer(("127.0.0.1", 0), _FlakyHandler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -114,7 +110,7 @@ def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_p
         wait_until(lambda: status() == {"flaky": "enriched", "fine": "enriched", "broken": "failed"})
         assert _FlakyHandler.served == 1  # two 503s, then one success: retried, not failed
         assert "not an image" in db.execute("SELECT error FROM listings WHERE listing_id = 'broken'").fetchone()[0]
-        assert tags_of(db, "flaky")["colour"][1] == "predicted"
+        assert tags_of(db, "flaky")["colour"].source == "predicted"
     finally:
         server.shutdown()
         server.server_close()
@@ -123,12 +119,6 @@ def test_transient_image_host_failure_retried_with_backoff(celery_env, db, tmp_p
 def test_sweep_enqueues_listings_whose_task_was_lost(celery_env, db, pg_url, tmp_path):
     """A listing written but never enqueued (the broker dropped its task) is picked up by `enrich sweep`;
     one that changed recently is left to its own task."""
-    from typer.testing import CliRunner
-
-    from enrich.cli import app as cli
-    from schemas.events import ListingEvent
-    from worker.store import upsert_listings
-
     def stale(after_s):
         return [r[0] for r in db.execute("SELECT listing_id FROM listings WHERE status = 'pending' AND "
                                          "updated_at < now() - make_interval(secs => %s)", (after_s,))]
@@ -148,12 +138,7 @@ def test_sweep_enqueues_listings_whose_task_was_lost(celery_env, db, pg_url, tmp
 
 
 def test_beat_runs_the_sweep_on_the_cpu_queue(use_celery):
-    from core.celery_app import SWEEP_TASK, app
-    from core.config import Settings
-
     use_celery(Settings(cpu_queue="cpu-x"))
-
-    import worker.tasks  # noqa: F401 - registers the tasks
 
     entry = app.conf.beat_schedule["sweep-pending"]
     assert entry["task"] == SWEEP_TASK and SWEEP_TASK in app.tasks

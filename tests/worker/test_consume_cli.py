@@ -12,8 +12,10 @@ import uuid
 from pathlib import Path
 
 from kafka import KafkaProducer
+from typer.testing import CliRunner
 
-from tests.net import free_port
+from enrich.cli import app
+from harness.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,7 +39,8 @@ def test_consume_serves_metrics_and_stops_on_sigterm(kafka_bootstrap, pg_url, db
            "ENRICH_KAFKA_SESSION_TIMEOUT_MS": "6000", "ENRICH_KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
     # the topic exists before the consumer subscribes (as in production)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
-    producer.send(topic, key=b"m1", value=json.dumps({"listing_id": "m1", "seller_id": "s", "images": ["a.png"]}).encode())
+    listing = {"listing_id": "m1", "seller_id": "s", "images": ["a.png"]}
+    producer.send(topic, key=b"m1", value=json.dumps(listing).encode())
     producer.send(topic, key=b"m2", value=b"not json")
     producer.flush()
     producer.close()
@@ -67,10 +70,6 @@ def test_consume_serves_metrics_and_stops_on_sigterm(kafka_bootstrap, pg_url, db
 
 
 def test_health_command(pg_url, use_celery):
-    from typer.testing import CliRunner
-
-    from enrich.cli import app
-
     # the command reads its settings from the environment, as a process start does
     env = {"ENRICH_CELERY_BROKER_URL": "redis://127.0.0.1:6379/0"}
     ok = CliRunner().invoke(app, ["health", "--database-url", pg_url], env=env)

@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from core.images import ImageError, ImageLimits
+from model.inference import load_predictor
 from worker.decode import JpegBytes, PillowDecoder, TorchJpegDecoder, make_decoder
 
 LIMITS = ImageLimits(max_bytes=20 * 1024 * 1024, max_pixels=40_000_000)
@@ -69,8 +70,6 @@ def test_decoders_give_the_same_predictions_on_cpu(predictor):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decoders_give_the_same_predictions_on_cuda(model_dir):
-    from model.inference import load_predictor
-
     _same_predictions(load_predictor(model_dir, device="cuda"), "cuda")
 
 

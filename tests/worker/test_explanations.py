@@ -7,11 +7,15 @@ import shutil
 
 import pytest
 from PIL import Image
+from psycopg.types.json import Jsonb
+from typer.testing import CliRunner
 
+from enrich.cli import app
+from model.inference import load_predictor
 from schemas.enrichment import ReviewItem
 from schemas.events import ListingEvent
 from tests.worker.conftest import make_settings, png_bytes
-from worker.explanations import explanations_root, store_explanations
+from worker.explanations import ReviewToExplain, explanations_root, store_explanations
 from worker.pipeline import Enricher
 from worker.store import upsert_listings
 
@@ -19,8 +23,6 @@ from worker.store import upsert_listings
 @pytest.fixture()
 def strict_predictor(model_dir, tmp_path):
     """The test model with unreachable category and type thresholds: both always go to review."""
-    from model.inference import load_predictor
-
     strict = tmp_path / "strict-model"
     shutil.copytree(model_dir, strict)
     manifest = json.loads((strict / "manifest.json").read_text())
@@ -41,7 +43,8 @@ def _enrich(db, predictor, tmp_path, settings, ids=("e1", "e2")):
         upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="s1", images=[str(paths[lid])]) for lid in ids])
     out = Enricher(predictor, settings.model_copy(update={"explain_review": False})).run(db, list(ids),
                                                                                          neighbours=False)
-    return [(e.listing_id, predictor.preprocess(Image.open(paths[e.listing_id])), e.review) for e in out.enriched]
+    return [ReviewToExplain(e.listing_id, predictor.preprocess(Image.open(paths[e.listing_id])), e.review)
+            for e in out.enriched]
 
 
 def test_off_by_default_nothing_is_explained(db, strict_predictor, tmp_path):
@@ -76,7 +79,7 @@ def test_each_review_item_gets_one_heat_map_and_a_second_run_keeps_one_row(db, s
     again = db.execute("SELECT listing_id, tag_group, value, model_version, uri, created_at"
                        " FROM explanations ORDER BY 1, 2").fetchall()
     assert [r[:5] for r in again] == [r[:4] + (r[5],) for r in first]
-    assert all(b[5] >= a[6] for a, b in zip(first, again))
+    assert all(b[5] >= a[6] for a, b in zip(first, again, strict=True))
     assert len(list((root / "strict-v1").glob("*.png"))) == 4
 
 
@@ -85,7 +88,8 @@ def test_a_group_the_model_cannot_see_is_skipped_and_the_rest_stored(db, strict_
     items = _enrich(db, strict_predictor, tmp_path, settings, ids=("t1",))
     lid, image, review = items[0]
     text_only = ReviewItem(group="fabric", candidates=[("denim", 0.55)], threshold=0.6)  # decided from text alone
-    assert store_explanations(db, strict_predictor, [(lid, image, [text_only, *review])], settings) == len(review)
+    items = [ReviewToExplain(lid, image, [text_only, *review])]
+    assert store_explanations(db, strict_predictor, items, settings) == len(review)
     groups = [r[0] for r in db.execute("SELECT tag_group FROM explanations ORDER BY 1").fetchall()]
     assert groups == sorted(r.group for r in review)
 
@@ -105,8 +109,6 @@ def test_a_failure_is_logged_and_never_raised(db, strict_predictor, tmp_path, ca
 @pytest.fixture()
 def active_model(db, model_dir):
     """The test model registered as the active one (what `enrich explain` loads by default)."""
-    from psycopg.types.json import Jsonb
-
     manifest = json.loads((model_dir / "manifest.json").read_text())
     db.execute("INSERT INTO models (model_version, manifest, path, status, promoted_at)"
                " VALUES (%s, %s, %s, 'active', now())", (manifest["model_version"], Jsonb(manifest), str(model_dir)))
@@ -115,10 +117,6 @@ def active_model(db, model_dir):
 
 def test_enrich_explain_writes_one_overlay_per_predicted_tag(db, pg_url, predictor, active_model, tmp_path,
                                                              monkeypatch):
-    from typer.testing import CliRunner
-
-    from enrich.cli import app
-
     monkeypatch.setenv("ENRICH_DATABASE_URL", pg_url)
     monkeypatch.setenv("ENRICH_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("COLUMNS", "200")
@@ -138,7 +136,7 @@ def test_enrich_explain_writes_one_overlay_per_predicted_tag(db, pg_url, predict
     assert result.exit_code == 0, result.output
     written = sorted(out_dir.iterdir())
     assert len(written) == len(predicted)
-    for (group, value), path in zip(predicted, written):
+    for (group, value), path in zip(predicted, written, strict=True):
         assert path.name.startswith("x_1_") and f"-{group}-" in path.name and path.suffix == ".png"
         assert str(path) in result.output and f"{group}={value}" in result.output
         with Image.open(path) as png:

@@ -8,9 +8,10 @@ import uuid
 
 from kafka import KafkaProducer
 
-from tests.faults.cluster import create_topic
+from harness.cluster import create_topic
 from tests.worker.conftest import make_settings
 from tests.worker.test_intake import _event, _intake
+from worker.intake import Stats
 
 TASK = 16
 EVENTS = 3 * TASK
@@ -27,7 +28,7 @@ def _trickle(kafka_bootstrap: str, pg_url: str, linger_ms: int) -> tuple[list[li
     intake = _intake(settings, pg_url, enqueued, f"g-{topic}")
     while not intake.consumer.assignment():  # joined before the first event, so nothing arrives in a heap
         intake.consumer.poll(timeout_ms=500)
-    stats = {}
+    stats: dict[str, Stats] = {}
     runner = threading.Thread(target=lambda: stats.update(s=intake.run(max_events=EVENTS, idle_exit_s=15)))
     runner.start()
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
+from kombu import Connection
 
-from tests.net import free_port, scrape_metrics
+from harness.net import free_port, scrape_metrics
 from tests.worker.conftest import wait_until
 from tests.worker.test_intake import _drain
 from tests.worker.test_intake_pipeline import _committed
@@ -51,8 +52,12 @@ class Consumer:
 
     def lag(self) -> dict[int, float]:
         """partition → enrich_intake_lag of the partitions this process holds."""
-        return {int(re.search(r'partition="(\d+)"', k).group(1)): v
-                for k, v in self.samples("enrich_intake_lag").items()}
+        out = {}
+        for labels, value in self.samples("enrich_intake_lag").items():
+            m = re.search(r'partition="(\d+)"', labels)
+            assert m is not None, labels
+            out[int(m.group(1))] = value
+        return out
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -96,7 +101,6 @@ class Scenario:
     def close(self) -> None:
         for c in self.consumers:
             c.stop()
-        from kombu import Connection
 
         with Connection(REDIS) as conn:
             conn.SimpleQueue(self.queue).clear()
@@ -196,7 +200,6 @@ def test_lag_per_partition_is_exported_and_follows_rebalances(kafka_bootstrap, p
     second process joins, each exports only the partitions it holds."""
     s = Scenario(kafka_bootstrap, pg_url, tmp_path, max_queue_depth=10)
     backlog = {0: 3, 1: 5, 2: 7, 3: 9}
-    from kombu import Connection
 
     try:
         with Connection(REDIS) as conn:

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from kafka import KafkaProducer
 
-from model.checkpoint import read_manifest
+from model.manifest import read_manifest
 from model.registry import promote, register_candidate
 from tests.worker.conftest import make_settings
 from tests.worker.test_intake import KAFKA_TEST, _drain, _event

@@ -3,11 +3,21 @@ shadow candidate predicts apart and is measured against later corrections."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC
+from datetime import UTC, datetime
 
 import pytest
+from celery.contrib.testing.worker import start_worker
 
+from core.celery_app import app, send_enrich
+from core.config import Settings
+from model.artifacts import store_from_settings
+from model.registry import active_model, promote, register_candidate, set_shadow
+from model.shadow import shadow_report
+from schemas.events import CorrectionEvent, ListingEvent
 from tests.worker.conftest import png_bytes, wait_until
+from training import gate
+from worker import runtime
+from worker.store import record_correction, upsert_listings
 
 REDIS = "redis://127.0.0.1:6379/0"
 
@@ -15,14 +25,6 @@ REDIS = "redis://127.0.0.1:6379/0"
 @pytest.fixture()
 def following_worker(use_celery, monkeypatch, pg_url, db, model_dir, tmp_path):
     """A real Celery worker with no ENRICH_MODEL_DIR: it serves whatever the registry marks active."""
-    from celery.contrib.testing.worker import start_worker
-
-    from core.celery_app import app
-    from core.config import Settings
-    from model.artifacts import store_from_settings
-    from model.registry import promote, register_candidate
-    from worker import runtime
-
     env = {"ENRICH_DATABASE_URL": pg_url, "ENRICH_DATA_DIR": str(tmp_path / "data"), "ENRICH_MODEL_CHECK_S": "0.2",
            "ENRICH_ALLOW_LOCAL_PATHS": "true", "ENRICH_CELERY_BROKER_URL": REDIS,
            "ENRICH_GPU_QUEUE": f"gpu-follow-{uuid.uuid4().hex[:8]}", "ENRICH_DEVICE": "cpu", "ENRICH_BATCH_SIZE": "2",
@@ -41,7 +43,8 @@ def following_worker(use_celery, monkeypatch, pg_url, db, model_dir, tmp_path):
 
 def _versions_of(db, ids: list[str]) -> set[str]:
     rows = db.execute("SELECT model_version FROM embeddings WHERE listing_id = ANY(%s)"
-                      " UNION SELECT model_version FROM listing_tags WHERE listing_id = ANY(%s) AND source = 'predicted'"
+                      " UNION SELECT model_version FROM listing_tags"
+                      " WHERE listing_id = ANY(%s) AND source = 'predicted'"
                       " UNION SELECT model_version FROM review_queue WHERE listing_id = ANY(%s)",
                       (ids, ids, ids)).fetchall()
     return {r[0] for r in rows}
@@ -50,10 +53,6 @@ def _versions_of(db, ids: list[str]) -> set[str]:
 @pytest.fixture()
 def run_batch(following_worker, db, tmp_path):
     """Send one task of four new listings and wait until they are enriched; returns their ids."""
-    from core.celery_app import send_enrich
-    from schemas.events import ListingEvent
-    from worker.store import upsert_listings
-
     (tmp_path / "a.png").write_bytes(png_bytes((30, 160, 40)))
     batches: list[list[str]] = []
 
@@ -73,9 +72,6 @@ def run_batch(following_worker, db, tmp_path):
 
 
 def test_promotion_reaches_a_running_worker_between_batches(following_worker, run_batch, db, model_dir_v2):
-    from model.artifacts import store_from_settings
-    from model.registry import promote, register_candidate
-
     settings = following_worker
     batches = run_batch.batches
 
@@ -96,15 +92,6 @@ def test_promotion_reaches_a_running_worker_between_batches(following_worker, ru
 
 def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_corrections(following_worker, run_batch, db,
                                                                                  model_dir_v2):
-    from datetime import datetime
-
-    from model.artifacts import store_from_settings
-    from model.registry import active_model, register_candidate, set_shadow
-    from model.shadow import shadow_report
-    from schemas.events import CorrectionEvent
-    from training.gate import promote
-    from worker.store import record_correction
-
     register_candidate(db, model_dir_v2, store_from_settings(following_worker), actor="test", reason="try it")
     set_shadow(db, "test-small-v2", actor="test", reason="watch it on live traffic")
     for _ in range(40):  # the worker picks the shadow up at its next registry check
@@ -117,7 +104,7 @@ def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_correction
     assert set(shadow) == {"category", "type", "colour"}
 
     # the gate with shadow figures refuses while no correction has come in
-    decision = promote(db, "test-small-v2", following_worker, actor="test", reason="x", shadow_min_corrections=1)
+    decision = gate.promote(db, "test-small-v2", following_worker, actor="test", reason="x", shadow_min_corrections=1)
     assert not decision.promoted and "corrections since the shadow run" in decision.reasons[0]
     db.execute("UPDATE models SET status = 'shadow' WHERE model_version = 'test-small-v2'")  # back in shadow
 
@@ -130,6 +117,6 @@ def test_shadow_candidate_predicts_apart_and_meets_the_gate_only_with_correction
     report = shadow_report(db, "test-small-v2")
     assert report.corrections == len(ids) and report.candidate_accuracy == 1.0
     assert report.active_accuracy <= report.candidate_accuracy
-    assert promote(db, "test-small-v2", following_worker, actor="test", reason="won in shadow",
+    assert gate.promote(db, "test-small-v2", following_worker, actor="test", reason="won in shadow",
                    shadow_min_corrections=len(ids)).promoted
     assert active_model(db).model_version == "test-small-v2"

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 
 import boto3
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 
+from model.inference import load_predictor
 from schemas.events import ListingEvent
+from schemas.taxonomy import load_taxonomy
 from tests.worker.conftest import jpeg_bytes, make_settings, png_bytes
 from worker.pipeline import Enricher
-from worker.store import tags_of, upsert_listings
+from worker.store import StoredTag, listings_to_enrich, tags_of, upsert_listings
 
 
 def _add(db, *events: ListingEvent) -> None:
@@ -59,13 +64,15 @@ def test_fills_only_missing_groups_with_provenance(db, predictor, images, tmp_pa
     out = enricher.run(db, ["a", "b", "c"])
     assert sorted(out.enriched_ids) == ["a", "b", "c"] and out.images == 3
     a, b, c = (tags_of(db, x) for x in "abc")
-    assert {g: t[1] for g, t in a.items()} == {"category": "predicted", "type": "predicted", "colour": "predicted"}
-    assert a["category"][0] in predictor.taxonomy.category_names and a["category"][3] == "test-small-v1"
-    assert 0 <= a["category"][2] <= 1
-    assert a["type"][0] == predictor.taxonomy.type_of(a["category"][0])  # type follows the category
-    assert b["category"] == ("Coat", "seller", None, None) and b["type"] == ("top", "seller", None, None)
-    assert b["colour"][1] == "predicted"
-    assert c["colour"] == ("green", "seller", None, None) and c["category"][1] == "predicted"
+    assert {g: t.source for g, t in a.items()} == {"category": "predicted", "type": "predicted", "colour": "predicted"}
+    assert a["category"].value in predictor.taxonomy.category_names
+    assert a["category"].model_version == "test-small-v1"
+    assert a["category"].confidence is not None and 0 <= a["category"].confidence <= 1
+    assert a["type"].value == predictor.taxonomy.type_of(a["category"].value)  # type follows the category
+    assert b["category"] == StoredTag("category", "Coat", "seller", None, None)
+    assert b["type"] == StoredTag("type", "top", "seller", None, None)
+    assert b["colour"].source == "predicted"
+    assert c["colour"] == StoredTag("colour", "green", "seller", None, None) and c["category"].source == "predicted"
     dims = db.execute("SELECT listing_id, dim, model_version FROM embeddings ORDER BY 1").fetchall()
     assert dims == [(x, 256, "test-small-v1") for x in "abc"]
     vec = np.frombuffer(db.execute("SELECT vector FROM embeddings LIMIT 1").fetchone()[0], "<f4")
@@ -76,9 +83,10 @@ def test_rerun_changes_nothing(db, predictor, images, tmp_path):
     enricher = Enricher(predictor, make_settings(tmp_path))
     _add(db, _ev("a", [str(images / "ok0.png")]), _ev("b", [str(images / "ok1.png")]))
     enricher.run(db, ["a", "b"])
-    before = db.execute("SELECT listing_id, tag_group, value, source, confidence, updated_at FROM listing_tags ORDER BY 1, 2").fetchall()
+    tags = "SELECT listing_id, tag_group, value, source, confidence, updated_at FROM listing_tags ORDER BY 1, 2"
+    before = db.execute(tags).fetchall()
     out = enricher.run(db, ["a", "b", "a"])
-    after = db.execute("SELECT listing_id, tag_group, value, source, confidence, updated_at FROM listing_tags ORDER BY 1, 2").fetchall()
+    after = db.execute(tags).fetchall()
     assert out.enriched == [] and sorted(out.skipped) == ["a", "b"] and before == after
 
 
@@ -93,8 +101,8 @@ def test_several_images_combined(db, predictor, images, tmp_path):
     want /= np.linalg.norm(want)
     got = np.frombuffer(db.execute("SELECT vector FROM embeddings").fetchone()[0], "<f4")
     assert np.allclose(got, want, atol=1e-5)
-    cat = tags_of(db, "m")["category"]
-    assert abs(cat[2] - preds.category.mean(0).max()) < 1e-5
+    confidence = tags_of(db, "m")["category"].confidence
+    assert confidence is not None and abs(confidence - preds.category.mean(0).max()) < 1e-5
 
 
 def test_hostile_images_rejected_with_reasons_and_core_keeps_going(db, predictor, images, tmp_path):
@@ -104,7 +112,6 @@ def test_hostile_images_rejected_with_reasons_and_core_keeps_going(db, predictor
          _ev("mixed", [str(images / "bomb.png"), str(images / "ok0.png")]),
          _ev("cmyk", [str(images / "cmyk.jpg")]), _ev("deep", [str(images / "deep.png")]),
          _ev("jpeg", [str(images / "photo.jpg")]), _ev("http-off", ["http://169.254.169.254/x.png"]))
-    from prometheus_client import REGISTRY
 
     def rejected(reason: str) -> float:
         return REGISTRY.get_sample_value("enrich_images_rejected_total", {"reason": reason}) or 0.0
@@ -123,11 +130,6 @@ def test_hostile_images_rejected_with_reasons_and_core_keeps_going(db, predictor
 
 
 def test_below_threshold_goes_to_review_not_tags(db, model_dir, images, tmp_path):
-    import json
-    import shutil
-
-    from model.inference import load_predictor
-
     strict = tmp_path / "strict-model"
     shutil.copytree(model_dir, strict)
     manifest = json.loads((strict / "manifest.json").read_text())
@@ -139,7 +141,8 @@ def test_below_threshold_goes_to_review_not_tags(db, model_dir, images, tmp_path
     enricher.run(db, ["r"])
     tags = tags_of(db, "r")
     assert set(tags) == {"colour"}  # default threshold 0 for colour: filled
-    review = db.execute("SELECT tag_group, candidates, threshold, model_version FROM review_queue ORDER BY 1").fetchall()
+    review = db.execute("SELECT tag_group, candidates, threshold, model_version FROM review_queue ORDER BY 1"
+                        ).fetchall()
     assert [r[0] for r in review] == ["category", "type"]
     cands = review[0][1]
     assert len(cands) == 3 and cands[0][1] >= cands[1][1] >= cands[2][1] and review[0][2] == 1.0
@@ -173,8 +176,6 @@ def test_transient_source_failure_is_retried_not_failed(db, predictor, http_dir,
 
 def test_chunked_pipelined_forward_matches_one_pass(db, predictor, images, tmp_path):
     """Forward chunks of 1 image (decode overlapping the model) give the same rows as one big pass."""
-    from worker.store import listings_to_enrich
-
     events = [_ev("x", [str(images / "ok0.png"), str(images / "ok1.png")]), _ev("y", [str(images / "photo.jpg")]),
               _ev("z", [str(images / "empty.png")]), _ev("w", [str(images / "ok2.png"), str(images / "cmyk.jpg")])]
     _add(db, *events)
@@ -182,21 +183,15 @@ def test_chunked_pipelined_forward_matches_one_pass(db, predictor, images, tmp_p
     one, rows_one = Enricher(predictor, make_settings(tmp_path, batch_size=64)).infer(items)
     many, rows_many = Enricher(predictor, make_settings(tmp_path, batch_size=1)).infer(items)
     assert one.images == many.images == 5 and list(one.failed) == list(many.failed) == ["z"]
-    for (_, e1, v1), (_, e2, v2) in zip(rows_one, rows_many):
+    for (_, e1, v1), (_, e2, v2) in zip(rows_one, rows_many, strict=True):
         assert e1.listing_id == e2.listing_id and np.allclose(v1, v2, atol=1e-5)
         assert {g: t.value for g, t in e1.tags.items()} == {g: t.value for g, t in e2.tags.items()}
 
 
 def test_shelf_vectors_carry_the_category_and_review_items_get_heat_maps(db, model_dir, images, tmp_path):
-    """Issue 24 in the worker: the stored embedding is the shelf embedding (image part + the one-hot of the
+    """The stored embedding is the shelf embedding (image part + the one-hot of the
     listing's category: the seller's where given), and with ENRICH_EXPLAIN_REVIEW each review item's top
     candidate gets a heat map after the commit."""
-    import json
-    import shutil
-
-    from model.inference import load_predictor
-    from schemas.taxonomy import load_taxonomy
-
     shelf = tmp_path / "shelf-model"
     shutil.copytree(model_dir, shelf)
     manifest = json.loads((shelf / "manifest.json").read_text())

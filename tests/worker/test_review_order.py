@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from core.celery_app import REVIEW_ORDER_TASK, app
+from core.config import Settings
+from enrich.cli import app as cli
 from schemas.enrichment import Enrichment, ReviewItem
 from schemas.events import ListingEvent
 from worker.review_order import gain_order, uncertainty
+from worker.review_priority import reprioritise
 from worker.store import listings_to_enrich, upsert_listings, write_enrichments
 
 MODEL = "m-order-1"
@@ -117,9 +121,6 @@ def test_the_worker_ranks_a_new_item_by_its_own_uncertainty(db):
 
 
 def test_reprioritise_stores_the_gain_order_of_the_open_items(db):
-    from core.config import Settings
-    from worker.review_priority import reprioritise
-
     ids = seed_cluster_and_loner(db)
     db.execute("UPDATE review_queue SET resolved_at = now(), priority = -7 WHERE id = %s", (ids["c5"],))
     assert reprioritise(db, Settings()) == 5
@@ -138,8 +139,6 @@ def test_reprioritise_stores_the_gain_order_of_the_open_items(db):
 
 
 def test_reprioritise_ranks_an_item_without_an_embedding_by_its_uncertainty(db):
-    from worker.review_priority import reprioritise
-
     ids = seed_cluster_and_loner(db)
     db.execute("DELETE FROM embeddings WHERE listing_id = 'c1'")
     db.execute("UPDATE review_queue SET priority = NULL")
@@ -149,20 +148,15 @@ def test_reprioritise_ranks_an_item_without_an_embedding_by_its_uncertainty(db):
 
 
 def test_enrich_review_order_ranks_the_queue_and_says_how_many(db, pg_url):
-    from enrich.cli import app
-
     seed_cluster_and_loner(db)
     db.execute("UPDATE review_queue SET priority = NULL")
-    res = CliRunner().invoke(app, ["review-order", "--database-url", pg_url])
+    res = CliRunner().invoke(cli, ["review-order", "--database-url", pg_url])
     assert res.exit_code == 0, res.output
     assert "6 open review item(s) got a priority" in res.output
     assert db.execute("SELECT count(*) FROM review_queue WHERE priority IS NULL").fetchone()[0] == 0
 
 
 def test_beat_ranks_the_review_queue_on_the_cpu_queue_under_the_gain_order(use_celery):
-    from core.celery_app import REVIEW_ORDER_TASK, app
-    from core.config import Settings
-
     use_celery(Settings(cpu_queue="cpu-x", review_reprioritise_s=120, review_order="gain"))
     entry = app.conf.beat_schedule["review-order"]
     assert entry["task"] == REVIEW_ORDER_TASK and REVIEW_ORDER_TASK in app.tasks

@@ -1,4 +1,4 @@
-"""Every review item carries the one rule that queued it (issue 37): decide() picks it from the evidence it
+"""Every review item carries the one rule that queued it: decide() picks it from the evidence it
 has, and worker.store keeps it in review_queue.reason."""
 from __future__ import annotations
 

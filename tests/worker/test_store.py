@@ -7,7 +7,10 @@ import numpy as np
 
 from schemas.enrichment import Enrichment, ReviewItem, TagSource, TagValue
 from schemas.events import CorrectionEvent, ListingEvent
+from similar.store import read_embeddings
 from worker.store import (
+    StoredTag,
+    claim_stale_pending,
     content_hash,
     listings_to_enrich,
     record_correction,
@@ -79,7 +82,7 @@ def test_write_enrichments_rerun_changes_nothing(db):
     snapshot = lambda: [db.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in  # noqa: E731
                         ("listing_tags", "embeddings")] + [
         db.execute("SELECT listing_id, tag_group, candidates FROM review_queue").fetchall()]
-    first = [[r for r in t] for t in snapshot()]
+    first = [list(t) for t in snapshot()]
     with db.transaction():
         write_enrichments(db, rows, [(items[1], "no usable image: corrupt")])
     again = snapshot()
@@ -116,11 +119,11 @@ def test_correction_becomes_current_value_and_survives_reenrichment(db):
     with db.transaction():
         assert record_correction(db, ev) is True
         assert record_correction(db, ev) is False  # replay
-    assert tags_of(db, "l1")["category"] == ("Coat", "corrected", None, None)
+    assert tags_of(db, "l1")["category"] == StoredTag("category", "Coat", "corrected", None, None)
     (item,) = listings_to_enrich(db, ["l1"], "m2")
     with db.transaction():
         write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
-    assert tags_of(db, "l1")["category"][1] == "corrected"
+    assert tags_of(db, "l1")["category"].source == "corrected"
     assert _count(db, "corrections") == 1
 
 
@@ -139,15 +142,12 @@ def test_reenrichment_sends_no_review_item_for_a_group_a_person_corrected(db):
     with db.transaction():
         write_enrichments(db, [(item, _enrichment("l1"), np.ones(2, np.float32))], [])
     assert db.execute("SELECT count(*) FROM review_queue WHERE resolved_at IS NULL").fetchone()[0] == 0
-    assert tags_of(db, "l1")["type"] == ("top", "corrected", None, None)
+    assert tags_of(db, "l1")["type"] == StoredTag("type", "top", "corrected", None, None)
 
 
 def test_a_swept_listing_is_not_queued_again_until_it_is_stale_again(db):
     """Under a backlog longer than the sweep interval, a claimed listing waits for its task rather than
     collecting a duplicate per sweep; oldest first."""
-    from schemas.events import ListingEvent
-    from worker.store import claim_stale_pending, upsert_listings
-
     with db.transaction():
         upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="s", images=["https://example.com/a.jpg"])
                              for lid in ("b-old", "a-older", "fresh")])
@@ -180,8 +180,6 @@ def test_a_listing_edited_back_to_what_was_enriched_is_not_left_pending(db):
 
 def test_a_re_embedded_listing_is_new_to_a_reader_that_saw_its_old_vector(db):
     """The online delta reads what a pg_snapshot did not see: rewriting an embedding must count as new."""
-    from similar.store import read_embeddings
-
     with db.transaction():
         upsert_listings(db, [_ev("l1")])
     (item,) = listings_to_enrich(db, ["l1"], "m1")

@@ -1,11 +1,15 @@
 """Provenance and threshold rules on plain arrays (no model, no database)."""
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 
+from core.logs import JsonFormatter
 from schemas.events import ListingEvent
 from schemas.taxonomy import load_taxonomy
-from worker.tagging import combine_images, decide, threshold_for
+from worker.tagging import combine_images, decide, shelf_vector, threshold_for
 
 TAX = load_taxonomy("fashion-mnist")
 CATS = TAX.category_names
@@ -13,9 +17,7 @@ COLOURS = TAX.group("colour").values
 
 
 def _event(**kw) -> ListingEvent:
-    base = dict(listing_id="l1", seller_id="s1", images=["x.png"])
-    base.update(kw)
-    return ListingEvent(**base)
+    return ListingEvent.model_validate({"listing_id": "l1", "seller_id": "s1", "images": ["x.png"], **kw})
 
 
 def _onehot(n: int, i: int, p: float) -> np.ndarray:
@@ -77,11 +79,6 @@ def test_combine_images_means_probs_and_renormalises_embedding():
 
 
 def test_json_logs_carry_listing_id():
-    import json
-    import logging
-
-    from core.logs import JsonFormatter
-
     record = logging.LogRecord("worker.pipeline", logging.INFO, __file__, 1, "listing %s failed", ("x1",), None)
     record.listing_id = "x1"
     out = json.loads(JsonFormatter().format(record))
@@ -128,8 +125,6 @@ def test_not_applicable_follows_the_type_when_the_category_is_unsure_and_keeps_s
 
 
 def test_the_shelf_vector_uses_the_sellers_category_over_the_models():
-    from worker.tagging import shelf_vector
-
     emb = np.full(4, 0.5, np.float32)
     probs = _onehot(10, CATS.index("Dress"), 0.9)
     sold_as_coat = decide(_event(category="Coat"), TAX, "m1", probs, {"colour": _onehot(8, 0, 0.9)}, {}, {}, 0.5)
@@ -139,5 +134,6 @@ def test_the_shelf_vector_uses_the_sellers_category_over_the_models():
     unsure = decide(_event(), TAX, "m1", _onehot(10, CATS.index("Dress"), 0.3), {"colour": _onehot(8, 0, 0.9)},
                     {}, {}, 0.5)
     assert "category" not in unsure.tags
-    assert np.argmax(shelf_vector(unsure, TAX, emb, _onehot(10, CATS.index("Dress"), 0.3), 0.3)[4:]) == CATS.index("Dress")
+    shelf = shelf_vector(unsure, TAX, emb, _onehot(10, CATS.index("Dress"), 0.3), 0.3)
+    assert np.argmax(shelf[4:]) == CATS.index("Dress")
     assert shelf_vector(unsure, TAX, emb, probs, 0.0).shape == (4,)  # weight 0: the image embedding alone

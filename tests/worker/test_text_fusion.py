@@ -1,4 +1,4 @@
-"""Text fusion in decide (issue 23): the title and description reweight the image probabilities."""
+"""Text fusion in decide: the title and description reweight the image probabilities."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +19,7 @@ FABRICS = DF.group("fabric").values
 
 
 def _event(**kw) -> ListingEvent:
-    base = {"listing_id": "l1", "seller_id": "s1", "images": ["x.png"]}
-    base.update(kw)
-    return ListingEvent(**base)
+    return ListingEvent.model_validate({"listing_id": "l1", "seller_id": "s1", "images": ["x.png"], **kw})
 
 
 def _probs(values: list[str], **p: float) -> np.ndarray:
@@ -66,7 +64,8 @@ def test_text_confirms_an_unsure_photo_and_the_tag_carries_its_evidence():
     assert ev is not None and ev.kind == "text" and ev.rule == TEXT_RULE
     assert ev.words == {"red": ["ROUGE", "Red"]} and ev.negated == {}
     assert ev.prior == pytest.approx(0.4) and ev.posterior == pytest.approx(expected, abs=1e-6)
-    assert enr.tags["category"].evidence is not None and enr.tags["category"].evidence.words == {"Dress": ["Robe", "dress"]}
+    category = enr.tags["category"].evidence
+    assert category is not None and category.words == {"Dress": ["Robe", "dress"]}
     assert not enr.review
 
 

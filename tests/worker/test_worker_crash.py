@@ -5,6 +5,8 @@ import os
 import signal
 import uuid
 
+from core.celery_app import send_enrich
+from core.config import Settings
 from schemas.events import ListingEvent
 from tests.worker.conftest import (
     AMQP,
@@ -35,8 +37,6 @@ def test_kill_9_mid_batch_redelivers_and_writes_once(db, pg_url, model_dir, tmp_
             upsert_listings(db, [
                 ListingEvent(listing_id="slow", seller_id="s", images=[f"{base}/a.png"]),
                 ListingEvent(listing_id="quick", seller_id="s", images=[str(tmp_path / "local.png")])])
-        from core.celery_app import send_enrich
-        from core.config import Settings
 
         settings = use_celery(Settings(celery_broker_url=AMQP, gpu_queue=queue))
         send_enrich(["quick", "slow"], settings)

@@ -6,6 +6,8 @@ import os
 import signal
 import uuid
 
+from core.celery_app import send_enrich
+from core.config import Settings
 from schemas.events import ListingEvent
 from tests.worker.conftest import (
     AMQP,
@@ -48,8 +50,6 @@ def test_kill_9_with_batches_in_flight_writes_each_listing_once(db, pg_url, mode
             upsert_listings(db, [ListingEvent(listing_id=i, seller_id="s", images=[str(tmp_path / "local.png")])
                                  for i in LOCAL] +
                             [ListingEvent(listing_id=i, seller_id="s", images=[f"{base}/{i}.png"]) for i in GATED])
-        from core.celery_app import send_enrich
-        from core.config import Settings
 
         settings = use_celery(Settings(celery_broker_url=AMQP, gpu_queue=queue))
         send_enrich(LOCAL + GATED, settings)  # one task of 12 listings: 6 forward passes of 2

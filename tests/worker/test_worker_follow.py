@@ -10,10 +10,16 @@ import urllib.request
 import uuid
 
 import pytest
+from prometheus_client import REGISTRY
 
+from core.celery_app import send_enrich
+from core.config import Settings
+from harness.net import free_port, scrape_metrics
+from model.artifacts import store_from_settings
+from model.registry import promote, register_candidate, rollback
 from schemas.events import ListingEvent
-from tests.net import free_port, scrape_metrics
 from tests.worker.conftest import AMQP, png_bytes, start_worker_process, wait_until, worker_process_env
+from worker import runtime
 from worker.store import upsert_listings
 
 V1, V2 = "test-small-v1", "test-small-v2"
@@ -44,17 +50,12 @@ def _status(db, queues: str) -> list[tuple]:
 
 
 def _register(db, settings, model_dir, version: str) -> None:
-    from model.artifacts import store_from_settings
-    from model.registry import promote, register_candidate
-
     register_candidate(db, model_dir, store_from_settings(settings), actor="test", reason="new weights")
     assert promote(db, version, actor="test", reason="better").promoted
 
 
 def _enrich_one(db, settings, tmp_path, listing_id: str) -> set[str]:
     """Send one task of one new listing; wait until it is enriched; the model versions of its predicted tags."""
-    from core.celery_app import send_enrich
-
     (tmp_path / "a.png").write_bytes(png_bytes((30, 160, 40)))
     with db.transaction():
         upsert_listings(db, [ListingEvent(listing_id=listing_id, seller_id="s", images=[str(tmp_path / "a.png")])])
@@ -68,9 +69,6 @@ def _enrich_one(db, settings, tmp_path, listing_id: str) -> set[str]:
 @pytest.mark.parametrize("concurrency", [1, 2], ids=["solo", "prefork"])
 def test_idle_worker_follows_promotion_and_rollback_with_no_task_sent(db, pg_url, model_dir, model_dir_v2, tmp_path,
                                                                      use_celery, concurrency):
-    from core.config import Settings
-    from model.registry import rollback
-
     queue = f"gpu-follow-{uuid.uuid4().hex[:8]}"
     settings = use_celery(Settings(celery_broker_url=AMQP, gpu_queue=queue, data_dir=tmp_path / "data"))
     _register(db, settings, model_dir, V1)
@@ -107,9 +105,6 @@ def test_idle_worker_follows_promotion_and_rollback_with_no_task_sent(db, pg_url
 @pytest.fixture()
 def following_runtime(db, pg_url, model_dir, tmp_path):
     """This process as a registry-following worker (runtime only, no Celery), V1 active; forgotten afterwards."""
-    from core.config import Settings
-    from worker import runtime
-
     settings = Settings(database_url=pg_url, data_dir=tmp_path / "data", device="cpu", allow_local_paths=True,
                         model_check_s=3600)  # the test runs each registry check itself
     _register(db, settings, model_dir, V1)
@@ -119,8 +114,6 @@ def following_runtime(db, pg_url, model_dir, tmp_path):
 
 
 def test_a_task_that_starts_while_a_seen_model_loads_waits_for_it(following_runtime, db, model_dir_v2):
-    from worker import runtime
-
     settings = following_runtime
     runtime.task_started()
     assert runtime.enricher(settings).model_version == V1
@@ -136,10 +129,6 @@ def test_a_task_that_starts_while_a_seen_model_loads_waits_for_it(following_runt
 
 def test_a_running_task_keeps_its_model_and_the_switch_follows_its_end(following_runtime, db, model_dir_v2,
                                                                       tmp_path, caplog):
-    from prometheus_client import REGISTRY
-
-    from worker import runtime
-
     settings = following_runtime
     (tmp_path / "a.png").write_bytes(png_bytes())
     with db.transaction():
@@ -184,7 +173,8 @@ def test_cpu_and_train_workers_load_no_model_and_report_themselves(db, pg_url, t
         first = {q: _status(db, q) for q in (cpu, train)}
         assert all(row[:2] == (None, None) for rows in first.values() for row in rows), first
         # the rows are refreshed on the timer, with no task sent
-        wait_until(lambda: all(new[2] > old[2] for q in (cpu, train) for old, new in zip(first[q], _status(db, q))))
+        wait_until(lambda: all(new[2] > old[2] for q in (cpu, train)
+                               for old, new in zip(first[q], _status(db, q), strict=True)))
         for log in logs.values():
             text = log.read_text()
             assert "loaded from" not in text and "could not be loaded" not in text, text[-3000:]

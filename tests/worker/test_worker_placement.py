@@ -9,8 +9,13 @@ import urllib.error
 import urllib.request
 import uuid
 
+from typer.testing import CliRunner
+
+from core.celery_app import send_enrich
+from core.config import Settings
+from enrich.cli import app
+from harness.net import free_port
 from schemas.events import ListingEvent
-from tests.net import free_port
 from tests.worker.conftest import AMQP, png_bytes, wait_until, worker_process_env
 from worker.store import upsert_listings
 
@@ -32,9 +37,6 @@ def _healthz(port: int) -> dict | None:
 
 
 def test_two_gpu_workers_and_a_beat_worker_share_one_host(db, pg_url, model_dir, tmp_path, use_celery):
-    from core.celery_app import send_enrich
-    from core.config import Settings
-
     tag = uuid.uuid4().hex[:8]
     queues = {"gpu_queue": f"gpu-{tag}", "backfill_queue": f"backfill-{tag}", "cpu_queue": f"cpu-{tag}",
               "train_queue": f"train-{tag}"}
@@ -80,10 +82,6 @@ def test_two_gpu_workers_and_a_beat_worker_share_one_host(db, pg_url, model_dir,
 
 
 def test_health_beat_fails_when_the_last_tick_is_old(db, pg_url):
-    from typer.testing import CliRunner
-
-    from enrich.cli import app
-
     env = {"ENRICH_BEAT_TICK_S": "10"}
 
     def health(*args: str):

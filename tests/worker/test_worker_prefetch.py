@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import uuid
 
+from core.celery_app import send_enrich
+from core.config import Settings
+from harness.cluster import queue_depth
 from schemas.events import ListingEvent
-from tests.faults.cluster import queue_depth
 from tests.worker.conftest import (
     AMQP,
     gate_handler,
@@ -33,8 +35,6 @@ def test_a_solo_worker_holds_the_next_task_while_it_runs_one(db, pg_url, model_d
         with db.transaction():
             upsert_listings(db, [ListingEvent(listing_id=lid, seller_id="s", images=[f"{base}/{lid}.png"])
                                  for lid in ids])
-        from core.celery_app import send_enrich
-        from core.config import Settings
 
         settings = use_celery(Settings(celery_broker_url=AMQP, gpu_queue=queue))
         for lid in ids:
