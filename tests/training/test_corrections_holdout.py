@@ -135,9 +135,9 @@ def test_the_gate_reports_each_group_a_pooled_figure_hides(db, tmp_path):
     """The active model says "Bag" to everything and never "red"; the candidate the reverse. People corrected
     held-out listings to Bag and red: pooled, both are right on half (the gate passes), per group the candidate
     wins colour and loses category outright. Corrections on listings retraining learns from are not counted."""
+    from harness.models import save_small_model
     from model.registry import promote as activate
     from model.registry import register_candidate
-    from tests.worker.conftest import save_small_model
     from training import gate
 
     small = save_small_model(tmp_path / "small", "small", seed=0)
@@ -173,9 +173,9 @@ def test_the_gate_reports_each_group_a_pooled_figure_hides(db, tmp_path):
 
 def test_with_the_holdout_off_the_gate_says_the_corrections_were_trainable(db, tmp_path):
     """ENRICH_CORRECTIONS_HOLDOUT=0: every correction since the active model's training counts, with a note."""
+    from harness.models import save_small_model
     from model.registry import promote as activate
     from model.registry import register_candidate
-    from tests.worker.conftest import save_small_model
     from training import gate
 
     small = save_small_model(tmp_path / "small", "small", seed=0)

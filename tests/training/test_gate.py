@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from core.config import Settings
 from enrich.cli import app
+from harness.models import save_small_model
 from model.registry import active_version, get_model, promote, register_candidate
 from tests.training.gate_models import biased_copy
-from tests.worker.conftest import save_small_model
 from training import gate
 from training.corrections import is_held_out
 from training.gate import FAIL, PASS, REFUSED, decide

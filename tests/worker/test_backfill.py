@@ -21,6 +21,9 @@ from typer.testing import CliRunner
 from core.celery_app import app, send_enrich
 from core.config import Settings
 from enrich.cli import app as cli
+from harness.cluster import worker_process_env
+from harness.images import png_bytes
+from harness.models import save_small_model
 from model.inference import load_predictor
 from model.registry import promote, register_candidate, rollback
 from schemas.events import CorrectionEvent, ListingEvent
@@ -32,13 +35,10 @@ from tests.worker.conftest import (
     AMQP,
     gate_handler,
     make_settings,
-    png_bytes,
-    save_small_model,
     serve_gated,
     start_worker_process,
     stop_all,
     wait_until,
-    worker_process_env,
 )
 from worker import backfill, runtime
 from worker.backfill import Cursor, _lock_key, backfill_task, count_todo, next_chunk, run_chunk, run_inline, start

@@ -6,9 +6,10 @@ import pytest
 from typer.testing import CliRunner
 
 from enrich.cli import app as cli
+from harness.images import png_bytes
 from model.registry import promote, rollback
 from schemas.events import ListingEvent
-from tests.worker.conftest import make_settings, png_bytes
+from tests.worker.conftest import make_settings
 from tests.worker.test_backfill import (
     V1,
     V2,

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from core.config import Settings
 from enrich.cli import app
 from enrich.quickstart import run_quickstart
+from harness.images import png_bytes
 from schemas.enrichment import Enrichment, TagSource, TagValue
-from tests.worker.conftest import png_bytes
 from tests.worker.test_intake_poison import refused_by_database
 from worker.batch import BatchReport, read_listings, render_report
 

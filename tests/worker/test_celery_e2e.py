@@ -16,8 +16,9 @@ import worker.tasks  # noqa: F401 - registers the tasks
 from core.celery_app import SWEEP_TASK, app, queue_depth, send_enrich
 from core.config import Settings
 from enrich.cli import app as cli
+from harness.images import png_bytes
 from schemas.events import ListingEvent
-from tests.worker.conftest import png_bytes, send_png, wait_until
+from tests.worker.conftest import send_png, wait_until
 from worker import runtime
 from worker.intake import Intake, make_consumer
 from worker.store import StoredTag, tags_of, upsert_listings

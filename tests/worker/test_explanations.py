@@ -11,10 +11,11 @@ from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
 from enrich.cli import app
+from harness.images import png_bytes
 from model.inference import load_predictor
 from schemas.enrichment import ReviewItem
 from schemas.events import ListingEvent
-from tests.worker.conftest import make_settings, png_bytes
+from tests.worker.conftest import make_settings
 from worker.explanations import ReviewToExplain, explanations_root, store_explanations
 from worker.pipeline import Enricher
 from worker.store import upsert_listings

@@ -10,11 +10,12 @@ from celery.contrib.testing.worker import start_worker
 
 from core.celery_app import app, send_enrich
 from core.config import Settings
+from harness.images import png_bytes
 from model.artifacts import store_from_settings
 from model.registry import active_model, promote, register_candidate, set_shadow
 from model.shadow import shadow_report
 from schemas.events import CorrectionEvent, ListingEvent
-from tests.worker.conftest import png_bytes, wait_until
+from tests.worker.conftest import wait_until
 from training import gate
 from worker import runtime
 from worker.store import record_correction, upsert_listings

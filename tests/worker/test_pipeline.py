@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
+from harness.images import jpeg_bytes, png_bytes
 from model.inference import load_predictor
 from schemas.events import ListingEvent
 from schemas.taxonomy import load_taxonomy
-from tests.worker.conftest import jpeg_bytes, make_settings, png_bytes
+from tests.worker.conftest import make_settings
 from worker.pipeline import Enricher
 from worker.store import StoredTag, listings_to_enrich, tags_of, upsert_listings
 

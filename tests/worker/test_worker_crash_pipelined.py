@@ -8,17 +8,10 @@ import uuid
 
 from core.celery_app import send_enrich
 from core.config import Settings
+from harness.cluster import worker_process_env
+from harness.images import png_bytes
 from schemas.events import ListingEvent
-from tests.worker.conftest import (
-    AMQP,
-    gate_handler,
-    png_bytes,
-    serve_gated,
-    start_worker_process,
-    stop_all,
-    wait_until,
-    worker_process_env,
-)
+from tests.worker.conftest import AMQP, gate_handler, serve_gated, start_worker_process, stop_all, wait_until
 from worker.store import upsert_listings
 
 _GateHandler = gate_handler()

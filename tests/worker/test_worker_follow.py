@@ -14,11 +14,13 @@ from prometheus_client import REGISTRY
 
 from core.celery_app import send_enrich
 from core.config import Settings
+from harness.cluster import worker_process_env
+from harness.images import png_bytes
 from harness.net import free_port, scrape_metrics
 from model.artifacts import store_from_settings
 from model.registry import promote, register_candidate, rollback
 from schemas.events import ListingEvent
-from tests.worker.conftest import AMQP, png_bytes, start_worker_process, wait_until, worker_process_env
+from tests.worker.conftest import AMQP, start_worker_process, wait_until
 from worker import runtime
 from worker.store import upsert_listings
 

@@ -12,17 +12,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from core.celery_app import send_enrich
 from core.config import Settings
+from harness.cluster import worker_process_env
 from harness.net import free_port, scrape_metrics
 from schemas.events import ListingEvent
-from tests.worker.conftest import (
-    AMQP,
-    send_png,
-    serve_gated,
-    start_worker_process,
-    stop_all,
-    wait_until,
-    worker_process_env,
-)
+from tests.worker.conftest import AMQP, send_png, serve_gated, start_worker_process, stop_all, wait_until
 from worker.store import upsert_listings
 
 pytestmark = pytest.mark.integration

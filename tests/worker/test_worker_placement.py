@@ -14,9 +14,11 @@ from typer.testing import CliRunner
 from core.celery_app import send_enrich
 from core.config import Settings
 from enrich.cli import app
+from harness.cluster import worker_process_env
+from harness.images import png_bytes
 from harness.net import free_port
 from schemas.events import ListingEvent
-from tests.worker.conftest import AMQP, png_bytes, wait_until, worker_process_env
+from tests.worker.conftest import AMQP, wait_until
 from worker.store import upsert_listings
 
 

@@ -6,17 +6,9 @@ import uuid
 
 from core.celery_app import send_enrich
 from core.config import Settings
-from harness.cluster import queue_depth
+from harness.cluster import queue_depth, worker_process_env
 from schemas.events import ListingEvent
-from tests.worker.conftest import (
-    AMQP,
-    gate_handler,
-    serve_gated,
-    start_worker_process,
-    stop_all,
-    wait_until,
-    worker_process_env,
-)
+from tests.worker.conftest import AMQP, gate_handler, serve_gated, start_worker_process, stop_all, wait_until
 from worker.store import upsert_listings
 
 _GateHandler = gate_handler()
