@@ -11,14 +11,37 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
 
 from core.config import Settings
+from core.db import connect, database_url
+from core.images import ImageLimits
+from enrich.console.users import add_user
+from migrations import apply_all
+from model.artifacts import store_from_settings
+from model.inference import load_predictor
+from model.registry import register_candidate
+from schemas.taxonomy import load_taxonomy
+from similar.nightly import recompute
+from similar.query import read_neighbours
+from similar.sheet import contact_sheet
+from training.config import QUICK
+from training.fmnist import load_fashion_mnist
+from training.fmnist_shop import COLOUR_GROUP, build_shop, listing_texts
+from training.gate import promote
+from training.train import train
+from worker.batch import read_listings, render_report, run_batch
+from worker.pipeline import Enricher
 
 log = logging.getLogger(__name__)
 PHOTO_SIZE = 56  # 2× Fashion-MNIST, so the contact sheet shows something; the model resizes to its own size
@@ -35,12 +58,6 @@ class Catalogue:
 def build_catalogue(out_dir: Path, fmnist_dir: Path, items: int = 300, photos_per_item: int = 2,
                     seed: int = 7) -> Catalogue:
     """Write images/*.png, listings.jsonl and truth.json under out_dir from Fashion-MNIST *test* items."""
-    from PIL import Image
-
-    from schemas.taxonomy import load_taxonomy
-    from training.fmnist import load_fashion_mnist
-    from training.fmnist_shop import COLOUR_GROUP, build_shop, listing_texts
-
     taxonomy = load_taxonomy("fashion-mnist")
     x, y = load_fashion_mnist(fmnist_dir, "test")  # never seen by training (it uses the train split)
     rng = np.random.default_rng(seed)
@@ -69,8 +86,9 @@ def build_catalogue(out_dir: Path, fmnist_dir: Path, items: int = 300, photos_pe
         truth[lid] = {"category": category, "type": taxonomy.type_of(category), "colour": colour}
         # sellers: a third give the category, a third the colour, a third nothing
         given = ("category",) if i % 3 == 0 else ("colour",) if i % 3 == 1 else ()
-        hidden[lid] = [g for g in ("category", "type", "colour") if g not in given and not (g == "type" and "category" in given)]
-        event = {"listing_id": lid, "seller_id": f"seller-{i % 17}", "title": texts[i].title,
+        hidden[lid] = [g for g in ("category", "type", "colour")
+                       if g not in given and not (g == "type" and "category" in given)]
+        event: dict[str, Any] = {"listing_id": lid, "seller_id": f"seller-{i % 17}", "title": texts[i].title,
                  "description": texts[i].description, "images": paths}
         if "category" in given:
             event["category"] = category
@@ -89,9 +107,6 @@ def find_or_train_model(models_dir: Path, fmnist_dir: Path, retrain: bool, time_
     if found and not retrain:
         log.info("reusing model %s (pass --retrain to train a new one)", found[-1].parent.name)
         return found[-1].parent
-    from training.config import QUICK
-    from training.train import train
-
     version = f"{QUICKSTART_PREFIX}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
     cfg = replace(QUICK, out_dir=models_dir, data_dir=Path(fmnist_dir), model_version=version)
     if time_budget_s is not None:
@@ -136,8 +151,6 @@ def text_contribution(conn: psycopg.Connection, catalogue: Catalogue) -> dict[st
 
 def shelf_precision(conn: psycopg.Connection, catalogue: Catalogue, k: int = 5) -> float:
     """Share of each listing's k nearest stored neighbours whose true category is the listing's own."""
-    from similar.query import read_neighbours
-
     same = total = 0
     for lid, truth in catalogue.truth.items():
         neighbours, _ = read_neighbours(conn, lid, k=k)
@@ -147,24 +160,9 @@ def shelf_precision(conn: psycopg.Connection, catalogue: Catalogue, k: int = 5) 
 
 
 def run_quickstart(settings: Settings, fmnist_dir: Path, items: int = 300, retrain: bool = False,
-                   time_budget_s: float | None = None, examples: int = 3, console=None) -> dict:
+                   time_budget_s: float | None = None, examples: int = 3,
+                   console: Console | None = None) -> dict[str, Any]:
     """Everything above; returns the figures it printed (for tests and the README)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from core.db import connect, database_url
-    from core.images import ImageLimits
-    from migrations import apply_all
-    from model.artifacts import store_from_settings
-    from model.inference import load_predictor
-    from model.registry import register_candidate
-    from similar.nightly import recompute
-    from similar.query import read_neighbours
-    from similar.sheet import contact_sheet
-    from training.gate import promote
-    from worker.batch import read_listings, render_report, run_batch
-    from worker.pipeline import Enricher
-
     console = console or Console()
     t0 = time.perf_counter()
     data_dir = Path(settings.data_dir)
@@ -241,8 +239,9 @@ def run_quickstart(settings: Settings, fmnist_dir: Path, items: int = 300, retra
                   f"`enrich batch {catalogue.listings}`. To review and correct tags in the browser: "
                   f"`enrich quickstart --console`, or `enrich console-user add me --role admin`, then "
                   f"`enrich console` (http://127.0.0.1:8080/).")
-    return {"accuracy": acc, "shelf_precision": shelf, "text": text, "enriched": len(report.enrichments), "failed": len(report.failed),
-            "model_dir": str(model_dir), "sheets": [str(p) for p in sheets], "seconds": seconds}
+    return {"accuracy": acc, "shelf_precision": shelf, "text": text, "enriched": len(report.enrichments),
+            "failed": len(report.failed), "model_dir": str(model_dir), "sheets": [str(p) for p in sheets],
+            "seconds": seconds}
 
 
 DEMO_ADMIN = "quickstart-admin"
@@ -250,11 +249,6 @@ DEMO_ADMIN = "quickstart-admin"
 
 def demo_admin(settings: Settings) -> str:
     """Create (or reset) the demo's console admin with a new random password; returns it (shown once)."""
-    import secrets
-
-    from core.db import connect, database_url
-    from enrich.console.users import add_user
-
     password = secrets.token_urlsafe(12)
     conn = connect(database_url(settings), autocommit=True)
     try:

@@ -3,21 +3,26 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import psycopg
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from psycopg_pool import ConnectionPool
 from starlette.exceptions import HTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
+from core.celery_app import configure
 from core.config import Settings
-from enrich.console import auth, overview
+from core.db import make_pool
+from enrich.console import auth, overview, users
 from enrich.console import images as console_images
 from enrich.console import listings as console_listings
 from enrich.console import models as models_page
@@ -36,16 +41,15 @@ _SECURITY_HEADERS = {
 }
 
 
-def create_app(settings: Settings, pool=None) -> FastAPI:
+def create_app(settings: Settings, pool: ConnectionPool[Any] | None = None) -> FastAPI:
     """The console for these settings; `pool` (a psycopg_pool.ConnectionPool) is opened here when not given."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = pool is None
         if own:
-            from core.db import make_pool
-
             app.state.pool = make_pool(settings)
+        users.dummy_hash()  # made before the first sign-in: an unknown name then costs one hash like any other
         yield
         if own:
             app.state.pool.close()
@@ -53,8 +57,6 @@ def create_app(settings: Settings, pool=None) -> FastAPI:
     app = FastAPI(title="catalogue-enrich console", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.settings = settings
-    from core.celery_app import configure
-
     configure(settings)  # the overview's queue depth and the models page's sends use this broker
     app.state.pool = pool
     key = settings.console_secret_key.get_secret_value() if settings.console_secret_key else None
@@ -69,7 +71,7 @@ def create_app(settings: Settings, pool=None) -> FastAPI:
     app.add_middleware(TextGuard)
 
     @app.middleware("http")
-    async def security_headers(request: Request, call_next):
+    async def security_headers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         response = await call_next(request)
         for name, value in _SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
@@ -78,7 +80,7 @@ def create_app(settings: Settings, pool=None) -> FastAPI:
         return response
 
     @app.exception_handler(auth.LoginRequired)
-    async def to_login(request: Request, _exc):
+    async def to_login(request: Request, _exc: Exception) -> Response:
         if not _wants_html(request):  # the page's scripts: they say "signed out" themselves
             return PlainTextResponse("Signed out: sign in again.", status_code=401)
         back = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -87,24 +89,24 @@ def create_app(settings: Settings, pool=None) -> FastAPI:
         return RedirectResponse(f"/login?next={quote(back, safe='')}", status_code=303)
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException):
+    async def http_error(request: Request, exc: HTTPException) -> Response:
         message = str(exc.detail) if exc.status_code != 404 or exc.detail != "Not Found" else \
             "There is no page at this address."
         return await run_in_threadpool(_error_page, request, exc.status_code, message)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError):
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'request'}: {e['msg']}"
                             for e in exc.errors())
         return await run_in_threadpool(_error_page, request, 422, f"This request is not valid ({message}).")
 
     @app.exception_handler(psycopg.errors.DataError)
-    async def unstorable(request: Request, exc: psycopg.errors.DataError):
+    async def unstorable(request: Request, exc: psycopg.errors.DataError) -> Response:
         log.info("%s %s: a value the database refuses: %s", request.method, request.url.path, exc)
         return await run_in_threadpool(_error_page, request, 400, "A value in this request is out of range.")
 
     @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception):
+    async def server_error(request: Request, exc: Exception) -> Response:
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
         return PlainTextResponse("Something went wrong on the console's side; it is in the console's log.",
                                  status_code=500)
@@ -127,7 +129,7 @@ def _wants_html(request: Request) -> bool:
     return "text/html" in request.headers.get("accept", "")
 
 
-def _error_page(request: Request, status: int, message: str):
+def _error_page(request: Request, status: int, message: str) -> Response:
     if not _wants_html(request):
         return PlainTextResponse(message, status_code=status)
     user = auth.user_or_none(request)

@@ -15,7 +15,6 @@ import hmac
 import logging
 import time
 from collections import defaultdict, deque
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
@@ -24,22 +23,13 @@ from fastapi.responses import RedirectResponse
 
 from enrich.console import sessions, users
 from enrich.console.deps import connection, csrf_token, render
+from enrich.console.sessions import User
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 LOGIN_NAME_FAILURES, LOGIN_NAME_WINDOW_S = 5, 60.0
 LOGIN_ADDRESS_WINDOW_S = 600.0
 LOGIN_WAIT_S = 10.0  # longest wait for a free password check before 503
-
-
-@dataclass(frozen=True)
-class User:
-    name: str
-    role: str
-
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
 
 
 class LoginRequired(Exception):
@@ -64,12 +54,12 @@ async def check_csrf(request: Request) -> None:
         raise HTTPException(status_code=403, detail="this request came from another site")
     sent = request.headers.get("x-csrf-token")
     if sent is None:
-        form = await request.form()
-        sent = form.get("csrf")
+        field = (await request.form()).get("csrf")
+        sent = field if isinstance(field, str) else None  # an uploaded file is no token
     expected = request.session.get("csrf")
     if not expected and request.url.path != "/login":
         raise LoginRequired()  # no session at all (cookie gone or expired): signed out, not forged
-    if not expected or not sent or not hmac.compare_digest(str(sent), expected):
+    if not expected or not sent or not hmac.compare_digest(sent.encode(), str(expected).encode()):
         raise HTTPException(status_code=403, detail="missing or wrong CSRF token: reload the page")
 
 
@@ -83,8 +73,7 @@ def user_or_none(request: Request) -> User | None:
         found = sessions.check(conn, sid, settings.console_session_idle_s, settings.console_session_max_s)
     if found is None:
         request.session.clear()
-        return None
-    return User(*found)
+    return found
 
 
 def current_user(request: Request) -> User:

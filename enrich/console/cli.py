@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
+import psycopg
 import typer
+import uvicorn
+from rich.console import Console
+from rich.table import Table
 
-from core.config import get_settings
+from core.config import Settings, get_settings
+from core.db import connect
+from core.db import database_url as resolve_url
 from core.options import DatabaseUrl
+from enrich.console import users
+from migrations import apply_all
 
 PasswordStdin = Annotated[bool, typer.Option("--password-stdin",
                                              help="Read the password from standard input (default: ask twice).")]
@@ -22,15 +31,18 @@ def console(
                              help="Port (default: ENRICH_CONSOLE_PORT, 8080)."),
 ) -> None:
     """Serve the browser console for reviewers and admins (review queue, listings, models)."""
-    import uvicorn
-
-    from enrich.console.app import create_app
-
     settings = get_settings(console_host=host, console_port=port)
     typer.echo(f"console on http://{settings.console_host}:{settings.console_port}/ "
                f"(accounts: enrich console-user add NAME --role reviewer|admin)")
-    uvicorn.run(create_app(settings), host=settings.console_host, port=settings.console_port,
-                log_level="info", proxy_headers=settings.console_https)
+    serve(settings, log_level="info")
+
+
+def serve(settings: Settings, log_level: str = "warning") -> None:
+    """Serve the console until interrupted."""
+    from enrich.console.app import create_app  # lazy: the console's pages load torch (heat maps, shadow answers)
+
+    uvicorn.run(create_app(settings), host=settings.console_host, port=settings.console_port, log_level=log_level,
+                proxy_headers=settings.console_https)
 
 
 def _password(password_stdin: bool) -> str:
@@ -40,13 +52,9 @@ def _password(password_stdin: bool) -> str:
 
 
 @contextmanager
-def _accounts(database_url: str | None):
+def _accounts(url: str | None, settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     """A migrated database connection; a refused change ends the command with its reason, not a traceback."""
-    from core.db import connect
-    from core.db import database_url as resolve
-    from migrations import apply_all
-
-    conn = connect(database_url or resolve(get_settings()), autocommit=True)
+    conn = connect(url or resolve_url(settings), autocommit=True)
     try:
         apply_all(conn)
         yield conn
@@ -66,48 +74,37 @@ def add(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Create an account, or reset its password and role (ending its sessions)."""
-    from enrich.console.users import add_user
-
     password = _password(password_stdin)
-    with _accounts(database_url) as conn:
-        add_user(conn, name, password, role)
+    with _accounts(database_url, get_settings()) as conn:
+        users.add_user(conn, name, password, role)
     typer.echo(f"{name} can sign in as {role}")
 
 
 @users_app.command("list")
 def list_accounts(database_url: DatabaseUrl = None) -> None:
     """Every account: role, enabled or not, last sign-in, open sessions."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from enrich.console.users import list_users
-
-    with _accounts(database_url) as conn:
-        rows = list_users(conn)
+    with _accounts(database_url, get_settings()) as conn:
+        accounts = users.list_users(conn)
     table = Table("name", "role", "state", "created", "last sign-in", "open sessions")
-    for name, role, disabled, created, last, open_ in rows:
-        table.add_row(name, role, "disabled" if disabled else "enabled", f"{created:%Y-%m-%d}",
-                      f"{last:%Y-%m-%d %H:%M}" if last else "never", str(open_))
+    for a in accounts:
+        table.add_row(a.name, a.role, "disabled" if a.disabled else "enabled", f"{a.created_at:%Y-%m-%d}",
+                      f"{a.last_sign_in:%Y-%m-%d %H:%M}" if a.last_sign_in else "never", str(a.open_sessions))
     Console().print(table)
 
 
 @users_app.command("disable")
 def disable(name: str = typer.Argument(..., help="Account to disable."), database_url: DatabaseUrl = None) -> None:
     """Stop an account from signing in and end its sessions at once."""
-    from enrich.console.users import set_disabled
-
-    with _accounts(database_url) as conn:
-        ended = set_disabled(conn, name, True)
+    with _accounts(database_url, get_settings()) as conn:
+        ended = users.set_disabled(conn, name, True)
     typer.echo(f"{name} is disabled; {ended} session(s) ended")
 
 
 @users_app.command("enable")
 def enable(name: str = typer.Argument(..., help="Account to enable."), database_url: DatabaseUrl = None) -> None:
     """Let a disabled account sign in again."""
-    from enrich.console.users import set_disabled
-
-    with _accounts(database_url) as conn:
-        set_disabled(conn, name, False)
+    with _accounts(database_url, get_settings()) as conn:
+        users.set_disabled(conn, name, False)
     typer.echo(f"{name} can sign in again")
 
 
@@ -118,11 +115,9 @@ def set_password(
     database_url: DatabaseUrl = None,
 ) -> None:
     """Change a password; the account's sessions end (it signs in again with the new one)."""
-    from enrich.console.users import set_password as change
-
     password = _password(password_stdin)
-    with _accounts(database_url) as conn:
-        ended = change(conn, name, password)
+    with _accounts(database_url, get_settings()) as conn:
+        ended = users.set_password(conn, name, password)
     typer.echo(f"password of {name} changed; {ended} session(s) ended")
 
 

@@ -3,12 +3,18 @@ signed-in user and the CSRF token filled in."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import psycopg
 from fastapi import Request
+from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
+
+from enrich.console.sessions import User
 
 templates = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))  # autoescaping on
 
@@ -33,15 +39,11 @@ templates.env.globals.update(listing_href=listing_href, thumb_href=thumb_href)
 
 
 @contextmanager
-def connection(request: Request):
+def connection(request: Request) -> Iterator[psycopg.Connection[Any]]:
     """A pooled connection in autocommit mode (write paths open their own transactions)."""
     with request.app.state.pool.connection() as conn:
         conn.autocommit = True
         yield conn
-
-
-def settings(request: Request):
-    return request.app.state.settings
 
 
 def csrf_token(request: Request) -> str:
@@ -52,6 +54,7 @@ def csrf_token(request: Request) -> str:
     return token
 
 
-def render(request: Request, name: str, *, user=None, status_code: int = 200, **context):
+def render(request: Request, name: str, *, user: User | None = None, status_code: int = 200,
+           **context: object) -> Response:
     return templates.TemplateResponse(request, name, {"user": user, "csrf": csrf_token(request), **context},
                                       status_code=status_code)

@@ -25,10 +25,13 @@ from fastapi import Path as PathParam
 from fastapi.responses import Response
 from PIL import Image
 
+from core.config import Settings
 from core.files import write_bytes_atomic
 from core.images import ImageError, ImageRejected, load_image
+from core.s3 import S3Client, make_s3_client
 from enrich.console.auth import User, current_user
 from enrich.console.deps import connection
+from enrich.console.rows import fetch_value
 from schemas.events import MAX_IMAGES
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ _HEADERS = {"Cache-Control": "private, max-age=3600"}
 REFUSAL_TTL_S = 600
 
 
-def fetch_rules(settings) -> str:
+def fetch_rules(settings: Settings) -> str:
     """A digest of the settings core.images consults to accept or refuse an image: the sources it allows and
     the limits it applies. A refusal made under other rules does not count."""
     rules = {"allowed_hosts": sorted(settings.allowed_hosts), "allow_private_networks": settings.allow_private_networks,
@@ -59,7 +62,7 @@ def _refused_now(path: Path, rules: str) -> bool:
         return False
 
 
-def thumbs_dir(settings) -> Path:
+def thumbs_dir(settings: Settings) -> Path:
     return Path(settings.data_dir) / "console-thumbs"
 
 
@@ -70,7 +73,7 @@ def placeholder() -> bytes:
     return buf.getvalue()
 
 
-def make_thumbnail(uri: str, settings, s3_client=None) -> tuple[bytes, bool]:
+def make_thumbnail(uri: str, settings: Settings, s3_client: S3Client | None = None) -> tuple[bytes, bool]:
     """(JPEG bytes, True) for a usable image; (placeholder, False) otherwise. Cached on disk."""
     key = hashlib.sha256(uri.encode()).hexdigest()
     root = thumbs_dir(settings)
@@ -98,13 +101,11 @@ def make_thumbnail(uri: str, settings, s3_client=None) -> tuple[bytes, bool]:
     return data, True
 
 
-def _s3_client(request: Request, uri: str):
+def _s3_client(request: Request, uri: str) -> S3Client | None:
     if not uri.startswith("s3://"):
         return None
     client = getattr(request.app.state, "thumb_s3_client", None)
     if client is None:
-        from core.s3 import make_s3_client
-
         client = request.app.state.thumb_s3_client = make_s3_client(request.app.state.settings)
     return client
 
@@ -122,11 +123,11 @@ def thumbnail(request: Request, listing_id: str = PathParam(max_length=128),
     if not 0 <= n < MAX_IMAGES:
         raise HTTPException(status_code=404, detail="no such listing image")
     with connection(request) as conn:
-        row = conn.execute("SELECT event->'images'->>%s::int FROM listings WHERE listing_id = %s",
-                           (n, listing_id)).fetchone()
-    if row is None or row[0] is None:
+        uri = fetch_value(conn, "SELECT event->'images'->>%s::int FROM listings WHERE listing_id = %s",
+                          (n, listing_id))
+    if uri is None:  # no such listing, or no n-th image
         raise HTTPException(status_code=404, detail="no such listing image")
     settings = request.app.state.settings
-    data, ok = make_thumbnail(row[0], settings, _s3_client(request, row[0]))
+    data, ok = make_thumbnail(uri, settings, _s3_client(request, uri))
     headers = dict(_HEADERS) if ok else {"Cache-Control": "no-store", "X-Thumbnail": "placeholder"}
     return Response(data, media_type="image/jpeg", headers=headers)

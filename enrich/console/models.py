@@ -17,15 +17,28 @@ cancel_job), worker.backfill.count_todo (the backfill's size). Every action is l
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
+import psycopg
 from fastapi import APIRouter, Depends, Form, HTTPException, Request
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from psycopg.rows import dict_row
 
+from core.celery_app import configure
+from core.config import Settings
 from enrich.console.auth import User, check_csrf, current_user
 from enrich.console.deps import connection, render
 from enrich.console.users import log_action
+from model import registry
+from model.artifacts import store_from_settings
+from model.registry import Decision, ModelRow
+from model.shadow import shadow_report
+from training import gate, jobs
+from training.config import PRESETS
+from worker.backfill import count_todo
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -38,7 +51,7 @@ _FLASH = "models_flash"
 _MAX_REASON = 500
 # (version, artifact, sha256, path) -> the model's local directory; fetching an artifact verifies its weights'
 # hash, which is too slow to repeat for every plot request
-_dirs: dict[tuple, Path] = {}
+_dirs: dict[tuple[str, str | None, str | None, str], Path] = {}
 
 
 def admin_only(request: Request, user: User = Depends(current_user)) -> User:
@@ -53,18 +66,15 @@ def admin_only(request: Request, user: User = Depends(current_user)) -> User:
 
 # ---- reading -------------------------------------------------------------------------------------------
 
-def _model_dir(row, settings) -> Path:
+def _model_dir(row: ModelRow, settings: Settings) -> Path:
     key = (row.model_version, row.artifact_uri, row.sha256, row.path)
     found = _dirs.get(key)
     if found is None:
-        from model.artifacts import store_from_settings
-        from model.registry import local_dir
-
-        found = _dirs[key] = local_dir(row, store_from_settings(settings) if row.artifact_uri else None)
+        found = _dirs[key] = registry.local_dir(row, store_from_settings(settings) if row.artifact_uri else None)
     return found
 
 
-def report_plots(row, settings) -> tuple[list[str], str | None]:
+def report_plots(row: ModelRow, settings: Settings) -> tuple[list[str], str | None]:
     """The allow-listed plot names present in the model's report/, and why there are none when so."""
     try:
         folder = _model_dir(row, settings) / "report"
@@ -75,16 +85,15 @@ def report_plots(row, settings) -> tuple[list[str], str | None]:
     return names, None if names else "no training report plots in the model's directory"
 
 
-def side_by_side(selected, active) -> tuple[list[dict], list[dict]]:
+def side_by_side(selected: ModelRow | None,
+                 active: ModelRow | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Rows (metric, selected, active, difference, direction, verdict): gate metrics first, then the rest."""
-    from training.gate import GATE_METRICS
-
     mine = selected.metrics if selected else {}
     theirs = active.metrics if active is not None and active is not selected else {}
     rows = []
-    for key in sorted(set(mine) | set(theirs), key=lambda k: (k not in GATE_METRICS, k)):
+    for key in sorted(set(mine) | set(theirs), key=lambda k: (k not in gate.GATE_METRICS, k)):
         a, b = mine.get(key), theirs.get(key)
-        higher = GATE_METRICS.get(key)
+        higher = gate.GATE_METRICS.get(key)
         diff = a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
         verdict = ""
         if diff is not None and higher is not None:
@@ -95,7 +104,7 @@ def side_by_side(selected, active) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if r["gate"]], [r for r in rows if not r["gate"]]
 
 
-def _pick(rows, version: str | None):
+def _pick(rows: list[ModelRow], version: str | None) -> ModelRow | None:
     if version:
         for r in rows:
             if r.model_version == version:
@@ -103,28 +112,23 @@ def _pick(rows, version: str | None):
         raise HTTPException(status_code=404, detail=f"model {version!r} is not registered")
     waiting = [r for r in rows if r.status in ("shadow", "candidate")]
     active = [r for r in rows if r.status == "active"]
-    return (waiting or active or rows or [None])[0]
+    found = waiting or active or rows
+    return found[0] if found else None
 
 
-def _jobs(conn, settings) -> tuple[list[dict], bool]:
-    from training.jobs import job_progress
-
-    jobs = job_progress(conn, 5, stale_s=settings.job_stale_s)
-    return jobs, any(j["status"] in ("queued", "running") for j in jobs)
+def _jobs(conn: psycopg.Connection, settings: Settings) -> tuple[list[dict[str, Any]], bool]:
+    found = jobs.job_progress(conn, 5, stale_s=settings.job_stale_s)
+    return found, any(j["status"] in ("queued", "running") for j in found)
 
 
 # what a job notes about its training run (training.jobs._Progress.note) that the page shows with its params
 _JOB_FACTS = ("preset", "dataset", "warm_start", "corrections", "correction_rows", "held_out")
 
 
-def _origins(conn) -> dict[str, dict]:
+def _origins(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
     """model_version -> where it comes from, as recorded: the manifest's dataset, taxonomy, data fingerprint and
     lineage (corrections used, warm start), and the job that trained it (the lineage's job, else the latest job
     row naming the version) with its parameters, what it noted and its outcome."""
-    from psycopg.rows import dict_row
-
-    from training.jobs import describe
-
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             "SELECT m.model_version, m.manifest->>'dataset' AS dataset, m.manifest->'taxonomy'->>'name' AS tax,"
@@ -145,7 +149,7 @@ def _origins(conn) -> dict[str, dict]:
         data.append(f"{corrections} correction(s)")
         out[r["model_version"]] = {
             "job": lin.get("job") or r["id"], "job_found": r["id"] is not None,
-            "job_line": describe(r, age=False) if r["id"] is not None else "",
+            "job_line": jobs.describe(r, age=False) if r["id"] is not None else "",
             "params": sorted(params.items()),
             "facts": [(k, progress[k]) for k in _JOB_FACTS if k in progress],
             "dataset": data[0], "taxonomy": f"{r['tax']} v{r['tax_version']}" if r["tax"] else "",
@@ -155,14 +159,13 @@ def _origins(conn) -> dict[str, dict]:
     return out
 
 
-def confirmations(conn, selected, active, preview) -> dict[str, dict]:
+def confirmations(conn: psycopg.Connection, selected: ModelRow, active: ModelRow | None,
+                  preview: gate.Verdict | None) -> dict[str, dict[str, Any]]:
     """What the promote and rollback dialogs say will change: the version that stops serving and the one that
     starts, the gate's preview, and the size of the backfill that follows (the listings whose current
     enrichment is not the new version's: what worker.backfill re-enriches). Only for the forms the page shows."""
-    from worker.backfill import count_todo
-
     version, current = selected.model_version, active.model_version if active else None
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     promotable = selected.status in ("candidate", "shadow", "rejected")
     back = selected.was_active and selected.status != "active"
     if not (promotable or back):
@@ -178,58 +181,47 @@ def confirmations(conn, selected, active, preview) -> dict[str, dict]:
 
 
 @router.get("/models")
-def models_page(request: Request, version: str | None = None, user: User = Depends(current_user)):
-    from model.registry import history, list_models, verdicts
-    from model.shadow import shadow_report
-    from training.gate import explain, summary
-    from training.gate import preview as gate_preview
-
+def models_page(request: Request, version: str | None = None, user: User = Depends(current_user)) -> Response:
     settings = request.app.state.settings
     with connection(request) as conn:
-        rows = list_models(conn)
+        rows = registry.list_models(conn)
         selected = _pick(rows, version)
         active = next((r for r in rows if r.status == "active"), None)
         shadow = shadow_report(conn, selected.model_version) if selected else None
-        moves = history(conn, 15)
-        jobs, live = _jobs(conn, request.app.state.settings)
-        last = {v["model_version"]: summary(v["gate"]) for v in verdicts(conn, last=True)}
-        selected_verdicts = verdicts(conn, selected.model_version) if selected else []
+        moves = registry.history(conn, 15)
+        job_list, live = _jobs(conn, settings)
+        last = {v.model_version: gate.summary(v.gate) for v in registry.verdicts(conn, last=True)}
+        selected_verdicts = registry.verdicts(conn, selected.model_version) if selected else []
         origins = _origins(conn)
         preview = None
         if selected is not None and active is not None and selected.model_version != active.model_version:
-            preview = gate_preview(selected, active, settings)  # the gate on the stored figures
+            preview = gate.preview(selected, active, settings)  # the gate on the stored figures
         confirm = confirmations(conn, selected, active, preview) if selected and user.is_admin else {}
-    for v in selected_verdicts:
-        v["lines"] = explain(v["gate"])
     gate_rows, other_rows = side_by_side(selected, active)
     plots, plots_note = report_plots(selected, settings) if selected else ([], None)
-    from training.config import PRESETS
-
     return render(request, "models.html", user=user, page="models", rows=rows, selected=selected, active=active,
                   gate_rows=gate_rows, other_rows=other_rows, preview=preview, plots=plots, plot_titles=PLOTS,
-                  plots_note=plots_note, shadow=shadow, moves=moves, jobs=jobs, live=live, last_verdict=last,
-                  verdicts=selected_verdicts, origins=origins, confirm=confirm,
+                  plots_note=plots_note, shadow=shadow, moves=moves, jobs=job_list, live=live, last_verdict=last,
+                  verdicts=[(v, gate.explain(v.gate)) for v in selected_verdicts], origins=origins, confirm=confirm,
                   presets=sorted(PRESETS), default_preset=settings.retrain_preset, summary=SUMMARY_METRICS,
                   flash=request.session.pop(_FLASH, None))
 
 
 @router.get("/models/jobs")
-def jobs_partial(request: Request, user: User = Depends(current_user)):
+def jobs_partial(request: Request, user: User = Depends(current_user)) -> Response:
     """The jobs list alone: models.js reloads it every few seconds while a job is queued or running."""
     with connection(request) as conn:
-        jobs, live = _jobs(conn, request.app.state.settings)
-    return render(request, "_models_jobs.html", user=user, jobs=jobs, live=live)
+        job_list, live = _jobs(conn, request.app.state.settings)
+    return render(request, "_models_jobs.html", user=user, jobs=job_list, live=live)
 
 
 @router.get("/models/{version}/plots/{name}")
-def plot(request: Request, version: str, name: str, user: User = Depends(current_user)):
+def plot(request: Request, version: str, name: str, user: User = Depends(current_user)) -> Response:
     """A training report plot: only a registered version, only a name on the PLOTS list."""
-    from model.registry import get_model
-
     if name not in PLOTS:
         raise HTTPException(status_code=404, detail="no such plot")
     with connection(request) as conn:
-        row = get_model(conn, version)
+        row = registry.get_model(conn, version)
     if row is None:
         raise HTTPException(status_code=404, detail=f"model {version!r} is not registered")
     names, why = report_plots(row, request.app.state.settings)
@@ -252,23 +244,20 @@ def _reason(reason: str) -> str:
     return reason.strip()[:_MAX_REASON]
 
 
-def _backfill(decision, settings) -> tuple[str, str | None]:
+def _backfill(decision: Decision, settings: Settings) -> tuple[str, str | None]:
     """(what happened to the backfill, an error when the broker refused it)."""
-    from model.registry import BackfillNotSent, backfill_after
-
     try:
-        return ("catalogue backfill enqueued" if backfill_after(decision, settings) else "no backfill needed"), None
-    except BackfillNotSent as exc:
+        sent = registry.backfill_after(decision, settings)
+        return ("catalogue backfill enqueued" if sent else "no backfill needed"), None
+    except registry.BackfillNotSent as exc:
         return "catalogue backfill NOT enqueued", f"Broker not reachable: {exc}"
 
 
 @router.post("/models/{version}/promote", dependencies=[Depends(check_csrf)])
 def promote(request: Request, version: str, reason: str = Form(""), require_shadow: str = Form(""),
-            user: User = Depends(admin_only)):
+            user: User = Depends(admin_only)) -> Response:
     """Through the gate (stored figures and held-out corrections; optionally the shadow figures too); then the
     backfill."""
-    from training.gate import promote as run_promote
-
     reason = _reason(reason)
     if not reason:
         return _back(request, version, "error", "Not promoted: a reason is required.")
@@ -282,7 +271,7 @@ def promote(request: Request, version: str, reason: str = Form(""), require_shad
     settings = request.app.state.settings
     with connection(request) as conn:
         try:
-            decision = run_promote(conn, version, settings, actor=user.name, reason=reason,
+            decision = gate.promote(conn, version, settings, actor=user.name, reason=reason,
                                    shadow_min_corrections=min_corrections)
         except LookupError as exc:
             log_action(conn, user.name, "promote", version=version, reason=reason, error=str(exc))
@@ -304,24 +293,21 @@ def promote(request: Request, version: str, reason: str = Form(""), require_shad
 
 
 @router.post("/models/{version}/unreject", dependencies=[Depends(check_csrf)])
-def unreject(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)):
+def unreject(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)) -> Response:
     """Put a rejected candidate back to 'candidate' (model.registry.unreject, as `enrich models unreject`)."""
-    from model.registry import unreject as run_unreject
-
-    return _status_change(request, version, reason, user, "unreject", run_unreject,
+    return _status_change(request, version, reason, user, "unreject", registry.unreject,
                           f"{version} is a candidate again; it can be promoted through the gate.")
 
 
 @router.post("/models/{version}/reject", dependencies=[Depends(check_csrf)])
-def reject(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)):
+def reject(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)) -> Response:
     """Reject a candidate by hand (model.registry.reject_by_hand, as `enrich models reject`)."""
-    from model.registry import reject_by_hand
-
-    return _status_change(request, version, reason, user, "reject", reject_by_hand,
+    return _status_change(request, version, reason, user, "reject", registry.reject_by_hand,
                           f"{version} is rejected; un-reject it to promote it later.")
 
 
-def _status_change(request: Request, version: str, reason: str, user: User, action: str, move, done: str):
+def _status_change(request: Request, version: str, reason: str, user: User, action: str,
+                   move: Callable[..., object], done: str) -> Response:
     reason = _reason(reason)
     if not reason:
         return _back(request, version, "error", "Nothing changed: a reason is required.")
@@ -336,17 +322,15 @@ def _status_change(request: Request, version: str, reason: str, user: User, acti
 
 
 @router.post("/models/{version}/rollback", dependencies=[Depends(check_csrf)])
-def rollback(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)):
+def rollback(request: Request, version: str, reason: str = Form(""), user: User = Depends(admin_only)) -> Response:
     """Make a version that was active before active again, without the gate; then the backfill."""
-    from model.registry import rollback as run_rollback
-
     reason = _reason(reason)
     if not reason:
         return _back(request, version, "error", "Not rolled back: a reason is required.")
     settings = request.app.state.settings
     with connection(request) as conn:
         try:
-            decision = run_rollback(conn, version, actor=user.name, reason=reason)
+            decision = registry.rollback(conn, version, actor=user.name, reason=reason)
         except (LookupError, PermissionError) as exc:
             log_action(conn, user.name, "rollback", version=version, reason=reason, error=str(exc))
             return _back(request, version, "error", f"Not rolled back: {exc}")
@@ -362,17 +346,15 @@ def rollback(request: Request, version: str, reason: str = Form(""), user: User 
 
 @router.post("/models/{version}/shadow", dependencies=[Depends(check_csrf)])
 def shadow(request: Request, version: str, run: str = Form("on"), reason: str = Form(""),
-           user: User = Depends(admin_only)):
+           user: User = Depends(admin_only)) -> Response:
     """Run a candidate in shadow (`run=on`), or stop the shadow run (`run=off`)."""
-    from model.registry import set_shadow
-
     reason = _reason(reason)
     if not reason:
         return _back(request, version, "error", "Nothing changed: a reason is required.")
     on = run != "off"
     with connection(request) as conn:
         try:
-            set_shadow(conn, version if on else None, actor=user.name, reason=reason)
+            registry.set_shadow(conn, version if on else None, actor=user.name, reason=reason)
         except (LookupError, PermissionError) as exc:
             log_action(conn, user.name, "shadow", version=version, run=on, reason=reason, error=str(exc))
             return _back(request, version, "error", f"Nothing changed: {exc}")
@@ -383,24 +365,21 @@ def shadow(request: Request, version: str, run: str = Form("on"), reason: str = 
 
 @router.post("/models/retrain", dependencies=[Depends(check_csrf)])
 def retrain(request: Request, reason: str = Form(""), preset: str = Form(""), fresh: str = Form(""),
-            version: str = Form(""), user: User = Depends(admin_only)):
+            version: str = Form(""), user: User = Depends(admin_only)) -> Response:
     """Queue a retraining job on the train queue (training.jobs.request_retrain), as `enrich retrain` does."""
-    from core.celery_app import configure
-    from training.jobs import request_retrain, retrain_params
-
     back = version or None
     reason = _reason(reason)
     if not reason:
         return _back(request, back, "error", "No job queued: a reason is required.", anchor="#jobs")
     settings = request.app.state.settings
     try:
-        params = retrain_params(settings, preset or None, bool(fresh))
+        params = jobs.retrain_params(settings, preset or None, bool(fresh))
     except ValueError as exc:
         return _back(request, back, "error", f"No job queued: {exc}", anchor="#jobs")
     with connection(request) as conn:
         try:
             configure(settings)
-            job_id = request_retrain(conn, requested_by=user.name, reason=reason, params=params)
+            job_id = jobs.request_retrain(conn, requested_by=user.name, reason=reason, params=params)
         except Exception as exc:
             log.exception("retraining job not enqueued")
             log_action(conn, user.name, "retrain", reason=reason, params=params, error=str(exc))
@@ -413,14 +392,12 @@ def retrain(request: Request, reason: str = Form(""), preset: str = Form(""), fr
 
 
 @router.post("/models/jobs/{job_id}/cancel", dependencies=[Depends(check_csrf)])
-def cancel_job(request: Request, job_id: int, user: User = Depends(admin_only)):
+def cancel_job(request: Request, job_id: int, user: User = Depends(admin_only)) -> Response:
     """Cancel a training job (training.jobs.cancel_job), as `enrich retrain --cancel` does: a queued one at once,
     a running one at its next training step."""
-    from training.jobs import cancel_job as run_cancel
-
     with connection(request) as conn:
         try:
-            status = run_cancel(conn, job_id, by=user.name)
+            status = jobs.cancel_job(conn, job_id, by=user.name)
         except (LookupError, ValueError) as exc:
             log_action(conn, user.name, "cancel_job", job=job_id, error=str(exc))
             return _back(request, None, "error", f"Not cancelled: {exc}", anchor="#jobs")

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from dataclasses import dataclass
 
 import psycopg
+
+from enrich.console.rows import fetch_one, fetch_value
 
 
 def _hash(sid: str) -> str:
@@ -25,15 +28,26 @@ def start(conn: psycopg.Connection, user: str, address: str | None) -> str:
     return sid
 
 
-def check(conn: psycopg.Connection, sid: str, idle_s: float, max_s: float) -> tuple[str, str] | None:
-    """(name, role) of a live session, its last use set to now; None when it ended, idled out or is too old,
+@dataclass(frozen=True)
+class User:
+    """Who a live session belongs to."""
+    name: str
+    role: str  # reviewer or admin
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+def check(conn: psycopg.Connection, sid: str, idle_s: float, max_s: float) -> User | None:
+    """The account of a live session, its last use set to now; None when it ended, idled out or is too old,
     or the account is disabled."""
-    row = conn.execute(
+    return fetch_one(
+        conn, User,
         "UPDATE console_sessions s SET seen_at = now() FROM console_users u"
         " WHERE s.id_hash = %s AND s.ended_at IS NULL AND u.name = s.user_name AND NOT u.disabled"
         " AND s.seen_at > now() - make_interval(secs => %s) AND s.created_at > now() - make_interval(secs => %s)"
-        " RETURNING u.name, u.role", (_hash(sid), idle_s, max_s)).fetchone()
-    return (row[0], row[1]) if row else None
+        " RETURNING u.name, u.role", (_hash(sid), idle_s, max_s))
 
 
 def end(conn: psycopg.Connection, sid: str, reason: str) -> None:
@@ -49,9 +63,9 @@ def end_all(conn: psycopg.Connection, user: str, reason: str) -> int:
 
 def known_address(conn: psycopg.Connection, user: str, address: str | None) -> bool:
     """Has `user` signed in from `address` before?"""
-    return address is not None and conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM console_sessions WHERE user_name = %s AND address = %s)",
-        (user, address)).fetchone()[0]
+    return address is not None and bool(fetch_value(
+        conn, "SELECT EXISTS (SELECT 1 FROM console_sessions WHERE user_name = %s AND address = %s)",
+        (user, address)))
 
 
 def forget_old(conn: psycopg.Connection, keep_days: int = 90) -> None:

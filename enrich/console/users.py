@@ -3,19 +3,45 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cache
 
 import psycopg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from enrich.console import sessions
+from enrich.console.rows import fetch_all, fetch_one, fetch_value
 
 ROLES = ("reviewer", "admin")
 NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")  # the table's CHECK
 MIN_PASSWORD = 10
 _hasher = PasswordHasher()
-# verifying against this keeps a login for an unknown name as slow as one for a known name
-_DUMMY_HASH = _hasher.hash("no such user")
+
+
+@dataclass(frozen=True)
+class Login:
+    """What signing in checks: an enabled account's hash and role."""
+    password_hash: str
+    role: str
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    role: str
+    disabled: bool
+    created_at: datetime
+    last_sign_in: datetime | None
+    open_sessions: int
+
+
+@cache
+def dummy_hash() -> str:
+    """Verifying against this keeps a login for an unknown name as slow as one for a known name. Made on first
+    use (one argon2id hash), not on import: the CLI imports this module; the console app makes it at start."""
+    return _hasher.hash("no such user")
 
 
 def add_user(conn: psycopg.Connection, name: str, password: str, role: str) -> None:
@@ -55,29 +81,28 @@ def set_disabled(conn: psycopg.Connection, name: str, disabled: bool) -> int:
         return sessions.end_all(conn, name, "account disabled") if disabled else 0
 
 
-def list_users(conn: psycopg.Connection) -> list[tuple]:
-    """(name, role, disabled, created_at, last sign-in, open sessions) per account."""
-    return conn.execute(
-        "SELECT u.name, u.role, u.disabled, u.created_at, max(s.created_at),"
-        " count(*) FILTER (WHERE s.ended_at IS NULL) FROM console_users u"
-        " LEFT JOIN console_sessions s ON s.user_name = u.name GROUP BY u.name ORDER BY u.name").fetchall()
+def list_users(conn: psycopg.Connection) -> list[Account]:
+    """Every account with its last sign-in and open sessions, by name."""
+    return fetch_all(conn, Account,
+                     "SELECT u.name, u.role, u.disabled, u.created_at, max(s.created_at) AS last_sign_in,"
+                     " count(*) FILTER (WHERE s.ended_at IS NULL) AS open_sessions FROM console_users u"
+                     " LEFT JOIN console_sessions s ON s.user_name = u.name GROUP BY u.name ORDER BY u.name")
 
 
-def lookup(conn: psycopg.Connection, name: str) -> tuple[str, str] | None:
-    """(password hash, role) of an enabled account."""
-    row = conn.execute("SELECT password_hash, role FROM console_users WHERE name = %s AND NOT disabled",
-                       (name,)).fetchone()
-    return (row[0], row[1]) if row else None
+def lookup(conn: psycopg.Connection, name: str) -> Login | None:
+    """The hash and role of an enabled account."""
+    return fetch_one(conn, Login, "SELECT password_hash, role FROM console_users WHERE name = %s AND NOT disabled",
+                     (name,))
 
 
-def verify(account: tuple[str, str] | None, password: str) -> str | None:
+def verify(account: Login | None, password: str) -> str | None:
     """The account's role when the password is right, else None. Costs one argon2id check (64 MiB), also for
     no account."""
     try:
-        _hasher.verify(account[0] if account else _DUMMY_HASH, password)
+        _hasher.verify(account.password_hash if account else dummy_hash(), password)
     except (VerificationError, InvalidHashError):
         return None
-    return account[1] if account else None
+    return account.role if account else None
 
 
 def authenticate(conn: psycopg.Connection, name: str, password: str) -> str | None:
@@ -85,6 +110,7 @@ def authenticate(conn: psycopg.Connection, name: str, password: str) -> str | No
     return verify(lookup(conn, name), password)
 
 
-def log_action(conn: psycopg.Connection, user: str, action: str, **details) -> None:
-    conn.execute("INSERT INTO console_actions (user_name, action, details) VALUES (%s, %s, %s::jsonb)",
-                 (user, action, json.dumps(details, default=str)))
+def log_action(conn: psycopg.Connection, user: str, action: str, **details: object) -> int:
+    """Record what `user` did in the audit trail; returns the entry's id (undo names the entry it takes back)."""
+    return fetch_value(conn, "INSERT INTO console_actions (user_name, action, details) VALUES (%s, %s, %s::jsonb)"
+                       " RETURNING id", (user, action, json.dumps(details, default=str)))

@@ -8,8 +8,16 @@ import threading
 from pathlib import Path
 
 import pytest
+import uvicorn
+from playwright.sync_api import sync_playwright
 
-from tests.net import free_port, wait_port
+from core.celery_app import configure
+from core.config import Settings
+from core.db import make_pool
+from enrich.console import auth
+from enrich.console.app import create_app
+from enrich.console.users import add_user
+from harness.net import free_port, wait_port
 
 CHROMIUM = os.environ.get("ENRICH_TEST_CHROMIUM", "/usr/bin/chromium")
 PASSWORDS = {"admin": "admin-password-1", "reviewer": "reviewer-password-1"}
@@ -21,8 +29,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 @pytest.fixture(autouse=True)
 def _fresh_login_limits():
     """The login rate limit is per process: one test's failed sign-ins must not lock out the next test."""
-    from enrich.console import auth
-
     auth._failures.clear()
     yield
     auth._failures.clear()
@@ -30,8 +36,6 @@ def _fresh_login_limits():
 
 @pytest.fixture()
 def console_settings(pg_url, tmp_path):
-    from core.config import Settings
-
     return Settings(database_url=pg_url, data_dir=tmp_path / "data", allow_local_paths=True,
                     console_secret_key="test-secret-key-" + "x" * 32, celery_broker_url="redis://127.0.0.1:6379/6")
 
@@ -39,12 +43,6 @@ def console_settings(pg_url, tmp_path):
 @pytest.fixture()
 def console_url(console_settings, db):
     """Base URL of a running console; the accounts admin and reviewer exist."""
-    import uvicorn
-
-    from core.db import make_pool
-    from enrich.console.app import create_app
-    from enrich.console.users import add_user
-
     for name, password in PASSWORDS.items():
         add_user(db, name, password, name)
     pool = make_pool(console_settings)
@@ -58,16 +56,11 @@ def console_url(console_settings, db):
     server.should_exit = True
     thread.join(10)
     pool.close()
-    from core.celery_app import configure
-    from core.config import Settings
-
     configure(Settings())  # the console configured the shared Celery app with its test broker
 
 
 @pytest.fixture(scope="session")
 def browser():
-    from playwright.sync_api import sync_playwright
-
     if not Path(CHROMIUM).exists():
         pytest.fail(f"Chromium not found at {CHROMIUM}: apt-get install -y chromium")
     with sync_playwright() as p:

@@ -1,13 +1,23 @@
 """Sign-in, roles, CSRF and escaping, through a real browser and plain HTTP against the served console."""
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import http.client
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
 from http.cookiejar import CookieJar
+from pathlib import Path
 
+from typer.testing import CliRunner
+
+from enrich.cli import app
+from enrich.console.users import add_user, authenticate
+from harness.net import free_port, wait_port
 from tests.console.conftest import PASSWORDS, sign_in
 
 
@@ -57,7 +67,6 @@ def test_a_post_without_the_csrf_token_is_refused(console_url):
 
 def _opener_from(address: str):
     """A cookie-keeping opener whose connections come from `address`."""
-
     class FromAddress(urllib.request.HTTPHandler):
         def http_open(self, req):
             return self.do_open(functools.partial(http.client.HTTPConnection, source_address=(address, 0)), req)
@@ -80,11 +89,6 @@ def _post(opener, url: str, data: dict) -> int:
 
 
 def test_console_user_add_stores_an_argon2_hash_and_refuses_a_short_password(db, pg_url):
-    from typer.testing import CliRunner
-
-    from enrich.cli import app
-    from enrich.console.users import authenticate
-
     res = CliRunner().invoke(app, ["console-user", "add", "dana", "--role", "admin", "--password-stdin",
                                    "--database-url", pg_url], input="a-long-password\n")
     assert res.exit_code == 0, res.output
@@ -97,11 +101,6 @@ def test_console_user_add_stores_an_argon2_hash_and_refuses_a_short_password(db,
 
 
 def test_console_user_list_disable_enable_and_a_bad_name_is_a_clear_message(db, pg_url):
-    from typer.testing import CliRunner
-
-    from enrich.cli import app
-    from enrich.console.users import add_user, authenticate
-
     add_user(db, "sam", "sam-password-1", "reviewer")
     run = CliRunner().invoke
     listed = run(app, ["console-user", "list", "--database-url", pg_url])
@@ -128,15 +127,6 @@ def test_a_storm_of_bad_logins_keeps_memory_bounded_and_the_real_user_gets_in(db
     """The console as its own process: 24 concurrent failed sign-ins with rotating names from one address.
     Each argon2id check holds 64 MiB; with at most ENRICH_CONSOLE_LOGIN_CHECKS=2 at once the peak RSS grows
     by far less than 24 checks' worth, and the real user, from another address, signs in meanwhile."""
-    import concurrent.futures
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from enrich.console.users import add_user
-    from tests.net import free_port, wait_port
-
     add_user(db, "admin", PASSWORDS["admin"], "admin")
     port = free_port()
     env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_CONSOLE_PORT": str(port),

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 from psycopg.types.json import Jsonb
 
+from enrich.console import review_queue as queue
 from schemas.taxonomy import load_taxonomy
 from tests.console.test_review import MODEL, _http_login, seed_listings
 
@@ -93,19 +94,17 @@ def test_without_any_taxonomy_every_correction_is_refused(console_url, db, tmp_p
 
 
 def test_the_review_queue_goes_through_the_same_checks(db, tmp_path):
-    from enrich.console import review
-
     lid = seed_listings(db, tmp_path, 1, review_group="colour", candidates=[("blue", 0.4), ("purple", 0.3)])[0]
     # an item for a group the taxonomy lacks (a model that queued something it should not have)
     db.execute("INSERT INTO review_queue (listing_id, tag_group, candidates, threshold, model_version)"
                " VALUES (%s, 'evil_group', %s, 0.6, %s)", (lid, Jsonb([["x", 0.5]]), MODEL))
     before = _stored(db, lid)
-    item = review.next_item(db, "ann", review.Filters(group="colour"), [], 300)
+    item = queue.next_item(db, "ann", queue.Filters(group="colour"), [], 300)
     for value in ("navy", "Shirt", "<b>"):
-        with pytest.raises(review.Conflict, match="is not a value of colour"):
-            review.apply_correction(db, "ann", None, None, value, action="review.correct", review_id=item)
-    item = review.next_item(db, "ann", review.Filters(group="evil_group"), [], 300)
-    with pytest.raises(review.Conflict, match="evil_group is not a tag group"):
-        review.apply_correction(db, "ann", None, None, "x", action="review.correct", review_id=item)
+        with pytest.raises(queue.Conflict, match="is not a value of colour"):
+            queue.correct_item(db, "ann", item, value)
+    item = queue.next_item(db, "ann", queue.Filters(group="evil_group"), [], 300)
+    with pytest.raises(queue.Conflict, match="evil_group is not a tag group"):
+        queue.correct_item(db, "ann", item, "x")
     assert _stored(db, lid) == before
     assert db.execute("SELECT count(*) FROM review_queue WHERE resolved_at IS NOT NULL").fetchone()[0] == 0

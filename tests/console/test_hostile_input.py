@@ -8,9 +8,11 @@ import urllib.parse
 import urllib.request
 from http.cookiejar import CookieJar
 
+from fastapi.routing import APIRoute
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from enrich.console.app import create_app
 from tests.console.conftest import PASSWORDS
 
 # query parameters read from request.query_params rather than declared on the route
@@ -23,22 +25,18 @@ text = st.one_of(st.sampled_from(_NASTY), st.text(st.characters(exclude_categori
 
 def routes(console_settings) -> list[tuple[str, str, list[str], list[str], list[str]]]:
     """(method, path, path params, query params, form params) of every console route."""
-    from fastapi.routing import APIRoute
-
-    from enrich.console.app import create_app
-
     def walk(items):  # FastAPI ≥ 0.165 keeps included routers as branches (no prefixes in the console)
         for r in items:
             yield from walk(r.original_router.routes) if hasattr(r, "original_router") else (r,)
 
     found = []
-    for route in walk(create_app(console_settings, pool=object()).routes):
+    for route in walk(create_app(console_settings).routes):  # no server: no pool is opened
         if not isinstance(route, APIRoute) or route.path in _NOT_FUZZED:
             continue
         d = route.dependant
         query = [p.alias for p in d.query_params] + list(_UNDECLARED_QUERY.get(route.path, ()))
         form = [p.alias for p in d.body_params]
-        for method in route.methods - {"HEAD"}:
+        for method in (route.methods or set()) - {"HEAD"}:
             found.append((method, route.path, [p.alias for p in d.path_params], query, form))
     return sorted(found)
 
@@ -107,4 +105,17 @@ def test_a_nul_is_refused_at_the_edge_with_a_plain_message(console_url, db):
         except urllib.error.HTTPError as exc:
             body = exc.read().decode()
             assert exc.code == 400 and body.startswith("Not accepted: the "), (url, exc.code, body)
+    assert db.execute("SELECT count(*) FROM corrections").fetchone()[0] == 0
+
+
+def test_a_csrf_token_with_non_ascii_text_is_refused_not_a_crash(console_url, db):
+    """A wrong token is a 403 whatever its characters (comparing it must not fail on non-ASCII text)."""
+    opener, token = _admin(console_url)
+    for forged in ("é" + token[1:], "\u202e" * 8):
+        data = urllib.parse.urlencode({"csrf": forged, "group": "colour", "value": "red"}).encode()
+        try:
+            opener.open(urllib.request.Request(f"{console_url}/listings/x/correct", data=data))
+            raise AssertionError("a forged token was accepted")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 403, (forged, exc.code)
     assert db.execute("SELECT count(*) FROM corrections").fetchone()[0] == 0

@@ -7,9 +7,18 @@ import json
 from urllib.parse import urlsplit
 
 import pytest
+from kombu import Connection
+from playwright.sync_api import expect
 
+from core.celery_app import configure
+from core.config import Settings
+from harness.net import free_port
+from model.checkpoint import save_model
+from model.network import build_model
+from model.registry import active_model, get_model, history, promote, register_candidate
+from schemas.taxonomy import load_taxonomy
 from tests.console.conftest import sign_in
-from tests.net import free_port
+from training.report import plot_bars, plot_losses
 
 BROKER_DB6 = "redis://127.0.0.1:6379/6"  # the console fixture's broker; no worker listens on it
 QUEUES = ("backfill", "train")  # what the page's buttons enqueue there
@@ -28,8 +37,6 @@ def _isolated(db):
     """Each test starts with empty queues in redis db 6 (conftest clears the login failures); afterwards what the
     buttons sent there and the audit rows this test wrote are dropped, and the Celery app is left as the other
     tests expect it."""
-    from kombu import Connection
-
     def drop():
         with Connection(BROKER_DB6) as conn:
             conn.default_channel.client.delete(*QUEUES)
@@ -39,20 +46,11 @@ def _isolated(db):
     yield
     drop()
     db.execute("DELETE FROM console_actions WHERE id > %s", (before,))
-    from core.celery_app import configure
-    from core.config import Settings
-
     configure(Settings())
 
 
 def _model(db, tmp_path, version, metrics, plots=True):
     """A registered candidate (no artifact store: the row points at the directory), with a training report."""
-    from model.checkpoint import save_model
-    from model.network import build_model
-    from model.registry import register_candidate
-    from schemas.taxonomy import load_taxonomy
-    from training.report import plot_bars, plot_losses
-
     out = tmp_path / "models" / version
     model = build_model("small_cnn", load_taxonomy("fashion-mnist"), pretrained=False, embedding_dim=16)
     save_model(model, out, model_version=version, image_size=28, metrics=metrics, eval_set="fmnist-test")
@@ -68,8 +66,6 @@ def _model(db, tmp_path, version, metrics, plots=True):
 
 def _seed_two(db, tmp_path, candidate_top1=0.95):
     """m-a active (top1 0.90, recall@1 0.80), m-b a candidate."""
-    from model.registry import promote
-
     _model(db, tmp_path, "m-a", {"test/top1": 0.90, "test/recall@1": 0.80, "val/loss": 0.31})
     assert promote(db, "m-a", actor="seed", reason="first").promoted
     _model(db, tmp_path, "m-b", {"test/top1": candidate_top1, "test/recall@1": 0.80, "val/loss": 0.27})
@@ -81,15 +77,11 @@ def _actions(db, user):
 
 
 def _queue_len(queue: str) -> int:
-    from kombu import Connection
-
     with Connection(BROKER_DB6) as conn:
         return conn.default_channel.client.llen(queue)
 
 
 def test_an_admin_promotes_a_candidate_through_the_page_with_a_required_reason(browser, console_url, db, tmp_path):
-    from model.registry import active_model, get_model, history
-
     _seed_two(db, tmp_path)
     page = sign_in(browser, console_url, "admin")
     page.goto(f"{console_url}/models?version=m-b")
@@ -111,7 +103,7 @@ def test_an_admin_promotes_a_candidate_through_the_page_with_a_required_reason(b
     assert "m-b is active (previous: m-a); catalogue backfill enqueued" in page.inner_text("#flash")
     assert active_model(db).model_version == "m-b" and get_model(db, "m-a").status == "retired"
     move = history(db)[0]
-    assert (move["action"], move["model_version"], move["previous"], move["actor"], move["reason"]) == \
+    assert (move.action, move.model_version, move.previous, move.actor, move.reason) == \
         ("promote", "m-b", "m-a", "admin", "better top-1 on the fixed set")
     assert _queue_len("backfill") == 1  # the backfill of m-b, as `enrich promote` sends it
     logged = [d for a, d in _actions(db, "admin") if a == "promote"]
@@ -120,8 +112,6 @@ def test_an_admin_promotes_a_candidate_through_the_page_with_a_required_reason(b
 
 
 def test_a_refused_promotion_shows_the_gates_reason(browser, console_url, db, tmp_path):
-    from model.registry import active_model, get_model
-
     _seed_two(db, tmp_path, candidate_top1=0.50)
     page = sign_in(browser, console_url, "admin")
     page.goto(f"{console_url}/models?version=m-b")
@@ -139,8 +129,6 @@ def test_a_refused_promotion_shows_the_gates_reason(browser, console_url, db, tm
 
 
 def test_an_admin_rolls_back_through_the_page(browser, console_url, db, tmp_path):
-    from model.registry import active_model, history, promote
-
     _seed_two(db, tmp_path)
     assert promote(db, "m-b", actor="seed", reason="better").promoted
     page = sign_in(browser, console_url, "admin")
@@ -153,15 +141,13 @@ def test_an_admin_rolls_back_through_the_page(browser, console_url, db, tmp_path
     assert "m-a is active again (was m-b); catalogue backfill enqueued" in page.wait_for_selector("#flash").inner_text()
     assert active_model(db).model_version == "m-a"
     move = history(db)[0]
-    assert (move["action"], move["model_version"], move["previous"], move["actor"], move["reason"]) == \
+    assert (move.action, move.model_version, move.previous, move.actor, move.reason) == \
         ("rollback", "m-a", "m-b", "admin", "shelves look wrong")
     assert _queue_len("backfill") == 1
     assert any(a == "rollback" and d["version"] == "m-a" for a, d in _actions(db, "admin"))
 
 
 def test_a_reviewers_promote_request_is_refused(browser, console_url, db, tmp_path):
-    from model.registry import active_model, get_model, history
-
     _seed_two(db, tmp_path)
     moves = len(history(db))
     page = sign_in(browser, console_url, "reviewer")
@@ -203,8 +189,6 @@ def test_the_retrain_button_creates_a_training_job_with_the_admin_and_reason(bro
 
 
 def test_metrics_side_by_side_show_both_versions_figures(browser, console_url, db, tmp_path, screenshots):
-    from playwright.sync_api import expect
-
     _seed_two(db, tmp_path)
     # shadow figures for m-b, and a running job, so the screenshot shows every panel
     db.execute("UPDATE models SET status = 'shadow' WHERE model_version = 'm-b'")
@@ -263,8 +247,6 @@ def test_a_plot_png_is_served_for_a_registered_model_and_traversal_is_refused(br
 
 @pytest.mark.parametrize("console_settings", ["broker-down"], indirect=True)
 def test_a_broker_outage_after_a_promotion_shows_a_clear_message(browser, console_url, db, tmp_path):
-    from model.registry import active_model
-
     _seed_two(db, tmp_path)
     page = sign_in(browser, console_url, "admin")
     page.goto(f"{console_url}/models?version=m-b")

@@ -8,16 +8,23 @@ from __future__ import annotations
 import json
 
 import pytest
+from kombu import Connection
 
+from core.celery_app import configure
+from core.config import Settings
+from model.checkpoint import save_model
+from model.manifest import record_lineage
+from model.network import build_model
+from model.registry import active_model, get_model, promote, register_candidate
+from schemas.taxonomy import load_taxonomy
 from tests.console.conftest import sign_in
 from tests.console.test_models import BROKER_DB6, QUEUES, _model, _queue_len, _seed_two
+from training import jobs
 
 
 @pytest.fixture(autouse=True)
 def _isolated(db):
     """Empty queues in the console's redis db 6 before and after; the Celery app left as other tests expect."""
-    from kombu import Connection
-
     def drop():
         with Connection(BROKER_DB6) as conn:
             conn.default_channel.client.delete(*QUEUES)
@@ -25,16 +32,13 @@ def _isolated(db):
     drop()
     yield
     drop()
-    from core.celery_app import configure
-    from core.config import Settings
-
     configure(Settings())
 
 
 def _catalogue(db, done_by: dict[str, int], todo: int = 0, deleted: int = 0) -> None:
     """Listings enriched by the given versions (current: content unchanged since), `todo` never enriched and
     `deleted` ones (never backfilled)."""
-    rows = [(v, "enriched") for v, n in done_by.items() for _ in range(n)]
+    rows: list[tuple[str | None, str]] = [(v, "enriched") for v, n in done_by.items() for _ in range(n)]
     rows += [(None, "pending")] * todo + [(None, "deleted")] * deleted
     for i, (version, status) in enumerate(rows):
         db.execute("INSERT INTO listings (listing_id, seller_id, event, content_hash, status, enriched_hash,"
@@ -53,8 +57,6 @@ def _posts(page) -> list[str]:
 
 
 def test_promote_asks_first_naming_the_versions_and_the_backfill(browser, console_url, db, tmp_path, screenshots):
-    from model.registry import active_model, get_model
-
     _seed_two(db, tmp_path)
     _catalogue(db, {"m-a": 3, "m-b": 1}, todo=1, deleted=2)  # m-b would re-enrich the 3 of m-a and the pending one
     page = sign_in(browser, console_url, "admin")
@@ -92,8 +94,6 @@ def test_promote_asks_first_naming_the_versions_and_the_backfill(browser, consol
 
 def test_a_promotion_the_gate_would_refuse_looks_different_and_the_server_decides_without_the_dialog(
         browser, console_url, db, tmp_path):
-    from model.registry import active_model, get_model
-
     _seed_two(db, tmp_path, candidate_top1=0.50)
     _catalogue(db, {"m-a": 2})
     page = sign_in(browser, console_url, "admin")
@@ -125,8 +125,6 @@ def test_a_promotion_the_gate_would_refuse_looks_different_and_the_server_decide
 
 
 def test_rollback_asks_first_and_without_js_the_form_posts(browser, console_url, db, tmp_path):
-    from model.registry import active_model, promote
-
     _seed_two(db, tmp_path)
     assert promote(db, "m-b", actor="seed", reason="better").promoted
     _catalogue(db, {"m-a": 1, "m-b": 4})
@@ -154,12 +152,6 @@ def test_rollback_asks_first_and_without_js_the_form_posts(browser, console_url,
 
 
 def test_each_version_shows_its_training_job_and_data(browser, console_url, db, tmp_path):
-    from model.checkpoint import record_lineage, save_model
-    from model.network import build_model
-    from model.registry import register_candidate
-    from schemas.taxonomy import load_taxonomy
-    from training import jobs
-
     _model(db, tmp_path, "by-hand", {"test/top1": 0.9}, plots=False)
     job = jobs.create_job(db, trigger="admin", requested_by="alice", reason="new shirts",
                           params={"preset": "tiny", "warm_start": False})

@@ -4,10 +4,18 @@ the console, `enrich promote` and a retraining job reach the same verdict on the
 from __future__ import annotations
 
 import pytest
+from kombu import Connection
 from typer.testing import CliRunner
 
+from core.celery_app import configure
+from core.config import Settings
+from enrich.cli import app
+from harness.models import save_small_model
+from model.registry import get_model, promote, register_candidate
 from tests.console.conftest import sign_in
 from tests.training.gate_models import best_category, biased_copy
+from training import gate, jobs
+from training.train import train_tiny
 
 SET_A = "fmnist-shop:fashion-mnist:test:aaaa"
 
@@ -15,8 +23,6 @@ SET_A = "fmnist-shop:fashion-mnist:test:aaaa"
 @pytest.fixture(autouse=True)
 def _isolated(db):
     """Empty queues in the console's redis db 6 before and after; the Celery app left as other tests expect."""
-    from kombu import Connection
-
     def drop():
         with Connection("redis://127.0.0.1:6379/6") as conn:
             conn.default_channel.client.delete("backfill", "train")
@@ -24,15 +30,10 @@ def _isolated(db):
     drop()
     yield
     drop()
-    from core.celery_app import configure
-    from core.config import Settings
-
     configure(Settings())
 
 
 def _register(db, src, dest, version, metrics, eval_set=SET_A, **bias):
-    from model.registry import register_candidate
-
     register_candidate(db, biased_copy(src, dest / version, version, metrics=metrics, eval_set=eval_set, **bias),
                        actor="trainer", reason=f"seeded {version}")
 
@@ -43,9 +44,6 @@ def _events(db, version):
 
 
 def test_a_refused_promotion_is_recorded_and_shown_then_an_admin_unrejects(browser, console_url, db, tmp_path):
-    from model.registry import get_model, promote
-    from tests.worker.conftest import save_small_model
-
     small = save_small_model(tmp_path / "small", "small", seed=0)
     shirts = {f"test/class_recall/{n}": 0.8 for n in ("Shirt", "Bag")}
     _register(db, small, tmp_path, "m-a", {"test/top1": 0.80, **shirts})
@@ -94,8 +92,6 @@ def test_a_refused_promotion_is_recorded_and_shown_then_an_admin_unrejects(brows
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, fmnist_dir):
-    from training.train import train_tiny
-
     return train_tiny(tmp_path_factory.mktemp("tiny"), fmnist_dir)
 
 
@@ -104,11 +100,6 @@ def test_the_console_the_cli_and_a_job_reach_the_same_verdict(browser, console_u
     """One candidate's weights under three names, against one active model: figures measured once and stored
     for the console and `enrich promote`, measured again by the retraining job. Same figures, one gate: the
     same verdict, recorded three times."""
-    from core.config import Settings
-    from enrich.cli import app
-    from model.registry import promote
-    from training import gate, jobs
-
     index, _ = best_category(tiny)
     worse = biased_copy(tiny, tmp_path / "worse", "worse", category=index, shift=-100.0)
     measured = gate.measure(worse, tiny, device="cpu")

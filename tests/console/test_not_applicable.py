@@ -1,4 +1,4 @@
-"""The listing page shows attribute groups that do not apply to the listing's category as n/a (seed 001)."""
+"""The listing page shows attribute groups that do not apply to the listing's category as n/a."""
 from __future__ import annotations
 
 import re
@@ -16,15 +16,22 @@ from worker.store import listings_to_enrich, upsert_listings, write_enrichments
 MODEL = "df-model"
 
 
+def _found(pattern: str, text: str) -> str:
+    m = re.search(pattern, text, re.S)
+    assert m is not None, pattern
+    return m.group(1)
+
+
 def _cell(html: str, group: str) -> str:
-    row = re.search(rf'<tr data-group="{group}">(.*?)</tr>', html, re.S).group(1)
-    return re.sub(r"<[^>]+>", " ", re.search(r'<td class="ls-value[^"]*">(.*?)</td>', row, re.S).group(1)).strip()
+    row = _found(rf'<tr data-group="{group}">(.*?)</tr>', html)
+    return re.sub(r"<[^>]+>", " ", _found(r'<td class="ls-value[^"]*">(.*?)</td>', row)).strip()
 
 
 def test_groups_that_do_not_apply_to_the_category_show_as_n_a(console_url, db):
     db.execute("INSERT INTO models (model_version, manifest, path, status, promoted_at)"
                " VALUES (%s, %s, '/nowhere', 'active', now())",
-               (MODEL, Jsonb({"model_version": MODEL, "taxonomy": load_taxonomy("deepfashion").model_dump(mode="json")})))
+               (MODEL, Jsonb({"model_version": MODEL,
+                              "taxonomy": load_taxonomy("deepfashion").model_dump(mode="json")})))
     events = [ListingEvent(listing_id=lid, seller_id="s1", images=["s3://b/x.jpg"], category=cat)
               for lid, cat in (("J1", "Jeans"), ("D1", "Dress"))]
     with db.transaction():
@@ -33,7 +40,8 @@ def test_groups_that_do_not_apply_to_the_category_show_as_n_a(console_url, db):
     for item in listings_to_enrich(db, ["J1", "D1"], MODEL):
         tags = {"category": TagValue(value=item.event.category, source=TagSource.seller),
                 "texture": TagValue(value="solid", source=TagSource.predicted, confidence=0.9, model_version=MODEL)}
-        rows.append((item, Enrichment(listing_id=item.listing_id, model_version=MODEL, tags=tags), np.ones(4, np.float32)))
+        enrichment = Enrichment(listing_id=item.listing_id, model_version=MODEL, tags=tags)
+        rows.append((item, enrichment, np.ones(4, np.float32)))
     with db.transaction():
         write_enrichments(db, rows, [])
     opener, _ = _http_login(console_url, "reviewer", PASSWORDS["reviewer"])

@@ -4,23 +4,32 @@ installation's own files under the data directory."""
 from __future__ import annotations
 
 import io
+import os
+import re
 import shutil
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from http.cookiejar import CookieJar
+from pathlib import Path
 
 import pytest
 from PIL import Image, ImageStat
+from rich.console import Console
 
+from core.config import Settings
+from enrich.console.review import reason_sentence
+from enrich.quickstart import run_quickstart
+from harness.models import save_small_model
+from harness.net import free_port, wait_port
+from schemas.enrichment import ReviewReason
 from tests.console.conftest import sign_in
 
 
 @pytest.fixture()
 def quickstart_data(db, pg_url, tmp_path, fmnist_dir):
     """The quickstart run on the test database (its model: a small one, saved where the quickstart reuses it)."""
-    from rich.console import Console
-
-    from core.config import Settings
-    from enrich.quickstart import run_quickstart
-    from tests.worker.conftest import save_small_model
-
     data = tmp_path / "data"
     model = save_small_model(tmp_path / "model", "quickstart-test", seed=0, colour_threshold=0.9)  # colour → review
     shutil.copytree(model, data / "models" / "quickstart-test")
@@ -32,8 +41,6 @@ def quickstart_data(db, pg_url, tmp_path, fmnist_dir):
 
 @pytest.fixture()
 def console_settings(pg_url, quickstart_data):
-    from core.config import Settings
-
     settings = Settings(database_url=pg_url, data_dir=quickstart_data, console_secret_key="test-secret-key-" + "x" * 32,
                         celery_broker_url="redis://127.0.0.1:6379/6")
     assert not settings.allow_local_paths  # the default: photos must come through as the installation's own
@@ -74,9 +81,6 @@ def test_each_review_reason_on_the_quickstart_data_matches_its_stored_evidence(b
     """Walk the queue (skip after skip): every card's reason is the sentence of the rule stored with the item,
     and that rule holds on the stored evidence — a text conflict's words are in the listing's text and name
     another value than the photo's; a below-threshold guess is the top candidate, under its threshold."""
-    from enrich.console.review import reason_sentence
-    from schemas.enrichment import ReviewReason
-
     page = sign_in(browser, console_url, "admin")
     page.goto(f"{console_url}/review")
     seen = set()
@@ -85,8 +89,9 @@ def test_each_review_reason_on_the_quickstart_data_matches_its_stored_evidence(b
         if not item or {"text_conflict", "below_threshold"} <= seen:
             break
         stored, group, title, text, top = db.execute(
-            "SELECT q.reason, q.tag_group, l.event->>'title', concat_ws(' ', l.event->>'title', l.event->>'description'),"
-            " q.candidates->0 FROM review_queue q JOIN listings l USING (listing_id) WHERE q.id = %s",
+            "SELECT q.reason, q.tag_group, l.event->>'title',"
+            " concat_ws(' ', l.event->>'title', l.event->>'description'), q.candidates->0"
+            " FROM review_queue q JOIN listings l USING (listing_id) WHERE q.id = %s",
             (int(item),)).fetchone()
         reason = ReviewReason.model_validate(stored)
         assert page.inner_text("#rv-reason") == reason_sentence(reason, group, title or "")
@@ -104,20 +109,9 @@ def test_each_review_reason_on_the_quickstart_data_matches_its_stored_evidence(b
 
 def test_quickstart_console_ends_in_a_signed_in_browser(db, pg_url, tmp_path, fmnist_dir):
     """`enrich quickstart --console` as a newcomer runs it: the printed URL and one-time password sign in."""
-    import os
-    import re
-    import subprocess
-    import sys
-    import urllib.parse
-    import urllib.request
-    from http.cookiejar import CookieJar
-    from pathlib import Path
-
-    from tests.net import free_port, wait_port
-    from tests.worker.conftest import save_small_model
-
     data, port = tmp_path / "data", free_port()
-    shutil.copytree(save_small_model(tmp_path / "model", "quickstart-test", seed=0), data / "models" / "quickstart-test")
+    shutil.copytree(save_small_model(tmp_path / "model", "quickstart-test", seed=0),
+                    data / "models" / "quickstart-test")
     env = {**os.environ, "ENRICH_DATABASE_URL": pg_url, "ENRICH_CONSOLE_PORT": str(port),
            "ENRICH_CELERY_BROKER_URL": "redis://127.0.0.1:6379/6", "COLUMNS": "200"}
     enrich = str(Path(sys.executable).with_name("enrich"))

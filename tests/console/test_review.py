@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image
 from psycopg.types.json import Jsonb
 
+from enrich.console import review_queue as queue
+from enrich.console.users import add_user
 from schemas.enrichment import Enrichment, ReviewItem, TagSource, TagValue
 from schemas.events import ListingEvent
 from schemas.taxonomy import load_taxonomy
@@ -174,7 +176,8 @@ def test_keys_pressed_faster_than_the_server_answers_run_in_order(browser, conso
     page.wait_for_function("() => document.querySelector('#rv-left').dataset.left === '1'")
     assert page.get_attribute("#rv-current", "data-listing") == lids[4]
     got = db.execute("SELECT q.listing_id, t.value FROM review_queue q JOIN listing_tags t ON t.listing_id ="
-                     " q.listing_id AND t.tag_group = 'category' WHERE q.resolved_by = 'reviewer' ORDER BY 1").fetchall()
+                     " q.listing_id AND t.tag_group = 'category' WHERE q.resolved_by = 'reviewer' ORDER BY 1"
+                     ).fetchall()
     assert got == [(lids[0], "Shirt"), (lids[1], "T-shirt/top"), (lids[2], "Pullover")]
     assert db.execute("SELECT resolved_at, leased_by FROM review_queue WHERE listing_id = %s",
                       (lids[3],)).fetchone() == (None, None)  # skipped: open, lease given back
@@ -235,8 +238,6 @@ def test_two_browser_contexts_reviewing_at_once_never_get_the_same_item(browser,
 
 
 def test_concurrent_pickers_lease_distinct_items_and_a_stolen_item_is_not_resolved(console_url, db, tmp_path):
-    from enrich.console.users import add_user
-
     seed_listings(db, tmp_path, 10)
     names = [f"rev{i}" for i in range(6)]
     for name in names:
@@ -250,7 +251,7 @@ def test_concurrent_pickers_lease_distinct_items_and_a_stolen_item_is_not_resolv
         with opener.open(f"{console_url}/review/item") as resp:
             got[name] = resp.read().decode().split('data-item="', 1)[1].split('"', 1)[0]
 
-    threads = [threading.Thread(target=pick, args=(n, s[0])) for n, s in zip(names, sessions)]
+    threads = [threading.Thread(target=pick, args=(n, s[0])) for n, s in zip(names, sessions, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
@@ -268,8 +269,6 @@ def test_concurrent_pickers_lease_distinct_items_and_a_stolen_item_is_not_resolv
 
 
 def test_undo_restores_the_tag_row_as_it_was_and_drops_the_training_label(db, tmp_path):
-    from enrich.console import review
-
     seed_listings(db, tmp_path, 1, review_group="colour", candidates=[("blue", 0.4), ("navy", 0.35)])
     # a predicted tag that is also queued (e.g. a group the model filled while another version queued it)
     db.execute("INSERT INTO listing_tags VALUES ('L000', 'colour', 'blue', 'predicted', 0.42, %s,"
@@ -277,12 +276,12 @@ def test_undo_restores_the_tag_row_as_it_was_and_drops_the_training_label(db, tm
                " source = EXCLUDED.source, confidence = EXCLUDED.confidence,"
                " model_version = EXCLUDED.model_version, updated_at = EXCLUDED.updated_at", (MODEL,))
     before = db.execute("SELECT * FROM listing_tags WHERE listing_id = 'L000' AND tag_group = 'colour'").fetchone()
-    item = review.next_item(db, "ann", review.Filters(), [], 300)
-    action, ev = review.apply_correction(db, "ann", None, None, "navy", action="review.correct", review_id=item)
+    item = queue.next_item(db, "ann", queue.Filters(), [], 300)
+    action, ev = queue.correct_item(db, "ann", item, "navy")
     assert ev.old_value == "blue" and ev.corrected_by == "ann"
     assert db.execute("SELECT count(*) FROM corrections").fetchone()[0] == 1
-    kind, about, show, _ = review.undo(db, "ann", action, 300)
-    assert (kind, about, show) == ("correct", item, item)
+    done = queue.undo(db, "ann", action, 300)
+    assert (done.kind, done.item, done.show) == ("correct", item, item)
     assert db.execute("SELECT * FROM listing_tags WHERE listing_id = 'L000' AND tag_group = 'colour'"
                       ).fetchone() == before
     assert db.execute("SELECT count(*) FROM corrections").fetchone()[0] == 0
@@ -290,16 +289,16 @@ def test_undo_restores_the_tag_row_as_it_was_and_drops_the_training_label(db, tm
                       (item,)).fetchone() == (None, None, "ann")
     # a second undo of the same action is refused, and so is one after a later correction
     try:
-        review.undo(db, "ann", action, 300)
+        queue.undo(db, "ann", action, 300)
         raise AssertionError("undone twice")
-    except review.Conflict:
+    except queue.Conflict:
         pass
-    action, _ = review.apply_correction(db, "ann", None, None, "navy", action="review.correct", review_id=item)
-    review.apply_correction(db, "bob", "L000", "colour", "black", action="listing.correct")
+    action, _ = queue.correct_item(db, "ann", item, "navy")
+    queue.correct_listing(db, "bob", "L000", "colour", "black")
     try:
-        review.undo(db, "ann", action, 300)
+        queue.undo(db, "ann", action, 300)
         raise AssertionError("undid over a later correction")
-    except review.Conflict as exc:
+    except queue.Conflict as exc:
         assert "changed since" in str(exc)
 
 

@@ -1,4 +1,4 @@
-"""The reviewer's day on /review (issue 33), in Chromium against the served console: a counter of what is yours
+"""The reviewer's day on /review, in Chromium against the served console: a counter of what is yours
 to take and your hold's countdown, seller text isolated in <bdi>, a clean "signed out" instead of raw HTML,
 "unsure" comments that go to an admin, photo zoom, your recent decisions and progress, the labelling
 guidelines of the item's group, and a card that fits a 390 px wide phone."""
@@ -9,6 +9,9 @@ from urllib.parse import quote
 
 import pytest
 
+from enrich.console import guidelines
+from enrich.console.review_queue import correct_listing
+from schemas.taxonomy import load_taxonomy
 from tests.console.conftest import sign_in
 from tests.console.test_review import current_item, press_and_wait, review_row, seed_listings
 
@@ -182,8 +185,6 @@ def test_a_photo_opens_large_and_esc_closes_it(browser, console_url, db, tmp_pat
 
 
 def test_my_recent_decisions_and_todays_progress_beside_the_card(browser, console_url, db, tmp_path):
-    from enrich.console import review
-
     lids = seed_listings(db, tmp_path, 6)
     page = sign_in(browser, console_url, "reviewer")
     page.goto(f"{console_url}/review")
@@ -195,7 +196,7 @@ def test_my_recent_decisions_and_todays_progress_beside_the_card(browser, consol
     press_and_wait(page, "2")  # L003 → T-shirt/top, then undone
     press_and_wait(page, "u")
     # someone else resolves one on the listing page
-    review.apply_correction(db, "admin", lids[5], "category", "Coat", action="listing.correct")
+    correct_listing(db, "admin", lids[5], "category", "Coat")
     press_and_wait(page, "1")  # L003 again → Shirt
     rows = page.locator("#rv-recent li").all_inner_texts()
     assert [re.sub(r"^\d\d:\d\d\s+", "", r) for r in rows] == [
@@ -221,9 +222,6 @@ def test_the_guidelines_of_the_items_group_are_shown_in_the_card(browser, consol
 
 
 def test_guideline_files_cover_every_group_and_never_pass_html_through():
-    from enrich.console import guidelines
-    from schemas.taxonomy import load_taxonomy
-
     for name in ("deepfashion", "fashion-mnist"):
         sections = guidelines.guidelines(name)
         assert set(sections) == set(load_taxonomy(name).all_groups), name

@@ -10,14 +10,15 @@ from http.cookiejar import CookieJar
 import pytest
 from typer.testing import CliRunner
 
+from enrich.cli import app
+from enrich.console.review_queue import Filters, next_item
 from tests.console.conftest import PASSWORDS
 from tests.worker.test_review_order import seed_cluster_and_loner
+from worker.review_priority import reprioritise
 
 
 def _ranked_queue(db) -> tuple[int, int]:
     """Seed and rank the queue: (the highest-priority item, the oldest item) — two different items."""
-    from worker.review_priority import reprioritise
-
     ids = seed_cluster_and_loner(db)
     reprioritise(db)
     best = db.execute("SELECT id FROM review_queue ORDER BY priority DESC LIMIT 1").fetchone()[0]
@@ -27,24 +28,20 @@ def _ranked_queue(db) -> tuple[int, int]:
 
 
 def test_next_item_serves_the_most_useful_item_under_gain_and_the_oldest_under_fifo(db):
-    from enrich.console import review
-
     best, oldest = _ranked_queue(db)
-    assert review.next_item(db, "ann", review.Filters(), [], 300, order="gain") == best
-    assert review.next_item(db, "bob", review.Filters(), [], 300, order="fifo") == oldest
+    assert next_item(db, "ann", Filters(), [], 300, order="gain") == best
+    assert next_item(db, "bob", Filters(), [], 300, order="fifo") == oldest
     # ann's lease holds her item; the next gain pick for someone else is the next priority down, not the oldest
     second = db.execute("SELECT id FROM review_queue WHERE id <> %s ORDER BY priority DESC LIMIT 1",
                         (best,)).fetchone()[0]
-    assert review.next_item(db, "cy", review.Filters(), [], 300, order="gain") == second != oldest
+    assert next_item(db, "cy", Filters(), [], 300, order="gain") == second != oldest
 
 
 def test_unranked_items_come_after_ranked_ones_oldest_first(db):
-    from enrich.console import review
-
     best, oldest = _ranked_queue(db)
     db.execute("UPDATE review_queue SET priority = NULL WHERE id <> %s", (best,))
-    assert review.next_item(db, "ann", review.Filters(), [], 300, order="gain") == best
-    assert review.next_item(db, "bob", review.Filters(), [], 300, order="gain") == oldest
+    assert next_item(db, "ann", Filters(), [], 300, order="gain") == best
+    assert next_item(db, "bob", Filters(), [], 300, order="gain") == oldest
 
 
 @pytest.fixture(params=["gain", "fifo"])
@@ -74,8 +71,6 @@ def test_the_review_page_says_the_order_and_serves_by_it(console_settings, conso
 
 
 def test_enrich_models_prints_the_review_order(pg_url, db):
-    from enrich.cli import app
-
     for order in ("gain", "fifo"):
         res = CliRunner().invoke(app, ["models", "--database-url", pg_url],
                                  env={"COLUMNS": "200", "ENRICH_REVIEW_ORDER": order})

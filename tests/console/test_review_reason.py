@@ -1,4 +1,4 @@
-"""The review card says, in words, which rule queued the item (issue 37), served for real and read in Chromium:
+"""The review card says, in words, which rule queued the item, served for real and read in Chromium:
 a title that contradicts the photo, a plainly unsure model, an item stored before reasons, and seller words
 that stay text."""
 from __future__ import annotations

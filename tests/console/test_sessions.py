@@ -13,14 +13,15 @@ from email.message import Message
 from http.cookiejar import CookieJar
 
 import pytest
+from typer.testing import CliRunner
 
+from enrich.cli import app
+from harness.net import free_port
 from tests.console.conftest import PASSWORDS, sign_in
-from tests.net import free_port
 
 
 class Client:
     """A cookie-keeping HTTP client that does not follow redirects (a redirect to /login is the answer)."""
-
     def __init__(self, base: str) -> None:
         self.base, self.jar = base, CookieJar()
 
@@ -86,10 +87,6 @@ def test_a_cookie_copied_before_logout_reads_nothing_and_changes_nothing_after(c
 
 @pytest.mark.parametrize("command", [["set-password", "reviewer", "--password-stdin"], ["disable", "reviewer"]])
 def test_a_password_change_or_a_disable_ends_every_session_of_the_account(console_url, pg_url, db, command):
-    from typer.testing import CliRunner
-
-    from enrich.cli import app
-
     phone, laptop = Client(console_url), Client(console_url)
     phone.sign_in("reviewer")
     laptop.sign_in("reviewer")

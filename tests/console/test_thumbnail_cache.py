@@ -12,20 +12,17 @@ import time
 
 from PIL import Image
 
+from enrich.console.images import REFUSAL_TTL_S, make_thumbnail, thumbs_dir
 from tests.console.conftest import sign_in
 from tests.console.test_review import png, seed_listings
 
 
 def _refusal(settings, uri: str):
-    from enrich.console.images import thumbs_dir
-
     return thumbs_dir(settings) / f"{hashlib.sha256(uri.encode()).hexdigest()}.refused"
 
 
 def test_a_local_path_refused_without_local_paths_is_served_once_they_are_allowed(browser, console_url,
                                                                                   console_settings, db, tmp_path):
-    from enrich.console.images import make_thumbnail
-
     seed_listings(db, tmp_path, 1, prefix="T")
     uri = db.execute("SELECT event->'images'->>0 FROM listings WHERE listing_id = 'T000'").fetchone()[0]
     strict = console_settings.model_copy(update={"allow_local_paths": False})  # same data dir
@@ -58,8 +55,6 @@ class _Photo(http.server.BaseHTTPRequestHandler):
 
 
 def test_adding_a_host_to_the_allow_list_takes_effect_at_once(console_settings):
-    from enrich.console.images import make_thumbnail
-
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Photo)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     _Photo.hits = []
@@ -76,8 +71,6 @@ def test_adding_a_host_to_the_allow_list_takes_effect_at_once(console_settings):
 
 
 def test_a_refusal_expires(console_settings, tmp_path):
-    from enrich.console.images import REFUSAL_TTL_S, make_thumbnail
-
     later = tmp_path / "later.png"
     assert make_thumbnail(str(later), console_settings)[1] is False  # not there yet: refused
     png(later)

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 from core.config import Settings
-from harness.cluster import worker_process_env as worker_process_env  # re-exported for the worker tests
-from harness.images import jpeg_bytes as jpeg_bytes  # re-exported for the worker and core tests
 from harness.images import png_bytes
 from harness.models import save_small_model
 
