@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg.abc import Params, QueryNoTemplate
-from psycopg.rows import scalar_row
 
 from core.config import Settings
+from core.rows import fetch_row, fetch_value
 
 ADVISORY_NAMESPACE = "enrich.similar"
 
@@ -39,26 +37,6 @@ SHELF_MODEL_SQL = (
 ACTIVE_MODEL_SQL = "SELECT model_version FROM models WHERE status = 'active'"
 
 
-def fetch_one(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> tuple[Any, ...]:
-    """The row a statement always returns (an aggregate, a function call, INSERT ... RETURNING)."""
-    row = conn.execute(query, params).fetchone()
-    if row is None:
-        raise RuntimeError(f"no row from {query!r}")
-    return row
-
-
-def fetch_value(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> Any:
-    """The first column of the first row; None when there is no row."""
-    with conn.cursor(row_factory=scalar_row) as cur:
-        return cur.execute(query, params).fetchone()
-
-
-def fetch_values(conn: psycopg.Connection, query: QueryNoTemplate, params: Params | None = None) -> list[Any]:
-    """The first column of every row."""
-    with conn.cursor(row_factory=scalar_row) as cur:
-        return cur.execute(query, params).fetchall()
-
-
 def shelf_model_version(conn: psycopg.Connection) -> str | None:
     """The model whose similar-items version shelves serve (see SHELF_MODEL_SQL); None when no model
     that was ever active has one."""
@@ -70,7 +48,7 @@ def resolve_model_version(conn: psycopg.Connection, model_version: str | None = 
     active model's (no shelves yet: online rows only), else the one with the most embeddings."""
     if model_version:
         return model_version
-    (serving,) = fetch_one(conn, f"SELECT coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))")
+    (serving,) = fetch_row(conn, f"SELECT coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))")
     if serving is not None:
         return serving
     return _most_embedded(conn)
@@ -87,7 +65,7 @@ def reindex_model_version(conn: psycopg.Connection, model_version: str | None = 
     """
     if model_version:
         return model_version
-    active, shelf, backfill = fetch_one(
+    active, shelf, backfill = fetch_row(
         conn,
         f"SELECT ({ACTIVE_MODEL_SQL}), ({SHELF_MODEL_SQL}),"
         " (SELECT b.status FROM backfills b JOIN models m USING (model_version) WHERE m.status = 'active')",

@@ -46,6 +46,7 @@ import psycopg
 from tqdm import tqdm
 
 from core.config import Settings
+from core.rows import fetch_row
 from similar import index as ix
 from similar import pgcopy
 from similar import store as sdb
@@ -53,7 +54,6 @@ from similar.common import (
     ADVISORY_NAMESPACE,
     bytewise_order,
     decode_ids,
-    fetch_one,
     reindex_model_version,
     snapshot_root,
 )
@@ -108,7 +108,7 @@ class RecomputeResult:
 # helpers
 
 def _lock_key(conn: psycopg.Connection, model_version: str) -> int:
-    (key,) = fetch_one(conn, "SELECT hashtextextended(%s, 0)", (f"{ADVISORY_NAMESPACE}:{model_version}",))
+    (key,) = fetch_row(conn, "SELECT hashtextextended(%s, 0)", (f"{ADVISORY_NAMESPACE}:{model_version}",))
     return int(key)
 
 
@@ -116,7 +116,7 @@ def _lock_key(conn: psycopg.Connection, model_version: str) -> int:
 def _reindex_lock(conn: psycopg.Connection, model_version: str) -> Iterator[None]:
     """One run per model version at a time: a second would abandon the first one's building version."""
     key = _lock_key(conn, model_version)
-    (locked,) = fetch_one(conn, "SELECT pg_try_advisory_lock(%s)", (key,))
+    (locked,) = fetch_row(conn, "SELECT pg_try_advisory_lock(%s)", (key,))
     if not locked:
         raise ReindexBusy(f"a recompute of model {model_version!r} is already running")
     try:

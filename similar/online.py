@@ -36,9 +36,10 @@ import psycopg
 
 from core import metrics
 from core.config import Settings
+from core.rows import fetch_row, fetch_values
 from similar import delta as dl
 from similar import store as sdb
-from similar.common import ADVISORY_NAMESPACE, Neighbour, decode_ids, fetch_one, fetch_values, snapshot_root
+from similar.common import ADVISORY_NAMESPACE, Neighbour, decode_ids, snapshot_root
 from similar.snapshots import Snapshot, SnapshotStore, latest_snapshot_dir, load_snapshot, store_from_settings
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _too_many_without_snapshot(conn: psycopg.Connection, model_version: str, set
     held = dl.held(model_version)
     if held is not None:
         return held > settings.online_delta_max
-    (count,) = fetch_one(conn, "SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_version = %s LIMIT %s) t",
+    (count,) = fetch_row(conn, "SELECT count(*) FROM (SELECT 1 FROM embeddings WHERE model_version = %s LIMIT %s) t",
                          (model_version, settings.online_delta_max + 1))
     return bool(count > settings.online_delta_max)
 

@@ -40,18 +40,11 @@ import numpy as np
 import psycopg
 from psycopg.rows import class_row
 
+from core.rows import fetch_row, fetch_value, fetch_values
 from schemas.taxonomy import CATEGORY_GROUP, COLOUR_GROUP, TYPE_GROUP
 from similar import index as ix
 from similar import store as sdb
-from similar.common import (
-    ACTIVE_MODEL_SQL,
-    SHELF_MODEL_SQL,
-    Neighbour,
-    fetch_one,
-    fetch_value,
-    fetch_values,
-    resolve_model_version,
-)
+from similar.common import ACTIVE_MODEL_SQL, SHELF_MODEL_SQL, Neighbour, resolve_model_version
 
 COLOUR_FREE_RULES = ("complement", "drop-top")
 
@@ -110,7 +103,7 @@ def read_neighbours(conn: psycopg.Connection, listing_id: str, model_version: st
         shelf_model = f"coalesce(({SHELF_MODEL_SQL}), ({ACTIVE_MODEL_SQL}))"
         rows = _read_shelf(conn, shelf_model, [], listing_id, k)
         if not rows:
-            (no_model,) = fetch_one(conn, f"SELECT {shelf_model} IS NULL")
+            (no_model,) = fetch_row(conn, f"SELECT {shelf_model} IS NULL")
             if no_model:  # no registry
                 rows = _read_shelf(conn, "%s", [resolve_model_version(conn)], listing_id, k)
     else:

@@ -15,7 +15,8 @@ import psycopg
 from PIL import Image, ImageDraw, ImageOps
 
 from core.images import ImageError, ImageLimits, decode_image
-from similar.common import Neighbour, fetch_value
+from core.rows import fetch_value
+from similar.common import Neighbour
 
 log = logging.getLogger(__name__)
 TILE = 160

@@ -29,8 +29,9 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import class_row
 
+from core.rows import fetch_row, fetch_value, fetch_values
 from similar import pgcopy
-from similar.common import SHELF_MODEL_SQL, bytewise_order, fetch_one, fetch_value, fetch_values
+from similar.common import SHELF_MODEL_SQL, bytewise_order
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def count_embeddings(conn: psycopg.Connection, model_version: str, lo: str | Non
                      hi: str | None = None) -> tuple[int, int | None]:
     """(number of live embeddings, their dimension) for a model version / id range."""
     query, params = embeddings_query(model_version, lo, hi)
-    (count,) = fetch_one(conn, sql.SQL("SELECT count(*) FROM ({}) q").format(query), params)
+    (count,) = fetch_row(conn, sql.SQL("SELECT count(*) FROM ({}) q").format(query), params)
     # one dimension per model version (the reader checks every row against it): no pass over the vectors
     dim = fetch_value(conn, "SELECT dim FROM embeddings WHERE model_version = %s LIMIT 1", (model_version,))
     return int(count), (int(dim) if count and dim is not None else None)
@@ -130,7 +131,7 @@ def read_embeddings(conn: psycopg.Connection, model_version: str, lo: str | None
         # to it and take CPU from the decoding client
         conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
         query, params = embeddings_query(model_version, lo, hi, created_after, only_ids, tag_filter, not_visible_in)
-        now, snapshot = fetch_one(conn, "SELECT now(), pg_current_snapshot()::text")
+        now, snapshot = fetch_row(conn, "SELECT now(), pg_current_snapshot()::text")
         read_at = now.isoformat()
         # one dimension per model version; the decoder checks every row against it
         dim = fetch_value(conn, "SELECT dim FROM embeddings WHERE model_version = %s LIMIT 1", (model_version,))
@@ -187,7 +188,7 @@ def create_version(conn: psycopg.Connection, model_version: str, k: int, params:
                    snapshot_at: str | None) -> int:
     """Insert a 'building' version row and commit it (the work below may take minutes)."""
     with conn.transaction():
-        (version,) = fetch_one(
+        (version,) = fetch_row(
             conn,
             "INSERT INTO similar_items_versions (model_version, status, k, params, snapshot_at)"
             " VALUES (%s, 'building', %s, %s, %s::timestamptz) RETURNING version",
@@ -223,7 +224,7 @@ def mark_failed(conn: psycopg.Connection, versions: list[int], reason: str) -> N
 
 
 def version_row_count(conn: psycopg.Connection, version: int) -> int:
-    (count,) = fetch_one(conn, "SELECT count(*) FROM similar_items WHERE version = %s", (version,))
+    (count,) = fetch_row(conn, "SELECT count(*) FROM similar_items WHERE version = %s", (version,))
     return int(count)
 
 

@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.rows import class_row, dict_row, scalar_row
+from psycopg.rows import class_row, dict_row
 
 from core import celery_app
 from core.config import Settings
 from core.db import connect
 from core.images import load_image
+from core.rows import fetch_value, fetch_values
 from model.artifacts import store_from_settings
 from model.manifest import read_manifest, record_lineage
 from model.registry import active_model, local_dir, register_candidate
@@ -88,18 +89,6 @@ class JobCancelled(Exception):
 
 # ---- rows ----------------------------------------------------------------------------------------------
 
-def _value(conn: psycopg.Connection, query: str, params: Sequence[object] = ()) -> Any:
-    """The first column of the first row a query returns (None: no row)."""
-    with conn.cursor(row_factory=scalar_row) as cur:
-        return cur.execute(query, params).fetchone()
-
-
-def _values(conn: psycopg.Connection, query: str, params: Sequence[object] = ()) -> list[Any]:
-    """The first column of every row a query returns."""
-    with conn.cursor(row_factory=scalar_row) as cur:
-        return cur.execute(query, params).fetchall()
-
-
 def create_job(conn: psycopg.Connection, *, trigger: str, requested_by: str, reason: str = "",
                params: dict | None = None, status: str = "queued", outcome: str | None = None) -> int:
     """Insert a job row (committed when ``conn`` autocommits) and return its id."""
@@ -109,7 +98,7 @@ def create_job(conn: psycopg.Connection, *, trigger: str, requested_by: str, rea
         raise ValueError(f"unknown job parameter(s) {unknown}; a job may set {', '.join(PARAM_KEYS)}")
     if status not in ("queued", "skipped"):
         raise ValueError(f"a new job is queued or skipped, not {status!r}")
-    return int(_value(
+    return int(fetch_value(
         conn, "INSERT INTO training_jobs (status, trigger, requested_by, reason, params, outcome, finished_at)"
         " VALUES (%s, %s, %s, %s, %s::jsonb, %s, CASE WHEN %s = 'skipped' THEN now() END) RETURNING id",
         (status, trigger, requested_by, reason, json.dumps(params, default=str), outcome, status)))
@@ -186,7 +175,7 @@ def reap_stale(conn: psycopg.Connection, keep: int | None = None) -> list[int]:
 
     A ``running`` row then belongs to a worker that died (OOM, kill -9, a lost node); a ``queued`` row older
     than ``MAX_WAIT_S`` lost its task message or has no worker serving the train queue."""
-    ids = _values(
+    ids = fetch_values(
         conn, "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = CASE WHEN status = 'running'"
         " THEN 'failed: its worker stopped before the job finished (nobody held the training lock)'"
         " ELSE 'failed: not started within ' || %s || ' h (task lost, or no worker serves the train queue)' END,"
@@ -204,7 +193,7 @@ def reap_silent(conn: psycopg.Connection, stale_s: float) -> list[int]:
     """Fail the running jobs that gave no sign of life (heartbeat, else their start) for more than ``stale_s``:
     their worker died (killed, out of memory, its machine lost — which may keep its Postgres session, and the
     lock, for hours). Safe at any time, lock or not: a live job beats every ENRICH_JOB_HEARTBEAT_S."""
-    ids = _values(
+    ids = fetch_values(
         conn, "UPDATE training_jobs SET status = 'failed', finished_at = now(), outcome = 'failed: no heartbeat for '"
         " || round(extract(epoch FROM now() - coalesce(heartbeat_at, started_at, created_at)))::bigint"
         " || ' s — its worker died (killed, out of memory or its machine lost; ENRICH_JOB_STALE_S is '"
@@ -221,7 +210,7 @@ def reap_dead(conn: psycopg.Connection, stale_s: float) -> list[int]:
     """What a train worker's start does: fail the silent jobs (``reap_silent``) and, when the training lock is
     free (so nothing runs), every running one and the queued ones too old to start (``reap_stale``)."""
     ids = reap_silent(conn, stale_s)
-    if _value(conn, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)):
+    if fetch_value(conn, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)):
         try:
             ids += reap_stale(conn)
         finally:
@@ -235,7 +224,7 @@ def cancel_job(conn: psycopg.Connection, job_id: int, by: str) -> str:
     heartbeat sees it and the job stops at its next training step or stage, ending 'cancelled' without
     registering the model it had not registered yet. Returns the status now ('cancelled' or 'running').
     LookupError: no such job; ValueError: it has finished, nothing to cancel."""
-    status = _value(
+    status = fetch_value(
         conn, "UPDATE training_jobs SET cancel_requested_by = coalesce(cancel_requested_by, %s),"
         " status = CASE WHEN status = 'queued' THEN 'cancelled' ELSE status END,"
         " finished_at = CASE WHEN status = 'queued' THEN now() ELSE finished_at END,"
@@ -283,11 +272,11 @@ def corrections_since(conn: psycopg.Connection) -> tuple[int, datetime | None]:
     """Corrections received since the last job that trained (its start; None: no job has), and when that was.
 
     Skipped and failed jobs do not count: what they skipped or failed on still waits to be learnt."""
-    since = _value(conn, "SELECT max(coalesce(started_at, created_at)) FROM training_jobs WHERE status = 'done'")
+    since = fetch_value(conn, "SELECT max(coalesce(started_at, created_at)) FROM training_jobs WHERE status = 'done'")
     if since is None:
-        n = _value(conn, "SELECT count(*) FROM corrections")
+        n = fetch_value(conn, "SELECT count(*) FROM corrections")
     else:
-        n = _value(conn, "SELECT count(*) FROM corrections WHERE received_at >= %s", (since,))
+        n = fetch_value(conn, "SELECT count(*) FROM corrections WHERE received_at >= %s", (since,))
     return int(n), since
 
 
@@ -299,7 +288,7 @@ def schedule_retrain(conn: psycopg.Connection, settings: Settings,
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEDULE_LOCK_KEY,))
         reap_silent(conn, settings.job_stale_s)  # a silent job is dead even while its session holds the lock
-        if _value(conn, "SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)):
+        if fetch_value(conn, "SELECT pg_try_advisory_xact_lock(%s)", (LOCK_KEY,)):
             reap_stale(conn)  # nothing runs: clear what dead workers left, or it would block every tick
         with conn.cursor(row_factory=class_row(_JobState)) as cur:
             busy = cur.execute("SELECT id, status FROM training_jobs WHERE status IN ('queued', 'running')"
@@ -545,7 +534,7 @@ def run_job(url: str, job_id: int, settings: Settings, *, train_model: Callable 
     Returns {job, status, model_version, outcome, ran}."""
     conn = connect(url, autocommit=True)
     try:
-        if not _value(conn, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)):
+        if not fetch_value(conn, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)):
             return _busy(conn, job_id)
         try:
             reap_stale(conn, keep=job_id)
@@ -613,7 +602,7 @@ def _busy(conn: psycopg.Connection, job_id: int) -> dict:
         _finish(conn, job_id, "failed", outcome)
         log.warning("training job #%d: %s", job_id, outcome)
         return {"job": job_id, "status": "failed", "ran": False, "model_version": None, "outcome": outcome}
-    holder = _value(conn, "SELECT id FROM training_jobs WHERE status = 'running' ORDER BY id LIMIT 1")
+    holder = fetch_value(conn, "SELECT id FROM training_jobs WHERE status = 'running' ORDER BY id LIMIT 1")
     waiting = {"stage": "waiting for the lock", "behind": holder,
                "updated_at": datetime.now(UTC).isoformat(timespec="seconds")}
     conn.execute("UPDATE training_jobs SET progress = %s::jsonb WHERE id = %s AND status = 'queued'",

@@ -74,10 +74,10 @@ from core import metrics
 from core.celery_app import BACKFILL_TASK, REINDEX_TASK, app, queue_depth, task_settings
 from core.config import Settings
 from core.db import connect, database_url
+from core.rows import fetch_required_value, fetch_values
 from model.registry import active_version
 from similar.nightly import prune_models
 from worker import runtime
-from worker.store import ids_of, value_of
 
 if TYPE_CHECKING:
     from worker.pipeline import Enricher  # imports torch, which cpu and train workers never load
@@ -144,21 +144,21 @@ def all_progress(conn: psycopg.Connection) -> list[Progress]:
 
 
 def _count_live(conn: psycopg.Connection) -> int:
-    return int(value_of(conn, "SELECT count(*) FROM listings WHERE status <> 'deleted'"))
+    return int(fetch_required_value(conn, "SELECT count(*) FROM listings WHERE status <> 'deleted'"))
 
 
 def count_todo(conn: psycopg.Connection, model_version: str) -> int:
     """Listings whose current enrichment is not the version's (one scan of the catalogue)."""
-    return int(value_of(conn, f"SELECT count(*) FROM listings l WHERE {TODO_SQL}", (model_version,)))
+    return int(fetch_required_value(conn, f"SELECT count(*) FROM listings l WHERE {TODO_SQL}", (model_version,)))
 
 
 def next_chunk(conn: psycopg.Connection, model_version: str, after: str | None, limit: int) -> list[str]:
     """The next `limit` listing ids after `after` (id order) whose current enrichment is not the version's."""
     if after is None:
-        return ids_of(conn, f"SELECT l.listing_id FROM listings l WHERE {TODO_SQL} ORDER BY l.listing_id LIMIT %s",
-                      (model_version, limit))
-    return ids_of(conn, f"SELECT l.listing_id FROM listings l WHERE l.listing_id > %s AND {TODO_SQL}"
-                  " ORDER BY l.listing_id LIMIT %s", (after, model_version, limit))
+        return fetch_values(conn, f"SELECT l.listing_id FROM listings l WHERE {TODO_SQL} "
+                                  "ORDER BY l.listing_id LIMIT %s", (model_version, limit))
+    return fetch_values(conn, f"SELECT l.listing_id FROM listings l WHERE l.listing_id > %s AND {TODO_SQL}"
+                                  " ORDER BY l.listing_id LIMIT %s", (after, model_version, limit))
 
 
 def _publish(p: Progress | None, model_version: str) -> None:
@@ -262,7 +262,7 @@ class Step:
 
 
 def _lock_key(conn: psycopg.Connection, model_version: str) -> int:
-    return int(value_of(conn, "SELECT hashtextextended(%s, 0)", (f"{_LOCK_NAMESPACE}:{model_version}",)))
+    return int(fetch_required_value(conn, "SELECT hashtextextended(%s, 0)", (f"{_LOCK_NAMESPACE}:{model_version}",)))
 
 
 def run_chunk(conn: psycopg.Connection, enricher: Enricher, model_version: str, cursor: Cursor,
@@ -275,7 +275,7 @@ def run_chunk(conn: psycopg.Connection, enricher: Enricher, model_version: str, 
     if enricher.model_version != model_version:
         raise ValueError(f"enricher serves {enricher.model_version}, not {model_version}")
     key = _lock_key(conn, model_version)
-    if not value_of(conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
+    if not fetch_required_value(conn, "SELECT pg_try_advisory_lock(%s)", (key,)):
         return Step("busy", cursor)
     try:
         ids = next_chunk(conn, model_version, cursor.after, limit)

@@ -10,31 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, LiteralString
+from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg.abc import Params
-from psycopg.rows import class_row, kwargs_row, scalar_row
+from psycopg.rows import class_row, kwargs_row
 from psycopg.types.json import Jsonb
 
+from core.rows import fetch_values
 from schemas.enrichment import Enrichment, TagSource
 from schemas.events import CorrectionEvent, ListingEvent
 from worker.review_order import uncertainty
-
-
-def value_of(conn: psycopg.Connection, query: LiteralString, params: Params | None = None) -> Any:
-    """The first column of the query's first row (a count, a lock, an age); LookupError when it returns none."""
-    row = conn.execute(query, params).fetchone()
-    if row is None:
-        raise LookupError("the query returned no row")
-    return row[0]
-
-
-def ids_of(conn: psycopg.Connection, query: LiteralString, params: Params | None = None) -> list[str]:
-    """The first column of every row: listing ids."""
-    with conn.cursor(row_factory=scalar_row) as cur:
-        return cur.execute(query, params).fetchall()
 
 
 def content_hash(event: ListingEvent) -> str:
@@ -74,7 +60,7 @@ def upsert_listings(conn: psycopg.Connection, events: list[ListingEvent], topic:
         bodies.append(ev.model_dump_json())
         hashes.append(content_hash(ev))
         statuses.append("deleted" if ev.deleted else "pending")
-    changed = ids_of(
+    changed = fetch_values(
         conn,
         """INSERT INTO listings (listing_id, seller_id, event, content_hash, status)
            SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[], %s::text[], %s::text[])
@@ -86,7 +72,7 @@ def upsert_listings(conn: psycopg.Connection, events: list[ListingEvent], topic:
            RETURNING listing_id""",
         (ids, sellers, bodies, hashes, statuses),
     )
-    pending = ids_of(
+    pending = fetch_values(
         conn,
         "SELECT listing_id FROM listings WHERE listing_id = ANY(%s) AND status = 'pending' ORDER BY listing_id",
         (ids,),
@@ -115,7 +101,7 @@ def claim_stale_pending(conn: psycopg.Connection, older_than_s: float, limit: in
     sets their updated_at to now, so the next sweep leaves them to this one's task for another
     ``older_than_s`` instead of queueing a duplicate every run under a long backlog; SKIP LOCKED
     lets two sweeps run at once without claiming the same rows."""
-    return ids_of(
+    return fetch_values(
         conn,
         """WITH stale AS (
                SELECT listing_id, updated_at FROM listings
@@ -248,7 +234,7 @@ def write_enrichments(conn: psycopg.Connection, results: list[tuple[ListingToEnr
 
 def known_listings(conn: psycopg.Connection, listing_ids: list[str]) -> set[str]:
     """Those of these listings the catalogue has (deleted ones included)."""
-    return set(ids_of(conn, "SELECT listing_id FROM listings WHERE listing_id = ANY(%s)", (list(listing_ids),)))
+    return set(fetch_values(conn, "SELECT listing_id FROM listings WHERE listing_id = ANY(%s)", (list(listing_ids),)))
 
 
 def record_correction(conn: psycopg.Connection, ev: CorrectionEvent) -> bool:

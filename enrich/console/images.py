@@ -28,10 +28,10 @@ from PIL import Image
 from core.config import Settings
 from core.files import write_bytes_atomic
 from core.images import ImageError, ImageRejected, load_image
+from core.rows import fetch_value
 from core.s3 import S3Client, make_s3_client
 from enrich.console.auth import User, current_user
 from enrich.console.deps import connection
-from enrich.console.rows import fetch_value
 from schemas.events import MAX_IMAGES
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg
 
+from core.rows import fetch_all, fetch_one, fetch_value
 from enrich.console.review_queue import Tag, group_values, listing_tags, listing_taxonomy, taxonomy_groups
-from enrich.console.rows import fetch_all, fetch_one, fetch_value
 from schemas.taxonomy import CATEGORY_GROUP, NOT_APPLICABLE, TYPE_GROUP
 from similar.query import read_neighbours
 

@@ -14,9 +14,9 @@ from fastapi.responses import Response
 
 from core.celery_app import queue_depth
 from core.config import Settings
+from core.rows import fetch_all, fetch_one, fetch_value
 from enrich.console.auth import User, current_user
 from enrich.console.deps import connection, render
-from enrich.console.rows import fetch_all, fetch_one, fetch_value
 
 log = logging.getLogger(__name__)
 router = APIRouter()

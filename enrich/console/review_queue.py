@@ -44,9 +44,9 @@ from markupsafe import Markup
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
+from core.rows import fetch_all, fetch_one, fetch_required, fetch_value, fetch_values
 from enrich.console import users
 from enrich.console.guidelines import guidelines
-from enrich.console.rows import fetch_aggregate, fetch_all, fetch_one, fetch_value, fetch_values
 from model.registry import taxonomy_of
 from schemas.enrichment import ReviewReason
 from schemas.events import CorrectionEvent
@@ -200,7 +200,7 @@ def count_left(conn: psycopg.Connection, user: str, filters: Filters, skipped: l
     snapshot; the first count is an index-only scan without filters, the second reads only the leased rows
     (small partial indexes)."""
     join, conds, params = filters.sql()
-    counts = fetch_aggregate(
+    counts = fetch_required(
         conn, _Counts,
         f"""SELECT (SELECT count(*) FROM review_queue q {join} WHERE q.resolved_at IS NULL
                        AND NOT (q.id = ANY(%s::bigint[])){conds}) AS total,
@@ -513,7 +513,7 @@ class Progress:
 
 
 def progress_today(conn: psycopg.Connection, user: str) -> Progress:
-    return fetch_aggregate(
+    return fetch_required(
         conn, Progress, "SELECT count(*) FILTER (WHERE resolved_by = %s) AS mine, count(*) AS team FROM review_queue"
         " WHERE resolved_at IS NOT NULL AND resolved_at >= date_trunc('day', now())", (user,))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-from enrich.console.rows import fetch_one, fetch_value
+from core.rows import fetch_one, fetch_value
 
 
 def _hash(sid: str) -> str:

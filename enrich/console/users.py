@@ -11,8 +11,8 @@ import psycopg
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from core.rows import fetch_all, fetch_one, fetch_value
 from enrich.console import sessions
-from enrich.console.rows import fetch_all, fetch_one, fetch_value
 
 ROLES = ("reviewer", "admin")
 NAME = re.compile(r"^[A-Za-z0-9._@-]{1,64}$")  # the table's CHECK

@@ -7,8 +7,9 @@ import numpy as np
 import psycopg
 from similar_helpers import add_listings, clustered, unit
 
+from core.rows import fetch_value
 from similar import nightly, online, query
-from similar.common import Neighbour, fetch_value
+from similar.common import Neighbour
 
 IDS = [f"old-{i:03d}" for i in range(200)]
 
