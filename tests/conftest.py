@@ -19,6 +19,7 @@ import pytest
 
 from harness.net import free_port, wait_port
 from migrations import apply_all
+from schemas.taxonomy import Taxonomy, load_taxonomy
 from similar import delta
 
 PG_ADMIN_URL = os.environ.get("ENRICH_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -129,3 +130,31 @@ def fmnist_dir() -> Path:
     if not any(path.glob("*idx*")):
         pytest.fail(f"Fashion-MNIST not found in {path}: apt-get install dataset-fashion-mnist")
     return path
+
+
+# The taxonomies and one real (tiny) trained model per session, for the training and model tests.
+@pytest.fixture(scope="session")
+def fmnist_taxonomy() -> Taxonomy:
+    return load_taxonomy("fashion-mnist")
+
+
+@pytest.fixture(scope="session")
+def mixed_taxonomy() -> Taxonomy:
+    """Two exclusive groups and one non-exclusive (multi-label) group."""
+    return Taxonomy.model_validate({
+        "name": "mixed", "version": 1, "types": ["top", "bottom"],
+        "categories": [{"name": "tee", "type": "top"}, {"name": "jeans", "type": "bottom"},
+                       {"name": "shirt", "type": "top"}],
+        "attribute_groups": [
+            {"name": "colour", "exclusive": True, "values": ["red", "blue"]},
+            {"name": "sleeve", "exclusive": True, "values": ["long", "short", "none"]},
+            {"name": "style", "exclusive": False, "values": ["casual", "formal", "sport", "vintage"]},
+        ],
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, fmnist_dir: Path) -> Path:
+    from training.train import train_tiny  # lazy: only the training and model tests load torch
+
+    return train_tiny(tmp_path_factory.mktemp("models"), fmnist_dir)

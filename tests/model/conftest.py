@@ -1,9 +1,11 @@
-"""Fixtures of the model tests: the taxonomies and the tiny trained model, shared with the training tests."""
+"""Fixtures of the model tests."""
 from __future__ import annotations
 
-from tests.training.conftest import (  # noqa: F401 - fixtures
-    _one_thread,
-    fmnist_taxonomy,
-    mixed_taxonomy,
-    tiny_model_dir,
-)
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> None:
+    # The CI machine has 2 cores shared by everything; one intra-op thread is faster under contention.
+    torch.set_num_threads(1)
