@@ -95,7 +95,7 @@ def read_category_attribute(root: Path | str) -> CategoryAttributeRecords:
         missing = [images[i] for i, r in enumerate(out) if r is None]
         if missing:
             raise ValueError(f"{what} lacks {len(missing)} image(s), e.g. {missing[0]!r}")
-        return out  # type: ignore[return-value]
+        return [r for r in out if r is not None]  # all present (checked above)
 
     attr_rows = aligned(_rows(anno / "list_attr_img.txt", 1 + len(attrs)), "list_attr_img.txt")
     attributes = np.array([[int(v) for v in r[1:]] for r in attr_rows], dtype=np.int8)
